@@ -1,0 +1,1 @@
+"""cardcheck: see every bank card issued under your name."""

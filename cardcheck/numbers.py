@@ -1,0 +1,53 @@
+"""Check digits of the numbers the service handles: resident ID numbers (GB 11643-1999) and
+card numbers (Luhn)."""
+
+from __future__ import annotations
+
+from datetime import date
+
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_ID_CHECK = "10X98765432"
+
+
+def id_check_digit(first17: str) -> str:
+    total = sum(int(d) * w for d, w in zip(first17, _ID_WEIGHTS, strict=True))
+    return _ID_CHECK[total % 11]
+
+
+def id_birth_date(id_number: str) -> date | None:
+    try:
+        return date(int(id_number[6:10]), int(id_number[10:12]), int(id_number[12:14]))
+    except ValueError:
+        return None
+
+
+def id_number_valid(id_number: str, today: date | None = None) -> bool:
+    """18 characters, 17 digits then a digit or X, a real birth date not in the future, and the
+    GB 11643 check digit."""
+    if len(id_number) != 18 or not id_number[:17].isdigit():
+        return False
+    check = id_number[17].upper()
+    if not (check.isdigit() or check == "X"):
+        return False
+    birth = id_birth_date(id_number)
+    if birth is None or birth.year < 1900 or (today is not None and birth > today):
+        return False
+    return id_check_digit(id_number[:17]) == check
+
+
+def luhn_check_digit(partial: str) -> str:
+    total = 0
+    for i, ch in enumerate(reversed(partial)):
+        d = int(ch)
+        if i % 2 == 0:  # these digits are doubled once the check digit is appended
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return str((10 - total % 10) % 10)
+
+
+def luhn_valid(number: str) -> bool:
+    return len(number) >= 2 and number.isdigit() and luhn_check_digit(number[:-1]) == number[-1]
+
+
+def card_number_valid(number: str) -> bool:
+    return 16 <= len(number) <= 19 and luhn_valid(number)

@@ -1,0 +1,77 @@
+"""Storage through SQLModel: a SQLite file per service under CARDCHECK_DATA_DIR by default,
+or the database CARDCHECK_DATABASE_URL names (PostgreSQL at scale). The same code runs on both."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy import Engine, event
+from sqlmodel import Session, SQLModel, create_engine
+
+T = TypeVar("T")
+
+
+def _sqlite_engine(path: Path) -> Engine:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        f"sqlite:///{path}",
+        connect_args={"check_same_thread": False, "timeout": 30},
+        pool_size=8,
+        max_overflow=8,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection, _record) -> None:
+        # Take transactions into our own hands (pysqlite's implicit BEGIN is deferred).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection) -> None:
+        # One writer at a time, decided when the transaction starts: a deferred transaction
+        # that later upgrades to a write can fail at once with "database is locked".
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def make_engine(database_url: str | None, data_dir: Path, service: str) -> Engine:
+    if database_url:
+        return create_engine(database_url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    return _sqlite_engine(data_dir / f"{service}.db")
+
+
+class Database:
+    """An engine plus the one way services use it: a unit of work run off the event loop."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def create_tables(self, models: Iterable[type[SQLModel]]) -> None:
+        SQLModel.metadata.create_all(self.engine, tables=[m.__table__ for m in models])
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            with session.begin():
+                yield session
+
+    def _run(self, work: Callable[[Session], T]) -> T:
+        with self.session() as session:
+            return work(session)
+
+    async def run(self, work: Callable[[Session], T]) -> T:
+        """Runs `work(session)` in one transaction in a worker thread; commits if it returns."""
+        return await asyncio.to_thread(self._run, work)
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,208 @@
+"""One table from domain refusals to gRPC status codes, one place that builds the status
+(`abort`), and the way back from a status to a typed exception (`from_rpc_error`)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "cardcheck.v1"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: grpc.StatusCode
+    message_zh: str
+
+
+REASONS: dict[str, Reason] = {
+    "INVALID_ARGUMENT": Reason(grpc.StatusCode.INVALID_ARGUMENT, "请求参数有误，请检查后重试"),
+    "UNAUTHENTICATED": Reason(grpc.StatusCode.UNAUTHENTICATED, "请先登录"),
+    "NOT_FOUND": Reason(grpc.StatusCode.NOT_FOUND, "未找到相关记录"),
+    "UNKNOWN_BANK": Reason(grpc.StatusCode.INVALID_ARGUMENT, "不支持所选银行"),
+    "CONSENT_REQUIRED": Reason(grpc.StatusCode.FAILED_PRECONDITION, "请阅读并同意最新版授权协议"),
+    "VERIFICATION_FAILED": Reason(grpc.StatusCode.PERMISSION_DENIED, "身份验证未通过"),
+    "REAL_NAME_CHECK_FAILED": Reason(
+        grpc.StatusCode.FAILED_PRECONDITION, "银行卡实名信息核验未通过，请核对姓名、证件号、手机号与卡号"
+    ),
+    "ALREADY_REGISTERED": Reason(grpc.StatusCode.ALREADY_EXISTS, "该证件号或手机号已注册"),
+    "REGION_NOT_SUPPORTED": Reason(grpc.StatusCode.FAILED_PRECONDITION, "您所在地区暂未开通一键查卡服务"),
+    "QUERY_IN_PROGRESS": Reason(grpc.StatusCode.ALREADY_EXISTS, "您有正在进行中的查询，请等待结果"),
+    "COOLDOWN_ACTIVE": Reason(grpc.StatusCode.FAILED_PRECONDITION, "距上次查询报告生成未满7天，请稍后再查"),
+    "REPORT_NOT_READY": Reason(grpc.StatusCode.FAILED_PRECONDITION, "查询报告尚未生成，请耐心等待"),
+    "REPORT_EXPIRED": Reason(grpc.StatusCode.FAILED_PRECONDITION, "查询报告已超过7天保存期限，已删除"),
+    "PAYMENT_PASSWORD_INVALID": Reason(grpc.StatusCode.PERMISSION_DENIED, "支付密码错误"),
+    "PAYMENT_PASSWORD_LOCKED": Reason(grpc.StatusCode.PERMISSION_DENIED, "支付密码错误次数过多，已锁定"),
+    "SERVICE_BUSY": Reason(grpc.StatusCode.RESOURCE_EXHAUSTED, "申请人数过多，服务繁忙，请稍后再试"),
+    "RATE_LIMITED": Reason(grpc.StatusCode.RESOURCE_EXHAUSTED, "操作过于频繁，请稍后再试"),
+    # Not in the public table: a dependency of the service is down.
+    "SERVICE_UNAVAILABLE": Reason(grpc.StatusCode.UNAVAILABLE, "服务暂时不可用，请稍后再试"),
+}
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+@dataclass
+class CardCheckError(Exception):
+    """A refusal the caller should understand: one of REASONS, with optional details."""
+
+    reason: str
+    message: str | None = None  # English, for engineers; the zh-CN message comes from REASONS
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    violations: Sequence[FieldViolation] = ()
+    retry_after: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown reason {self.reason}")
+        super().__init__(self.reason, self.message)
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return REASONS[self.reason].code
+
+    @property
+    def message_zh(self) -> str:
+        return REASONS[self.reason].message_zh
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message or self.message_zh}"
+
+
+def invalid_argument(violations: Sequence[FieldViolation]) -> CardCheckError:
+    fields = ", ".join(v.field for v in violations)
+    return CardCheckError("INVALID_ARGUMENT", f"invalid: {fields}", violations=list(violations))
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def to_status(error: CardCheckError) -> status_pb2.Status:
+    details = [
+        _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=dict(error.metadata))),
+        _pack(error_details_pb2.LocalizedMessage(locale="zh-CN", message=error.message_zh)),
+    ]
+    if error.violations:
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                        for v in error.violations
+                    ]
+                )
+            )
+        )
+    if error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(max(error.retry_after, timedelta(0)))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    return status_pb2.Status(
+        code=error.code.value[0], message=error.message or error.message_zh, details=details
+    )
+
+
+async def abort(context: grpc.aio.ServicerContext, error: CardCheckError) -> None:
+    await context.abort_with_status(rpc_status.to_status(to_status(error)))
+
+
+def from_rpc_error(error: grpc.RpcError) -> CardCheckError | None:
+    """The typed refusal behind an RpcError, or None when it carries no ErrorInfo of ours."""
+    status = rpc_status.from_call(error)
+    if status is None:
+        return None
+    info = None
+    localized = None
+    violations: list[FieldViolation] = []
+    retry_after = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.LocalizedMessage.DESCRIPTOR):
+            localized = error_details_pb2.LocalizedMessage()
+            detail.Unpack(localized)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToTimedelta()
+    if info is None or info.domain != DOMAIN or info.reason not in REASONS:
+        return None
+    del localized  # the zh-CN text is derived from the reason again
+    return CardCheckError(
+        info.reason, status.message, dict(info.metadata), violations, retry_after
+    )
+
+
+def downstream_error(error: grpc.aio.AioRpcError, service: str) -> CardCheckError:
+    """Relays a refusal from an internal service; anything else becomes SERVICE_UNAVAILABLE."""
+    typed = from_rpc_error(error)
+    if typed is not None:
+        return typed
+    log.warning("call to %s failed: %s", service, error.code().name)
+    return CardCheckError("SERVICE_UNAVAILABLE", f"{service} is unavailable ({error.code().name})")
+
+
+def handles_errors(method):
+    """Servicer decorator: a CardCheckError raised by the method becomes its gRPC status;
+    an unexpected exception is logged and becomes a bare INTERNAL (a bug, never bad input)."""
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except CardCheckError as error:
+                await abort(context, error)
+            except grpc.aio.AioRpcError as error:
+                await abort(context, downstream_error(error, "a dependency"))
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except CardCheckError as error:
+            await abort(context, error)
+        except grpc.aio.AioRpcError as error:
+            await abort(context, downstream_error(error, "a dependency"))
+
+    return unary
+
+
+__all__ = [
+    "DOMAIN",
+    "REASONS",
+    "CardCheckError",
+    "FieldViolation",
+    "abort",
+    "downstream_error",
+    "from_rpc_error",
+    "handles_errors",
+    "invalid_argument",
+    "to_status",
+]

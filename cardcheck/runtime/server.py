@@ -1,0 +1,107 @@
+"""Server bootstrap: a grpc.aio server with tracing, grpc.health.v1 and reflection, and a
+graceful stop (health NOT_SERVING, in-flight calls finish, then exit)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
+
+from cardcheck.runtime.telemetry import server_interceptors
+
+log = logging.getLogger(__name__)
+
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a port held by another process must be an error, not shared
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A servicer and the generated function that adds it to a server."""
+
+    add_to_server: Callable[[object, grpc.aio.Server], None]
+    servicer: object
+    service_name: str  # full proto name, e.g. cardcheck.v1.CardCheck
+
+
+class ServiceHost:
+    """Hosts one process's gRPC services. `start()` returns the bound port (0 picks one)."""
+
+    def __init__(
+        self,
+        name: str,
+        registrations: Sequence[Registration],
+        bind_address: str,
+        tracer_provider: TracerProvider,
+        *,
+        on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
+        options: Sequence[tuple[str, object]] = (),
+        maximum_concurrent_rpcs: int | None = None,
+    ) -> None:
+        self.name = name
+        self._registrations = list(registrations)
+        self._bind_address = bind_address
+        self._tracer_provider = tracer_provider
+        self._on_stop = list(on_stop)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=server_interceptors(tracer_provider),
+            options=[*SERVER_OPTIONS, *options],
+            maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+        )
+        self.port: int | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        for registration in self._registrations:
+            registration.add_to_server(registration.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [r.service_name for r in self._registrations]
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(self._bind_address)
+        if not self.port:
+            raise RuntimeError(f"{self.name} could not bind {self._bind_address}")
+        await self.server.start()
+        for service_name in ["", *names]:
+            await self.health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s serving on %s", self.name, self._bind_address.rpartition(":")[0] + f":{self.port}")
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        for hook in self._on_stop:
+            try:
+                await hook()
+            except Exception:
+                log.exception("%s: a shutdown hook failed", self.name)
+        self._tracer_provider.shutdown()
+        log.info("%s stopped", self.name)
+
+
+async def run_until_signalled(host: ServiceHost, grace: float) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    await host.start()
+    await stop_requested.wait()
+    log.info("%s: stop requested, finishing in-flight calls", host.name)
+    await host.stop(grace)

@@ -1,0 +1,110 @@
+"""One validated settings object, read from the environment (the variables of API.md)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PORTS = {
+    "gateway": 50051,
+    "report_service": 50052,
+    "bank_connector": 50053,
+    "notifier": 50054,
+    "bank_sim": 50060,
+}
+
+ALL_REGIONS = (
+    "CN-BJ", "CN-TJ", "CN-HE", "CN-SX", "CN-NM", "CN-LN", "CN-JL", "CN-HL", "CN-SH", "CN-JS", "CN-ZJ",
+    "CN-AH", "CN-FJ", "CN-JX", "CN-SD", "CN-HA", "CN-HB", "CN-HN", "CN-GD", "CN-GX", "CN-HI", "CN-CQ",
+    "CN-SC", "CN-GZ", "CN-YN", "CN-XZ", "CN-SN", "CN-GS", "CN-QH", "CN-NX", "CN-XJ",
+)  # the 31 provincial regions of the mainland
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed: the process refuses to start."""
+
+
+def _address(env: Mapping[str, str], service: str) -> str:
+    var = f"CARDCHECK_{service.upper()}_ADDR"
+    value = env.get(var, f"127.0.0.1:{DEFAULT_PORTS[service]}")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SettingsError(f"{var}={value!r} is not host:port")
+    return value
+
+
+def _bool(env: Mapping[str, str], var: str, default: bool) -> bool:
+    raw = env.get(var)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{var}={raw!r} is not a boolean")
+
+
+def _float(env: Mapping[str, str], var: str, default: float) -> float:
+    raw = env.get(var)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{var}={raw!r} is not a number") from None
+    if value < 0:
+        raise SettingsError(f"{var}={raw!r} must not be negative")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    addresses: dict[str, str]
+    bind_host: str = "127.0.0.1"
+    data_dir: Path = Path("var")
+    database_url: str | None = None
+    redis_url: str | None = None
+    master_key: str | None = None  # base64 of 32 bytes; generated into data_dir when unset
+    sandbox: bool = True  # sandbox identity (face token) and SMS inbox
+    enabled_regions: tuple[str, ...] = ALL_REGIONS
+    bank_addresses: dict[str, str] = field(default_factory=dict)  # per-bank overrides
+    per_bank_timeout_s: float = 5.0
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        addresses = {service: _address(env, service) for service in DEFAULT_PORTS}
+        regions_raw = env.get("CARDCHECK_ENABLED_REGIONS", "")
+        regions = tuple(r.strip() for r in regions_raw.split(",") if r.strip()) or ALL_REGIONS
+        unknown = [r for r in regions if r not in ALL_REGIONS]
+        if unknown:
+            raise SettingsError(f"CARDCHECK_ENABLED_REGIONS names unknown regions: {', '.join(unknown)}")
+        bank_addresses = {
+            var.removeprefix("CARDCHECK_BANK_ADDR_"): value
+            for var, value in env.items()
+            if var.startswith("CARDCHECK_BANK_ADDR_") and value
+        }
+        return cls(
+            addresses=addresses,
+            bind_host=env.get("CARDCHECK_BIND_HOST", "127.0.0.1") or "127.0.0.1",
+            data_dir=Path(env.get("CARDCHECK_DATA_DIR", "var") or "var"),
+            database_url=env.get("CARDCHECK_DATABASE_URL") or None,
+            redis_url=env.get("CARDCHECK_REDIS_URL") or None,
+            master_key=env.get("CARDCHECK_MASTER_KEY") or None,
+            sandbox=_bool(env, "CARDCHECK_SANDBOX", True),
+            enabled_regions=regions,
+            bank_addresses=bank_addresses,
+            per_bank_timeout_s=_float(env, "CARDCHECK_PER_BANK_TIMEOUT_S", 5.0),
+            shutdown_grace_s=_float(env, "CARDCHECK_SHUTDOWN_GRACE_S", 10.0),
+            log_level=env.get("CARDCHECK_LOG_LEVEL", "INFO") or "INFO",
+        )
+
+    def port(self, service: str) -> int:
+        return int(self.addresses[service].rpartition(":")[2])
+
+    def bind_address(self, service: str) -> str:
+        return f"{self.bind_host}:{self.port(service)}"
