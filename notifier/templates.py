@@ -1,0 +1,87 @@
+"""The Chinese SMS texts, one file per kind and version under notifier/templates/
+(`sms_code.v1.txt`, `report_ready.v1.txt`, ...), filled in with string.Template. The highest
+version of each kind is the one sent; the version goes on the message record."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+_FILE_NAME = re.compile(r"^(?P<kind>[a-z_]+)\.v(?P<version>\d+)\.txt$")
+
+# What each kind of SMS needs from the caller.
+REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
+    "SMS_CODE": ("code", "purpose"),
+    "REPORT_READY": (),
+    "CONSENT_RECEIPT": ("agreement_version",),
+}
+
+PURPOSE_ZH = {"REGISTER": "注册", "SIGN_IN": "登录", "QUERY_AUTH": "一键查卡授权"}
+_CODE = re.compile(r"^\d{4,8}$")
+_AGREEMENT_VERSION = re.compile(r"^[0-9A-Za-z._-]{1,32}$")
+
+
+def purpose_key(raw: str) -> str:
+    """`REGISTER` and `SMS_PURPOSE_REGISTER` both name the register purpose."""
+    return raw.strip().upper().removeprefix("SMS_PURPOSE_")
+
+
+def param_problems(kind: str, params: Mapping[str, str]) -> dict[str, str]:
+    """Field (`params[name]`) -> what is wrong, for the parameters of `kind`."""
+    problems: dict[str, str] = {}
+    for name in REQUIRED_PARAMS[kind]:
+        if not params.get(name, "").strip():
+            problems[f"params[{name}]"] = f"{name} is required for {kind}"
+    if kind == "SMS_CODE":
+        code = params.get("code", "")
+        if code and not _CODE.match(code):
+            problems["params[code]"] = "code must be 4 to 8 digits"
+        purpose = params.get("purpose", "")
+        if purpose and purpose_key(purpose) not in PURPOSE_ZH:
+            problems["params[purpose]"] = f"purpose must be one of {', '.join(PURPOSE_ZH)}"
+    if kind == "CONSENT_RECEIPT":
+        version = params.get("agreement_version", "")
+        if version and not _AGREEMENT_VERSION.match(version):
+            problems["params[agreement_version]"] = "agreement_version must be 1-32 of [0-9A-Za-z._-]"
+    return problems
+
+
+@dataclass(frozen=True)
+class SmsTemplate:
+    kind: str
+    version: int
+    template: Template
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind.lower()}.v{self.version}"
+
+    def render(self, params: Mapping[str, str]) -> str:
+        values = dict(params)
+        if self.kind == "SMS_CODE":
+            values["purpose_zh"] = PURPOSE_ZH[purpose_key(params["purpose"])]
+        return self.template.substitute(values)
+
+
+def load_templates(directory: Path = TEMPLATE_DIR) -> dict[str, SmsTemplate]:
+    """Kind -> its newest template. Fails at start-up when a kind has no template."""
+    newest: dict[str, SmsTemplate] = {}
+    for path in sorted(directory.glob("*.txt")):
+        match = _FILE_NAME.match(path.name)
+        if match is None:
+            continue
+        kind = match["kind"].upper()
+        version = int(match["version"])
+        if kind not in REQUIRED_PARAMS:
+            continue
+        if kind not in newest or version > newest[kind].version:
+            text = path.read_text(encoding="utf-8").strip()
+            newest[kind] = SmsTemplate(kind, version, Template(text))
+    missing = sorted(set(REQUIRED_PARAMS) - set(newest))
+    if missing:
+        raise RuntimeError(f"no SMS template for {', '.join(missing)} in {directory}")
+    return newest
