@@ -1,0 +1,3 @@
+from bank_sim.app import main
+
+main()
