@@ -1,0 +1,119 @@
+"""Builds and runs the gateway process."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from cardcheck.runtime.channels import open_channel
+from cardcheck.runtime.clock import Clock, SystemClock
+from cardcheck.runtime.database import Database, make_engine
+from cardcheck.runtime.keys import Keyring, load_master_key
+from cardcheck.runtime.logs import setup_logging
+from cardcheck.runtime.server import Registration, ServiceHost, run_until_signalled
+from cardcheck.runtime.settings import Settings, SettingsError
+from cardcheck.runtime.telemetry import make_tracer_provider
+from cardcheck.v1 import gateway_pb2_grpc
+from gateway.challenges import ChallengeRow, Challenges, SmsThrottleRow
+from gateway.config import GatewayConfig
+from gateway.downstream import BankDirectory, ReportDesk, SmsSender
+from gateway.face import FaceVerifier, face_verifier_for
+from gateway.flows import Gateway, SubmissionRow
+from gateway.limits import RateLimiter, TokenBucketLimiter
+from gateway.servicer import CardCheckServicer
+from gateway.sessions import SessionRow, Sessions
+from gateway.users import UserRow, Users
+
+SERVICE = "gateway"
+
+
+async def build(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    tracer_provider: TracerProvider | None = None,
+    config: GatewayConfig | None = None,
+    face_verifier: FaceVerifier | None = None,
+    submit_global_limiter: RateLimiter | None = None,
+    submit_user_limiter: RateLimiter | None = None,
+) -> ServiceHost:
+    """The gateway, not started. Raises SettingsError when it must not start (no sandbox and no
+    face-verification provider, bad gateway settings)."""
+    clock = clock or SystemClock()
+    config = config or GatewayConfig.from_env()
+    face = face_verifier or face_verifier_for(settings)
+    keyring = Keyring(load_master_key(settings.master_key, settings.data_dir))
+    tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
+
+    db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
+    await asyncio.to_thread(
+        db.create_tables, [UserRow, ChallengeRow, SmsThrottleRow, SessionRow, SubmissionRow]
+    )
+
+    channels = {
+        name: open_channel(settings.addresses[name], tracer_provider)
+        for name in ("report_service", "bank_connector", "notifier")
+    }
+    timeout = config.downstream_timeout_s
+    gateway = Gateway(
+        settings=settings,
+        config=config,
+        clock=clock,
+        db=db,
+        users=Users(
+            db,
+            keyring,
+            clock,
+            max_password_attempts=config.payment_password_max_attempts,
+            password_lock=config.payment_password_lock,
+        ),
+        sessions=Sessions(db, clock, config.session_ttl),
+        challenges=Challenges(db, keyring, clock),
+        face=face,
+        banks=BankDirectory(channels["bank_connector"], timeout),
+        reports=ReportDesk(channels["report_service"], timeout),
+        sms=SmsSender(channels["notifier"], timeout),
+        submit_global=submit_global_limiter
+        or TokenBucketLimiter(config.submit_global_rps, config.submit_global_burst, clock),
+        submit_per_user=submit_user_limiter
+        or TokenBucketLimiter(config.submit_user_per_minute / 60.0, config.submit_user_burst, clock),
+    )
+
+    async def close() -> None:
+        for channel in channels.values():
+            await channel.close()
+        db.dispose()
+
+    return ServiceHost(
+        SERVICE,
+        [
+            Registration(
+                gateway_pb2_grpc.add_CardCheckServicer_to_server,
+                CardCheckServicer(gateway),
+                "cardcheck.v1.CardCheck",
+            )
+        ],
+        settings.bind_address(SERVICE),
+        tracer_provider,
+        on_stop=[close],
+    )
+
+
+async def _serve() -> None:
+    settings = Settings.from_env()
+    setup_logging(SERVICE, settings.log_level)
+    host = await build(settings)
+    await run_until_signalled(host, settings.shutdown_grace_s)
+
+
+def main() -> None:
+    setup_logging(SERVICE)
+    try:
+        asyncio.run(_serve())
+    except SettingsError as error:
+        print(f"gateway: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass

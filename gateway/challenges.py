@@ -1,0 +1,172 @@
+"""SMS challenges: a 6-digit code bound to a phone (by its keyed hash) and a purpose, valid five
+minutes, used once, dead after five wrong tries; a phone gets a new code for the same purpose
+at most once a minute. Only a keyed hash of the code is stored."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Column, DateTime
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, Session, SQLModel, select
+
+from cardcheck.runtime.clock import Clock, as_utc
+from cardcheck.runtime.database import Database
+from cardcheck.runtime.errors import CardCheckError
+from cardcheck.runtime.keys import Keyring
+
+CODE_TTL = timedelta(minutes=5)
+RESEND_AFTER = timedelta(seconds=60)
+MAX_WRONG_TRIES = 5
+
+
+class ChallengeRow(SQLModel, table=True):
+    __tablename__ = "gw_sms_challenges"
+
+    challenge_id: str = Field(primary_key=True, max_length=32)
+    phone_hash: str = Field(index=True, max_length=64)
+    purpose: str = Field(max_length=16)
+    code_hash: str = Field(max_length=64)
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    wrong_tries: int = 0
+    used: bool = False
+    dead: bool = False
+
+
+class SmsThrottleRow(SQLModel, table=True):
+    """When a phone last got a code for a purpose: the one-a-minute rule, safe under races."""
+
+    __tablename__ = "gw_sms_throttle"
+
+    phone_hash: str = Field(primary_key=True, max_length=64)
+    purpose: str = Field(primary_key=True, max_length=16)
+    last_sent_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+@dataclass(frozen=True)
+class IssuedChallenge:
+    challenge_id: str
+    code: str
+    issued_at: datetime
+    expires_in: timedelta
+    resend_after: timedelta
+
+
+def _verification_failed(why: str) -> CardCheckError:
+    return CardCheckError("VERIFICATION_FAILED", f"sms code rejected: {why}")
+
+
+class Challenges:
+    def __init__(self, db: Database, keyring: Keyring, clock: Clock) -> None:
+        self._db = db
+        self._code_hash = keyring.hasher("sms-code")
+        self._clock = clock
+
+    def _hash(self, challenge_id: str, code: str) -> str:
+        return self._code_hash.digest(f"{challenge_id}:{code}")
+
+    async def issue(self, phone_hash: str, purpose: str) -> IssuedChallenge:
+        """A new challenge, or RATE_LIMITED (with the wait) within a minute of the last one."""
+        now = self._clock.now()
+        challenge_id = secrets.token_hex(16)
+        code = f"{secrets.randbelow(1_000_000):06d}"
+        row = ChallengeRow(
+            challenge_id=challenge_id,
+            phone_hash=phone_hash,
+            purpose=purpose,
+            code_hash=self._hash(challenge_id, code),
+            created_at=now,
+            expires_at=now + CODE_TTL,
+        )
+
+        def work(session: Session) -> timedelta | None:
+            throttle = session.exec(
+                select(SmsThrottleRow)
+                .where(SmsThrottleRow.phone_hash == phone_hash, SmsThrottleRow.purpose == purpose)
+                .with_for_update()
+            ).first()
+            if throttle is None:
+                session.add(SmsThrottleRow(phone_hash=phone_hash, purpose=purpose, last_sent_at=now))
+            else:
+                wait = as_utc(throttle.last_sent_at) + RESEND_AFTER - now
+                if wait > timedelta(0):
+                    return wait
+                throttle.last_sent_at = now
+                session.add(throttle)
+            session.add(row)
+            session.flush()
+            return None
+
+        try:
+            wait = await self._db.run(work)
+        except IntegrityError:
+            wait = RESEND_AFTER  # a concurrent request for the same phone and purpose won
+        if wait is not None:
+            raise CardCheckError(
+                "RATE_LIMITED",
+                "a code was sent to this phone less than a minute ago",
+                metadata={"retry_after_seconds": str(max(1, int(wait.total_seconds() + 0.999)))},
+                retry_after=wait,
+            )
+        return IssuedChallenge(challenge_id, code, now, CODE_TTL, RESEND_AFTER)
+
+    async def withdraw(self, challenge_id: str, phone_hash: str, purpose: str, issued_at: datetime) -> None:
+        """The code could not be sent: the challenge dies and the phone may ask again at once."""
+
+        def work(session: Session) -> None:
+            row = session.get(ChallengeRow, challenge_id)
+            if row is not None:
+                row.dead = True
+                session.add(row)
+            throttle = session.get(SmsThrottleRow, (phone_hash, purpose))
+            if throttle is not None and as_utc(throttle.last_sent_at) == issued_at:
+                session.delete(throttle)
+
+        await self._db.run(work)
+
+    async def verify(self, challenge_id: str, code: str, phone_hash: str, purpose: str) -> None:
+        """Consumes the challenge when the code is right; VERIFICATION_FAILED otherwise."""
+        now = self._clock.now()
+        offered = self._hash(challenge_id, code)
+
+        def work(session: Session) -> str | None:
+            row = session.exec(
+                select(ChallengeRow).where(ChallengeRow.challenge_id == challenge_id).with_for_update()
+            ).first()
+            if row is None or row.purpose != purpose or not hmac.compare_digest(row.phone_hash, phone_hash):
+                return "unknown challenge"
+            if row.used:
+                return "already used"
+            if row.dead:
+                return "too many wrong tries"
+            if as_utc(row.expires_at) <= now:
+                return "expired"
+            if not hmac.compare_digest(row.code_hash, offered):
+                row.wrong_tries += 1
+                if row.wrong_tries >= MAX_WRONG_TRIES:
+                    row.dead = True
+                session.add(row)
+                return "wrong code"
+            row.used = True
+            session.add(row)
+            return None
+
+        why = await self._db.run(work)
+        if why is not None:
+            raise _verification_failed(why)
+
+    async def purge_expired(self, older_than: timedelta = timedelta(days=1)) -> int:
+        """Deletes challenges long past their expiry (housekeeping)."""
+        cutoff = self._clock.now() - older_than
+
+        def work(session: Session) -> int:
+            rows = session.exec(select(ChallengeRow).where(ChallengeRow.expires_at < cutoff)).all()
+            for row in rows:
+                session.delete(row)
+            return len(rows)
+
+        return await self._db.run(work)

@@ -1,0 +1,175 @@
+"""The internal services the gateway calls, each behind a small adapter that speaks gRPC and
+turns a downstream failure into a CardCheckError (a typed refusal relayed unchanged, anything
+else SERVICE_UNAVAILABLE). The flows in gateway/flows.py see only these methods."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from cardcheck.runtime.errors import downstream_error
+from cardcheck.v1 import (
+    bank_connector_pb2,
+    bank_connector_pb2_grpc,
+    common_pb2,
+    gateway_pb2,
+    notifier_pb2,
+    notifier_pb2_grpc,
+    report_service_pb2,
+    report_service_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+LIST_BANKS_TIMEOUT_S = 2.0  # ListBanks has a fallback; do not keep a client waiting for it
+
+
+@dataclass(frozen=True)
+class BankAvailability:
+    code: str
+    available: bool
+
+
+class BankDirectory:
+    """bank_connector: which banks answer now, and the real-name check of a card."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
+        self._stub = bank_connector_pb2_grpc.BankConnectorStub(channel)
+        self._timeout = timeout_s
+
+    async def availability(self) -> list[BankAvailability] | None:
+        """None when bank_connector cannot be reached."""
+        try:
+            response = await self._stub.ListBanks(
+                bank_connector_pb2.ListBanksInternalRequest(),
+                timeout=min(self._timeout, LIST_BANKS_TIMEOUT_S),
+            )
+        except grpc.aio.AioRpcError as error:
+            log.warning("bank_connector ListBanks failed: %s", error.code().name)
+            return None
+        return [BankAvailability(bank.code, bank.available) for bank in response.banks]
+
+    async def verify_real_name(self, card_number: str, name: str, id_number: str, phone: str) -> str | None:
+        """The code of the bank that confirmed card, name, ID and phone; None if not confirmed."""
+        try:
+            response = await self._stub.VerifyRealName(
+                bank_connector_pb2.VerifyRealNameRequest(
+                    card_number=card_number, name=name, id_number=id_number, phone=phone
+                ),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise downstream_error(error, "bank_connector") from None
+        if not response.confirmed:
+            return None
+        return response.bank_code
+
+
+class ReportDesk:
+    """report_service: queries and reports, always on behalf of one user."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
+        self._stub = report_service_pb2_grpc.ReportServiceStub(channel)
+        self._timeout = timeout_s
+
+    async def create_query(
+        self,
+        user_id: str,
+        subject: report_service_pb2.Subject,
+        bank_codes: list[str],
+        agreement_version: str,
+        idempotency_key: str,
+    ) -> common_pb2.Query:
+        try:
+            return await self._stub.CreateQuery(
+                report_service_pb2.CreateQueryRequest(
+                    user_id=user_id,
+                    subject=subject,
+                    bank_codes=bank_codes,
+                    agreement_version=agreement_version,
+                    idempotency_key=idempotency_key,
+                ),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise downstream_error(error, "report_service") from None
+
+    async def get_query(self, user_id: str, query_id: str) -> common_pb2.Query:
+        try:
+            return await self._stub.GetQuery(
+                report_service_pb2.GetQueryRequest(user_id=user_id, query_id=query_id), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise downstream_error(error, "report_service") from None
+
+    async def list_queries(self, user_id: str) -> list[common_pb2.Query]:
+        try:
+            response = await self._stub.ListQueries(
+                report_service_pb2.ListUserQueriesRequest(user_id=user_id), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise downstream_error(error, "report_service") from None
+        return list(response.queries)
+
+    async def get_report(self, user_id: str, query_id: str) -> common_pb2.Report:
+        try:
+            return await self._stub.GetReport(
+                report_service_pb2.GetQueryRequest(user_id=user_id, query_id=query_id), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise downstream_error(error, "report_service") from None
+
+    async def watch(self, user_id: str, query_id: str) -> AsyncIterator[gateway_pb2.QueryEvent]:
+        call = self._stub.WatchQuery(report_service_pb2.GetQueryRequest(user_id=user_id, query_id=query_id))
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as error:
+            raise downstream_error(error, "report_service") from None
+        finally:
+            call.cancel()  # the watcher went away: stop the upstream stream too
+
+
+class SmsSender:
+    """notifier: the SMS messages the gateway sends."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
+        self._stub = notifier_pb2_grpc.NotifierStub(channel)
+        self._timeout = timeout_s
+
+    async def _send(self, request: notifier_pb2.SendRequest, deadline_s: float) -> None:
+        try:
+            await self._stub.Send(request, timeout=deadline_s)
+        except grpc.aio.AioRpcError as error:
+            raise downstream_error(error, "notifier") from None
+
+    async def send_code(self, phone: str, code: str, purpose: str, challenge_id: str) -> None:
+        await self._send(
+            notifier_pb2.SendRequest(
+                idempotency_key=f"sms:{challenge_id}",
+                phone=phone,
+                kind=notifier_pb2.MESSAGE_KIND_SMS_CODE,
+                params={"code": code, "purpose": purpose},
+            ),
+            self._timeout,
+        )
+
+    async def send_consent_receipt(
+        self, phone: str, query_id: str, agreement_version: str, bank_count: int
+    ) -> None:
+        await self._send(
+            notifier_pb2.SendRequest(
+                idempotency_key=f"consent:{query_id}",
+                phone=phone,
+                kind=notifier_pb2.MESSAGE_KIND_CONSENT_RECEIPT,
+                params={
+                    "query_id": query_id,
+                    "agreement_version": agreement_version,
+                    "bank_count": str(bank_count),
+                },
+            ),
+            min(self._timeout, 3.0),
+        )

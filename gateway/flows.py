@@ -1,0 +1,318 @@
+"""The gateway's flows in the domain's words: registration, sign-in, SMS challenges, consent and
+queries. No gRPC here: the servicer translates protobuf to these calls, and the internal
+services are reached through the adapters of gateway/downstream.py."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from opentelemetry import trace
+from sqlalchemy import Column, DateTime
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, Session, SQLModel
+
+from cardcheck.banks import BANK_CODES, BANKS, BankInfo
+from cardcheck.runtime.clock import Clock
+from cardcheck.runtime.database import Database
+from cardcheck.runtime.errors import CardCheckError
+from cardcheck.runtime.settings import Settings
+from cardcheck.v1 import common_pb2, gateway_pb2, report_service_pb2
+from gateway import validation
+from gateway.agreement import CURRENT, Agreement
+from gateway.challenges import Challenges, IssuedChallenge
+from gateway.config import GatewayConfig
+from gateway.downstream import BankDirectory, ReportDesk, SmsSender
+from gateway.face import FaceVerifier
+from gateway.limits import RateLimiter
+from gateway.sessions import IssuedSession, Sessions
+from gateway.users import Identity, Users
+
+log = logging.getLogger(__name__)
+
+GLOBAL_SUBMIT_KEY = "submit:global"
+
+
+class SubmissionRow(SQLModel, table=True):
+    """Which query a user's idempotency key created, so that a retry returns the same Query."""
+
+    __tablename__ = "gw_submissions"
+
+    user_id: str = Field(primary_key=True, max_length=36)
+    idempotency_key: str = Field(primary_key=True, max_length=128)
+    query_id: str = Field(max_length=64)
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+@dataclass(frozen=True)
+class BankListing:
+    bank: BankInfo
+    available: bool
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    id_number: str
+    phone: str
+    challenge_id: str
+    sms_code: str
+    card_number: str
+    payment_password: str
+    region: str
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    bank_codes: list[str]
+    agreement_version: str
+    consent_given: bool
+    challenge_id: str
+    sms_code: str
+    face_token: str
+    idempotency_key: str
+
+
+def _annotate(**attributes: object) -> None:
+    """Our own span attributes (never personal data) on the RPC's server span."""
+    span = trace.get_current_span()
+    for key, value in attributes.items():
+        span.set_attribute(f"cardcheck.{key}", value)
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        config: GatewayConfig,
+        clock: Clock,
+        db: Database,
+        users: Users,
+        sessions: Sessions,
+        challenges: Challenges,
+        face: FaceVerifier,
+        banks: BankDirectory,
+        reports: ReportDesk,
+        sms: SmsSender,
+        submit_global: RateLimiter,
+        submit_per_user: RateLimiter,
+        agreement: Agreement = CURRENT,
+    ) -> None:
+        self._settings = settings
+        self._config = config
+        self._clock = clock
+        self._db = db
+        self._users = users
+        self._sessions = sessions
+        self._challenges = challenges
+        self._face = face
+        self._banks = banks
+        self._reports = reports
+        self._sms = sms
+        self._submit_global = submit_global
+        self._submit_per_user = submit_per_user
+        self.agreement = agreement
+
+    # --- banks and agreement ---------------------------------------------------------------
+
+    async def list_banks(self) -> list[BankListing]:
+        """The 24 banks; those bank_connector does not report available (or all, when it
+        cannot be reached) are listed as unavailable."""
+        known = await self._banks.availability()
+        available = {b.code for b in known or () if b.available}
+        return [BankListing(bank, bank.code in available) for bank in BANKS]
+
+    # --- SMS challenges ----------------------------------------------------------------------
+
+    async def request_sms_code(self, phone: str, purpose: str | None, token: str | None) -> IssuedChallenge:
+        problems = validation.Violations()
+        problems.sms_purpose(purpose)
+        if purpose in ("REGISTER", "SIGN_IN"):
+            problems.phone(phone)
+        problems.raise_if_any()
+        assert purpose is not None
+        _annotate(sms_purpose=purpose)
+
+        send = True
+        if purpose == "QUERY_AUTH":
+            user_id = await self._sessions.user_of(token)
+            phone = (await self._users.identity(user_id)).phone
+        elif purpose == "SIGN_IN" and await self._users.find_by_phone(phone) is None:
+            # Answer exactly as for a registered phone (no account enumeration), send nothing.
+            send = False
+        phone_hash = self._users.phone_hash(phone)
+        issued = await self._challenges.issue(phone_hash, purpose)
+        if send:
+            try:
+                await self._sms.send_code(phone, issued.code, purpose, issued.challenge_id)
+            except CardCheckError:
+                await self._challenges.withdraw(issued.challenge_id, phone_hash, purpose, issued.issued_at)
+                raise
+        return issued
+
+    # --- accounts ----------------------------------------------------------------------------
+
+    async def register(self, form: Registration) -> IssuedSession:
+        today = validation.today_in_china(self._clock.now())
+        problems = validation.Violations()
+        problems.name(form.name)
+        problems.id_number(form.id_number, today)
+        problems.phone(form.phone)
+        problems.challenge(form.challenge_id, form.sms_code)
+        problems.card_number(form.card_number)
+        problems.payment_password(form.payment_password)
+        problems.region(form.region)
+        problems.raise_if_any()
+        validation.check_region_enabled(form.region, self._settings.enabled_regions)
+
+        id_number = validation.normalise_id_number(form.id_number)
+        await self._challenges.verify(
+            form.challenge_id, form.sms_code, self._users.phone_hash(form.phone), "REGISTER"
+        )
+        await self._users.ensure_not_registered(id_number, form.phone)
+        bank_code = await self._banks.verify_real_name(form.card_number, form.name, id_number, form.phone)
+        if bank_code is None:
+            raise CardCheckError("REAL_NAME_CHECK_FAILED", "the card's bank did not confirm the identity")
+        user = await self._users.create(
+            Identity(form.name, id_number, form.phone), form.region, form.payment_password, bank_code
+        )
+        log.info("registered user %s (bank %s, region %s)", user.user_id, bank_code, form.region)
+        return await self._sessions.open(user.user_id)
+
+    async def sign_in(self, phone: str, challenge_id: str, sms_code: str) -> IssuedSession:
+        problems = validation.Violations()
+        problems.phone(phone)
+        problems.challenge(challenge_id, sms_code)
+        problems.raise_if_any()
+        await self._challenges.verify(challenge_id, sms_code, self._users.phone_hash(phone), "SIGN_IN")
+        user = await self._users.find_by_phone(phone)
+        if user is None:
+            raise CardCheckError("VERIFICATION_FAILED", "no account for this phone")
+        log.info("user %s signed in", user.user_id)
+        return await self._sessions.open(user.user_id)
+
+    async def authenticate(self, token: str | None) -> str:
+        return await self._sessions.user_of(token)
+
+    # --- queries -----------------------------------------------------------------------------
+
+    async def _admit(self, user_id: str) -> None:
+        wait = await self._submit_per_user.acquire(f"submit:user:{user_id}")
+        if wait is not None:
+            raise CardCheckError("RATE_LIMITED", "too many queries submitted by this user", retry_after=wait)
+        wait = await self._submit_global.acquire(GLOBAL_SUBMIT_KEY)
+        if wait is not None:
+            log.warning("shedding SubmitQuery load: global admission limit reached")
+            raise CardCheckError("SERVICE_BUSY", "too many queries submitted at once", retry_after=wait)
+
+    async def _resolve_banks(self, requested: list[str]) -> list[str]:
+        if requested:
+            return requested
+        known = await self._banks.availability()
+        available = {b.code for b in known or () if b.available}
+        return [code for code in BANK_CODES if code in available] or list(BANK_CODES)
+
+    async def submit_query(self, token: str | None, form: QueryRequest) -> common_pb2.Query:
+        user_id = await self._sessions.user_of(token)
+        await self._admit(user_id)
+
+        problems = validation.Violations()
+        problems.bank_codes(form.bank_codes)
+        problems.agreement_version(form.agreement_version)
+        problems.challenge(form.challenge_id, form.sms_code)
+        problems.face_token(form.face_token)
+        problems.idempotency_key(form.idempotency_key)
+        problems.raise_if_any()
+        requested = validation.known_banks(form.bank_codes)
+
+        if form.idempotency_key:
+            earlier = await self._earlier_submission(user_id, form.idempotency_key)
+            if earlier is not None:
+                return await self._reports.get_query(user_id, earlier)
+
+        if not form.consent_given or form.agreement_version != self.agreement.version:
+            raise CardCheckError(
+                "CONSENT_REQUIRED",
+                "consent to the current agreement is required",
+                metadata={"agreement_version": self.agreement.version},
+            )
+        user = await self._users.get(user_id)
+        if user is None:
+            raise CardCheckError("UNAUTHENTICATED", "the session's user no longer exists")
+        validation.check_region_enabled(user.region, self._settings.enabled_regions)
+
+        phone_hash = await self._users.phone_hash_of(user_id)
+        await self._challenges.verify(form.challenge_id, form.sms_code, phone_hash, "QUERY_AUTH")
+        if not await self._face.verify(user_id, form.face_token):
+            raise CardCheckError(
+                "VERIFICATION_FAILED", "face verification failed", metadata={"factor": "face"}
+            )
+
+        bank_codes = await self._resolve_banks(requested)
+        identity = await self._users.identity(user_id)
+        idempotency_key = form.idempotency_key or secrets.token_hex(16)
+        _annotate(query_bank_count=len(bank_codes))
+        query = await self._reports.create_query(
+            user_id,
+            report_service_pb2.Subject(
+                name=identity.name, id_number=identity.id_number, phone=identity.phone
+            ),
+            bank_codes,
+            self.agreement.version,
+            idempotency_key,
+        )
+        await self._remember_submission(user_id, idempotency_key, query.query_id)
+        log.info("user %s submitted query %s to %d banks", user_id, query.query_id, len(bank_codes))
+        try:
+            await self._sms.send_consent_receipt(
+                identity.phone, query.query_id, self.agreement.version, len(bank_codes)
+            )
+        except CardCheckError as error:
+            log.warning("consent receipt for query %s not sent: %s", query.query_id, error.reason)
+        return query
+
+    async def _earlier_submission(self, user_id: str, idempotency_key: str) -> str | None:
+        row = await self._db.run(lambda session: session.get(SubmissionRow, (user_id, idempotency_key)))
+        return None if row is None else row.query_id
+
+    async def _remember_submission(self, user_id: str, idempotency_key: str, query_id: str) -> None:
+        def work(session: Session) -> None:
+            if session.get(SubmissionRow, (user_id, idempotency_key)) is None:
+                session.add(
+                    SubmissionRow(
+                        user_id=user_id,
+                        idempotency_key=idempotency_key,
+                        query_id=query_id,
+                        created_at=self._clock.now(),
+                    )
+                )
+
+        try:
+            await self._db.run(work)
+        except IntegrityError:  # the same key raced in twice: report_service already deduplicated
+            log.info("submission of query %s already remembered", query_id)
+
+    async def watch_query(self, token: str | None, query_id: str) -> AsyncIterator[gateway_pb2.QueryEvent]:
+        user_id = await self._sessions.user_of(token)
+        problems = validation.Violations()
+        problems.query_id(query_id)
+        problems.raise_if_any()
+        async for event in self._reports.watch(user_id, query_id):
+            yield event
+
+    async def list_queries(self, token: str | None) -> list[common_pb2.Query]:
+        user_id = await self._sessions.user_of(token)
+        return await self._reports.list_queries(user_id)
+
+    async def get_report(self, token: str | None, query_id: str, payment_password: str) -> common_pb2.Report:
+        user_id = await self._sessions.user_of(token)
+        problems = validation.Violations()
+        problems.query_id(query_id)
+        problems.payment_password(payment_password)
+        problems.raise_if_any()
+        await self._users.check_payment_password(user_id, payment_password)
+        return await self._reports.get_report(user_id, query_id)

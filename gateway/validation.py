@@ -1,0 +1,150 @@
+"""Checks of what a client sends. Each check of a request collects every violation and raises
+one INVALID_ARGUMENT naming each field, so a form can mark all its mistakes at once."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime, timedelta, timezone
+
+from cardcheck.banks import BY_CODE
+from cardcheck.numbers import card_number_valid, id_number_valid
+from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
+from cardcheck.runtime.settings import ALL_REGIONS
+
+CHINA_TZ = timezone(timedelta(hours=8))  # birth dates on an ID are calendar days in China
+
+_NAME = re.compile(
+    r"^[\u3400-\u4dbf\u4e00-\u9fffA-Za-z]"  # starts with a Chinese character or a letter
+    r"(?:[\u3400-\u4dbf\u4e00-\u9fffA-Za-z]|[·• ](?=[\u3400-\u4dbf\u4e00-\u9fffA-Za-z]))*$"
+)
+_PHONE = re.compile(r"^1[3-9]\d{9}$")
+_SIX_DIGITS = re.compile(r"^\d{6}$")
+_CHALLENGE_ID = re.compile(r"^[0-9a-f]{32}$")
+_QUERY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+SMS_PURPOSES = ("REGISTER", "SIGN_IN", "QUERY_AUTH")
+MAX_FACE_TOKEN = 4096
+
+
+def today_in_china(now: datetime) -> date:
+    return now.astimezone(CHINA_TZ).date()
+
+
+class Violations:
+    """Collects the violations of one request."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise invalid_argument(self.items)
+
+    # Each check adds at most one violation, naming its field.
+
+    def name(self, value: str, field: str = "name") -> None:
+        if not value:
+            self.add(field, "required")
+        elif len(value) > 30 or not _NAME.match(value):
+            self.add(field, "1-30 Chinese characters or letters, '·' between parts")
+
+    def id_number(self, value: str, today: date, field: str = "id_number") -> None:
+        if not value:
+            self.add(field, "required")
+        elif not id_number_valid(value, today):
+            self.add(field, "not a valid 18-character resident ID number")
+
+    def phone(self, value: str, field: str = "phone") -> None:
+        if not value:
+            self.add(field, "required")
+        elif not _PHONE.match(value):
+            self.add(field, "not a mainland mobile number (11 digits starting 13-19)")
+
+    def card_number(self, value: str, field: str = "card_number") -> None:
+        if not value:
+            self.add(field, "required")
+        elif not card_number_valid(value):
+            self.add(field, "not a valid card number (16-19 digits, Luhn)")
+
+    def payment_password(self, value: str, field: str = "payment_password") -> None:
+        if not value:
+            self.add(field, "required")
+        elif not _SIX_DIGITS.match(value):
+            self.add(field, "must be exactly 6 digits")
+
+    def region(self, value: str, field: str = "region") -> None:
+        if not value:
+            self.add(field, "required")
+        elif value not in ALL_REGIONS:
+            self.add(field, "not an ISO 3166-2:CN provincial region code, e.g. CN-JL")
+
+    def challenge(self, challenge_id: str, sms_code: str) -> None:
+        if not challenge_id:
+            self.add("challenge_id", "required")
+        elif not _CHALLENGE_ID.match(challenge_id):
+            self.add("challenge_id", "not a challenge id from RequestSmsCode")
+        if not sms_code:
+            self.add("sms_code", "required")
+        elif not _SIX_DIGITS.match(sms_code):
+            self.add("sms_code", "must be exactly 6 digits")
+
+    def sms_purpose(self, value: str | None, field: str = "purpose") -> None:
+        if value not in SMS_PURPOSES:
+            self.add(field, "one of REGISTER, SIGN_IN, QUERY_AUTH")
+
+    def query_id(self, value: str, field: str = "query_id") -> None:
+        if not value:
+            self.add(field, "required")
+        elif not _QUERY_ID.match(value):
+            self.add(field, "not a query id")
+
+    def idempotency_key(self, value: str, field: str = "idempotency_key") -> None:
+        if value and not _IDEMPOTENCY_KEY.match(value):
+            self.add(field, "1-128 printable ASCII characters without spaces")
+
+    def face_token(self, value: str, field: str = "face_token") -> None:
+        if not value:
+            self.add(field, "required")
+        elif len(value) > MAX_FACE_TOKEN:
+            self.add(field, "too long")
+
+    def agreement_version(self, value: str, field: str = "agreement_version") -> None:
+        if len(value) > 64:
+            self.add(field, "too long")
+
+    def bank_codes(self, values: Sequence[str], field: str = "bank_codes") -> None:
+        if len(values) > 4 * len(BY_CODE):
+            self.add(field, "too many bank codes")
+        for i, code in enumerate(values):
+            if not code:
+                self.add(f"{field}[{i}]", "empty bank code")
+            elif len(code) > 32:
+                self.add(f"{field}[{i}]", "too long for a bank code")
+
+
+def known_banks(codes: Iterable[str]) -> list[str]:
+    """The bank codes in the order given, duplicates dropped; UNKNOWN_BANK names the first
+    unknown one (all of them in `bank_codes`)."""
+    unknown = [code for code in codes if code not in BY_CODE]
+    if unknown:
+        raise CardCheckError(
+            "UNKNOWN_BANK",
+            f"unknown bank code {unknown[0]!r}",
+            metadata={"bank_code": unknown[0], "bank_codes": ",".join(dict.fromkeys(unknown))},
+        )
+    return list(dict.fromkeys(codes))
+
+
+def check_region_enabled(region: str, enabled_regions: Iterable[str]) -> None:
+    if region not in enabled_regions:
+        raise CardCheckError(
+            "REGION_NOT_SUPPORTED", f"region {region} is not enabled", metadata={"region": region}
+        )
+
+
+def normalise_id_number(value: str) -> str:
+    return value.upper()

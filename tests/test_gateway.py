@@ -1,0 +1,1155 @@
+"""The gateway against a real grpc.aio server on port 0, its storage on SQLite and PostgreSQL,
+the real notifier (its sandbox inbox gives the SMS codes), and small fakes of report_service and
+bank_connector defined here."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import inspect, text
+
+from cardcheck.banks import BANK_CODES, BANKS
+from cardcheck.client import CardCheckClient
+from cardcheck.numbers import id_check_digit, luhn_check_digit
+from cardcheck.runtime.clock import ManualClock
+from cardcheck.runtime.database import make_engine
+from cardcheck.runtime.errors import DOMAIN, CardCheckError, abort
+from cardcheck.runtime.server import ServiceHost
+from cardcheck.runtime.settings import DEFAULT_PORTS, Settings
+from cardcheck.runtime.telemetry import make_tracer_provider
+from cardcheck.v1 import (
+    bank_connector_pb2,
+    bank_connector_pb2_grpc,
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    notifier_pb2,
+    notifier_pb2_grpc,
+    report_service_pb2_grpc,
+)
+from gateway.agreement import CURRENT
+from gateway.app import build
+from gateway.config import GatewayConfig
+
+REGISTER = common_pb2.SMS_PURPOSE_REGISTER
+SIGN_IN = common_pb2.SMS_PURPOSE_SIGN_IN
+QUERY_AUTH = common_pb2.SMS_PURPOSE_QUERY_AUTH
+PASSWORD = "135790"
+
+
+def _id_number(first17: str) -> str:
+    return first17 + id_check_digit(first17)
+
+
+def _card(partial: str) -> str:
+    return partial + luhn_check_digit(partial)
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    id_number: str
+    phone: str
+    card_number: str
+    region: str = "CN-JL"
+
+
+ALICE = Person("张三", _id_number("22010219900307123"), "13812345678", _card("622202100012345678"))
+BOB = Person("李四", _id_number("11010519851231004"), "13987654321", _card("621700000011112222"))
+# Ends with the check digit X: ID numbers are compared in upper case.
+CAROL = Person("阿依古丽·买买提", "11010119800101007X", "15011112222", _card("622588000033334444"))
+assert CAROL.id_number[-1] == id_check_digit(CAROL.id_number[:17])
+
+
+# --- fakes of report_service and bank_connector ---------------------------------------------
+
+
+class FakeBankConnector(bank_connector_pb2_grpc.BankConnectorServicer):
+    def __init__(self) -> None:
+        self.enrolled: dict[tuple[str, str, str, str], str] = {}
+        self.unavailable: set[str] = {"GDRCC", "CQFMB"}
+        self.verify_calls: list[bank_connector_pb2.VerifyRealNameRequest] = []
+
+    def enrol(self, person: Person, bank: str = "ICBC") -> None:
+        self.enrolled[(person.card_number, person.name, person.id_number.upper(), person.phone)] = bank
+
+    async def VerifyRealName(self, request, context):
+        self.verify_calls.append(request)
+        bank = self.enrolled.get((request.card_number, request.name, request.id_number, request.phone))
+        return bank_connector_pb2.VerifyRealNameResponse(confirmed=bank is not None, bank_code=bank or "")
+
+    async def ListBanks(self, request, context):
+        return bank_connector_pb2.ListBanksInternalResponse(
+            banks=[
+                common_pb2.Bank(
+                    code=b.code, name=b.name, kind=b.kind, available=b.code not in self.unavailable
+                )
+                for b in BANKS
+            ]
+        )
+
+
+def _now_pb() -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+class FakeReportService(report_service_pb2_grpc.ReportServiceServicer):
+    def __init__(self) -> None:
+        self.created: list = []
+        self.queries: dict[str, tuple[str, common_pb2.Query]] = {}  # query_id -> (user_id, query)
+        self.by_key: dict[tuple[str, str], str] = {}
+        self.refusal: CardCheckError | None = None
+        self.report_calls: list = []
+
+    async def CreateQuery(self, request, context):
+        self.created.append(request)
+        if self.refusal is not None:
+            await abort(context, self.refusal)
+        key = (request.user_id, request.idempotency_key)
+        if key in self.by_key:
+            return self.queries[self.by_key[key]][1]
+        query = common_pb2.Query(
+            query_id=uuid.uuid4().hex,
+            status=common_pb2.QUERY_STATUS_PENDING,
+            bank_codes=request.bank_codes,
+            submitted_at=_now_pb(),
+            banks_total=len(request.bank_codes),
+            agreement_version=request.agreement_version,
+        )
+        self.queries[query.query_id] = (request.user_id, query)
+        self.by_key[key] = query.query_id
+        return query
+
+    def _own(self, user_id: str, query_id: str) -> common_pb2.Query | None:
+        owner, query = self.queries.get(query_id, (None, None))
+        return query if owner == user_id else None
+
+    async def GetQuery(self, request, context):
+        query = self._own(request.user_id, request.query_id)
+        if query is None:
+            await abort(context, CardCheckError("NOT_FOUND"))
+        return query
+
+    async def ListQueries(self, request, context):
+        mine = [q for owner, q in self.queries.values() if owner == request.user_id]
+        return gateway_pb2.ListQueriesResponse(queries=list(reversed(mine)))
+
+    async def WatchQuery(self, request, context):
+        query = self._own(request.user_id, request.query_id)
+        if query is None:
+            await abort(context, CardCheckError("NOT_FOUND"))
+        yield gateway_pb2.QueryEvent(query=query)
+        done = common_pb2.Query()
+        done.CopyFrom(query)
+        done.status = common_pb2.QUERY_STATUS_READY
+        done.banks_answered = done.banks_total
+        yield gateway_pb2.QueryEvent(
+            query=done,
+            outcome=common_pb2.BankOutcome(bank_code="ICBC", kind=common_pb2.BANK_OUTCOME_KIND_ANSWERED),
+        )
+
+    async def GetReport(self, request, context):
+        self.report_calls.append(request)
+        if self._own(request.user_id, request.query_id) is None:
+            await abort(context, CardCheckError("NOT_FOUND"))
+        return common_pb2.Report(
+            query_id=request.query_id,
+            summary=[common_pb2.BankSummary(bank_code="ICBC", bank_name="中国工商银行", debit_count=1)],
+            notice="请做到不出租、出借、出售银行卡",
+        )
+
+
+# --- the harness ---------------------------------------------------------------------------
+
+
+@dataclass
+class Refusal:
+    reason: str
+    metadata: dict[str, str]
+    violations: dict[str, str]
+    retry_after: timedelta | None
+
+
+def refusal_of(error: grpc.aio.AioRpcError, code: grpc.StatusCode, reason: str) -> Refusal:
+    """Checks the status a refusal must carry (ErrorInfo of our domain, a zh-CN message)."""
+    assert error.code() == code, (error.code(), error.details())
+    status = rpc_status.from_call(error)
+    assert status is not None, "no google.rpc.Status details"
+    info = localized = None
+    violations: dict[str, str] = {}
+    retry_after = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.LocalizedMessage.DESCRIPTOR):
+            localized = error_details_pb2.LocalizedMessage()
+            detail.Unpack(localized)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = {v.field: v.description for v in bad.field_violations}
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToTimedelta()
+    assert info is not None and info.domain == DOMAIN, status
+    assert info.reason == reason, (info.reason, status.message)
+    assert (
+        localized is not None
+        and localized.locale == "zh-CN"
+        and re.search(r"[\u4e00-\u9fff]", localized.message)
+    )
+    return Refusal(info.reason, dict(info.metadata), violations, retry_after)
+
+
+async def refused(call: Awaitable, code: grpc.StatusCode, reason: str) -> Refusal:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return refusal_of(caught.value, code, reason)
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@dataclass
+class Stack:
+    gateway: gateway_pb2_grpc.CardCheckStub
+    notifier: notifier_pb2_grpc.NotifierStub
+    notifier_host: ServiceHost
+    bank: FakeBankConnector
+    reports: FakeReportService
+    clock: ManualClock
+    settings: Settings
+    spans: InMemorySpanExporter
+    client: CardCheckClient
+    channels: list = field(default_factory=list)
+
+    async def code_for(self, phone: str, challenge_id: str | None = None) -> str:
+        """The newest code SMS in the phone's sandbox inbox."""
+        inbox = await self.notifier.ListMessages(notifier_pb2.ListMessagesRequest(phone=phone))
+        codes = [m for m in inbox.messages if m.kind == "SMS_CODE"]
+        assert codes, "no code SMS in the inbox"
+        match = re.search(r"(?<!\d)\d{6}(?!\d)", codes[0].body)
+        assert match is not None, "no 6-digit code in the SMS"
+        return match.group(0)
+
+    async def inbox(self, phone: str) -> list[notifier_pb2.Message]:
+        return list(
+            (await self.notifier.ListMessages(notifier_pb2.ListMessagesRequest(phone=phone))).messages
+        )
+
+    async def challenge(self, purpose: int, phone: str = "", token: str | None = None) -> tuple[str, str]:
+        metadata = bearer(token) if token else ()
+        challenge = await self.gateway.RequestSmsCode(
+            gateway_pb2.RequestSmsCodeRequest(phone=phone, purpose=purpose), metadata=metadata
+        )
+        assert re.fullmatch(r"[0-9a-f]{32}", challenge.challenge_id)
+        assert challenge.expires_in_seconds == 300 and challenge.resend_after_seconds == 60
+        return challenge.challenge_id, await self.code_for(phone) if phone else ""
+
+    def register_request(
+        self, person: Person, challenge_id: str, code: str, **overrides
+    ) -> gateway_pb2.RegisterRequest:
+        values = dict(
+            name=person.name,
+            id_number=person.id_number,
+            phone=person.phone,
+            challenge_id=challenge_id,
+            sms_code=code,
+            card_number=person.card_number,
+            payment_password=PASSWORD,
+            region=person.region,
+        )
+        values.update(overrides)
+        return gateway_pb2.RegisterRequest(**values)
+
+    async def register(self, person: Person, *, enrol: bool = True) -> gateway_pb2.Session:
+        if enrol:
+            self.bank.enrol(person)
+        challenge_id, code = await self.challenge(REGISTER, person.phone)
+        return await self.gateway.Register(self.register_request(person, challenge_id, code))
+
+    async def query_auth(self, person: Person, token: str) -> tuple[str, str]:
+        challenge = await self.gateway.RequestSmsCode(
+            gateway_pb2.RequestSmsCodeRequest(purpose=QUERY_AUTH), metadata=bearer(token)
+        )
+        return challenge.challenge_id, await self.code_for(person.phone)
+
+    async def submit(self, person: Person, token: str, **overrides) -> common_pb2.Query:
+        challenge_id, code = await self.query_auth(person, token)
+        values = dict(
+            agreement_version=CURRENT.version,
+            consent_given=True,
+            challenge_id=challenge_id,
+            sms_code=code,
+            face_token="sandbox:pass",
+        )
+        values.update(overrides)
+        return await self.gateway.SubmitQuery(
+            gateway_pb2.SubmitQueryRequest(**values), metadata=bearer(token)
+        )
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[tuple[int, FakeBankConnector, FakeReportService]]:
+    bank, reports = FakeBankConnector(), FakeReportService()
+    server = grpc.aio.server()
+    bank_connector_pb2_grpc.add_BankConnectorServicer_to_server(bank, server)
+    report_service_pb2_grpc.add_ReportServiceServicer_to_server(reports, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield port, bank, reports
+    await server.stop(0)
+
+
+@pytest.fixture
+async def start_stack(tmp_path: Path, database_url, fakes):
+    """A factory: starts the notifier and a gateway (settings and config overridable)."""
+    fake_port, bank, reports = fakes
+    stacks: list[Stack] = []
+    hosts: list[ServiceHost] = []
+
+    async def start(
+        *, config: GatewayConfig | None = None, bank_connector: str | None = None, **settings_overrides
+    ) -> Stack:
+        clock = ManualClock()
+        addresses = {service: f"127.0.0.1:{port}" for service, port in DEFAULT_PORTS.items()}
+        addresses.update(
+            gateway="127.0.0.1:0",
+            notifier="127.0.0.1:0",
+            report_service=f"127.0.0.1:{fake_port}",
+            bank_connector=bank_connector or f"127.0.0.1:{fake_port}",
+        )
+        settings = Settings(addresses=addresses, data_dir=tmp_path, database_url=database_url)
+        from notifier.app import build as build_notifier
+
+        notifier_host = await build_notifier(
+            settings,
+            clock=clock,
+            tracer_provider=make_tracer_provider("notifier", tmp_path, exporter=InMemorySpanExporter()),
+        )
+        notifier_port = await notifier_host.start()
+        hosts.append(notifier_host)
+        settings = dataclasses.replace(
+            settings, addresses={**addresses, "notifier": f"127.0.0.1:{notifier_port}"}, **settings_overrides
+        )
+        spans = InMemorySpanExporter()
+        host = await build(
+            settings,
+            clock=clock,
+            tracer_provider=make_tracer_provider("gateway", tmp_path, exporter=spans),
+            config=config or GatewayConfig(),
+        )
+        port = await host.start()
+        hosts.append(host)
+        gateway_channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        notifier_channel = grpc.aio.insecure_channel(f"127.0.0.1:{notifier_port}")
+        stack = Stack(
+            gateway=gateway_pb2_grpc.CardCheckStub(gateway_channel),
+            notifier=notifier_pb2_grpc.NotifierStub(notifier_channel),
+            notifier_host=notifier_host,
+            bank=bank,
+            reports=reports,
+            clock=clock,
+            settings=settings,
+            spans=spans,
+            client=CardCheckClient(channel=gateway_channel),
+            channels=[gateway_channel, notifier_channel],
+        )
+        stacks.append(stack)
+        return stack
+
+    yield start
+    for stack in stacks:
+        for channel in stack.channels:
+            await channel.close()
+    for host in reversed(hosts):
+        await host.stop(0)
+
+
+@pytest.fixture
+async def stack(start_stack) -> Stack:
+    return await start_stack()
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+async def test_register_names_every_invalid_field(stack: Stack):
+    request = gateway_pb2.RegisterRequest(
+        name="Bob123",
+        id_number="220102199003071234",  # wrong check digit
+        phone="12345",
+        challenge_id="nope",
+        sms_code="12a456",
+        card_number="6222021000123456780",  # fails Luhn
+        payment_password="12345",
+        region="CN-XX",
+    )
+    refusal = await refused(
+        stack.gateway.Register(request), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"
+    )
+    assert set(refusal.violations) == {
+        "name",
+        "id_number",
+        "phone",
+        "challenge_id",
+        "sms_code",
+        "card_number",
+        "payment_password",
+        "region",
+    }
+    # Empty fields are named too.
+    refusal = await refused(
+        stack.gateway.Register(gateway_pb2.RegisterRequest()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    assert len(refusal.violations) == 8 and set(refusal.violations.values()) == {"required"}
+
+
+@pytest.mark.parametrize(
+    "name, valid",
+    [
+        ("张三", True),
+        ("阿依古丽·买买提", True),
+        ("John Smith", True),
+        ("", False),
+        ("张" * 31, False),
+        ("张三1", False),
+        ("·张三", False),
+        ("张三·", False),
+        ("<script>", False),
+    ],
+)
+def test_name_rule(name: str, valid: bool):
+    from gateway.validation import Violations
+
+    problems = Violations()
+    problems.name(name)
+    assert (not problems.items) == valid
+
+
+async def test_id_number_born_in_the_future_is_invalid(stack: Stack):
+    # Valid check digit, but born after the clock's today (2026-01-05).
+    future = _id_number("22010220270101123")
+    challenge_id, code = await stack.challenge(REGISTER, ALICE.phone)
+    refusal = await refused(
+        stack.gateway.Register(stack.register_request(ALICE, challenge_id, code, id_number=future)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    assert set(refusal.violations) == {"id_number"}
+
+
+async def test_other_rpcs_name_their_invalid_fields(stack: Stack):
+    refusal = await refused(
+        stack.gateway.RequestSmsCode(gateway_pb2.RequestSmsCodeRequest(phone="1381234567")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    assert set(refusal.violations) == {"purpose"}  # the phone is checked once the purpose says it matters
+    refusal = await refused(
+        stack.gateway.RequestSmsCode(gateway_pb2.RequestSmsCodeRequest(phone="1381234567", purpose=SIGN_IN)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    assert set(refusal.violations) == {"phone"}
+    refusal = await refused(
+        stack.gateway.SignIn(gateway_pb2.SignInRequest(phone="x", challenge_id="", sms_code="1")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    assert set(refusal.violations) == {"phone", "challenge_id", "sms_code"}
+
+    session = await stack.register(ALICE)
+    refusal = await refused(
+        stack.gateway.SubmitQuery(
+            gateway_pb2.SubmitQueryRequest(
+                bank_codes=["ICBC", ""],
+                challenge_id="z",
+                sms_code="",
+                face_token="",
+                idempotency_key="has space",
+            ),
+            metadata=bearer(session.session_token),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    assert set(refusal.violations) == {
+        "bank_codes[1]",
+        "challenge_id",
+        "sms_code",
+        "face_token",
+        "idempotency_key",
+    }
+    refusal = await refused(
+        stack.gateway.GetReport(
+            gateway_pb2.GetReportRequest(query_id="", payment_password="abcdef"),
+            metadata=bearer(session.session_token),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    assert set(refusal.violations) == {"query_id", "payment_password"}
+    refusal = await refused(
+        stack.gateway.WatchQuery(
+            gateway_pb2.WatchQueryRequest(query_id="../etc"), metadata=bearer(session.session_token)
+        ).read(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    assert set(refusal.violations) == {"query_id"}
+
+
+async def test_unknown_bank_is_named(stack: Stack):
+    session = await stack.register(ALICE)
+    refusal = await refused(
+        stack.submit(ALICE, session.session_token, bank_codes=["ICBC", "NOSUCHBANK"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNKNOWN_BANK",
+    )
+    assert refusal.metadata["bank_code"] == "NOSUCHBANK"
+    assert stack.reports.created == []
+
+
+# --- the whole flow ----------------------------------------------------------------------------
+
+
+async def test_register_sign_in_submit_watch_and_read_the_report(stack: Stack):
+    client = stack.client
+    banks = await client.list_banks()
+    assert [b.code for b in banks] == list(BANK_CODES)
+    assert {b.code for b in banks if not b.available} == {"GDRCC", "CQFMB"}
+    assert all(b.name for b in banks)
+    agreement = await client.get_agreement()
+    assert agreement.version == CURRENT.version and agreement.title == "一键查卡服务授权协议"
+    assert "7" in agreement.text and "银行" in agreement.text
+
+    stack.bank.enrol(CAROL, "CMB")
+    challenge = await client.request_sms_code("REGISTER", CAROL.phone)
+    code = await stack.code_for(CAROL.phone)
+    registered = await client.register(
+        name=CAROL.name,
+        id_number=CAROL.id_number.lower(),  # the check digit x in lower case is the same ID
+        phone=CAROL.phone,
+        challenge_id=challenge.challenge_id,
+        sms_code=code,
+        card_number=CAROL.card_number,
+        payment_password=PASSWORD,
+        region=CAROL.region,
+    )
+    assert registered.user_id and registered.session_token
+    assert registered.expires_at.ToDatetime().replace(
+        tzinfo=stack.clock.now().tzinfo
+    ) == stack.clock.now() + timedelta(hours=24)
+    verify = stack.bank.verify_calls[-1]
+    assert (verify.card_number, verify.name, verify.id_number, verify.phone) == (
+        CAROL.card_number,
+        CAROL.name,
+        CAROL.id_number,
+        CAROL.phone,
+    )
+
+    # A second device signs in with an SMS code.
+    stack.clock.advance(timedelta(minutes=2))
+    other = CardCheckClient(channel=stack.channels[0])
+    challenge = await other.request_sms_code("SIGN_IN", CAROL.phone)
+    signed_in = await other.sign_in(
+        phone=CAROL.phone, challenge_id=challenge.challenge_id, sms_code=await stack.code_for(CAROL.phone)
+    )
+    assert signed_in.user_id == registered.user_id
+    assert signed_in.session_token != registered.session_token
+
+    challenge = await other.request_sms_code("QUERY_AUTH")  # the registered phone gets it
+    query = await other.submit_query(
+        agreement_version=agreement.version,
+        challenge_id=challenge.challenge_id,
+        sms_code=await stack.code_for(CAROL.phone),
+        face_token="sandbox:pass",
+        idempotency_key="submit-1",
+    )
+    assert query.status == common_pb2.QUERY_STATUS_PENDING
+    created = stack.reports.created[-1]
+    assert created.user_id == registered.user_id
+    assert (created.subject.name, created.subject.id_number, created.subject.phone) == (
+        CAROL.name,
+        CAROL.id_number,
+        CAROL.phone,
+    )
+    # No bank named: every bank bank_connector says is available.
+    assert list(created.bank_codes) == [c for c in BANK_CODES if c not in {"GDRCC", "CQFMB"}]
+    assert created.agreement_version == CURRENT.version and created.idempotency_key == "submit-1"
+
+    receipts = [m for m in await stack.inbox(CAROL.phone) if m.kind == "CONSENT_RECEIPT"]
+    assert len(receipts) == 1 and CURRENT.version in receipts[0].body
+
+    # The same idempotency key returns the same query, without asking report_service again.
+    again = await other.submit_query(
+        agreement_version=agreement.version,
+        challenge_id=challenge.challenge_id,
+        sms_code="000000",
+        face_token="sandbox:pass",
+        idempotency_key="submit-1",
+    )
+    assert again.query_id == query.query_id and len(stack.reports.created) == 1
+
+    events = [event async for event in other.watch_query(query.query_id)]
+    assert [e.query.status for e in events] == [
+        common_pb2.QUERY_STATUS_PENDING,
+        common_pb2.QUERY_STATUS_READY,
+    ]
+    assert [q.query_id for q in await client.list_queries()] == [query.query_id]
+
+    report = await client.get_report(query.query_id, PASSWORD)
+    assert report.query_id == query.query_id and report.summary[0].bank_code == "ICBC"
+    assert stack.reports.report_calls[-1].user_id == registered.user_id
+
+    # Someone else's query is not found.
+    bob = await stack.register(BOB)
+    with pytest.raises(CardCheckError) as caught:
+        await client.get_report(query.query_id, PASSWORD, session_token=bob.session_token)
+    assert caught.value.reason == "NOT_FOUND"
+
+
+async def test_named_banks_are_asked_deduplicated(stack: Stack):
+    session = await stack.register(ALICE)
+    await stack.submit(ALICE, session.session_token, bank_codes=["CMB", "ICBC", "CMB"])
+    assert list(stack.reports.created[-1].bank_codes) == ["CMB", "ICBC"]
+
+
+async def test_without_bank_connector_banks_are_listed_unavailable_and_all_are_asked(
+    start_stack, stack: Stack
+):
+    session = await stack.register(ALICE)
+    down = await start_stack(bank_connector="127.0.0.1:1")
+    response = await down.gateway.ListBanks(gateway_pb2.ListBanksRequest())
+    assert [b.code for b in response.banks] == list(BANK_CODES)
+    assert not any(b.available for b in response.banks)
+    # The same database: ALICE's session works on the second gateway too.
+    await down.submit(ALICE, session.session_token)
+    assert list(stack.reports.created[-1].bank_codes) == list(BANK_CODES)
+
+
+async def test_consent_receipt_failure_does_not_fail_the_query(stack: Stack):
+    session = await stack.register(ALICE)
+    challenge_id, code = await stack.query_auth(ALICE, session.session_token)
+    await stack.notifier_host.stop(0)
+    query = await stack.gateway.SubmitQuery(
+        gateway_pb2.SubmitQueryRequest(
+            agreement_version=CURRENT.version,
+            consent_given=True,
+            challenge_id=challenge_id,
+            sms_code=code,
+            face_token="sandbox:pass",
+        ),
+        metadata=bearer(session.session_token),
+    )
+    assert query.query_id and stack.reports.created[-1].idempotency_key  # one was generated
+
+
+async def test_sms_code_not_sent_is_refused_as_unavailable(stack: Stack):
+    await stack.notifier_host.stop(0)
+    await refused(
+        stack.gateway.RequestSmsCode(gateway_pb2.RequestSmsCodeRequest(phone=ALICE.phone, purpose=REGISTER)),
+        grpc.StatusCode.UNAVAILABLE,
+        "SERVICE_UNAVAILABLE",
+    )
+
+
+# --- SMS challenges --------------------------------------------------------------------------
+
+
+async def test_wrong_expired_and_reused_codes_fail_verification(stack: Stack):
+    stack.bank.enrol(ALICE)
+    challenge_id, code = await stack.challenge(REGISTER, ALICE.phone)
+    wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+    await refused(
+        stack.gateway.Register(stack.register_request(ALICE, challenge_id, wrong)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "VERIFICATION_FAILED",
+    )
+    # The code of one phone does not register another.
+    await refused(
+        stack.gateway.Register(stack.register_request(ALICE, challenge_id, code, phone=BOB.phone)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "VERIFICATION_FAILED",
+    )
+    # Expired after 5 minutes.
+    stack.clock.advance(timedelta(minutes=5))
+    await refused(
+        stack.gateway.Register(stack.register_request(ALICE, challenge_id, code)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "VERIFICATION_FAILED",
+    )
+    # A fresh code works once.
+    challenge_id, code = await stack.challenge(REGISTER, ALICE.phone)
+    stack.clock.advance(timedelta(minutes=4, seconds=59))
+    await stack.gateway.Register(stack.register_request(ALICE, challenge_id, code))
+    await refused(
+        stack.gateway.SignIn(
+            gateway_pb2.SignInRequest(phone=ALICE.phone, challenge_id=challenge_id, sms_code=code)
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "VERIFICATION_FAILED",
+    )  # a REGISTER code is not a SIGN_IN code
+    stack.clock.advance(timedelta(minutes=1))
+    challenge_id, code = await stack.challenge(SIGN_IN, ALICE.phone)
+    request = gateway_pb2.SignInRequest(phone=ALICE.phone, challenge_id=challenge_id, sms_code=code)
+    await stack.gateway.SignIn(request)
+    await refused(stack.gateway.SignIn(request), grpc.StatusCode.PERMISSION_DENIED, "VERIFICATION_FAILED")
+
+
+async def test_five_wrong_tries_kill_a_challenge(stack: Stack):
+    await stack.register(ALICE)
+    challenge_id, code = await stack.challenge(SIGN_IN, ALICE.phone)
+    wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+    for _ in range(5):
+        await refused(
+            stack.gateway.SignIn(
+                gateway_pb2.SignInRequest(phone=ALICE.phone, challenge_id=challenge_id, sms_code=wrong)
+            ),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "VERIFICATION_FAILED",
+        )
+    await refused(
+        stack.gateway.SignIn(
+            gateway_pb2.SignInRequest(phone=ALICE.phone, challenge_id=challenge_id, sms_code=code)
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "VERIFICATION_FAILED",
+    )
+
+
+async def test_four_wrong_tries_leave_the_challenge_alive(stack: Stack):
+    await stack.register(ALICE)
+    challenge_id, code = await stack.challenge(SIGN_IN, ALICE.phone)
+    wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+    for _ in range(4):
+        await refused(
+            stack.gateway.SignIn(
+                gateway_pb2.SignInRequest(phone=ALICE.phone, challenge_id=challenge_id, sms_code=wrong)
+            ),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "VERIFICATION_FAILED",
+        )
+    await stack.gateway.SignIn(
+        gateway_pb2.SignInRequest(phone=ALICE.phone, challenge_id=challenge_id, sms_code=code)
+    )
+
+
+async def test_resend_within_a_minute_is_rate_limited(stack: Stack):
+    request = gateway_pb2.RequestSmsCodeRequest(phone=ALICE.phone, purpose=REGISTER)
+    await stack.gateway.RequestSmsCode(request)
+    stack.clock.advance(timedelta(seconds=20))
+    refusal = await refused(
+        stack.gateway.RequestSmsCode(request), grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"
+    )
+    assert refusal.retry_after == timedelta(seconds=40)
+    # Another purpose, or another phone, is not held back.
+    await stack.gateway.RequestSmsCode(gateway_pb2.RequestSmsCodeRequest(phone=ALICE.phone, purpose=SIGN_IN))
+    await stack.gateway.RequestSmsCode(gateway_pb2.RequestSmsCodeRequest(phone=BOB.phone, purpose=REGISTER))
+    stack.clock.advance(timedelta(seconds=40))
+    await stack.gateway.RequestSmsCode(request)
+    assert len([m for m in await stack.inbox(ALICE.phone) if m.kind == "SMS_CODE"]) == 2
+
+
+async def test_sign_in_code_for_an_unknown_phone_answers_alike_but_sends_nothing(stack: Stack):
+    challenge = await stack.gateway.RequestSmsCode(
+        gateway_pb2.RequestSmsCodeRequest(phone=BOB.phone, purpose=SIGN_IN)
+    )
+    assert re.fullmatch(r"[0-9a-f]{32}", challenge.challenge_id)
+    assert challenge.expires_in_seconds == 300 and challenge.resend_after_seconds == 60
+    assert await stack.inbox(BOB.phone) == []
+    await refused(
+        stack.gateway.SignIn(
+            gateway_pb2.SignInRequest(phone=BOB.phone, challenge_id=challenge.challenge_id, sms_code="123456")
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "VERIFICATION_FAILED",
+    )
+
+
+# --- registration refusals ---------------------------------------------------------------------
+
+
+async def test_one_account_per_id_number_and_per_phone(stack: Stack):
+    await stack.register(ALICE)
+    same_id = dataclasses.replace(ALICE, phone=BOB.phone)
+    same_phone = dataclasses.replace(BOB, phone=ALICE.phone)
+    stack.clock.advance(timedelta(minutes=1))
+    for person in (same_id, same_phone):
+        stack.bank.enrol(person)
+        challenge_id, code = await stack.challenge(REGISTER, person.phone)
+        await refused(
+            stack.gateway.Register(stack.register_request(person, challenge_id, code)),
+            grpc.StatusCode.ALREADY_EXISTS,
+            "ALREADY_REGISTERED",
+        )
+    # The same ID with a lower-case check digit is the same person.
+    carol = await stack.register(CAROL)
+    assert carol.user_id
+    lower = dataclasses.replace(CAROL, id_number=CAROL.id_number.lower(), phone="17700001111")
+    stack.bank.enrol(lower)
+    challenge_id, code = await stack.challenge(REGISTER, lower.phone)
+    await refused(
+        stack.gateway.Register(stack.register_request(lower, challenge_id, code)),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "ALREADY_REGISTERED",
+    )
+
+
+async def test_real_name_check_failure(stack: Stack):
+    stack.bank.enrol(dataclasses.replace(ALICE, phone=BOB.phone))  # the bank holds another reserved phone
+    challenge_id, code = await stack.challenge(REGISTER, ALICE.phone)
+    await refused(
+        stack.gateway.Register(stack.register_request(ALICE, challenge_id, code)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "REAL_NAME_CHECK_FAILED",
+    )
+    assert stack.bank.verify_calls  # the bank was asked
+
+
+async def test_regions(start_stack, stack: Stack):
+    session = await stack.register(ALICE)  # CN-JL, every region enabled
+    restricted = await start_stack(enabled_regions=("CN-BJ", "CN-SH"))
+    restricted.bank.enrol(BOB)
+    challenge_id, code = await restricted.challenge(REGISTER, BOB.phone)
+    refusal = await refused(
+        restricted.gateway.Register(restricted.register_request(BOB, challenge_id, code, region="CN-JL")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "REGION_NOT_SUPPORTED",
+    )
+    assert refusal.metadata["region"] == "CN-JL"
+    # The challenge was not spent on a refusal that needed no code: it still registers BOB in Beijing.
+    await restricted.gateway.Register(restricted.register_request(BOB, challenge_id, code, region="CN-BJ"))
+    # A user registered where the service has since closed cannot query.
+    await refused(
+        restricted.submit(ALICE, session.session_token),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "REGION_NOT_SUPPORTED",
+    )
+
+
+# --- query refusals ----------------------------------------------------------------------------
+
+
+async def test_consent_is_required(stack: Stack):
+    session = await stack.register(ALICE)
+    token = session.session_token
+    refusal = await refused(
+        stack.submit(ALICE, token, consent_given=False),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "CONSENT_REQUIRED",
+    )
+    assert refusal.metadata["agreement_version"] == CURRENT.version
+    stack.clock.advance(timedelta(minutes=1))
+    await refused(
+        stack.submit(ALICE, token, agreement_version="2020-01"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "CONSENT_REQUIRED",
+    )
+    assert stack.reports.created == []
+
+
+async def test_wrong_face_token_fails_verification(stack: Stack):
+    session = await stack.register(ALICE)
+    await refused(
+        stack.submit(ALICE, session.session_token, face_token="sandbox:fail"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "VERIFICATION_FAILED",
+    )
+    assert stack.reports.created == []
+
+
+async def test_query_auth_code_of_another_user_is_refused(stack: Stack):
+    alice = await stack.register(ALICE)
+    bob = await stack.register(BOB)
+    challenge_id, code = await stack.query_auth(ALICE, alice.session_token)
+    await refused(
+        stack.gateway.SubmitQuery(
+            gateway_pb2.SubmitQueryRequest(
+                agreement_version=CURRENT.version,
+                consent_given=True,
+                challenge_id=challenge_id,
+                sms_code=code,
+                face_token="sandbox:pass",
+            ),
+            metadata=bearer(bob.session_token),
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "VERIFICATION_FAILED",
+    )
+
+
+async def test_unauthenticated_calls(stack: Stack):
+    session = await stack.register(ALICE)
+    calls = {
+        "no token": (),
+        "unknown token": bearer("x" * 43),
+        "not bearer": (("authorization", f"Basic {session.session_token}"),),
+    }
+    for metadata in calls.values():
+        await refused(
+            stack.gateway.ListQueries(gateway_pb2.ListQueriesRequest(), metadata=metadata),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "UNAUTHENTICATED",
+        )
+        await refused(
+            stack.gateway.RequestSmsCode(
+                gateway_pb2.RequestSmsCodeRequest(purpose=QUERY_AUTH), metadata=metadata
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "UNAUTHENTICATED",
+        )
+        for call in (
+            stack.gateway.SubmitQuery(gateway_pb2.SubmitQueryRequest(), metadata=metadata),
+            stack.gateway.GetReport(gateway_pb2.GetReportRequest(), metadata=metadata),
+            stack.gateway.WatchQuery(gateway_pb2.WatchQueryRequest(query_id="q1"), metadata=metadata).read(),
+        ):
+            await refused(call, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+    await stack.gateway.ListQueries(gateway_pb2.ListQueriesRequest(), metadata=bearer(session.session_token))
+    # Sessions last 24 hours.
+    stack.clock.advance(timedelta(hours=24))
+    await refused(
+        stack.gateway.ListQueries(gateway_pb2.ListQueriesRequest(), metadata=bearer(session.session_token)),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "UNAUTHENTICATED",
+    )
+
+
+async def test_revoked_session_is_refused(stack: Stack):
+    from cardcheck.runtime.database import Database
+    from gateway.sessions import Sessions
+
+    session = await stack.register(ALICE)
+    db = Database(make_engine(stack.settings.database_url, stack.settings.data_dir, "gateway"))
+    try:
+        await Sessions(db, stack.clock).revoke(session.session_token)
+    finally:
+        db.dispose()
+    await refused(
+        stack.gateway.ListQueries(gateway_pb2.ListQueriesRequest(), metadata=bearer(session.session_token)),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "UNAUTHENTICATED",
+    )
+
+
+async def test_payment_password_is_counted_and_locks(stack: Stack):
+    session = await stack.register(ALICE)
+    token = session.session_token
+    query = await stack.submit(ALICE, token)
+    request = gateway_pb2.GetReportRequest(query_id=query.query_id, payment_password="000000")
+    # A wrong password, then the right one: the count starts again.
+    await refused(
+        stack.gateway.GetReport(request, metadata=bearer(token)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PAYMENT_PASSWORD_INVALID",
+    )
+    right = gateway_pb2.GetReportRequest(query_id=query.query_id, payment_password=PASSWORD)
+    await stack.gateway.GetReport(right, metadata=bearer(token))
+    for attempt in range(1, 5):
+        refusal = await refused(
+            stack.gateway.GetReport(request, metadata=bearer(token)),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "PAYMENT_PASSWORD_INVALID",
+        )
+        assert refusal.metadata["attempts_left"] == str(5 - attempt)
+    refusal = await refused(
+        stack.gateway.GetReport(request, metadata=bearer(token)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PAYMENT_PASSWORD_LOCKED",
+    )
+    assert refusal.retry_after == timedelta(minutes=30)
+    calls = len(stack.reports.report_calls)
+    stack.clock.advance(timedelta(minutes=29))
+    refusal = await refused(
+        stack.gateway.GetReport(right, metadata=bearer(token)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PAYMENT_PASSWORD_LOCKED",
+    )
+    assert refusal.retry_after == timedelta(minutes=1)
+    assert len(stack.reports.report_calls) == calls  # no report while locked
+    stack.clock.advance(timedelta(minutes=1))
+    await stack.gateway.GetReport(right, metadata=bearer(token))
+
+
+# --- load shedding and relayed refusals ---------------------------------------------------------
+
+
+async def test_global_admission_limit_sheds_load(start_stack):
+    stack = await start_stack(config=GatewayConfig(submit_global_rps=0.5, submit_global_burst=1))
+    alice = await stack.register(ALICE)
+    bob = await stack.register(BOB)
+    await stack.submit(ALICE, alice.session_token)
+    refusal = await refused(
+        stack.submit(BOB, bob.session_token), grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVICE_BUSY"
+    )
+    assert refusal.retry_after == timedelta(seconds=2)
+    stack.clock.advance(timedelta(minutes=1))  # and a new code may be asked for
+    await stack.submit(BOB, bob.session_token)
+
+
+async def test_each_user_is_rate_limited_on_submissions(start_stack):
+    stack = await start_stack(config=GatewayConfig(submit_user_per_minute=1, submit_user_burst=2))
+    alice = await stack.register(ALICE)
+    bob = await stack.register(BOB)
+    empty = gateway_pb2.SubmitQueryRequest()
+    # Admission comes before any other check: even refused submissions count.
+    for _ in range(2):
+        await refused(
+            stack.gateway.SubmitQuery(empty, metadata=bearer(alice.session_token)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
+    refusal = await refused(
+        stack.gateway.SubmitQuery(empty, metadata=bearer(alice.session_token)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+    )
+    assert refusal.retry_after == timedelta(minutes=1)
+    # Another user is not held back.
+    await refused(
+        stack.gateway.SubmitQuery(empty, metadata=bearer(bob.session_token)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    stack.clock.advance(timedelta(minutes=1))
+    await stack.submit(ALICE, alice.session_token)
+
+
+async def test_report_service_refusals_are_relayed_unchanged(stack: Stack):
+    session = await stack.register(ALICE)
+    stack.reports.refusal = CardCheckError("QUERY_IN_PROGRESS", metadata={"query_id": "q-pending"})
+    refusal = await refused(
+        stack.submit(ALICE, session.session_token), grpc.StatusCode.ALREADY_EXISTS, "QUERY_IN_PROGRESS"
+    )
+    assert refusal.metadata == {"query_id": "q-pending"}
+    stack.clock.advance(timedelta(minutes=1))
+    stack.reports.refusal = CardCheckError(
+        "COOLDOWN_ACTIVE", metadata={"retry_after": "2026-01-12T09:00:00Z"}, retry_after=timedelta(days=6)
+    )
+    refusal = await refused(
+        stack.submit(ALICE, session.session_token), grpc.StatusCode.FAILED_PRECONDITION, "COOLDOWN_ACTIVE"
+    )
+    assert refusal.metadata["retry_after"] == "2026-01-12T09:00:00Z" and refusal.retry_after == timedelta(
+        days=6
+    )
+    assert [m.kind for m in await stack.inbox(ALICE.phone)].count("CONSENT_RECEIPT") == 0
+
+
+# --- what is kept and what is told -------------------------------------------------------------
+
+
+async def test_storage_spans_and_logs_hold_no_personal_data(stack: Stack, caplog):
+    caplog.set_level("DEBUG")
+    session = await stack.register(ALICE)
+    query = await stack.submit(ALICE, session.session_token)
+    await stack.gateway.GetReport(
+        gateway_pb2.GetReportRequest(query_id=query.query_id, payment_password=PASSWORD),
+        metadata=bearer(session.session_token),
+    )
+    secrets_ = [ALICE.name, ALICE.id_number, ALICE.phone, ALICE.card_number, PASSWORD, session.session_token]
+    codes = [
+        re.search(r"\d{6}", m.body).group(0) for m in await stack.inbox(ALICE.phone) if m.kind == "SMS_CODE"
+    ]
+
+    engine = make_engine(stack.settings.database_url, stack.settings.data_dir, "gateway")
+    try:
+        with engine.connect() as conn:
+            tables = [t for t in inspect(conn).get_table_names() if t.startswith("gw_")]
+            assert {"gw_users", "gw_sms_challenges", "gw_sessions"} <= set(tables)
+            dump = ""
+            for table in tables:
+                for row in conn.execute(text(f"SELECT * FROM {table}")):
+                    dump += " ".join(v.hex() if isinstance(v, bytes) else str(v) for v in row) + "\n"
+    finally:
+        engine.dispose()
+    assert session.user_id in dump  # the rows are there
+    for value in [*secrets_, *codes, ALICE.phone[-8:], ALICE.id_number[:14]]:
+        assert value not in dump
+    assert ALICE.name.encode().hex() not in dump
+
+    span_text = ""
+    for span in stack.spans.get_finished_spans():
+        span_text += span.to_json()
+    assert "CardCheck/SubmitQuery" in span_text
+    for value in [*secrets_, *codes]:
+        assert value not in span_text
+    log_text = caplog.text
+    assert "registered user" in log_text
+    for value in [*secrets_, *codes]:
+        assert value not in log_text
+
+
+def test_refuses_to_start_without_sandbox(tmp_path: Path):
+    env = {
+        **os.environ,
+        "CARDCHECK_SANDBOX": "false",
+        "CARDCHECK_DATA_DIR": str(tmp_path),
+        "CARDCHECK_GATEWAY_ADDR": "127.0.0.1:0",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "face-verification" in result.stderr
+
+
+def test_bad_gateway_settings_fail_fast(tmp_path: Path):
+    from cardcheck.runtime.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="CARDCHECK_SUBMIT_GLOBAL_RPS"):
+        GatewayConfig.from_env({"CARDCHECK_SUBMIT_GLOBAL_RPS": "lots"})
+    with pytest.raises(SettingsError, match="CARDCHECK_PAYMENT_PASSWORD_MAX_ATTEMPTS"):
+        GatewayConfig.from_env({"CARDCHECK_PAYMENT_PASSWORD_MAX_ATTEMPTS": "0"})
+    config = GatewayConfig.from_env(
+        {"CARDCHECK_SUBMIT_GLOBAL_RPS": "5", "CARDCHECK_PAYMENT_PASSWORD_LOCK_MINUTES": "10"}
+    )
+    assert config.submit_global_rps == 5 and config.payment_password_lock == timedelta(minutes=10)
+    env = {**os.environ, "CARDCHECK_SUBMIT_GLOBAL_BURST": "-1", "CARDCHECK_DATA_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and "CARDCHECK_SUBMIT_GLOBAL_BURST" in result.stderr
+
+
+async def test_token_bucket():
+    from gateway.limits import TokenBucketLimiter
+
+    clock = ManualClock()
+    limiter = TokenBucketLimiter(rate=1.0, burst=2, clock=clock)
+    assert await limiter.acquire("a") is None
+    assert await limiter.acquire("a") is None
+    assert await limiter.acquire("a") == timedelta(seconds=1)
+    assert await limiter.acquire("b") is None  # keys are separate
+    clock.advance(timedelta(milliseconds=500))
+    assert await limiter.acquire("a") == timedelta(milliseconds=500)
+    clock.advance(timedelta(milliseconds=500))
+    assert await limiter.acquire("a") is None
+    # Idle buckets are dropped when there are too many keys.
+    small = TokenBucketLimiter(rate=1.0, burst=1, clock=clock, max_keys=2)
+    for key in "xyz":
+        await small.acquire(key)
+        clock.advance(timedelta(seconds=2))
+    assert len(small._buckets) <= 2
