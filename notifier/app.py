@@ -55,7 +55,13 @@ async def build(
 
     return ServiceHost(
         SERVICE,
-        [Registration(notifier_pb2_grpc.add_NotifierServicer_to_server, NotifierServicer(outbox), "cardcheck.v1.Notifier")],
+        [
+            Registration(
+                notifier_pb2_grpc.add_NotifierServicer_to_server,
+                NotifierServicer(outbox),
+                "cardcheck.v1.Notifier",
+            )
+        ],
         settings.bind_address(SERVICE),
         tracer_provider,
         on_stop=[close_db],

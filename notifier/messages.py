@@ -132,7 +132,9 @@ class Outbox:
         self._clock = clock
         self.sandbox = sandbox
 
-    async def send(self, idempotency_key: str, phone: str, kind: str | None, params: Mapping[str, str]) -> Delivery:
+    async def send(
+        self, idempotency_key: str, phone: str, kind: str | None, params: Mapping[str, str]
+    ) -> Delivery:
         validate_send(idempotency_key, phone, kind, params)
         assert kind is not None
         template = self._templates[kind]
@@ -205,7 +207,9 @@ class Outbox:
         try:
             await self._provider.deliver(phone, body)
         except Exception as error:  # the provider's failure is recorded, not raised
-            log.warning("sms %s (%s) to %s failed: %s", message_id, kind, mask_phone(phone), type(error).__name__)
+            log.warning(
+                "sms %s (%s) to %s failed: %s", message_id, kind, mask_phone(phone), type(error).__name__
+            )
             status, delivered_at = FAILED, None
         else:
             log.info("sms %s (%s) delivered to %s", message_id, kind, mask_phone(phone))

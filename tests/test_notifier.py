@@ -100,7 +100,9 @@ async def test_same_idempotency_key_gives_one_message(notifier):
 async def test_report_ready_and_consent_receipt(notifier):
     stub, _ = notifier
     await stub.Send(
-        notifier_pb2.SendRequest(idempotency_key="r", phone=PHONE, kind=notifier_pb2.MESSAGE_KIND_REPORT_READY)
+        notifier_pb2.SendRequest(
+            idempotency_key="r", phone=PHONE, kind=notifier_pb2.MESSAGE_KIND_REPORT_READY
+        )
     )
     await stub.Send(
         notifier_pb2.SendRequest(
@@ -123,7 +125,9 @@ async def test_report_ready_and_consent_receipt(notifier):
         (_code_request("", phone="1381234567"), {"idempotency_key", "phone"}),
         (notifier_pb2.SendRequest(idempotency_key="k", phone=PHONE), {"kind"}),
         (
-            notifier_pb2.SendRequest(idempotency_key="k", phone=PHONE, kind=notifier_pb2.MESSAGE_KIND_SMS_CODE),
+            notifier_pb2.SendRequest(
+                idempotency_key="k", phone=PHONE, kind=notifier_pb2.MESSAGE_KIND_SMS_CODE
+            ),
             {"params[code]", "params[purpose]"},
         ),
         (_code_request("k", code="12ab56", purpose="DANCE"), {"params[code]", "params[purpose]"}),
