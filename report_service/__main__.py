@@ -1,0 +1,3 @@
+from report_service.app import main
+
+main()

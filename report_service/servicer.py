@@ -1,0 +1,156 @@
+"""cardcheck.v1.ReportService over gRPC: protobuf in and out, the rules in QueryStore."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import datetime
+
+from google.protobuf import timestamp_pb2
+from opentelemetry import propagate
+
+from cardcheck.runtime.errors import handles_errors
+from cardcheck.v1 import common_pb2, gateway_pb2, report_service_pb2_grpc
+from report_service.queries import Changes, Query, QueryStore, Subject
+from report_service.reports import BankOutcome, MaskedCard, Report, bank_display_name
+from report_service.worker import QueryWorker
+
+WATCH_POLL_S = 0.1  # the fallback for changes made by another replica
+
+_STATUS = {
+    "PENDING": common_pb2.QUERY_STATUS_PENDING,
+    "READY": common_pb2.QUERY_STATUS_READY,
+    "FAILED": common_pb2.QUERY_STATUS_FAILED,
+    "EXPIRED": common_pb2.QUERY_STATUS_EXPIRED,
+}
+_CARD_TYPE = {"DEBIT": common_pb2.CARD_TYPE_DEBIT, "CREDIT": common_pb2.CARD_TYPE_CREDIT}
+
+
+def _ts(instant: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if instant is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(instant)
+    return stamp
+
+
+def query_pb(query: Query) -> common_pb2.Query:
+    return common_pb2.Query(
+        query_id=query.query_id,
+        status=_STATUS[query.status],
+        bank_codes=list(query.bank_codes),
+        submitted_at=_ts(query.submitted_at),
+        ready_by=_ts(query.ready_by),
+        ready_at=_ts(query.ready_at),
+        expires_at=_ts(query.expires_at),
+        banks_answered=query.banks_answered,
+        banks_total=query.banks_total,
+        agreement_version=query.agreement_version,
+    )
+
+
+def _card_pb(card: MaskedCard) -> common_pb2.MaskedCard:
+    return common_pb2.MaskedCard(
+        bank_code=card.bank_code,
+        bank_name=card.bank_name,
+        card_type=_CARD_TYPE.get(card.card_type, common_pb2.CARD_TYPE_UNSPECIFIED),
+        first4=card.first4,
+        last4=card.last4,
+    )
+
+
+def outcome_pb(outcome: BankOutcome) -> common_pb2.BankOutcome:
+    return common_pb2.BankOutcome(
+        bank_code=outcome.bank_code,
+        kind=common_pb2.BankOutcomeKind.Value("BANK_OUTCOME_KIND_" + outcome.kind),
+        cards=[_card_pb(card) for card in outcome.cards],
+        detail=outcome.detail,
+    )
+
+
+def report_pb(report: Report) -> common_pb2.Report:
+    content = report.content
+    return common_pb2.Report(
+        query_id=report.query_id,
+        generated_at=_ts(report.generated_at),
+        expires_at=_ts(report.expires_at),
+        summary=[
+            common_pb2.BankSummary(
+                bank_code=row.bank_code,
+                bank_name=bank_display_name(row.bank_code),
+                debit_count=row.debit_count,
+                credit_count=row.credit_count,
+            )
+            for row in content.summary
+        ],
+        cards=[_card_pb(card) for card in content.cards],
+        unavailable_banks=[
+            common_pb2.UnavailableBank(bank_code=row.bank_code, reason=row.reason)
+            for row in content.unavailable_banks
+        ],
+        notice=content.notice,
+    )
+
+
+class ReportServiceServicer(report_service_pb2_grpc.ReportServiceServicer):
+    def __init__(self, store: QueryStore, worker: QueryWorker, changes: Changes) -> None:
+        self._store = store
+        self._worker = worker
+        self._changes = changes
+
+    @handles_errors
+    async def CreateQuery(self, request, context):
+        trace_context: dict[str, str] = {}
+        propagate.inject(trace_context)  # the execution joins the trace of this request
+        subject = Subject(request.subject.name, request.subject.id_number, request.subject.phone)
+        query, created = await self._store.create(
+            request.user_id,
+            subject,
+            list(request.bank_codes),
+            request.agreement_version,
+            request.idempotency_key,
+            trace_context,
+        )
+        if created:
+            self._worker.wake()
+        return query_pb(query)
+
+    @handles_errors
+    async def GetQuery(self, request, context):
+        return query_pb(await self._store.get(request.user_id, request.query_id))
+
+    @handles_errors
+    async def ListQueries(self, request, context):
+        queries = await self._store.list(request.user_id) if request.user_id else []
+        return gateway_pb2.ListQueriesResponse(queries=[query_pb(q) for q in queries])
+
+    @handles_errors
+    async def GetReport(self, request, context):
+        return report_pb(await self._store.report(request.user_id, request.query_id))
+
+    @handles_errors
+    async def WatchQuery(self, request, context):
+        changed = self._changes.current()
+        query, outcomes = await self._store.snapshot(request.user_id, request.query_id)
+        yield gateway_pb2.QueryEvent(query=query_pb(query), outcomes=[outcome_pb(o) for o in outcomes])
+        seen = {o.bank_code for o in outcomes}
+        last = query
+        while query.pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), WATCH_POLL_S)
+            changed = self._changes.current()
+            query, outcomes = await self._store.snapshot(request.user_id, request.query_id)
+            so_far = []
+            for outcome in outcomes:
+                so_far.append(outcome_pb(outcome))
+                if outcome.bank_code not in seen:
+                    seen.add(outcome.bank_code)
+                    last = query
+                    yield gateway_pb2.QueryEvent(
+                        query=query_pb(query), outcome=so_far[-1], outcomes=list(so_far)
+                    )
+            if query != last:  # a change with no new outcome, e.g. the query finished
+                last = query
+                yield gateway_pb2.QueryEvent(
+                    query=query_pb(query), outcomes=[outcome_pb(o) for o in outcomes]
+                )
