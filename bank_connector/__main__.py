@@ -1,0 +1,3 @@
+from bank_connector.app import main
+
+main()

@@ -1,0 +1,68 @@
+"""Wiring: one channel per bank address, opened at build and closed on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from bank_connector.connector import BankConnector
+from bank_connector.servicer import BankConnectorServicer
+from cardcheck.banks import BANK_CODES
+from cardcheck.runtime.clock import Clock, SystemClock
+from cardcheck.runtime.logs import setup_logging
+from cardcheck.runtime.server import Registration, ServiceHost, run_until_signalled
+from cardcheck.runtime.settings import Settings, SettingsError
+from cardcheck.runtime.telemetry import make_tracer_provider
+from cardcheck.v1 import bank_connector_pb2_grpc
+
+SERVICE = "bank_connector"
+
+
+def bank_addresses(settings: Settings) -> dict[str, str]:
+    """Where each bank is reached: its own override, else the bank simulator."""
+    return {code: settings.bank_addresses.get(code, settings.addresses["bank_sim"]) for code in BANK_CODES}
+
+
+async def build(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> ServiceHost:
+    tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
+    connector = BankConnector(
+        bank_addresses(settings),
+        tracer_provider=tracer_provider,
+        clock=clock or SystemClock(),
+        default_timeout_s=settings.per_bank_timeout_s,
+    )
+    return ServiceHost(
+        SERVICE,
+        [
+            Registration(
+                bank_connector_pb2_grpc.add_BankConnectorServicer_to_server,
+                BankConnectorServicer(connector),
+                "cardcheck.v1.BankConnector",
+            )
+        ],
+        settings.bind_address(SERVICE),
+        tracer_provider,
+        on_stop=[connector.close],
+    )
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"{SERVICE}: {error}", file=sys.stderr)
+        sys.exit(2)
+    setup_logging(SERVICE, settings.log_level)
+
+    async def serve() -> None:
+        host = await build(settings)
+        await run_until_signalled(host, settings.shutdown_grace_s)
+
+    asyncio.run(serve())
