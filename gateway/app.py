@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sys
 
 from opentelemetry.sdk.trace import TracerProvider
@@ -27,6 +29,7 @@ from gateway.sessions import SessionRow, Sessions
 from gateway.users import UserRow, Users
 
 SERVICE = "gateway"
+log = logging.getLogger(__name__)
 
 
 async def build(
@@ -57,6 +60,8 @@ async def build(
         for name in ("report_service", "bank_connector", "notifier")
     }
     timeout = config.downstream_timeout_s
+    sessions = Sessions(db, clock, config.session_ttl)
+    challenges = Challenges(db, keyring, clock)
     gateway = Gateway(
         settings=settings,
         config=config,
@@ -69,8 +74,8 @@ async def build(
             max_password_attempts=config.payment_password_max_attempts,
             password_lock=config.payment_password_lock,
         ),
-        sessions=Sessions(db, clock, config.session_ttl),
-        challenges=Challenges(db, keyring, clock),
+        sessions=sessions,
+        challenges=challenges,
         face=face,
         banks=BankDirectory(channels["bank_connector"], timeout),
         reports=ReportDesk(channels["report_service"], timeout),
@@ -81,7 +86,12 @@ async def build(
         or TokenBucketLimiter(config.submit_user_per_minute / 60.0, config.submit_user_burst, clock),
     )
 
+    housekeeping = asyncio.create_task(_housekeeping(challenges, sessions), name="gateway-housekeeping")
+
     async def close() -> None:
+        housekeeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await housekeeping
         for channel in channels.values():
             await channel.close()
         db.dispose()
@@ -99,6 +109,17 @@ async def build(
         tracer_provider,
         on_stop=[close],
     )
+
+
+async def _housekeeping(challenges: Challenges, sessions: Sessions, every_s: float = 3600.0) -> None:
+    """Deletes spent challenges and expired sessions now and then."""
+    while True:
+        try:
+            await challenges.purge_expired()
+            await sessions.purge_expired()
+        except Exception:
+            log.exception("gateway housekeeping failed; trying again later")
+        await asyncio.sleep(every_s)
 
 
 async def _serve() -> None:

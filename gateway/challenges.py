@@ -160,13 +160,17 @@ class Challenges:
             raise _verification_failed(why)
 
     async def purge_expired(self, older_than: timedelta = timedelta(days=1)) -> int:
-        """Deletes challenges long past their expiry (housekeeping)."""
+        """Deletes challenges and resend marks long past use (housekeeping)."""
         cutoff = self._clock.now() - older_than
 
         def work(session: Session) -> int:
             rows = session.exec(select(ChallengeRow).where(ChallengeRow.expires_at < cutoff)).all()
             for row in rows:
                 session.delete(row)
+            for mark in session.exec(
+                select(SmsThrottleRow).where(SmsThrottleRow.last_sent_at < cutoff)
+            ).all():
+                session.delete(mark)
             return len(rows)
 
         return await self._db.run(work)

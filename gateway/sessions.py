@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import Column, DateTime
-from sqlmodel import Field, Session, SQLModel
+from sqlmodel import Field, Session, SQLModel, select
 
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database
@@ -80,6 +80,17 @@ class Sessions:
                 session.add(row)
 
         await self._db.run(work)
+
+    async def purge_expired(self, older_than: timedelta = timedelta(days=1)) -> int:
+        cutoff = self._clock.now() - older_than
+
+        def work(session: Session) -> int:
+            rows = session.exec(select(SessionRow).where(SessionRow.expires_at < cutoff)).all()
+            for row in rows:
+                session.delete(row)
+            return len(rows)
+
+        return await self._db.run(work)
 
 
 def bearer_token(authorization: str | None) -> str | None:

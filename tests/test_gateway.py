@@ -4,6 +4,7 @@ bank_connector defined here."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import re
@@ -1094,6 +1095,10 @@ async def test_storage_spans_and_logs_hold_no_personal_data(stack: Stack, caplog
     for span in stack.spans.get_finished_spans():
         span_text += span.to_json()
     assert "CardCheck/SubmitQuery" in span_text
+    assert (
+        '"cardcheck.query.bank_count": 22' in span_text
+        and '"cardcheck.sms.purpose": "QUERY_AUTH"' in span_text
+    )
     for value in [*secrets_, *codes]:
         assert value not in span_text
     log_text = caplog.text
@@ -1153,3 +1158,80 @@ async def test_token_bucket():
         await small.acquire(key)
         clock.advance(timedelta(seconds=2))
     assert len(small._buckets) <= 2
+
+
+async def test_process_serves_health_and_reflection_and_stops_on_sigterm(tmp_path: Path):
+    import signal
+    import socket
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "CARDCHECK_DATA_DIR": str(tmp_path), "CARDCHECK_GATEWAY_ADDR": f"127.0.0.1:{port}"}
+    env.pop("CARDCHECK_DATABASE_URL", None)
+    stderr = (tmp_path / "gateway.stderr").open("w")
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", env=env, stderr=stderr)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    answer = await health.Check(
+                        health_pb2.HealthCheckRequest(service="cardcheck.v1.CardCheck"), timeout=1
+                    )
+                    break
+                except grpc.aio.AioRpcError:
+                    assert process.returncode is None and time.monotonic() < deadline, (
+                        "gateway did not come up"
+                    )
+                    await asyncio.sleep(0.1)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            responses = reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            services = [s.name async for r in responses for s in r.list_services_response.service]
+            assert "cardcheck.v1.CardCheck" in services
+            # GetAgreement needs no other service.
+            agreement = await gateway_pb2_grpc.CardCheckStub(channel).GetAgreement(
+                gateway_pb2.GetAgreementRequest()
+            )
+            assert agreement.version == CURRENT.version
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        stderr.close()
+    assert "gateway stopped" in (tmp_path / "gateway.stderr").read_text()
+
+
+async def test_housekeeping_deletes_spent_challenges_and_expired_sessions(stack: Stack):
+    from cardcheck.runtime.database import Database
+    from cardcheck.runtime.keys import Keyring, load_master_key
+    from gateway.challenges import Challenges
+    from gateway.sessions import Sessions
+
+    await stack.register(ALICE)
+    db = Database(make_engine(stack.settings.database_url, stack.settings.data_dir, "gateway"))
+    try:
+        challenges = Challenges(db, Keyring(load_master_key(None, stack.settings.data_dir)), stack.clock)
+        sessions = Sessions(db, stack.clock)
+        assert await challenges.purge_expired() == 0 and await sessions.purge_expired() == 0
+        stack.clock.advance(timedelta(days=2, minutes=5))
+        assert await challenges.purge_expired() == 1
+        assert await sessions.purge_expired() == 1
+        with db.session() as session:
+            counts = [
+                session.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one()
+                for t in ("gw_sms_challenges", "gw_sms_throttle", "gw_sessions", "gw_users")
+            ]
+        assert counts == [0, 0, 0, 1]
+    finally:
+        db.dispose()
