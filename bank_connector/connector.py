@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 AVAILABILITY_TTL = timedelta(seconds=3)  # how long one reachability check of an address holds
 AVAILABILITY_TIMEOUT_S = 0.5
 MIN_TIMEOUT_S = 0.001
-CALLER_MARGIN_S = 0.1  # kept back from the caller's deadline to deliver the outcomes
+CALLER_MARGIN_S = 0.25  # at most this much is kept back from the caller's deadline to deliver the outcomes
 
 
 class OutcomeKind(enum.Enum):
@@ -71,7 +71,7 @@ def call_timeout(per_bank_timeout_ms: int, default_s: float, caller_remaining_s:
     before the caller's own deadline so that a late bank's TIMED_OUT still reaches the caller."""
     timeout = per_bank_timeout_ms / 1000 if per_bank_timeout_ms > 0 else default_s
     if caller_remaining_s is not None:
-        margin = min(CALLER_MARGIN_S, caller_remaining_s / 10)
+        margin = min(CALLER_MARGIN_S, caller_remaining_s / 5)
         timeout = min(timeout, caller_remaining_s - margin)
     return max(timeout, MIN_TIMEOUT_S)
 
