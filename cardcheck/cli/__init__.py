@@ -1,0 +1,1 @@
+"""The `cardcheck` command: run the mesh locally, walk through the user journey."""

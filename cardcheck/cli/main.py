@@ -1,0 +1,52 @@
+"""`cardcheck up`, `cardcheck demo` and `cardcheck dataset`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cardcheck", description="One-click bank card check, locally.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start all five services on loopback until Ctrl-C")
+    up.add_argument("--dataset", type=Path, help="bank dataset (cardcheck-bank-dataset/1 JSON Lines)")
+    up.add_argument("--data-dir", type=Path, help="overrides CARDCHECK_DATA_DIR (default ./var)")
+    up.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for SERVING")
+
+    demo = commands.add_parser("demo", help="run the whole user journey against a running mesh")
+    demo.add_argument("--dataset", type=Path, help="the dataset bank_sim serves (default: the generated one)")
+    demo.add_argument("--payment-password", default="135790")
+
+    dataset = commands.add_parser("dataset", help="write a synthetic bank dataset")
+    dataset.add_argument("--seed", type=int)
+    dataset.add_argument("--people", type=int)
+    dataset.add_argument("-o", "--output", type=Path, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "up":
+        from cardcheck.cli.up import run_up
+
+        sys.exit(asyncio.run(run_up(args.dataset, args.data_dir, args.ready_timeout)))
+    if args.command == "demo":
+        from cardcheck.cli.demo import run_demo
+
+        sys.exit(asyncio.run(run_demo(args.dataset, args.payment_password)))
+    if args.command == "dataset":
+        from cardcheck import dataset
+
+        seed = dataset.DEFAULT_SEED if args.seed is None else args.seed
+        people = dataset.DEFAULT_PEOPLE if args.people is None else args.people
+        records = dataset.generate(seed, people)
+        dataset.dump(records, args.output)
+        print(f"wrote {len(records)} cards of {people} people (seed {seed}) to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""`cardcheck up`: the five services as real processes on loopback, on the embedded default.
+
+Children run in their own session so that Ctrl-C reaches only this supervisor, which then stops
+them in order (the public edge first, the banks last). Each child also gets SIGTERM if the
+supervisor itself dies, so nothing is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cardcheck.runtime.settings import Settings, SettingsError
+
+START_ORDER = ("bank_sim", "bank_connector", "notifier", "report_service", "gateway")
+STOP_ORDER = tuple(reversed(START_ORDER))
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: asyncio.subprocess.Process | None = None
+    pump: asyncio.Task | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _say(message: str) -> None:
+    print(f"cardcheck up: {message}", flush=True)
+
+
+async def _pump(child: Child, width: int) -> None:
+    assert child.process is not None and child.process.stdout is not None
+    prefix = f"{child.name:<{width}} | "
+    async for raw in child.process.stdout:
+        sys.stdout.write(prefix + raw.decode("utf-8", "replace"))
+        sys.stdout.flush()
+
+
+async def _wait_serving(name: str, address: str, deadline: float) -> None:
+    loop = asyncio.get_running_loop()
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if loop.time() > deadline:
+                raise TimeoutError(f"{name} not SERVING on {address}")
+            await asyncio.sleep(0.1)
+
+
+async def _stop(child: Child, grace: float) -> int | None:
+    process = child.process
+    if process is None:
+        return None
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), grace)
+        except TimeoutError:
+            _say(f"{child.name} did not stop within {grace:.0f}s; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+    if child.pump is not None:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(child.pump, 2)
+    return process.returncode
+
+
+async def run_up(dataset: Path | None, data_dir: Path | None, ready_timeout: float) -> int:
+    env = dict(os.environ)
+    if data_dir is not None:
+        env["CARDCHECK_DATA_DIR"] = str(data_dir)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        settings = Settings.from_env(env)
+    except SettingsError as error:
+        _say(f"bad configuration: {error}")
+        return 2
+    if dataset is not None and not dataset.is_file():
+        _say(f"no dataset at {dataset}")
+        return 2
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    children = {name: Child(name, [sys.executable, "-m", name]) for name in START_ORDER}
+    if dataset is not None:
+        children["bank_sim"].argv += ["--dataset", str(dataset.resolve())]
+    width = max(map(len, START_ORDER))
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop_requested.set)
+
+    died: list[Child] = []
+
+    async def watch(child: Child) -> None:
+        assert child.process is not None
+        await child.process.wait()
+        child.exited.set()
+        if not stop_requested.is_set():
+            died.append(child)
+            stop_requested.set()
+
+    watchers = []
+    for child in children.values():
+        child.process = await asyncio.create_subprocess_exec(
+            *child.argv,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        child.pump = asyncio.create_task(_pump(child, width))
+        watchers.append(asyncio.create_task(watch(child)))
+
+    deadline = loop.time() + ready_timeout
+    ready = asyncio.gather(*(_wait_serving(n, settings.addresses[n], deadline) for n in START_ORDER))
+    stop_wait = asyncio.create_task(stop_requested.wait())
+    done, _ = await asyncio.wait({ready, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if ready in done and ready.exception() is not None:
+        _say(f"{ready.exception()}; stopping everything")
+        exit_code = 1
+    elif ready in done:
+        _say(
+            "all five services SERVING; gateway at "
+            f"{settings.addresses['gateway']}, data in {settings.data_dir} (Ctrl-C stops them)"
+        )
+        await stop_wait
+    else:
+        ready.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await ready
+
+    for child in died:
+        _say(f"{child.name} exited unexpectedly with code {child.process.returncode}; stopping the others")
+        exit_code = 1
+    grace = settings.shutdown_grace_s + 5
+    for name in STOP_ORDER:
+        code = await _stop(children[name], grace)
+        if children[name] not in died and code not in (0, None):
+            _say(f"{name} stopped with exit code {code}")
+            exit_code = exit_code or 1
+    for task in watchers:
+        task.cancel()
+    stop_wait.cancel()
+    _say("stopped" if exit_code == 0 else f"stopped with exit code {exit_code}")
+    return exit_code
