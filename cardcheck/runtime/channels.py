@@ -15,6 +15,14 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(address: str, provider: TracerProvider | None = None) -> grpc.aio.Channel:
-    interceptors = client_interceptors(provider) if provider is not None else None
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+def open_channel(
+    address: str,
+    provider: TracerProvider | None = None,
+    *,
+    options: list[tuple[str, object]] | None = None,
+    request_hook=None,
+) -> grpc.aio.Channel:
+    """`options` are added to (and override) the defaults, e.g. a shorter reconnect backoff."""
+    interceptors = client_interceptors(provider, request_hook) if provider is not None else None
+    merged = dict(CHANNEL_OPTIONS) | dict(options or ())
+    return grpc.aio.insecure_channel(address, options=list(merged.items()), interceptors=interceptors)

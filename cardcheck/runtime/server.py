@@ -34,6 +34,10 @@ class Registration:
     service_name: str  # full proto name, e.g. cardcheck.v1.CardCheck
 
 
+class StartupError(RuntimeError):
+    """The service cannot start (e.g. its port is taken): said in one line, exit code 2."""
+
+
 class ServiceHost:
     """Hosts one process's gRPC services. `start()` returns the bound port (0 picks one)."""
 
@@ -71,9 +75,12 @@ class ServiceHost:
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,
         )
-        self.port = self.server.add_insecure_port(self._bind_address)
+        try:
+            self.port = self.server.add_insecure_port(self._bind_address)
+        except RuntimeError:
+            self.port = 0
         if not self.port:
-            raise RuntimeError(f"{self.name} could not bind {self._bind_address}")
+            raise StartupError(f"{self.name} could not bind {self._bind_address} (is the port in use?)")
         await self.server.start()
         for service_name in ["", *names]:
             await self.health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
@@ -101,7 +108,12 @@ async def run_until_signalled(host: ServiceHost, grace: float) -> None:
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    await host.start()
+    try:
+        await host.start()
+    except StartupError as error:
+        log.error("%s", error)
+        await host.stop(0)
+        raise SystemExit(2) from None
     await stop_requested.wait()
     log.info("%s: stop requested, finishing in-flight calls", host.name)
     await host.stop(grace)

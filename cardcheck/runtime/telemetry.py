@@ -81,5 +81,6 @@ def server_interceptors(provider: TracerProvider) -> list:
     return [aio_server_interceptor(tracer_provider=provider, filter_=_not_health)]
 
 
-def client_interceptors(provider: TracerProvider) -> list:
-    return aio_client_interceptors(tracer_provider=provider, filter_=_not_health)
+def client_interceptors(provider: TracerProvider, request_hook=None) -> list:
+    """`request_hook(span, request)` may add cardcheck.* attributes to each client span."""
+    return aio_client_interceptors(tracer_provider=provider, filter_=_not_health, request_hook=request_hook)

@@ -1,0 +1,34 @@
+"""`python -m bench [NAME ...]`: runs the named benchmarks (all when none is named).
+
+Each benchmark is a module bench/NAME.py with `main(argv: list[str]) -> int` that prints its
+figures. Figures that targets are judged by are ratios against a reference measured in the
+same run, since these machines are shared and noisy."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_"))
+
+
+def main(argv: list[str]) -> int:
+    names = [a for a in argv if not a.startswith("-")] or available()
+    unknown = [n for n in names if n not in available()]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available())}", file=sys.stderr)
+        return 2
+    status = 0
+    for name in names:
+        print(f"\n== bench {name} ==", flush=True)
+        module = importlib.import_module(f"bench.{name}")
+        status |= module.main([a for a in argv if a.startswith("-")])
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
