@@ -1,83 +1,232 @@
-"""Wiring: load (or generate) the dataset, serve IssuingBank for every bank on one port."""
+"""Wiring: load (or generate) the dataset, serve IssuingBank for every bank on one port (and, when
+asked, each bank on a port of its own too), and BankSimControl to change how the banks behave.
+
+Start-time behaviour comes from the command line, else the environment:
+  --bank-latency-ms N   / CARDCHECK_BANK_LATENCY_MS     a fixed latency on every bank
+  --profile FILE        / CARDCHECK_BANK_PROFILE        JSON: {"default": {...}, "banks": {"ICBC": {...}}}
+  --port-per-bank BASE  / CARDCHECK_BANK_SIM_PORT_PER_BANK
+                        bank number i of API.md's list (0-based) also listens on BASE + i
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
-from bank_sim.issuers import BankBehaviour, Issuers, default_behaviours
-from bank_sim.servicer import IssuingBankServicer
+from bank_sim.behaviour import BankFloor, Behaviour, BehaviourError, load_profile, starting_behaviours
+from bank_sim.issuers import Issuers
+from bank_sim.servicer import BankSimControlServicer, IssuingBankServicer
 from cardcheck import dataset
+from cardcheck.banks import BANK_CODES
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.logs import setup_logging
-from cardcheck.runtime.server import Registration, ServiceHost, run_until_signalled
+from cardcheck.runtime.server import (
+    SERVER_OPTIONS,
+    Registration,
+    ServiceHost,
+    StartupError,
+    run_until_signalled,
+)
 from cardcheck.runtime.settings import Settings, SettingsError
-from cardcheck.runtime.telemetry import make_tracer_provider
+from cardcheck.runtime.telemetry import make_tracer_provider, server_interceptors
 from cardcheck.v1 import bank_pb2_grpc
 
 SERVICE = "bank_sim"
+ENV_LATENCY = "CARDCHECK_BANK_LATENCY_MS"
+ENV_PROFILE = "CARDCHECK_BANK_PROFILE"
+ENV_PORT_PER_BANK = "CARDCHECK_BANK_SIM_PORT_PER_BANK"
 log = logging.getLogger(__name__)
+
+
+class BankPort:
+    """One bank alone on its own port: a plain server with IssuingBank and health."""
+
+    def __init__(self, bank_code: str, servicer: IssuingBankServicer, bind_address: str, provider: TracerProvider):
+        self.bank_code = bank_code
+        self._bind_address = bind_address
+        self._server = grpc.aio.server(interceptors=server_interceptors(provider), options=SERVER_OPTIONS)
+        bank_pb2_grpc.add_IssuingBankServicer_to_server(servicer, self._server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self.address = ""
+
+    async def start(self) -> None:
+        try:
+            port = self._server.add_insecure_port(self._bind_address)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise StartupError(f"{SERVICE} could not bind {self._bind_address} for {self.bank_code} (is the port in use?)")
+        await self._server.start()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.address = f"{self._bind_address.rpartition(':')[0]}:{port}"
+
+    async def stop(self, grace: float) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+
+
+class BankSimHost(ServiceHost):
+    """The main server (every bank, and the control service) plus a port per bank if asked."""
+
+    def __init__(self, *args, bank_ports: Sequence[BankPort] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.bank_ports = list(bank_ports)
+
+    def bank_addresses(self) -> dict[str, str]:
+        return {port.bank_code: port.address for port in self.bank_ports if port.address}
+
+    async def start(self) -> int:
+        port = await super().start()
+        for bank_port in self.bank_ports:
+            await bank_port.start()
+        if self.bank_ports:
+            log.info("%s: each bank also on its own port, %s", SERVICE, self.bank_ports[0].address + " onwards")
+        return port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await asyncio.gather(*(bank_port.stop(grace) for bank_port in self.bank_ports))
+        await super().stop(grace)
 
 
 async def build(
     settings: Settings,
     *,
     records: Sequence[dataset.CardRecord] | None = None,
+    issuers: Issuers | None = None,
     dataset_path: str | Path | None = None,
     clock: Clock | None = None,
     tracer_provider: TracerProvider | None = None,
-    behaviours: Mapping[str, BankBehaviour] | None = None,
-) -> ServiceHost:
-    """The simulator, not started. Cards come from `records`, else the file at `dataset_path`
-    (DatasetError if it is malformed), else the default generated population."""
-    if records is None:
-        if dataset_path is not None:
-            records = dataset.load(dataset_path)
-        else:
-            records = dataset.generate(dataset.DEFAULT_SEED, dataset.DEFAULT_PEOPLE)
-    issuers = Issuers(records)
+    behaviours: Mapping[str, Behaviour] | None = None,
+    port_per_bank: int | None = None,
+    seed: int = 0,
+) -> BankSimHost:
+    """The simulator, not started. Cards come from `issuers`, else `records`, else the file at
+    `dataset_path` (DatasetError if it is malformed), else the default generated population.
+    With `port_per_bank` set, bank i also listens on port_per_bank + i (0: any free port each)."""
+    if issuers is None:
+        if records is None:
+            if dataset_path is not None:
+                issuers = Issuers.from_file(dataset_path)
+            else:
+                records = dataset.generate(dataset.DEFAULT_SEED, dataset.DEFAULT_PEOPLE)
+        if issuers is None:
+            issuers = Issuers(records)
     log.info("%s holds %d cards", SERVICE, len(issuers))
-    servicer = IssuingBankServicer(
-        issuers, clock or SystemClock(), behaviours if behaviours is not None else default_behaviours()
-    )
-    return ServiceHost(
+    clock = clock or SystemClock()
+    floor = BankFloor(behaviours if behaviours is not None else starting_behaviours(), seed=seed)
+    tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
+    bank_ports = []
+    if port_per_bank is not None:
+        for index, code in enumerate(BANK_CODES):
+            port = port_per_bank + index if port_per_bank else 0
+            servicer = IssuingBankServicer(issuers, clock, floor, only_bank=code)
+            bank_ports.append(BankPort(code, servicer, f"{settings.bind_host}:{port}", tracer_provider))
+    host: BankSimHost
+
+    def addresses() -> dict[str, str]:
+        return host.bank_addresses()
+
+    host = BankSimHost(
         SERVICE,
-        [Registration(bank_pb2_grpc.add_IssuingBankServicer_to_server, servicer, "cardcheck.v1.IssuingBank")],
+        [
+            Registration(
+                bank_pb2_grpc.add_IssuingBankServicer_to_server,
+                IssuingBankServicer(issuers, clock, floor),
+                "cardcheck.v1.IssuingBank",
+            ),
+            Registration(
+                bank_pb2_grpc.add_BankSimControlServicer_to_server,
+                BankSimControlServicer(floor, addresses),
+                "cardcheck.v1.BankSimControl",
+            ),
+        ],
         settings.bind_address(SERVICE),
-        tracer_provider or make_tracer_provider(SERVICE, settings.data_dir),
+        tracer_provider,
+        bank_ports=bank_ports,
     )
+    return host
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bank_sim", description="The 24 banks, simulated.")
+    parser = argparse.ArgumentParser(
+        prog="python -m bank_sim", description="The 24 banks, simulated.",
+        epilog=f"Environment: {ENV_LATENCY}, {ENV_PROFILE}, {ENV_PORT_PER_BANK} (the options win).",
+    )
     parser.add_argument("--dataset", type=Path, help=f"a {dataset.FORMAT_NAME} file")
     parser.add_argument("--seed", type=int, help=f"generate the cards from this seed (default {dataset.DEFAULT_SEED})")
     parser.add_argument("--people", type=int, help=f"how many people to generate (default {dataset.DEFAULT_PEOPLE})")
+    parser.add_argument("--bank-latency-ms", type=float, help="a fixed latency on every bank's answers")
+    parser.add_argument("--profile", type=Path, help="a bank behaviour profile (JSON)")
+    parser.add_argument("--port-per-bank", type=int, metavar="BASE",
+                        help="also serve bank i (API.md order, from 0) alone on port BASE + i")
+    parser.add_argument("--behaviour-seed", type=int, default=0, help="seed of the random faults and latencies")
     args = parser.parse_args(argv)
     if args.dataset is not None and (args.seed is not None or args.people is not None):
         parser.error("--dataset and --seed/--people exclude each other")
     if args.people is not None and args.people < 1:
         parser.error("--people must be at least 1")
+    if args.bank_latency_ms is not None and not 0 <= args.bank_latency_ms < 3_600_000:
+        parser.error("--bank-latency-ms must be between 0 and an hour")
+    if args.port_per_bank is not None and not 0 < args.port_per_bank <= 65535 - len(BANK_CODES):
+        parser.error(f"--port-per-bank must be a port from 1 to {65535 - len(BANK_CODES)}")
     return args
+
+
+def start_options(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[dict[str, Behaviour], int | None]:
+    """The banks' starting behaviours and the per-bank base port, from the options, else the
+    environment. SettingsError names what is wrong."""
+    latency = args.bank_latency_ms
+    if latency is None and env.get(ENV_LATENCY):
+        try:
+            latency = float(env[ENV_LATENCY])
+        except ValueError:
+            raise SettingsError(f"{ENV_LATENCY}={env[ENV_LATENCY]!r} is not a number") from None
+        if not 0 <= latency < 3_600_000:
+            raise SettingsError(f"{ENV_LATENCY}={env[ENV_LATENCY]!r} must be between 0 and an hour")
+    profile_path = args.profile or (Path(env[ENV_PROFILE]) if env.get(ENV_PROFILE) else None)
+    profile = None
+    if profile_path is not None:
+        try:
+            profile = load_profile(profile_path)
+        except OSError as error:
+            raise SettingsError(f"profile {profile_path} unreadable: {error.strerror or error}") from None
+        except BehaviourError as error:
+            raise SettingsError(f"profile {profile_path}: {error}") from None
+    try:
+        behaviours = starting_behaviours(latency, profile)
+    except BehaviourError as error:
+        raise SettingsError(f"profile {profile_path}: {error}") from None
+    base = args.port_per_bank
+    if base is None and env.get(ENV_PORT_PER_BANK):
+        raw = env[ENV_PORT_PER_BANK]
+        if not raw.isdigit() or not 0 < int(raw) <= 65535 - len(BANK_CODES):
+            raise SettingsError(f"{ENV_PORT_PER_BANK}={raw!r} is not a port from 1 to {65535 - len(BANK_CODES)}")
+        base = int(raw)
+    return behaviours, base
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _arguments(argv)
     try:
         settings = Settings.from_env()
+        behaviours, port_per_bank = start_options(args, os.environ)
     except SettingsError as error:
         print(f"{SERVICE}: {error}", file=sys.stderr)
         sys.exit(2)
     setup_logging(SERVICE, settings.log_level)
     if args.dataset is not None:
         try:
-            records = dataset.load(args.dataset)
+            issuers = Issuers.from_file(args.dataset)
         except dataset.DatasetError as error:
             log.error("dataset %s refused: %s", args.dataset, error)
             sys.exit(2)
@@ -85,13 +234,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             log.error("dataset %s unreadable: %s", args.dataset, error.strerror or error)
             sys.exit(2)
     else:
-        records = dataset.generate(
-            dataset.DEFAULT_SEED if args.seed is None else args.seed,
-            dataset.DEFAULT_PEOPLE if args.people is None else args.people,
+        issuers = Issuers(
+            dataset.generate(
+                dataset.DEFAULT_SEED if args.seed is None else args.seed,
+                dataset.DEFAULT_PEOPLE if args.people is None else args.people,
+            )
         )
 
     async def serve() -> None:
-        host = await build(settings, records=records)
+        host = await build(
+            settings, issuers=issuers, behaviours=behaviours, port_per_bank=port_per_bank, seed=args.behaviour_seed
+        )
         await run_until_signalled(host, settings.shutdown_grace_s)
 
     asyncio.run(serve())

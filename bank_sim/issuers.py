@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from cardcheck.banks import BANK_CODES
-from cardcheck.dataset import CardRecord
+from cardcheck.dataset import CardRecord, iter_records
 
 try:
     BANK_TIME_ZONE: timezone | ZoneInfo = ZoneInfo("Asia/Shanghai")
@@ -39,22 +38,6 @@ class Verification:
     confirmed: bool  # and the name, ID and reserved phone all match
 
 
-@dataclass
-class BankBehaviour:
-    """How one simulated bank behaves beyond its data; applied before every answer.
-    Only a fixed latency for now (0 = answer at once)."""
-
-    latency_s: float = 0.0
-
-    async def before_answer(self) -> None:
-        if self.latency_s > 0:
-            await asyncio.sleep(self.latency_s)
-
-
-def default_behaviours() -> dict[str, BankBehaviour]:
-    return {code: BankBehaviour() for code in BANK_CODES}
-
-
 class Issuers:
     """The cards of every bank, indexed by (bank, ID number) and by (bank, card number)."""
 
@@ -64,6 +47,12 @@ class Issuers:
         for record in records:
             self._by_person.setdefault((record.bank, record.id_number.upper()), []).append(record)
             self._by_pan[(record.bank, record.pan)] = record
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Issuers:
+        """Loads and validates a dataset file line by line (DatasetError, OSError)."""
+        with Path(path).open("rb") as stream:
+            return cls(iter_records(stream))
 
     def __len__(self) -> int:
         return len(self._by_pan)
@@ -85,7 +74,3 @@ class Issuers:
             and card.reserved_phone == phone
         )
         return Verification(holds_card=True, confirmed=confirmed)
-
-
-def behaviour_for(behaviours: Mapping[str, BankBehaviour], bank: str) -> BankBehaviour:
-    return behaviours.get(bank) or BankBehaviour()

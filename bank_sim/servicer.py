@@ -1,25 +1,23 @@
-"""cardcheck.v1.IssuingBank for all 24 banks: the request's bank_code says which is asked."""
+"""cardcheck.v1.IssuingBank for the simulated banks (the request's bank_code says which is asked,
+or the bank of the port), and cardcheck.v1.BankSimControl to change how they behave."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+import grpc
 from opentelemetry import trace
 
-from bank_sim.issuers import BankBehaviour, Issuers, bank_day, behaviour_for
-from cardcheck.banks import BY_CODE
+from bank_sim.behaviour import BankFloor, Behaviour, BehaviourError, Plan, Refused
+from bank_sim.issuers import Issuers, bank_day
+from cardcheck.banks import BANK_CODES, BY_CODE
 from cardcheck.runtime.clock import Clock
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, handles_errors, invalid_argument
 from cardcheck.v1 import bank_pb2, bank_pb2_grpc, common_pb2
 
 CARD_TYPES = {"DEBIT": common_pb2.CARD_TYPE_DEBIT, "CREDIT": common_pb2.CARD_TYPE_CREDIT}
-
-
-def _known_bank(code: str) -> str:
-    if code not in BY_CODE:
-        raise CardCheckError("NOT_FOUND", "no such bank here", metadata={"bank_code": code[:32]})
-    trace.get_current_span().set_attribute("cardcheck.bank_code", code)
-    return code
+# What a bank answering malformed sends back: not a card number, no card type.
+MALFORMED_CARD = bank_pb2.BankCard(pan="12345-not-a-card", card_type=common_pb2.CARD_TYPE_UNSPECIFIED)
 
 
 def _require(**fields: str) -> None:
@@ -29,28 +27,108 @@ def _require(**fields: str) -> None:
 
 
 class IssuingBankServicer(bank_pb2_grpc.IssuingBankServicer):
-    def __init__(self, issuers: Issuers, clock: Clock, behaviours: Mapping[str, BankBehaviour]) -> None:
+    """Every bank on one port, or (`only_bank`) the one bank of its own port."""
+
+    def __init__(self, issuers: Issuers, clock: Clock, floor: BankFloor, *, only_bank: str | None = None) -> None:
         self._issuers = issuers
         self._clock = clock
-        self._behaviours = behaviours
+        self._floor = floor
+        self._only_bank = only_bank
+
+    def _bank(self, code: str) -> str:
+        if self._only_bank is not None and code in ("", self._only_bank):
+            code = self._only_bank
+        elif code not in BY_CODE or self._only_bank is not None:
+            raise CardCheckError("NOT_FOUND", "no such bank here", metadata={"bank_code": code[:32]})
+        trace.get_current_span().set_attribute("cardcheck.bank_code", code)
+        return code
+
+    async def _enter(self, bank: str, context) -> Plan:
+        try:
+            return self._floor.enter(bank)
+        except Refused as refusal:
+            await context.abort(grpc.StatusCode[refusal.code], refusal.message)
+            raise  # abort raises; this only tells the type checker
 
     @handles_errors
     async def LookupCards(self, request, context):
-        bank = _known_bank(request.bank_code)
+        bank = self._bank(request.bank_code)
         _require(id_number=request.id_number, name=request.name)
-        await behaviour_for(self._behaviours, bank).before_answer()
-        day = bank_day(self._clock.now())
-        cards = self._issuers.lookup(bank, request.id_number, request.name, day)
-        return bank_pb2.LookupCardsResponse(
-            cards=[bank_pb2.BankCard(pan=card.pan, card_type=CARD_TYPES[card.card_type]) for card in cards]
-        )
+        plan = await self._enter(bank, context)
+        try:
+            await plan.wait()
+            if plan.error_code:
+                await context.abort(grpc.StatusCode[plan.error_code], "simulated bank failure")
+            if plan.malformed:
+                return bank_pb2.LookupCardsResponse(cards=[MALFORMED_CARD])
+            day = bank_day(self._clock.now())
+            cards = self._issuers.lookup(bank, request.id_number, request.name, day)
+            return bank_pb2.LookupCardsResponse(
+                cards=[bank_pb2.BankCard(pan=card.pan, card_type=CARD_TYPES[card.card_type]) for card in cards]
+            )
+        finally:
+            self._floor.leave(bank)
 
     @handles_errors
     async def VerifyCard(self, request, context):
-        bank = _known_bank(request.bank_code)
+        bank = self._bank(request.bank_code)
         _require(card_number=request.card_number)
-        await behaviour_for(self._behaviours, bank).before_answer()
-        result = self._issuers.verify(
-            bank, request.card_number, request.name, request.id_number, request.phone
-        )
-        return bank_pb2.VerifyCardResponse(holds_card=result.holds_card, confirmed=result.confirmed)
+        plan = await self._enter(bank, context)
+        try:
+            await plan.wait()
+            if plan.error_code:
+                await context.abort(grpc.StatusCode[plan.error_code], "simulated bank failure")
+            if plan.malformed:  # confirmed without holding the card: contradicts itself
+                return bank_pb2.VerifyCardResponse(holds_card=False, confirmed=True)
+            result = self._issuers.verify(bank, request.card_number, request.name, request.id_number, request.phone)
+            return bank_pb2.VerifyCardResponse(holds_card=result.holds_card, confirmed=result.confirmed)
+        finally:
+            self._floor.leave(bank)
+
+
+def behaviour_message(behaviour: Behaviour) -> bank_pb2.BankBehaviour:
+    return bank_pb2.BankBehaviour(**behaviour.to_json())
+
+
+def behaviour_changes(message: bank_pb2.BankBehaviour) -> dict[str, object]:
+    """The fields set in a SetBehaviour request (unset ones keep the bank's value)."""
+    return {field.name: getattr(message, field.name) for field in message.DESCRIPTOR.fields if message.HasField(field.name)}
+
+
+class BankSimControlServicer(bank_pb2_grpc.BankSimControlServicer):
+    def __init__(self, floor: BankFloor, addresses: Callable[[], Mapping[str, str]]) -> None:
+        self._floor = floor
+        self._addresses = addresses
+
+    def _banks(self, codes) -> list[str]:
+        unknown = [code for code in codes if code not in BY_CODE]
+        if unknown:
+            raise invalid_argument([FieldViolation("bank_codes", f"unknown bank code {unknown[0][:32]!r}")])
+        return list(dict.fromkeys(codes)) or list(BANK_CODES)
+
+    def _state(self, banks: list[str]) -> bank_pb2.BankSimState:
+        addresses = self._addresses()
+        states = []
+        for code in banks:
+            counters = self._floor.counters(code)
+            states.append(
+                bank_pb2.SimulatedBankState(
+                    bank_code=code, behaviour=behaviour_message(self._floor.behaviour(code)),
+                    calls=counters.calls, refused=counters.refused, failed=counters.failed,
+                    in_flight=counters.in_flight, address=addresses.get(code, ""),
+                )
+            )
+        return bank_pb2.BankSimState(banks=states)
+
+    @handles_errors
+    async def SetBehaviour(self, request, context):
+        banks = self._banks(request.bank_codes)
+        try:
+            self._floor.set(banks, behaviour_changes(request.behaviour), reset=request.reset)
+        except BehaviourError as error:
+            raise invalid_argument([FieldViolation(f"behaviour.{error.field}", error.problem)]) from None
+        return self._state(banks)
+
+    @handles_errors
+    async def GetBehaviour(self, request, context):
+        return self._state(self._banks(request.bank_codes))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cardcheck.v1 import common_pb2 as cardcheck_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61rdcheck/v1/bank.proto\x12\x0c\x63\x61rdcheck.v1\x1a\x19\x63\x61rdcheck/v1/common.proto\"H\n\x12LookupCardsRequest\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x11\n\tid_number\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"B\n\x08\x42\x61nkCard\x12\x0b\n\x03pan\x18\x01 \x01(\t\x12)\n\tcard_type\x18\x02 \x01(\x0e\x32\x16.cardcheck.v1.CardType\"<\n\x13LookupCardsResponse\x12%\n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x16.cardcheck.v1.BankCard\"k\n\x11VerifyCardRequest\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tid_number\x18\x04 \x01(\t\x12\r\n\x05phone\x18\x05 \x01(\t\";\n\x12VerifyCardResponse\x12\x12\n\nholds_card\x18\x01 \x01(\x08\x12\x11\n\tconfirmed\x18\x02 \x01(\x08\x32\xb2\x01\n\x0bIssuingBank\x12R\n\x0bLookupCards\x12 .cardcheck.v1.LookupCardsRequest\x1a!.cardcheck.v1.LookupCardsResponse\x12O\n\nVerifyCard\x12\x1f.cardcheck.v1.VerifyCardRequest\x1a .cardcheck.v1.VerifyCardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61rdcheck/v1/bank.proto\x12\x0c\x63\x61rdcheck.v1\x1a\x19\x63\x61rdcheck/v1/common.proto\"H\n\x12LookupCardsRequest\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x11\n\tid_number\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"B\n\x08\x42\x61nkCard\x12\x0b\n\x03pan\x18\x01 \x01(\t\x12)\n\tcard_type\x18\x02 \x01(\x0e\x32\x16.cardcheck.v1.CardType\"<\n\x13LookupCardsResponse\x12%\n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x16.cardcheck.v1.BankCard\"k\n\x11VerifyCardRequest\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tid_number\x18\x04 \x01(\t\x12\r\n\x05phone\x18\x05 \x01(\t\";\n\x12VerifyCardResponse\x12\x12\n\nholds_card\x18\x01 \x01(\x08\x12\x11\n\tconfirmed\x18\x02 \x01(\x08\"\xcd\x02\n\rBankBehaviour\x12\x17\n\nlatency_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0elatency_p99_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nerror_rate\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x17\n\nerror_code\x18\x04 \x01(\tH\x03\x88\x01\x01\x12\x16\n\thang_rate\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04\x64own\x18\x06 \x01(\x08H\x05\x88\x01\x01\x12\x1b\n\x0emalformed_rate\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x15\n\x08\x63\x61pacity\x18\x08 \x01(\x05H\x07\x88\x01\x01\x42\r\n\x0b_latency_msB\x11\n\x0f_latency_p99_msB\r\n\x0b_error_rateB\r\n\x0b_error_codeB\x0c\n\n_hang_rateB\x07\n\x05_downB\x11\n\x0f_malformed_rateB\x0b\n\t_capacity\"h\n\x13SetBehaviourRequest\x12\x12\n\nbank_codes\x18\x01 \x03(\t\x12.\n\tbehaviour\x18\x02 \x01(\x0b\x32\x1b.cardcheck.v1.BankBehaviour\x12\r\n\x05reset\x18\x03 \x01(\x08\")\n\x13GetBehaviourRequest\x12\x12\n\nbank_codes\x18\x01 \x03(\t\"\xab\x01\n\x12SimulatedBankState\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12.\n\tbehaviour\x18\x02 \x01(\x0b\x32\x1b.cardcheck.v1.BankBehaviour\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\x03\x12\x0f\n\x07refused\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\"?\n\x0c\x42\x61nkSimState\x12/\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32 .cardcheck.v1.SimulatedBankState2\xb2\x01\n\x0bIssuingBank\x12R\n\x0bLookupCards\x12 .cardcheck.v1.LookupCardsRequest\x1a!.cardcheck.v1.LookupCardsResponse\x12O\n\nVerifyCard\x12\x1f.cardcheck.v1.VerifyCardRequest\x1a .cardcheck.v1.VerifyCardResponse2\xae\x01\n\x0e\x42\x61nkSimControl\x12M\n\x0cSetBehaviour\x12!.cardcheck.v1.SetBehaviourRequest\x1a\x1a.cardcheck.v1.BankSimState\x12M\n\x0cGetBehaviour\x12!.cardcheck.v1.GetBehaviourRequest\x1a\x1a.cardcheck.v1.BankSimStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERIFYCARDREQUEST']._serialized_end=379
   _globals['_VERIFYCARDRESPONSE']._serialized_start=381
   _globals['_VERIFYCARDRESPONSE']._serialized_end=440
-  _globals['_ISSUINGBANK']._serialized_start=443
-  _globals['_ISSUINGBANK']._serialized_end=621
+  _globals['_BANKBEHAVIOUR']._serialized_start=443
+  _globals['_BANKBEHAVIOUR']._serialized_end=776
+  _globals['_SETBEHAVIOURREQUEST']._serialized_start=778
+  _globals['_SETBEHAVIOURREQUEST']._serialized_end=882
+  _globals['_GETBEHAVIOURREQUEST']._serialized_start=884
+  _globals['_GETBEHAVIOURREQUEST']._serialized_end=925
+  _globals['_SIMULATEDBANKSTATE']._serialized_start=928
+  _globals['_SIMULATEDBANKSTATE']._serialized_end=1099
+  _globals['_BANKSIMSTATE']._serialized_start=1101
+  _globals['_BANKSIMSTATE']._serialized_end=1164
+  _globals['_ISSUINGBANK']._serialized_start=1167
+  _globals['_ISSUINGBANK']._serialized_end=1345
+  _globals['_BANKSIMCONTROL']._serialized_start=1348
+  _globals['_BANKSIMCONTROL']._serialized_end=1522
 # @@protoc_insertion_point(module_scope)

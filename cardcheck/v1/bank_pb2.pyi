@@ -52,3 +52,63 @@ class VerifyCardResponse(_message.Message):
     holds_card: bool
     confirmed: bool
     def __init__(self, holds_card: _Optional[bool] = ..., confirmed: _Optional[bool] = ...) -> None: ...
+
+class BankBehaviour(_message.Message):
+    __slots__ = ("latency_ms", "latency_p99_ms", "error_rate", "error_code", "hang_rate", "down", "malformed_rate", "capacity")
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    HANG_RATE_FIELD_NUMBER: _ClassVar[int]
+    DOWN_FIELD_NUMBER: _ClassVar[int]
+    MALFORMED_RATE_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    latency_ms: float
+    latency_p99_ms: float
+    error_rate: float
+    error_code: str
+    hang_rate: float
+    down: bool
+    malformed_rate: float
+    capacity: int
+    def __init__(self, latency_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., error_rate: _Optional[float] = ..., error_code: _Optional[str] = ..., hang_rate: _Optional[float] = ..., down: _Optional[bool] = ..., malformed_rate: _Optional[float] = ..., capacity: _Optional[int] = ...) -> None: ...
+
+class SetBehaviourRequest(_message.Message):
+    __slots__ = ("bank_codes", "behaviour", "reset")
+    BANK_CODES_FIELD_NUMBER: _ClassVar[int]
+    BEHAVIOUR_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    bank_codes: _containers.RepeatedScalarFieldContainer[str]
+    behaviour: BankBehaviour
+    reset: bool
+    def __init__(self, bank_codes: _Optional[_Iterable[str]] = ..., behaviour: _Optional[_Union[BankBehaviour, _Mapping]] = ..., reset: _Optional[bool] = ...) -> None: ...
+
+class GetBehaviourRequest(_message.Message):
+    __slots__ = ("bank_codes",)
+    BANK_CODES_FIELD_NUMBER: _ClassVar[int]
+    bank_codes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bank_codes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SimulatedBankState(_message.Message):
+    __slots__ = ("bank_code", "behaviour", "calls", "refused", "failed", "in_flight", "address")
+    BANK_CODE_FIELD_NUMBER: _ClassVar[int]
+    BEHAVIOUR_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    bank_code: str
+    behaviour: BankBehaviour
+    calls: int
+    refused: int
+    failed: int
+    in_flight: int
+    address: str
+    def __init__(self, bank_code: _Optional[str] = ..., behaviour: _Optional[_Union[BankBehaviour, _Mapping]] = ..., calls: _Optional[int] = ..., refused: _Optional[int] = ..., failed: _Optional[int] = ..., in_flight: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+
+class BankSimState(_message.Message):
+    __slots__ = ("banks",)
+    BANKS_FIELD_NUMBER: _ClassVar[int]
+    banks: _containers.RepeatedCompositeFieldContainer[SimulatedBankState]
+    def __init__(self, banks: _Optional[_Iterable[_Union[SimulatedBankState, _Mapping]]] = ...) -> None: ...

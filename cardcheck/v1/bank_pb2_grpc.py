@@ -144,3 +144,126 @@ class IssuingBank:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class BankSimControlStub:
+    """bank_sim only: how each simulated bank behaves, read and changed at runtime (chaos tests,
+    demos). A real bank has no such service.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SetBehaviour = channel.unary_unary(
+                '/cardcheck.v1.BankSimControl/SetBehaviour',
+                request_serializer=cardcheck_dot_v1_dot_bank__pb2.SetBehaviourRequest.SerializeToString,
+                response_deserializer=cardcheck_dot_v1_dot_bank__pb2.BankSimState.FromString,
+                _registered_method=True)
+        self.GetBehaviour = channel.unary_unary(
+                '/cardcheck.v1.BankSimControl/GetBehaviour',
+                request_serializer=cardcheck_dot_v1_dot_bank__pb2.GetBehaviourRequest.SerializeToString,
+                response_deserializer=cardcheck_dot_v1_dot_bank__pb2.BankSimState.FromString,
+                _registered_method=True)
+
+
+class BankSimControlServicer:
+    """bank_sim only: how each simulated bank behaves, read and changed at runtime (chaos tests,
+    demos). A real bank has no such service.
+    """
+
+    def SetBehaviour(self, request, context):
+        """Changes the behaviour of the named banks (none named = every bank) and returns their state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBehaviour(self, request, context):
+        """The behaviour and call counters of the named banks (none named = every bank).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BankSimControlServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SetBehaviour': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBehaviour,
+                    request_deserializer=cardcheck_dot_v1_dot_bank__pb2.SetBehaviourRequest.FromString,
+                    response_serializer=cardcheck_dot_v1_dot_bank__pb2.BankSimState.SerializeToString,
+            ),
+            'GetBehaviour': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBehaviour,
+                    request_deserializer=cardcheck_dot_v1_dot_bank__pb2.GetBehaviourRequest.FromString,
+                    response_serializer=cardcheck_dot_v1_dot_bank__pb2.BankSimState.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cardcheck.v1.BankSimControl', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cardcheck.v1.BankSimControl', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class BankSimControl:
+    """bank_sim only: how each simulated bank behaves, read and changed at runtime (chaos tests,
+    demos). A real bank has no such service.
+    """
+
+    @staticmethod
+    def SetBehaviour(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardcheck.v1.BankSimControl/SetBehaviour',
+            cardcheck_dot_v1_dot_bank__pb2.SetBehaviourRequest.SerializeToString,
+            cardcheck_dot_v1_dot_bank__pb2.BankSimState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBehaviour(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardcheck.v1.BankSimControl/GetBehaviour',
+            cardcheck_dot_v1_dot_bank__pb2.GetBehaviourRequest.SerializeToString,
+            cardcheck_dot_v1_dot_bank__pb2.BankSimState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,132 @@
+"""`python -m bank_sim` (or another service) as a child process on free ports, for tests and
+benchmarks: started, waited for until SERVING, and stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cardcheck.banks import BANK_CODES
+from cardcheck.v1 import bank_pb2, bank_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_port_run(count: int, attempts: int = 50) -> int:
+    """The first of `count` consecutive ports that are free right now."""
+    for _ in range(attempts):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no run of {count} free ports found")
+
+
+def clean_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """This environment without CARDCHECK_* and OTEL_* variables, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CARDCHECK_", "OTEL_"))}
+    env["CARDCHECK_DATA_DIR"] = str(data_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class Child:
+    """A service process. `address` is where it serves."""
+
+    def __init__(self, module: str, args: Sequence[str], env: Mapping[str, str], address: str, log_path: Path):
+        self.module = module
+        self.address = address
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, *args], cwd=ROOT, env=dict(env),
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_serving(self, timeout: float = 60.0, service: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.module} exited with {self.process.returncode}:\n{self.output()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.module} not SERVING on {self.address}:\n{self.output()}")
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def start_bank_sim(
+    data_dir: Path, args: Sequence[str] = ("--seed", "7", "--people", "50"), env: Mapping[str, str] | None = None
+) -> Child:
+    """A bank_sim process on a free port, SERVING."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    child = Child(
+        "bank_sim", args, clean_env(data_dir, CARDCHECK_BANK_SIM_ADDR=address, **dict(env or {})), address,
+        data_dir / f"bank_sim-{port}.log",
+    )
+    try:
+        child.wait_serving()
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+def per_bank_addresses(control_address: str) -> dict[str, str]:
+    """Where each bank has its own port (bank_sim started with a port per bank)."""
+    with grpc.insecure_channel(control_address) as channel:
+        state = bank_pb2_grpc.BankSimControlStub(channel).GetBehaviour(bank_pb2.GetBehaviourRequest(), timeout=10)
+    addresses = {bank.bank_code: bank.address for bank in state.banks if bank.address}
+    if set(addresses) != set(BANK_CODES):
+        raise RuntimeError("bank_sim has no port per bank")
+    return addresses
