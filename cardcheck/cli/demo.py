@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import unicodedata
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,7 @@ from cardcheck.runtime.settings import Settings
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, notifier_pb2, notifier_pb2_grpc
 
 FACE_TOKEN = "sandbox:pass"
+MAX_WAIT = timedelta(minutes=2)
 SMS_CODE = re.compile(r"(?<!\d)\d{6}(?!\d)")
 STATUS = {v.number: v.name.removeprefix("QUERY_STATUS_") for v in common_pb2.QueryStatus.DESCRIPTOR.values}
 OUTCOME = {
@@ -89,9 +91,16 @@ class Journey:
 
     async def sms_code(self, purpose: int) -> tuple[str, str]:
         known = await self.inbox_ids()
-        challenge = await self.call(
-            self.gateway.RequestSmsCode, gateway_pb2.RequestSmsCodeRequest(phone=self.person.phone, purpose=purpose)
-        )
+        request = gateway_pb2.RequestSmsCodeRequest(phone=self.person.phone, purpose=purpose)
+        try:
+            challenge = await self.call(self.gateway.RequestSmsCode, request)
+        except CardCheckError as error:
+            # A client honours RetryInfo: a code went to this phone moments ago (an earlier run).
+            if error.reason != "RATE_LIMITED" or error.retry_after is None or error.retry_after > MAX_WAIT:
+                raise
+            print(f"{error.message_zh}: waiting {error.retry_after.total_seconds():.0f} s as the service asks")
+            await asyncio.sleep(error.retry_after.total_seconds() + 0.5)
+            challenge = await self.call(self.gateway.RequestSmsCode, request)
         code = await self.read_code(challenge.challenge_id, known)
         return challenge.challenge_id, code
 

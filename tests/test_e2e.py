@@ -1,0 +1,236 @@
+"""The whole journey through real processes started by `cardcheck up`, on SQLite and on
+PostgreSQL; the trace it leaves; grpcurl against the gateway; the supervisor's own duties."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import psycopg
+import pytest
+
+from cardcheck import dataset
+from cardcheck.cli.demo import Journey, walk
+from cardcheck.v1 import common_pb2
+from tests.conftest import PG_ADMIN_DSN, _unavailable
+from tests.e2e_mesh import BIN, Mesh, start_mesh, wait_for
+
+pytestmark = pytest.mark.e2e
+
+SEED, PEOPLE = 4242, 40
+PASSWORD = "246810"
+CARD_TYPE = {common_pb2.CARD_TYPE_DEBIT: "DEBIT", common_pb2.CARD_TYPE_CREDIT: "CREDIT"}
+
+
+def expected_cards(records: list[dataset.CardRecord], person: dataset.Person) -> list[tuple[str, str, str, str]]:
+    """FORMAT.md's "What a bank answers", written out again independently of bank_sim."""
+    today = datetime.now(ZoneInfo("Asia/Shanghai")).date()
+    return sorted(
+        (r.bank, r.card_type, r.pan[:4], r.pan[-4:])
+        for r in records
+        if r.id_number.upper() == person.id_number.upper()
+        and r.holder_name == person.name
+        and r.status != "CLOSED"
+        and r.reserved_phone is not None
+        and (r.id_expiry is None or r.id_expiry >= today)
+        and r.cnp_enabled
+    )
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dataset.CardRecord]:
+    return dataset.generate(SEED, PEOPLE)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def mesh(request, tmp_path_factory, records):
+    data_dir = tmp_path_factory.mktemp(f"mesh-{request.param}")
+    dataset_file = data_dir / "cards.jsonl"
+    dataset.dump(records, dataset_file)
+    extra_env = {"CARDCHECK_SMS_RESEND_S": "1"}  # the demo runs twice within a minute
+    schema = None
+    if request.param == "postgres":
+        schema = f"e2e_{secrets.token_hex(5)}"
+        try:
+            with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
+                conn.execute(f"CREATE SCHEMA {schema}")
+        except psycopg.OperationalError as error:
+            _unavailable("PostgreSQL", error)
+        base = PG_ADMIN_DSN.replace("postgresql://", "postgresql+psycopg://", 1)
+        extra_env["CARDCHECK_DATABASE_URL"] = f"{base}?options=-csearch_path%3D{schema}"
+    running = start_mesh(data_dir, "--dataset", str(dataset_file), extra_env=extra_env)
+    running.backend = request.param
+    running.dataset_file = dataset_file
+    yield running
+    code = running.stop()
+    output = running.output()
+    assert code == 0, output
+    # Stopped in order: the public edge first, the banks last.
+    stopped = [line.split("|")[0].strip() for line in output.splitlines() if "|" in line and line.endswith(" stopped")]
+    assert stopped == ["gateway", "report_service", "notifier", "bank_connector", "bank_sim"], stopped
+    if schema:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_the_journey_ends_in_the_report_the_banks_hold(mesh: Mesh, records) -> None:
+    person = dataset.pick_demo_person(records)
+    journey = Journey(mesh.settings, person, PASSWORD)
+    try:
+        report = await walk(journey)
+    finally:
+        await journey.close()
+
+    got = sorted((c.bank_code, CARD_TYPE[c.card_type], c.first4, c.last4) for c in report.cards)
+    assert got == expected_cards(records, person)
+    assert len(got) >= 5
+    # One summary row per bank asked (all 24 answered), zero rows included, counts matching the cards.
+    assert len(report.summary) == 24 and not report.unavailable_banks
+    counts = Counter((bank, kind) for bank, kind, _, _ in got)
+    for row in report.summary:
+        assert (row.debit_count, row.credit_count) == (counts[(row.bank_code, "DEBIT")], counts[(row.bank_code, "CREDIT")])
+    assert "出租、出借、出售" in report.notice
+    assert report.expires_at.ToDatetime() - report.generated_at.ToDatetime() == __import__("datetime").timedelta(days=7)
+
+    mesh.journey_person = person  # for the trace test below
+
+
+def _spans(data_dir: Path) -> list[dict]:
+    spans = []
+    for file in (data_dir / "spans").glob("*.jsonl"):
+        spans += [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    return spans
+
+
+def test_submit_query_leaves_one_trace_across_every_service(mesh: Mesh, records) -> None:
+    person = getattr(mesh, "journey_person", None)
+    if person is None:
+        pytest.fail("the journey test did not run first")
+    by_id: dict[str, dict] = {}
+    submit = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # span files are written in batches
+        spans = _spans(mesh.data_dir)
+        by_id = {s["context"]["span_id"]: s for s in spans}
+        submit = next((s for s in spans if s["name"] == "/cardcheck.v1.CardCheck/SubmitQuery"), None)
+        if submit:
+            trace = [s for s in spans if s["context"]["trace_id"] == submit["context"]["trace_id"]]
+            services = {s["resource"]["attributes"]["service.name"] for s in trace}
+            if len(services) == 5 and sum(s["name"].endswith("/Send") for s in trace) >= 4:
+                break
+        time.sleep(0.5)
+    assert submit is not None, "no SubmitQuery span"
+    trace = [s for s in by_id.values() if s["context"]["trace_id"] == submit["context"]["trace_id"]]
+
+    def service(span):
+        return span["resource"]["attributes"]["service.name"]
+
+    def parent(span):
+        return by_id.get(span.get("parent_id"))
+
+    def server_spans(svc, name):
+        return [s for s in trace if service(s) == svc and s["name"] == name and s["kind"] == "SpanKind.SERVER"]
+
+    # Each edge: a server span of the callee whose parent is the caller's client span.
+    def assert_edge(caller, callee, method):
+        found = server_spans(callee, method)
+        assert found, f"no {callee} span for {method}"
+        assert any(
+            (client := parent(span)) is not None and service(client) == caller and client["kind"] == "SpanKind.CLIENT"
+            for span in found
+        ), f"no {callee} {method} span is a child of a {caller} client span"
+
+    # And no server span but the root hangs loose: every call was made inside this trace.
+    for span in trace:
+        if span["kind"] == "SpanKind.SERVER" and span is not submit:
+            assert parent(span) is not None and parent(span)["kind"] == "SpanKind.CLIENT", span["name"]
+
+    assert {service(s) for s in trace} == {"gateway", "report_service", "bank_connector", "bank_sim", "notifier"}
+    assert_edge("gateway", "report_service", "/cardcheck.v1.ReportService/CreateQuery")
+    assert_edge("report_service", "bank_connector", "/cardcheck.v1.BankConnector/FanOut")
+    assert_edge("report_service", "notifier", "/cardcheck.v1.Notifier/Send")  # "report ready"
+    assert_edge("bank_connector", "bank_sim", "/cardcheck.v1.IssuingBank/LookupCards")
+    # A bank call per bank, each its own span under the fan-out.
+    bank_calls = server_spans("bank_sim", "/cardcheck.v1.IssuingBank/LookupCards")
+    assert len(bank_calls) == 24
+
+    # Nothing personal on any span of any trace.
+    text = json.dumps(_spans(mesh.data_dir), ensure_ascii=False)
+    for secret in (person.id_number, person.phone, person.name, person.card_number):
+        assert secret not in text
+    for record in records:
+        assert record.pan not in text
+
+
+def test_grpcurl_lists_services_and_calls_list_banks(mesh: Mesh) -> None:
+    if mesh.backend != "sqlite":
+        pytest.skip("the same gateway code; once is enough")
+    address = mesh.settings.addresses["gateway"]
+    listed = subprocess.run([str(BIN / "grpcurl"), "-plaintext", address, "list"],
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    services = listed.stdout.split()
+    assert "cardcheck.v1.CardCheck" in services and "grpc.health.v1.Health" in services
+
+    called = subprocess.run(
+        [str(BIN / "grpcurl"), "-plaintext", "-d", "{}", address, "cardcheck.v1.CardCheck/ListBanks"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert called.returncode == 0, called.stderr
+    banks = json.loads(called.stdout)["banks"]
+    assert len(banks) == 24
+    assert {"code": "ICBC", "name": "中国工商银行", "kind": "BANK_KIND_NATIONAL", "available": True} in banks
+
+    refused = subprocess.run(
+        [str(BIN / "grpcurl"), "-plaintext", "-d", '{"purpose": "SMS_PURPOSE_REGISTER", "phone": "12"}',
+         address, "cardcheck.v1.CardCheck/RequestSmsCode"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert refused.returncode != 0
+    assert "InvalidArgument" in refused.stderr or "INVALID_ARGUMENT" in refused.stderr
+
+
+def test_demo_command_runs_again_on_the_same_mesh(mesh: Mesh) -> None:
+    """A second `cardcheck demo` finds the user registered and in cooldown, and still shows the report."""
+    if mesh.backend != "sqlite":
+        pytest.skip("the same code paths; once is enough")
+    run = subprocess.run([str(BIN / "cardcheck"), "demo", "--dataset", str(mesh.dataset_file), "--payment-password", PASSWORD],
+                         env=mesh.env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "signing in instead" in run.stdout
+    assert "未满7天" in run.stdout
+    assert "**** ****" in run.stdout and "demo: the whole journey succeeded" in run.stdout
+
+
+def test_up_stops_everything_when_a_service_dies(tmp_path: Path) -> None:
+    mesh = start_mesh(tmp_path / "data")
+    try:
+        children = mesh.children()
+        assert set(children) == {"gateway", "report_service", "bank_connector", "notifier", "bank_sim"}
+        os.kill(children["notifier"], signal.SIGKILL)
+        code = mesh.process.wait(60)
+    finally:
+        mesh.stop()
+    assert code == 1
+    assert "notifier exited unexpectedly" in mesh.output()
+    for pid in children.values():  # nothing left behind
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_up_refuses_a_malformed_dataset(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"bank": "ICBC", "pan": "123"}\n', encoding="utf-8")
+    mesh = start_mesh(tmp_path / "data", "--dataset", str(bad), wait=False)
+    code = mesh.process.wait(90)
+    assert code != 0
+    assert "line 1" in mesh.output()
+    assert "bank_sim exited unexpectedly" in mesh.output()
+    wait_for(mesh, "stopped")
