@@ -185,3 +185,41 @@ def test_span_files_are_json_lines(tmp_path: Path) -> None:
     record = json.loads(lines[0])
     assert record["name"] == "work"
     assert record["resource"]["attributes"]["service.name"] == "unit"
+
+
+async def test_spans_go_to_the_otlp_collector_the_environment_names(tmp_path: Path) -> None:
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received: list = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        async def Export(self, request, context):
+            received.append(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            provider = make_tracer_provider("report_service", tmp_path, env=env)
+            with provider.get_tracer("t").start_as_current_span("query.execute"):
+                pass
+            await asyncio.to_thread(provider.shutdown)  # flushes the batch to the collector
+    finally:
+        await server.stop(0)
+    spans = [
+        (resource.resource, span.name)
+        for request in received
+        for resource in request.resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    ]
+    assert [name for _, name in spans] == ["query.execute"]
+    attributes = {a.key: a.value.string_value for a in spans[0][0].attributes}
+    assert attributes["service.name"] == "report_service"
+    assert not (tmp_path / "spans").exists()  # not to the local files as well

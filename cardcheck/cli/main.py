@@ -16,6 +16,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--dataset", type=Path, help="bank dataset (cardcheck-bank-dataset/1 JSON Lines)")
     up.add_argument("--data-dir", type=Path, help="overrides CARDCHECK_DATA_DIR (default ./var)")
     up.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for SERVING")
+    up.add_argument("--bank-latency-ms", type=float, help="a fixed latency on every simulated bank")
+    up.add_argument("--bank-profile", type=Path, help="per-bank behaviour for bank_sim (JSON)")
 
     demo = commands.add_parser("demo", help="run the whole user journey against a running mesh")
     demo.add_argument("--dataset", type=Path, help="the dataset bank_sim serves (default: the generated one)")
@@ -33,7 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "up":
         from cardcheck.cli.up import run_up
 
-        sys.exit(asyncio.run(run_up(args.dataset, args.data_dir, args.ready_timeout)))
+        bank_env = {}
+        if args.bank_latency_ms is not None:
+            bank_env["CARDCHECK_BANK_LATENCY_MS"] = f"{args.bank_latency_ms:g}"
+        if args.bank_profile is not None:
+            bank_env["CARDCHECK_BANK_PROFILE"] = str(args.bank_profile.resolve())
+        sys.exit(asyncio.run(run_up(args.dataset, args.data_dir, args.ready_timeout, bank_env)))
     if args.command == "demo":
         from cardcheck.cli.demo import run_demo
 

@@ -87,8 +87,10 @@ async def _stop(child: Child, grace: float) -> int | None:
     return process.returncode
 
 
-async def run_up(dataset: Path | None, data_dir: Path | None, ready_timeout: float) -> int:
-    env = dict(os.environ)
+async def run_up(
+    dataset: Path | None, data_dir: Path | None, ready_timeout: float, extra_env: dict[str, str] | None = None
+) -> int:
+    env = dict(os.environ) | (extra_env or {})
     if data_dir is not None:
         env["CARDCHECK_DATA_DIR"] = str(data_dir)
     env.setdefault("PYTHONUNBUFFERED", "1")
