@@ -1,21 +1,51 @@
 """A small typed client of the public API (cardcheck.v1.CardCheck), for the CLI demo and tests.
 
-Refusals come back as `CardCheckError` (reason, metadata, field violations, retry_after);
-an RpcError that carries no ErrorInfo of ours is re-raised as it is."""
+Refusals come back as `CardCheckError` (reason, metadata, field violations, retry_after), as the
+subclass of its reason where there is one (`except RateLimited`, `except ServiceBusy`, ...; every
+one of them is still a CardCheckError with its `reason`); an RpcError that carries no ErrorInfo
+of ours is re-raised as it is."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
 
-from cardcheck.runtime.errors import CardCheckError, from_rpc_error
+from cardcheck.runtime.errors import REASONS, CardCheckError, from_rpc_error
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 T = TypeVar("T")
 
-__all__ = ["CardCheckClient", "CardCheckError"]
+
+def _reason_class(reason: str) -> type[CardCheckError]:
+    name = "".join(part.title() for part in reason.split("_"))
+    return type(name, (CardCheckError,), {"__doc__": f"The {reason} refusal.", "__module__": __name__})
+
+
+# One subclass per reason of API.md's table (and SERVICE_UNAVAILABLE), so a caller can catch one.
+ERRORS: dict[str, type[CardCheckError]] = {reason: _reason_class(reason) for reason in REASONS}
+InvalidArgument = ERRORS["INVALID_ARGUMENT"]
+Unauthenticated = ERRORS["UNAUTHENTICATED"]
+NotFound = ERRORS["NOT_FOUND"]
+UnknownBank = ERRORS["UNKNOWN_BANK"]
+ConsentRequired = ERRORS["CONSENT_REQUIRED"]
+VerificationFailed = ERRORS["VERIFICATION_FAILED"]
+RealNameCheckFailed = ERRORS["REAL_NAME_CHECK_FAILED"]
+AlreadyRegistered = ERRORS["ALREADY_REGISTERED"]
+RegionNotSupported = ERRORS["REGION_NOT_SUPPORTED"]
+QueryInProgress = ERRORS["QUERY_IN_PROGRESS"]
+CooldownActive = ERRORS["COOLDOWN_ACTIVE"]
+ReportNotReady = ERRORS["REPORT_NOT_READY"]
+ReportExpired = ERRORS["REPORT_EXPIRED"]
+PaymentPasswordInvalid = ERRORS["PAYMENT_PASSWORD_INVALID"]
+PaymentPasswordLocked = ERRORS["PAYMENT_PASSWORD_LOCKED"]
+ServiceBusy = ERRORS["SERVICE_BUSY"]
+RateLimited = ERRORS["RATE_LIMITED"]
+ServiceUnavailable = ERRORS["SERVICE_UNAVAILABLE"]
+
+__all__ = ["ERRORS", "CardCheckClient", "CardCheckError", *(cls.__name__ for cls in ERRORS.values())]
 
 
 def _purpose(purpose: str | int) -> int:
@@ -27,7 +57,11 @@ def _purpose(purpose: str | int) -> int:
 
 def _typed(error: grpc.aio.AioRpcError) -> Exception:
     typed = from_rpc_error(error)
-    return typed if typed is not None else error
+    if typed is None:
+        return error
+    return ERRORS.get(typed.reason, CardCheckError)(
+        **{f.name: getattr(typed, f.name) for f in dataclasses.fields(typed)}
+    )
 
 
 class CardCheckClient:
@@ -125,6 +159,16 @@ class CardCheckClient:
         return session
 
     # --- with a session ----------------------------------------------------------------------
+
+    async def sign_out(self, *, everywhere: bool = False, session_token: str | None = None) -> int:
+        """Revokes the session (with everywhere, all of the user's): how many ended. The client
+        forgets its own token when that was the one signed out."""
+        response = await self._call(
+            self._stub.SignOut, gateway_pb2.SignOutRequest(everywhere=everywhere), session_token
+        )
+        if session_token is None or session_token == self.session_token:
+            self.session_token = None
+        return response.sessions_ended
 
     async def submit_query(
         self,

@@ -17,14 +17,13 @@ from cardcheck.runtime.logs import setup_logging
 from cardcheck.runtime.server import Registration, ServiceHost, run_until_signalled
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import make_tracer_provider
-from cardcheck.v1 import gateway_pb2_grpc
-from gateway.challenges import ChallengeRow, Challenges, SmsThrottleRow
+from gateway.challenges import ChallengeRow, Challenges, SmsDailyRow, SmsThrottleRow
 from gateway.config import GatewayConfig
 from gateway.downstream import BankDirectory, ReportDesk, SmsSender
 from gateway.face import FaceVerifier, face_verifier_for
 from gateway.flows import Gateway, SubmissionRow
-from gateway.limits import RateLimiter, TokenBucketLimiter
-from gateway.servicer import CardCheckServicer
+from gateway.limits import Limiters, RedisStore
+from gateway.servicer import CardCheckServicer, add_to_server
 from gateway.sessions import SessionRow, Sessions
 from gateway.users import UserRow, Users
 
@@ -39,20 +38,27 @@ async def build(
     tracer_provider: TracerProvider | None = None,
     config: GatewayConfig | None = None,
     face_verifier: FaceVerifier | None = None,
-    submit_global_limiter: RateLimiter | None = None,
-    submit_user_limiter: RateLimiter | None = None,
+    limiters: Limiters | None = None,
 ) -> ServiceHost:
     """The gateway, not started. Raises SettingsError when it must not start (no sandbox and no
-    face-verification provider, bad gateway settings)."""
+    face-verification provider, bad gateway settings). The rate limits live in this process,
+    or on Redis when `settings.redis_url` is set (gateway/limits.py says what happens when
+    Redis is unreachable); `limiters` overrides both."""
     clock = clock or SystemClock()
     config = config or GatewayConfig.from_env()
     face = face_verifier or face_verifier_for(settings)
+    try:
+        rates = config.limit_rates()
+    except ValueError as error:
+        raise SettingsError(f"gateway rate limits: {error}") from None
+    if limiters is None:
+        limiters = _limiters(settings, config, clock, rates)
     keyring = Keyring(load_master_key(settings.master_key, settings.data_dir))
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
 
     db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
     await asyncio.to_thread(
-        db.create_tables, [UserRow, ChallengeRow, SmsThrottleRow, SessionRow, SubmissionRow]
+        db.create_tables, [UserRow, ChallengeRow, SmsThrottleRow, SmsDailyRow, SessionRow, SubmissionRow]
     )
 
     channels = {
@@ -60,8 +66,8 @@ async def build(
         for name in ("report_service", "bank_connector", "notifier")
     }
     timeout = config.downstream_timeout_s
-    sessions = Sessions(db, clock, config.session_ttl)
-    challenges = Challenges(db, keyring, clock)
+    sessions = Sessions(db, keyring, clock, config.session_ttl)
+    challenges = Challenges(db, keyring, clock, daily_cap=config.sms_phone_daily_cap)
     gateway = Gateway(
         settings=settings,
         config=config,
@@ -80,10 +86,8 @@ async def build(
         banks=BankDirectory(channels["bank_connector"], timeout),
         reports=ReportDesk(channels["report_service"], timeout),
         sms=SmsSender(channels["notifier"], timeout),
-        submit_global=submit_global_limiter
-        or TokenBucketLimiter(config.submit_global_rps, config.submit_global_burst, clock),
-        submit_per_user=submit_user_limiter
-        or TokenBucketLimiter(config.submit_user_per_minute / 60.0, config.submit_user_burst, clock),
+        limiters=limiters,
+        callers=keyring.hasher("sms-caller"),
     )
 
     housekeeping = asyncio.create_task(_housekeeping(challenges, sessions), name="gateway-housekeeping")
@@ -94,14 +98,15 @@ async def build(
             await housekeeping
         for channel in channels.values():
             await channel.close()
+        await limiters.close()
         db.dispose()
 
     return ServiceHost(
         SERVICE,
         [
             Registration(
-                gateway_pb2_grpc.add_CardCheckServicer_to_server,
-                CardCheckServicer(gateway),
+                add_to_server,
+                CardCheckServicer(gateway, caller_header=config.caller_header),
                 "cardcheck.v1.CardCheck",
             )
         ],
@@ -109,6 +114,19 @@ async def build(
         tracer_provider,
         on_stop=[close],
     )
+
+
+def _limiters(settings: Settings, config: GatewayConfig, clock: Clock, rates) -> Limiters:
+    if not settings.redis_url:
+        return Limiters.in_process(rates, clock)
+    try:
+        store = RedisStore.from_url(
+            settings.redis_url, prefix=config.redis_key_prefix, timeout_s=config.redis_timeout_s
+        )
+    except ValueError as error:
+        raise SettingsError(f"CARDCHECK_REDIS_URL: {error}") from None
+    log.info("rate limits shared on redis (keys %s:rl:*)", config.redis_key_prefix)
+    return Limiters.on_redis(store, rates, clock)
 
 
 async def _housekeeping(challenges: Challenges, sessions: Sessions, every_s: float = 3600.0) -> None:

@@ -1,13 +1,16 @@
-"""SMS challenges: a 6-digit code bound to a phone (by its keyed hash) and a purpose, valid five
-minutes, used once, dead after five wrong tries; a phone gets a new code for the same purpose
-at most once a minute. Only a keyed hash of the code is stored."""
+"""SMS challenges: a 6-digit code from a CSPRNG bound to a phone (by its keyed hash) and a
+purpose, valid five minutes, used once, dead after five wrong tries. A phone gets a new code for
+the same purpose at most once a minute, and at most `daily_cap` codes a day (China's calendar
+day) over all purposes; both are counted in the database, in the transaction that issues the
+code, so concurrent requests and several gateway replicas cannot exceed them. Only a keyed hash
+of the code is stored. (Limits per caller and per user sit in front of this: gateway/flows.py.)"""
 
 from __future__ import annotations
 
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, time, timedelta, timezone
 
 from sqlalchemy import Column, DateTime
 from sqlalchemy.exc import IntegrityError
@@ -21,6 +24,8 @@ from cardcheck.runtime.keys import Keyring
 CODE_TTL = timedelta(minutes=5)
 RESEND_AFTER = timedelta(seconds=60)
 MAX_WRONG_TRIES = 5
+DAILY_CAP = 10
+CHINA_TZ = timezone(timedelta(hours=8))
 
 
 class ChallengeRow(SQLModel, table=True):
@@ -47,6 +52,33 @@ class SmsThrottleRow(SQLModel, table=True):
     last_sent_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 
 
+class SmsDailyRow(SQLModel, table=True):
+    """How many codes a phone got on one day (China's calendar), over all purposes."""
+
+    __tablename__ = "gw_sms_daily"
+
+    phone_hash: str = Field(primary_key=True, max_length=64)
+    day: str = Field(max_length=10)  # YYYY-MM-DD
+    sent: int = 0
+
+
+def _china_day(instant: datetime) -> date:
+    return instant.astimezone(CHINA_TZ).date()
+
+
+def _next_china_midnight(instant: datetime) -> datetime:
+    return datetime.combine(_china_day(instant) + timedelta(days=1), time(0), CHINA_TZ)
+
+
+def _rate_limited(message: str, wait: timedelta, limit: str) -> CardCheckError:
+    return CardCheckError(
+        "RATE_LIMITED",
+        message,
+        metadata={"limit": limit, "retry_after_seconds": str(max(1, int(wait.total_seconds() + 0.999)))},
+        retry_after=wait,
+    )
+
+
 @dataclass(frozen=True)
 class IssuedChallenge:
     challenge_id: str
@@ -61,17 +93,20 @@ def _verification_failed(why: str) -> CardCheckError:
 
 
 class Challenges:
-    def __init__(self, db: Database, keyring: Keyring, clock: Clock) -> None:
+    def __init__(self, db: Database, keyring: Keyring, clock: Clock, *, daily_cap: int = DAILY_CAP) -> None:
         self._db = db
         self._code_hash = keyring.hasher("sms-code")
         self._clock = clock
+        self._daily_cap = daily_cap
 
     def _hash(self, challenge_id: str, code: str) -> str:
         return self._code_hash.digest(f"{challenge_id}:{code}")
 
     async def issue(self, phone_hash: str, purpose: str) -> IssuedChallenge:
-        """A new challenge, or RATE_LIMITED (with the wait) within a minute of the last one."""
+        """A new challenge, or RATE_LIMITED (with the wait) within a minute of the last one for
+        this purpose or past the phone's daily cap."""
         now = self._clock.now()
+        today = _china_day(now).isoformat()
         challenge_id = secrets.token_hex(16)
         code = f"{secrets.randbelow(1_000_000):06d}"
         row = ChallengeRow(
@@ -83,18 +118,34 @@ class Challenges:
             expires_at=now + CODE_TTL,
         )
 
-        def work(session: Session) -> timedelta | None:
+        def work(session: Session) -> CardCheckError | None:
             throttle = session.exec(
                 select(SmsThrottleRow)
                 .where(SmsThrottleRow.phone_hash == phone_hash, SmsThrottleRow.purpose == purpose)
                 .with_for_update()
             ).first()
+            if throttle is not None:
+                wait = as_utc(throttle.last_sent_at) + RESEND_AFTER - now
+                if wait > timedelta(0):
+                    return _rate_limited(
+                        "a code was sent to this phone less than a minute ago", wait, "phone"
+                    )
+            daily = session.exec(
+                select(SmsDailyRow).where(SmsDailyRow.phone_hash == phone_hash).with_for_update()
+            ).first()
+            if daily is None:
+                daily = SmsDailyRow(phone_hash=phone_hash, day=today, sent=0)
+            elif daily.day != today:
+                daily.day, daily.sent = today, 0
+            if daily.sent >= self._daily_cap:
+                return _rate_limited(
+                    "this phone has had its codes for today", _next_china_midnight(now) - now, "phone_daily"
+                )
+            daily.sent += 1
+            session.add(daily)
             if throttle is None:
                 session.add(SmsThrottleRow(phone_hash=phone_hash, purpose=purpose, last_sent_at=now))
             else:
-                wait = as_utc(throttle.last_sent_at) + RESEND_AFTER - now
-                if wait > timedelta(0):
-                    return wait
                 throttle.last_sent_at = now
                 session.add(throttle)
             session.add(row)
@@ -102,20 +153,18 @@ class Challenges:
             return None
 
         try:
-            wait = await self._db.run(work)
+            refusal = await self._db.run(work)
         except IntegrityError:
-            wait = RESEND_AFTER  # a concurrent request for the same phone and purpose won
-        if wait is not None:
-            raise CardCheckError(
-                "RATE_LIMITED",
-                "a code was sent to this phone less than a minute ago",
-                metadata={"retry_after_seconds": str(max(1, int(wait.total_seconds() + 0.999)))},
-                retry_after=wait,
-            )
+            # A concurrent request for the same phone inserted its first row first.
+            refusal = _rate_limited("a code is being sent to this phone", RESEND_AFTER, "phone")
+        if refusal is not None:
+            raise refusal
         return IssuedChallenge(challenge_id, code, now, CODE_TTL, RESEND_AFTER)
 
     async def withdraw(self, challenge_id: str, phone_hash: str, purpose: str, issued_at: datetime) -> None:
-        """The code could not be sent: the challenge dies and the phone may ask again at once."""
+        """The code could not be sent: the challenge dies, the phone may ask again at once, and
+        the code does not count towards its daily cap."""
+        day = _china_day(issued_at).isoformat()
 
         def work(session: Session) -> None:
             row = session.get(ChallengeRow, challenge_id)
@@ -125,6 +174,10 @@ class Challenges:
             throttle = session.get(SmsThrottleRow, (phone_hash, purpose))
             if throttle is not None and as_utc(throttle.last_sent_at) == issued_at:
                 session.delete(throttle)
+            daily = session.get(SmsDailyRow, phone_hash)
+            if daily is not None and daily.day == day and daily.sent > 0:
+                daily.sent -= 1
+                session.add(daily)
 
         await self._db.run(work)
 
@@ -171,6 +224,10 @@ class Challenges:
                 select(SmsThrottleRow).where(SmsThrottleRow.last_sent_at < cutoff)
             ).all():
                 session.delete(mark)
+            for count in session.exec(
+                select(SmsDailyRow).where(SmsDailyRow.day < _china_day(cutoff).isoformat())
+            ).all():
+                session.delete(count)
             return len(rows)
 
         return await self._db.run(work)

@@ -3,12 +3,15 @@ validated the same way: a bad value stops the process before it serves."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 from cardcheck.runtime.settings import SettingsError
+from gateway.limits import LimitRates, Rate
 
 
 def _positive(env: Mapping[str, str], var: str, default: float, *, integer: bool = False) -> float:
@@ -20,9 +23,13 @@ def _positive(env: Mapping[str, str], var: str, default: float, *, integer: bool
     except ValueError:
         kind = "an integer" if integer else "a number"
         raise SettingsError(f"{var}={raw!r} is not {kind}") from None
-    if value <= 0:
-        raise SettingsError(f"{var}={raw!r} must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise SettingsError(f"{var}={raw!r} must be a positive finite number")
     return value
+
+
+_PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
+_HEADER = re.compile(r"^[a-z0-9_.-]{1,64}\Z")
 
 
 @dataclass(frozen=True)
@@ -33,23 +40,66 @@ class GatewayConfig:
     # Each user's own SubmitQuery budget (RATE_LIMITED): a burst, refilled per minute.
     submit_user_per_minute: float = 6.0
     submit_user_burst: float = 10.0
+    # RequestSmsCode: each phone at most one code a minute per purpose (fixed) and this many a
+    # day (China's calendar day) over all purposes; each caller and each signed-in user a budget.
+    sms_phone_daily_cap: int = 10
+    sms_caller_per_hour: float = 60.0
+    sms_caller_burst: float = 20.0
+    sms_user_per_hour: float = 20.0
+    sms_user_burst: float = 5.0
+    # Each user's GetReport attempts (each may cost an argon2 verification).
+    report_user_per_minute: float = 10.0
+    report_user_burst: float = 10.0
     # Payment password: this many wrong in a row lock it for payment_password_lock.
     payment_password_max_attempts: int = 5
     payment_password_lock: timedelta = timedelta(minutes=30)
     session_ttl: timedelta = timedelta(hours=24)
     # Deadline of one unary call to an internal service.
     downstream_timeout_s: float = 10.0
+    # Redis (CARDCHECK_REDIS_URL, shared Settings): the namespace of our keys and how long one
+    # call may take before the limits treat Redis as unreachable.
+    redis_key_prefix: str = "cardcheck"
+    redis_timeout_s: float = 0.5
+    # Who a caller is for the SMS limit: the peer address, or (behind a proxy that sets it) the
+    # last address of this metadata key, e.g. x-forwarded-for. Never trust it without a proxy.
+    caller_header: str | None = None
+
+    def limit_rates(self) -> LimitRates:
+        return LimitRates(
+            submit_global=Rate(self.submit_global_rps, self.submit_global_burst),
+            submit_user=Rate.per_minute(self.submit_user_per_minute, self.submit_user_burst),
+            sms_user=Rate.per_hour(self.sms_user_per_hour, self.sms_user_burst),
+            sms_caller=Rate.per_hour(self.sms_caller_per_hour, self.sms_caller_burst),
+            report_user=Rate.per_minute(self.report_user_per_minute, self.report_user_burst),
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
         env = os.environ if env is None else env
+
+        def number(var: str, default: float) -> float:
+            return _positive(env, var, default)
+
+        prefix = env.get("CARDCHECK_REDIS_KEY_PREFIX") or cls.redis_key_prefix
+        if not _PREFIX.match(prefix):
+            raise SettingsError(f"CARDCHECK_REDIS_KEY_PREFIX={prefix!r}: 1-64 of A-Z a-z 0-9 _ . : -")
+        header = (env.get("CARDCHECK_CALLER_HEADER") or "").strip().lower() or None
+        if header is not None and not _HEADER.match(header):
+            raise SettingsError(f"CARDCHECK_CALLER_HEADER={header!r} is not a metadata key")
         return cls(
-            submit_global_rps=_positive(env, "CARDCHECK_SUBMIT_GLOBAL_RPS", cls.submit_global_rps),
-            submit_global_burst=_positive(env, "CARDCHECK_SUBMIT_GLOBAL_BURST", cls.submit_global_burst),
-            submit_user_per_minute=_positive(
-                env, "CARDCHECK_SUBMIT_USER_PER_MINUTE", cls.submit_user_per_minute
+            submit_global_rps=number("CARDCHECK_SUBMIT_GLOBAL_RPS", cls.submit_global_rps),
+            submit_global_burst=number("CARDCHECK_SUBMIT_GLOBAL_BURST", cls.submit_global_burst),
+            submit_user_per_minute=number("CARDCHECK_SUBMIT_USER_PER_MINUTE", cls.submit_user_per_minute),
+            submit_user_burst=number("CARDCHECK_SUBMIT_USER_BURST", cls.submit_user_burst),
+            sms_phone_daily_cap=int(
+                _positive(env, "CARDCHECK_SMS_PHONE_DAILY_CAP", cls.sms_phone_daily_cap, integer=True)
             ),
-            submit_user_burst=_positive(env, "CARDCHECK_SUBMIT_USER_BURST", cls.submit_user_burst),
+            sms_caller_per_hour=number("CARDCHECK_SMS_CALLER_PER_HOUR", cls.sms_caller_per_hour),
+            sms_caller_burst=number("CARDCHECK_SMS_CALLER_BURST", cls.sms_caller_burst),
+            sms_user_per_hour=number("CARDCHECK_SMS_USER_PER_HOUR", cls.sms_user_per_hour),
+            sms_user_burst=number("CARDCHECK_SMS_USER_BURST", cls.sms_user_burst),
+            report_user_per_minute=number("CARDCHECK_REPORT_USER_PER_MINUTE", cls.report_user_per_minute),
+            report_user_burst=number("CARDCHECK_REPORT_USER_BURST", cls.report_user_burst),
             payment_password_max_attempts=int(
                 _positive(
                     env,
@@ -58,9 +108,10 @@ class GatewayConfig:
                     integer=True,
                 )
             ),
-            payment_password_lock=timedelta(
-                minutes=_positive(env, "CARDCHECK_PAYMENT_PASSWORD_LOCK_MINUTES", 30.0)
-            ),
-            session_ttl=timedelta(hours=_positive(env, "CARDCHECK_SESSION_TTL_HOURS", 24.0)),
-            downstream_timeout_s=_positive(env, "CARDCHECK_DOWNSTREAM_TIMEOUT_S", cls.downstream_timeout_s),
+            payment_password_lock=timedelta(minutes=number("CARDCHECK_PAYMENT_PASSWORD_LOCK_MINUTES", 30.0)),
+            session_ttl=timedelta(hours=number("CARDCHECK_SESSION_TTL_HOURS", 24.0)),
+            downstream_timeout_s=number("CARDCHECK_DOWNSTREAM_TIMEOUT_S", cls.downstream_timeout_s),
+            redis_key_prefix=prefix,
+            redis_timeout_s=number("CARDCHECK_REDIS_TIMEOUT_S", cls.redis_timeout_s),
+            caller_header=header,
         )

@@ -19,6 +19,7 @@ from cardcheck.banks import BANK_CODES, BANKS, BankInfo
 from cardcheck.runtime.clock import Clock
 from cardcheck.runtime.database import Database
 from cardcheck.runtime.errors import CardCheckError
+from cardcheck.runtime.keys import KeyedHash
 from cardcheck.runtime.settings import Settings
 from cardcheck.v1 import common_pb2, gateway_pb2, report_service_pb2
 from gateway import validation
@@ -27,8 +28,8 @@ from gateway.challenges import Challenges, IssuedChallenge
 from gateway.config import GatewayConfig
 from gateway.downstream import BankDirectory, ReportDesk, SmsSender
 from gateway.face import FaceVerifier
-from gateway.limits import RateLimiter
-from gateway.sessions import IssuedSession, Sessions
+from gateway.limits import Limiters, RateLimiter
+from gateway.sessions import IssuedSession, SessionClaims, Sessions
 from gateway.users import Identity, Users
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,17 @@ def _annotate(attributes: dict[str, str | int]) -> None:
         span.set_attribute(key, value)
 
 
+async def _limited(limiter: RateLimiter, key: str, scope: str, message: str) -> None:
+    wait = await limiter.acquire(key)
+    if wait is not None:
+        raise CardCheckError(
+            "RATE_LIMITED",
+            message,
+            metadata={"limit": scope, "retry_after_seconds": str(max(1, int(wait.total_seconds() + 0.999)))},
+            retry_after=wait,
+        )
+
+
 class Gateway:
     def __init__(
         self,
@@ -98,8 +110,8 @@ class Gateway:
         banks: BankDirectory,
         reports: ReportDesk,
         sms: SmsSender,
-        submit_global: RateLimiter,
-        submit_per_user: RateLimiter,
+        limiters: Limiters,
+        callers: KeyedHash,
         agreement: Agreement = CURRENT,
     ) -> None:
         self._settings = settings
@@ -113,8 +125,8 @@ class Gateway:
         self._banks = banks
         self._reports = reports
         self._sms = sms
-        self._submit_global = submit_global
-        self._submit_per_user = submit_per_user
+        self._limits = limiters
+        self._callers = callers
         self.agreement = agreement
 
     # --- banks and agreement ---------------------------------------------------------------
@@ -128,7 +140,10 @@ class Gateway:
 
     # --- SMS challenges ----------------------------------------------------------------------
 
-    async def request_sms_code(self, phone: str, purpose: str | None, token: str | None) -> IssuedChallenge:
+    async def request_sms_code(
+        self, phone: str, purpose: str | None, token: str | None, caller: str = ""
+    ) -> IssuedChallenge:
+        """Limited per caller, per signed-in user (QUERY_AUTH) and per phone (challenges.py)."""
         problems = validation.Violations()
         problems.sms_purpose(purpose)
         if purpose in ("REGISTER", "SIGN_IN"):
@@ -136,10 +151,16 @@ class Gateway:
         problems.raise_if_any()
         assert purpose is not None
         _annotate({"cardcheck.sms.purpose": purpose})
+        # The caller (an address, never stored or logged) is only a key in the limiter.
+        await _limited(
+            self._limits.sms_caller, self._callers.digest(caller)[:32], "caller", "too many codes requested"
+        )
 
         send = True
         if purpose == "QUERY_AUTH":
-            user_id = await self._sessions.user_of(token)
+            claims = self._sessions.verify(token)
+            await _limited(self._limits.sms_user, claims.user_id, "user", "too many codes requested")
+            user_id = await self._sessions.ensure_live(claims)
             phone = (await self._users.identity(user_id)).phone
         elif purpose == "SIGN_IN" and await self._users.find_by_phone(phone) is None:
             # Answer exactly as for a registered phone (no account enumeration), send nothing.
@@ -198,16 +219,27 @@ class Gateway:
     async def authenticate(self, token: str | None) -> str:
         return await self._sessions.user_of(token)
 
+    async def sign_out(self, token: str | None, everywhere: bool) -> int:
+        """Revokes the calling session (or all of its user's): how many live ones ended."""
+        claims = self._sessions.verify(token)
+        user_id = await self._sessions.ensure_live(claims)
+        ended = await self._sessions.revoke(claims, everywhere=everywhere)
+        log.info("user %s signed out (%d session(s) ended)", user_id, ended)
+        return ended
+
     # --- queries -----------------------------------------------------------------------------
 
-    async def _admit(self, user_id: str) -> None:
-        wait = await self._submit_per_user.acquire(f"submit:user:{user_id}")
+    async def _admit(self, claims: SessionClaims) -> str:
+        """Admission of a SubmitQuery, before any database work, downstream call or hashing:
+        the token's signature (no I/O), the user's own budget, the global limit (shedding);
+        only then the session's revocation check in the database. The user's budget comes first
+        so that one user (even with a stolen, revoked token) cannot drain the global one."""
+        await _limited(self._limits.submit_user, claims.user_id, "user", "too many queries submitted")
+        wait = await self._limits.submit_global.acquire(GLOBAL_SUBMIT_KEY)
         if wait is not None:
-            raise CardCheckError("RATE_LIMITED", "too many queries submitted by this user", retry_after=wait)
-        wait = await self._submit_global.acquire(GLOBAL_SUBMIT_KEY)
-        if wait is not None:
-            log.warning("shedding SubmitQuery load: global admission limit reached")
+            _annotate({"cardcheck.admission.shed": True})
             raise CardCheckError("SERVICE_BUSY", "too many queries submitted at once", retry_after=wait)
+        return await self._sessions.ensure_live(claims)
 
     async def _resolve_banks(self, requested: list[str]) -> list[str]:
         if requested:
@@ -217,8 +249,7 @@ class Gateway:
         return [code for code in BANK_CODES if code in available] or list(BANK_CODES)
 
     async def submit_query(self, token: str | None, form: QueryRequest) -> common_pb2.Query:
-        user_id = await self._sessions.user_of(token)
-        await self._admit(user_id)
+        user_id = await self._admit(self._sessions.verify(token))
 
         problems = validation.Violations()
         problems.bank_codes(form.bank_codes)
@@ -309,7 +340,10 @@ class Gateway:
         return await self._reports.list_queries(user_id)
 
     async def get_report(self, token: str | None, query_id: str, payment_password: str) -> common_pb2.Report:
-        user_id = await self._sessions.user_of(token)
+        claims = self._sessions.verify(token)
+        # Each attempt may cost an argon2 verification: counted before anything else.
+        await _limited(self._limits.report_user, claims.user_id, "user", "too many report requests")
+        user_id = await self._sessions.ensure_live(claims)
         problems = validation.Violations()
         problems.query_id(query_id)
         problems.payment_password(payment_password)

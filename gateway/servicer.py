@@ -1,17 +1,27 @@
-"""cardcheck.v1.CardCheck: translates protobuf to the flows of gateway/flows.py and back."""
+"""cardcheck.v1.CardCheck: translates protobuf to the flows of gateway/flows.py and back.
+
+`add_to_server` registers the servicer so that a request that is not a valid protobuf message
+of its type (corrupt wire format, bad UTF-8 in a string field) is refused INVALID_ARGUMENT with
+a BadRequest, instead of the UNKNOWN that grpc answers when the generated deserializer raises."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
+from urllib.parse import unquote
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from cardcheck.runtime.errors import handles_errors
+from cardcheck.runtime.errors import FieldViolation, abort, handles_errors, invalid_argument
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.flows import Gateway, QueryRequest, Registration
 from gateway.sessions import IssuedSession, bearer_token
+
+SERVICE = "cardcheck.v1.CardCheck"
+log = logging.getLogger(__name__)
 
 
 def _timestamp(instant: datetime) -> timestamp_pb2.Timestamp:
@@ -25,6 +35,39 @@ def _token(context: grpc.aio.ServicerContext) -> str | None:
         if key.lower() == "authorization":
             return bearer_token(value if isinstance(value, str) else value.decode(errors="replace"))
     return None
+
+
+def _metadata_value(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode(errors="replace")
+
+
+def _network(host: str) -> str:
+    """An IPv4 address as it is; an IPv6 address as its /64 (one subscriber's prefix)."""
+    try:
+        address = ipaddress.ip_address(host.strip().strip("[]"))
+    except ValueError:
+        return host.strip()[:128]
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+def caller_of(peer: str, metadata: Sequence[tuple[str, str | bytes]], header: str | None = None) -> str:
+    """Who is calling, for the per-caller SMS limit: the peer's address (`ipv4:1.2.3.4:5678`,
+    `ipv6:[::1]:5678`), or, when the gateway sits behind a proxy that sets `header`, the last
+    address in it (the one that proxy appended)."""
+    if header:
+        for key, value in metadata:
+            if key.lower() == header:
+                last = _metadata_value(value).rsplit(",", 1)[-1].strip()
+                if last:
+                    return _network(last)
+    scheme, _, rest = unquote(peer or "").partition(":")
+    if scheme in ("ipv4", "ipv6"):
+        return _network(rest.rpartition(":")[0])
+    return peer or "unknown"
 
 
 def _purpose(value: int) -> str | None:
@@ -43,8 +86,9 @@ def _session(issued: IssuedSession) -> gateway_pb2.Session:
 
 
 class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, *, caller_header: str | None = None) -> None:
         self._gateway = gateway
+        self._caller_header = caller_header
 
     @handles_errors
     async def ListBanks(self, request, context) -> gateway_pb2.ListBanksResponse:
@@ -64,7 +108,10 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
     @handles_errors
     async def RequestSmsCode(self, request, context) -> gateway_pb2.SmsChallenge:
         issued = await self._gateway.request_sms_code(
-            request.phone, _purpose(request.purpose), _token(context)
+            request.phone,
+            _purpose(request.purpose),
+            _token(context),
+            caller_of(context.peer(), context.invocation_metadata() or (), self._caller_header),
         )
         return gateway_pb2.SmsChallenge(
             challenge_id=issued.challenge_id,
@@ -93,6 +140,11 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
         return _session(await self._gateway.sign_in(request.phone, request.challenge_id, request.sms_code))
 
     @handles_errors
+    async def SignOut(self, request, context) -> gateway_pb2.SignOutResponse:
+        ended = await self._gateway.sign_out(_token(context), request.everywhere)
+        return gateway_pb2.SignOutResponse(sessions_ended=ended)
+
+    @handles_errors
     async def SubmitQuery(self, request, context) -> common_pb2.Query:
         return await self._gateway.submit_query(
             _token(context),
@@ -119,3 +171,85 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
     @handles_errors
     async def GetReport(self, request, context) -> common_pb2.Report:
         return await self._gateway.get_report(_token(context), request.query_id, request.payment_password)
+
+
+# --- registration that refuses undecodable requests ---------------------------------------------
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not a message of the method's type."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _tolerant_deserializer(deserialize, type_name: str):
+    def parse(raw: bytes):
+        try:
+            return deserialize(raw)
+        except Exception:  # DecodeError, or anything else the parser may raise on garbage
+            return _Undecodable(type_name)
+
+    return parse
+
+
+def _undecodable(request: _Undecodable) -> Exception:
+    return invalid_argument([FieldViolation("request", f"not a valid {request.type_name} message")])
+
+
+def _tolerant(handler: grpc.RpcMethodHandler, type_name: str) -> grpc.RpcMethodHandler:
+    if handler.request_streaming:
+        return handler  # the public API has no client streams
+    if handler.response_streaming:
+        behavior = handler.unary_stream
+
+        async def stream(request, context):
+            if isinstance(request, _Undecodable):
+                await abort(context, _undecodable(request))
+                return
+            async for item in behavior(request, context):
+                yield item
+
+        return handler._replace(
+            request_deserializer=_tolerant_deserializer(handler.request_deserializer, type_name),
+            unary_stream=stream,
+        )
+    behavior = handler.unary_unary
+
+    async def unary(request, context):
+        if isinstance(request, _Undecodable):
+            await abort(context, _undecodable(request))
+        return await behavior(request, context)
+
+    return handler._replace(
+        request_deserializer=_tolerant_deserializer(handler.request_deserializer, type_name),
+        unary_unary=unary,
+    )
+
+
+class _Collector:
+    """Takes the method handlers the generated code builds, instead of a server."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers.update(handlers)
+
+
+def add_to_server(servicer: CardCheckServicer, server: grpc.aio.Server) -> None:
+    """Like the generated add_CardCheckServicer_to_server, with tolerant request parsing."""
+    collector = _Collector()
+    gateway_pb2_grpc.add_CardCheckServicer_to_server(servicer, collector)
+    methods = gateway_pb2.DESCRIPTOR.services_by_name["CardCheck"].methods_by_name
+    if set(collector.handlers) != set(methods):
+        raise RuntimeError("the generated CardCheck stubs no longer register every method")
+    handlers = {
+        name: _tolerant(handler, methods[name].input_type.full_name)
+        for name, handler in collector.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

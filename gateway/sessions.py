@@ -1,13 +1,21 @@
-"""Sessions: an opaque bearer token given once at Register/SignIn. Only its SHA-256 is stored
-(the token has 256 bits of entropy, so a plain hash suffices), with its user, expiry and a
-revoked flag."""
+"""Sessions: a signed, expiring bearer token given at Register and SignIn, revocable.
+
+A token reads `v1.<session id>.<user id>.<expiry>.<signature>`: the signature is HMAC-SHA256,
+under a key derived from the master key for this purpose alone, over everything before it. So
+`verify` knows without any I/O whether a token is ours, whose it is and whether it has expired;
+a forged or expired token never reaches the database. `ensure_live` then asks the sessions table
+whether the session still exists and is not revoked (sign-out), which every authenticated RPC
+does. The table holds only a SHA-256 of the session id (128 random bits), never the token, so
+even a leak of the table together with the key cannot make a working token."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Column, DateTime
 from sqlmodel import Field, Session, SQLModel, select
@@ -15,14 +23,16 @@ from sqlmodel import Field, Session, SQLModel, select
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database
 from cardcheck.runtime.errors import CardCheckError
+from cardcheck.runtime.keys import Keyring
 
 MAX_TOKEN_LENGTH = 256
+TOKEN_VERSION = "v1"
 
 
 class SessionRow(SQLModel, table=True):
     __tablename__ = "gw_sessions"
 
-    token_hash: str = Field(primary_key=True, max_length=64)
+    token_hash: str = Field(primary_key=True, max_length=64)  # SHA-256 of the session id
     user_id: str = Field(index=True, max_length=36)
     created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
@@ -36,50 +46,123 @@ class IssuedSession:
     expires_at: datetime
 
 
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+@dataclass(frozen=True)
+class SessionClaims:
+    """What a verified token says: authentic and unexpired, not yet checked for revocation."""
+
+    session_id: str
+    user_id: str
+    expires_at: datetime
+
+
+def _hash(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode()).hexdigest()
 
 
 def _unauthenticated(why: str) -> CardCheckError:
     return CardCheckError("UNAUTHENTICATED", why)
 
 
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+class SessionTokens:
+    """Signs and verifies tokens; no storage."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    @classmethod
+    def from_keyring(cls, keyring: Keyring) -> SessionTokens:
+        return cls(keyring.subkey("session-token"))
+
+    def _signature(self, body: str) -> str:
+        return _b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest())
+
+    def sign(self, session_id: str, user_id: str, expires_at: datetime) -> str:
+        body = f"{TOKEN_VERSION}.{session_id}.{user_id}.{int(expires_at.timestamp())}"
+        return f"{body}.{self._signature(body)}"
+
+    def verify(self, token: str | None, now: datetime) -> SessionClaims:
+        """The claims of an authentic, unexpired token; UNAUTHENTICATED otherwise."""
+        if not token:
+            raise _unauthenticated("no session token")
+        if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
+            raise _unauthenticated("unknown session token")
+        body, _, signature = token.rpartition(".")
+        if not hmac.compare_digest(signature.encode(), self._signature(body).encode()):
+            raise _unauthenticated("unknown session token")
+        version, session_id, user_id, expiry = (body.split(".") + ["", "", "", ""])[:4]
+        if version != TOKEN_VERSION or not expiry.isdigit() or body.count(".") != 3:
+            raise _unauthenticated("unknown session token")  # signed by us, so only a format change
+        expires_at = datetime.fromtimestamp(int(expiry), UTC)
+        if expires_at <= now:
+            raise _unauthenticated("session expired")
+        return SessionClaims(session_id, user_id, expires_at)
+
+
 class Sessions:
-    def __init__(self, db: Database, clock: Clock, ttl: timedelta = timedelta(hours=24)) -> None:
+    def __init__(
+        self, db: Database, keyring: Keyring, clock: Clock, ttl: timedelta = timedelta(hours=24)
+    ) -> None:
         self._db = db
+        self._tokens = SessionTokens.from_keyring(keyring)
         self._clock = clock
         self._ttl = ttl
 
     async def open(self, user_id: str) -> IssuedSession:
-        token = secrets.token_urlsafe(32)
+        session_id = secrets.token_urlsafe(16)
         now = self._clock.now()
-        row = SessionRow(token_hash=_hash(token), user_id=user_id, created_at=now, expires_at=now + self._ttl)
+        # Whole seconds, as the token carries them.
+        expires_at = datetime.fromtimestamp(int((now + self._ttl).timestamp()), UTC)
+        row = SessionRow(token_hash=_hash(session_id), user_id=user_id, created_at=now, expires_at=expires_at)
         await self._db.run(lambda session: session.add(row))
-        return IssuedSession(user_id, token, row.expires_at)
+        return IssuedSession(user_id, self._tokens.sign(session_id, user_id, expires_at), expires_at)
 
-    async def user_of(self, token: str | None) -> str:
-        """The user a live session token belongs to; UNAUTHENTICATED otherwise."""
-        if not token:
-            raise _unauthenticated("no session token")
-        if len(token) > MAX_TOKEN_LENGTH:
-            raise _unauthenticated("unknown session token")
-        row = await self._db.run(lambda session: session.get(SessionRow, _hash(token)))
-        if row is None:
-            raise _unauthenticated("unknown session token")
+    def verify(self, token: str | None) -> SessionClaims:
+        """Signature and expiry only, no I/O: cheap enough to come before load shedding."""
+        return self._tokens.verify(token, self._clock.now())
+
+    async def ensure_live(self, claims: SessionClaims) -> str:
+        """The session's user, if the session is still on record and not revoked."""
+        row = await self._db.run(lambda session: session.get(SessionRow, _hash(claims.session_id)))
+        if row is None or not hmac.compare_digest(row.user_id.encode(), claims.user_id.encode()):
+            raise _unauthenticated("unknown session")
         if row.revoked:
             raise _unauthenticated("session revoked")
         if as_utc(row.expires_at) <= self._clock.now():
             raise _unauthenticated("session expired")
         return row.user_id
 
-    async def revoke(self, token: str) -> None:
-        def work(session: Session) -> None:
-            row = session.get(SessionRow, _hash(token))
-            if row is not None:
+    async def user_of(self, token: str | None) -> str:
+        """The user a live session token belongs to; UNAUTHENTICATED otherwise."""
+        return await self.ensure_live(self.verify(token))
+
+    async def revoke(self, claims: SessionClaims, *, everywhere: bool = False) -> int:
+        """Ends this session (or every live session of its user): how many were ended."""
+        now = self._clock.now()
+
+        def work(session: Session) -> int:
+            if everywhere:
+                rows = session.exec(
+                    select(SessionRow).where(
+                        SessionRow.user_id == claims.user_id,
+                        SessionRow.revoked == False,  # noqa: E712
+                    )
+                ).all()
+            else:
+                row = session.get(SessionRow, _hash(claims.session_id))
+                rows = [row] if row is not None and not row.revoked else []
+            ended = 0
+            for row in rows:
+                if as_utc(row.expires_at) > now:
+                    ended += 1
                 row.revoked = True
                 session.add(row)
+            return ended
 
-        await self._db.run(work)
+        return await self._db.run(work)
 
     async def purge_expired(self, older_than: timedelta = timedelta(days=1)) -> int:
         cutoff = self._clock.now() - older_than

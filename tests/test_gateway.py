@@ -13,7 +13,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -30,6 +30,7 @@ from cardcheck.numbers import id_check_digit, luhn_check_digit
 from cardcheck.runtime.clock import ManualClock
 from cardcheck.runtime.database import make_engine
 from cardcheck.runtime.errors import DOMAIN, CardCheckError, abort
+from cardcheck.runtime.keys import load_master_key
 from cardcheck.runtime.server import ServiceHost
 from cardcheck.runtime.settings import DEFAULT_PORTS, Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
@@ -75,6 +76,7 @@ BOB = Person("李四", _id_number("11010519851231004"), "13987654321", _card("62
 # Ends with the check digit X: ID numbers are compared in upper case.
 CAROL = Person("阿依古丽·买买提", "11010119800101007X", "15011112222", _card("622588000033334444"))
 assert CAROL.id_number[-1] == id_check_digit(CAROL.id_number[:17])
+BOB_USER = "00000000-0000-4000-8000-000000000000"
 
 
 # --- fakes of report_service and bank_connector ---------------------------------------------
@@ -531,7 +533,74 @@ async def test_unknown_bank_is_named(stack: Stack):
         "UNKNOWN_BANK",
     )
     assert refusal.metadata["bank_code"] == "NOSUCHBANK"
+    assert refusal.violations == {"bank_codes[1]": "unknown bank code"}
     assert stack.reports.created == []
+
+
+async def test_only_ascii_digits_and_whole_values_pass(stack: Stack):
+    arabic = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
+    fullwidth = str.maketrans("0123456789", "０１２３４５６７８９")
+    # Each would be a second spelling of a valid value (or, for superscripts, crash a naive int()).
+    request = stack.register_request(
+        ALICE,
+        "a" * 32 + "\n",
+        "123456\n",
+        name=ALICE.name + "\n",
+        id_number=ALICE.id_number.translate(arabic),
+        phone=ALICE.phone + "\n",
+        card_number="²" * 16,
+        payment_password=PASSWORD.translate(fullwidth),
+    )
+    refusal = await refused(
+        stack.gateway.Register(request), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"
+    )
+    assert set(refusal.violations) == {
+        "name",
+        "id_number",
+        "phone",
+        "card_number",
+        "payment_password",
+        "challenge_id",
+        "sms_code",
+    }
+    refusal = await refused(
+        stack.gateway.Register(
+            stack.register_request(ALICE, "a" * 32, "123456", card_number=ALICE.card_number.translate(arabic))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    assert set(refusal.violations) == {"card_number"}
+    # Card numbers: 16 to 19 digits with a Luhn check digit.
+    for card, valid in [
+        (_card("6" * 14), False),
+        (_card("6" * 15), True),
+        (_card("6" * 18), True),
+        (_card("6" * 19), False),
+    ]:
+        from gateway.validation import Violations
+
+        problems = Violations()
+        problems.card_number(card)
+        assert (not problems.items) == valid, card
+
+
+async def test_an_undecodable_request_is_invalid_argument_on_every_rpc(stack: Stack):
+    channel = stack.channels[0]
+    for method in gateway_pb2.DESCRIPTOR.services_by_name["CardCheck"].methods:
+        path = f"/cardcheck.v1.CardCheck/{method.name}"
+        payloads = [b"\xff\xff\xff"]  # corrupt wire format
+        first = method.input_type.fields_by_number.get(1)
+        if first is not None and first.type == first.TYPE_STRING:
+            payloads.append(b"\x0a\x02\xc3\x28")  # field 1 a string with bad UTF-8
+        for payload in payloads:
+            if method.server_streaming:
+                call = channel.unary_stream(path)(payload).read()
+            else:
+                call = channel.unary_unary(path)(payload)
+            refusal = await refused(call, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+            assert set(refusal.violations) == {"request"}, method.name
+    await stack.gateway.GetAgreement(gateway_pb2.GetAgreementRequest())  # still serving
 
 
 # --- the whole flow ----------------------------------------------------------------------------
@@ -791,6 +860,125 @@ async def test_sign_in_code_for_an_unknown_phone_answers_alike_but_sends_nothing
     )
 
 
+async def test_a_phone_gets_at_most_its_daily_cap_of_codes(start_stack):
+    stack = await start_stack(config=GatewayConfig(sms_phone_daily_cap=3))
+    stack.clock.set(datetime(2026, 1, 5, 15, 0, tzinfo=UTC))  # 23:00 in China
+    for purpose in (REGISTER, SIGN_IN, REGISTER):  # over all purposes
+        await stack.gateway.RequestSmsCode(
+            gateway_pb2.RequestSmsCodeRequest(phone=ALICE.phone, purpose=purpose)
+        )
+        stack.clock.advance(timedelta(minutes=1))
+    refusal = await refused(
+        stack.gateway.RequestSmsCode(gateway_pb2.RequestSmsCodeRequest(phone=ALICE.phone, purpose=SIGN_IN)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+    )
+    assert refusal.metadata["limit"] == "phone_daily"
+    assert refusal.retry_after == timedelta(minutes=57)  # until midnight in China
+    # The SIGN_IN code of an unregistered phone was not sent, but counted alike (no enumeration).
+    assert len(await stack.inbox(ALICE.phone)) == 2
+    # Another phone is not held back; the next day (China's) the phone gets codes again.
+    await stack.gateway.RequestSmsCode(gateway_pb2.RequestSmsCodeRequest(phone=BOB.phone, purpose=REGISTER))
+    stack.clock.advance(timedelta(minutes=57))
+    await stack.gateway.RequestSmsCode(gateway_pb2.RequestSmsCodeRequest(phone=ALICE.phone, purpose=SIGN_IN))
+
+
+async def test_a_code_that_could_not_be_sent_does_not_count_towards_the_cap(start_stack):
+    stack = await start_stack(config=GatewayConfig(sms_phone_daily_cap=1))
+    await stack.notifier_host.stop(0)
+    request = gateway_pb2.RequestSmsCodeRequest(phone=ALICE.phone, purpose=REGISTER)
+    await refused(stack.gateway.RequestSmsCode(request), grpc.StatusCode.UNAVAILABLE, "SERVICE_UNAVAILABLE")
+    await refused(stack.gateway.RequestSmsCode(request), grpc.StatusCode.UNAVAILABLE, "SERVICE_UNAVAILABLE")
+
+
+async def test_each_caller_is_limited_so_nobody_can_bomb_phones(start_stack):
+    stack = await start_stack(
+        config=GatewayConfig(sms_caller_burst=3, sms_caller_per_hour=6, caller_header="x-forwarded-for")
+    )
+    phones = [f"1390000000{i}" for i in range(5)]
+
+    def from_(address: str) -> tuple[tuple[str, str]]:
+        return (("x-forwarded-for", f"10.9.9.9, {address}"),)  # the proxy appended the last one
+
+    for phone in phones[:3]:
+        await stack.gateway.RequestSmsCode(
+            gateway_pb2.RequestSmsCodeRequest(phone=phone, purpose=REGISTER), metadata=from_("203.0.113.7")
+        )
+    refusal = await refused(
+        stack.gateway.RequestSmsCode(
+            gateway_pb2.RequestSmsCodeRequest(phone=phones[3], purpose=REGISTER),
+            metadata=from_("203.0.113.7"),
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+    )
+    assert refusal.metadata["limit"] == "caller" and refusal.retry_after == timedelta(minutes=10)
+    assert await stack.inbox(phones[3]) == []
+    # Another caller is not held back; an IPv6 caller is one /64.
+    await stack.gateway.RequestSmsCode(
+        gateway_pb2.RequestSmsCodeRequest(phone=phones[3], purpose=REGISTER), metadata=from_("198.51.100.1")
+    )
+    for i, phone in enumerate(phones):
+        stack.clock.advance(timedelta(minutes=1))
+        call = stack.gateway.RequestSmsCode(
+            gateway_pb2.RequestSmsCodeRequest(phone=phone, purpose=SIGN_IN), metadata=from_(f"2001:db8::{i}")
+        )
+        if i < 3:
+            await call
+        else:
+            await refused(call, grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+
+
+def test_caller_of():
+    from gateway.servicer import caller_of
+
+    assert caller_of("ipv4:203.0.113.7:51234", ()) == "203.0.113.7"
+    assert caller_of("ipv6:[2001:db8:1:2:3:4:5:6]:443", ()) == "2001:db8:1:2::/64"
+    assert caller_of("ipv6:%5B::ffff:192.0.2.1%5D:443", ()) == "192.0.2.1"
+    assert caller_of("unix:/tmp/s", ()) == "unix:/tmp/s"
+    # The header only counts when configured (a client could otherwise pick any identity).
+    metadata = (("x-forwarded-for", "1.1.1.1, 203.0.113.9"),)
+    assert caller_of("ipv4:10.0.0.1:1", metadata) == "10.0.0.1"
+    assert caller_of("ipv4:10.0.0.1:1", metadata, "x-forwarded-for") == "203.0.113.9"
+
+
+async def test_each_user_is_limited_on_query_codes_and_report_attempts(start_stack):
+    stack = await start_stack(config=GatewayConfig(sms_user_burst=1, report_user_burst=2))
+    alice = await stack.register(ALICE)
+    token = alice.session_token
+    await stack.query_auth(ALICE, token)
+    stack.clock.advance(timedelta(minutes=1))  # past the phone's one-a-minute
+    refusal = await refused(
+        stack.gateway.RequestSmsCode(
+            gateway_pb2.RequestSmsCodeRequest(purpose=QUERY_AUTH), metadata=bearer(token)
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+    )
+    assert refusal.metadata["limit"] == "user" and refusal.retry_after == timedelta(minutes=2)
+    # GetReport: every attempt counts, before the password is even looked at.
+    request = gateway_pb2.GetReportRequest(query_id="q1", payment_password="000000")
+    for _ in range(2):
+        await refused(
+            stack.gateway.GetReport(request, metadata=bearer(token)),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "PAYMENT_PASSWORD_INVALID",
+        )
+    refusal = await refused(
+        stack.gateway.GetReport(request, metadata=bearer(token)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+    )
+    assert refusal.retry_after == timedelta(seconds=6)
+    stack.clock.advance(timedelta(seconds=6))
+    refusal = await refused(
+        stack.gateway.GetReport(request, metadata=bearer(token)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PAYMENT_PASSWORD_INVALID",
+    )
+    assert refusal.metadata["attempts_left"] == "2"  # the refused attempt was not counted as wrong
+
+
 # --- registration refusals ---------------------------------------------------------------------
 
 
@@ -939,21 +1127,107 @@ async def test_unauthenticated_calls(stack: Stack):
     )
 
 
-async def test_revoked_session_is_refused(stack: Stack):
-    from cardcheck.runtime.database import Database
-    from gateway.sessions import Sessions
+async def test_sign_out_revokes_the_session_and_everywhere_all_of_them(stack: Stack):
+    first = await stack.register(ALICE)
+    stack.clock.advance(timedelta(minutes=1))
+    challenge_id, code = await stack.challenge(SIGN_IN, ALICE.phone)
+    second = await stack.gateway.SignIn(
+        gateway_pb2.SignInRequest(phone=ALICE.phone, challenge_id=challenge_id, sms_code=code)
+    )
+    stack.clock.advance(timedelta(minutes=1))
+    challenge_id, code = await stack.challenge(SIGN_IN, ALICE.phone)
+    third = await stack.gateway.SignIn(
+        gateway_pb2.SignInRequest(phone=ALICE.phone, challenge_id=challenge_id, sms_code=code)
+    )
+    bob = await stack.register(BOB)
+    list_queries = gateway_pb2.ListQueriesRequest()
+
+    ended = await stack.gateway.SignOut(gateway_pb2.SignOutRequest(), metadata=bearer(first.session_token))
+    assert ended.sessions_ended == 1
+    for call in (
+        stack.gateway.ListQueries(list_queries, metadata=bearer(first.session_token)),
+        stack.gateway.SignOut(gateway_pb2.SignOutRequest(), metadata=bearer(first.session_token)),
+        stack.gateway.SubmitQuery(gateway_pb2.SubmitQueryRequest(), metadata=bearer(first.session_token)),
+        stack.gateway.GetReport(gateway_pb2.GetReportRequest(), metadata=bearer(first.session_token)),
+        stack.gateway.RequestSmsCode(
+            gateway_pb2.RequestSmsCodeRequest(purpose=QUERY_AUTH), metadata=bearer(first.session_token)
+        ),
+        stack.gateway.WatchQuery(
+            gateway_pb2.WatchQueryRequest(query_id="q1"), metadata=bearer(first.session_token)
+        ).read(),
+    ):
+        await refused(call, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+    await stack.gateway.ListQueries(list_queries, metadata=bearer(second.session_token))
+
+    # Everywhere: the caller's and every other session of the same user, not another user's.
+    ended = await stack.gateway.SignOut(
+        gateway_pb2.SignOutRequest(everywhere=True), metadata=bearer(third.session_token)
+    )
+    assert ended.sessions_ended == 2
+    for token in (second.session_token, third.session_token):
+        await refused(
+            stack.gateway.ListQueries(list_queries, metadata=bearer(token)),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "UNAUTHENTICATED",
+        )
+    await stack.gateway.ListQueries(list_queries, metadata=bearer(bob.session_token))
+    # The client helper forgets its token on sign-out.
+    client = CardCheckClient(channel=stack.channels[0], session_token=bob.session_token)
+    assert await client.sign_out() == 1 and client.session_token is None
+
+
+async def test_session_tokens_are_signed_expiring_and_checked_before_the_database(stack: Stack):
+    from cardcheck.runtime.keys import Keyring
+    from gateway.sessions import SessionTokens
 
     session = await stack.register(ALICE)
-    db = Database(make_engine(stack.settings.database_url, stack.settings.data_dir, "gateway"))
-    try:
-        await Sessions(db, stack.clock).revoke(session.session_token)
-    finally:
-        db.dispose()
-    await refused(
-        stack.gateway.ListQueries(gateway_pb2.ListQueriesRequest(), metadata=bearer(session.session_token)),
-        grpc.StatusCode.UNAUTHENTICATED,
-        "UNAUTHENTICATED",
-    )
+    token = session.session_token
+    version, session_id, user_id, expiry, signature = token.split(".")
+    assert version == "v1" and user_id == session.user_id
+    assert int(expiry) == int(session.expires_at.seconds)
+
+    def flip(part: str) -> str:
+        return part[:-1] + ("A" if part[-1] != "A" else "B")
+
+    forged = [
+        ".".join([version, session_id, user_id, str(int(expiry) + 3600), signature]),  # longer life
+        ".".join([version, session_id, BOB_USER, expiry, signature]),  # someone else
+        ".".join([version, flip(session_id), user_id, expiry, signature]),
+        ".".join([version, session_id, user_id, expiry, flip(signature)]),
+        ".".join([version, session_id, user_id, expiry]),
+        token + ".x",
+        token.replace("v1", "v2", 1),
+        "x" * 300,
+        "",
+    ]
+    # Signed with another key: well formed, authentic to nobody.
+    other = SessionTokens.from_keyring(Keyring(b"k" * 32))
+    forged.append(other.sign(session_id, user_id, session.expires_at.ToDatetime().replace(tzinfo=UTC)))
+    for bad in forged:
+        await refused(
+            stack.gateway.ListQueries(gateway_pb2.ListQueriesRequest(), metadata=bearer(bad)),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "UNAUTHENTICATED",
+        )
+    await stack.gateway.ListQueries(gateway_pb2.ListQueriesRequest(), metadata=bearer(token))
+
+    # A forged token is refused by its signature alone: no database is consulted.
+    class NoDatabase:
+        async def run(self, work):
+            raise AssertionError("the database was consulted")
+
+    from gateway.sessions import Sessions
+
+    keyring = Keyring(load_master_key(None, stack.settings.data_dir))
+    offline = Sessions(NoDatabase(), keyring, stack.clock)  # type: ignore[arg-type]
+    assert offline.verify(token).user_id == session.user_id
+    for bad in [*forged, token + "é", None]:  # (metadata could not carry these two)
+        with pytest.raises(CardCheckError) as caught:
+            offline.verify(bad)
+        assert caught.value.reason == "UNAUTHENTICATED"
+    stack.clock.advance(timedelta(hours=24))
+    with pytest.raises(CardCheckError, match="expired"):
+        offline.verify(token)
 
 
 async def test_payment_password_is_counted_and_locks(stack: Stack):
@@ -1009,6 +1283,33 @@ async def test_global_admission_limit_sheds_load(start_stack):
     assert refusal.retry_after == timedelta(seconds=2)
     stack.clock.advance(timedelta(minutes=1))  # and a new code may be asked for
     await stack.submit(BOB, bob.session_token)
+
+
+async def test_shedding_comes_before_the_database_and_after_the_signature(start_stack):
+    stack = await start_stack(config=GatewayConfig(submit_global_rps=0.001, submit_global_burst=1))
+    alice = await stack.register(ALICE)
+    await stack.gateway.SignOut(gateway_pb2.SignOutRequest(), metadata=bearer(alice.session_token))
+    empty = gateway_pb2.SubmitQueryRequest()
+    # The one admission goes to a revoked token (refused by the database check behind it)...
+    await refused(
+        stack.gateway.SubmitQuery(empty, metadata=bearer(alice.session_token)),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "UNAUTHENTICATED",
+    )
+    # ...then the limit answers before the database would have: busy, not unauthenticated.
+    refusal = await refused(
+        stack.gateway.SubmitQuery(empty, metadata=bearer(alice.session_token)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "SERVICE_BUSY",
+    )
+    assert refusal.retry_after is not None and refusal.retry_after > timedelta(0)
+    # A token that is not ours never reaches the limit.
+    for metadata in ((), bearer("x" * 43)):
+        await refused(
+            stack.gateway.SubmitQuery(empty, metadata=metadata),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "UNAUTHENTICATED",
+        )
 
 
 async def test_each_user_is_rate_limited_on_submissions(start_stack):
@@ -1214,15 +1515,16 @@ async def test_process_serves_health_and_reflection_and_stops_on_sigterm(tmp_pat
 
 async def test_housekeeping_deletes_spent_challenges_and_expired_sessions(stack: Stack):
     from cardcheck.runtime.database import Database
-    from cardcheck.runtime.keys import Keyring, load_master_key
+    from cardcheck.runtime.keys import Keyring
     from gateway.challenges import Challenges
     from gateway.sessions import Sessions
 
     await stack.register(ALICE)
     db = Database(make_engine(stack.settings.database_url, stack.settings.data_dir, "gateway"))
+    keyring = Keyring(load_master_key(None, stack.settings.data_dir))
     try:
-        challenges = Challenges(db, Keyring(load_master_key(None, stack.settings.data_dir)), stack.clock)
-        sessions = Sessions(db, stack.clock)
+        challenges = Challenges(db, keyring, stack.clock)
+        sessions = Sessions(db, keyring, stack.clock)
         assert await challenges.purge_expired() == 0 and await sessions.purge_expired() == 0
         stack.clock.advance(timedelta(days=2, minutes=5))
         assert await challenges.purge_expired() == 1
@@ -1230,8 +1532,8 @@ async def test_housekeeping_deletes_spent_challenges_and_expired_sessions(stack:
         with db.session() as session:
             counts = [
                 session.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one()
-                for t in ("gw_sms_challenges", "gw_sms_throttle", "gw_sessions", "gw_users")
+                for t in ("gw_sms_challenges", "gw_sms_throttle", "gw_sms_daily", "gw_sessions", "gw_users")
             ]
-        assert counts == [0, 0, 0, 1]
+        assert counts == [0, 0, 0, 0, 1]
     finally:
         db.dispose()

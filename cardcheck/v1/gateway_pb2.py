@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from cardcheck.v1 import common_pb2 as cardcheck_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61rdcheck/v1/gateway.proto\x12\x0c\x63\x61rdcheck.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19\x63\x61rdcheck/v1/common.proto\"\x12\n\x10ListBanksRequest\"6\n\x11ListBanksResponse\x12!\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x12.cardcheck.v1.Bank\"\x15\n\x13GetAgreementRequest\"9\n\tAgreement\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"Q\n\x15RequestSmsCodeRequest\x12\r\n\x05phone\x18\x01 \x01(\t\x12)\n\x07purpose\x18\x02 \x01(\x0e\x32\x18.cardcheck.v1.SmsPurpose\"^\n\x0cSmsChallenge\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x02 \x01(\x05\x12\x1c\n\x14resend_after_seconds\x18\x03 \x01(\x05\"\xa8\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tid_number\x18\x02 \x01(\t\x12\r\n\x05phone\x18\x03 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x04 \x01(\t\x12\x10\n\x08sms_code\x18\x05 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x06 \x01(\t\x12\x18\n\x10payment_password\x18\x07 \x01(\t\x12\x0e\n\x06region\x18\x08 \x01(\t\"F\n\rSignInRequest\x12\r\n\x05phone\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x10\n\x08sms_code\x18\x03 \x01(\t\"a\n\x07Session\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaf\x01\n\x12SubmitQueryRequest\x12\x12\n\nbank_codes\x18\x01 \x03(\t\x12\x19\n\x11\x61greement_version\x18\x02 \x01(\t\x12\x15\n\rconsent_given\x18\x03 \x01(\x08\x12\x14\n\x0c\x63hallenge_id\x18\x04 \x01(\t\x12\x10\n\x08sms_code\x18\x05 \x01(\t\x12\x12\n\nface_token\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"%\n\x11WatchQueryRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\x89\x01\n\nQueryEvent\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.cardcheck.v1.Query\x12*\n\x07outcome\x18\x02 \x01(\x0b\x32\x19.cardcheck.v1.BankOutcome\x12+\n\x08outcomes\x18\x03 \x03(\x0b\x32\x19.cardcheck.v1.BankOutcome\"\x14\n\x12ListQueriesRequest\";\n\x13ListQueriesResponse\x12$\n\x07queries\x18\x01 \x03(\x0b\x32\x13.cardcheck.v1.Query\">\n\x10GetReportRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x18\n\x10payment_password\x18\x02 \x01(\t2\xa0\x05\n\tCardCheck\x12L\n\tListBanks\x12\x1e.cardcheck.v1.ListBanksRequest\x1a\x1f.cardcheck.v1.ListBanksResponse\x12J\n\x0cGetAgreement\x12!.cardcheck.v1.GetAgreementRequest\x1a\x17.cardcheck.v1.Agreement\x12Q\n\x0eRequestSmsCode\x12#.cardcheck.v1.RequestSmsCodeRequest\x1a\x1a.cardcheck.v1.SmsChallenge\x12@\n\x08Register\x12\x1d.cardcheck.v1.RegisterRequest\x1a\x15.cardcheck.v1.Session\x12<\n\x06SignIn\x12\x1b.cardcheck.v1.SignInRequest\x1a\x15.cardcheck.v1.Session\x12\x44\n\x0bSubmitQuery\x12 .cardcheck.v1.SubmitQueryRequest\x1a\x13.cardcheck.v1.Query\x12I\n\nWatchQuery\x12\x1f.cardcheck.v1.WatchQueryRequest\x1a\x18.cardcheck.v1.QueryEvent0\x01\x12R\n\x0bListQueries\x12 .cardcheck.v1.ListQueriesRequest\x1a!.cardcheck.v1.ListQueriesResponse\x12\x41\n\tGetReport\x12\x1e.cardcheck.v1.GetReportRequest\x1a\x14.cardcheck.v1.Reportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61rdcheck/v1/gateway.proto\x12\x0c\x63\x61rdcheck.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19\x63\x61rdcheck/v1/common.proto\"\x12\n\x10ListBanksRequest\"6\n\x11ListBanksResponse\x12!\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x12.cardcheck.v1.Bank\"\x15\n\x13GetAgreementRequest\"9\n\tAgreement\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"Q\n\x15RequestSmsCodeRequest\x12\r\n\x05phone\x18\x01 \x01(\t\x12)\n\x07purpose\x18\x02 \x01(\x0e\x32\x18.cardcheck.v1.SmsPurpose\"^\n\x0cSmsChallenge\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x02 \x01(\x05\x12\x1c\n\x14resend_after_seconds\x18\x03 \x01(\x05\"\xa8\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tid_number\x18\x02 \x01(\t\x12\r\n\x05phone\x18\x03 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x04 \x01(\t\x12\x10\n\x08sms_code\x18\x05 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x06 \x01(\t\x12\x18\n\x10payment_password\x18\x07 \x01(\t\x12\x0e\n\x06region\x18\x08 \x01(\t\"F\n\rSignInRequest\x12\r\n\x05phone\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x10\n\x08sms_code\x18\x03 \x01(\t\"$\n\x0eSignOutRequest\x12\x12\n\neverywhere\x18\x01 \x01(\x08\")\n\x0fSignOutResponse\x12\x16\n\x0esessions_ended\x18\x01 \x01(\x05\"a\n\x07Session\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaf\x01\n\x12SubmitQueryRequest\x12\x12\n\nbank_codes\x18\x01 \x03(\t\x12\x19\n\x11\x61greement_version\x18\x02 \x01(\t\x12\x15\n\rconsent_given\x18\x03 \x01(\x08\x12\x14\n\x0c\x63hallenge_id\x18\x04 \x01(\t\x12\x10\n\x08sms_code\x18\x05 \x01(\t\x12\x12\n\nface_token\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"%\n\x11WatchQueryRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\x89\x01\n\nQueryEvent\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.cardcheck.v1.Query\x12*\n\x07outcome\x18\x02 \x01(\x0b\x32\x19.cardcheck.v1.BankOutcome\x12+\n\x08outcomes\x18\x03 \x03(\x0b\x32\x19.cardcheck.v1.BankOutcome\"\x14\n\x12ListQueriesRequest\";\n\x13ListQueriesResponse\x12$\n\x07queries\x18\x01 \x03(\x0b\x32\x13.cardcheck.v1.Query\">\n\x10GetReportRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x18\n\x10payment_password\x18\x02 \x01(\t2\xe8\x05\n\tCardCheck\x12L\n\tListBanks\x12\x1e.cardcheck.v1.ListBanksRequest\x1a\x1f.cardcheck.v1.ListBanksResponse\x12J\n\x0cGetAgreement\x12!.cardcheck.v1.GetAgreementRequest\x1a\x17.cardcheck.v1.Agreement\x12Q\n\x0eRequestSmsCode\x12#.cardcheck.v1.RequestSmsCodeRequest\x1a\x1a.cardcheck.v1.SmsChallenge\x12@\n\x08Register\x12\x1d.cardcheck.v1.RegisterRequest\x1a\x15.cardcheck.v1.Session\x12<\n\x06SignIn\x12\x1b.cardcheck.v1.SignInRequest\x1a\x15.cardcheck.v1.Session\x12\x46\n\x07SignOut\x12\x1c.cardcheck.v1.SignOutRequest\x1a\x1d.cardcheck.v1.SignOutResponse\x12\x44\n\x0bSubmitQuery\x12 .cardcheck.v1.SubmitQueryRequest\x1a\x13.cardcheck.v1.Query\x12I\n\nWatchQuery\x12\x1f.cardcheck.v1.WatchQueryRequest\x1a\x18.cardcheck.v1.QueryEvent0\x01\x12R\n\x0bListQueries\x12 .cardcheck.v1.ListQueriesRequest\x1a!.cardcheck.v1.ListQueriesResponse\x12\x41\n\tGetReport\x12\x1e.cardcheck.v1.GetReportRequest\x1a\x14.cardcheck.v1.Reportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,20 +49,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_end=610
   _globals['_SIGNINREQUEST']._serialized_start=612
   _globals['_SIGNINREQUEST']._serialized_end=682
-  _globals['_SESSION']._serialized_start=684
-  _globals['_SESSION']._serialized_end=781
-  _globals['_SUBMITQUERYREQUEST']._serialized_start=784
-  _globals['_SUBMITQUERYREQUEST']._serialized_end=959
-  _globals['_WATCHQUERYREQUEST']._serialized_start=961
-  _globals['_WATCHQUERYREQUEST']._serialized_end=998
-  _globals['_QUERYEVENT']._serialized_start=1001
-  _globals['_QUERYEVENT']._serialized_end=1138
-  _globals['_LISTQUERIESREQUEST']._serialized_start=1140
-  _globals['_LISTQUERIESREQUEST']._serialized_end=1160
-  _globals['_LISTQUERIESRESPONSE']._serialized_start=1162
-  _globals['_LISTQUERIESRESPONSE']._serialized_end=1221
-  _globals['_GETREPORTREQUEST']._serialized_start=1223
-  _globals['_GETREPORTREQUEST']._serialized_end=1285
-  _globals['_CARDCHECK']._serialized_start=1288
-  _globals['_CARDCHECK']._serialized_end=1960
+  _globals['_SIGNOUTREQUEST']._serialized_start=684
+  _globals['_SIGNOUTREQUEST']._serialized_end=720
+  _globals['_SIGNOUTRESPONSE']._serialized_start=722
+  _globals['_SIGNOUTRESPONSE']._serialized_end=763
+  _globals['_SESSION']._serialized_start=765
+  _globals['_SESSION']._serialized_end=862
+  _globals['_SUBMITQUERYREQUEST']._serialized_start=865
+  _globals['_SUBMITQUERYREQUEST']._serialized_end=1040
+  _globals['_WATCHQUERYREQUEST']._serialized_start=1042
+  _globals['_WATCHQUERYREQUEST']._serialized_end=1079
+  _globals['_QUERYEVENT']._serialized_start=1082
+  _globals['_QUERYEVENT']._serialized_end=1219
+  _globals['_LISTQUERIESREQUEST']._serialized_start=1221
+  _globals['_LISTQUERIESREQUEST']._serialized_end=1241
+  _globals['_LISTQUERIESRESPONSE']._serialized_start=1243
+  _globals['_LISTQUERIESRESPONSE']._serialized_end=1302
+  _globals['_GETREPORTREQUEST']._serialized_start=1304
+  _globals['_GETREPORTREQUEST']._serialized_end=1366
+  _globals['_CARDCHECK']._serialized_start=1369
+  _globals['_CARDCHECK']._serialized_end=2113
 # @@protoc_insertion_point(module_scope)

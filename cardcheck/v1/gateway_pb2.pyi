@@ -82,6 +82,18 @@ class SignInRequest(_message.Message):
     sms_code: str
     def __init__(self, phone: _Optional[str] = ..., challenge_id: _Optional[str] = ..., sms_code: _Optional[str] = ...) -> None: ...
 
+class SignOutRequest(_message.Message):
+    __slots__ = ("everywhere",)
+    EVERYWHERE_FIELD_NUMBER: _ClassVar[int]
+    everywhere: bool
+    def __init__(self, everywhere: _Optional[bool] = ...) -> None: ...
+
+class SignOutResponse(_message.Message):
+    __slots__ = ("sessions_ended",)
+    SESSIONS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    sessions_ended: int
+    def __init__(self, sessions_ended: _Optional[int] = ...) -> None: ...
+
 class Session(_message.Message):
     __slots__ = ("user_id", "session_token", "expires_at")
     USER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -61,6 +61,11 @@ class CardCheckStub:
                 request_serializer=cardcheck_dot_v1_dot_gateway__pb2.SignInRequest.SerializeToString,
                 response_deserializer=cardcheck_dot_v1_dot_gateway__pb2.Session.FromString,
                 _registered_method=True)
+        self.SignOut = channel.unary_unary(
+                '/cardcheck.v1.CardCheck/SignOut',
+                request_serializer=cardcheck_dot_v1_dot_gateway__pb2.SignOutRequest.SerializeToString,
+                response_deserializer=cardcheck_dot_v1_dot_gateway__pb2.SignOutResponse.FromString,
+                _registered_method=True)
         self.SubmitQuery = channel.unary_unary(
                 '/cardcheck.v1.CardCheck/SubmitQuery',
                 request_serializer=cardcheck_dot_v1_dot_gateway__pb2.SubmitQueryRequest.SerializeToString,
@@ -117,6 +122,13 @@ class CardCheckServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignOut(self, request, context):
+        """Revokes the calling session (with `everywhere`, every session of its user).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubmitQuery(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -168,6 +180,11 @@ def add_CardCheckServicer_to_server(servicer, server):
                     servicer.SignIn,
                     request_deserializer=cardcheck_dot_v1_dot_gateway__pb2.SignInRequest.FromString,
                     response_serializer=cardcheck_dot_v1_dot_gateway__pb2.Session.SerializeToString,
+            ),
+            'SignOut': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignOut,
+                    request_deserializer=cardcheck_dot_v1_dot_gateway__pb2.SignOutRequest.FromString,
+                    response_serializer=cardcheck_dot_v1_dot_gateway__pb2.SignOutResponse.SerializeToString,
             ),
             'SubmitQuery': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitQuery,
@@ -326,6 +343,33 @@ class CardCheck:
             '/cardcheck.v1.CardCheck/SignIn',
             cardcheck_dot_v1_dot_gateway__pb2.SignInRequest.SerializeToString,
             cardcheck_dot_v1_dot_gateway__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardcheck.v1.CardCheck/SignOut',
+            cardcheck_dot_v1_dot_gateway__pb2.SignOutRequest.SerializeToString,
+            cardcheck_dot_v1_dot_gateway__pb2.SignOutResponse.FromString,
             options,
             channel_credentials,
             insecure,
