@@ -9,8 +9,15 @@ from datetime import timedelta
 import grpc
 import pytest
 
-from cardcheck.client import CardCheckClient
-from cardcheck.runtime.errors import CardCheckError, FieldViolation, abort, invalid_argument
+from cardcheck.client import (
+    ERRORS,
+    CardCheckClient,
+    InvalidArgument,
+    PaymentPasswordLocked,
+    RateLimited,
+    ServiceBusy,
+)
+from cardcheck.runtime.errors import REASONS, CardCheckError, FieldViolation, abort, invalid_argument
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
@@ -68,6 +75,13 @@ class FakeCardCheck(gateway_pb2_grpc.CardCheckServicer):
     async def GetReport(self, request, context):
         await abort(context, CardCheckError("PAYMENT_PASSWORD_LOCKED", retry_after=timedelta(minutes=30)))
 
+    async def SubmitQuery(self, request, context):
+        await abort(context, CardCheckError("SERVICE_BUSY", retry_after=timedelta(seconds=2)))
+
+    async def SignOut(self, request, context):
+        self._seen(context)
+        return gateway_pb2.SignOutResponse(sessions_ended=3 if request.everywhere else 1)
+
 
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[FakeCardCheck, str]]:
@@ -95,6 +109,7 @@ async def test_refusals_become_card_check_errors(served):
                 region="CN-JL",
             )
         error = caught.value
+        assert isinstance(error, InvalidArgument)
         assert error.reason == "INVALID_ARGUMENT" and error.code == grpc.StatusCode.INVALID_ARGUMENT
         assert [(v.field, v.description) for v in error.violations] == [
             ("name", "required"),
@@ -104,15 +119,39 @@ async def test_refusals_become_card_check_errors(served):
 
         with pytest.raises(CardCheckError) as caught:
             await client.request_sms_code("REGISTER", "13800000000")
-        assert caught.value.reason == "RATE_LIMITED"
+        assert caught.value.reason == "RATE_LIMITED" and isinstance(caught.value, RateLimited)
         assert caught.value.retry_after == timedelta(seconds=40)
         assert caught.value.metadata == {"retry_after_seconds": "40"}
 
-        with pytest.raises(CardCheckError) as caught:
+        with pytest.raises(PaymentPasswordLocked) as caught:
             await client.get_report("q1", "123456")
         assert caught.value.reason == "PAYMENT_PASSWORD_LOCKED" and caught.value.retry_after == timedelta(
             minutes=30
         )
+
+
+async def test_each_reason_has_its_own_exception_class(served):
+    _, address = served
+    async with CardCheckClient(address, session_token="t") as client:
+        with pytest.raises(ServiceBusy) as caught:
+            await client.submit_query(agreement_version="v", challenge_id="c", sms_code="1", face_token="f")
+        assert caught.value.retry_after == timedelta(seconds=2) and caught.value.message_zh.startswith(
+            "申请人数过多"
+        )
+    assert set(ERRORS) == set(REASONS)
+    assert len(set(ERRORS.values())) == len(REASONS)
+    assert all(issubclass(cls, CardCheckError) for cls in ERRORS.values())
+    assert ERRORS["RATE_LIMITED"] is RateLimited and RateLimited.__name__ == "RateLimited"
+
+
+async def test_sign_out_forgets_the_token(served):
+    fake, address = served
+    async with CardCheckClient(address, session_token="mine") as client:
+        assert await client.sign_out(session_token="another") == 1
+        assert client.session_token == "mine"  # another session was signed out, not this one
+        assert await client.sign_out(everywhere=True) == 3
+        assert client.session_token is None
+    assert fake.authorizations == ["Bearer another", "Bearer mine"]
 
 
 async def test_a_status_without_error_info_is_reraised(served):
