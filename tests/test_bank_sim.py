@@ -249,3 +249,48 @@ def test_sigterm_stops_the_process_with_exit_code_0(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# --- the compact index answers as the rules say ----------------------------------------------
+
+
+def naive_lookup(records, bank, id_number, name, day):
+    return [
+        (r.pan, r.card_type) for r in records
+        if r.bank == bank and r.id_number.upper() == id_number.upper() and r.holder_name == name
+        and r.status != "CLOSED" and r.reserved_phone is not None and r.cnp_enabled
+        and (r.id_expiry is None or r.id_expiry >= day)
+    ]
+
+
+def test_the_compact_index_answers_like_the_rules_for_every_person_bank_and_day():
+    from bank_sim.issuers import Issuers
+    from cardcheck import dataset
+    from cardcheck.banks import BANK_CODES
+
+    odd = [
+        card("ICBC", pan("0212261", 19)),  # a leading zero survives
+        card("ICBC", pan("6212264", 19), reserved_phone="+86 158-5273-2467"),  # a phone not all digits
+        card("ICBC", pan("6212265", 19), reserved_phone="0158527324"),  # a leading zero in a phone
+        card("ABC", ACTIVE.pan),  # the same number at another bank is another card
+    ]
+    records = dataset.generate(11, 150) + RECORDS + odd
+    issuers = Issuers(records)
+    assert len(issuers) == len(records)
+    people = dict.fromkeys((r.id_number, r.holder_name) for r in records)
+    days = [date(2016, 6, 1), date(2024, 3, 1), date(2026, 3, 1), date(2026, 3, 2), date(2045, 1, 1)]
+    for id_number, name in people:
+        for bank in BANK_CODES:
+            for day in days:
+                expected = naive_lookup(records, bank, id_number, name, day)
+                got = [(c.pan, c.card_type) for c in issuers.lookup(bank, id_number.lower(), name, day)]
+                assert got == expected
+    for r in records:
+        phone = r.reserved_phone or "13800000000"
+        verdict = issuers.verify(r.bank, r.pan, r.holder_name, r.id_number.swapcase(), phone)
+        assert verdict.holds_card == (r.status != "CLOSED")
+        assert verdict.confirmed == (r.status != "CLOSED" and r.reserved_phone is not None)
+        assert not issuers.verify(r.bank, r.pan, r.holder_name, r.id_number, phone + "1").confirmed
+    assert not issuers.verify("ICBC", odd[0].pan.lstrip("0"), NAME, ID, PHONE).holds_card
+    assert issuers.lookup("ICBC", "not an id", NAME, START.date()) == []
+    assert issuers.lookup("NOSUCH", ID, NAME, START.date()) == []

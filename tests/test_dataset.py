@@ -83,23 +83,69 @@ BROKEN = [
 ]
 
 
+def load_compact(path):
+    """The bank simulator's loader: validated rows straight into its compact index."""
+    from bank_sim.issuers import Issuers
+
+    return Issuers.from_file(path)
+
+
+LOADERS = [pytest.param(dataset.load, id="records"), pytest.param(load_compact, id="compact")]
+
+
+@pytest.mark.parametrize("load", LOADERS)
 @pytest.mark.parametrize(("bad_line", "message"), BROKEN)
-def test_a_bad_line_refuses_the_file_naming_the_line(tmp_path, bad_line, message):
+def test_a_bad_line_refuses_the_file_naming_the_line(tmp_path, bad_line, message, load):
     path = tmp_path / "bad.jsonl"
     # Line 3 is bad after one good line and a blank one: nothing is half-loaded.
     path.write_text(f"{GOOD_LINES[0]}\n\n{bad_line}\n{GOOD_LINES[1]}\n", encoding="utf-8")
     with pytest.raises(DatasetError) as caught:
-        dataset.load(path)
+        load(path)
     assert caught.value.line == 3
     assert str(caught.value).startswith("line 3: ")
     assert message in str(caught.value)
 
 
-def test_a_line_that_is_not_utf8_is_refused_with_its_number(tmp_path):
+@pytest.mark.parametrize("load", LOADERS)
+def test_a_line_that_is_not_utf8_is_refused_with_its_number(tmp_path, load):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(GOOD_LINES[0].encode() + b"\n" + GOOD_LINES[1].encode("gbk") + b"\n")
     with pytest.raises(DatasetError, match=r"^line 2: not UTF-8"):
-        dataset.load(path)
+        load(path)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '  {"a": 1} \t',  # JSON whitespace around a value is fine (then refused for its fields)
+        '{"a": 1} {"b": 2}',
+        '{"a": 1',
+        "",
+    ],
+)
+def test_rows_and_records_see_the_same_json(line):
+    text = GOOD_LINES[0] + "\n" + line + "\n"
+
+    def outcome(parse):
+        try:
+            return [number for number, _ in parse(text.splitlines(keepends=True))]
+        except DatasetError as error:
+            return str(error)
+
+    records = outcome(lambda lines: enumerate(dataset.iter_records(lines), start=1))
+    rows = outcome(dataset.iter_rows)
+    assert isinstance(records, str) == isinstance(rows, str)
+    if isinstance(rows, str):
+        assert rows == records
+
+
+def test_rows_are_the_records_fields(tmp_path):
+    records = dataset.generate(3, 120)
+    path = tmp_path / "cards.jsonl"
+    dataset.dump(records, path)
+    with path.open("rb") as stream:
+        rows = [row for _, row in dataset.iter_rows(stream)]
+    assert rows == [dataset.row_of(record) for record in records]
 
 
 def test_generator_is_deterministic(tmp_path):
