@@ -27,6 +27,7 @@ When Redis cannot be reached (refused, timed out, or any other Redis error):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -79,25 +80,26 @@ class Rate:
 # --- in process ----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Bucket:
-    tokens: float
-    updated: datetime
+def _microseconds(instant: datetime) -> int:
+    return (instant - _EPOCH) // _MICROSECOND
 
 
 class TokenBucketLimiter:
     """In-process token buckets, one per key: `burst` tokens, refilled at `rate` per second.
 
-    Time comes from the clock. At most `max_keys` buckets are kept, least recently used dropped
-    first (a dropped bucket starts full again), so many keys cannot grow memory or cost."""
+    Kept as GCRA (one number per key, the instant the bucket is full again), the same
+    arithmetic as the Redis script, so both backends answer alike. Time comes from the clock.
+    At most `max_keys` keys are kept, least recently used dropped first (a dropped bucket starts
+    full again), so many keys cannot grow memory or cost."""
 
     def __init__(self, rate: float, burst: float, clock: Clock, *, max_keys: int = 100_000) -> None:
         Rate(rate, burst)  # validates
         self.rate = rate
         self.burst = burst
+        self._interval_us = 1_000_000 / rate
         self._clock = clock
         self._max_keys = max_keys
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[str, float] = OrderedDict()  # key -> full again at (µs)
 
     @classmethod
     def of(cls, rate: Rate, clock: Clock, **kwargs) -> TokenBucketLimiter:
@@ -108,22 +110,19 @@ class TokenBucketLimiter:
 
     def take(self, key: str, cost: float = 1) -> timedelta | None:
         """`acquire` without the coroutine. No await inside, so atomic on the event loop."""
-        now = self._clock.now()
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = _Bucket(self.burst, now)
-            if len(self._buckets) > self._max_keys:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(key)
-        elapsed = max((now - bucket.updated).total_seconds(), 0.0)
-        tokens = min(self.burst, bucket.tokens + elapsed * self.rate)
-        bucket.updated = now
-        if tokens >= cost:
-            bucket.tokens = tokens - cost
-            return None
-        bucket.tokens = tokens
-        return timedelta(seconds=(cost - tokens) / self.rate)
+        now = _microseconds(self._clock.now())
+        tat = self._buckets.get(key)
+        if tat is None or tat < now:
+            tat = now
+        new_tat = tat + self._interval_us * cost
+        allow_at = new_tat - self._interval_us * self.burst
+        if allow_at > now:
+            return timedelta(microseconds=math.ceil(allow_at - now))
+        self._buckets[key] = new_tat
+        self._buckets.move_to_end(key)
+        if len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return None
 
 
 # --- on Redis ------------------------------------------------------------------------------------
@@ -236,7 +235,7 @@ class RedisLimiter:
         self._clock = clock  # None: Redis's own clock
 
     async def acquire(self, key: str, cost: float = 1) -> timedelta | None:
-        now_us = None if self._clock is None else (self._clock.now() - _EPOCH) // _MICROSECOND
+        now_us = None if self._clock is None else _microseconds(self._clock.now())
         wait = await self._store.gcra(
             self._store.key(self.name, key), self._interval_us, self.rate.burst, cost, now_us
         )
