@@ -7,6 +7,8 @@ import sys
 
 from opentelemetry.sdk.trace import TracerProvider
 
+from bank_connector.admission import Admission
+from bank_connector.config import ConnectorConfig
 from bank_connector.connector import BankConnector
 from bank_connector.servicer import BankConnectorServicer
 from cardcheck.banks import BANK_CODES
@@ -30,39 +32,47 @@ async def build(
     *,
     clock: Clock | None = None,
     tracer_provider: TracerProvider | None = None,
+    config: ConnectorConfig | None = None,
 ) -> ServiceHost:
+    """`config` defaults to ConnectorConfig.from_env() (SettingsError when malformed)."""
+    config = config or ConnectorConfig.from_env()
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
     connector = BankConnector(
         bank_addresses(settings),
         tracer_provider=tracer_provider,
         clock=clock or SystemClock(),
         default_timeout_s=settings.per_bank_timeout_s,
+        config=config,
     )
+    admission = Admission(config.max_active, config.max_queued)
     return ServiceHost(
         SERVICE,
         [
             Registration(
                 bank_connector_pb2_grpc.add_BankConnectorServicer_to_server,
-                BankConnectorServicer(connector),
+                BankConnectorServicer(connector, admission),
                 "cardcheck.v1.BankConnector",
             )
         ],
         settings.bind_address(SERVICE),
         tracer_provider,
         on_stop=[connector.close],
+        # the last guard: what admission queues, plus room for health, ListBanks and GetBankHealth
+        maximum_concurrent_rpcs=config.max_active + config.max_queued + 64,
     )
 
 
 def main() -> None:
     try:
         settings = Settings.from_env()
+        config = ConnectorConfig.from_env()
     except SettingsError as error:
         print(f"{SERVICE}: {error}", file=sys.stderr)
         sys.exit(2)
     setup_logging(SERVICE, settings.log_level)
 
     async def serve() -> None:
-        host = await build(settings)
+        host = await build(settings, config=config)
         await run_until_signalled(host, settings.shutdown_grace_s)
 
     asyncio.run(serve())

@@ -1,5 +1,7 @@
-"""Asking the banks: one long-lived channel per bank address, every bank asked in parallel,
-each call timed and recorded. Card numbers in a bank's answer are masked as they arrive
+"""Asking the banks: one long-lived channel per bank, every bank asked in parallel, each call
+under its own deadline (never past the caller's), retried with jittered backoff when the bank
+says to try again (within a retry budget), failed fast while the bank's circuit breaker is open,
+and held to the bank's bulkhead. Card numbers in a bank's answer are masked as they arrive
 (`cards.mask_cards`); nothing here logs or traces personal data."""
 
 from __future__ import annotations
@@ -7,18 +9,19 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import time
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import Status, StatusCode
 
 from bank_connector.cards import MalformedAnswer, MaskedCard, mask_cards
-from bank_connector.health import BankHealthReport, HealthBook
+from bank_connector.config import ConnectorConfig
+from bank_connector.health import BankCallStats, BankHealthReport, HealthBook
+from bank_connector.resilience import BreakerState, Bulkhead, CircuitBreaker, RetryBudget
 from cardcheck.banks import BANK_CODES, BANKS, BY_CODE
 from cardcheck.numbers import card_number_valid, id_number_valid
 from cardcheck.runtime.channels import open_channel
@@ -38,6 +41,7 @@ class OutcomeKind(enum.Enum):
     ANSWERED = "ANSWERED"
     TIMED_OUT = "TIMED_OUT"
     ERROR = "ERROR"
+    CIRCUIT_OPEN = "CIRCUIT_OPEN"
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,49 @@ async def _cancel(tasks: Iterable[asyncio.Task]) -> None:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
+# How a failed attempt bears on the bank's breaker: these say the bank is unwell; CANCELLED
+# (the caller went away) says nothing; any other status is an answer from a working bank.
+FAILURE_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS,
+})
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+MIN_ATTEMPT_S = 0.005  # no retry that would have less than this left before the deadline
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """One bank call, retries included: `value` when answered, else why not."""
+
+    kind: OutcomeKind
+    value: object = None
+    detail: str = ""
+    attempts: int = 0
+    latency_ms: int = 0
+
+
+class BankLine:
+    """Everything about calling one bank: its channel, breaker, bulkhead and retry budget."""
+
+    def __init__(self, code: str, channel: grpc.aio.Channel, config: ConnectorConfig, clock: Clock,
+                 stats: BankCallStats) -> None:
+        self.code = code
+        self.channel = channel
+        self.stub = bank_pb2_grpc.IssuingBankStub(channel)
+        self.breaker = CircuitBreaker(config.breaker, clock)
+        self.bulkhead = Bulkhead(config.concurrency_of(code))
+        self.budget = RetryBudget(clock, ratio=config.budget_ratio, floor=config.budget_floor,
+                                  window=config.budget_window)
+        self.stats = stats
+        self.retries = 0
+
+
+def _bank_code_on_span(span, request) -> None:
+    code = getattr(request, "bank_code", "")
+    if code and span.is_recording():
+        span.set_attribute("cardcheck.bank_code", code)
+
+
 class BankConnector:
     """The banks behind their addresses (bank code -> host:port; several banks may share one)."""
 
@@ -117,69 +164,111 @@ class BankConnector:
         tracer_provider: TracerProvider,
         clock: Clock,
         default_timeout_s: float,
+        config: ConnectorConfig | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         missing = [code for code in BANK_CODES if code not in bank_addresses]
         if missing:
             raise ValueError(f"no address for banks {missing}")
+        self.config = config or ConnectorConfig()
         self._addresses = dict(bank_addresses)
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        for address in dict.fromkeys(self._addresses.values()):
-            self._channels[address] = open_channel(address, tracer_provider)
-        self._stubs = {
-            code: bank_pb2_grpc.IssuingBankStub(self._channels[address])
-            for code, address in self._addresses.items()
-        }
-        self._tracer = tracer_provider.get_tracer("bank_connector")
         self._clock = clock
+        self._rng = rng or random.Random()
         self.default_timeout_s = default_timeout_s
         self._health = HealthBook(BANK_CODES)
+        self._lines = {
+            code: BankLine(
+                code, open_channel(address, tracer_provider, request_hook=_bank_code_on_span),
+                self.config, clock, self._health.stats(code),
+            )
+            for code, address in self._addresses.items()
+        }
         self._reachable: dict[str, tuple[datetime, bool]] = {}
         self._reachability_lock = asyncio.Lock()
 
     async def close(self) -> None:
-        await asyncio.gather(*(channel.close() for channel in self._channels.values()))
+        await asyncio.gather(*(line.channel.close() for line in self._lines.values()))
 
     # -- the one place a bank is called ------------------------------------------------------
 
-    async def call_bank(self, bank_code: str, method: str, request, deadline_s: float):
-        """One attempt of one RPC at one bank, timed and recorded in the bank's health. Raises
-        the AioRpcError of a failed call. Retries and circuit breakers are to wrap this."""
-        rpc: Callable[..., Awaitable] = getattr(self._stubs[bank_code], method)
-        with self._tracer.start_as_current_span(
-            f"bank {method}",
-            attributes={"cardcheck.bank_code": bank_code},
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            started = time.monotonic()
+    async def call_bank(self, bank_code: str, method: str, request, timeout_s: float,
+                        accept: Callable[[object], object] = lambda response: response) -> CallResult:
+        """One RPC at one bank, all attempts within `timeout_s`: failed fast while its breaker
+        is open; each attempt waits for a bulkhead slot; UNAVAILABLE and RESOURCE_EXHAUSTED are
+        retried after a jittered backoff while the retry budget and the deadline allow.
+        `accept(response)` turns an answer into the result's value, raising MalformedAnswer for
+        one that makes no sense (an error outcome that counts against the bank)."""
+        line = self._lines[bank_code]
+        rpc: Callable[..., Awaitable] = getattr(line.stub, method)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + timeout_s
+        line.budget.record_call()
+        attempts = 0
+        last_detail = ""
+
+        def result(kind: OutcomeKind, detail: str = "", value: object = None) -> CallResult:
+            return CallResult(kind, value, detail, attempts, round((loop.time() - started) * 1000))
+
+        while True:
+            if not line.breaker.allow():
+                if attempts == 0:
+                    return result(OutcomeKind.CIRCUIT_OPEN, "CIRCUIT_OPEN")
+                return result(OutcomeKind.ERROR, last_detail)
+            if not await line.bulkhead.acquire(max(deadline - loop.time(), 0)):
+                line.breaker.record_neutral()
+                return result(OutcomeKind.TIMED_OUT, "BULKHEAD_FULL")
+            if attempts:
+                line.retries += 1
+            attempts += 1
+            attempt_started = loop.time()
             try:
-                response = await rpc(request, timeout=deadline_s)
+                response = await rpc(request, timeout=max(deadline - attempt_started, MIN_TIMEOUT_S))
+                value = accept(response)
             except grpc.aio.AioRpcError as error:
-                self._health.record(bank_code, False, (time.monotonic() - started) * 1000)
-                span.set_status(Status(StatusCode.ERROR, error.code().name))
+                code = error.code()
+                line.stats.record(False, (loop.time() - attempt_started) * 1000)
+                if code in FAILURE_CODES:
+                    line.breaker.record_failure()
+                elif code == grpc.StatusCode.CANCELLED:
+                    line.breaker.record_neutral()
+                else:
+                    line.breaker.record_success()
+                last_detail = code.name
+            except MalformedAnswer:
+                line.stats.record(False, (loop.time() - attempt_started) * 1000)
+                line.breaker.record_failure()
+                log.warning("bank %s answered %s malformed", bank_code, method)
+                return result(OutcomeKind.ERROR, "MALFORMED_ANSWER")
+            except BaseException:  # cancelled with the fan-out: nothing learned about the bank
+                line.breaker.record_neutral()
                 raise
-            self._health.record(bank_code, True, (time.monotonic() - started) * 1000)
-            return response
+            else:
+                line.stats.record(True, (loop.time() - attempt_started) * 1000)
+                line.breaker.record_success()
+                return result(OutcomeKind.ANSWERED, value=value)
+            finally:
+                line.bulkhead.release()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return result(OutcomeKind.TIMED_OUT, last_detail)
+            if code not in RETRYABLE_CODES or attempts >= self.config.retry.max_attempts:
+                return result(OutcomeKind.ERROR, last_detail)
+            pause = self.config.retry.backoff_s(attempts, self._rng)
+            if loop.time() + pause + MIN_ATTEMPT_S >= deadline or not line.budget.try_retry():
+                return result(OutcomeKind.ERROR, last_detail)
+            await asyncio.sleep(pause)
 
     # -- fan-out -----------------------------------------------------------------------------
 
-    async def _lookup(self, bank_code: str, id_number: str, name: str, deadline_s: float) -> BankOutcome:
+    async def _lookup(self, bank_code: str, id_number: str, name: str, timeout_s: float) -> BankOutcome:
         request = bank_pb2.LookupCardsRequest(bank_code=bank_code, id_number=id_number, name=name)
-        started = time.monotonic()
-
-        def elapsed_ms() -> int:
-            return round((time.monotonic() - started) * 1000)
-
-        try:
-            response = await self.call_bank(bank_code, "LookupCards", request, deadline_s)
-            cards = mask_cards(bank_code, response.cards)
-        except grpc.aio.AioRpcError as error:
-            kind = OutcomeKind.TIMED_OUT if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else OutcomeKind.ERROR
-            return BankOutcome(bank_code, kind, detail=error.code().name, latency_ms=elapsed_ms())
-        except MalformedAnswer:
-            log.warning("bank %s answered a malformed card", bank_code)
-            return BankOutcome(bank_code, OutcomeKind.ERROR, detail="MALFORMED_ANSWER", latency_ms=elapsed_ms())
-        return BankOutcome(bank_code, OutcomeKind.ANSWERED, cards=cards, latency_ms=elapsed_ms())
+        called = await self.call_bank(
+            bank_code, "LookupCards", request, timeout_s, lambda response: mask_cards(bank_code, response.cards)
+        )
+        return BankOutcome(
+            bank_code, called.kind, cards=called.value or (), detail=called.detail, attempts=called.attempts,
+            latency_ms=called.latency_ms,
+        )
 
     async def fan_out(
         self, id_number: str, name: str, bank_codes: Sequence[str], deadline_s: float
@@ -195,14 +284,12 @@ class BankConnector:
 
     # -- real-name check ---------------------------------------------------------------------
 
-    async def _verify_at(self, bank_code: str, request: bank_pb2.VerifyCardRequest, deadline_s: float):
+    async def _verify_at(self, bank_code: str, request: bank_pb2.VerifyCardRequest, timeout_s: float):
         per_bank = bank_pb2.VerifyCardRequest()
         per_bank.CopyFrom(request)
         per_bank.bank_code = bank_code
-        try:
-            return bank_code, await self.call_bank(bank_code, "VerifyCard", per_bank, deadline_s)
-        except grpc.aio.AioRpcError:
-            return bank_code, None
+        called = await self.call_bank(bank_code, "VerifyCard", per_bank, timeout_s, _sound_verdict)
+        return bank_code, called.value
 
     async def verify_real_name(
         self, card_number: str, name: str, id_number: str, phone: str, deadline_s: float
@@ -242,7 +329,8 @@ class BankConnector:
     # -- availability and health -------------------------------------------------------------
 
     async def _probe(self, address: str) -> bool:
-        health = health_pb2_grpc.HealthStub(self._channels[address])
+        code = next(code for code, at in self._addresses.items() if at == address)
+        health = health_pb2_grpc.HealthStub(self._lines[code].channel)
         try:
             answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=AVAILABILITY_TIMEOUT_S)
         except grpc.aio.AioRpcError as error:
@@ -250,20 +338,43 @@ class BankConnector:
         return answer.status == health_pb2.HealthCheckResponse.SERVING
 
     async def availability(self) -> list[BankAvailability]:
-        """Every bank, available when its address answers a health check (cached briefly)."""
+        """Every bank, available when its address answers a health check (cached briefly) and
+        its circuit breaker is not open."""
         async with self._reachability_lock:
             now = self._clock.now()
             stale = [
-                address for address in self._channels
+                address for address in dict.fromkeys(self._addresses.values())
                 if address not in self._reachable or now - self._reachable[address][0] >= AVAILABILITY_TTL
             ]
             results = await asyncio.gather(*(self._probe(address) for address in stale))
             for address, reachable in zip(stale, results, strict=True):
                 self._reachable[address] = (now, reachable)
         return [
-            BankAvailability(bank.code, bank.name, bank.kind, self._reachable[self._addresses[bank.code]][1])
+            BankAvailability(
+                bank.code, bank.name, bank.kind,
+                self._reachable[self._addresses[bank.code]][1]
+                and self._lines[bank.code].breaker.state is not BreakerState.OPEN,
+            )
             for bank in BANKS
         ]
 
     def health(self) -> list[BankHealthReport]:
-        return self._health.reports()
+        return [
+            replace(
+                line.stats.report(code),
+                breaker_state=line.breaker.state.value,
+                retries=line.retries,
+                short_circuited=line.breaker.rejected,
+                breaker_openings=line.breaker.openings,
+                in_flight=line.bulkhead.in_use,
+                concurrency_limit=line.bulkhead.limit,
+                waiting=line.bulkhead.waiting,
+            )
+            for code, line in self._lines.items()
+        ]
+
+
+def _sound_verdict(answer: bank_pb2.VerifyCardResponse) -> bank_pb2.VerifyCardResponse:
+    if answer.confirmed and not answer.holds_card:
+        raise MalformedAnswer("a bank confirmed a card it does not hold")
+    return answer

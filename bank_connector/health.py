@@ -20,6 +20,12 @@ class BankHealthReport:
     latency_p50_ms: float  # over the recent window
     latency_p99_ms: float
     breaker_state: str = "CLOSED"
+    retries: int = 0
+    short_circuited: int = 0
+    breaker_openings: int = 0
+    in_flight: int = 0
+    concurrency_limit: int = 0
+    waiting: int = 0
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -61,6 +67,9 @@ class HealthBook:
 
     def __init__(self, bank_codes: Iterable[str], window: int = WINDOW) -> None:
         self._stats = {code: BankCallStats(window) for code in bank_codes}
+
+    def stats(self, bank_code: str) -> BankCallStats:
+        return self._stats[bank_code]
 
     def record(self, bank_code: str, ok: bool, latency_ms: float) -> None:
         self._stats[bank_code].record(ok, latency_ms)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bank_connector.admission import Admission
 from bank_connector.cards import MaskedCard
 from bank_connector.connector import (
     BankConnector,
@@ -18,6 +19,7 @@ OUTCOME_KINDS = {
     OutcomeKind.ANSWERED: common_pb2.BANK_OUTCOME_KIND_ANSWERED,
     OutcomeKind.TIMED_OUT: common_pb2.BANK_OUTCOME_KIND_TIMED_OUT,
     OutcomeKind.ERROR: common_pb2.BANK_OUTCOME_KIND_ERROR,
+    OutcomeKind.CIRCUIT_OPEN: common_pb2.BANK_OUTCOME_KIND_CIRCUIT_OPEN,
 }
 CARD_TYPES = {"DEBIT": common_pb2.CARD_TYPE_DEBIT, "CREDIT": common_pb2.CARD_TYPE_CREDIT}
 
@@ -41,8 +43,9 @@ def _outcome(outcome: BankOutcome) -> common_pb2.BankOutcome:
 
 
 class BankConnectorServicer(bank_connector_pb2_grpc.BankConnectorServicer):
-    def __init__(self, connector: BankConnector) -> None:
+    def __init__(self, connector: BankConnector, admission: Admission) -> None:
         self._connector = connector
+        self._admission = admission
 
     @handles_errors
     async def FanOut(self, request, context):
@@ -50,18 +53,20 @@ class BankConnectorServicer(bank_connector_pb2_grpc.BankConnectorServicer):
         if request.per_bank_timeout_ms < 0:
             raise invalid_argument([FieldViolation("per_bank_timeout_ms", "must not be negative")])
         codes = known_banks(request.bank_codes)
-        timeout = call_timeout(
-            request.per_bank_timeout_ms, self._connector.default_timeout_s, context.time_remaining()
-        )
-        async for outcome in self._connector.fan_out(request.id_number, request.name, codes, timeout):
-            yield _outcome(outcome)
+        async with self._admission.turn():
+            timeout = call_timeout(
+                request.per_bank_timeout_ms, self._connector.default_timeout_s, context.time_remaining()
+            )
+            async for outcome in self._connector.fan_out(request.id_number, request.name, codes, timeout):
+                yield _outcome(outcome)
 
     @handles_errors
     async def VerifyRealName(self, request, context):
-        timeout = call_timeout(0, self._connector.default_timeout_s, context.time_remaining())
-        result = await self._connector.verify_real_name(
-            request.card_number, request.name, request.id_number, request.phone, timeout
-        )
+        async with self._admission.turn():
+            timeout = call_timeout(0, self._connector.default_timeout_s, context.time_remaining())
+            result = await self._connector.verify_real_name(
+                request.card_number, request.name, request.id_number, request.phone, timeout
+            )
         return bank_connector_pb2.VerifyRealNameResponse(confirmed=result.confirmed, bank_code=result.bank_code or "")
 
     @handles_errors
@@ -78,7 +83,9 @@ class BankConnectorServicer(bank_connector_pb2_grpc.BankConnectorServicer):
                 bank_connector_pb2.BankHealth(
                     bank_code=r.bank_code, calls=r.calls, failures=r.failures, success_rate=r.success_rate,
                     latency_p50_ms=r.latency_p50_ms, latency_p99_ms=r.latency_p99_ms,
-                    breaker_state=r.breaker_state,
+                    breaker_state=r.breaker_state, retries=r.retries, short_circuited=r.short_circuited,
+                    breaker_openings=r.breaker_openings, in_flight=r.in_flight,
+                    concurrency_limit=r.concurrency_limit, waiting=r.waiting,
                 )
                 for r in self._connector.health()
             ]

@@ -354,9 +354,14 @@ async def test_bank_health_counts_calls_failures_and_latency(start_connector):
     assert list(health) == list(BANK_CODES)
     assert (health["ICBC"].calls, health["ICBC"].failures, health["ICBC"].success_rate) == (3, 0, 1.0)
     assert 0 < health["ICBC"].latency_p50_ms <= health["ICBC"].latency_p99_ms
-    assert (health["CCB"].calls, health["CCB"].failures, health["CCB"].success_rate) == (3, 3, 0.0)
+    # CCB is unreachable: UNAVAILABLE is retried (3 attempts, then 2 more) until five failures
+    # in a row open its breaker, which then fails the rest fast, the third fan-out included.
+    ccb = health["CCB"]
+    assert (ccb.calls, ccb.failures, ccb.success_rate, ccb.retries) == (5, 5, 0.0, 3)
+    assert (ccb.breaker_state, ccb.breaker_openings, ccb.short_circuited) == ("OPEN", 1, 2)
     assert health["ABC"].calls == 0
-    assert {h.breaker_state for h in health.values()} == {"CLOSED"}
+    assert {h.breaker_state for code, h in health.items() if code != "CCB"} == {"CLOSED"}
+    assert {h.concurrency_limit for h in health.values()} == {64}
 
 
 async def test_no_full_card_number_crosses_the_wire_or_reaches_a_span(start_connector):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cardcheck.v1 import common_pb2 as cardcheck_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cardcheck/v1/bank_connector.proto\x12\x0c\x63\x61rdcheck.v1\x1a\x19\x63\x61rdcheck/v1/common.proto\"a\n\rFanOutRequest\x12\x11\n\tid_number\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nbank_codes\x18\x03 \x03(\t\x12\x1b\n\x13per_bank_timeout_ms\x18\x04 \x01(\x05\"\\\n\x15VerifyRealNameRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tid_number\x18\x03 \x01(\t\x12\r\n\x05phone\x18\x04 \x01(\t\">\n\x16VerifyRealNameResponse\x12\x11\n\tconfirmed\x18\x01 \x01(\x08\x12\x11\n\tbank_code\x18\x02 \x01(\t\"\x1a\n\x18ListBanksInternalRequest\">\n\x19ListBanksInternalResponse\x12!\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x12.cardcheck.v1.Bank\"\x16\n\x14GetBankHealthRequest\"\x9d\x01\n\nBankHealth\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x03\x12\x10\n\x08\x66\x61ilures\x18\x03 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\x04 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x06 \x01(\x01\x12\x15\n\rbreaker_state\x18\x07 \x01(\t\"@\n\x15GetBankHealthResponse\x12\'\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x18.cardcheck.v1.BankHealth2\xe8\x02\n\rBankConnector\x12\x42\n\x06\x46\x61nOut\x12\x1b.cardcheck.v1.FanOutRequest\x1a\x19.cardcheck.v1.BankOutcome0\x01\x12[\n\x0eVerifyRealName\x12#.cardcheck.v1.VerifyRealNameRequest\x1a$.cardcheck.v1.VerifyRealNameResponse\x12\\\n\tListBanks\x12&.cardcheck.v1.ListBanksInternalRequest\x1a\'.cardcheck.v1.ListBanksInternalResponse\x12X\n\rGetBankHealth\x12\".cardcheck.v1.GetBankHealthRequest\x1a#.cardcheck.v1.GetBankHealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cardcheck/v1/bank_connector.proto\x12\x0c\x63\x61rdcheck.v1\x1a\x19\x63\x61rdcheck/v1/common.proto\"a\n\rFanOutRequest\x12\x11\n\tid_number\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nbank_codes\x18\x03 \x03(\t\x12\x1b\n\x13per_bank_timeout_ms\x18\x04 \x01(\x05\"\\\n\x15VerifyRealNameRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tid_number\x18\x03 \x01(\t\x12\r\n\x05phone\x18\x04 \x01(\t\">\n\x16VerifyRealNameResponse\x12\x11\n\tconfirmed\x18\x01 \x01(\x08\x12\x11\n\tbank_code\x18\x02 \x01(\t\"\x1a\n\x18ListBanksInternalRequest\">\n\x19ListBanksInternalResponse\x12!\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x12.cardcheck.v1.Bank\"\x16\n\x14GetBankHealthRequest\"\xa0\x02\n\nBankHealth\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x03\x12\x10\n\x08\x66\x61ilures\x18\x03 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\x04 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x06 \x01(\x01\x12\x15\n\rbreaker_state\x18\x07 \x01(\t\x12\x0f\n\x07retries\x18\x08 \x01(\x03\x12\x17\n\x0fshort_circuited\x18\t \x01(\x03\x12\x18\n\x10\x62reaker_openings\x18\n \x01(\x03\x12\x11\n\tin_flight\x18\x0b \x01(\x05\x12\x19\n\x11\x63oncurrency_limit\x18\x0c \x01(\x05\x12\x0f\n\x07waiting\x18\r \x01(\x05\"@\n\x15GetBankHealthResponse\x12\'\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x18.cardcheck.v1.BankHealth2\xe8\x02\n\rBankConnector\x12\x42\n\x06\x46\x61nOut\x12\x1b.cardcheck.v1.FanOutRequest\x1a\x19.cardcheck.v1.BankOutcome0\x01\x12[\n\x0eVerifyRealName\x12#.cardcheck.v1.VerifyRealNameRequest\x1a$.cardcheck.v1.VerifyRealNameResponse\x12\\\n\tListBanks\x12&.cardcheck.v1.ListBanksInternalRequest\x1a\'.cardcheck.v1.ListBanksInternalResponse\x12X\n\rGetBankHealth\x12\".cardcheck.v1.GetBankHealthRequest\x1a#.cardcheck.v1.GetBankHealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,9 +45,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETBANKHEALTHREQUEST']._serialized_start=427
   _globals['_GETBANKHEALTHREQUEST']._serialized_end=449
   _globals['_BANKHEALTH']._serialized_start=452
-  _globals['_BANKHEALTH']._serialized_end=609
-  _globals['_GETBANKHEALTHRESPONSE']._serialized_start=611
-  _globals['_GETBANKHEALTHRESPONSE']._serialized_end=675
-  _globals['_BANKCONNECTOR']._serialized_start=678
-  _globals['_BANKCONNECTOR']._serialized_end=1038
+  _globals['_BANKHEALTH']._serialized_end=740
+  _globals['_GETBANKHEALTHRESPONSE']._serialized_start=742
+  _globals['_GETBANKHEALTHRESPONSE']._serialized_end=806
+  _globals['_BANKCONNECTOR']._serialized_start=809
+  _globals['_BANKCONNECTOR']._serialized_end=1169
 # @@protoc_insertion_point(module_scope)

@@ -54,7 +54,7 @@ class GetBankHealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BankHealth(_message.Message):
-    __slots__ = ("bank_code", "calls", "failures", "success_rate", "latency_p50_ms", "latency_p99_ms", "breaker_state")
+    __slots__ = ("bank_code", "calls", "failures", "success_rate", "latency_p50_ms", "latency_p99_ms", "breaker_state", "retries", "short_circuited", "breaker_openings", "in_flight", "concurrency_limit", "waiting")
     BANK_CODE_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,12 @@ class BankHealth(_message.Message):
     LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
     BREAKER_STATE_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    SHORT_CIRCUITED_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_OPENINGS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     bank_code: str
     calls: int
     failures: int
@@ -69,7 +75,13 @@ class BankHealth(_message.Message):
     latency_p50_ms: float
     latency_p99_ms: float
     breaker_state: str
-    def __init__(self, bank_code: _Optional[str] = ..., calls: _Optional[int] = ..., failures: _Optional[int] = ..., success_rate: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., breaker_state: _Optional[str] = ...) -> None: ...
+    retries: int
+    short_circuited: int
+    breaker_openings: int
+    in_flight: int
+    concurrency_limit: int
+    waiting: int
+    def __init__(self, bank_code: _Optional[str] = ..., calls: _Optional[int] = ..., failures: _Optional[int] = ..., success_rate: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., breaker_state: _Optional[str] = ..., retries: _Optional[int] = ..., short_circuited: _Optional[int] = ..., breaker_openings: _Optional[int] = ..., in_flight: _Optional[int] = ..., concurrency_limit: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...
 
 class GetBankHealthResponse(_message.Message):
     __slots__ = ("banks",)

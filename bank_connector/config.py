@@ -1,0 +1,98 @@
+"""bank_connector's own settings, from the environment (beside the shared Settings):
+
+| variable | meaning | default |
+|---|---|---|
+| CARDCHECK_BANK_RETRY_MAX_ATTEMPTS | attempts per bank call, first included (1 = no retry) | 3 |
+| CARDCHECK_BANK_RETRY_BACKOFF_MS | first backoff ceiling (full jitter, doubling) | 25 |
+| CARDCHECK_BANK_RETRY_MAX_BACKOFF_MS | largest backoff ceiling | 1000 |
+| CARDCHECK_BANK_RETRY_BUDGET_RATIO | retries allowed per first attempt, over the window | 0.1 |
+| CARDCHECK_BANK_RETRY_BUDGET_FLOOR | retries always allowed per window | 10 |
+| CARDCHECK_BANK_RETRY_BUDGET_WINDOW_S | the retry budget's sliding window | 10 |
+| CARDCHECK_BANK_BREAKER_CONSECUTIVE_FAILURES | failures in a row that open a bank's breaker | 5 |
+| CARDCHECK_BANK_BREAKER_FAILURE_RATE | share of recent calls failed that opens it | 0.5 |
+| CARDCHECK_BANK_BREAKER_WINDOW | recent calls the failure rate is taken over | 20 |
+| CARDCHECK_BANK_BREAKER_MIN_CALLS | recent calls needed before the rate counts | 10 |
+| CARDCHECK_BANK_BREAKER_OPEN_S | how long an open breaker fails fast before probing | 5 |
+| CARDCHECK_BANK_CONCURRENCY | calls in flight per bank (bulkhead) | 64 |
+| CARDCHECK_BANK_CONCURRENCY_<CODE> | the same for one bank, e.g. its known capacity | – |
+| CARDCHECK_BANK_CONNECTOR_MAX_ACTIVE | requests (fan-outs, real-name checks) handled at once | 48 |
+| CARDCHECK_BANK_CONNECTOR_MAX_QUEUED | requests waiting for a turn; beyond, RESOURCE_EXHAUSTED | 2000 |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from bank_connector.resilience import BreakerPolicy, RetryPolicy
+from cardcheck.banks import BY_CODE
+from cardcheck.runtime.settings import SettingsError
+
+PREFIX = "CARDCHECK_BANK_"
+
+
+def _number(env: Mapping[str, str], var: str, default: float, *, minimum: float, integer: bool = False,
+            maximum: float | None = None) -> float:
+    raw = env.get(var)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise SettingsError(f"{var}={raw!r} is not {'a whole number' if integer else 'a number'}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+        raise SettingsError(f"{var}={raw!r} must be {bound}")
+    return value
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    retry: RetryPolicy = RetryPolicy()
+    budget_ratio: float = 0.1
+    budget_floor: int = 10
+    budget_window: timedelta = timedelta(seconds=10)
+    breaker: BreakerPolicy = BreakerPolicy()
+    concurrency: int = 64
+    bank_concurrency: dict[str, int] = field(default_factory=dict)
+    max_active: int = 48
+    max_queued: int = 2000
+
+    def concurrency_of(self, bank_code: str) -> int:
+        return self.bank_concurrency.get(bank_code, self.concurrency)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ConnectorConfig:
+        env = os.environ if env is None else env
+        retry = RetryPolicy(
+            max_attempts=int(_number(env, "CARDCHECK_BANK_RETRY_MAX_ATTEMPTS", 3, minimum=1, maximum=10, integer=True)),
+            base_backoff_s=_number(env, "CARDCHECK_BANK_RETRY_BACKOFF_MS", 25, minimum=0) / 1000,
+            max_backoff_s=_number(env, "CARDCHECK_BANK_RETRY_MAX_BACKOFF_MS", 1000, minimum=0) / 1000,
+        )
+        breaker = BreakerPolicy(
+            consecutive_failures=int(_number(env, "CARDCHECK_BANK_BREAKER_CONSECUTIVE_FAILURES", 5, minimum=1, integer=True)),
+            failure_rate=_number(env, "CARDCHECK_BANK_BREAKER_FAILURE_RATE", 0.5, minimum=0.01, maximum=1),
+            window=int(_number(env, "CARDCHECK_BANK_BREAKER_WINDOW", 20, minimum=1, integer=True)),
+            min_calls=int(_number(env, "CARDCHECK_BANK_BREAKER_MIN_CALLS", 10, minimum=1, integer=True)),
+            open_for=timedelta(seconds=_number(env, "CARDCHECK_BANK_BREAKER_OPEN_S", 5, minimum=0)),
+        )
+        per_bank = {}
+        for var, raw in env.items():
+            if var.startswith("CARDCHECK_BANK_CONCURRENCY_") and raw:
+                code = var.removeprefix("CARDCHECK_BANK_CONCURRENCY_")
+                if code not in BY_CODE:
+                    raise SettingsError(f"{var} names no known bank")
+                per_bank[code] = int(_number(env, var, 0, minimum=1, integer=True))
+        return cls(
+            retry=retry,
+            budget_ratio=_number(env, "CARDCHECK_BANK_RETRY_BUDGET_RATIO", 0.1, minimum=0),
+            budget_floor=int(_number(env, "CARDCHECK_BANK_RETRY_BUDGET_FLOOR", 10, minimum=0, integer=True)),
+            budget_window=timedelta(seconds=_number(env, "CARDCHECK_BANK_RETRY_BUDGET_WINDOW_S", 10, minimum=0.1)),
+            breaker=breaker,
+            concurrency=int(_number(env, "CARDCHECK_BANK_CONCURRENCY", 64, minimum=1, integer=True)),
+            bank_concurrency=per_bank,
+            max_active=int(_number(env, "CARDCHECK_BANK_CONNECTOR_MAX_ACTIVE", 48, minimum=1, integer=True)),
+            max_queued=int(_number(env, "CARDCHECK_BANK_CONNECTOR_MAX_QUEUED", 2000, minimum=0, integer=True)),
+        )
