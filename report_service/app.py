@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -14,27 +15,32 @@ from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import Keyring, load_master_key
 from cardcheck.runtime.logs import setup_logging
+from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.server import Registration, ServiceHost, run_until_signalled
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import report_service_pb2_grpc
 from report_service.clients import BankConnectorFanOut, NotifierReportReady
-from report_service.models import TABLES
+from report_service.config import ReportServiceConfig
+from report_service.execution import ExecutionStore
 from report_service.queries import Changes, QueryStore
 from report_service.reports import ReportVault
 from report_service.servicer import ReportServiceServicer
 from report_service.worker import QueryWorker
 
 SERVICE = "report_service"
+MIGRATIONS = "report_service.migrations"
 
 
 @dataclass(frozen=True)
 class ReportServiceParts:
-    """The host plus what tests drive directly: the worker (run_pass, sweep) and the store."""
+    """The host plus what tests drive directly: the worker (run_pass, sweep) and the stores."""
 
     host: ServiceHost
     worker: QueryWorker
     store: QueryStore
+    execution: ExecutionStore
+    db: Database
 
 
 async def build(
@@ -42,14 +48,16 @@ async def build(
     *,
     clock: Clock | None = None,
     tracer_provider: TracerProvider | None = None,
-    pass_interval_s: float = 5.0,
-    sweep_interval_s: float = 60.0,
+    config: ReportServiceConfig | None = None,
+    pass_interval_s: float | None = None,
+    sweep_interval_s: float | None = None,
 ) -> ServiceHost:
     """report_service, not started; its worker runs from here until the host stops."""
     parts = await build_parts(
         settings,
         clock=clock,
         tracer_provider=tracer_provider,
+        config=config,
         pass_interval_s=pass_interval_s,
         sweep_interval_s=sweep_interval_s,
     )
@@ -61,29 +69,49 @@ async def build_parts(
     *,
     clock: Clock | None = None,
     tracer_provider: TracerProvider | None = None,
-    pass_interval_s: float = 5.0,
-    sweep_interval_s: float = 60.0,
+    config: ReportServiceConfig | None = None,
+    pass_interval_s: float | None = None,
+    sweep_interval_s: float | None = None,
+    worker_name: str | None = None,
 ) -> ReportServiceParts:
-    """`pass_interval_s`: how often the worker looks for work it was not woken for (queries
-    left PENDING by a stop or an unreachable bank_connector, a "report ready" SMS the notifier
-    did not accept); `sweep_interval_s`: how often expired reports are deleted."""
+    """Migrates the database to the newest schema first. `config` defaults to the environment's
+    (report_service.config); `pass_interval_s` (how often the worker looks for work it was not
+    woken for) and `sweep_interval_s` (how often expired reports are deleted) override it."""
+    config = config or ReportServiceConfig.from_env()
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
     clock = clock or SystemClock()
     keyring = Keyring(load_master_key(settings.master_key, settings.data_dir))
     db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
-    await asyncio.to_thread(db.create_tables, TABLES)
-    store = QueryStore(db, keyring.sealer("subject"), ReportVault(keyring.sealer("report-kek")), clock)
+    try:
+        await asyncio.to_thread(upgrade_to_head, db.engine, MIGRATIONS, SERVICE)
+    except BaseException:
+        db.dispose()
+        raise
+    store = QueryStore(
+        db,
+        keyring.sealer("subject"),
+        ReportVault(keyring.sealer("report-kek")),
+        clock,
+        outcome_sealer=keyring.sealer("bank-outcome"),
+        retention=config.retention,
+    )
+    execution = ExecutionStore(db, store, clock, lease=timedelta(seconds=config.lease_s))
     bank_channel = open_channel(settings.addresses["bank_connector"], tracer_provider)
     notifier_channel = open_channel(settings.addresses["notifier"], tracer_provider)
     changes = Changes()
     worker = QueryWorker(
-        store,
+        execution,
         BankConnectorFanOut(bank_channel, settings.per_bank_timeout_s),
         NotifierReportReady(notifier_channel),
         changes,
         trace.get_tracer(SERVICE, tracer_provider=tracer_provider),
-        pass_interval_s=pass_interval_s,
-        sweep_interval_s=sweep_interval_s,
+        sweep=store.sweep,
+        owner=worker_name,
+        lease_s=config.lease_s,
+        retry=config.retry,
+        pass_interval_s=config.poll_s if pass_interval_s is None else pass_interval_s,
+        sweep_interval_s=config.sweep_s if sweep_interval_s is None else sweep_interval_s,
+        max_running=config.max_running,
     )
 
     async def close() -> None:
@@ -105,20 +133,21 @@ async def build_parts(
         tracer_provider,
         on_stop=[close],
     )
-    worker.start()  # resumes whatever PENDING queries a previous run left
-    return ReportServiceParts(host, worker, store)
+    worker.start()  # resumes whatever work a previous run left, once its leases are free
+    return ReportServiceParts(host, worker, store, execution, db)
 
 
 def main() -> None:
     try:
         settings = Settings.from_env()
+        config = ReportServiceConfig.from_env()
     except SettingsError as error:
         print(f"report_service: {error}", file=sys.stderr)
         sys.exit(2)
     setup_logging(SERVICE, settings.log_level)
 
     async def serve() -> None:
-        host = await build(settings)
+        host = await build(settings, config=config)
         await run_until_signalled(host, settings.shutdown_grace_s)
 
     asyncio.run(serve())

@@ -1,17 +1,35 @@
-"""The tables of report_service (prefix rs_). Personal data only sealed: the subject with the
-"subject" key bound to its query_id, each report with its own data key wrapped by "report-kek"."""
+"""The tables of report_service (prefix rs_), as the migrations in report_service/migrations make
+them (a test keeps the two in step). Personal data only sealed: the subject with the "subject"
+key bound to its query_id, the banks' masked cards with "bank-outcome" bound to query and bank,
+each report with its own data key wrapped by "report-kek"; the audit trail holds opaque ids,
+bank codes and counts only."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, DateTime, Index, LargeBinary, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    PrimaryKeyConstraint,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlmodel import Field, SQLModel
 
 PENDING = "PENDING"
 READY = "READY"
 FAILED = "FAILED"
 EXPIRED = "EXPIRED"
+
+EXECUTE = "EXECUTE"  # work: ask the banks still missing, finish the query when it is time
+NOTIFY = "NOTIFY"  # work: have the notifier accept the "report ready" SMS
 
 _ONE_PENDING = text("status = 'PENDING'")
 
@@ -45,13 +63,15 @@ class QueryRow(SQLModel, table=True):
     ready_at: datetime | None = Field(default=None, sa_column=_instant(True))
     expires_at: datetime | None = Field(default=None, sa_column=_instant(True))
     banks_total: int = 0
-    banks_answered: int = 0
-    subject_sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    banks_answered: int = 0  # banks whose outcome is ANSWERED
+    subject_sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # b"" once erased
     trace_context: str = Field(default="{}", sa_column=Column(Text, nullable=False))  # W3C headers, JSON
-    report_ready_sms_sent: bool = False
 
 
 class BankOutcomeRow(SQLModel, table=True):
+    """Each bank's latest outcome for a query: ANSWERED is final, anything else is replaced
+    when a later pass asks that bank again."""
+
     __tablename__ = "rs_bank_outcomes"
     __table_args__ = (UniqueConstraint("query_id", "bank_code", name="uq_rs_bank_outcomes_query_bank"),)
 
@@ -59,7 +79,9 @@ class BankOutcomeRow(SQLModel, table=True):
     query_id: str = Field(sa_column=Column(String(32), index=True, nullable=False))
     bank_code: str = Field(sa_column=Column(String(16), nullable=False))
     kind: str = Field(sa_column=Column(String(16), nullable=False))
-    cards: str = Field(sa_column=Column(Text, nullable=False))  # JSON list of masked cards
+    # The masked cards (JSON) sealed with the "bank-outcome" key bound to query and bank; erased
+    # (NULL) with the report when it expires.
+    cards_sealed: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
     detail: str = Field(default="", sa_column=Column(Text, nullable=False))
     recorded_at: datetime = Field(sa_column=_instant())
 
@@ -74,4 +96,51 @@ class ReportRow(SQLModel, table=True):
     expires_at: datetime = Field(sa_column=_instant())
 
 
-TABLES = [QueryRow, BankOutcomeRow, ReportRow]
+class WorkRow(SQLModel, table=True):
+    """Work still to do for a query, committed with what made it necessary (the query's
+    acceptance, its report). A worker claims a row by taking its lease; the row is deleted
+    when the work is done."""
+
+    __tablename__ = "rs_work"
+    __table_args__ = (
+        PrimaryKeyConstraint("query_id", "kind", name="pk_rs_work"),
+        Index("ix_rs_work_due_at", "due_at"),
+    )
+
+    query_id: str = Field(sa_column=Column(String(32), nullable=False))
+    kind: str = Field(sa_column=Column(String(16), nullable=False))  # EXECUTE or NOTIFY
+    due_at: datetime = Field(sa_column=_instant())  # not claimed before (the backoff of a retry)
+    lease_owner: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    lease_expires_at: datetime | None = Field(default=None, sa_column=_instant(True))
+    passes: int = 0  # how often it was claimed
+    created_at: datetime = Field(sa_column=_instant())
+
+
+class AuditRow(SQLModel, table=True):
+    """One event of the audit trail; `hash` = SHA-256(previous hash || canonical entry)."""
+
+    __tablename__ = "rs_audit"
+
+    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    recorded_at: datetime = Field(sa_column=_instant())
+    event: str = Field(sa_column=Column(String(32), nullable=False))
+    query_id: str | None = Field(default=None, sa_column=Column(String(32), index=True, nullable=True))
+    user_id: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))  # opaque
+    details: str = Field(sa_column=Column(Text, nullable=False))  # canonical JSON
+    prev_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    hash: str = Field(sa_column=Column(String(64), nullable=False))
+
+
+class AuditHeadRow(SQLModel, table=True):
+    """The one row (id 1) naming the last entry: the lock that serializes appends, and what
+    shows a deleted last entry."""
+
+    __tablename__ = "rs_audit_head"
+
+    id: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    hash: str = Field(sa_column=Column(String(64), nullable=False))
+
+
+TABLES = [QueryRow, BankOutcomeRow, ReportRow, WorkRow, AuditRow, AuditHeadRow]
+TABLE_NAMES = [model.__tablename__ for model in TABLES]

@@ -1,4 +1,5 @@
-"""Queries from acceptance to deletion: the rules (QueryRules) and their storage (QueryStore).
+"""Queries from acceptance to deletion: the rules (QueryRules) and their storage (QueryStore):
+acceptance, reading, viewing and deleting reports. Running a query is report_service.execution.
 Plain classes, no gRPC; time from the injected clock."""
 
 from __future__ import annotations
@@ -21,14 +22,23 @@ from cardcheck.runtime.database import Database
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
 from cardcheck.runtime.keys import Sealer
 from cardcheck.v1 import report_service_pb2
-from report_service.models import EXPIRED, FAILED, PENDING, READY, BankOutcomeRow, QueryRow, ReportRow
+from report_service import audit
+from report_service.models import (
+    EXECUTE,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    READY,
+    BankOutcomeRow,
+    QueryRow,
+    ReportRow,
+    WorkRow,
+)
 from report_service.reports import (
-    ANSWERED,
     BankOutcome,
     MaskedCard,
     Report,
     ReportVault,
-    build_report,
 )
 
 log = logging.getLogger(__name__)
@@ -75,19 +85,8 @@ class Query:
         return self.status == PENDING
 
 
-@dataclass(frozen=True)
-class PendingWork:
-    """What the worker needs to carry on a PENDING query: only the banks still missing."""
-
-    query: Query
-    subject: Subject
-    trace_context: dict[str, str]
-    missing_banks: tuple[str, ...]
-
-
 class QueryRules:
     READY_WITHIN = timedelta(hours=24)
-    REPORT_KEPT = timedelta(days=7)
     COOLDOWN = timedelta(days=7)  # counted from the last report's generation
 
     @staticmethod
@@ -141,11 +140,11 @@ class QueryRules:
         if query.status == FAILED:
             return CardCheckError("NOT_FOUND", "query failed: no report")
         if query.status == EXPIRED or (query.expires_at is not None and now >= query.expires_at):
-            return CardCheckError("REPORT_EXPIRED", "the report was kept 7 days and deleted")
+            return CardCheckError("REPORT_EXPIRED", "the report was kept its 7 days and deleted")
         return None
 
 
-def _query(row: QueryRow) -> Query:
+def query_of(row: QueryRow) -> Query:
     return Query(
         query_id=row.query_id,
         user_id=row.user_id,
@@ -161,22 +160,13 @@ def _query(row: QueryRow) -> Query:
     )
 
 
-def _outcome(row: BankOutcomeRow) -> BankOutcome:
-    return BankOutcome(
-        bank_code=row.bank_code,
-        kind=row.kind,
-        cards=tuple(MaskedCard(**card) for card in json.loads(row.cards)),
-        detail=row.detail,
-    )
-
-
-def _cards_json(cards: Sequence[MaskedCard]) -> str:
+def cards_json(cards: Sequence[MaskedCard]) -> bytes:
     return json.dumps(
         [
             {"bank_code": c.bank_code, "card_type": c.card_type, "first4": c.first4, "last4": c.last4}
             for c in cards
         ]
-    )
+    ).encode()
 
 
 class Changes:
@@ -195,11 +185,44 @@ class Changes:
 
 
 class QueryStore:
-    def __init__(self, db: Database, subject_sealer: Sealer, vault: ReportVault, clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        subject_sealer: Sealer,
+        vault: ReportVault,
+        clock: Clock,
+        *,
+        outcome_sealer: Sealer,
+        retention: timedelta = timedelta(days=7),
+    ) -> None:
         self._db = db
         self._subjects = subject_sealer
+        self._outcomes = outcome_sealer
         self._vault = vault
         self._clock = clock
+        self.retention = retention
+
+    def seal_subject(self, query_id: str, subject: Subject) -> bytes:
+        return self._subjects.seal(subject.to_bytes(), query_id.encode())
+
+    def open_subject(self, query_id: str, sealed: bytes) -> Subject:
+        return Subject.from_bytes(self._subjects.open(sealed, query_id.encode()))
+
+    def seal_cards(self, query_id: str, bank_code: str, cards: Sequence[MaskedCard]) -> bytes | None:
+        if not cards:
+            return None
+        return self._outcomes.seal(cards_json(cards), f"{query_id}/{bank_code}".encode())
+
+    def outcome_of(self, row: BankOutcomeRow) -> BankOutcome:
+        cards: tuple[MaskedCard, ...] = ()
+        if row.cards_sealed:
+            plain = self._outcomes.open(row.cards_sealed, f"{row.query_id}/{row.bank_code}".encode())
+            cards = tuple(MaskedCard(**card) for card in json.loads(plain))
+        return BankOutcome(bank_code=row.bank_code, kind=row.kind, cards=cards, detail=row.detail)
+
+    @property
+    def vault(self) -> ReportVault:
+        return self._vault
 
     # --- acceptance -------------------------------------------------------------------------
 
@@ -212,7 +235,9 @@ class QueryStore:
         idempotency_key: str,
         trace_context: dict[str, str],
     ) -> tuple[Query, bool]:
-        """(the query, whether it is new). The same key from the same user returns its query."""
+        """(the query, whether it is new). The same key from the same user returns its query.
+        A new query, the work of running it and its audit entry are one transaction: once this
+        returns, the query will be run whatever stops in between."""
         banks = QueryRules.validate_create(user_id, subject, bank_codes, agreement_version)
         key = idempotency_key or None  # no key: every request is a new one (NULLs never collide)
         now = self._clock.now()
@@ -227,7 +252,7 @@ class QueryStore:
         def accept(session: Session) -> tuple[Query, bool]:
             existing = by_key(session)
             if existing is not None:
-                return _query(existing), False
+                return query_of(existing), False
             pending = session.exec(
                 select(QueryRow.query_id).where(QueryRow.user_id == user_id, QueryRow.status == PENDING)
             ).first()
@@ -253,12 +278,25 @@ class QueryStore:
                 ready_by=now + QueryRules.READY_WITHIN,
                 banks_total=len(banks),
                 banks_answered=0,
-                subject_sealed=self._subjects.seal(subject.to_bytes(), query_id.encode()),
+                subject_sealed=self.seal_subject(query_id, subject),
                 trace_context=json.dumps(trace_context),
             )
             session.add(row)
-            session.flush()
-            return _query(row), True
+            session.add(WorkRow(query_id=query_id, kind=EXECUTE, due_at=now, passes=0, created_at=now))
+            session.flush()  # the one-PENDING index speaks here, before the audit head is locked
+            audit.append(
+                session,
+                [
+                    audit.AuditEvent(
+                        audit.QUERY_ACCEPTED,
+                        query_id,
+                        user_id,
+                        {"agreement_version": agreement_version, "banks": list(banks)},
+                    )
+                ],
+                now,
+            )
+            return query_of(row), True
 
         try:
             return await self._db.run(accept)
@@ -267,7 +305,7 @@ class QueryStore:
             # is the one-PENDING-query-per-user rule, enforced by the unique index.
             existing = await self._db.run(by_key)
             if existing is not None:
-                return _query(existing), False
+                return query_of(existing), False
             raise CardCheckError("QUERY_IN_PROGRESS", "another query of this user is pending") from None
 
     # --- reading, for the user who owns the query -------------------------------------------
@@ -279,7 +317,7 @@ class QueryStore:
         row = await self._db.run(find) if query_id else None
         if row is None or row.user_id != user_id or not user_id:
             raise CardCheckError("NOT_FOUND", "no such query")
-        return _query(row)
+        return query_of(row)
 
     async def list(self, user_id: str) -> list[Query]:
         def find(session: Session) -> list[QueryRow]:
@@ -291,10 +329,11 @@ class QueryStore:
                 )
             )
 
-        return [_query(row) for row in await self._db.run(find)]
+        return [query_of(row) for row in await self._db.run(find)]
 
     async def snapshot(self, user_id: str, query_id: str) -> tuple[Query, list[BankOutcome]]:
-        """The query and its outcomes so far, in the order they were recorded, read together."""
+        """The query and each bank's latest outcome so far, in the order first recorded, read
+        together."""
 
         def find(session: Session) -> tuple[QueryRow | None, list[BankOutcomeRow]]:
             row = session.get(QueryRow, query_id)
@@ -310,9 +349,10 @@ class QueryStore:
         row, outcomes = await self._db.run(find) if query_id else (None, [])
         if row is None or row.user_id != user_id or not user_id:
             raise CardCheckError("NOT_FOUND", "no such query")
-        return _query(row), [_outcome(o) for o in outcomes]
+        return query_of(row), [self.outcome_of(o) for o in outcomes]
 
     async def report(self, user_id: str, query_id: str) -> Report:
+        """The report, opened; the view is in the audit trail before the report is returned."""
         query = await self.get(user_id, query_id)
         now = self._clock.now()
         refusal = QueryRules.report_refusal(query, now)
@@ -324,161 +364,59 @@ class QueryStore:
 
         row = await self._db.run(find)
         if row is None:  # swept between the two reads
-            raise CardCheckError("REPORT_EXPIRED", "the report was kept 7 days and deleted")
+            raise CardCheckError("REPORT_EXPIRED", "the report was kept its 7 days and deleted")
         content = self._vault.open(query_id, row.wrapped_key, row.ciphertext)
+
+        def viewed(session: Session) -> None:
+            audit.append(session, [audit.AuditEvent(audit.REPORT_VIEWED, query_id, user_id)], now)
+
+        await self._db.run(viewed)
         return Report(query_id, as_utc(row.generated_at), as_utc(row.expires_at), content)
 
-    # --- execution, for the worker -----------------------------------------------------------
+    # --- forgetting -------------------------------------------------------------------------
 
-    async def pending_query_ids(self) -> list[str]:
-        def find(session: Session) -> list[str]:
-            return list(
-                session.exec(
-                    select(QueryRow.query_id)
-                    .where(QueryRow.status == PENDING)
-                    .order_by(col(QueryRow.submitted_at))
-                )
-            )
-
-        return await self._db.run(find)
-
-    async def pending_work(self, query_id: str) -> PendingWork | None:
-        def find(session: Session) -> tuple[QueryRow | None, list[str]]:
-            row = session.get(QueryRow, query_id)
-            recorded = list(
-                session.exec(select(BankOutcomeRow.bank_code).where(BankOutcomeRow.query_id == query_id))
-            )
-            return row, recorded
-
-        row, recorded = await self._db.run(find)
-        if row is None or row.status != PENDING:
-            return None
-        query = _query(row)
-        subject = Subject.from_bytes(self._subjects.open(row.subject_sealed, query_id.encode()))
-        missing = tuple(code for code in query.bank_codes if code not in set(recorded))
-        return PendingWork(query, subject, json.loads(row.trace_context or "{}"), missing)
-
-    async def record_outcome(self, query_id: str, outcome: BankOutcome) -> bool:
-        """Records one bank's outcome as it arrives. False when that bank already had one."""
-        if outcome.bank_code not in BY_CODE:
-            log.warning("query %s: ignoring an outcome for an unknown bank", query_id)
-            return False
-        now = self._clock.now()
-
-        def record(session: Session) -> bool:
-            session.add(
-                BankOutcomeRow(
-                    query_id=query_id,
-                    bank_code=outcome.bank_code,
-                    kind=outcome.kind,
-                    cards=_cards_json(outcome.cards),
-                    detail=outcome.detail,
-                    recorded_at=now,
-                )
-            )
-            session.flush()
-            result = session.execute(
-                update(QueryRow)
-                .where(col(QueryRow.query_id) == query_id, col(QueryRow.status) == PENDING)
-                .values(banks_answered=QueryRow.banks_answered + 1)
-            )
-            return result.rowcount == 1
-
-        try:
-            return await self._db.run(record)
-        except IntegrityError:
-            return False
-
-    async def finish(self, query_id: str) -> str | None:
-        """Once every bank has an outcome: READY with a sealed report when at least one bank
-        answered, else FAILED. Returns the new status, or None while banks are missing."""
-        now = self._clock.now()
-
-        def finish(session: Session) -> str | None:
-            row = session.exec(
-                select(QueryRow).where(QueryRow.query_id == query_id).with_for_update()
-            ).first()
-            if row is None or row.status != PENDING:
-                return None
-            outcomes = [
-                _outcome(o)
-                for o in session.exec(select(BankOutcomeRow).where(BankOutcomeRow.query_id == query_id))
-            ]
-            banks = json.loads(row.bank_codes)
-            if not set(banks) <= {o.bank_code for o in outcomes}:
-                return None
-            if not any(o.kind == ANSWERED for o in outcomes):
-                row.status = FAILED
-                session.add(row)
-                return FAILED
-            expires_at = now + QueryRules.REPORT_KEPT
-            wrapped_key, ciphertext = self._vault.seal(query_id, build_report(banks, outcomes))
-            session.add(
-                ReportRow(
-                    query_id=query_id,
-                    wrapped_key=wrapped_key,
-                    ciphertext=ciphertext,
-                    generated_at=now,
-                    expires_at=expires_at,
-                )
-            )
-            row.status = READY
-            row.ready_at = now
-            row.expires_at = expires_at
-            session.add(row)
-            return READY
-
-        return await self._db.run(finish)
-
-    async def unsent_report_ready(self) -> list[tuple[str, str, dict[str, str]]]:
-        """(query_id, phone, trace context) of READY queries whose "report ready" SMS the
-        notifier has not yet accepted."""
-
-        def find(session: Session) -> list[QueryRow]:
-            return list(
-                session.exec(
-                    select(QueryRow).where(
-                        QueryRow.status == READY, col(QueryRow.report_ready_sms_sent).is_(False)
-                    )
-                )
-            )
-
-        rows = await self._db.run(find)
-        return [
-            (
-                row.query_id,
-                Subject.from_bytes(self._subjects.open(row.subject_sealed, row.query_id.encode())).phone,
-                json.loads(row.trace_context or "{}"),
-            )
-            for row in rows
-        ]
-
-    async def mark_report_ready_sent(self, query_id: str) -> None:
-        def mark(session: Session) -> None:
-            session.execute(
-                update(QueryRow).where(col(QueryRow.query_id) == query_id).values(report_ready_sms_sent=True)
-            )
-
-        await self._db.run(mark)
-
-    async def sweep(self) -> list[str]:
-        """Deletes every report past its expiry (data key and ciphertext) and marks its query
-        EXPIRED. Returns the query_ids swept."""
+    async def sweep(self, batch: int = 500) -> list[str]:
+        """Deletes every report past its expiry (wrapped data key and ciphertext together), marks
+        its query EXPIRED, erases the sealed subject and the banks' sealed cards, and drops an SMS
+        not yet sent. Returns the query_ids swept."""
         now = self._clock.now()
 
         def sweep(session: Session) -> list[str]:
             expired = list(
                 session.exec(
-                    select(QueryRow.query_id).where(QueryRow.status == READY, col(QueryRow.expires_at) <= now)
+                    select(QueryRow.query_id, QueryRow.user_id)
+                    .where(QueryRow.status == READY, col(QueryRow.expires_at) <= now)
+                    .order_by(col(QueryRow.expires_at))
+                    .limit(batch)
+                    .with_for_update(skip_locked=True)
                 )
             )
-            if expired:
-                session.execute(delete(ReportRow).where(col(ReportRow.query_id).in_(expired)))
-                session.execute(
-                    update(QueryRow)
-                    .where(col(QueryRow.query_id).in_(expired), col(QueryRow.status) == READY)
-                    .values(status=EXPIRED)
-                )
-            return expired
+            if not expired:
+                return []
+            ids = [query_id for query_id, _ in expired]
+            if session.get_bind().dialect.name == "sqlite":
+                # Deleted cells are overwritten with zeros instead of lingering in free pages.
+                session.connection().exec_driver_sql("PRAGMA secure_delete = ON")
+            session.execute(delete(ReportRow).where(col(ReportRow.query_id).in_(ids)))
+            session.execute(delete(WorkRow).where(col(WorkRow.query_id).in_(ids)))
+            session.execute(
+                update(BankOutcomeRow).where(col(BankOutcomeRow.query_id).in_(ids)).values(cards_sealed=None)
+            )
+            session.execute(
+                update(QueryRow)
+                .where(col(QueryRow.query_id).in_(ids), col(QueryRow.status) == READY)
+                .values(status=EXPIRED, subject_sealed=b"")
+            )
+            audit.append(
+                session,
+                [audit.AuditEvent(audit.REPORT_DELETED, query_id, user) for query_id, user in expired],
+                now,
+            )
+            return ids
 
-        return await self._db.run(sweep)
+        swept: list[str] = []
+        while True:
+            ids = await self._db.run(sweep)
+            swept.extend(ids)
+            if len(ids) < batch:
+                return swept

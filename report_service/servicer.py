@@ -130,27 +130,26 @@ class ReportServiceServicer(report_service_pb2_grpc.ReportServiceServicer):
 
     @handles_errors
     async def WatchQuery(self, request, context):
+        """The state so far first (a late joiner learns every outcome recorded), then an event
+        for each outcome that arrives or changes (a failed bank answering on a later pass), and
+        one for any other change, until the query leaves PENDING. Woken by this replica's
+        worker, and polling the database for what another replica's worker records."""
         changed = self._changes.current()
         query, outcomes = await self._store.snapshot(request.user_id, request.query_id)
         yield gateway_pb2.QueryEvent(query=query_pb(query), outcomes=[outcome_pb(o) for o in outcomes])
-        seen = {o.bank_code for o in outcomes}
+        seen = {o.bank_code: o for o in outcomes}
         last = query
         while query.pending:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), WATCH_POLL_S)
             changed = self._changes.current()
             query, outcomes = await self._store.snapshot(request.user_id, request.query_id)
-            so_far = []
-            for outcome in outcomes:
-                so_far.append(outcome_pb(outcome))
-                if outcome.bank_code not in seen:
-                    seen.add(outcome.bank_code)
+            so_far = [outcome_pb(o) for o in outcomes]
+            for outcome, message in zip(outcomes, so_far, strict=True):
+                if seen.get(outcome.bank_code) != outcome:
+                    seen[outcome.bank_code] = outcome
                     last = query
-                    yield gateway_pb2.QueryEvent(
-                        query=query_pb(query), outcome=so_far[-1], outcomes=list(so_far)
-                    )
+                    yield gateway_pb2.QueryEvent(query=query_pb(query), outcome=message, outcomes=so_far)
             if query != last:  # a change with no new outcome, e.g. the query finished
                 last = query
-                yield gateway_pb2.QueryEvent(
-                    query=query_pb(query), outcomes=[outcome_pb(o) for o in outcomes]
-                )
+                yield gateway_pb2.QueryEvent(query=query_pb(query), outcomes=so_far)

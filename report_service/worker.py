@@ -1,5 +1,6 @@
-"""Runs PENDING queries to their end: asks the banks still missing, records each outcome as it
-arrives, finishes the query, and makes sure the "report ready" SMS is accepted exactly once.
+"""Runs the work of report_service: claims due work (report_service.execution), asks the banks
+still missing and records each outcome as it arrives, finishes queries, has the notifier accept
+each "report ready" SMS, and deletes expired reports.
 
 Each execution runs under the trace context stored when the query was accepted, so the fan-out
 and the SMS belong to the trace of the request that submitted it."""
@@ -9,13 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Protocol
 
 from opentelemetry import propagate, trace
 
-from report_service.models import READY
-from report_service.queries import Changes, QueryStore, Subject
+from report_service.config import RetryPolicy
+from report_service.execution import Claim, ExecutionStore, LeaseLost, Recorded, WorkKey
+from report_service.models import EXECUTE, READY
+from report_service.queries import Changes, Subject
 from report_service.reports import BankOutcome
 
 log = logging.getLogger(__name__)
@@ -33,46 +39,77 @@ class ReportReadyNotifier(Protocol):
         ...
 
 
+def worker_name() -> str:
+    """Who holds a lease: host, process and a random part (a restarted process is a new worker)."""
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+_END = object()
+
+
 class QueryWorker:
     def __init__(
         self,
-        store: QueryStore,
+        store: ExecutionStore,
         banks: BankFanOut,
         notifier: ReportReadyNotifier,
         changes: Changes,
         tracer: trace.Tracer,
         *,
-        pass_interval_s: float = 5.0,
+        sweep: Callable[[], Awaitable[list[str]]],
+        owner: str | None = None,
+        lease_s: float = 30.0,
+        retry: RetryPolicy | None = None,
+        pass_interval_s: float = 2.0,
         sweep_interval_s: float = 60.0,
+        max_running: int = 64,
     ) -> None:
         self._store = store
         self._banks = banks
         self._notifier = notifier
         self._changes = changes
         self._tracer = tracer
+        self._sweep = sweep
+        self.owner = owner or worker_name()
+        self._lease_s = lease_s
+        self._retry = retry or RetryPolicy()
         self._pass_interval_s = pass_interval_s
         self._sweep_interval_s = sweep_interval_s
+        self._max_running = max_running
         self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task | None = None
-        self._running: dict[str, asyncio.Task] = {}
+        self._background: list[asyncio.Task] = []
+        self._running: dict[WorkKey, asyncio.Task] = {}
 
     # --- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._loop_task is None:
-            self._loop_task = asyncio.create_task(self._loop(), name="report_service.worker")
+        if not self._background:
+            self._background = [
+                asyncio.create_task(self._loop(), name="report_service.worker"),
+                asyncio.create_task(self._renew_loop(), name="report_service.leases"),
+            ]
 
     def wake(self) -> None:
         """A query was accepted: look for work now rather than at the next pass."""
         self._wake.set()
 
+    @property
+    def running(self) -> set[WorkKey]:
+        return set(self._running)
+
     async def stop(self) -> None:
-        tasks = [t for t in (self._loop_task, *self._running.values()) if t is not None]
+        """Stops working and gives the leases back, so that another worker (or this service
+        started again) takes the work over at once instead of after the leases expire."""
+        tasks = [*self._background, *self._running.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._loop_task = None
+        self._background = []
         self._running.clear()
+        try:
+            await self._store.release(self.owner)
+        except Exception:
+            log.warning("could not give the leases back; they will expire", exc_info=True)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -89,88 +126,163 @@ class QueryWorker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._pass_interval_s)
 
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            keys = set(self._running)
+            if not keys:
+                continue
+            try:
+                held = await self._store.renew(self.owner, keys)
+            except Exception:
+                log.warning("renewing leases failed; trying again", exc_info=True)
+                continue
+            for key in keys - held:
+                task = self._running.get(key)
+                if task is not None:
+                    log.warning("lost the lease on %s of query %s; stopping that work", key[1], key[0])
+                    task.cancel()
+
     # --- one pass -----------------------------------------------------------------------------
 
-    async def run_pass(self) -> None:
-        """Starts every PENDING query not already running here (on start-up: the ones left
-        unfinished by a stop) and retries "report ready" SMS the notifier has not accepted."""
-        for query_id in await self._store.pending_query_ids():
-            if query_id not in self._running:
-                task = asyncio.create_task(self.execute(query_id), name=f"query {query_id}")
-                self._running[query_id] = task
-                task.add_done_callback(lambda _t, q=query_id: self._running.pop(q, None))
-        for query_id, phone, trace_context in await self._store.unsent_report_ready():
-            if query_id not in self._running:
-                with self._tracer.start_as_current_span(
-                    "query.report_ready_sms", context=propagate.extract(trace_context)
-                ) as span:
-                    span.set_attribute("cardcheck.query_id", query_id)
-                    await self._send_report_ready(query_id, phone)
+    async def run_pass(self, *, wait: bool = False) -> list[asyncio.Task]:
+        """Claims due work up to this worker's capacity and starts it; with `wait`, returns only
+        when what it started has ended (for tests)."""
+        claims = await self._store.claim(self.owner, self._max_running - len(self._running))
+        started = []
+        for claim in claims:
+            if claim.key in self._running:
+                continue  # already ours and running (the claim just refreshed its lease)
+            work = self._execute(claim) if claim.kind == EXECUTE else self._notify(claim)
+            started.append(self._spawn(claim.key, work))
+        if wait and started:
+            await asyncio.gather(*started, return_exceptions=True)
+        return started
+
+    def _spawn(self, key: WorkKey, work: Coroutine) -> asyncio.Task:
+        task = asyncio.create_task(work, name=f"{key[1]} {key[0]}")
+        self._running[key] = task
+        task.add_done_callback(
+            lambda t, k=key: self._running.pop(k, None) if self._running.get(k) is t else None
+        )
+        return task
 
     async def sweep(self) -> list[str]:
-        swept = await self._store.sweep()
+        swept = await self._sweep()
         if swept:
             log.info("deleted %d expired reports", len(swept))
             self._changes.notify()
         return swept
 
-    async def execute(self, query_id: str) -> None:
-        work = await self._store.pending_work(query_id)
-        if work is None:
-            return
-        context = propagate.extract(work.trace_context)
+    # --- running a query ----------------------------------------------------------------------
+
+    async def _execute(self, claim: Claim) -> None:
+        query_id = claim.query_id
+        context = propagate.extract(claim.trace_context)
         with self._tracer.start_as_current_span("query.execute", context=context) as span:
             span.set_attribute("cardcheck.query_id", query_id)
-            span.set_attribute("cardcheck.banks_total", work.query.banks_total)
-            span.set_attribute("cardcheck.banks_missing", len(work.missing_banks))
-            if work.missing_banks:
-                if not await self._ask_banks(query_id, work):
-                    return  # stays PENDING: a later pass asks the banks still missing
-            status = await self._store.finish(query_id)
-            self._changes.notify()
-            if status is None:
+            span.set_attribute("cardcheck.banks_total", claim.query.banks_total)
+            span.set_attribute("cardcheck.banks_missing", len(claim.missing_banks))
+            span.set_attribute("cardcheck.pass", claim.passes)
+            try:
+                result = None
+                if claim.missing_banks and not claim.final:
+                    result = await self._ask_banks(claim)
+                if result is None:
+                    result = await self._store.end_pass(query_id, self.owner, self._retry.delay(claim.passes))
+            except LeaseLost:
+                log.info("query %s: another worker holds it now", query_id)
                 return
-            span.set_attribute("cardcheck.query_status", status)
-            log.info("query %s finished %s", query_id, status)
-            if status == READY:
-                await self._send_report_ready(query_id, work.subject.phone)
-
-    async def _ask_banks(self, query_id: str, work) -> bool:
-        asked = set(work.missing_banks)
-        answered: set[str] = set()
-        try:
-            async for outcome in self._banks.fan_out(work.subject, work.missing_banks):
-                if outcome.bank_code not in asked or outcome.bank_code in answered:
-                    continue
-                answered.add(outcome.bank_code)
-                if await self._store.record_outcome(query_id, outcome):
-                    self._changes.notify()
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            log.warning("query %s: asking the banks failed (%s); will retry", query_id, type(error).__name__)
-            return False
-        silent = asked - answered
-        if silent:
-            # The connector ended its stream without a word for these banks.
-            for code in sorted(silent):
-                await self._store.record_outcome(
+            finally:
+                self._changes.notify()
+            if result is None:
+                log.info(
+                    "query %s: %d bank(s) still to answer; asking again later",
                     query_id,
-                    BankOutcome(bank_code=code, kind="ERROR", detail="no outcome from bank_connector"),
+                    len(claim.missing_banks),
                 )
-            self._changes.notify()
-        return True
+                return
+            span.set_attribute("cardcheck.query_status", result.status)
+            log.info("query %s finished %s", query_id, result.status)
+        if result.status == READY and result.notify is not None:
+            self._spawn(result.notify.key, self._notify(result.notify))
 
-    async def _send_report_ready(self, query_id: str, phone: str) -> None:
+    async def _ask_banks(self, claim: Claim) -> Recorded | None:
+        """One pass over the missing banks. Outcomes are recorded as they arrive; those that
+        arrive together are recorded in one transaction. Returns the result once the query is
+        finished, None when banks are still missing after the pass."""
+        asked = set(claim.missing_banks)
+        arrived: set[str] = set()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for outcome in self._banks.fan_out(claim.subject, claim.missing_banks):
+                    queue.put_nowait(outcome)
+                queue.put_nowait(_END)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                queue.put_nowait(error)
+
+        pumping = asyncio.create_task(pump())
         try:
-            await self._notifier.report_ready(query_id, phone)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            log.warning(
-                "query %s: the notifier did not accept the report-ready SMS (%s); will retry",
-                query_id,
-                type(error).__name__,
-            )
-            return
-        await self._store.mark_report_ready_sent(query_id)
+            ended = False
+            while not ended:
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                outcomes = []
+                for item in batch:
+                    if isinstance(item, BankOutcome):
+                        if item.bank_code in asked and item.bank_code not in arrived:
+                            arrived.add(item.bank_code)
+                            outcomes.append(item)
+                    elif isinstance(item, Exception):
+                        ended = True
+                        log.warning(
+                            "query %s: asking the banks failed (%s); will retry",
+                            claim.query_id,
+                            type(item).__name__,
+                        )
+                    else:
+                        ended = True
+                        silent = sorted(asked - arrived)
+                        # The connector ended its stream without a word for these banks.
+                        outcomes.extend(
+                            BankOutcome(bank_code=code, kind="ERROR", detail="no outcome from bank_connector")
+                            for code in silent
+                        )
+                        arrived.update(silent)
+                if outcomes:
+                    result = await self._store.record(claim.query_id, self.owner, outcomes)
+                    self._changes.notify()
+                    if result is not None:
+                        return result
+            return None
+        finally:
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pumping
+
+    # --- the "report ready" SMS -----------------------------------------------------------------
+
+    async def _notify(self, claim: Claim) -> None:
+        query_id = claim.query_id
+        with self._tracer.start_as_current_span(
+            "query.report_ready_sms", context=propagate.extract(claim.trace_context)
+        ) as span:
+            span.set_attribute("cardcheck.query_id", query_id)
+            try:
+                await self._notifier.report_ready(query_id, claim.subject.phone)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning(
+                    "query %s: the notifier did not accept the report-ready SMS (%s); will retry",
+                    query_id,
+                    type(error).__name__,
+                )
+                await self._store.notify_later(query_id, self.owner, self._retry.delay(claim.passes))
+                return
+            await self._store.notified(query_id)

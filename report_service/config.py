@@ -1,0 +1,79 @@
+"""report_service's own settings, beyond the shared ones (cardcheck.runtime.settings), read from
+the environment:
+
+| variable | meaning | default |
+|---|---|---|
+| CARDCHECK_REPORT_RETENTION_DAYS | how long a report is kept after it is generated, in days of 24 h | 7 |
+| CARDCHECK_REPORT_LEASE_S | how long a worker's claim on a query holds without renewal | 30 |
+| CARDCHECK_REPORT_RETRY_FIRST_S | the wait before asking failed banks again; doubles each pass | 60 |
+| CARDCHECK_REPORT_RETRY_MAX_S | the longest wait between two passes | 3600 |
+| CARDCHECK_REPORT_POLL_S | how often a worker looks for work it was not woken for | 2 |
+| CARDCHECK_REPORT_SWEEP_S | how often expired reports are deleted | 60 |
+| CARDCHECK_REPORT_MAX_RUNNING | how many queries one process works on at once | 64 |
+
+"7 natural days": natural (calendar) days as opposed to working days, so weekends and holidays
+count; a report generated at instant T is deleted at T + 7 × 24 h, to the microsecond, the same
+in every time zone (China keeps no daylight saving time, so this is also the same wall-clock
+time in Beijing 7 calendar days later)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from cardcheck.runtime.settings import SettingsError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """The wait before pass n+1 over the banks that failed in pass n: first_s, doubling, at most
+    max_s. Never past the query's ready_by: that is when the report is made regardless."""
+
+    first_s: float = 60.0
+    max_s: float = 3600.0
+
+    def delay(self, passes: int) -> timedelta:
+        exponent = min(max(passes - 1, 0), 32)
+        return timedelta(seconds=min(self.first_s * 2**exponent, self.max_s))
+
+
+@dataclass(frozen=True)
+class ReportServiceConfig:
+    retention: timedelta = timedelta(days=7)
+    lease_s: float = 30.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    poll_s: float = 2.0
+    sweep_s: float = 60.0
+    max_running: int = 64
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ReportServiceConfig:
+        env = os.environ if env is None else env
+
+        def number(var: str, default: float, *, minimum: float = 0.0) -> float:
+            raw = env.get(var)
+            if raw is None or raw == "":
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise SettingsError(f"{var}={raw!r} is not a number") from None
+            if not math.isfinite(value) or value <= minimum:
+                raise SettingsError(f"{var}={raw!r} must be a number above {minimum:g}")
+            return value
+
+        max_running = number("CARDCHECK_REPORT_MAX_RUNNING", 64, minimum=0)
+        if max_running != int(max_running):
+            raise SettingsError("CARDCHECK_REPORT_MAX_RUNNING must be a whole number")
+        first = number("CARDCHECK_REPORT_RETRY_FIRST_S", 60.0)
+        return cls(
+            retention=timedelta(days=number("CARDCHECK_REPORT_RETENTION_DAYS", 7.0)),
+            lease_s=number("CARDCHECK_REPORT_LEASE_S", 30.0),
+            retry=RetryPolicy(first, max(first, number("CARDCHECK_REPORT_RETRY_MAX_S", 3600.0))),
+            poll_s=number("CARDCHECK_REPORT_POLL_S", 2.0),
+            sweep_s=number("CARDCHECK_REPORT_SWEEP_S", 60.0),
+            max_running=int(max_running),
+        )

@@ -1,0 +1,431 @@
+"""Running queries durably: the work rows (rs_work) and their leases, each bank's outcome recorded
+as it arrives, the query finished once. Plain storage, no gRPC; time from the injected clock.
+
+A worker claims due work by taking its lease: on PostgreSQL `SELECT ... FOR UPDATE SKIP LOCKED`
+over rows whose lease is free or expired, then the lease set in the same transaction, so two
+replicas never claim the same row; on SQLite every write transaction is exclusive (BEGIN
+IMMEDIATE), which makes the same select-then-update safe for its one writer at a time. The
+worker renews its leases while it works; a worker that stops renewing (killed, cut off) loses
+them when they expire and another takes over with only the banks still missing. Every write a
+worker makes for a query first checks it still holds the lease, so one that lost it (and may
+still be talking to the banks) cannot record over the one that took over.
+
+Failed banks (ERROR, TIMED_OUT, CIRCUIT_OPEN) are asked again in later passes, with a growing
+wait between passes, until ready_by (submitted + 24 h). The query finishes when every bank has
+answered, or at ready_by with the others in unavailable_banks; FAILED only if none answered."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, delete, or_, select, tuple_, update
+from sqlmodel import Session
+
+from cardcheck.banks import BY_CODE
+from cardcheck.runtime.clock import Clock, as_utc
+from cardcheck.runtime.database import Database
+from report_service import audit
+from report_service.models import (
+    EXECUTE,
+    FAILED,
+    NOTIFY,
+    PENDING,
+    READY,
+    BankOutcomeRow,
+    QueryRow,
+    ReportRow,
+    WorkRow,
+)
+from report_service.queries import Query, QueryStore, Subject, query_of
+from report_service.reports import ANSWERED, BankOutcome, build_report
+
+log = logging.getLogger(__name__)
+
+WorkKey = tuple[str, str]  # (query_id, kind)
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the work's lease: another one took it over, or it is done."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claimed piece of work and what is needed to do it."""
+
+    query_id: str
+    kind: str  # EXECUTE or NOTIFY
+    passes: int  # claims so far, this one included
+    query: Query
+    subject: Subject
+    trace_context: dict[str, str] = field(default_factory=dict)
+    missing_banks: tuple[str, ...] = ()  # EXECUTE: the banks without an answer yet
+    final: bool = False  # EXECUTE: ready_by has come: finish with what there is
+
+    @property
+    def key(self) -> WorkKey:
+        return (self.query_id, self.kind)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The result of recording outcomes: the query's status after it, and the SMS lease when the
+    report was just generated (the worker that finished the query sends it)."""
+
+    status: str
+    notify: Claim | None = None
+
+
+@dataclass(frozen=True)
+class _Finished:
+    status: str
+    query: Query | None = None  # READY: what the SMS needs
+    sealed: bytes = b""
+    trace_context: str = "{}"
+
+
+_WORK = WorkRow.__table__
+
+
+def _lease_free(now: datetime):
+    return or_(_WORK.c.lease_expires_at.is_(None), _WORK.c.lease_expires_at <= now)
+
+
+class ExecutionStore:
+    def __init__(self, db: Database, queries: QueryStore, clock: Clock, *, lease: timedelta) -> None:
+        self._db = db
+        self._queries = queries
+        self._clock = clock
+        self._lease = lease
+
+    # --- claiming, renewing, releasing ------------------------------------------------------
+
+    async def claim(self, owner: str, limit: int) -> list[Claim]:
+        """Leases up to `limit` pieces of due work whose lease is free, oldest due first."""
+        if limit <= 0:
+            return []
+        now = self._clock.now()
+
+        def claim(session: Session):
+            due = session.execute(
+                select(_WORK.c.query_id, _WORK.c.kind, _WORK.c.passes)
+                .where(_WORK.c.due_at <= now, _lease_free(now))
+                .order_by(_WORK.c.due_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not due:
+                return []
+            keys = [(row.query_id, row.kind) for row in due]
+            session.execute(
+                update(_WORK)
+                .where(tuple_(_WORK.c.query_id, _WORK.c.kind).in_(keys))
+                .values(lease_owner=owner, lease_expires_at=now + self._lease, passes=_WORK.c.passes + 1)
+            )
+            query_ids = sorted({row.query_id for row in due})
+            queries = {
+                row.query_id: row
+                for row in session.execute(select(QueryRow).where(QueryRow.query_id.in_(query_ids))).scalars()
+            }
+            answered: dict[str, set[str]] = {}
+            for query_id, bank_code in session.execute(
+                select(BankOutcomeRow.query_id, BankOutcomeRow.bank_code).where(
+                    BankOutcomeRow.query_id.in_(query_ids), BankOutcomeRow.kind == ANSWERED
+                )
+            ):
+                answered.setdefault(query_id, set()).add(bank_code)
+            claimed = []
+            asked = []
+            for row in due:
+                query_row = queries.get(row.query_id)
+                if query_row is None:  # no such query (cannot happen unless rows were removed by hand)
+                    session.execute(delete(_WORK).where(_WORK.c.query_id == row.query_id))
+                    continue
+                query = query_of(query_row)
+                missing = tuple(b for b in query.bank_codes if b not in answered.get(row.query_id, set()))
+                final = now >= query.ready_by
+                if row.kind == EXECUTE and query.status == PENDING and missing and not final:
+                    asked.append(
+                        audit.AuditEvent(
+                            audit.BANKS_ASKED,
+                            row.query_id,
+                            query.user_id,
+                            {"banks": list(missing), "pass": row.passes + 1},
+                        )
+                    )
+                claimed.append(
+                    (
+                        row.kind,
+                        row.passes + 1,
+                        query,
+                        query_row.subject_sealed,
+                        query_row.trace_context,
+                        missing,
+                        final,
+                    )
+                )
+            audit.append(session, asked, now)
+            return claimed
+
+        claims = []
+        for kind, passes, query, sealed, trace_context, missing, final in await self._db.run(claim):
+            if kind == EXECUTE and query.status != PENDING:
+                # Finished while this row stayed behind (cannot happen: finishing deletes it).
+                await self._drop(query.query_id, kind, owner)
+                continue
+            claims.append(
+                Claim(
+                    query_id=query.query_id,
+                    kind=kind,
+                    passes=passes,
+                    query=query,
+                    subject=self._queries.open_subject(query.query_id, sealed),
+                    trace_context=json.loads(trace_context or "{}"),
+                    missing_banks=missing if kind == EXECUTE else (),
+                    final=final if kind == EXECUTE else False,
+                )
+            )
+        return claims
+
+    async def _drop(self, query_id: str, kind: str, owner: str) -> None:
+        def drop(session: Session) -> None:
+            session.execute(
+                delete(_WORK).where(
+                    _WORK.c.query_id == query_id, _WORK.c.kind == kind, _WORK.c.lease_owner == owner
+                )
+            )
+
+        await self._db.run(drop)
+
+    async def renew(self, owner: str, keys: Iterable[WorkKey]) -> set[WorkKey]:
+        """Extends this worker's leases on `keys`; returns the ones it still holds."""
+        keys = list(keys)
+        if not keys:
+            return set()
+        now = self._clock.now()
+
+        def renew(session: Session) -> set[WorkKey]:
+            mine = and_(tuple_(_WORK.c.query_id, _WORK.c.kind).in_(keys), _WORK.c.lease_owner == owner)
+            session.execute(update(_WORK).where(mine).values(lease_expires_at=now + self._lease))
+            return {
+                (row.query_id, row.kind)
+                for row in session.execute(select(_WORK.c.query_id, _WORK.c.kind).where(mine))
+            }
+
+        return await self._db.run(renew)
+
+    async def release(self, owner: str) -> int:
+        """Gives up every lease of this worker (it is stopping): another may claim at once."""
+
+        def release(session: Session) -> int:
+            result = session.execute(
+                update(_WORK)
+                .where(_WORK.c.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+            return result.rowcount
+
+        return await self._db.run(release)
+
+    # --- running a query --------------------------------------------------------------------
+
+    def _hold(self, session: Session, query_id: str, kind: str, owner: str) -> None:
+        """Locks the work row and checks this worker still holds its lease (the fence)."""
+        lease = session.execute(
+            select(_WORK.c.lease_owner)
+            .where(_WORK.c.query_id == query_id, _WORK.c.kind == kind)
+            .with_for_update()
+        ).first()
+        if lease is None or lease.lease_owner != owner:
+            raise LeaseLost(f"{kind} {query_id}")
+
+    async def record(self, query_id: str, owner: str, outcomes: Sequence[BankOutcome]) -> Recorded | None:
+        """Records the banks' outcomes that just arrived, in one transaction: an answer is final,
+        a failure replaces an earlier failure of that bank. When every bank has now answered,
+        the query is finished in the same transaction. Returns None while it stays PENDING."""
+        now = self._clock.now()
+        outcomes = [o for o in outcomes if o.bank_code in BY_CODE]
+
+        def record(session: Session) -> _Finished | None:
+            self._hold(session, query_id, EXECUTE, owner)
+            row = session.get(QueryRow, query_id)
+            if row is None or row.status != PENDING:
+                raise LeaseLost(f"{EXECUTE} {query_id}")
+            stored = {
+                o.bank_code: o
+                for o in session.execute(
+                    select(BankOutcomeRow).where(BankOutcomeRow.query_id == query_id)
+                ).scalars()
+            }
+            banks = set(json.loads(row.bank_codes))
+            events = []
+            for outcome in outcomes:
+                if outcome.bank_code not in banks:
+                    continue
+                known = stored.get(outcome.bank_code)
+                if known is not None and known.kind == ANSWERED:
+                    continue  # answered before: an answer is never replaced
+                if known is None:
+                    known = BankOutcomeRow(
+                        query_id=query_id, bank_code=outcome.bank_code, recorded_at=now, kind=""
+                    )
+                    stored[outcome.bank_code] = known
+                known.kind = outcome.kind
+                known.cards_sealed = self._queries.seal_cards(query_id, outcome.bank_code, outcome.cards)
+                known.detail = outcome.detail[:200]
+                known.recorded_at = now
+                session.add(known)
+                events.append(
+                    audit.AuditEvent(
+                        audit.BANK_OUTCOME,
+                        query_id,
+                        row.user_id,
+                        {"bank": outcome.bank_code, "kind": outcome.kind, "cards": len(outcome.cards)},
+                    )
+                )
+            row.banks_answered = sum(1 for o in stored.values() if o.kind == ANSWERED)
+            session.add(row)
+            result = None
+            if banks and all(b in stored and stored[b].kind == ANSWERED for b in banks):
+                result = self._finish(session, row, list(stored.values()), owner, now, events)
+            session.flush()
+            audit.append(session, events, now)
+            return result
+
+        return self._recorded(await self._db.run(record))
+
+    async def end_pass(self, query_id: str, owner: str, retry_delay: timedelta) -> Recorded | None:
+        """After a pass over the banks: finish the query if every bank answered or ready_by has
+        come; otherwise put it back for the next pass after `retry_delay` (never later than
+        ready_by) and give up the lease. Returns None when the query stays PENDING."""
+        now = self._clock.now()
+
+        def end(session: Session) -> _Finished | None:
+            self._hold(session, query_id, EXECUTE, owner)
+            row = session.get(QueryRow, query_id)
+            if row is None or row.status != PENDING:
+                raise LeaseLost(f"{EXECUTE} {query_id}")
+            stored = list(
+                session.execute(select(BankOutcomeRow).where(BankOutcomeRow.query_id == query_id)).scalars()
+            )
+            answered = {o.bank_code for o in stored if o.kind == ANSWERED}
+            banks = json.loads(row.bank_codes)
+            ready_by = as_utc(row.ready_by)
+            if all(b in answered for b in banks) or now >= ready_by:
+                events: list[audit.AuditEvent] = []
+                result = self._finish(session, row, stored, owner, now, events)
+                session.flush()
+                audit.append(session, events, now)
+                return result
+            session.execute(
+                update(_WORK)
+                .where(_WORK.c.query_id == query_id, _WORK.c.kind == EXECUTE)
+                .values(due_at=min(now + retry_delay, ready_by), lease_owner=None, lease_expires_at=None)
+            )
+            return None
+
+        return self._recorded(await self._db.run(end))
+
+    def _finish(
+        self,
+        session: Session,
+        row: QueryRow,
+        stored: list[BankOutcomeRow],
+        owner: str,
+        now: datetime,
+        events: list[audit.AuditEvent],
+    ) -> _Finished:
+        """READY with a sealed report when at least one bank answered, else FAILED (only ever
+        reached at ready_by). The EXECUTE work goes; a READY query gets its NOTIFY work, leased
+        to this worker, in the same transaction."""
+        banks = json.loads(row.bank_codes)
+        outcomes = [self._queries.outcome_of(o) for o in stored]
+        unanswered = [b for b in banks if not any(o.bank_code == b and o.kind == ANSWERED for o in outcomes)]
+        session.execute(delete(_WORK).where(_WORK.c.query_id == row.query_id, _WORK.c.kind == EXECUTE))
+        if len(unanswered) == len(banks):
+            row.status = FAILED
+            row.subject_sealed = b""  # nothing more will be asked or sent about this person
+            session.add(row)
+            events.append(
+                audit.AuditEvent(audit.QUERY_FAILED, row.query_id, row.user_id, {"unanswered": unanswered})
+            )
+            return _Finished(FAILED)
+        expires_at = now + self._queries.retention
+        # Banks whose last outcome is a failure, or that have none, are the unavailable ones.
+        content = build_report(banks, outcomes)
+        wrapped_key, ciphertext = self._queries.vault.seal(row.query_id, content)
+        session.add(
+            ReportRow(
+                query_id=row.query_id,
+                wrapped_key=wrapped_key,
+                ciphertext=ciphertext,
+                generated_at=now,
+                expires_at=expires_at,
+            )
+        )
+        row.status = READY
+        row.ready_at = now
+        row.expires_at = expires_at
+        session.add(row)
+        session.add(
+            WorkRow(
+                query_id=row.query_id,
+                kind=NOTIFY,
+                due_at=now,
+                lease_owner=owner,
+                lease_expires_at=now + self._lease,
+                passes=1,
+                created_at=now,
+            )
+        )
+        events.append(
+            audit.AuditEvent(
+                audit.REPORT_GENERATED,
+                row.query_id,
+                row.user_id,
+                {"banks_answered": len(banks) - len(unanswered), "unavailable": unanswered},
+            )
+        )
+        return _Finished(READY, query_of(row), row.subject_sealed, row.trace_context)
+
+    def _recorded(self, finished: _Finished | None) -> Recorded | None:
+        """The subject is opened outside the transaction that finished the query."""
+        if finished is None:
+            return None
+        if finished.query is None:
+            return Recorded(finished.status)
+        query = finished.query
+        notify = Claim(
+            query_id=query.query_id,
+            kind=NOTIFY,
+            passes=1,
+            query=query,
+            subject=self._queries.open_subject(query.query_id, finished.sealed),
+            trace_context=json.loads(finished.trace_context or "{}"),
+        )
+        return Recorded(finished.status, notify)
+
+    # --- the "report ready" SMS -------------------------------------------------------------
+
+    async def notified(self, query_id: str) -> None:
+        """The notifier accepted the SMS: the work is done (whoever holds its lease)."""
+
+        def done(session: Session) -> None:
+            session.execute(delete(_WORK).where(_WORK.c.query_id == query_id, _WORK.c.kind == NOTIFY))
+
+        await self._db.run(done)
+
+    async def notify_later(self, query_id: str, owner: str, delay: timedelta) -> None:
+        now = self._clock.now()
+
+        def later(session: Session) -> None:
+            session.execute(
+                update(_WORK)
+                .where(_WORK.c.query_id == query_id, _WORK.c.kind == NOTIFY, _WORK.c.lease_owner == owner)
+                .values(due_at=now + delay, lease_owner=None, lease_expires_at=None)
+            )
+
+        await self._db.run(later)
