@@ -57,7 +57,10 @@ class NotifierServicer:
     """
 
     def Send(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Records the message (once per idempotency key) and starts its delivery: DELIVERED when the
+        first attempt succeeded in time, QUEUED while it is retried, FAILED once given up (sending
+        the same key again then tries again). RATE_LIMITED (with RetryInfo) past the per-phone cap.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
