@@ -1,5 +1,6 @@
 """notifier: every SMS the service sends (verification codes, "report ready", consent receipts).
 
-Each message is recorded before it is delivered, so a retried request never sends a second SMS.
-In sandbox mode (the default) delivery only marks the message delivered and the table is the
-inbox that tests and developers read through ListMessages; outside sandbox no body is kept."""
+Each message is recorded durably under its idempotency key before anything is sent, so a
+retried request never makes a second SMS; a delivery worker then hands it to the provider
+(sandbox inbox, console or an SMS vendor's webhook) at least once, retrying with backoff while
+the provider fails. Only the sandbox inbox keeps message bodies in clear."""

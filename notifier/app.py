@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from dataclasses import dataclass
 
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from cardcheck.runtime.clock import Clock, SystemClock
@@ -16,12 +18,26 @@ from cardcheck.runtime.server import Registration, ServiceHost, run_until_signal
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import notifier_pb2_grpc
-from notifier.messages import MessageRow, Outbox, SandboxProvider, SmsProvider
+from notifier.config import NotifierConfig
+from notifier.delivery import Backoff, DeliveryWorker
+from notifier.messages import MessageSealing, MessageStore, create_message_table
+from notifier.outbox import Outbox
+from notifier.providers import SmsProvider, make_provider
 from notifier.servicer import NotifierServicer
-from notifier.templates import load_templates
+from notifier.templates import load_template_book
 
 SERVICE = "notifier"
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NotifierParts:
+    """The host plus what tests drive directly: the delivery worker and the outbox."""
+
+    host: ServiceHost
+    worker: DeliveryWorker
+    outbox: Outbox
+    provider: SmsProvider
 
 
 async def build(
@@ -30,54 +46,89 @@ async def build(
     clock: Clock | None = None,
     tracer_provider: TracerProvider | None = None,
     provider: SmsProvider | None = None,
+    config: NotifierConfig | None = None,
 ) -> ServiceHost:
-    """The notifier, not started. Outside sandbox an SMS provider must be given: none is built in."""
-    if provider is None:
-        if not settings.sandbox:
-            raise SettingsError("CARDCHECK_SANDBOX is off but no SMS provider is configured")
-        provider = SandboxProvider()
+    """The notifier, not started; its delivery worker runs from here until the host stops."""
+    parts = await build_parts(
+        settings, clock=clock, tracer_provider=tracer_provider, provider=provider, config=config
+    )
+    return parts.host
+
+
+async def build_parts(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    tracer_provider: TracerProvider | None = None,
+    provider: SmsProvider | None = None,
+    config: NotifierConfig | None = None,
+    backoff: Backoff | None = None,
+    start_worker: bool = True,
+) -> NotifierParts:
+    """`provider` overrides the configured one (config: CARDCHECK_SMS_* by default).
+    `start_worker=False` leaves retries to explicit `worker.run_once()` calls (tests)."""
+    config = config or NotifierConfig.from_env()
+    clock = clock or SystemClock()
+    provider = provider or make_provider(config, settings, clock)
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
     keyring = Keyring(load_master_key(settings.master_key, settings.data_dir))
     db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
-    await asyncio.to_thread(db.create_tables, [MessageRow])
-    outbox = Outbox(
-        db,
-        load_templates(),
-        provider,
+    # A failed statement's error must not carry its parameters (a sandbox body) into a log.
+    db.engine.hide_parameters = True
+    await asyncio.to_thread(create_message_table, db)
+    store = MessageStore(db, clock)
+    sealing = MessageSealing(
         keyring.hasher("phone"),
         keyring.sealer("notifier-phone"),
-        clock or SystemClock(),
-        sandbox=settings.sandbox,
+        keyring.sealer("notifier-body"),
+        keyring.hasher("notifier-body"),
     )
+    worker = DeliveryWorker(
+        store,
+        sealing,
+        provider,
+        config,
+        trace.get_tracer(SERVICE, tracer_provider=tracer_provider),
+        backoff=backoff,
+    )
+    outbox = Outbox(store, load_template_book(), provider, worker, sealing, clock, config)
+    log.info("%s delivers through the %s provider", SERVICE, provider.name)
 
-    async def close_db() -> None:
+    async def close() -> None:
+        await worker.stop(drain_s=min(settings.shutdown_grace_s, config.webhook_timeout_s + 1))
+        await provider.close()
         db.dispose()
 
-    return ServiceHost(
+    host = ServiceHost(
         SERVICE,
         [
             Registration(
                 notifier_pb2_grpc.add_NotifierServicer_to_server,
-                NotifierServicer(outbox),
+                NotifierServicer(outbox, send_wait_s=config.webhook_timeout_s + 1),
                 "cardcheck.v1.Notifier",
             )
         ],
         settings.bind_address(SERVICE),
         tracer_provider,
-        on_stop=[close_db],
+        on_stop=[close],
     )
+    if start_worker:
+        worker.start()  # delivers whatever a previous run left QUEUED
+    return NotifierParts(host, worker, outbox, provider)
 
 
 def main() -> None:
     try:
         settings = Settings.from_env()
+        config = NotifierConfig.from_env()
+        config.provider_name(settings.sandbox)  # a bad combination stops here, before serving
     except SettingsError as error:
         print(f"notifier: {error}", file=sys.stderr)
         sys.exit(2)
     setup_logging(SERVICE, settings.log_level)
 
     async def serve() -> None:
-        host = await build(settings)
+        host = await build(settings, config=config)
         await run_until_signalled(host, settings.shutdown_grace_s)
 
     try:

@@ -1,28 +1,46 @@
-"""Messages: validated, recorded durably, then handed to an SMS provider.
+"""Messages: the durable record of every SMS, the outbox the delivery worker works from.
 
-A phone number is stored as a keyed hash (to find a phone's messages) and a sealed copy bound to
-its message_id; the body is kept in clear only in sandbox mode, where the table is the inbox."""
+A phone number is stored as a keyed hash (to find a phone's messages and count them for the
+cap) and a sealed copy bound to its message_id. The text is kept in clear only by the sandbox
+provider, where the table is the inbox; elsewhere it is sealed until it is delivered or given
+up, then dropped, and a keyed digest of it remains (a retried Send must carry the same text).
+
+Delivery state: QUEUED (due at next_attempt_at, or being tried by the replica holding the
+lease), DELIVERED, or FAILED (refused for good, or not delivered before retry_until)."""
 
 from __future__ import annotations
 
 import logging
 import re
-import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Protocol
+from datetime import datetime, timedelta
+from typing import TypeVar
 
-from sqlalchemy import Column, DateTime, LargeBinary, String, Text
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    inspect,
+    or_,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
 from cardcheck.runtime.keys import KeyedHash, Sealer
-from cardcheck.runtime.logs import mask_phone
-from notifier.templates import REQUIRED_PARAMS, SmsTemplate, param_problems
+from notifier.config import Cap
+from notifier.providers import OutgoingSms
+from notifier.templates import REQUIRED_PARAMS, param_problems
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +51,19 @@ QUEUED = "QUEUED"
 DELIVERED = "DELIVERED"
 FAILED = "FAILED"
 
+EXPIRED = "EXPIRED"  # the error class of a message whose retry window closed before an attempt
+# A message due at the very end of its window still gets that attempt when a poll comes late.
+EXPIRY_SLACK = timedelta(minutes=1)
+
+T = TypeVar("T")
+
 
 class MessageRow(SQLModel, table=True):
     __tablename__ = "nt_messages"
+    __table_args__ = (
+        Index("ix_nt_messages_due", "status", "next_attempt_at"),
+        Index("ix_nt_messages_phone_kind", "phone_hash", "kind", "created_at"),
+    )
 
     seq: int | None = Field(default=None, primary_key=True)  # tie-breaker for "newest first"
     message_id: str = Field(sa_column=Column(String(32), unique=True, nullable=False))
@@ -44,24 +72,44 @@ class MessageRow(SQLModel, table=True):
     phone_sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     kind: str = Field(sa_column=Column(String(32), nullable=False))
     template: str = Field(sa_column=Column(String(64), nullable=False))
-    body: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # sandbox only
+    body: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # sandbox inbox only
+    body_sealed: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    body_digest: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
     status: str = Field(sa_column=Column(String(16), nullable=False))
-    attempts: int = 0
+    attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0))
     created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     delivered_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    next_attempt_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    last_attempt_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    retry_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    last_error: str | None = Field(default=None, sa_column=Column(String(40), nullable=True))
+    lease_owner: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    lease_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    trace_context: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
-class SmsProvider(Protocol):
-    """Whatever puts a text on a phone. Raises when the text could not be handed over."""
-
-    async def deliver(self, phone: str, body: str) -> None: ...
-
-
-class SandboxProvider:
-    """Reaches no phone: the recorded message is the delivery (the inbox is the table)."""
-
-    async def deliver(self, phone: str, body: str) -> None:
-        return None
+def create_message_table(db: Database) -> None:
+    """Creates nt_messages, and brings a table of the first release up to date (the columns
+    added since are all nullable, so adding them is enough)."""
+    db.create_tables([MessageRow])
+    table = MessageRow.__table__
+    engine: Engine = db.engine
+    existing = {c["name"] for c in inspect(engine).get_columns(table.name)}
+    for column in table.columns:
+        if column.name in existing:
+            continue
+        ddl = (
+            f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(dialect=engine.dialect)}"
+        )
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(ddl)
+        except Exception:
+            # Another replica starting at the same time may have added it first.
+            if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                raise
+    for index in table.indexes:
+        index.create(engine, checkfirst=True)
 
 
 @dataclass(frozen=True)
@@ -72,6 +120,10 @@ class Delivery:
     attempts: int
     created_at: datetime
     delivered_at: datetime | None
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    retry_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -83,14 +135,22 @@ class InboxMessage:
     created_at: datetime
 
 
-def _delivery(row: MessageRow) -> Delivery:
+def _utc(instant: datetime | None) -> datetime | None:
+    return as_utc(instant) if instant is not None else None
+
+
+def delivery_of(row: MessageRow) -> Delivery:
     return Delivery(
         message_id=row.message_id,
         kind=row.kind,
         status=row.status,
         attempts=row.attempts,
         created_at=as_utc(row.created_at),
-        delivered_at=as_utc(row.delivered_at) if row.delivered_at else None,
+        delivered_at=_utc(row.delivered_at),
+        last_error=row.last_error,
+        next_attempt_at=_utc(row.next_attempt_at) if row.status == QUEUED else None,
+        last_attempt_at=_utc(row.last_attempt_at),
+        retry_until=_utc(row.retry_until),
     )
 
 
@@ -110,155 +170,299 @@ def validate_send(idempotency_key: str, phone: str, kind: str | None, params: Ma
         raise invalid_argument(violations)
 
 
-class Outbox:
-    """Send, look up and (sandbox) list messages."""
+class MessageSealing:
+    """The keys of the message table: the phone's lookup hash and sealed copy, the text's
+    sealed copy (outside sandbox) and digest. Everything sealed is bound to its message_id."""
 
     def __init__(
-        self,
-        db: Database,
-        templates: Mapping[str, SmsTemplate],
-        provider: SmsProvider,
-        phone_hasher: KeyedHash,
-        phone_sealer: Sealer,
-        clock: Clock,
-        *,
-        sandbox: bool,
-    ) -> None:
+        self, phone_hasher: KeyedHash, phone_sealer: Sealer, body_sealer: Sealer, body_hasher: KeyedHash
+    ):
+        self._phone_hasher = phone_hasher
+        self._phone_sealer = phone_sealer
+        self._body_sealer = body_sealer
+        self._body_hasher = body_hasher
+
+    def phone_hash(self, phone: str) -> str:
+        return self._phone_hasher.digest(phone)
+
+    def body_digest(self, body: str) -> str:
+        return self._body_hasher.digest(body)
+
+    def seal_phone(self, message_id: str, phone: str) -> bytes:
+        return self._phone_sealer.seal(phone.encode(), message_id.encode())
+
+    def open_phone(self, row: MessageRow) -> str:
+        return self._phone_sealer.open(row.phone_sealed, row.message_id.encode()).decode()
+
+    def seal_body(self, message_id: str, body: str) -> bytes:
+        return self._body_sealer.seal(body.encode(), message_id.encode())
+
+    def outgoing(self, row: MessageRow) -> OutgoingSms | None:
+        """What an attempt sends; None when the text is no longer kept."""
+        if row.body is not None:
+            body = row.body
+        elif row.body_sealed is not None:
+            body = self._body_sealer.open(row.body_sealed, row.message_id.encode()).decode()
+        else:
+            return None
+        return OutgoingSms(row.message_id, self.open_phone(row), row.kind, row.template, body)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What became of a failed attempt: retried at next_attempt_at, or FAILED for good."""
+
+    status: str
+    next_attempt_at: datetime | None
+
+
+class MessageStore:
+    """Every read and write of nt_messages, each one transaction, times from the clock."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
         self._db = db
-        self._templates = templates
-        self._provider = provider
-        self._hash = phone_hasher
-        self._sealer = phone_sealer
         self._clock = clock
-        self.sandbox = sandbox
 
-    async def send(
-        self, idempotency_key: str, phone: str, kind: str | None, params: Mapping[str, str]
-    ) -> Delivery:
-        validate_send(idempotency_key, phone, kind, params)
-        assert kind is not None
-        template = self._templates[kind]
-        body = template.render(params)
-        phone_hash = self._hash.digest(phone)
-        row, created = await self._record(idempotency_key, phone, phone_hash, kind, template, body)
-        if row.phone_hash != phone_hash or row.kind != kind:
-            raise invalid_argument(
-                [FieldViolation("idempotency_key", "already used for a different phone or kind")]
-            )
-        if not created:
-            if row.status != FAILED:
-                return _delivery(row)
-            # An earlier delivery failed: this retry tries again, once, whoever claims it.
-            if not await self._claim_retry(row.message_id):
-                return await self.delivery(row.message_id)
-        return await self._deliver(row.message_id, phone, kind, body)
+    def _by_message_id(self, session: Session, message_id: str, *, lock: bool = False) -> MessageRow | None:
+        query = select(MessageRow).where(MessageRow.message_id == message_id)
+        if lock:
+            query = query.with_for_update()
+        return session.exec(query).first()
 
-    async def _record(
-        self, key: str, phone: str, phone_hash: str, kind: str, template: SmsTemplate, body: str
-    ) -> tuple[MessageRow, bool]:
-        def find(session: Session) -> MessageRow | None:
-            return session.exec(select(MessageRow).where(MessageRow.idempotency_key == key)).first()
-
-        existing = await self._db.run(find)
-        if existing is not None:
-            return existing, False
-        message_id = uuid.uuid4().hex
-        row = MessageRow(
-            message_id=message_id,
-            idempotency_key=key,
-            phone_hash=phone_hash,
-            phone_sealed=self._sealer.seal(phone.encode(), message_id.encode()),
-            kind=kind,
-            template=template.name,
-            body=body if self.sandbox else None,
-            status=QUEUED,
-            attempts=0,
-            created_at=self._clock.now(),
+    async def by_key(self, key: str) -> MessageRow | None:
+        return await self._db.run(
+            lambda session: session.exec(select(MessageRow).where(MessageRow.idempotency_key == key)).first()
         )
 
-        def insert(session: Session) -> MessageRow:
+    async def get(self, message_id: str) -> MessageRow | None:
+        return await self._db.run(lambda session: self._by_message_id(session, message_id))
+
+    async def record(
+        self, row: MessageRow, cap: Cap, owner: str, lease: timedelta
+    ) -> tuple[MessageRow, bool]:
+        """Records a new message, QUEUED and already held by `owner` for its first attempt; or
+        returns the message recorded earlier under the same idempotency key (created False).
+        A new message past the phone's cap is refused with RATE_LIMITED and the wait."""
+        key = row.idempotency_key
+
+        def work(session: Session) -> tuple[MessageRow, bool]:
+            earlier = session.exec(select(MessageRow).where(MessageRow.idempotency_key == key)).first()
+            if earlier is not None:
+                return earlier, False
+            now = self._clock.now()
+            self._serialise_phone(session, row.phone_hash)
+            self._check_cap(session, row.phone_hash, row.kind, cap, now)
+            row.created_at = now
+            row.status = QUEUED
+            row.attempts = 1
+            row.last_attempt_at = now
+            row.next_attempt_at = now
+            row.lease_owner = owner
+            row.lease_until = now + lease
             session.add(row)
             session.flush()
-            return row
+            return row, True
 
         try:
-            return await self._db.run(insert), True
+            return await self._db.run(work)
         except IntegrityError:
             # A concurrent request with the same key recorded it first: that one is the message.
-            winner = await self._db.run(find)
+            winner = await self.by_key(key)
             if winner is None:
                 raise
             return winner, False
 
-    async def _claim_retry(self, message_id: str) -> bool:
-        def claim(session: Session) -> bool:
-            row = session.exec(
-                select(MessageRow).where(MessageRow.message_id == message_id).with_for_update()
-            ).one()
-            if row.status != FAILED:
-                return False
-            row.status = QUEUED
-            session.add(row)
-            return True
+    @staticmethod
+    def _serialise_phone(session: Session, phone_hash: str) -> None:
+        """Two concurrent Sends to one phone count the cap one after the other. SQLite's
+        BEGIN IMMEDIATE already makes every writer wait its turn; PostgreSQL takes a lock."""
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": int(phone_hash[:15], 16)})
 
-        return await self._db.run(claim)
-
-    async def _deliver(self, message_id: str, phone: str, kind: str, body: str) -> Delivery:
-        try:
-            await self._provider.deliver(phone, body)
-        except Exception as error:  # the provider's failure is recorded, not raised
-            log.warning(
-                "sms %s (%s) to %s failed: %s", message_id, kind, mask_phone(phone), type(error).__name__
+    @staticmethod
+    def _check_cap(session: Session, phone_hash: str, kind: str, cap: Cap, now: datetime) -> None:
+        windows = cap.windows()
+        if not windows:
+            return
+        widest = max(window for window, _, _ in windows)
+        recent = [
+            as_utc(t)
+            for t in session.exec(
+                select(MessageRow.created_at)
+                .where(
+                    MessageRow.phone_hash == phone_hash,
+                    MessageRow.kind == kind,
+                    col(MessageRow.created_at) > now - widest,
+                )
+                .order_by(col(MessageRow.created_at))
             )
-            status, delivered_at = FAILED, None
-        else:
-            log.info("sms %s (%s) delivered to %s", message_id, kind, mask_phone(phone))
-            status, delivered_at = DELIVERED, self._clock.now()
+        ]
+        waits = []
+        for window, limit, name in windows:
+            inside = [t for t in recent if t > now - window]
+            if len(inside) >= limit:
+                # Allowed again once enough of the oldest have left the window.
+                waits.append((inside[len(inside) - limit] + window - now, limit, name))
+        if waits:
+            wait, limit, name = max(waits)
+            raise CardCheckError(
+                "RATE_LIMITED",
+                f"at most {limit} {kind} messages to one phone per {name}",
+                metadata={"kind": kind, "window": name, "limit": str(limit)},
+                retry_after=wait,
+            )
 
-        def update(session: Session) -> MessageRow:
-            row = session.exec(select(MessageRow).where(MessageRow.message_id == message_id)).one()
-            row.status = status
+    async def rearm(
+        self, message_id: str, body_sealed: bytes | None, retry_until: datetime, owner: str, lease: timedelta
+    ) -> tuple[MessageRow, bool]:
+        """A FAILED message asked for again: QUEUED once more and held by `owner` for an
+        attempt now (rearmed True); any other message is returned as it is."""
+
+        def work(session: Session) -> tuple[MessageRow, bool]:
+            row = self._by_message_id(session, message_id, lock=True)
+            assert row is not None
+            if row.status != FAILED:
+                return row, False
+            now = self._clock.now()
+            row.status = QUEUED
             row.attempts += 1
-            row.delivered_at = delivered_at
+            row.last_attempt_at = now
+            row.next_attempt_at = now
+            row.retry_until = retry_until
+            row.lease_owner = owner
+            row.lease_until = now + lease
+            if body_sealed is not None:
+                row.body_sealed = body_sealed
             session.add(row)
             session.flush()
-            return row
+            return row, True
 
-        return _delivery(await self._db.run(update))
+        return await self._db.run(work)
 
-    async def delivery(self, message_id: str) -> Delivery:
-        if not message_id:
-            raise invalid_argument([FieldViolation("message_id", "required")])
+    async def claim_due(
+        self, owner: str, limit: int, lease: timedelta
+    ) -> tuple[list[MessageRow], list[MessageRow]]:
+        """Takes up to `limit` due messages no one holds (or whose holder's lease ran out, e.g.
+        a replica that died mid-attempt) for an attempt by `owner`. Returns (claimed, expired):
+        a message past its retry window is not tried but FAILED as EXPIRED.
 
-        def find(session: Session) -> MessageRow | None:
-            return session.exec(select(MessageRow).where(MessageRow.message_id == message_id)).first()
+        On PostgreSQL the rows are locked FOR UPDATE SKIP LOCKED, so replicas claiming at the
+        same time each take different messages; SQLite has one writer at a time anyway."""
 
-        row = await self._db.run(find)
-        if row is None:
-            raise CardCheckError("NOT_FOUND", "no such message")
-        return _delivery(row)
+        def work(session: Session) -> tuple[list[MessageRow], list[MessageRow]]:
+            now = self._clock.now()
+            query = (
+                select(MessageRow)
+                .where(
+                    MessageRow.status == QUEUED,
+                    or_(col(MessageRow.next_attempt_at).is_(None), col(MessageRow.next_attempt_at) <= now),
+                    or_(col(MessageRow.lease_until).is_(None), col(MessageRow.lease_until) <= now),
+                )
+                .order_by(col(MessageRow.next_attempt_at), col(MessageRow.seq))
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            claimed, expired = [], []
+            for row in session.exec(query):
+                if row.retry_until is not None and now > as_utc(row.retry_until) + EXPIRY_SLACK:
+                    self._give_up(row, EXPIRED)
+                    expired.append(row)
+                else:
+                    row.attempts += 1
+                    row.last_attempt_at = now
+                    row.lease_owner = owner
+                    row.lease_until = now + lease
+                    claimed.append(row)
+                session.add(row)
+            session.flush()
+            return claimed, expired
 
-    async def inbox(self, phone: str) -> list[InboxMessage]:
-        """The sandbox inbox of one phone, newest first. The caller checks sandbox mode."""
-        if not PHONE.match(phone):
-            raise invalid_argument([FieldViolation("phone", "must be an 11-digit mainland mobile number")])
-        phone_hash = self._hash.digest(phone)
+        return await self._db.run(work)
 
-        def find(session: Session) -> list[MessageRow]:
+    @staticmethod
+    def _give_up(row: MessageRow, error_class: str | None) -> None:
+        row.status = FAILED
+        if error_class is not None:
+            row.last_error = error_class
+        row.body_sealed = None  # nothing will be sent: the text goes
+        row.next_attempt_at = None
+        row.lease_owner = None
+        row.lease_until = None
+
+    async def record_success(self, message_id: str) -> None:
+        """Delivered: whoever held it, a later failure report of a lost lease changes nothing."""
+        now = self._clock.now()
+
+        def work(session: Session) -> None:
+            session.execute(
+                update(MessageRow)
+                .where(col(MessageRow.message_id) == message_id, col(MessageRow.status) != DELIVERED)
+                .values(
+                    status=DELIVERED,
+                    delivered_at=now,
+                    body_sealed=None,
+                    next_attempt_at=None,
+                    lease_owner=None,
+                    lease_until=None,
+                )
+            )
+
+        await self._db.run(work)
+
+    async def record_failure(
+        self,
+        message_id: str,
+        owner: str,
+        error_class: str,
+        *,
+        retryable: bool,
+        next_delay: Callable[[int], timedelta],
+    ) -> Failure | None:
+        """Schedules the next attempt (`next_delay(attempts)` from now, never past the retry
+        window) or gives up. None when `owner` no longer holds the message (its lease ran out
+        and another replica took it, or it was delivered meanwhile): that one decides."""
+
+        def work(session: Session) -> Failure | None:
+            row = self._by_message_id(session, message_id, lock=True)
+            if row is None or row.status != QUEUED or row.lease_owner != owner:
+                return None
+            now = self._clock.now()
+            row.last_error = error_class
+            retry_until = _utc(row.retry_until)
+            if not retryable or (retry_until is not None and now >= retry_until):
+                self._give_up(row, None)
+            else:
+                due = now + next_delay(row.attempts)
+                row.next_attempt_at = min(due, retry_until) if retry_until is not None else due
+                row.lease_owner = None
+                row.lease_until = None
+            session.add(row)
+            return Failure(row.status, _utc(row.next_attempt_at))
+
+        return await self._db.run(work)
+
+    async def release(self, owner: str) -> int:
+        """On a graceful stop: the messages `owner` still holds are free for the next claim."""
+
+        def work(session: Session) -> int:
+            result = session.execute(
+                update(MessageRow)
+                .where(col(MessageRow.lease_owner) == owner, col(MessageRow.status) == QUEUED)
+                .values(lease_owner=None, lease_until=None)
+            )
+            return result.rowcount or 0
+
+        return await self._db.run(work)
+
+    async def for_phone(self, phone_hash: str) -> list[MessageRow]:
+        """A phone's messages, newest first."""
+
+        def work(session: Session) -> list[MessageRow]:
             query = (
                 select(MessageRow)
                 .where(MessageRow.phone_hash == phone_hash)
-                .order_by(MessageRow.created_at.desc(), MessageRow.seq.desc())  # type: ignore[union-attr]
+                .order_by(col(MessageRow.created_at).desc(), col(MessageRow.seq).desc())
             )
             return list(session.exec(query))
 
-        return [
-            InboxMessage(
-                message_id=row.message_id,
-                phone=self._sealer.open(row.phone_sealed, row.message_id.encode()).decode(),
-                kind=row.kind,
-                body=row.body or "",
-                created_at=as_utc(row.created_at),
-            )
-            for row in await self._db.run(find)
-        ]
+        return await self._db.run(work)

@@ -9,7 +9,8 @@ from google.protobuf import timestamp_pb2
 
 from cardcheck.runtime.errors import handles_errors
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
-from notifier.messages import KINDS, Delivery, Outbox
+from notifier.messages import KINDS, Delivery
+from notifier.outbox import Outbox
 
 _KIND_PREFIX = "MESSAGE_KIND_"
 _STATUS = {
@@ -44,17 +45,34 @@ def _delivery_pb(delivery: Delivery) -> notifier_pb2.Delivery:
         attempts=delivery.attempts,
         created_at=_timestamp(delivery.created_at),
         delivered_at=_timestamp(delivery.delivered_at),
+        last_error=delivery.last_error or "",
+        next_attempt_at=_timestamp(delivery.next_attempt_at),
+        last_attempt_at=_timestamp(delivery.last_attempt_at),
+        retry_until=_timestamp(delivery.retry_until),
     )
 
 
 class NotifierServicer(notifier_pb2_grpc.NotifierServicer):
-    def __init__(self, outbox: Outbox) -> None:
+    def __init__(self, outbox: Outbox, *, send_wait_s: float) -> None:
         self._outbox = outbox
+        self._send_wait_s = send_wait_s
+
+    def _wait_s(self, context) -> float:
+        """How long Send waits for the first attempt: a little, and never up to the caller's
+        deadline (the answer must reach them; the attempt carries on either way)."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self._send_wait_s
+        return max(0.0, min(self._send_wait_s, remaining * 0.8 - 0.1))
 
     @handles_errors
     async def Send(self, request, context):
         delivery = await self._outbox.send(
-            request.idempotency_key, request.phone, _kind_name(request.kind), dict(request.params)
+            request.idempotency_key,
+            request.phone,
+            _kind_name(request.kind),
+            dict(request.params),
+            wait_s=self._wait_s(context),
         )
         return notifier_pb2.SendResponse(message_id=delivery.message_id, status=_STATUS[delivery.status])
 

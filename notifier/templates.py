@@ -67,21 +67,38 @@ class SmsTemplate:
         return self.template.substitute(values)
 
 
-def load_templates(directory: Path = TEMPLATE_DIR) -> dict[str, SmsTemplate]:
-    """Kind -> its newest template. Fails at start-up when a kind has no template."""
+@dataclass(frozen=True)
+class TemplateBook:
+    """Every version of every kind: new messages take the newest, a message already recorded
+    keeps the version it was recorded with (its record names it)."""
+
+    newest: Mapping[str, SmsTemplate]
+    named: Mapping[str, SmsTemplate]
+
+
+def load_template_book(directory: Path = TEMPLATE_DIR) -> TemplateBook:
+    """Fails at start-up when a kind has no template."""
     newest: dict[str, SmsTemplate] = {}
+    named: dict[str, SmsTemplate] = {}
     for path in sorted(directory.glob("*.txt")):
         match = _FILE_NAME.match(path.name)
         if match is None:
             continue
         kind = match["kind"].upper()
-        version = int(match["version"])
         if kind not in REQUIRED_PARAMS:
             continue
-        if kind not in newest or version > newest[kind].version:
-            text = path.read_text(encoding="utf-8").strip()
-            newest[kind] = SmsTemplate(kind, version, Template(text))
+        template = SmsTemplate(
+            kind, int(match["version"]), Template(path.read_text(encoding="utf-8").strip())
+        )
+        named[template.name] = template
+        if kind not in newest or template.version > newest[kind].version:
+            newest[kind] = template
     missing = sorted(set(REQUIRED_PARAMS) - set(newest))
     if missing:
         raise RuntimeError(f"no SMS template for {', '.join(missing)} in {directory}")
-    return newest
+    return TemplateBook(newest, named)
+
+
+def load_templates(directory: Path = TEMPLATE_DIR) -> dict[str, SmsTemplate]:
+    """Kind -> its newest template."""
+    return dict(load_template_book(directory).newest)

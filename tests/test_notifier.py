@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from cardcheck.runtime.errors import from_rpc_error
 from cardcheck.runtime.settings import Settings
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from notifier.app import build
+from notifier.providers import OutgoingSms, SmsProvider
+from notifier.templates import TEMPLATE_DIR, load_template_book
 
 PHONE = "13812345678"
 
@@ -33,17 +36,19 @@ def _settings(tmp_path: Path, database_url: str | None, *, sandbox: bool = True)
     )
 
 
-class RecordingProvider:
-    """Stands in for a real SMS gateway outside sandbox; can be made to fail."""
+class RecordingProvider(SmsProvider):
+    """Stands in for a real SMS vendor outside sandbox; can be made to fail."""
+
+    name = "recording"
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, str]] = []
         self.failing = False
 
-    async def deliver(self, phone: str, body: str) -> None:
+    async def deliver(self, sms: OutgoingSms) -> None:
         if self.failing:
             raise ConnectionError("gateway down")
-        self.sent.append((phone, body))
+        self.sent.append((sms.phone, sms.body))
 
 
 async def _start(settings: Settings, **kwargs):
@@ -214,22 +219,30 @@ async def test_sandbox_keeps_the_body_but_not_the_phone(tmp_path, database_url):
     assert PHONE.encode() not in stored
 
 
-async def test_failed_delivery_is_retried_by_the_same_key(tmp_path, database_url):
-    provider = RecordingProvider()
-    provider.failing = True
-    host, channel, stub = await _start(_settings(tmp_path, database_url, sandbox=False), provider=provider)
-    try:
-        first = await stub.Send(_code_request("retry"))
-        assert first.status == notifier_pb2.DELIVERY_STATUS_FAILED
-        provider.failing = False
-        second = await stub.Send(_code_request("retry"))
-        assert second.message_id == first.message_id
-        assert second.status == notifier_pb2.DELIVERY_STATUS_DELIVERED
-        third = await stub.Send(_code_request("retry"))
-        assert third.status == notifier_pb2.DELIVERY_STATUS_DELIVERED
-        delivery = await stub.GetDelivery(notifier_pb2.GetDeliveryRequest(message_id=first.message_id))
-        assert delivery.attempts == 2
-        assert len(provider.sent) == 1
-    finally:
-        await channel.close()
-        await host.stop(0)
+@pytest.mark.parametrize(
+    ("purpose", "purpose_zh"),
+    [("REGISTER", "注册"), ("SIGN_IN", "登录"), ("SMS_PURPOSE_QUERY_AUTH", "一键查卡授权")],
+)
+def test_the_code_sms_of_every_purpose_warns_never_to_give_the_code_away(purpose, purpose_zh):
+    template = load_template_book().newest["SMS_CODE"]
+    body = template.render({"code": "314159", "purpose": purpose})
+    assert body.startswith("【云闪付】您的验证码为314159，") and f"用于{purpose_zh}" in body
+    assert "请勿将验证码告知任何人" in body and "5分钟内有效" in body
+
+
+def test_report_ready_holds_no_card_data_and_reminds_of_fraud():
+    body = load_template_book().newest["REPORT_READY"].render({})
+    assert re.findall(r"\d+", body) == ["7"]  # "kept 7 days": no card number, no digit else
+    assert "报告保存7天" in body and "谨防电信网络诈骗" in body and "不出租、出借、出售银行卡" in body
+
+
+def test_the_newest_template_version_is_sent_and_older_ones_stay_readable(tmp_path):
+    for source in TEMPLATE_DIR.glob("*.txt"):
+        (tmp_path / source.name).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "report_ready.v2.txt").write_text("【云闪付】报告已生成（第二版）。", encoding="utf-8")
+    book = load_template_book(tmp_path)
+    assert book.newest["REPORT_READY"].name == "report_ready.v2"
+    assert book.named["report_ready.v1"].render({}).startswith("【云闪付】您的一键查卡报告已生成")
+    (tmp_path / "consent_receipt.v1.txt").unlink()
+    with pytest.raises(RuntimeError, match="CONSENT_RECEIPT"):
+        load_template_book(tmp_path)

@@ -1,0 +1,243 @@
+"""The delivery worker: hands recorded messages to the provider, at least once.
+
+Each replica claims due messages with a lease (see MessageStore.claim_due), so two replicas
+on one database never try the same message at the same time; a replica that dies mid-attempt
+leaves a lease that runs out, and the message is tried again by whoever claims next. A failed
+attempt is retried after a jittered exponential backoff, within the message's retry window.
+
+Every attempt is a span `sms.deliver` under the trace of the Send that recorded the message,
+with the masked phone only, never the text."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import secrets
+import socket
+from datetime import timedelta
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Status, StatusCode
+
+from cardcheck.runtime.logs import mask_phone
+from notifier.config import NotifierConfig
+from notifier.messages import FAILED, MessageRow, MessageSealing, MessageStore
+from notifier.providers import DeliveryError, SmsProvider
+
+log = logging.getLogger(__name__)
+
+
+class Backoff:
+    """Attempt n (1-based) failed: wait base * 2^(n-1), capped, then jittered into its upper
+    half ("equal jitter"), so replicas retrying the same outage spread out but never retry
+    sooner than half the nominal delay."""
+
+    def __init__(self, base_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        self._base_s = base_s
+        self._max_s = max_s
+        self._rng = rng or random.Random()
+
+    def ceiling(self, attempts: int) -> float:
+        return min(self._max_s, self._base_s * 2 ** max(0, min(attempts - 1, 40)))
+
+    def __call__(self, attempts: int) -> timedelta:
+        ceiling = self.ceiling(attempts)
+        return timedelta(seconds=self._rng.uniform(ceiling / 2, ceiling))
+
+
+def _owner_name() -> str:
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class DeliveryWorker:
+    def __init__(
+        self,
+        store: MessageStore,
+        sealing: MessageSealing,
+        provider: SmsProvider,
+        config: NotifierConfig,
+        tracer: trace.Tracer,
+        *,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.owner = _owner_name()
+        self._store = store
+        self._sealing = sealing
+        self._provider = provider
+        self._config = config
+        self._tracer = tracer
+        self._backoff = backoff or Backoff(config.retry_base_s, config.retry_max_s)
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._attempts: dict[str, asyncio.Task] = {}
+
+    @property
+    def lease(self) -> timedelta:
+        return self._config.lease
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._loop(), name="notifier.delivery")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self, drain_s: float) -> None:
+        """Stops claiming, lets attempts under way finish for up to `drain_s`, cancels the rest
+        and frees what this replica still holds, so a restart delivers it at once."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        running = list(self._attempts.values())
+        if running:
+            _, pending = await asyncio.wait(running, timeout=drain_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            released = await self._store.release(self.owner)
+        except Exception as error:  # the leases run out by themselves
+            log.warning("could not release held messages: %s", type(error).__name__)
+        else:
+            if released:
+                log.info("released %d messages not delivered before the stop", released)
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            full = False
+            try:
+                full = await self._claim_and_dispatch()
+            except Exception as error:
+                log.warning("claiming due messages failed (%s); trying again", type(error).__name__)
+            if full:
+                # Every slot taken: the next free slot wakes the loop.
+                await self._wake.wait()
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._config.poll_interval_s)
+
+    # --- attempts -----------------------------------------------------------------------------
+
+    async def _claim_and_dispatch(self) -> bool:
+        free = self._config.max_in_flight - len(self._attempts)
+        if free <= 0:
+            return True
+        claimed, expired = await self._store.claim_due(self.owner, free, self.lease)
+        for row in expired:
+            log.warning("sms %s (%s) not delivered within its retry window: FAILED", row.message_id, row.kind)
+        for row in claimed:
+            self.dispatch(row)
+        return len(claimed) == free
+
+    async def run_once(self) -> int:
+        """One claim and the attempts it starts, awaited (tests and tools). Returns how many."""
+        claimed, _ = await self._store.claim_due(self.owner, self._config.max_in_flight, self.lease)
+        await asyncio.gather(*(self.dispatch(row) for row in claimed))
+        return len(claimed)
+
+    def dispatch(self, row: MessageRow) -> asyncio.Task:
+        """Runs one attempt of a message this replica holds the lease of. The attempt belongs to
+        the worker, not to the caller: a Send whose caller goes away does not cancel it."""
+        running = self._attempts.get(row.message_id)
+        if running is not None:
+            return running
+        task = asyncio.create_task(self._attempt(row), name=f"sms {row.message_id}")
+        self._attempts[row.message_id] = task
+
+        def done(_task: asyncio.Task, message_id: str = row.message_id) -> None:
+            self._attempts.pop(message_id, None)
+            self._wake.set()
+
+        task.add_done_callback(done)
+        return task
+
+    async def _attempt(self, row: MessageRow) -> None:
+        parent = propagate.extract(json.loads(row.trace_context or "{}"))
+        with self._tracer.start_as_current_span(
+            "sms.deliver",
+            context=parent,
+            kind=trace.SpanKind.CLIENT,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            span.set_attribute("cardcheck.message_id", row.message_id)
+            span.set_attribute("cardcheck.sms.kind", row.kind)
+            span.set_attribute("cardcheck.sms.attempt", row.attempts)
+            span.set_attribute("cardcheck.sms.provider", self._provider.name)
+            try:
+                await self._try(row, span)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                # Storage failed after the attempt: the lease runs out and it is tried again.
+                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+                log.warning("sms %s: recording the attempt failed (%s)", row.message_id, type(error).__name__)
+
+    async def _try(self, row: MessageRow, span: trace.Span) -> None:
+        try:
+            sms = self._sealing.outgoing(row)
+        except Exception:  # InvalidTag: sealed under another key
+            sms, unreadable = None, True
+        else:
+            unreadable = False
+        if sms is None:
+            error_class = "UNREADABLE" if unreadable else "NO_TEXT"
+            await self._failed(row, span, error_class, retryable=False, masked="?")
+            return
+        masked = mask_phone(sms.phone)
+        span.set_attribute("cardcheck.sms.phone", masked)
+        try:
+            await self._provider.deliver(sms)
+        except asyncio.CancelledError:
+            raise
+        except DeliveryError as error:
+            await self._failed(row, span, error.error_class, retryable=error.retryable, masked=masked)
+            return
+        except Exception as error:
+            await self._failed(row, span, type(error).__name__[:40], retryable=True, masked=masked)
+            return
+        await self._store.record_success(row.message_id)
+        log.info("sms %s (%s) to %s delivered, attempt %d", row.message_id, row.kind, masked, row.attempts)
+
+    async def _failed(
+        self, row: MessageRow, span: trace.Span, error_class: str, *, retryable: bool, masked: str
+    ) -> None:
+        span.set_attribute("cardcheck.sms.error_class", error_class)
+        span.set_status(Status(StatusCode.ERROR, error_class))
+        outcome = await self._store.record_failure(
+            row.message_id, self.owner, error_class, retryable=retryable, next_delay=self._backoff
+        )
+        if outcome is None:
+            log.info(
+                "sms %s: attempt %d failed (%s) after its lease passed on",
+                row.message_id,
+                row.attempts,
+                error_class,
+            )
+        elif outcome.status == FAILED:
+            log.warning(
+                "sms %s (%s) to %s failed for good after %d attempts (%s)",
+                row.message_id,
+                row.kind,
+                masked,
+                row.attempts,
+                error_class,
+            )
+        else:
+            log.warning(
+                "sms %s (%s) to %s: attempt %d failed (%s), next at %s",
+                row.message_id,
+                row.kind,
+                masked,
+                row.attempts,
+                error_class,
+                outcome.next_attempt_at.isoformat() if outcome.next_attempt_at else "?",
+            )
