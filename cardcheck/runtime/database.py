@@ -1,5 +1,7 @@
 """Storage through SQLModel: a SQLite file per service under CARDCHECK_DATA_DIR by default,
-or the database CARDCHECK_DATABASE_URL names (PostgreSQL at scale). The same code runs on both."""
+or the database CARDCHECK_DATABASE_URL names (PostgreSQL at scale). The same code runs on both.
+
+Engines hide statement parameters, so a failed statement never puts a value in a log line."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ def _sqlite_engine(path: Path) -> Engine:
     path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         f"sqlite:///{path}",
+        hide_parameters=True,
         connect_args={"check_same_thread": False, "timeout": 30},
         pool_size=8,
         max_overflow=8,
@@ -46,7 +49,7 @@ def _sqlite_engine(path: Path) -> Engine:
 
 def make_engine(database_url: str | None, data_dir: Path, service: str) -> Engine:
     if database_url:
-        return create_engine(database_url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        return create_engine(database_url, hide_parameters=True, pool_pre_ping=True, pool_size=10, max_overflow=10)
     return _sqlite_engine(data_dir / f"{service}.db")
 
 
