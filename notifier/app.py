@@ -73,8 +73,6 @@ async def build_parts(
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
     keyring = Keyring(load_master_key(settings.master_key, settings.data_dir))
     db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
-    # A failed statement's error must not carry its parameters (a sandbox body) into a log.
-    db.engine.hide_parameters = True
     await asyncio.to_thread(create_message_table, db)
     store = MessageStore(db, clock)
     sealing = MessageSealing(
