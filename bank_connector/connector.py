@@ -24,9 +24,10 @@ from bank_connector.health import BankCallStats, BankHealthReport, HealthBook
 from bank_connector.resilience import BreakerState, Bulkhead, CircuitBreaker, RetryBudget
 from cardcheck.banks import BANK_CODES, BANKS, BY_CODE
 from cardcheck.numbers import card_number_valid, id_number_valid
-from cardcheck.runtime.channels import open_channel
+from cardcheck.runtime.channels import CHANNEL_OPTIONS
 from cardcheck.runtime.clock import Clock
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
+from cardcheck.runtime.telemetry import client_interceptors
 from cardcheck.v1 import bank_pb2, bank_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,24 @@ class BankLine:
         self.retries = 0
 
 
+class _CancelWithCaller(grpc.aio.UnaryUnaryClientInterceptor):
+    """Innermost interceptor: awaits the call itself, so that cancelling the task that waits
+    for it cancels the RPC at the bank too. Without it the tracing interceptor swallows the
+    cancellation (opentelemetry-python-contrib#3271) and an abandoned call runs on at the bank
+    until its deadline, holding the bank's capacity."""
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        call = await continuation(client_call_details, request)
+        await call
+        return call
+
+
+def open_bank_channel(address: str, tracer_provider: TracerProvider) -> grpc.aio.Channel:
+    """A traced channel (the spans carry the bank code) whose calls cancel with their caller."""
+    interceptors = [*client_interceptors(tracer_provider, _bank_code_on_span), _CancelWithCaller()]
+    return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS), interceptors=interceptors)
+
+
 def _bank_code_on_span(span, request) -> None:
     code = getattr(request, "bank_code", "")
     if code and span.is_recording():
@@ -178,7 +197,7 @@ class BankConnector:
         self._health = HealthBook(BANK_CODES)
         self._lines = {
             code: BankLine(
-                code, open_channel(address, tracer_provider, request_hook=_bank_code_on_span),
+                code, open_bank_channel(address, tracer_provider),
                 self.config, clock, self._health.stats(code),
             )
             for code, address in self._addresses.items()

@@ -88,5 +88,8 @@ class BankConnectorServicer(bank_connector_pb2_grpc.BankConnectorServicer):
                     concurrency_limit=r.concurrency_limit, waiting=r.waiting,
                 )
                 for r in self._connector.health()
-            ]
+            ],
+            requests_active=self._admission.active,
+            requests_queued=self._admission.queued,
+            requests_refused=self._admission.refused,
         )

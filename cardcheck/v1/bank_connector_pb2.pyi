@@ -84,7 +84,13 @@ class BankHealth(_message.Message):
     def __init__(self, bank_code: _Optional[str] = ..., calls: _Optional[int] = ..., failures: _Optional[int] = ..., success_rate: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., breaker_state: _Optional[str] = ..., retries: _Optional[int] = ..., short_circuited: _Optional[int] = ..., breaker_openings: _Optional[int] = ..., in_flight: _Optional[int] = ..., concurrency_limit: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...
 
 class GetBankHealthResponse(_message.Message):
-    __slots__ = ("banks",)
+    __slots__ = ("banks", "requests_active", "requests_queued", "requests_refused")
     BANKS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_REFUSED_FIELD_NUMBER: _ClassVar[int]
     banks: _containers.RepeatedCompositeFieldContainer[BankHealth]
-    def __init__(self, banks: _Optional[_Iterable[_Union[BankHealth, _Mapping]]] = ...) -> None: ...
+    requests_active: int
+    requests_queued: int
+    requests_refused: int
+    def __init__(self, banks: _Optional[_Iterable[_Union[BankHealth, _Mapping]]] = ..., requests_active: _Optional[int] = ..., requests_queued: _Optional[int] = ..., requests_refused: _Optional[int] = ...) -> None: ...
