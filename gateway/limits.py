@@ -184,10 +184,12 @@ class RedisStore:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
+        # At most `max_connections` to Redis however many calls are in flight: a burst of load
+        # waits for a connection (each held at most `timeout_s`) instead of opening hundreds.
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=timeout_s,  # waiting for a free connection
+            timeout=None,  # waiting for a free connection; bounded by the socket timeouts
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),  # a failure is answered by the policy, not by waiting
