@@ -29,8 +29,8 @@ from gateway.agreement import CURRENT
 from gateway.config import GatewayConfig
 from tests.test_gateway import ALICE, BOB, CAROL, PASSWORD, Stack, fakes, start_stack  # noqa: F401
 
-EXAMPLES_PER_RPC = 60
-RAW_EXAMPLES = 150
+EXAMPLES_PER_RPC = 50
+RAW_EXAMPLES = 120
 
 # API.md's error table.
 DOCUMENTED = {

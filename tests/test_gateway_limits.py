@@ -37,8 +37,6 @@ from gateway.limits import (
 )
 from tests.test_gateway import ALICE, PASSWORD, bearer, fakes, refused, start_stack  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.redis
-
 
 def _closed_port() -> int:
     with socket.socket() as probe:
@@ -70,6 +68,7 @@ async def store(redis_url: str, redis_prefix: str):
 # --- the Redis backend -----------------------------------------------------------------------------
 
 
+@pytest.mark.redis
 async def test_redis_buckets_decide_as_the_in_process_ones(store: RedisStore):
     clock = ManualClock()
     rate = Rate(per_second=5.0, burst=3)
@@ -90,6 +89,7 @@ async def test_redis_buckets_decide_as_the_in_process_ones(store: RedisStore):
     assert 50 < allowed < 250  # both answers occurred
 
 
+@pytest.mark.redis
 async def test_redis_keys_are_namespaced_and_expire_when_the_bucket_is_full_again(
     store: RedisStore, redis_url: str, redis_prefix: str
 ):
@@ -108,6 +108,7 @@ async def test_redis_keys_are_namespaced_and_expire_when_the_bucket_is_full_agai
         await client.aclose()
 
 
+@pytest.mark.redis
 async def test_redis_decisions_are_atomic_across_replicas(redis_url: str, redis_prefix: str):
     replicas = [RedisStore.from_url(redis_url, prefix=redis_prefix) for _ in range(2)]
     try:
@@ -198,6 +199,7 @@ async def test_gateway_with_redis_down_sheds_every_submission_and_keeps_users_li
     assert refusal.metadata["limit"] == "user"
 
 
+@pytest.mark.redis
 @SQLITE_ONLY
 async def test_gateway_on_redis_admits_and_sheds(start_stack, redis_url: str, redis_prefix: str):  # noqa: F811
     stack = await start_stack(
@@ -255,6 +257,7 @@ async def _serving(address: str, process: asyncio.subprocess.Process, deadline_s
             await asyncio.sleep(0.1)
 
 
+@pytest.mark.redis
 @pytest.mark.e2e
 async def test_two_gateway_processes_hold_one_global_limit(
     tmp_path: Path,
