@@ -102,7 +102,7 @@ async def limiter_table(redis_url: str, seconds: float, rounds: int) -> list[Can
     local = TokenBucketLimiter.of(rate, SystemClock())
     memory_moving = MovingWindowRateLimiter(MemoryStorage())
     memory_fixed = FixedWindowRateLimiter(MemoryStorage())
-    store = RedisStore.from_url(redis_url, prefix=prefix)
+    store = RedisStore.from_url(redis_url, prefix=prefix, timeout_s=5)  # measure, never fail over
     shared = RedisLimiter(store, "bench", rate)
     # One storage per strategy: their keys would collide (same prefix, item and identifier).
     moving = MovingWindowRateLimiter(RedisStorage(uri, implementation="redispy", key_prefix=f"{prefix}-mw"))
@@ -294,6 +294,7 @@ async def shedding_table(redis_url: str, seconds: float, rounds: int, in_flight:
                     master_key,
                     CARDCHECK_REDIS_URL=redis_url,
                     CARDCHECK_REDIS_KEY_PREFIX=prefix,
+                    CARDCHECK_REDIS_TIMEOUT_S="5",
                 ),
             ):
                 servers.append(start())

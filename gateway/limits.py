@@ -19,9 +19,10 @@ When Redis cannot be reached (refused, timed out, or any other Redis error):
   replica: everyone stays limited (at worst N times the rate across N replicas, and a bucket
   starts full when the fallback begins), and nobody is locked out of their own reports because
   a shared cache is down.
-- After a failure Redis is not asked again for `RedisStore.retry_after_s` (a small circuit
-  breaker), so an outage costs no connection timeouts per request; the first call after that
-  tries Redis again, and a success closes the circuit.
+- Each failed call is answered that way at once. After `RedisStore.trip_after` failures in a
+  row Redis is not asked again for `RedisStore.retry_after_s` (a small circuit breaker), so an
+  outage costs no connection timeouts per request; the first call after that tries Redis
+  again, and a success closes the circuit. (One slow answer on a loaded host does not open it.)
 """
 
 from __future__ import annotations
@@ -165,11 +166,14 @@ class RedisStore:
         *,
         prefix: str = "cardcheck",
         retry_after_s: float = 1.0,
+        trip_after: int = 3,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.retry_after_s = retry_after_s
+        self.trip_after = trip_after
+        self._failures = 0  # in a row
         self._monotonic = monotonic
         self._script = client.register_script(GCRA_SCRIPT)
         self._down_until = 0.0
@@ -211,11 +215,14 @@ class RedisStore:
                 args=[repr(interval_us), repr(burst), repr(cost), "" if now_us is None else now_us],
             )
         except (redis.RedisError, OSError, TimeoutError) as error:
-            self._down_until = self._monotonic() + self.retry_after_s
-            if not self._down:
-                log.warning("rate limits: redis unreachable (%s); failing over", type(error).__name__)
-            self._down = True
+            self._failures += 1
+            if self._failures >= self.trip_after:
+                self._down_until = self._monotonic() + self.retry_after_s
+                if not self._down:
+                    log.warning("rate limits: redis unreachable (%s); failing over", type(error).__name__)
+                self._down = True
             raise LimiterUnavailable(f"redis: {error}", timedelta(seconds=self.retry_after_s)) from error
+        self._failures = 0
         if self._down:
             log.warning("rate limits: redis answers again")
             self._down = False

@@ -60,7 +60,7 @@ async def redis_prefix(redis_url: str):
 
 @pytest.fixture
 async def store(redis_url: str, redis_prefix: str):
-    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix, timeout_s=5)
     yield store
     await store.close()
 
@@ -110,7 +110,7 @@ async def test_redis_keys_are_namespaced_and_expire_when_the_bucket_is_full_agai
 
 @pytest.mark.redis
 async def test_redis_decisions_are_atomic_across_replicas(redis_url: str, redis_prefix: str):
-    replicas = [RedisStore.from_url(redis_url, prefix=redis_prefix) for _ in range(2)]
+    replicas = [RedisStore.from_url(redis_url, prefix=redis_prefix, timeout_s=5) for _ in range(2)]
     try:
         limiters = [RedisLimiter(s, "global", Rate(per_second=0.001, burst=50)) for s in replicas]
         answers = await asyncio.gather(*(limiters[i % 2].acquire("submit") for i in range(400)))
@@ -162,15 +162,21 @@ async def test_a_broken_redis_is_not_asked_again_until_the_retry_time():
     now = [100.0]
     store = RedisStore(_FakeClient(script), monotonic=lambda: now[0], retry_after_s=1.0)
     limiter = RedisLimiter(store, "global", Rate(10, 10))
-    for _ in range(5):
+    # A failure, then a success: the circuit stays closed.
+    with pytest.raises(LimiterUnavailable):
+        await limiter.acquire("k")
+    script.failing = False
+    assert await limiter.acquire("k") is None and script.calls == 2
+    script.failing = True
+    for _ in range(6):
         with pytest.raises(LimiterUnavailable) as caught:
             await limiter.acquire("k")
         assert caught.value.retry_after == timedelta(seconds=1)
-    assert script.calls == 1  # the outage cost one attempt, not five
+    assert script.calls == 2 + 3  # opened after three in a row: the outage cost three attempts, not six
     script.failing = False
     now[0] += 1.0
-    assert await limiter.acquire("k") is None and script.calls == 2
-    assert await limiter.acquire("k") is None and script.calls == 3  # closed again
+    assert await limiter.acquire("k") is None and script.calls == 6
+    assert await limiter.acquire("k") is None and script.calls == 7  # closed again
 
 
 SQLITE_ONLY = pytest.mark.parametrize("database_url", [None], ids=["sqlite"])  # storage is not the point
@@ -203,7 +209,9 @@ async def test_gateway_with_redis_down_sheds_every_submission_and_keeps_users_li
 @SQLITE_ONLY
 async def test_gateway_on_redis_admits_and_sheds(start_stack, redis_url: str, redis_prefix: str):  # noqa: F811
     stack = await start_stack(
-        config=GatewayConfig(submit_global_rps=0.5, submit_global_burst=1, redis_key_prefix=redis_prefix),
+        config=GatewayConfig(
+            submit_global_rps=0.5, submit_global_burst=1, redis_key_prefix=redis_prefix, redis_timeout_s=5
+        ),
         redis_url=redis_url,
     )
     alice = await stack.register(ALICE)
@@ -282,6 +290,7 @@ async def test_two_gateway_processes_hold_one_global_limit(
         "CARDCHECK_NOTIFIER_ADDR": f"127.0.0.1:{notifier_port}",
         "CARDCHECK_REDIS_URL": redis_url,
         "CARDCHECK_REDIS_KEY_PREFIX": redis_prefix,
+        "CARDCHECK_REDIS_TIMEOUT_S": "5",  # a loaded test machine must not look like a Redis outage
         # `limit` admissions, then one more per 1000 s; each user's own limit out of the way.
         "CARDCHECK_SUBMIT_GLOBAL_RPS": "0.001",
         "CARDCHECK_SUBMIT_GLOBAL_BURST": str(limit),
