@@ -72,7 +72,10 @@ def _script_directory(migrations: str | Path) -> tuple[Config, ScriptDirectory]:
     if isinstance(migrations, Path) or "/" in str(migrations):
         directory = Path(migrations)
     else:
-        spec = importlib.util.find_spec(str(migrations))
+        try:
+            spec = importlib.util.find_spec(str(migrations))
+        except ModuleNotFoundError:
+            spec = None
         if spec is None or not spec.submodule_search_locations:
             raise ValueError(f"no migrations package {migrations!r}")
         directory = Path(next(iter(spec.submodule_search_locations)))

@@ -1,0 +1,500 @@
+"""Durable execution with real processes: `kill -9` report_service or bank_connector in the middle
+of a query and start it again; two report_service processes on one PostgreSQL sharing the work.
+The banks are a counting fake behind the real bank_connector, each with a latency of its own, so
+"the middle of a query" is a bank still thinking; the notifier is the real one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import os
+import re
+import signal
+import socket
+import sys
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bank_connector.app import build as build_bank_connector
+from cardcheck.numbers import id_check_digit, luhn_check_digit
+from cardcheck.runtime.clock import ManualClock
+from cardcheck.runtime.database import Database, make_engine
+from cardcheck.runtime.keys import Keyring, load_master_key
+from cardcheck.runtime.migrations import upgrade_to_head
+from cardcheck.runtime.settings import Settings
+from cardcheck.v1 import (
+    bank_pb2,
+    bank_pb2_grpc,
+    common_pb2,
+    notifier_pb2,
+    notifier_pb2_grpc,
+    report_service_pb2,
+    report_service_pb2_grpc,
+)
+from notifier.app import build as build_notifier
+from report_service import audit
+from report_service.app import MIGRATIONS
+from report_service.execution import ExecutionStore
+from report_service.queries import QueryStore, Subject
+from report_service.reports import ReportVault
+
+BANKS = ("ICBC", "CMB", "BOC")
+_PR_SET_PDEATHSIG = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # in the child, between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def person(i: int) -> report_service_pb2.Subject:
+    first17 = f"11010119900101{i:03d}"
+    return report_service_pb2.Subject(
+        name=f"测试{i}", id_number=first17 + id_check_digit(first17), phone=f"139{i:08d}"
+    )
+
+
+def _pan(i: int) -> str:
+    partial = f"622202{i:09d}"
+    return partial + luhn_check_digit(partial)
+
+
+async def eventually(check, within: float = 30.0, every: float = 0.05):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(every)
+
+
+class CountingBanks(bank_pb2_grpc.IssuingBankServicer):
+    """Every bank on one port: each answers one debit card after its latency, and counts how
+    often it was asked about whom."""
+
+    def __init__(self, latency_s: dict[str, float], default_s: float = 0.0) -> None:
+        self.latency_s = latency_s
+        self.default_s = default_s
+        self.lookups: Counter[tuple[str, str]] = Counter()  # (id_number, bank_code)
+        self.answered: Counter[tuple[str, str]] = Counter()
+
+    async def LookupCards(self, request, context):
+        self.lookups[(request.id_number, request.bank_code)] += 1
+        await asyncio.sleep(self.latency_s.get(request.bank_code, self.default_s))
+        self.answered[(request.id_number, request.bank_code)] += 1
+        return bank_pb2.LookupCardsResponse(
+            cards=[bank_pb2.BankCard(pan=_pan(len(self.answered)), card_type=common_pb2.CARD_TYPE_DEBIT)]
+        )
+
+    async def start(self) -> str:
+        self.server = grpc.aio.server()
+        bank_pb2_grpc.add_IssuingBankServicer_to_server(self, self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return f"127.0.0.1:{port}"
+
+
+class ServiceProcess:
+    """`python -m <service>` on a port of its own, its output in a log file."""
+
+    module = ""
+
+    def __init__(self, tmp_path: Path, database_url: str | None, **env: str) -> None:
+        self.tmp_path = tmp_path
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("CARDCHECK_", "OTEL_"))}
+        self.env.update(
+            PYTHONUNBUFFERED="1",
+            CARDCHECK_DATA_DIR=str(tmp_path),
+            CARDCHECK_SHUTDOWN_GRACE_S="2",
+            OTEL_TRACES_EXPORTER="none",
+            **env,
+        )
+        if database_url:
+            self.env["CARDCHECK_DATABASE_URL"] = database_url
+        self.process: asyncio.subprocess.Process | None = None
+        self.logs: list[Path] = []
+        self.returncode: int | None = None
+
+    async def start(self) -> None:
+        log = self.tmp_path / f"{self.module}-{self.port}-{len(self.logs)}.log"
+        self.logs.append(log)
+        with log.open("wb") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                self.module,
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def serving() -> bool:
+                if self.process.returncode is not None:
+                    raise AssertionError(f"{self.module} exited: {log.read_text()}")
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    return reply.status == health_pb2.HealthCheckResponse.SERVING
+                return False
+
+            await eventually(serving, within=30, every=0.1)
+
+    def kill(self) -> None:
+        """kill -9: no shutdown hook runs, leases are left held."""
+        self.process.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        self.returncode = await self.process.wait()
+        return self.returncode
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), 20)
+            except TimeoutError:
+                self.process.kill()
+        if self.process is not None:
+            self.returncode = await self.process.wait()
+
+    def output(self) -> str:
+        return "".join(log.read_text(errors="replace") for log in self.logs)
+
+
+class ReportServiceProcess(ServiceProcess):
+    module = "report_service"
+
+    def __init__(
+        self, tmp_path: Path, database_url: str | None, *, bank_connector: str, notifier: str, **env: str
+    ):
+        defaults = {
+            "CARDCHECK_BANK_CONNECTOR_ADDR": bank_connector,
+            "CARDCHECK_NOTIFIER_ADDR": notifier,
+            "CARDCHECK_REPORT_LEASE_S": "1.5",  # a killed worker's claims are free again soon
+            "CARDCHECK_REPORT_RETRY_FIRST_S": "0.3",
+            "CARDCHECK_REPORT_RETRY_MAX_S": "1",
+            "CARDCHECK_REPORT_POLL_S": "0.2",
+        }
+        super().__init__(tmp_path, database_url, **(defaults | env))
+        self.env["CARDCHECK_REPORT_SERVICE_ADDR"] = self.address
+        self.channel = grpc.aio.insecure_channel(self.address)
+        self.stub = report_service_pb2_grpc.ReportServiceStub(self.channel)
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.channel.close()
+
+    def finished(self) -> list[str]:
+        return re.findall(r"query ([0-9a-f]{32}) finished READY", self.output())
+
+
+class BankConnectorProcess(ServiceProcess):
+    module = "bank_connector"
+
+    def __init__(self, tmp_path: Path, *, banks: str) -> None:
+        super().__init__(tmp_path, None, CARDCHECK_BANK_SIM_ADDR=banks, CARDCHECK_BANK_CONNECTOR_ADDR="")
+        self.env["CARDCHECK_BANK_CONNECTOR_ADDR"] = self.address
+
+
+class Mesh:
+    """The fake banks, the real notifier, and whatever else a test starts; all on real ports."""
+
+    def __init__(self, tmp_path: Path, database_url: str | None, latency_s: dict[str, float], default_s=0.0):
+        self.tmp_path = tmp_path
+        self.database_url = database_url
+        self.banks = CountingBanks(latency_s, default_s)
+        self._stop: list = []
+
+    def settings(self, **addresses: str) -> Settings:
+        base = Settings.from_env({})
+        return dataclasses.replace(
+            base,
+            data_dir=self.tmp_path,
+            database_url=self.database_url,
+            addresses={**base.addresses, **addresses},
+        )
+
+    async def start(self) -> None:
+        self.bank_address = await self.banks.start()
+        self._stop.append(lambda: self.banks.server.stop(0))
+        self.notifier_address = f"127.0.0.1:{_free_port()}"
+        notifier = await build_notifier(self.settings(notifier=self.notifier_address), clock=ManualClock())
+        await notifier.start()
+        self._stop.append(lambda: notifier.stop(0))
+        self.notifier_channel = grpc.aio.insecure_channel(self.notifier_address)
+        self.inbox = notifier_pb2_grpc.NotifierStub(self.notifier_channel)
+        self._stop.append(self.notifier_channel.close)
+
+    async def start_bank_connector_here(self) -> str:
+        address = f"127.0.0.1:{_free_port()}"
+        host = await build_bank_connector(self.settings(bank_connector=address, bank_sim=self.bank_address))
+        await host.start()
+        self._stop.append(lambda: host.stop(0))
+        return address
+
+    async def close(self) -> None:
+        for stop in reversed(self._stop):
+            with contextlib.suppress(Exception):
+                await stop()
+
+    async def sms(self, phone: str) -> list[notifier_pb2.Message]:
+        reply = await self.inbox.ListMessages(notifier_pb2.ListMessagesRequest(phone=phone))
+        return [m for m in reply.messages if m.kind == "REPORT_READY"]
+
+    def rows(self, sql: str, **params) -> list[tuple]:
+        engine = sa.create_engine(self.database_url or f"sqlite:///{self.tmp_path / 'report_service.db'}")
+        try:
+            with engine.connect() as conn:
+                return [tuple(r) for r in conn.execute(sa.text(sql), params)]
+        finally:
+            engine.dispose()
+
+    def audit_ok(self) -> audit.Verdict:
+        engine = make_engine(self.database_url, self.tmp_path, "report_service")
+        try:
+            return audit.verify_engine(engine)
+        finally:
+            engine.dispose()
+
+
+@pytest.fixture
+async def mesh_factory(tmp_path, database_url):
+    meshes: list[Mesh] = []
+    processes: list[ServiceProcess] = []
+
+    async def make(latency_s: dict[str, float], default_s: float = 0.0) -> Mesh:
+        mesh = Mesh(tmp_path, database_url, latency_s, default_s)
+        await mesh.start()
+        meshes.append(mesh)
+        return mesh
+
+    make.processes = processes
+    yield make
+    for process in processes:
+        with contextlib.suppress(Exception):
+            await process.stop()
+    for mesh in meshes:
+        await mesh.close()
+
+
+async def _create(stub, i: int, banks=BANKS) -> common_pb2.Query:
+    return await stub.CreateQuery(
+        report_service_pb2.CreateQueryRequest(
+            user_id=f"user-{i}",
+            subject=person(i),
+            bank_codes=list(banks),
+            agreement_version="2026-11",
+            idempotency_key=f"key-{i}",
+        ),
+        timeout=10,
+    )
+
+
+async def _get(stub, query_id: str, i: int) -> common_pb2.Query:
+    return await stub.GetQuery(
+        report_service_pb2.GetQueryRequest(user_id=f"user-{i}", query_id=query_id), timeout=5
+    )
+
+
+async def _exactly_one_report_and_sms(mesh: Mesh, stub, query_id: str, i: int) -> None:
+    async def ready():
+        return (await _get(stub, query_id, i)).status == common_pb2.QUERY_STATUS_READY
+
+    await eventually(ready)
+    await eventually(
+        lambda: mesh.rows("SELECT count(*) FROM rs_work WHERE query_id = :q", q=query_id) == [(0,)]
+    )
+    assert mesh.rows("SELECT count(*) FROM rs_reports WHERE query_id = :q", q=query_id) == [(1,)]
+    assert [m.kind for m in await mesh.sms(person(i).phone)] == ["REPORT_READY"]
+    report = await stub.GetReport(report_service_pb2.GetQueryRequest(user_id=f"user-{i}", query_id=query_id))
+    assert [s.bank_code for s in report.summary] == list(BANKS) and not report.unavailable_banks
+
+
+async def test_kill_9_report_service_mid_query_then_start_it_again(mesh_factory, tmp_path, database_url):
+    mesh = await mesh_factory({"BOC": 1.5}, 0.02)  # BOC is still thinking when the process dies
+    connector = await mesh.start_bank_connector_here()
+    service = ReportServiceProcess(
+        tmp_path, database_url, bank_connector=connector, notifier=mesh.notifier_address
+    )
+    mesh_factory.processes.append(service)
+    await service.start()
+    query = await _create(service.stub, 1)
+    subject = person(1)
+
+    async def two_answered():
+        return (await _get(service.stub, query.query_id, 1)).banks_answered == 2
+
+    await eventually(two_answered)
+    assert (
+        mesh.banks.lookups[(subject.id_number, "BOC")] == 1
+        and not mesh.banks.answered[(subject.id_number, "BOC")]
+    )
+    service.kill()
+    assert await service.wait() == -signal.SIGKILL
+    [(owner,)] = mesh.rows("SELECT lease_owner FROM rs_work WHERE query_id = :q", q=query.query_id)
+    assert owner is not None  # the dead process still holds its claim: it must expire
+
+    await service.start()  # a new process, a new worker: waits out the lease, then resumes
+    await _exactly_one_report_and_sms(mesh, service.stub, query.query_id, 1)
+    # Only the bank still missing was asked again; the answered ones never twice.
+    assert mesh.banks.lookups[(subject.id_number, "ICBC")] == 1
+    assert mesh.banks.lookups[(subject.id_number, "CMB")] == 1
+    assert mesh.banks.lookups[(subject.id_number, "BOC")] == 2
+    assert mesh.audit_ok().ok
+
+
+async def test_kill_9_bank_connector_mid_query_then_start_it_again(mesh_factory, tmp_path, database_url):
+    mesh = await mesh_factory({"BOC": 1.5}, 0.02)
+    connector = BankConnectorProcess(tmp_path, banks=mesh.bank_address)
+    mesh_factory.processes.append(connector)
+    await connector.start()
+    service = ReportServiceProcess(
+        tmp_path, database_url, bank_connector=connector.address, notifier=mesh.notifier_address
+    )
+    mesh_factory.processes.append(service)
+    await service.start()
+    query = await _create(service.stub, 2)
+    subject = person(2)
+
+    async def two_answered():
+        return (await _get(service.stub, query.query_id, 2)).banks_answered == 2
+
+    await eventually(two_answered)
+    connector.kill()
+    await connector.wait()
+    # report_service keeps the query PENDING and keeps trying, with backoff, while the connector is gone.
+    await eventually(lambda: "asking the banks failed" in service.output())
+    assert (await _get(service.stub, query.query_id, 2)).status == common_pb2.QUERY_STATUS_PENDING
+    await connector.start()
+    await _exactly_one_report_and_sms(mesh, service.stub, query.query_id, 2)
+    assert mesh.banks.lookups[(subject.id_number, "ICBC")] == 1
+    assert mesh.banks.lookups[(subject.id_number, "CMB")] == 1
+    assert mesh.banks.lookups[(subject.id_number, "BOC")] == 2  # lost with the connector, asked again
+    assert mesh.audit_ok().ok
+
+
+@pytest.fixture
+async def pg_mesh_factory(tmp_path, pg_schema_url):
+    """Replicas share a PostgreSQL database (SQLite is the one-process embedded default)."""
+    meshes: list[Mesh] = []
+    processes: list[ServiceProcess] = []
+
+    async def make(latency_s: dict[str, float], default_s: float = 0.0) -> Mesh:
+        mesh = Mesh(tmp_path, pg_schema_url, latency_s, default_s)
+        await mesh.start()
+        meshes.append(mesh)
+        return mesh
+
+    make.processes = processes
+    yield make
+    for process in processes:
+        with contextlib.suppress(Exception):
+            await process.stop()
+    for mesh in meshes:
+        await mesh.close()
+
+
+async def test_two_replicas_share_the_work_without_doing_any_twice(pg_mesh_factory, tmp_path, pg_schema_url):
+    mesh_factory, database_url = pg_mesh_factory, pg_schema_url
+    mesh = await mesh_factory({}, 0.3)
+    connector = await mesh.start_bank_connector_here()
+    replicas = [
+        ReportServiceProcess(
+            tmp_path,
+            database_url,
+            bank_connector=connector,
+            notifier=mesh.notifier_address,
+            CARDCHECK_REPORT_MAX_RUNNING="2",
+            CARDCHECK_REPORT_LEASE_S="5",
+        )
+        for _ in range(2)
+    ]
+    mesh_factory.processes.extend(replicas)
+    await asyncio.gather(*(replica.start() for replica in replicas))
+    # Submitted alternately to both; each replica runs at most 2 queries at once, so both must work.
+    count = 10
+    queries = await asyncio.gather(*(_create(replicas[i % 2].stub, 100 + i) for i in range(count)))
+    for i, query in enumerate(queries):
+        await _exactly_one_report_and_sms(mesh, replicas[i % 2].stub, query.query_id, 100 + i)
+    for i in range(count):
+        for bank in BANKS:
+            assert mesh.banks.lookups[(person(100 + i).id_number, bank)] == 1, (i, bank)
+    done = [set(replica.finished()) for replica in replicas]
+    assert done[0] and done[1], done  # both did some
+    assert not done[0] & done[1]  # none twice
+    assert done[0] | done[1] == {q.query_id for q in queries}
+    assert mesh.audit_ok().ok
+
+
+async def test_claims_are_exclusive_under_contention(tmp_path, database_url):
+    """Four workers claim from the same due work at once, over and over: every piece goes to
+    exactly one of them (FOR UPDATE SKIP LOCKED on PostgreSQL, one writer at a time on SQLite)."""
+    now = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+    clock = ManualClock(now)
+    db = Database(make_engine(database_url, tmp_path, "report_service"))
+    try:
+        await asyncio.to_thread(upgrade_to_head, db.engine, MIGRATIONS, "report_service")
+        keyring = Keyring(load_master_key(None, tmp_path))
+        store = QueryStore(
+            db,
+            keyring.sealer("subject"),
+            ReportVault(keyring.sealer("report-kek")),
+            clock,
+            outcome_sealer=keyring.sealer("bank-outcome"),
+        )
+        execution = ExecutionStore(db, store, clock, lease=timedelta(seconds=30))
+        for i in range(40):
+            subject = person(i)
+            await store.create(
+                f"user-{i}",
+                Subject(subject.name, subject.id_number, subject.phone),
+                ["ICBC"],
+                "2026-11",
+                f"k{i}",
+                {},
+            )
+        claimed: dict[str, list[str]] = {f"w{n}": [] for n in range(4)}
+
+        async def worker(name: str) -> None:
+            while True:
+                got = await execution.claim(name, 3)
+                if not got:
+                    return
+                claimed[name].extend(c.query_id for c in got)
+
+        await asyncio.gather(*(worker(name) for name in claimed))
+        everything = [q for ids in claimed.values() for q in ids]
+        assert len(everything) == len(set(everything)) == 40
+        assert sum(1 for ids in claimed.values() if ids) >= 2  # they did contend
+        # Held leases are not claimable again until they expire...
+        assert await execution.claim("late", 10) == []
+        clock.advance(timedelta(seconds=30))
+        # ... and then they are, each once more.
+        again = [c.query_id for c in await execution.claim("late", 100)]
+        assert sorted(again) == sorted(everything)
+    finally:
+        db.dispose()
