@@ -25,6 +25,7 @@ from gateway.flows import Gateway, SubmissionRow
 from gateway.limits import Limiters, RedisStore
 from gateway.servicer import CardCheckServicer, add_to_server
 from gateway.sessions import SessionRow, Sessions
+from gateway.tracing import Shedding, SheddingSampler
 from gateway.users import UserRow, Users
 
 SERVICE = "gateway"
@@ -55,6 +56,9 @@ async def build(
         limiters = _limiters(settings, config, clock, rates)
     keyring = Keyring(load_master_key(settings.master_key, settings.data_dir))
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
+    # Before the server's interceptors take their tracer from the provider (gateway/tracing.py).
+    shedding = Shedding()
+    tracer_provider.sampler = SheddingSampler(tracer_provider.sampler, shedding)
 
     db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
     await asyncio.to_thread(
@@ -88,6 +92,7 @@ async def build(
         sms=SmsSender(channels["notifier"], timeout),
         limiters=limiters,
         callers=keyring.hasher("sms-caller"),
+        shedding=shedding,
     )
 
     housekeeping = asyncio.create_task(_housekeeping(challenges, sessions), name="gateway-housekeeping")

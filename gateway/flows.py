@@ -30,6 +30,7 @@ from gateway.downstream import BankDirectory, ReportDesk, SmsSender
 from gateway.face import FaceVerifier
 from gateway.limits import Limiters, RateLimiter
 from gateway.sessions import IssuedSession, SessionClaims, Sessions
+from gateway.tracing import Shedding
 from gateway.users import Identity, Users
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Gateway:
         sms: SmsSender,
         limiters: Limiters,
         callers: KeyedHash,
+        shedding: Shedding | None = None,
         agreement: Agreement = CURRENT,
     ) -> None:
         self._settings = settings
@@ -127,6 +129,7 @@ class Gateway:
         self._sms = sms
         self._limits = limiters
         self._callers = callers
+        self._shedding = shedding or Shedding()
         self.agreement = agreement
 
     # --- banks and agreement ---------------------------------------------------------------
@@ -237,6 +240,7 @@ class Gateway:
         await _limited(self._limits.submit_user, claims.user_id, "user", "too many queries submitted")
         wait = await self._limits.submit_global.acquire(GLOBAL_SUBMIT_KEY)
         if wait is not None:
+            self._shedding.shed()
             _annotate({"cardcheck.admission.shed": True})
             raise CardCheckError("SERVICE_BUSY", "too many queries submitted at once", retry_after=wait)
         return await self._sessions.ensure_live(claims)

@@ -1312,6 +1312,66 @@ async def test_shedding_comes_before_the_database_and_after_the_signature(start_
         )
 
 
+async def test_while_shedding_refused_calls_are_not_traced_one_by_one(start_stack):
+    import time
+
+    from opentelemetry.trace import SpanKind
+
+    stack = await start_stack(
+        config=GatewayConfig(submit_global_rps=0.001, submit_global_burst=1, submit_user_burst=100)
+    )
+    alice = await stack.register(ALICE)
+    await stack.submit(ALICE, alice.session_token)
+    started = time.monotonic()
+    for _ in range(20):
+        await refused(
+            stack.gateway.SubmitQuery(gateway_pb2.SubmitQueryRequest(), metadata=bearer(alice.session_token)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "SERVICE_BUSY",
+        )
+    elapsed = time.monotonic() - started
+    submits = [
+        span
+        for span in stack.spans.get_finished_spans()
+        if span.kind == SpanKind.SERVER and span.name.endswith("CardCheck/SubmitQuery")
+    ]
+    # The admitted one, the first refusal (shedding had not begun when it started), then at most
+    # one a second; the refusals that are kept say so.
+    assert 2 <= len(submits) <= 3 + elapsed, (len(submits), elapsed)
+    assert [s.attributes.get("cardcheck.admission.shed") for s in submits[1:]] == [True] * (len(submits) - 1)
+    # Other calls are traced as ever.
+    before = len(stack.spans.get_finished_spans())
+    await stack.gateway.ListQueries(gateway_pb2.ListQueriesRequest(), metadata=bearer(alice.session_token))
+    assert len(stack.spans.get_finished_spans()) > before
+
+
+def test_shedding_sampler():
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision
+
+    from gateway.tracing import Shedding, SheddingSampler
+
+    now = [0.0]
+    shedding = Shedding(hold_s=1.0, monotonic=lambda: now[0])
+    sampler = SheddingSampler(ALWAYS_ON, shedding, per_second=1.0, monotonic=lambda: now[0])
+    submit, other = "/cardcheck.v1.CardCheck/SubmitQuery", "/cardcheck.v1.CardCheck/ListQueries"
+
+    def decisions(name: str, n: int) -> list[bool]:
+        return [sampler.should_sample(None, 1, name).decision == Decision.RECORD_AND_SAMPLE for _ in range(n)]
+
+    assert decisions(submit, 5) == [True] * 5  # not shedding: the configured sampler decides
+    shedding.shed()
+    assert decisions(submit, 5) == [True, False, False, False, False]
+    assert decisions(other, 3) == [True] * 3
+    now[0] += 0.5
+    shedding.shed()
+    assert decisions(submit, 2) == [False, False]
+    now[0] += 0.5
+    assert decisions(submit, 2) == [True, False]  # one a second
+    now[0] += 1.5  # no refusal for longer than the hold: no longer shedding
+    assert decisions(submit, 3) == [True] * 3
+    assert "SheddingSampler" in sampler.get_description()
+
+
 async def test_each_user_is_rate_limited_on_submissions(start_stack):
     stack = await start_stack(config=GatewayConfig(submit_user_per_minute=1, submit_user_burst=2))
     alice = await stack.register(ALICE)
