@@ -15,8 +15,13 @@
 | CARDCHECK_BANK_BREAKER_OPEN_S | how long an open breaker fails fast before probing | 5 |
 | CARDCHECK_BANK_CONCURRENCY | calls in flight per bank (bulkhead) | 64 |
 | CARDCHECK_BANK_CONCURRENCY_<CODE> | the same for one bank, e.g. its known capacity | – |
-| CARDCHECK_BANK_CONNECTOR_MAX_ACTIVE | requests (fan-outs, real-name checks) handled at once | 48 |
+| CARDCHECK_BANK_CONNECTOR_MAX_ACTIVE | requests (fan-outs, real-name checks) handled at once | 16 |
 | CARDCHECK_BANK_CONNECTOR_MAX_QUEUED | requests waiting for a turn; beyond, RESOURCE_EXHAUSTED | 2000 |
+
+Sizing admission: in-flight bank calls are about MAX_ACTIVE x banks per request; past what the
+banks' endpoints serve at once they only queue there (and a grpc.aio server past ~1000 waiting
+calls starts cancelling them). On this 2-core box with every bank in one bank_sim, 16 fan-outs
+(384 calls) give the peak; Little's law sizes it elsewhere: target fan-outs/s x fan-out seconds.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class ConnectorConfig:
     breaker: BreakerPolicy = BreakerPolicy()
     concurrency: int = 64
     bank_concurrency: dict[str, int] = field(default_factory=dict)
-    max_active: int = 48
+    max_active: int = 16
     max_queued: int = 2000
 
     def concurrency_of(self, bank_code: str) -> int:
@@ -93,6 +98,6 @@ class ConnectorConfig:
             breaker=breaker,
             concurrency=int(_number(env, "CARDCHECK_BANK_CONCURRENCY", 64, minimum=1, integer=True)),
             bank_concurrency=per_bank,
-            max_active=int(_number(env, "CARDCHECK_BANK_CONNECTOR_MAX_ACTIVE", 48, minimum=1, integer=True)),
+            max_active=int(_number(env, "CARDCHECK_BANK_CONNECTOR_MAX_ACTIVE", 16, minimum=1, integer=True)),
             max_queued=int(_number(env, "CARDCHECK_BANK_CONNECTOR_MAX_QUEUED", 2000, minimum=0, integer=True)),
         )

@@ -92,12 +92,17 @@ class SilentBank(bank_pb2_grpc.IssuingBankServicer):
 
 
 @pytest.fixture
-async def sim_port(tmp_path):
+def sim_spans() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+async def sim_port(tmp_path, sim_spans):
     host = await build_sim(
         make_settings(tmp_path, 0),
         records=RECORDS,
         clock=ManualClock(TODAY),
-        tracer_provider=make_tracer_provider("bank_sim", tmp_path, exporter=InMemorySpanExporter()),
+        tracer_provider=make_tracer_provider("bank_sim", tmp_path, exporter=sim_spans),
     )
     port = await host.start()
     yield port
@@ -393,6 +398,21 @@ async def test_no_full_card_number_crosses_the_wire_or_reaches_a_span(start_conn
     for record in RECORDS:
         for secret in (record.pan, record.id_number, record.reserved_phone or record.pan, record.holder_name):
             assert secret not in spans and json.dumps(secret)[1:-1] not in spans
+
+
+async def test_each_bank_call_is_a_client_span_under_the_fan_out_and_the_parent_of_the_banks_span(
+    start_connector, sim_spans
+):
+    connector = await start_connector()
+    await connector.fan_out(bank_codes=["ICBC", "CMB", "GDRCC"])
+    spans = connector.spans.get_finished_spans()
+    (fan_out,) = [s for s in spans if s.name == "/cardcheck.v1.BankConnector/FanOut"]
+    calls = {s.context.span_id: s for s in spans if s.name == "/cardcheck.v1.IssuingBank/LookupCards"}
+    assert {s.attributes["cardcheck.bank_code"] for s in calls.values()} == {"ICBC", "CMB", "GDRCC"}
+    assert all(s.kind.name == "CLIENT" and s.parent.span_id == fan_out.context.span_id for s in calls.values())
+    served = [s for s in sim_spans.get_finished_spans() if s.name == "/cardcheck.v1.IssuingBank/LookupCards"]
+    assert len(served) == 3
+    assert all(s.parent.span_id in calls and s.context.trace_id == fan_out.context.trace_id for s in served)
 
 
 def test_the_process_serves_and_stops_with_exit_code_0_on_sigterm(tmp_path):
