@@ -79,11 +79,11 @@ tricky = st.sampled_from(
 
 
 def field(*valid: str) -> st.SearchStrategy[str]:
-    """Mostly plausible values (so the deeper checks run), often tricky or arbitrary ones."""
+    """Half the time a plausible value (so the deeper checks run), else tricky or arbitrary."""
     plausible = [v for v in valid if v]
     options = [tricky, any_text]
     if plausible:
-        options.insert(0, st.sampled_from(plausible))
+        options = [st.sampled_from(plausible), st.sampled_from(plausible), *options]
     return st.one_of(*options)
 
 
@@ -117,7 +117,10 @@ def requests(rpc: str, query_id: str) -> st.SearchStrategy:
     if rpc == "SubmitQuery":
         return st.builds(
             gateway_pb2.SubmitQueryRequest,
-            bank_codes=st.lists(field(*BANK_CODES, "icbc", "NOSUCHBANK"), max_size=120),
+            bank_codes=st.one_of(
+                st.lists(st.sampled_from(BANK_CODES), max_size=30),
+                st.lists(field(*BANK_CODES, "icbc", "NOSUCHBANK"), max_size=120),
+            ),
             agreement_version=field(CURRENT.version, "2020-01"),
             consent_given=st.booleans(),
             challenge_id=challenge_ids,
@@ -159,6 +162,7 @@ def authorizations(tokens: list[str]) -> st.SearchStrategy[str | None]:
     forged = st.tuples(st.sampled_from(tokens), st.integers(0, 500), st.sampled_from("A0_-.x")).map(mutate)
     token = st.one_of(st.sampled_from(tokens), forged, ascii_values)
     return st.one_of(
+        st.sampled_from(tokens).map(lambda t: f"Bearer {t}"),  # often the real session
         st.none(),
         token.map(lambda t: f"Bearer {t}".strip()),
         st.tuples(st.sampled_from(["bearer", "Basic", "BEARER", ""]), token).map(
