@@ -27,6 +27,7 @@ When Redis cannot be reached (refused, timed out, or any other Redis error):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -167,6 +168,7 @@ class RedisStore:
         prefix: str = "cardcheck",
         retry_after_s: float = 1.0,
         trip_after: int = 3,
+        max_in_flight: int = 64,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
@@ -174,6 +176,13 @@ class RedisStore:
         self.retry_after_s = retry_after_s
         self.trip_after = trip_after
         self._failures = 0  # in a row
+        # At most this many calls (so connections) to Redis however many RPCs are in flight: a
+        # burst of load waits its turn (each call held at most the socket timeout) instead of
+        # opening hundreds of connections. (A semaphore costs less than redis-py's blocking pool.)
+        self._in_flight = asyncio.Semaphore(max_in_flight)
+        import redis
+
+        self._errors = (redis.RedisError, OSError, TimeoutError)
         self._monotonic = monotonic
         self._script = client.register_script(GCRA_SCRIPT)
         self._down_until = 0.0
@@ -188,33 +197,28 @@ class RedisStore:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        # At most `max_connections` to Redis however many calls are in flight: a burst of load
-        # waits for a connection (each held at most `timeout_s`) instead of opening hundreds.
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
+        pool = redis.asyncio.ConnectionPool.from_url(
             url,
-            max_connections=max_connections,
-            timeout=None,  # waiting for a free connection; bounded by the socket timeouts
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),  # a failure is answered by the policy, not by waiting
         )
-        return cls(redis.asyncio.Redis(connection_pool=pool), prefix=prefix)
+        return cls(redis.asyncio.Redis(connection_pool=pool), prefix=prefix, max_in_flight=max_connections)
 
     def key(self, limit: str, key: str) -> str:
         return f"{self.prefix}:rl:{limit}:{key}"
 
     async def gcra(self, key: str, interval_us: float, burst: float, cost: float, now_us: int | None) -> int:
         """0 when allowed, else the wait in microseconds. Raises LimiterUnavailable."""
-        import redis
-
         if self._down and self._monotonic() < self._down_until:
             raise LimiterUnavailable("redis is unreachable", timedelta(seconds=self.retry_after_s))
         try:
-            allowed, wait = await self._script(
-                keys=[key],
-                args=[repr(interval_us), repr(burst), repr(cost), "" if now_us is None else now_us],
-            )
-        except (redis.RedisError, OSError, TimeoutError) as error:
+            async with self._in_flight:
+                allowed, wait = await self._script(
+                    keys=[key],
+                    args=[repr(interval_us), repr(burst), repr(cost), "" if now_us is None else now_us],
+                )
+        except self._errors as error:
             self._failures += 1
             if self._failures >= self.trip_after:
                 self._down_until = self._monotonic() + self.retry_after_s

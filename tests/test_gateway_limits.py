@@ -120,6 +120,23 @@ async def test_redis_decisions_are_atomic_across_replicas(redis_url: str, redis_
     assert sum(answer is None for answer in answers) == 50
 
 
+@pytest.mark.redis
+async def test_a_burst_of_calls_does_not_open_a_connection_each(redis_url: str, redis_prefix: str):
+    name = f"cardcheck-test-{secrets.token_hex(4)}"
+    separator = "&" if "?" in redis_url else "?"
+    store = RedisStore.from_url(
+        f"{redis_url}{separator}client_name={name}", prefix=redis_prefix, timeout_s=5, max_connections=4
+    )
+    try:
+        limiter = RedisLimiter(store, "burst", Rate(per_second=1000, burst=1000))
+        answers = await asyncio.gather(*(limiter.acquire(f"k{i % 10}") for i in range(200)))
+        assert answers == [None] * 200
+        clients = await store.client.client_list()
+        assert 1 <= sum(client.get("name") == name for client in clients) <= 4
+    finally:
+        await store.close()
+
+
 # --- when Redis is unreachable ---------------------------------------------------------------------
 
 
