@@ -194,11 +194,13 @@ class CardCheckClient:
         return await self._call(self._stub.SubmitQuery, request, session_token)
 
     async def watch_query(
-        self, query_id: str, *, session_token: str | None = None
+        self, query_id: str, *, session_token: str | None = None, deadline_s: float | None = None
     ) -> AsyncIterator[gateway_pb2.QueryEvent]:
-        """The query's events until it leaves PENDING (no overall timeout)."""
+        """The query's events until it leaves PENDING (no overall deadline unless `deadline_s`)."""
         call = self._stub.WatchQuery(
-            gateway_pb2.WatchQueryRequest(query_id=query_id), metadata=self._metadata(session_token)
+            gateway_pb2.WatchQueryRequest(query_id=query_id),
+            metadata=self._metadata(session_token),
+            timeout=deadline_s,
         )
         try:
             async for event in call:

@@ -178,7 +178,7 @@ async def test_session_token_is_sent_once_signed_in(served):
 
         events = []
         with pytest.raises(CardCheckError) as caught:
-            async for event in client.watch_query("q1"):
+            async for event in client.watch_query("q1", deadline_s=30):
                 events.append(event)
         assert [e.query.query_id for e in events] == ["q1"]
         assert caught.value.reason == "NOT_FOUND"
