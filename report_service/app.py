@@ -26,6 +26,7 @@ from report_service.execution import ExecutionStore
 from report_service.queries import Changes, QueryStore
 from report_service.reports import ReportVault
 from report_service.servicer import ReportServiceServicer
+from report_service.storage import Storage
 from report_service.worker import QueryWorker
 
 SERVICE = "report_service"
@@ -87,15 +88,16 @@ async def build_parts(
     except BaseException:
         db.dispose()
         raise
+    storage = Storage(db)
     store = QueryStore(
-        db,
+        storage,
         keyring.sealer("subject"),
         ReportVault(keyring.sealer("report-kek")),
         clock,
         outcome_sealer=keyring.sealer("bank-outcome"),
         retention=config.retention,
     )
-    execution = ExecutionStore(db, store, clock, lease=timedelta(seconds=config.lease_s))
+    execution = ExecutionStore(storage, store, clock, lease=timedelta(seconds=config.lease_s))
     bank_channel = open_channel(settings.addresses["bank_connector"], tracer_provider)
     notifier_channel = open_channel(settings.addresses["notifier"], tracer_provider)
     changes = Changes()
@@ -118,7 +120,7 @@ async def build_parts(
         await worker.stop()
         await bank_channel.close()
         await notifier_channel.close()
-        db.dispose()
+        storage.close()
 
     host = ServiceHost(
         SERVICE,

@@ -9,7 +9,7 @@ the environment:
 | CARDCHECK_REPORT_RETRY_MAX_S | the longest wait between two passes | 3600 |
 | CARDCHECK_REPORT_POLL_S | how often a worker looks for work it was not woken for | 2 |
 | CARDCHECK_REPORT_SWEEP_S | how often expired reports are deleted | 60 |
-| CARDCHECK_REPORT_MAX_RUNNING | how many queries one process works on at once | 64 |
+| CARDCHECK_REPORT_MAX_RUNNING | how many queries one process works on at once (0: it accepts and serves, other replicas run the work) | 64 |
 
 "7 natural days": natural (calendar) days as opposed to working days, so weekends and holidays
 count; a report generated at instant T is deleted at T + 7 × 24 h, to the microsecond, the same
@@ -65,9 +65,12 @@ class ReportServiceConfig:
                 raise SettingsError(f"{var}={raw!r} must be a number above {minimum:g}")
             return value
 
-        max_running = number("CARDCHECK_REPORT_MAX_RUNNING", 64, minimum=0)
-        if max_running != int(max_running):
-            raise SettingsError("CARDCHECK_REPORT_MAX_RUNNING must be a whole number")
+        raw_running = env.get("CARDCHECK_REPORT_MAX_RUNNING") or "64"
+        if not raw_running.isdigit():
+            raise SettingsError(
+                f"CARDCHECK_REPORT_MAX_RUNNING={raw_running!r} must be a whole number, 0 or more"
+            )
+        max_running = int(raw_running)
         first = number("CARDCHECK_REPORT_RETRY_FIRST_S", 60.0)
         return cls(
             retention=timedelta(days=number("CARDCHECK_REPORT_RETENTION_DAYS", 7.0)),

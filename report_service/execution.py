@@ -27,7 +27,6 @@ from sqlmodel import Session
 
 from cardcheck.banks import BY_CODE
 from cardcheck.runtime.clock import Clock, as_utc
-from cardcheck.runtime.database import Database
 from report_service import audit
 from report_service.models import (
     EXECUTE,
@@ -42,6 +41,7 @@ from report_service.models import (
 )
 from report_service.queries import Query, QueryStore, Subject, query_of
 from report_service.reports import ANSWERED, BankOutcome, build_report
+from report_service.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _lease_free(now: datetime):
 
 
 class ExecutionStore:
-    def __init__(self, db: Database, queries: QueryStore, clock: Clock, *, lease: timedelta) -> None:
+    def __init__(self, db: Storage, queries: QueryStore, clock: Clock, *, lease: timedelta) -> None:
         self._db = db
         self._queries = queries
         self._clock = clock
@@ -171,7 +171,7 @@ class ExecutionStore:
             return claimed
 
         claims = []
-        for kind, passes, query, sealed, trace_context, missing, final in await self._db.run(claim):
+        for kind, passes, query, sealed, trace_context, missing, final in await self._db.write(claim):
             if kind == EXECUTE and query.status != PENDING:
                 # Finished while this row stayed behind (cannot happen: finishing deletes it).
                 await self._drop(query.query_id, kind, owner)
@@ -198,7 +198,7 @@ class ExecutionStore:
                 )
             )
 
-        await self._db.run(drop)
+        await self._db.write(drop)
 
     async def renew(self, owner: str, keys: Iterable[WorkKey]) -> set[WorkKey]:
         """Extends this worker's leases on `keys`; returns the ones it still holds."""
@@ -215,7 +215,7 @@ class ExecutionStore:
                 for row in session.execute(select(_WORK.c.query_id, _WORK.c.kind).where(mine))
             }
 
-        return await self._db.run(renew)
+        return await self._db.write(renew)
 
     async def release(self, owner: str) -> int:
         """Gives up every lease of this worker (it is stopping): another may claim at once."""
@@ -228,7 +228,7 @@ class ExecutionStore:
             )
             return result.rowcount
 
-        return await self._db.run(release)
+        return await self._db.write(release)
 
     # --- running a query --------------------------------------------------------------------
 
@@ -295,7 +295,7 @@ class ExecutionStore:
             audit.append(session, events, now)
             return result
 
-        return self._recorded(await self._db.run(record))
+        return self._recorded(await self._db.write(record))
 
     async def end_pass(self, query_id: str, owner: str, retry_delay: timedelta) -> Recorded | None:
         """After a pass over the banks: finish the query if every bank answered or ready_by has
@@ -327,7 +327,7 @@ class ExecutionStore:
             )
             return None
 
-        return self._recorded(await self._db.run(end))
+        return self._recorded(await self._db.write(end))
 
     def _finish(
         self,
@@ -416,7 +416,7 @@ class ExecutionStore:
         def done(session: Session) -> None:
             session.execute(delete(_WORK).where(_WORK.c.query_id == query_id, _WORK.c.kind == NOTIFY))
 
-        await self._db.run(done)
+        await self._db.write(done)
 
     async def notify_later(self, query_id: str, owner: str, delay: timedelta) -> None:
         now = self._clock.now()
@@ -428,4 +428,4 @@ class ExecutionStore:
                 .values(due_at=now + delay, lease_owner=None, lease_expires_at=None)
             )
 
-        await self._db.run(later)
+        await self._db.write(later)

@@ -18,7 +18,6 @@ from sqlmodel import Session, col, select
 
 from cardcheck.banks import BY_CODE
 from cardcheck.runtime.clock import Clock, as_utc
-from cardcheck.runtime.database import Database
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
 from cardcheck.runtime.keys import Sealer
 from cardcheck.v1 import report_service_pb2
@@ -40,6 +39,7 @@ from report_service.reports import (
     Report,
     ReportVault,
 )
+from report_service.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class Changes:
 class QueryStore:
     def __init__(
         self,
-        db: Database,
+        db: Storage,
         subject_sealer: Sealer,
         vault: ReportVault,
         clock: Clock,
@@ -234,10 +234,15 @@ class QueryStore:
         agreement_version: str,
         idempotency_key: str,
         trace_context: dict[str, str],
+        *,
+        lease_to: str | None = None,
+        lease: timedelta = timedelta(seconds=30),
     ) -> tuple[Query, bool]:
         """(the query, whether it is new). The same key from the same user returns its query.
         A new query, the work of running it and its audit entry are one transaction: once this
-        returns, the query will be run whatever stops in between."""
+        returns, the query will be run whatever stops in between. With `lease_to`, that work
+        is leased to that worker at once (its first pass, over every bank, starts now) instead
+        of waiting to be claimed."""
         banks = QueryRules.validate_create(user_id, subject, bank_codes, agreement_version)
         key = idempotency_key or None  # no key: every request is a new one (NULLs never collide)
         now = self._clock.now()
@@ -282,28 +287,39 @@ class QueryStore:
                 trace_context=json.dumps(trace_context),
             )
             session.add(row)
-            session.add(WorkRow(query_id=query_id, kind=EXECUTE, due_at=now, passes=0, created_at=now))
-            session.flush()  # the one-PENDING index speaks here, before the audit head is locked
-            audit.append(
-                session,
-                [
-                    audit.AuditEvent(
-                        audit.QUERY_ACCEPTED,
-                        query_id,
-                        user_id,
-                        {"agreement_version": agreement_version, "banks": list(banks)},
-                    )
-                ],
-                now,
+            session.add(
+                WorkRow(
+                    query_id=query_id,
+                    kind=EXECUTE,
+                    due_at=now,
+                    lease_owner=lease_to,
+                    lease_expires_at=now + lease if lease_to else None,
+                    passes=1 if lease_to else 0,
+                    created_at=now,
+                )
             )
+            session.flush()  # the one-PENDING index speaks here, before the audit head is locked
+            events = [
+                audit.AuditEvent(
+                    audit.QUERY_ACCEPTED,
+                    query_id,
+                    user_id,
+                    {"agreement_version": agreement_version, "banks": list(banks)},
+                )
+            ]
+            if lease_to:
+                events.append(
+                    audit.AuditEvent(audit.BANKS_ASKED, query_id, user_id, {"banks": list(banks), "pass": 1})
+                )
+            audit.append(session, events, now)
             return query_of(row), True
 
         try:
-            return await self._db.run(accept)
+            return await self._db.write(accept)
         except IntegrityError:
             # A concurrent request won the race: the same key returns its query, anything else
             # is the one-PENDING-query-per-user rule, enforced by the unique index.
-            existing = await self._db.run(by_key)
+            existing = await self._db.read(by_key)
             if existing is not None:
                 return query_of(existing), False
             raise CardCheckError("QUERY_IN_PROGRESS", "another query of this user is pending") from None
@@ -314,7 +330,7 @@ class QueryStore:
         def find(session: Session) -> QueryRow | None:
             return session.get(QueryRow, query_id)
 
-        row = await self._db.run(find) if query_id else None
+        row = await self._db.read(find) if query_id else None
         if row is None or row.user_id != user_id or not user_id:
             raise CardCheckError("NOT_FOUND", "no such query")
         return query_of(row)
@@ -329,7 +345,7 @@ class QueryStore:
                 )
             )
 
-        return [query_of(row) for row in await self._db.run(find)]
+        return [query_of(row) for row in await self._db.read(find)]
 
     async def snapshot(self, user_id: str, query_id: str) -> tuple[Query, list[BankOutcome]]:
         """The query and each bank's latest outcome so far, in the order first recorded, read
@@ -346,7 +362,7 @@ class QueryStore:
             )
             return row, outcomes
 
-        row, outcomes = await self._db.run(find) if query_id else (None, [])
+        row, outcomes = await self._db.read(find) if query_id else (None, [])
         if row is None or row.user_id != user_id or not user_id:
             raise CardCheckError("NOT_FOUND", "no such query")
         return query_of(row), [self.outcome_of(o) for o in outcomes]
@@ -362,7 +378,7 @@ class QueryStore:
         def find(session: Session) -> ReportRow | None:
             return session.get(ReportRow, query_id)
 
-        row = await self._db.run(find)
+        row = await self._db.read(find)
         if row is None:  # swept between the two reads
             raise CardCheckError("REPORT_EXPIRED", "the report was kept its 7 days and deleted")
         content = self._vault.open(query_id, row.wrapped_key, row.ciphertext)
@@ -370,7 +386,7 @@ class QueryStore:
         def viewed(session: Session) -> None:
             audit.append(session, [audit.AuditEvent(audit.REPORT_VIEWED, query_id, user_id)], now)
 
-        await self._db.run(viewed)
+        await self._db.write(viewed)
         return Report(query_id, as_utc(row.generated_at), as_utc(row.expires_at), content)
 
     # --- forgetting -------------------------------------------------------------------------
@@ -416,7 +432,7 @@ class QueryStore:
 
         swept: list[str] = []
         while True:
-            ids = await self._db.run(sweep)
+            ids = await self._db.write(sweep)
             swept.extend(ids)
             if len(ids) < batch:
                 return swept

@@ -103,6 +103,9 @@ class ReportServiceServicer(report_service_pb2_grpc.ReportServiceServicer):
         trace_context: dict[str, str] = {}
         propagate.inject(trace_context)  # the execution joins the trace of this request
         subject = Subject(request.subject.name, request.subject.id_number, request.subject.phone)
+        # With room to spare, this replica's worker takes the new query in the same transaction
+        # that accepts it, and starts asking the banks as soon as it is committed.
+        worker = self._worker.owner if self._worker.has_room() else None
         query, created = await self._store.create(
             request.user_id,
             subject,
@@ -110,8 +113,12 @@ class ReportServiceServicer(report_service_pb2_grpc.ReportServiceServicer):
             request.agreement_version,
             request.idempotency_key,
             trace_context,
+            lease_to=worker,
+            lease=self._worker.lease,
         )
-        if created:
+        if created and worker:
+            self._worker.run_accepted(query, subject, trace_context)
+        elif created:
             self._worker.wake()
         return query_pb(query)
 

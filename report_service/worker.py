@@ -14,14 +14,17 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from datetime import timedelta
 from typing import Protocol
 
+import grpc
 from opentelemetry import propagate, trace
 
+from cardcheck.runtime.errors import from_rpc_error
 from report_service.config import RetryPolicy
 from report_service.execution import Claim, ExecutionStore, LeaseLost, Recorded, WorkKey
 from report_service.models import EXECUTE, READY
-from report_service.queries import Changes, Subject
+from report_service.queries import Changes, Query, Subject
 from report_service.reports import BankOutcome
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,27 @@ class QueryWorker:
     @property
     def running(self) -> set[WorkKey]:
         return set(self._running)
+
+    @property
+    def lease(self) -> timedelta:
+        return timedelta(seconds=self._lease_s)
+
+    def has_room(self) -> bool:
+        return bool(self._background) and len(self._running) < self._max_running
+
+    def run_accepted(self, query: Query, subject: Subject, trace_context: dict[str, str]) -> None:
+        """Runs the first pass of a query this worker was leased when it was accepted."""
+        claim = Claim(
+            query_id=query.query_id,
+            kind=EXECUTE,
+            passes=1,
+            query=query,
+            subject=subject,
+            trace_context=trace_context,
+            missing_banks=query.bank_codes,
+        )
+        if claim.key not in self._running:
+            self._spawn(claim.key, self._execute(claim))
 
     async def stop(self) -> None:
         """Stops working and gives the leases back, so that another worker (or this service
@@ -278,11 +302,16 @@ class QueryWorker:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
+                delay = self._retry.delay(claim.passes)
+                refusal = from_rpc_error(error) if isinstance(error, grpc.aio.AioRpcError) else None
+                if refusal is not None and refusal.retry_after is not None:
+                    delay = max(delay, refusal.retry_after)  # e.g. the per-phone cap: not before it allows
                 log.warning(
-                    "query %s: the notifier did not accept the report-ready SMS (%s); will retry",
+                    "query %s: the notifier did not accept the report-ready SMS (%s); trying again in %s",
                     query_id,
-                    type(error).__name__,
+                    refusal.reason if refusal is not None else type(error).__name__,
+                    delay,
                 )
-                await self._store.notify_later(query_id, self.owner, self._retry.delay(claim.passes))
+                await self._store.notify_later(query_id, self.owner, delay)
                 return
             await self._store.notified(query_id)

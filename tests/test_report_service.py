@@ -622,6 +622,7 @@ async def test_retention_is_configurable(rig):
         ({"CARDCHECK_REPORT_RETENTION_DAYS": "seven"}, "not a number"),
         ({"CARDCHECK_REPORT_LEASE_S": "-1"}, "above 0"),
         ({"CARDCHECK_REPORT_MAX_RUNNING": "2.5"}, "whole number"),
+        ({"CARDCHECK_REPORT_MAX_RUNNING": "-1"}, "whole number"),
     ],
 )
 def test_bad_configuration_is_refused(env, problem):
@@ -737,10 +738,12 @@ async def test_watch_on_another_replica_sees_what_the_first_records(rig):
     comes from the database, recorded by replica A, including a failed bank answering later."""
     _, other = await rig.start_replica(max_running=0)
     rig.banks.script["BOC"] = [TIMED_OUT, SCRIPT["BOC"]]
-    rig.banks.hold("ICBC")
+    rig.banks.hold("CMB", "ICBC")
     query = await rig.create(banks=("CMB", "BOC", "ICBC"))  # on replica A
     events = []
     watcher = asyncio.create_task(_watch(other, query.query_id, events))
+    await eventually(lambda: events)
+    rig.banks.release("CMB")
     await eventually(lambda: any(e.outcome.bank_code == "BOC" for e in events))
     late_events = []
     late = asyncio.create_task(_watch(other, query.query_id, late_events))
@@ -748,6 +751,7 @@ async def test_watch_on_another_replica_sees_what_the_first_records(rig):
     assert sorted(o.bank_code for o in late_events[0].outcomes) == ["BOC", "CMB"]  # the state so far
     rig.banks.release("ICBC")
     await rig.between_passes(query.query_id)
+    await eventually(lambda: any(e.outcome.bank_code == "ICBC" for e in events))
     rig.clock.advance(timedelta(minutes=1))
     await asyncio.wait_for(asyncio.gather(watcher, late), 15)
     changes = [(e.outcome.bank_code, e.outcome.kind) for e in events if e.HasField("outcome")]

@@ -45,6 +45,7 @@ from report_service.app import MIGRATIONS
 from report_service.execution import ExecutionStore
 from report_service.queries import QueryStore, Subject
 from report_service.reports import ReportVault
+from report_service.storage import Storage
 
 BANKS = ("ICBC", "CMB", "BOC")
 _PR_SET_PDEATHSIG = 1
@@ -455,18 +456,18 @@ async def test_claims_are_exclusive_under_contention(tmp_path, database_url):
     exactly one of them (FOR UPDATE SKIP LOCKED on PostgreSQL, one writer at a time on SQLite)."""
     now = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
     clock = ManualClock(now)
-    db = Database(make_engine(database_url, tmp_path, "report_service"))
+    storage = Storage(Database(make_engine(database_url, tmp_path, "report_service")))
     try:
-        await asyncio.to_thread(upgrade_to_head, db.engine, MIGRATIONS, "report_service")
+        await asyncio.to_thread(upgrade_to_head, storage.engine, MIGRATIONS, "report_service")
         keyring = Keyring(load_master_key(None, tmp_path))
         store = QueryStore(
-            db,
+            storage,
             keyring.sealer("subject"),
             ReportVault(keyring.sealer("report-kek")),
             clock,
             outcome_sealer=keyring.sealer("bank-outcome"),
         )
-        execution = ExecutionStore(db, store, clock, lease=timedelta(seconds=30))
+        execution = ExecutionStore(storage, store, clock, lease=timedelta(seconds=30))
         for i in range(40):
             subject = person(i)
             await store.create(
@@ -497,4 +498,4 @@ async def test_claims_are_exclusive_under_contention(tmp_path, database_url):
         again = [c.query_id for c in await execution.claim("late", 100)]
         assert sorted(again) == sorted(everything)
     finally:
-        db.dispose()
+        storage.close()
