@@ -9,6 +9,11 @@ _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _ID_CHECK = "10X98765432"
 
 
+def ascii_digits(text: str) -> bool:
+    """Only 0-9: str.isdigit also accepts other scripts' digits and superscripts."""
+    return text.isascii() and text.isdigit()
+
+
 def id_check_digit(first17: str) -> str:
     total = sum(int(d) * w for d, w in zip(first17, _ID_WEIGHTS, strict=True))
     return _ID_CHECK[total % 11]
@@ -24,10 +29,10 @@ def id_birth_date(id_number: str) -> date | None:
 def id_number_valid(id_number: str, today: date | None = None) -> bool:
     """18 characters, 17 digits then a digit or X, a real birth date not in the future, and the
     GB 11643 check digit."""
-    if len(id_number) != 18 or not id_number[:17].isdigit():
+    if len(id_number) != 18 or not ascii_digits(id_number[:17]):
         return False
     check = id_number[17].upper()
-    if not (check.isdigit() or check == "X"):
+    if not (ascii_digits(check) or check == "X"):
         return False
     birth = id_birth_date(id_number)
     if birth is None or birth.year < 1900 or (today is not None and birth > today):
@@ -46,7 +51,7 @@ def luhn_check_digit(partial: str) -> str:
 
 
 def luhn_valid(number: str) -> bool:
-    return len(number) >= 2 and number.isdigit() and luhn_check_digit(number[:-1]) == number[-1]
+    return len(number) >= 2 and ascii_digits(number) and luhn_check_digit(number[:-1]) == number[-1]
 
 
 def card_number_valid(number: str) -> bool:

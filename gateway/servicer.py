@@ -1,18 +1,11 @@
 """cardcheck.v1.CardCheck: translates protobuf to the flows of gateway/flows.py and back.
 
-A refusal (CardCheckError, or a downstream service's status) becomes the call's status through
-the one mapping of cardcheck.runtime.errors (`to_status`), set on the context without raising:
-`abort` raises AbortError, which the tracing interceptor records on the span with a formatted
-traceback, and that alone made each shed SubmitQuery cost several times a bare call.
-
 `add_to_server` registers the servicer so that a request that is not a valid protobuf message
 of its type (corrupt wire format, bad UTF-8 in a string field) is refused INVALID_ARGUMENT with
 a BadRequest, instead of the UNKNOWN that grpc answers when the generated deserializer raises."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -21,14 +14,13 @@ from urllib.parse import unquote
 
 import grpc
 from google.protobuf import timestamp_pb2
-from grpc_status import rpc_status
 
 from cardcheck.runtime.errors import (
     CardCheckError,
     FieldViolation,
-    downstream_error,
+    handles_errors,
     invalid_argument,
-    to_status,
+    refuse,
 )
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.flows import Gateway, QueryRequest, Registration
@@ -49,46 +41,6 @@ def _token(context: grpc.aio.ServicerContext) -> str | None:
         if key.lower() == "authorization":
             return bearer_token(value if isinstance(value, str) else value.decode(errors="replace"))
     return None
-
-
-def refuse(context: grpc.aio.ServicerContext, error: CardCheckError) -> None:
-    """Sets the refusal's status (with its details) on the call, which then ends with it."""
-    status = rpc_status.to_status(to_status(error))
-    context.set_code(status.code)
-    context.set_details(status.details)
-    context.set_trailing_metadata(status.trailing_metadata)
-
-
-def answers_refusals(method):
-    """Servicer decorator, like cardcheck.runtime.errors.handles_errors but without raising (see
-    the module docstring): a CardCheckError, or a downstream call's AioRpcError, becomes the
-    status. Anything else is a bug and propagates (grpc answers UNKNOWN)."""
-
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream(self, request, context):
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except CardCheckError as error:
-                refuse(context, error)
-            except grpc.aio.AioRpcError as error:
-                refuse(context, downstream_error(error, "a dependency"))
-
-        return stream
-
-    @functools.wraps(method)
-    async def unary(self, request, context):
-        try:
-            return await method(self, request, context)
-        except CardCheckError as error:
-            refuse(context, error)
-        except grpc.aio.AioRpcError as error:
-            refuse(context, downstream_error(error, "a dependency"))
-        return None  # with a non-OK code set, grpc sends no message
-
-    return unary
 
 
 def _metadata_value(value: str | bytes) -> str:
@@ -144,7 +96,7 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
         self._gateway = gateway
         self._caller_header = caller_header
 
-    @answers_refusals
+    @handles_errors
     async def ListBanks(self, request, context) -> gateway_pb2.ListBanksResponse:
         listing = await self._gateway.list_banks()
         return gateway_pb2.ListBanksResponse(
@@ -154,12 +106,12 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
             ]
         )
 
-    @answers_refusals
+    @handles_errors
     async def GetAgreement(self, request, context) -> gateway_pb2.Agreement:
         agreement = self._gateway.agreement
         return gateway_pb2.Agreement(version=agreement.version, title=agreement.title, text=agreement.text)
 
-    @answers_refusals
+    @handles_errors
     async def RequestSmsCode(self, request, context) -> gateway_pb2.SmsChallenge:
         issued = await self._gateway.request_sms_code(
             request.phone,
@@ -173,7 +125,7 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
             resend_after_seconds=int(issued.resend_after.total_seconds()),
         )
 
-    @answers_refusals
+    @handles_errors
     async def Register(self, request, context) -> gateway_pb2.Session:
         issued = await self._gateway.register(
             Registration(
@@ -189,16 +141,16 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
         )
         return _session(issued)
 
-    @answers_refusals
+    @handles_errors
     async def SignIn(self, request, context) -> gateway_pb2.Session:
         return _session(await self._gateway.sign_in(request.phone, request.challenge_id, request.sms_code))
 
-    @answers_refusals
+    @handles_errors
     async def SignOut(self, request, context) -> gateway_pb2.SignOutResponse:
         ended = await self._gateway.sign_out(_token(context), request.everywhere)
         return gateway_pb2.SignOutResponse(sessions_ended=ended)
 
-    @answers_refusals
+    @handles_errors
     async def SubmitQuery(self, request, context) -> common_pb2.Query:
         return await self._gateway.submit_query(
             _token(context),
@@ -213,16 +165,16 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
             ),
         )
 
-    @answers_refusals
+    @handles_errors
     async def WatchQuery(self, request, context) -> AsyncIterator[gateway_pb2.QueryEvent]:
         async for event in self._gateway.watch_query(_token(context), request.query_id):
             yield event
 
-    @answers_refusals
+    @handles_errors
     async def ListQueries(self, request, context) -> gateway_pb2.ListQueriesResponse:
         return gateway_pb2.ListQueriesResponse(queries=await self._gateway.list_queries(_token(context)))
 
-    @answers_refusals
+    @handles_errors
     async def GetReport(self, request, context) -> common_pb2.Report:
         return await self._gateway.get_report(_token(context), request.query_id, request.payment_password)
 

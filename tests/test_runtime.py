@@ -223,3 +223,13 @@ async def test_spans_go_to_the_otlp_collector_the_environment_names(tmp_path: Pa
     attributes = {a.key: a.value.string_value for a in spans[0][0].attributes}
     assert attributes["service.name"] == "report_service"
     assert not (tmp_path / "spans").exists()  # not to the local files as well
+
+
+def test_check_digits_take_ascii_digits_only() -> None:
+    from cardcheck.numbers import card_number_valid, id_number_valid, luhn_valid
+
+    assert card_number_valid("6222021234567890128") is luhn_valid("6222021234567890128")
+    assert id_number_valid("11010519491231002X")
+    assert not id_number_valid("١١٠١٠٥١٩٤٩١٢٣١٠٠٢X")  # Arabic-Indic digits
+    assert not card_number_valid("²" * 16)  # superscripts: refused, never an exception
+    assert not luhn_valid("٠٠")
