@@ -71,7 +71,9 @@ async def build(
     }
     timeout = config.downstream_timeout_s
     sessions = Sessions(db, keyring, clock, config.session_ttl)
-    challenges = Challenges(db, keyring, clock, daily_cap=config.sms_phone_daily_cap)
+    challenges = Challenges(
+        db, keyring, clock, daily_cap=config.sms_phone_daily_cap, resend_after=config.sms_resend_after
+    )
     gateway = Gateway(
         settings=settings,
         config=config,

@@ -93,7 +93,16 @@ def _verification_failed(why: str) -> CardCheckError:
 
 
 class Challenges:
-    def __init__(self, db: Database, keyring: Keyring, clock: Clock, *, daily_cap: int = DAILY_CAP) -> None:
+    def __init__(
+        self,
+        db: Database,
+        keyring: Keyring,
+        clock: Clock,
+        *,
+        daily_cap: int = DAILY_CAP,
+        resend_after: timedelta = RESEND_AFTER,
+    ) -> None:
+        self._resend_after = resend_after
         self._db = db
         self._code_hash = keyring.hasher("sms-code")
         self._clock = clock
@@ -125,7 +134,7 @@ class Challenges:
                 .with_for_update()
             ).first()
             if throttle is not None:
-                wait = as_utc(throttle.last_sent_at) + RESEND_AFTER - now
+                wait = as_utc(throttle.last_sent_at) + self._resend_after - now
                 if wait > timedelta(0):
                     return _rate_limited(
                         "a code was sent to this phone less than a minute ago", wait, "phone"
@@ -156,10 +165,10 @@ class Challenges:
             refusal = await self._db.run(work)
         except IntegrityError:
             # A concurrent request for the same phone inserted its first row first.
-            refusal = _rate_limited("a code is being sent to this phone", RESEND_AFTER, "phone")
+            refusal = _rate_limited("a code is being sent to this phone", self._resend_after, "phone")
         if refusal is not None:
             raise refusal
-        return IssuedChallenge(challenge_id, code, now, CODE_TTL, RESEND_AFTER)
+        return IssuedChallenge(challenge_id, code, now, CODE_TTL, self._resend_after)
 
     async def withdraw(self, challenge_id: str, phone_hash: str, purpose: str, issued_at: datetime) -> None:
         """The code could not be sent: the challenge dies, the phone may ask again at once, and

@@ -43,6 +43,7 @@ class GatewayConfig:
     # RequestSmsCode: each phone at most one code a minute per purpose (fixed) and this many a
     # day (China's calendar day) over all purposes; each caller and each signed-in user a budget.
     sms_phone_daily_cap: int = 10
+    sms_resend_after: timedelta = timedelta(seconds=60)
     sms_caller_per_hour: float = 60.0
     sms_caller_burst: float = 20.0
     sms_user_per_hour: float = 20.0
@@ -94,6 +95,7 @@ class GatewayConfig:
             sms_phone_daily_cap=int(
                 _positive(env, "CARDCHECK_SMS_PHONE_DAILY_CAP", cls.sms_phone_daily_cap, integer=True)
             ),
+            sms_resend_after=timedelta(seconds=number("CARDCHECK_SMS_RESEND_S", 60.0)),
             sms_caller_per_hour=number("CARDCHECK_SMS_CALLER_PER_HOUR", cls.sms_caller_per_hour),
             sms_caller_burst=number("CARDCHECK_SMS_CALLER_BURST", cls.sms_caller_burst),
             sms_user_per_hour=number("CARDCHECK_SMS_USER_PER_HOUR", cls.sms_user_per_hour),

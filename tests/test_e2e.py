@@ -206,6 +206,7 @@ def test_demo_command_runs_again_on_the_same_mesh(mesh: Mesh) -> None:
                          env=mesh.env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "signing in instead" in run.stdout
+    assert "waiting" not in run.stdout  # CARDCHECK_SMS_RESEND_S reached the gateway
     assert "未满7天" in run.stdout
     assert "**** ****" in run.stdout and "demo: the whole journey succeeded" in run.stdout
 

@@ -1597,3 +1597,8 @@ async def test_housekeeping_deletes_spent_challenges_and_expired_sessions(stack:
         assert counts == [0, 0, 0, 0, 1]
     finally:
         db.dispose()
+
+
+def test_sms_resend_interval_is_configurable() -> None:
+    assert GatewayConfig.from_env({}).sms_resend_after == timedelta(seconds=60)
+    assert GatewayConfig.from_env({"CARDCHECK_SMS_RESEND_S": "5"}).sms_resend_after == timedelta(seconds=5)
