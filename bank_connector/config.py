@@ -33,24 +33,9 @@ from datetime import timedelta
 
 from bank_connector.resilience import BreakerPolicy, RetryPolicy
 from cardcheck.banks import BY_CODE
-from cardcheck.runtime.settings import SettingsError
+from cardcheck.runtime.settings import SettingsError, env_number
 
 PREFIX = "CARDCHECK_BANK_"
-
-
-def _number(env: Mapping[str, str], var: str, default: float, *, minimum: float, integer: bool = False,
-            maximum: float | None = None) -> float:
-    raw = env.get(var)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        raise SettingsError(f"{var}={raw!r} is not {'a whole number' if integer else 'a number'}") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
-        raise SettingsError(f"{var}={raw!r} must be {bound}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -72,16 +57,16 @@ class ConnectorConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> ConnectorConfig:
         env = os.environ if env is None else env
         retry = RetryPolicy(
-            max_attempts=int(_number(env, "CARDCHECK_BANK_RETRY_MAX_ATTEMPTS", 3, minimum=1, maximum=10, integer=True)),
-            base_backoff_s=_number(env, "CARDCHECK_BANK_RETRY_BACKOFF_MS", 25, minimum=0) / 1000,
-            max_backoff_s=_number(env, "CARDCHECK_BANK_RETRY_MAX_BACKOFF_MS", 1000, minimum=0) / 1000,
+            max_attempts=int(env_number(env, "CARDCHECK_BANK_RETRY_MAX_ATTEMPTS", 3, at_least=1, at_most=10, integer=True)),
+            base_backoff_s=env_number(env, "CARDCHECK_BANK_RETRY_BACKOFF_MS", 25, at_least=0) / 1000,
+            max_backoff_s=env_number(env, "CARDCHECK_BANK_RETRY_MAX_BACKOFF_MS", 1000, at_least=0) / 1000,
         )
         breaker = BreakerPolicy(
-            consecutive_failures=int(_number(env, "CARDCHECK_BANK_BREAKER_CONSECUTIVE_FAILURES", 5, minimum=1, integer=True)),
-            failure_rate=_number(env, "CARDCHECK_BANK_BREAKER_FAILURE_RATE", 0.5, minimum=0.01, maximum=1),
-            window=int(_number(env, "CARDCHECK_BANK_BREAKER_WINDOW", 20, minimum=1, integer=True)),
-            min_calls=int(_number(env, "CARDCHECK_BANK_BREAKER_MIN_CALLS", 10, minimum=1, integer=True)),
-            open_for=timedelta(seconds=_number(env, "CARDCHECK_BANK_BREAKER_OPEN_S", 5, minimum=0)),
+            consecutive_failures=int(env_number(env, "CARDCHECK_BANK_BREAKER_CONSECUTIVE_FAILURES", 5, at_least=1, integer=True)),
+            failure_rate=env_number(env, "CARDCHECK_BANK_BREAKER_FAILURE_RATE", 0.5, at_least=0.01, at_most=1),
+            window=int(env_number(env, "CARDCHECK_BANK_BREAKER_WINDOW", 20, at_least=1, integer=True)),
+            min_calls=int(env_number(env, "CARDCHECK_BANK_BREAKER_MIN_CALLS", 10, at_least=1, integer=True)),
+            open_for=timedelta(seconds=env_number(env, "CARDCHECK_BANK_BREAKER_OPEN_S", 5, at_least=0)),
         )
         per_bank = {}
         for var, raw in env.items():
@@ -89,15 +74,15 @@ class ConnectorConfig:
                 code = var.removeprefix("CARDCHECK_BANK_CONCURRENCY_")
                 if code not in BY_CODE:
                     raise SettingsError(f"{var} names no known bank")
-                per_bank[code] = int(_number(env, var, 0, minimum=1, integer=True))
+                per_bank[code] = int(env_number(env, var, 0, at_least=1, integer=True))
         return cls(
             retry=retry,
-            budget_ratio=_number(env, "CARDCHECK_BANK_RETRY_BUDGET_RATIO", 0.1, minimum=0),
-            budget_floor=int(_number(env, "CARDCHECK_BANK_RETRY_BUDGET_FLOOR", 10, minimum=0, integer=True)),
-            budget_window=timedelta(seconds=_number(env, "CARDCHECK_BANK_RETRY_BUDGET_WINDOW_S", 10, minimum=0.1)),
+            budget_ratio=env_number(env, "CARDCHECK_BANK_RETRY_BUDGET_RATIO", 0.1, at_least=0),
+            budget_floor=int(env_number(env, "CARDCHECK_BANK_RETRY_BUDGET_FLOOR", 10, at_least=0, integer=True)),
+            budget_window=timedelta(seconds=env_number(env, "CARDCHECK_BANK_RETRY_BUDGET_WINDOW_S", 10, at_least=0.1)),
             breaker=breaker,
-            concurrency=int(_number(env, "CARDCHECK_BANK_CONCURRENCY", 64, minimum=1, integer=True)),
+            concurrency=int(env_number(env, "CARDCHECK_BANK_CONCURRENCY", 64, at_least=1, integer=True)),
             bank_concurrency=per_bank,
-            max_active=int(_number(env, "CARDCHECK_BANK_CONNECTOR_MAX_ACTIVE", 16, minimum=1, integer=True)),
-            max_queued=int(_number(env, "CARDCHECK_BANK_CONNECTOR_MAX_QUEUED", 2000, minimum=0, integer=True)),
+            max_active=int(env_number(env, "CARDCHECK_BANK_CONNECTOR_MAX_ACTIVE", 16, at_least=1, integer=True)),
+            max_queued=int(env_number(env, "CARDCHECK_BANK_CONNECTOR_MAX_QUEUED", 2000, at_least=0, integer=True)),
         )

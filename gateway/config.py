@@ -3,30 +3,14 @@ validated the same way: a bad value stops the process before it serves."""
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
-from cardcheck.runtime.settings import SettingsError
+from cardcheck.runtime.settings import SettingsError, env_number
 from gateway.limits import LimitRates, Rate
-
-
-def _positive(env: Mapping[str, str], var: str, default: float, *, integer: bool = False) -> float:
-    raw = env.get(var)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        kind = "an integer" if integer else "a number"
-        raise SettingsError(f"{var}={raw!r} is not {kind}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise SettingsError(f"{var}={raw!r} must be a positive finite number")
-    return value
-
 
 _PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 _HEADER = re.compile(r"^[a-z0-9_.-]{1,64}\Z")
@@ -79,7 +63,7 @@ class GatewayConfig:
         env = os.environ if env is None else env
 
         def number(var: str, default: float) -> float:
-            return _positive(env, var, default)
+            return env_number(env, var, default, above=0)
 
         prefix = env.get("CARDCHECK_REDIS_KEY_PREFIX") or cls.redis_key_prefix
         if not _PREFIX.match(prefix):
@@ -93,7 +77,7 @@ class GatewayConfig:
             submit_user_per_minute=number("CARDCHECK_SUBMIT_USER_PER_MINUTE", cls.submit_user_per_minute),
             submit_user_burst=number("CARDCHECK_SUBMIT_USER_BURST", cls.submit_user_burst),
             sms_phone_daily_cap=int(
-                _positive(env, "CARDCHECK_SMS_PHONE_DAILY_CAP", cls.sms_phone_daily_cap, integer=True)
+                env_number(env, "CARDCHECK_SMS_PHONE_DAILY_CAP", cls.sms_phone_daily_cap, integer=True, above=0)
             ),
             sms_resend_after=timedelta(seconds=number("CARDCHECK_SMS_RESEND_S", 60.0)),
             sms_caller_per_hour=number("CARDCHECK_SMS_CALLER_PER_HOUR", cls.sms_caller_per_hour),
@@ -103,11 +87,12 @@ class GatewayConfig:
             report_user_per_minute=number("CARDCHECK_REPORT_USER_PER_MINUTE", cls.report_user_per_minute),
             report_user_burst=number("CARDCHECK_REPORT_USER_BURST", cls.report_user_burst),
             payment_password_max_attempts=int(
-                _positive(
+                env_number(
                     env,
                     "CARDCHECK_PAYMENT_PASSWORD_MAX_ATTEMPTS",
                     cls.payment_password_max_attempts,
                     integer=True,
+                    above=0,
                 )
             ),
             payment_password_lock=timedelta(minutes=number("CARDCHECK_PAYMENT_PASSWORD_LOCK_MINUTES", 30.0)),

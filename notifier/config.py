@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from urllib.parse import urlsplit
 
-from cardcheck.runtime.settings import SettingsError
+from cardcheck.runtime.settings import SettingsError, env_number
 
 PROVIDERS = ("sandbox", "console", "webhook")
 KINDS = ("SMS_CODE", "REPORT_READY", "CONSENT_RECEIPT")
@@ -63,19 +63,6 @@ DEFAULT_RETRY_WINDOWS: dict[str, timedelta] = {
 
 _CAP_PART = re.compile(r"^(?P<count>\d+)/(?P<window>[hd])$")
 _LOOPBACK_NAMES = {"localhost"}
-
-
-def _float(env: Mapping[str, str], var: str, default: float, *, low: float, high: float) -> float:
-    raw = env.get(var)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{var}={raw!r} is not a number") from None
-    if not low < value <= high:
-        raise SettingsError(f"{var}={raw!r} must be above {low:g} and at most {high:g}")
-    return value
 
 
 def parse_cap(var: str, raw: str) -> Cap:
@@ -179,9 +166,9 @@ class NotifierConfig:
             provider=provider,
             webhook_url=env.get("CARDCHECK_SMS_WEBHOOK_URL") or None,
             webhook_secret=env.get("CARDCHECK_SMS_WEBHOOK_SECRET") or None,
-            webhook_timeout_s=_float(env, "CARDCHECK_SMS_WEBHOOK_TIMEOUT_S", 5.0, low=0, high=60),
-            retry_base_s=_float(env, "CARDCHECK_SMS_RETRY_BASE_S", 2.0, low=0, high=3600),
-            retry_max_s=_float(env, "CARDCHECK_SMS_RETRY_MAX_S", 300.0, low=0, high=86400),
+            webhook_timeout_s=env_number(env, "CARDCHECK_SMS_WEBHOOK_TIMEOUT_S", 5.0, above=0, at_most=60),
+            retry_base_s=env_number(env, "CARDCHECK_SMS_RETRY_BASE_S", 2.0, above=0, at_most=3600),
+            retry_max_s=env_number(env, "CARDCHECK_SMS_RETRY_MAX_S", 300.0, above=0, at_most=86400),
             caps=caps,
-            poll_interval_s=_float(env, "CARDCHECK_SMS_POLL_INTERVAL_S", 1.0, low=0, high=60),
+            poll_interval_s=env_number(env, "CARDCHECK_SMS_POLL_INTERVAL_S", 1.0, above=0, at_most=60),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,16 +47,36 @@ def _bool(env: Mapping[str, str], var: str, default: bool) -> bool:
     raise SettingsError(f"{var}={raw!r} is not a boolean")
 
 
-def _float(env: Mapping[str, str], var: str, default: float) -> float:
+def env_number(
+    env: Mapping[str, str],
+    var: str,
+    default: float,
+    *,
+    integer: bool = False,
+    above: float | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+) -> float:
+    """A finite number from the environment (the default when unset or empty), within bounds,
+    or a SettingsError naming the variable: every service reads its numbers this way."""
     raw = env.get(var)
     if raw is None or raw == "":
         return default
     try:
-        value = float(raw)
+        value = int(raw) if integer else float(raw)
     except ValueError:
-        raise SettingsError(f"{var}={raw!r} is not a number") from None
-    if value < 0:
-        raise SettingsError(f"{var}={raw!r} must not be negative")
+        raise SettingsError(f"{var}={raw!r} is not {'a whole number' if integer else 'a number'}") from None
+    if not math.isfinite(value):
+        raise SettingsError(f"{var}={raw!r} is not a finite number")
+    bounds = []
+    if above is not None and not value > above:
+        bounds.append(f"above {above:g}")
+    if at_least is not None and not value >= at_least:
+        bounds.append(f"at least {at_least:g}")
+    if at_most is not None and not value <= at_most:
+        bounds.append(f"at most {at_most:g}")
+    if bounds:
+        raise SettingsError(f"{var}={raw!r} must be {' and '.join(bounds)}")
     return value
 
 
@@ -98,8 +119,8 @@ class Settings:
             sandbox=_bool(env, "CARDCHECK_SANDBOX", True),
             enabled_regions=regions,
             bank_addresses=bank_addresses,
-            per_bank_timeout_s=_float(env, "CARDCHECK_PER_BANK_TIMEOUT_S", 5.0),
-            shutdown_grace_s=_float(env, "CARDCHECK_SHUTDOWN_GRACE_S", 10.0),
+            per_bank_timeout_s=env_number(env, "CARDCHECK_PER_BANK_TIMEOUT_S", 5.0, above=0),
+            shutdown_grace_s=env_number(env, "CARDCHECK_SHUTDOWN_GRACE_S", 10.0, at_least=0),
             log_level=env.get("CARDCHECK_LOG_LEVEL", "INFO") or "INFO",
         )
 
