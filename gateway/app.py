@@ -14,21 +14,23 @@ from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import Keyring, load_master_key
 from cardcheck.runtime.logs import setup_logging
+from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.server import Registration, ServiceHost, run_until_signalled
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import make_tracer_provider
-from gateway.challenges import ChallengeRow, Challenges, SmsDailyRow, SmsThrottleRow
+from gateway.challenges import Challenges
 from gateway.config import GatewayConfig
 from gateway.downstream import BankDirectory, ReportDesk, SmsSender
 from gateway.face import FaceVerifier, face_verifier_for
-from gateway.flows import Gateway, SubmissionRow
+from gateway.flows import Gateway
 from gateway.limits import Limiters, RedisStore
 from gateway.servicer import CardCheckServicer, add_to_server
-from gateway.sessions import SessionRow, Sessions
+from gateway.sessions import Sessions
 from gateway.tracing import Shedding, SheddingSampler
-from gateway.users import UserRow, Users
+from gateway.users import Users
 
 SERVICE = "gateway"
+MIGRATIONS = "gateway.migrations"
 log = logging.getLogger(__name__)
 
 
@@ -61,9 +63,7 @@ async def build(
     tracer_provider.sampler = SheddingSampler(tracer_provider.sampler, shedding)
 
     db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
-    await asyncio.to_thread(
-        db.create_tables, [UserRow, ChallengeRow, SmsThrottleRow, SmsDailyRow, SessionRow, SubmissionRow]
-    )
+    await asyncio.to_thread(upgrade_to_head, db.engine, MIGRATIONS, SERVICE)
 
     channels = {
         name: open_channel(settings.addresses[name], tracer_provider)
