@@ -14,19 +14,21 @@ from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import Keyring, load_master_key
 from cardcheck.runtime.logs import setup_logging
+from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.server import Registration, ServiceHost, run_until_signalled
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import notifier_pb2_grpc
 from notifier.config import NotifierConfig
 from notifier.delivery import Backoff, DeliveryWorker
-from notifier.messages import MessageSealing, MessageStore, create_message_table
+from notifier.messages import MessageSealing, MessageStore
 from notifier.outbox import Outbox
 from notifier.providers import SmsProvider, make_provider
 from notifier.servicer import NotifierServicer
 from notifier.templates import load_template_book
 
 SERVICE = "notifier"
+MIGRATIONS = "notifier.migrations"
 log = logging.getLogger(__name__)
 
 
@@ -73,7 +75,7 @@ async def build_parts(
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
     keyring = Keyring(load_master_key(settings.master_key, settings.data_dir))
     db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
-    await asyncio.to_thread(create_message_table, db)
+    await asyncio.to_thread(upgrade_to_head, db.engine, MIGRATIONS, SERVICE)
     store = MessageStore(db, clock)
     sealing = MessageSealing(
         keyring.hasher("phone"),

@@ -20,13 +20,11 @@ from typing import TypeVar
 from sqlalchemy import (
     Column,
     DateTime,
-    Engine,
     Index,
     Integer,
     LargeBinary,
     String,
     Text,
-    inspect,
     or_,
     text,
     update,
@@ -86,30 +84,6 @@ class MessageRow(SQLModel, table=True):
     lease_owner: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
     lease_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     trace_context: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-
-
-def create_message_table(db: Database) -> None:
-    """Creates nt_messages, and brings a table of the first release up to date (the columns
-    added since are all nullable, so adding them is enough)."""
-    db.create_tables([MessageRow])
-    table = MessageRow.__table__
-    engine: Engine = db.engine
-    existing = {c["name"] for c in inspect(engine).get_columns(table.name)}
-    for column in table.columns:
-        if column.name in existing:
-            continue
-        ddl = (
-            f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(dialect=engine.dialect)}"
-        )
-        try:
-            with engine.begin() as conn:
-                conn.exec_driver_sql(ddl)
-        except Exception:
-            # Another replica starting at the same time may have added it first.
-            if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
-                raise
-    for index in table.indexes:
-        index.create(engine, checkfirst=True)
 
 
 @dataclass(frozen=True)
