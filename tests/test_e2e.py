@@ -102,6 +102,12 @@ async def test_the_journey_ends_in_the_report_the_banks_hold(mesh: Mesh, records
 
     mesh.journey_person = person  # for the trace test below
 
+    # The journey left an intact hash-chained audit trail, with no personal data in it.
+    audit = subprocess.run([str(BIN / "cardcheck"), "audit", "verify"], env=mesh.env,
+                           capture_output=True, text=True, timeout=60)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert audit.stdout.startswith("audit trail OK")
+
 
 def _spans(data_dir: Path) -> list[dict]:
     spans = []

@@ -23,6 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", type=Path, help="the dataset bank_sim serves (default: the generated one)")
     demo.add_argument("--payment-password", default="135790")
 
+    audit = commands.add_parser(
+        "audit", help="the audit trail: `cardcheck audit verify` checks its hash chain", add_help=False
+    )
+    audit.add_argument("args", nargs=argparse.REMAINDER)
+
     dataset = commands.add_parser("dataset", help="write a synthetic bank dataset")
     dataset.add_argument("--seed", type=int)
     dataset.add_argument("--people", type=int)
@@ -31,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["audit"]:  # report_service's own command line, options and help included
+        from report_service.audit import main as audit_main
+
+        sys.exit(audit_main(argv[1:]))
     args = _parser().parse_args(argv)
     if args.command == "up":
         from cardcheck.cli.up import run_up
