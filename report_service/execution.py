@@ -172,9 +172,19 @@ class ExecutionStore:
 
         claims = []
         for kind, passes, query, sealed, trace_context, missing, final in await self._db.write(claim):
-            if kind == EXECUTE and query.status != PENDING:
-                # Finished while this row stayed behind (cannot happen: finishing deletes it).
+            if query.status != (PENDING if kind == EXECUTE else READY) or not sealed:
+                # Nothing left to do (finishing and sweeping delete their work rows, so this is
+                # a stray): never let one row come back at every pass.
+                log.warning(
+                    "query %s: dropping %s work for a query that is %s", query.query_id, kind, query.status
+                )
                 await self._drop(query.query_id, kind, owner)
+                continue
+            try:
+                subject = self._queries.open_subject(query.query_id, sealed)
+            except Exception:
+                # Kept, not dropped: claimed again when the lease runs out, once the key is right.
+                log.error("query %s: its sealed subject does not open (wrong master key?)", query.query_id)
                 continue
             claims.append(
                 Claim(
@@ -182,7 +192,7 @@ class ExecutionStore:
                     kind=kind,
                     passes=passes,
                     query=query,
-                    subject=self._queries.open_subject(query.query_id, sealed),
+                    subject=subject,
                     trace_context=json.loads(trace_context or "{}"),
                     missing_banks=missing if kind == EXECUTE else (),
                     final=final if kind == EXECUTE else False,

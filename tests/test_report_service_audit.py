@@ -46,7 +46,8 @@ async def test_every_event_of_a_query_is_audited_without_personal_data(rig):  # 
         ("report.deleted", {}),
     ]
     assert {user for (user,) in rig.rows("SELECT user_id FROM rs_audit")} == {USER}  # the opaque id
-    dump = json.dumps(rig.rows("SELECT * FROM rs_audit"), default=str, ensure_ascii=False)
+    # (hashes and ids are hex, where four digits turn up by chance: the rest of each entry)
+    dump = json.dumps(rig.rows("SELECT event, user_id, details FROM rs_audit"), ensure_ascii=False)
     for secret in (SUBJECT.name, SUBJECT.id_number, SUBJECT.phone, "6222", "4321", "6253", "8765", "0042"):
         assert secret not in dump
     verdict = audit.verify_engine(rig.parts.db.engine)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -52,8 +53,11 @@ from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, MetaData, text
+from sqlalchemy.exc import OperationalError
 
 log = logging.getLogger(__name__)
+
+SQLITE_LOCKED_ATTEMPTS = 20
 
 
 def version_table(service: str) -> str:
@@ -95,10 +99,28 @@ def upgrade_to_head(
     changes nothing. Returns the revision the database is at afterwards. Blocking: call it
     with asyncio.to_thread from async code."""
     config, script = _script_directory(migrations)
-    table = version_table(service)
     alembic_log = logging.getLogger("alembic")
     if alembic_log.level == logging.NOTSET:  # its per-start chatter; our own line says what changed
         alembic_log.setLevel(logging.WARNING)
+    attempts = SQLITE_LOCKED_ATTEMPTS if engine.dialect.name == "sqlite" else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            before, after = _upgrade(engine, config, script, service, target)
+            break
+        except OperationalError as error:
+            # A brand-new SQLite file switching to WAL while another process migrates it can be
+            # refused at once ("database is locked") instead of waiting: try again.
+            if attempt == attempts or "locked" not in str(error.orig):
+                raise
+            time.sleep(0.05 * attempt)
+    if before != after:
+        log.info("%s: schema migrated from %s to %s", service, before or "nothing", after)
+    return after
+
+
+def _upgrade(
+    engine: Engine, config: Config, script: ScriptDirectory, service: str, target: str
+) -> tuple[str | None, str | None]:
     with engine.connect() as connection:
         with connection.begin():
             if connection.dialect.name == "postgresql":
@@ -110,13 +132,10 @@ def upgrade_to_head(
                 return script._upgrade_revs(target, revision)
 
             with EnvironmentContext(config, script, fn=upgrade, destination_rev=target) as environment:
-                environment.configure(connection=connection, version_table=table)
+                environment.configure(connection=connection, version_table=version_table(service))
                 before = environment.get_context().get_current_revision()
                 environment.run_migrations()
-                after = environment.get_context().get_current_revision()
-    if before != after:
-        log.info("%s: schema migrated from %s to %s", service, before or "nothing", after)
-    return after
+                return before, environment.get_context().get_current_revision()
 
 
 def current_revision(engine: Engine, service: str) -> str | None:
