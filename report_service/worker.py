@@ -186,9 +186,15 @@ class QueryWorker:
     def _spawn(self, key: WorkKey, work: Coroutine) -> asyncio.Task:
         task = asyncio.create_task(work, name=f"{key[1]} {key[0]}")
         self._running[key] = task
-        task.add_done_callback(
-            lambda t, k=key: self._running.pop(k, None) if self._running.get(k) is t else None
-        )
+
+        def done(finished: asyncio.Task) -> None:
+            if self._running.get(key) is finished:
+                del self._running[key]
+            if not finished.cancelled() and finished.exception() is not None:
+                # Its lease runs out and the work is claimed again.
+                log.error("%s of query %s failed", key[1], key[0], exc_info=finished.exception())
+
+        task.add_done_callback(done)
         return task
 
     async def sweep(self) -> list[str]:
@@ -216,6 +222,12 @@ class QueryWorker:
                     result = await self._store.end_pass(query_id, self.owner, self._retry.delay(claim.passes))
             except LeaseLost:
                 log.info("query %s: another worker holds it now", query_id)
+                return
+            except Exception:
+                # E.g. the database went away: the lease runs out and the query is claimed again.
+                log.exception(
+                    "query %s: this pass failed; it is taken up again when its lease expires", query_id
+                )
                 return
             finally:
                 self._changes.notify()
