@@ -337,6 +337,12 @@ class Gateway:
         problems.query_id(query_id)
         problems.raise_if_any()
         async for event in self._reports.watch(user_id, query_id):
+            # Progress only: which banks answered, never their cards, which GetReport shows
+            # behind the payment password.
+            if event.HasField("outcome"):
+                event.outcome.ClearField("cards")
+            for outcome in event.outcomes:
+                outcome.ClearField("cards")
             yield event
 
     async def list_queries(self, token: str | None) -> list[common_pb2.Query]:

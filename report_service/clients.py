@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -45,6 +46,8 @@ def outcome_from_pb(message: common_pb2.BankOutcome) -> BankOutcome:
         latency_ms=message.latency_ms,
     )
 
+log = logging.getLogger(__name__)
+
 
 class BankConnectorFanOut:
     def __init__(self, channel: grpc.aio.Channel, per_bank_timeout_s: float) -> None:
@@ -79,5 +82,6 @@ class NotifierReportReady:
             timeout=NOTIFIER_TIMEOUT_S,
         )
         if reply.status == notifier_pb2.DELIVERY_STATUS_FAILED:
-            # Recorded but not delivered: sending again with the same key retries that message.
-            raise RuntimeError("the notifier could not deliver the report-ready SMS")
+            # The notifier gave this message up for good (its retry window passed, or the vendor
+            # refused it as undeliverable): sending the key again would only ask the vendor again.
+            log.warning("query %s: the notifier gave up the report-ready SMS", query_id)

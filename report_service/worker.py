@@ -28,6 +28,7 @@ from report_service.queries import Changes, Query, Subject
 from report_service.reports import BankOutcome
 
 log = logging.getLogger(__name__)
+SMS_RETRY = timedelta(seconds=5)
 
 
 class BankFanOut(Protocol):
@@ -314,7 +315,7 @@ class QueryWorker:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                delay = self._retry.delay(claim.passes)
+                delay = SMS_RETRY  # a notifier outage is short next to a bank's: ask again soon
                 refusal = from_rpc_error(error) if isinstance(error, grpc.aio.AioRpcError) else None
                 if refusal is not None and refusal.retry_after is not None:
                     delay = max(delay, refusal.retry_after)  # e.g. the per-phone cap: not before it allows

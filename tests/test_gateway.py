@@ -163,10 +163,13 @@ class FakeReportService(report_service_pb2_grpc.ReportServiceServicer):
         done.CopyFrom(query)
         done.status = common_pb2.QUERY_STATUS_READY
         done.banks_answered = done.banks_total
-        yield gateway_pb2.QueryEvent(
-            query=done,
-            outcome=common_pb2.BankOutcome(bank_code="ICBC", kind=common_pb2.BANK_OUTCOME_KIND_ANSWERED),
+        answered = common_pb2.BankOutcome(
+            bank_code="ICBC",
+            kind=common_pb2.BANK_OUTCOME_KIND_ANSWERED,
+            cards=[common_pb2.MaskedCard(bank_code="ICBC", card_type=common_pb2.CARD_TYPE_DEBIT, first4="6222",
+                                         last4="0001")],
         )
+        yield gateway_pb2.QueryEvent(query=done, outcome=answered, outcomes=[answered])
 
     async def GetReport(self, request, context):
         self.report_calls.append(request)
@@ -689,6 +692,9 @@ async def test_register_sign_in_submit_watch_and_read_the_report(stack: Stack):
         common_pb2.QUERY_STATUS_PENDING,
         common_pb2.QUERY_STATUS_READY,
     ]
+    # Progress only: the cards are shown by GetReport, behind the payment password.
+    assert events[1].outcome.bank_code == "ICBC" and events[1].outcome.kind == common_pb2.BANK_OUTCOME_KIND_ANSWERED
+    assert not events[1].outcome.cards and not any(o.cards for o in events[1].outcomes)
     assert [q.query_id for q in await client.list_queries()] == [query.query_id]
 
     report = await client.get_report(query.query_id, PASSWORD)

@@ -183,7 +183,7 @@ async def walk(journey: Journey) -> common_pb2.Report:
                 o = event.outcome
                 name = BY_CODE[o.bank_code].name
                 print(f"  {o.bank_code:<8} {name}{' ' * (18 - _width(name))}{OUTCOME[o.kind]:<9} "
-                      f"{len(o.cards)} card(s)  [{event.query.banks_answered}/{event.query.banks_total}]")
+                      f"[{event.query.banks_answered}/{event.query.banks_total}]")
             final = event.query
     except grpc.aio.AioRpcError as error:
         raise (from_rpc_error(error) or JourneyFailed(error.details())) from None
