@@ -18,13 +18,12 @@ time in Beijing 7 calendar days later)."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from cardcheck.runtime.settings import SettingsError
+from cardcheck.runtime.settings import env_number
 
 
 @dataclass(frozen=True)
@@ -53,24 +52,10 @@ class ReportServiceConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> ReportServiceConfig:
         env = os.environ if env is None else env
 
-        def number(var: str, default: float, *, minimum: float = 0.0) -> float:
-            raw = env.get(var)
-            if raw is None or raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                raise SettingsError(f"{var}={raw!r} is not a number") from None
-            if not math.isfinite(value) or value <= minimum:
-                raise SettingsError(f"{var}={raw!r} must be a number above {minimum:g}")
-            return value
+        def number(var: str, default: float) -> float:
+            return env_number(env, var, default, above=0)
 
-        raw_running = env.get("CARDCHECK_REPORT_MAX_RUNNING") or "64"
-        if not raw_running.isdigit():
-            raise SettingsError(
-                f"CARDCHECK_REPORT_MAX_RUNNING={raw_running!r} must be a whole number, 0 or more"
-            )
-        max_running = int(raw_running)
+        max_running = int(env_number(env, "CARDCHECK_REPORT_MAX_RUNNING", 64, integer=True, at_least=0))
         first = number("CARDCHECK_REPORT_RETRY_FIRST_S", 60.0)
         return cls(
             retention=timedelta(days=number("CARDCHECK_REPORT_RETENTION_DAYS", 7.0)),
@@ -78,5 +63,5 @@ class ReportServiceConfig:
             retry=RetryPolicy(first, max(first, number("CARDCHECK_REPORT_RETRY_MAX_S", 3600.0))),
             poll_s=number("CARDCHECK_REPORT_POLL_S", 2.0),
             sweep_s=number("CARDCHECK_REPORT_SWEEP_S", 60.0),
-            max_running=int(max_running),
+            max_running=max_running,
         )

@@ -76,7 +76,8 @@ def env_number(
     if at_most is not None and not value <= at_most:
         bounds.append(f"at most {at_most:g}")
     if bounds:
-        raise SettingsError(f"{var}={raw!r} must be {' and '.join(bounds)}")
+        kind = "a whole number " if integer else ""
+        raise SettingsError(f"{var}={raw!r} must be {kind}{' and '.join(bounds)}")
     return value
 
 
