@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
-
 from opentelemetry.sdk.trace import TracerProvider
 
 from bank_connector.admission import Admission
@@ -13,9 +10,8 @@ from bank_connector.connector import BankConnector
 from bank_connector.servicer import BankConnectorServicer
 from cardcheck.banks import BANK_CODES
 from cardcheck.runtime.clock import Clock, SystemClock
-from cardcheck.runtime.logs import setup_logging
-from cardcheck.runtime.server import Registration, ServiceHost, run_until_signalled
-from cardcheck.runtime.settings import Settings, SettingsError
+from cardcheck.runtime.server import Registration, ServiceHost, serve_main
+from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import bank_connector_pb2_grpc
 
@@ -63,16 +59,4 @@ async def build(
 
 
 def main() -> None:
-    try:
-        settings = Settings.from_env()
-        config = ConnectorConfig.from_env()
-    except SettingsError as error:
-        print(f"{SERVICE}: {error}", file=sys.stderr)
-        sys.exit(2)
-    setup_logging(SERVICE, settings.log_level)
-
-    async def serve() -> None:
-        host = await build(settings, config=config)
-        await run_until_signalled(host, settings.shutdown_grace_s)
-
-    asyncio.run(serve())
+    serve_main(SERVICE, lambda settings: build(settings, config=ConnectorConfig.from_env()))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -13,9 +12,8 @@ from cardcheck.runtime.channels import open_channel
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import Keyring, load_master_key
-from cardcheck.runtime.logs import setup_logging
 from cardcheck.runtime.migrations import upgrade_to_head
-from cardcheck.runtime.server import Registration, ServiceHost, run_until_signalled
+from cardcheck.runtime.server import Registration, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import make_tracer_provider
 from gateway.challenges import Challenges
@@ -147,19 +145,5 @@ async def _housekeeping(challenges: Challenges, sessions: Sessions, every_s: flo
         await asyncio.sleep(every_s)
 
 
-async def _serve() -> None:
-    settings = Settings.from_env()
-    setup_logging(SERVICE, settings.log_level)
-    host = await build(settings)
-    await run_until_signalled(host, settings.shutdown_grace_s)
-
-
 def main() -> None:
-    setup_logging(SERVICE)
-    try:
-        asyncio.run(_serve())
-    except SettingsError as error:
-        print(f"gateway: configuration error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        pass
+    serve_main(SERVICE, build)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -13,10 +12,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import Keyring, load_master_key
-from cardcheck.runtime.logs import setup_logging
 from cardcheck.runtime.migrations import upgrade_to_head
-from cardcheck.runtime.server import Registration, ServiceHost, run_until_signalled
-from cardcheck.runtime.settings import Settings, SettingsError
+from cardcheck.runtime.server import Registration, ServiceHost, serve_main
+from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import notifier_pb2_grpc
 from notifier.config import NotifierConfig
@@ -117,22 +115,11 @@ async def build_parts(
     return NotifierParts(host, worker, outbox, provider)
 
 
+async def _build_from_env(settings: Settings) -> ServiceHost:
+    config = NotifierConfig.from_env()
+    config.provider_name(settings.sandbox)  # a bad combination stops here, before serving
+    return await build(settings, config=config)
+
+
 def main() -> None:
-    try:
-        settings = Settings.from_env()
-        config = NotifierConfig.from_env()
-        config.provider_name(settings.sandbox)  # a bad combination stops here, before serving
-    except SettingsError as error:
-        print(f"notifier: {error}", file=sys.stderr)
-        sys.exit(2)
-    setup_logging(SERVICE, settings.log_level)
-
-    async def serve() -> None:
-        host = await build(settings, config=config)
-        await run_until_signalled(host, settings.shutdown_grace_s)
-
-    try:
-        asyncio.run(serve())
-    except SettingsError as error:
-        print(f"notifier: {error}", file=sys.stderr)
-        sys.exit(2)
+    serve_main(SERVICE, _build_from_env)

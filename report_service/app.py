@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -14,10 +13,9 @@ from cardcheck.runtime.channels import open_channel
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import Keyring, load_master_key
-from cardcheck.runtime.logs import setup_logging
 from cardcheck.runtime.migrations import upgrade_to_head
-from cardcheck.runtime.server import Registration, ServiceHost, run_until_signalled
-from cardcheck.runtime.settings import Settings, SettingsError
+from cardcheck.runtime.server import Registration, ServiceHost, serve_main
+from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import report_service_pb2_grpc
 from report_service.clients import BankConnectorFanOut, NotifierReportReady
@@ -140,16 +138,4 @@ async def build_parts(
 
 
 def main() -> None:
-    try:
-        settings = Settings.from_env()
-        config = ReportServiceConfig.from_env()
-    except SettingsError as error:
-        print(f"report_service: {error}", file=sys.stderr)
-        sys.exit(2)
-    setup_logging(SERVICE, settings.log_level)
-
-    async def serve() -> None:
-        host = await build(settings, config=config)
-        await run_until_signalled(host, settings.shutdown_grace_s)
-
-    asyncio.run(serve())
+    serve_main(SERVICE, lambda settings: build(settings, config=ReportServiceConfig.from_env()))

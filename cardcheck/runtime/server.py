@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
+from cardcheck.runtime.logs import setup_logging
+from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import server_interceptors
 
 log = logging.getLogger(__name__)
@@ -117,3 +120,21 @@ async def run_until_signalled(host: ServiceHost, grace: float) -> None:
     await stop_requested.wait()
     log.info("%s: stop requested, finishing in-flight calls", host.name)
     await host.stop(grace)
+
+
+def serve_main(service: str, build_host: Callable[[Settings], Awaitable[ServiceHost]]) -> None:
+    """The whole of a service's `main()`: settings from the environment, then serve until
+    signalled. A configuration error, found while loading or while building, is one line on
+    stderr and exit code 2, never a traceback."""
+    try:
+        settings = Settings.from_env()
+        setup_logging(service, settings.log_level)
+
+        async def serve() -> None:
+            host = await build_host(settings)
+            await run_until_signalled(host, settings.shutdown_grace_s)
+
+        asyncio.run(serve())
+    except SettingsError as error:
+        print(f"{service}: {error}", file=sys.stderr)
+        sys.exit(2)
