@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,6 +19,7 @@ from cryptography.exceptions import InvalidTag
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from cardcheck.runtime.channels import open_channel
 from cardcheck.runtime.errors import (
     CardCheckError,
     FieldViolation,
@@ -21,10 +28,18 @@ from cardcheck.runtime.errors import (
     invalid_argument,
 )
 from cardcheck.runtime.keys import Keyring, load_master_key
-from cardcheck.runtime.server import Registration, ServiceHost
+from cardcheck.runtime.server import SERVER_OPTIONS, Registration, ServiceHost
 from cardcheck.runtime.settings import Settings, SettingsError
-from cardcheck.runtime.telemetry import make_tracer_provider
+from cardcheck.runtime.telemetry import client_interceptors, make_tracer_provider, server_interceptors
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def test_settings_defaults_follow_the_contract() -> None:
@@ -44,6 +59,7 @@ def test_settings_defaults_follow_the_contract() -> None:
         {"CARDCHECK_ENABLED_REGIONS": "CN-JL,CN-XX"},
         {"CARDCHECK_SANDBOX": "maybe"},
         {"CARDCHECK_PER_BANK_TIMEOUT_S": "-1"},
+        {"CARDCHECK_EVENT_LOOP": "trio"},
     ],
 )
 def test_bad_settings_fail_fast(env: dict[str, str]) -> None:
@@ -233,3 +249,192 @@ def test_check_digits_take_ascii_digits_only() -> None:
     assert not id_number_valid("١١٠١٠٥١٩٤٩١٢٣١٠٠٢X")  # Arabic-Indic digits
     assert not card_number_valid("²" * 16)  # superscripts: refused, never an exception
     assert not luhn_valid("٠٠")
+
+
+def _start_notifier(tmp_path: Path, **env: str) -> subprocess.CompletedProcess | tuple[int, str]:
+    """Starts a real notifier; returns (exit code, its log) once it served and was stopped, or
+    the finished process when it refused to start."""
+    port = _free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("CARDCHECK_", "OTEL_"))}
+    environ.update(CARDCHECK_NOTIFIER_ADDR=f"127.0.0.1:{port}", CARDCHECK_DATA_DIR=str(tmp_path), **env)
+    process = subprocess.Popen([sys.executable, "-m", "notifier"], cwd=ROOT, env=environ,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while process.poll() is None:
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, "the notifier did not start serving"
+                time.sleep(0.1)
+        if process.poll() is not None:
+            return subprocess.CompletedProcess(process.args, process.returncode, process.stdout.read())
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
+        return code, process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_services_run_on_the_event_loop_the_environment_names(tmp_path: Path) -> None:
+    code, log = _start_notifier(tmp_path / "default")
+    assert code == 0 and "(event loop: uvloop)" in log, log
+    code, log = _start_notifier(tmp_path / "asyncio", CARDCHECK_EVENT_LOOP="asyncio")
+    assert code == 0 and "(event loop: asyncio)" in log, log
+    refused = _start_notifier(tmp_path / "bogus", CARDCHECK_EVENT_LOOP="trio")
+    assert isinstance(refused, subprocess.CompletedProcess) and refused.returncode == 2
+    assert "CARDCHECK_EVENT_LOOP='trio'" in refused.stdout and "Traceback" not in refused.stdout
+
+
+def test_no_tracing_interceptor_when_the_sdk_is_disabled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    provider = make_tracer_provider("test", tmp_path)
+    assert server_interceptors(provider) and client_interceptors(provider)
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert server_interceptors(provider) == [] and client_interceptors(provider) == []
+
+
+class SlowNotifier(notifier_pb2_grpc.NotifierServicer):
+    """Send answers after `delay_s`, or refuses a phone of "0"; notes what each call saw."""
+
+    def __init__(self) -> None:
+        self.delay_s = 0.0
+        self.started = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.cancelled = False
+        self.traceparents: list[str | None] = []
+
+    async def Send(self, request, context):
+        self.traceparents.append(dict(context.invocation_metadata()).get("traceparent"))
+        self.started.set()
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        finally:
+            self.ended.set()
+        if request.phone == "0":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such phone")
+        return notifier_pb2.SendResponse(message_id="m1")
+
+
+@pytest.fixture
+async def slow_notifier():
+    servicer = SlowNotifier()
+    server = grpc.aio.server()
+    notifier_pb2_grpc.add_NotifierServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    await server.stop(0)
+
+
+async def test_cancelling_a_unary_call_on_a_traced_channel_cancels_it_at_the_server(slow_notifier, tmp_path) -> None:
+    servicer, address = slow_notifier
+    servicer.delay_s = 30
+    channel = open_channel(address, make_tracer_provider("test", tmp_path, exporter=InMemorySpanExporter()))
+    try:
+        stub = notifier_pb2_grpc.NotifierStub(channel)
+
+        async def send() -> None:
+            await stub.Send(notifier_pb2.SendRequest(phone="13800000000"), timeout=60)
+
+        caller = asyncio.create_task(send())
+        await asyncio.wait_for(servicer.started.wait(), 5)
+        caller.cancel()
+        await asyncio.wait_for(servicer.ended.wait(), 5)  # not the 30 s the handler would take
+        assert servicer.cancelled
+    finally:
+        await channel.close()
+
+
+async def test_traced_unary_calls_are_client_spans_with_their_status(slow_notifier, tmp_path) -> None:
+    servicer, address = slow_notifier
+    spans = InMemorySpanExporter()
+    channel = open_channel(address, make_tracer_provider("test", tmp_path, exporter=spans))
+    try:
+        stub = notifier_pb2_grpc.NotifierStub(channel)
+        assert (await stub.Send(notifier_pb2.SendRequest(phone="13800000000"), timeout=5)).message_id == "m1"
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Send(notifier_pb2.SendRequest(phone="0"), timeout=5)
+        for _ in range(100):  # each span ends just after its call
+            if len(spans.get_finished_spans()) == 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await channel.close()
+    ok, failed = spans.get_finished_spans()
+    assert {s.name for s in (ok, failed)} == {"/cardcheck.v1.Notifier/Send"}
+    assert ok.kind.name == failed.kind.name == "CLIENT"
+    assert ok.attributes["rpc.grpc.status_code"] == 0 and ok.status.status_code.name == "UNSET"
+    assert failed.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert failed.status.status_code.name == "ERROR"
+    assert [tp.split("-")[2] for tp in servicer.traceparents] == [
+        format(s.context.span_id, "016x") for s in (ok, failed)
+    ]
+
+
+async def test_a_channel_spreads_calls_over_every_address_of_its_target(tmp_path) -> None:
+    servers, served = [], []
+    for _ in range(2):
+        servicer = SlowNotifier()
+        server = grpc.aio.server()
+        notifier_pb2_grpc.add_NotifierServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append((server, port))
+        served.append(servicer)
+    channel = open_channel(",".join(f"127.0.0.1:{port}" for _, port in servers).join(("ipv4:", "")))
+    try:
+        stub = notifier_pb2_grpc.NotifierStub(channel)
+        # round_robin starts with whichever address connects first, then takes turns; with
+        # pick_first every call would go to one server as long as it is up.
+        for _ in range(200):
+            await stub.Send(notifier_pb2.SendRequest(phone="13800000000"), timeout=5, wait_for_ready=True)
+            if all(s.traceparents for s in served):
+                break
+        before = [len(s.traceparents) for s in served]
+        for _ in range(20):
+            await stub.Send(notifier_pb2.SendRequest(phone="13800000000"), timeout=5)
+    finally:
+        await channel.close()
+        for server, _ in servers:
+            await server.stop(0)
+    assert all(before)
+    assert [len(s.traceparents) - n for s, n in zip(served, before, strict=True)] == [10, 10]
+
+
+async def test_calls_go_on_without_a_failure_while_servers_age_out_connections() -> None:
+    """The servers' connection age (SERVER_OPTIONS) makes callers reconnect, so that they find
+    replicas started since; a call made while its connection is closing must not fail."""
+    peers: set[str] = set()
+
+    class PeerNotifier(notifier_pb2_grpc.NotifierServicer):
+        async def Send(self, request, context):
+            peers.add(context.peer())
+            return notifier_pb2.SendResponse(message_id="m1")
+
+    options = [(k, v) for k, v in SERVER_OPTIONS if k != "grpc.max_connection_age_ms"]
+    server = grpc.aio.server(options=[*options, ("grpc.max_connection_age_ms", 300)])
+    notifier_pb2_grpc.add_NotifierServicer_to_server(PeerNotifier(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = open_channel(f"127.0.0.1:{port}")
+    try:
+        stub = notifier_pb2_grpc.NotifierStub(channel)
+        loop = asyncio.get_running_loop()
+        until, calls = loop.time() + 1.5, 0
+        while loop.time() < until:
+            await stub.Send(notifier_pb2.SendRequest(phone="13800000000"), timeout=5)
+            calls += 1
+    finally:
+        await channel.close()
+        await server.stop(0)
+    assert calls > 100
+    assert len(peers) >= 3  # a new connection (another client port) after each age-out

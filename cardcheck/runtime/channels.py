@@ -12,6 +12,9 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Calls spread over every address the target resolves to (replicas behind a headless
+    # Service, `dns:///name:port`); one address behaves as before.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 
 

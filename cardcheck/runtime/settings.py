@@ -23,6 +23,9 @@ ALL_REGIONS = (
 )  # the 31 provincial regions of the mainland
 
 
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
 class SettingsError(ValueError):
     """A configuration value is missing or malformed: the process refuses to start."""
 
@@ -95,6 +98,7 @@ class Settings:
     per_bank_timeout_s: float = 5.0
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    event_loop: str = "uvloop"  # or "asyncio", the standard library's loop
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -110,6 +114,9 @@ class Settings:
             for var, value in env.items()
             if var.startswith("CARDCHECK_BANK_ADDR_") and value
         }
+        event_loop = env.get("CARDCHECK_EVENT_LOOP", "") or "uvloop"
+        if event_loop not in EVENT_LOOPS:
+            raise SettingsError(f"CARDCHECK_EVENT_LOOP={event_loop!r} is not one of {', '.join(EVENT_LOOPS)}")
         return cls(
             addresses=addresses,
             bind_host=env.get("CARDCHECK_BIND_HOST", "127.0.0.1") or "127.0.0.1",
@@ -123,6 +130,7 @@ class Settings:
             per_bank_timeout_s=env_number(env, "CARDCHECK_PER_BANK_TIMEOUT_S", 5.0, above=0),
             shutdown_grace_s=env_number(env, "CARDCHECK_SHUTDOWN_GRACE_S", 10.0, at_least=0),
             log_level=env.get("CARDCHECK_LOG_LEVEL", "INFO") or "INFO",
+            event_loop=event_loop,
         )
 
     def port(self, service: str) -> int:

@@ -6,6 +6,8 @@ several services can run in one test process and still carry their own service.n
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import os
@@ -13,7 +15,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+import grpc
+from opentelemetry.instrumentation.grpc import _aio_client, aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -22,6 +25,9 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.semconv._incubating.attributes.rpc_attributes import RPC_GRPC_STATUS_CODE
+from opentelemetry.trace import Status, StatusCode
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +57,14 @@ def make_tracer_provider(
     data_dir: Path,
     env: Mapping[str, str] | None = None,
     exporter: SpanExporter | None = None,
+    sampler: Sampler | None = None,
 ) -> TracerProvider:
+    """`sampler` overrides the one OTEL_TRACES_SAMPLER names."""
     env = os.environ if env is None else env
     # Resource.create reads OTEL_RESOURCE_ATTRIBUTES; the service's own name wins over a shared
     # OTEL_SERVICE_NAME, since one environment often starts every process.
     resource = Resource.create({SERVICE_NAME: service_name})
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, sampler=sampler)
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     elif env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
@@ -81,10 +89,69 @@ def _not_health(details) -> bool:
     return not method.startswith(_NOT_OUR_WORK)
 
 
+def tracing_disabled(env: Mapping[str, str] | None = None) -> bool:
+    """OTEL_SDK_DISABLED=true: the SDK hands out no-op tracers."""
+    env = os.environ if env is None else env
+    return env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+# With tracing disabled no interceptor is installed: even around a no-op tracer, the server
+# interceptor costs about a third of a small call's CPU (context extraction, wrappers).
 def server_interceptors(provider: TracerProvider) -> list:
+    if tracing_disabled():
+        return []
     return [aio_server_interceptor(tracer_provider=provider, filter_=_not_health)]
+
+
+class CancellableUnaryUnaryInterceptor(_aio_client.UnaryUnaryAioClientInterceptor):
+    """The library's unary-unary client span, ended from the call's done callback. The library
+    awaits the call inside the interceptor, and that await swallows the caller's cancellation:
+    the RPC then runs on at the server until its deadline (opentelemetry-python-contrib#3271).
+    Returning the call at once leaves cancellation to grpc, which cancels the RPC."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._ending: set[asyncio.Task] = set()
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        if self.tracing_skipped(client_call_details):
+            return await continuation(client_call_details, request)
+        with self._start_interceptor_span(client_call_details.method) as span:
+            details = self.propagate_trace_in_details(client_call_details)
+            if self._request_hook:
+                self._call_request_hook(span, request)
+            try:
+                call = await continuation(details, request)
+            except BaseException:
+                span.end()
+                raise
+        call.add_done_callback(functools.partial(self._call_done, span))
+        return call
+
+    def _call_done(self, span, call) -> None:
+        task = asyncio.get_running_loop().create_task(_end_client_span(span, call))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+
+async def _end_client_span(span, call) -> None:
+    """The call is done: its status is there without waiting."""
+    try:
+        code = await call.code()
+        span.set_attribute(RPC_GRPC_STATUS_CODE, code.value[0])
+        if code != grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+    finally:
+        span.end()
 
 
 def client_interceptors(provider: TracerProvider, request_hook=None) -> list:
     """`request_hook(span, request)` may add cardcheck.* attributes to each client span."""
-    return aio_client_interceptors(tracer_provider=provider, filter_=_not_health, request_hook=request_hook)
+    if tracing_disabled():
+        return []
+    interceptors = aio_client_interceptors(tracer_provider=provider, filter_=_not_health, request_hook=request_hook)
+    return [
+        CancellableUnaryUnaryInterceptor(interceptor._tracer, filter_=_not_health, request_hook=request_hook)
+        if isinstance(interceptor, _aio_client.UnaryUnaryAioClientInterceptor) else interceptor
+        for interceptor in interceptors
+    ]
