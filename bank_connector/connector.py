@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.propagate import inject
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import SpanKind, Status, StatusCode, get_current_span
+from opentelemetry.trace import NoOpTracer, SpanKind, Status, StatusCode, get_current_span
 
 from bank_connector.cards import MalformedAnswer, MaskedCard, mask_cards
 from bank_connector.config import ConnectorConfig
@@ -135,6 +135,17 @@ class CallResult:
     latency_ms: int = 0
 
 
+@dataclass
+class Launched:
+    """A bank's first attempt, started by the fan-out itself (its bulkhead slot taken) so that
+    every request is on its way before any per-bank bookkeeping runs. `taken` once the bank's
+    own task has it; one never taken is cancelled by the fan-out."""
+
+    call: object
+    started: float
+    taken: bool = False
+
+
 class BankLine:
     """Everything about calling one bank: its channel, breaker, bulkhead and retry budget."""
 
@@ -153,9 +164,8 @@ class BankLine:
 
 def open_bank_channel(address: str) -> grpc.aio.Channel:
     """A plain channel: bank calls are traced by `BankConnector._attempt` itself. The tracing
-    interceptor is left out on purpose: it costs an extra task per call, and it swallows the
-    cancellation of an abandoned call (opentelemetry-python-contrib#3271), which then runs on at
-    the bank until its deadline, holding the bank's capacity."""
+    interceptor is left out on purpose: it costs an extra task per call, and a fan-out under an
+    unsampled trace calls the banks with no trace headers at all (`traced_bank_calls`)."""
     return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
 
 
@@ -189,6 +199,7 @@ class BankConnector:
             for code, address in self._addresses.items()
         }
         self._tracer = tracer_provider.get_tracer("bank_connector")
+        self._tracing = not isinstance(self._tracer, NoOpTracer)  # OTEL_SDK_DISABLED
         self._reachable: dict[str, tuple[datetime, bool]] = {}
         self._reachability_lock = asyncio.Lock()
 
@@ -198,16 +209,20 @@ class BankConnector:
     # -- the one place a bank is called ------------------------------------------------------
 
     async def call_bank(self, bank_code: str, method: str, request, timeout_s: float,
-                        accept: Callable[[object], object] = lambda response: response) -> CallResult:
+                        accept: Callable[[object], object] = lambda response: response,
+                        traced: bool = True, launched: Launched | None = None) -> CallResult:
         """One RPC at one bank, all attempts within `timeout_s`: failed fast while its breaker
         is open; each attempt waits for a bulkhead slot; UNAVAILABLE and RESOURCE_EXHAUSTED are
         retried after a jittered backoff while the retry budget and the deadline allow.
         `accept(response)` turns an answer into the result's value, raising MalformedAnswer for
-        one that makes no sense (an error outcome that counts against the bank)."""
+        one that makes no sense (an error outcome that counts against the bank). `traced`:
+        see `traced_bank_calls`. `launched`: the first attempt, already under way (`launch`)."""
+        if launched is not None:
+            launched.taken = True
         line = self._lines[bank_code]
         rpc: Callable[..., Awaitable] = getattr(line.stub, method)
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = loop.time() if launched is None else launched.started
         deadline = started + timeout_s
         line.budget.record_call()
         attempts = 0
@@ -217,21 +232,26 @@ class BankConnector:
             return CallResult(kind, value, detail, attempts, round((loop.time() - started) * 1000))
 
         while True:
-            if not line.breaker.allow():
-                if attempts == 0:
-                    return result(OutcomeKind.CIRCUIT_OPEN, "CIRCUIT_OPEN")
-                return result(OutcomeKind.ERROR, last_detail)
-            if not await line.bulkhead.acquire(max(deadline - loop.time(), 0)):
-                line.breaker.record_neutral()
-                return result(OutcomeKind.TIMED_OUT, "BULKHEAD_FULL")
+            if launched is None:
+                if not line.breaker.allow():
+                    if attempts == 0:
+                        return result(OutcomeKind.CIRCUIT_OPEN, "CIRCUIT_OPEN")
+                    return result(OutcomeKind.ERROR, last_detail)
+                if not await line.bulkhead.acquire(max(deadline - loop.time(), 0)):
+                    line.breaker.record_neutral()
+                    return result(OutcomeKind.TIMED_OUT, "BULKHEAD_FULL")
             if attempts:
                 line.retries += 1
             attempts += 1
-            attempt_started = loop.time()
+            attempt_started = loop.time() if launched is None else launched.started
             try:
-                response = await self._attempt(
-                    bank_code, method, rpc, request, max(deadline - attempt_started, MIN_TIMEOUT_S)
-                )
+                if launched is not None:
+                    call, launched = launched.call, None
+                    response = await call
+                else:
+                    response = await self._attempt(
+                        bank_code, method, rpc, request, max(deadline - attempt_started, MIN_TIMEOUT_S), traced
+                    )
                 value = accept(response)
             except grpc.aio.AioRpcError as error:
                 code = error.code()
@@ -266,16 +286,22 @@ class BankConnector:
                 return result(OutcomeKind.ERROR, last_detail)
             await asyncio.sleep(pause)
 
-    async def _attempt(self, bank_code: str, method: str, rpc, request, timeout_s: float):
-        """One attempt, in a client span (the trace context goes to the bank in the metadata).
-        Under a parent that is not sampled no span is made: the parent's context goes to the
-        bank instead, which then drops its own span as well; thousands of calls a second
-        otherwise pay for spans nobody keeps."""
+    def traced_bank_calls(self) -> bool:
+        """Whether this fan-out's bank calls are traced: not with tracing off, nor under a trace
+        that is not sampled. An untraced call carries no trace headers: a bank is another party
+        and records nothing of an unsampled trace (bank_sim records only what a sampled trace
+        hands it), and 24 calls of headers cost a fan-out about a third of a millisecond.
+        Decided once per fan-out, not once per bank."""
+        if not self._tracing:
+            return False
         parent = get_current_span().get_span_context()
-        if parent.is_valid and not parent.trace_flags.sampled:
-            carrier: dict[str, str] = {}
-            inject(carrier)
-            return await rpc(request, timeout=timeout_s, metadata=tuple(carrier.items()) or None)
+        return not (parent.is_valid and not parent.trace_flags.sampled)
+
+    async def _attempt(self, bank_code: str, method: str, rpc, request, timeout_s: float, traced: bool):
+        """One attempt; when `traced`, in a client span whose context goes to the bank in the
+        metadata."""
+        if not traced:
+            return await rpc(request, timeout=timeout_s)
         with self._tracer.start_as_current_span(
             f"/{ISSUING_BANK}/{method}",
             kind=SpanKind.CLIENT,
@@ -284,13 +310,10 @@ class BankConnector:
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            metadata = None
-            if span.get_span_context().is_valid:
-                carrier: dict[str, str] = {}
-                inject(carrier)
-                metadata = tuple(carrier.items())
+            carrier: dict[str, str] = {}
+            inject(carrier)
             try:
-                response = await rpc(request, timeout=timeout_s, metadata=metadata)
+                response = await rpc(request, timeout=timeout_s, metadata=tuple(carrier.items()) or None)
             except grpc.aio.AioRpcError as error:
                 if span.is_recording():
                     span.set_attribute("rpc.grpc.status_code", error.code().value[0])
@@ -302,10 +325,33 @@ class BankConnector:
 
     # -- fan-out -----------------------------------------------------------------------------
 
-    async def _lookup(self, bank_code: str, id_number: str, name: str, timeout_s: float) -> BankOutcome:
-        request = bank_pb2.LookupCardsRequest(bank_code=bank_code, id_number=id_number, name=name)
+    def launch(self, bank_code: str, method: str, request, timeout_s: float) -> Launched | None:
+        """Starts a bank's first attempt now, when its breaker is closed and its bulkhead has a
+        free slot; None leaves the whole call to `call_bank`. For untraced calls only (a traced
+        attempt runs in its own span)."""
+        line = self._lines[bank_code]
+        if line.breaker.state is not BreakerState.CLOSED or not line.bulkhead.try_acquire():
+            return None
+        # The clock is read before the call is made: the call's deadline counts from the moment
+        # it is made, so a pause in between (a garbage collection) can only lengthen the latency
+        # reported, never show a deadline met early.
+        started = asyncio.get_running_loop().time()
+        call = getattr(line.stub, method)(request, timeout=max(timeout_s, MIN_TIMEOUT_S))
+        return Launched(call, started)
+
+    def _abandon(self, launched: Iterable[tuple[str, Launched | None]]) -> None:
+        """First attempts whose task never ran (the fan-out ended first): cancelled, slots freed."""
+        for bank_code, one in launched:
+            if one is not None and not one.taken:
+                one.taken = True
+                one.call.cancel()
+                self._lines[bank_code].bulkhead.release()
+
+    async def _lookup(self, bank_code: str, request: bank_pb2.LookupCardsRequest, timeout_s: float,
+                      traced: bool, launched: Launched | None) -> BankOutcome:
         called = await self.call_bank(
-            bank_code, "LookupCards", request, timeout_s, lambda response: mask_cards(bank_code, response.cards)
+            bank_code, "LookupCards", request, timeout_s, lambda response: mask_cards(bank_code, response.cards),
+            traced, launched,
         )
         return BankOutcome(
             bank_code, called.kind, cards=called.value or (), detail=called.detail, attempts=called.attempts,
@@ -317,20 +363,35 @@ class BankConnector:
     ) -> AsyncIterator[BankOutcome]:
         """Asks every bank at once and yields each bank's outcome as it arrives. Callers check
         the arguments first (`check_person`, `known_banks`)."""
-        tasks = [asyncio.create_task(self._lookup(code, id_number, name, deadline_s)) for code in bank_codes]
+        traced = self.traced_bank_calls()
+        requests = {
+            code: bank_pb2.LookupCardsRequest(bank_code=code, id_number=id_number, name=name) for code in bank_codes
+        }
+        # Every untraced first attempt is started before any task runs: the requests leave at
+        # once, and the bookkeeping of each bank comes after, while the banks work.
+        launched = [
+            (code, None if traced else self.launch(code, "LookupCards", requests[code], deadline_s))
+            for code in bank_codes
+        ]
+        tasks = [
+            asyncio.create_task(self._lookup(code, requests[code], deadline_s, traced, first))
+            for code, first in launched
+        ]
         try:
             for next_outcome in asyncio.as_completed(tasks):
                 yield await next_outcome
         finally:
             await _cancel(tasks)
+            self._abandon(launched)
 
     # -- real-name check ---------------------------------------------------------------------
 
-    async def _verify_at(self, bank_code: str, request: bank_pb2.VerifyCardRequest, timeout_s: float):
+    async def _verify_at(self, bank_code: str, request: bank_pb2.VerifyCardRequest, timeout_s: float,
+                         traced: bool):
         per_bank = bank_pb2.VerifyCardRequest()
         per_bank.CopyFrom(request)
         per_bank.bank_code = bank_code
-        called = await self.call_bank(bank_code, "VerifyCard", per_bank, timeout_s, _sound_verdict)
+        called = await self.call_bank(bank_code, "VerifyCard", per_bank, timeout_s, _sound_verdict, traced)
         return bank_code, called.value
 
     async def verify_real_name(
@@ -348,7 +409,8 @@ class BankConnector:
         if violations:
             raise invalid_argument(violations)
         request = bank_pb2.VerifyCardRequest(card_number=card_number, name=name, id_number=id_number, phone=phone)
-        tasks = [asyncio.create_task(self._verify_at(code, request, deadline_s)) for code in BANK_CODES]
+        traced = self.traced_bank_calls()
+        tasks = [asyncio.create_task(self._verify_at(code, request, deadline_s, traced)) for code in BANK_CODES]
         held = False
         unanswered = 0
         try:

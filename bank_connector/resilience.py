@@ -177,6 +177,13 @@ class Bulkhead:
     def in_use(self) -> int:
         return self.limit - self._semaphore._value  # noqa: SLF001 - the semaphore keeps the count
 
+    def try_acquire(self) -> bool:
+        """A slot at once, without waiting, or False."""
+        if self._semaphore.locked():
+            return False
+        self._semaphore._value -= 1  # noqa: SLF001 - what Semaphore.acquire does when a slot is free
+        return True
+
     async def acquire(self, timeout_s: float) -> bool:
         """A slot within `timeout_s`, or False."""
         if not self._semaphore.locked():

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
 from bank_sim.behaviour import BankFloor, Behaviour, BehaviourError, load_profile, starting_behaviours
 from bank_sim.issuers import Issuers
@@ -34,6 +35,7 @@ from cardcheck.runtime.server import (
     Registration,
     ServiceHost,
     StartupError,
+    run_event_loop,
     run_until_signalled,
 )
 from cardcheck.runtime.settings import Settings, SettingsError
@@ -124,7 +126,10 @@ async def build(
     log.info("%s holds %d cards", SERVICE, len(issuers))
     clock = clock or SystemClock()
     floor = BankFloor(behaviours if behaviours is not None else starting_behaviours(), seed=seed)
-    tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
+    # A bank records nothing of its own accord: only spans of a caller's sampled trace.
+    tracer_provider = tracer_provider or make_tracer_provider(
+        SERVICE, settings.data_dir, sampler=ParentBased(root=ALWAYS_OFF)
+    )
     bank_ports = []
     if port_per_bank is not None:
         for index, code in enumerate(BANK_CODES):
@@ -247,4 +252,4 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         await run_until_signalled(host, settings.shutdown_grace_s)
 
-    asyncio.run(serve())
+    run_event_loop(settings, serve())

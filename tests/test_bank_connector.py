@@ -34,6 +34,7 @@ from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import (
     bank_connector_pb2,
     bank_connector_pb2_grpc,
+    bank_pb2,
     bank_pb2_grpc,
     common_pb2,
 )
@@ -413,6 +414,42 @@ async def test_each_bank_call_is_a_client_span_under_the_fan_out_and_the_parent_
     served = [s for s in sim_spans.get_finished_spans() if s.name == "/cardcheck.v1.IssuingBank/LookupCards"]
     assert len(served) == 3
     assert all(s.parent.span_id in calls and s.context.trace_id == fan_out.context.trace_id for s in served)
+
+
+class RecordingBank(bank_pb2_grpc.IssuingBankServicer):
+    """A bank that answers no cards and keeps the traceparent each call arrived with."""
+
+    def __init__(self) -> None:
+        self.traceparents: list[str | None] = []
+
+    async def LookupCards(self, request, context):
+        self.traceparents.append(dict(context.invocation_metadata()).get("traceparent"))
+        return bank_pb2.LookupCardsResponse()
+
+
+async def test_under_an_unsampled_trace_banks_get_no_trace_headers_and_no_span_is_made(start_connector):
+    bank = RecordingBank()
+    server = grpc.aio.server()
+    bank_pb2_grpc.add_IssuingBankServicer_to_server(bank, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    try:
+        connector = await start_connector(**dict.fromkeys(BANK_CODES[:6], address))
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+        unsampled = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-00"),)
+        request = bank_connector_pb2.FanOutRequest(id_number=DEMO.id_number, name=DEMO.name, bank_codes=BANK_CODES[:6])
+        outcomes = [o async for o in connector.stub.FanOut(request, timeout=10, metadata=unsampled)]
+        assert [o.kind for o in outcomes] == [ANSWERED] * 6
+        assert bank.traceparents == [None] * 6
+        assert connector.spans.get_finished_spans() == ()
+
+        sampled = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
+        [o async for o in connector.stub.FanOut(request, timeout=10, metadata=sampled)]
+        calls = [s for s in connector.spans.get_finished_spans() if s.name == "/cardcheck.v1.IssuingBank/LookupCards"]
+        assert len(calls) == 6 and all(s.context.trace_id == int(trace_id, 16) for s in calls)
+        assert {tp.split("-")[2] for tp in bank.traceparents[6:]} == {format(s.context.span_id, "016x") for s in calls}
+    finally:
+        await server.stop(0)
 
 
 def test_the_process_serves_and_stops_with_exit_code_0_on_sigterm(tmp_path):

@@ -14,9 +14,12 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+from opentelemetry.trace import NoOpTracerProvider
 
 from bank_connector.app import build as build_connector
 from bank_connector.config import ConnectorConfig
+from bank_connector.connector import BankConnector, OutcomeKind
 from bank_connector.resilience import BreakerPolicy, RetryPolicy
 from bank_sim.process import start_bank_sim
 from cardcheck import dataset
@@ -95,9 +98,12 @@ class Connector:
         return next(h for h in response.banks if h.bank_code == bank)
 
 
-@pytest.fixture
-async def start_connector(sim, tmp_path):
+@pytest.fixture(params=["traced", "untraced"])
+async def start_connector(request, sim, tmp_path):
+    """Each test runs with the caller's trace sampled (every bank attempt in its own span) and
+    not sampled (the first attempts started by the fan-out itself, before any task runs)."""
     started = []
+    sampler = ALWAYS_ON if request.param == "traced" else ALWAYS_OFF
 
     async def start(config: ConnectorConfig = FAST, per_bank_timeout_s: float = 5.0) -> Connector:
         addresses = {service: f"127.0.0.1:{port}" for service, port in DEFAULT_PORTS.items()}
@@ -106,7 +112,9 @@ async def start_connector(sim, tmp_path):
         clock = ManualClock(NOW)
         host = await build_connector(
             settings, clock=clock, config=config,
-            tracer_provider=make_tracer_provider("bank_connector", tmp_path, exporter=InMemorySpanExporter()),
+            tracer_provider=make_tracer_provider(
+                "bank_connector", tmp_path, exporter=InMemorySpanExporter(), sampler=sampler
+            ),
         )
         port = await host.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -370,3 +378,52 @@ async def test_no_full_card_number_leaves_even_when_banks_fail_and_are_retried(b
         assert record.pan.encode() not in wire
         assert record.pan[:8].encode() not in wire and record.pan[-8:].encode() not in wire
     assert b"not-a-card" not in wire
+
+
+async def test_a_first_attempt_whose_task_never_ran_is_cancelled_and_its_slot_freed(bank_sim, sim, tmp_path):
+    await bank_sim.set(latency_ms=120_000)
+    connector = BankConnector(
+        dict.fromkeys(BANK_CODES, sim.address), tracer_provider=make_tracer_provider("c", tmp_path),
+        clock=ManualClock(NOW), default_timeout_s=5, config=replace(FAST, bank_concurrency={DEMO_BANK: 1}),
+    )
+    try:
+        request = bank_pb2.LookupCardsRequest(bank_code=DEMO_BANK, id_number=DEMO.id_number, name=DEMO.name)
+        launched = connector.launch(DEMO_BANK, "LookupCards", request, 60)
+        assert launched is not None
+        assert connector.launch(DEMO_BANK, "LookupCards", request, 60) is None  # its one slot is taken
+        await wait_until(lambda: _in_flight_is(bank_sim, 1))
+        connector._abandon([(DEMO_BANK, launched)])  # noqa: SLF001 - what a fan-out does on its way out
+        await wait_until(lambda: _in_flight_is(bank_sim, 0))  # cancelled at the bank
+        health = next(h for h in connector.health() if h.bank_code == DEMO_BANK)
+        assert health.in_flight == 0
+        again = connector.launch(DEMO_BANK, "LookupCards", request, 60)
+        assert again is not None
+        connector._abandon([(DEMO_BANK, again)])  # noqa: SLF001
+    finally:
+        await connector.close()
+
+
+async def test_a_pause_while_a_first_attempt_is_made_never_shows_its_deadline_met_early(bank_sim, sim, tmp_path):
+    """A launched attempt's deadline counts from the moment the call is made; its latency must
+    count from no later, or a pause right after (a garbage collection, the process descheduled)
+    reports a bank timed out before its deadline."""
+    await bank_sim.set(hang_rate=1.0)
+    connector = BankConnector(
+        dict.fromkeys(BANK_CODES, sim.address), tracer_provider=NoOpTracerProvider(),  # untraced: launched
+        clock=ManualClock(NOW), default_timeout_s=5, config=FAST,
+    )
+    stub = connector._lines[DEMO_BANK].stub  # noqa: SLF001 - the pause goes where the call is made
+    make_call = stub.LookupCards
+
+    def make_call_then_pause(*args, **kwargs):
+        call = make_call(*args, **kwargs)
+        time.sleep(0.2)
+        return call
+
+    stub.LookupCards = make_call_then_pause
+    try:
+        (outcome,) = [o async for o in connector.fan_out(DEMO.id_number, DEMO.name, [DEMO_BANK], 0.5)]
+        assert (outcome.kind, outcome.detail, outcome.attempts) == (OutcomeKind.TIMED_OUT, "DEADLINE_EXCEEDED", 1)
+        assert outcome.latency_ms >= 500
+    finally:
+        await connector.close()

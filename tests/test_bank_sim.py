@@ -190,6 +190,23 @@ async def test_spans_carry_the_bank_code_and_no_personal_data(bank):
         assert secret not in dumped and json.dumps(secret)[1:-1] not in dumped
 
 
+async def test_a_bank_records_spans_only_of_a_callers_sampled_trace(tmp_path):
+    host = await build(sim_settings(tmp_path), records=RECORDS, clock=ManualClock(START))  # its own tracing
+    port = await host.start()
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = bank_pb2_grpc.IssuingBankStub(channel)
+            request = bank_pb2.LookupCardsRequest(bank_code="ICBC", id_number=ID, name=NAME)
+            await stub.LookupCards(request, timeout=5)  # no caller's trace: nothing recorded
+            await stub.LookupCards(request, timeout=5, metadata=(("traceparent", f"00-{'1' * 32}-{'2' * 16}-00"),))
+            await stub.LookupCards(request, timeout=5, metadata=(("traceparent", f"00-{trace_id}-b7ad6b7169203331-01"),))
+    finally:
+        await host.stop(0)  # flushes the span file
+    spans = [json.loads(line) for line in (tmp_path / "spans" / "bank_sim.jsonl").read_text().splitlines()]
+    assert [(s["context"]["trace_id"], s["parent_id"]) for s in spans] == [(f"0x{trace_id}", "0xb7ad6b7169203331")]
+
+
 # --- the process ---------------------------------------------------------------------------
 
 
