@@ -40,13 +40,14 @@ def id_number_valid(id_number: str, today: date | None = None) -> bool:
     return id_check_digit(id_number[:17]) == check
 
 
+_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # a digit doubled, its two digits summed
+
+
 def luhn_check_digit(partial: str) -> str:
-    total = 0
-    for i, ch in enumerate(reversed(partial)):
-        d = int(ch)
-        if i % 2 == 0:  # these digits are doubled once the check digit is appended
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
+    digits = list(map(int, partial))
+    # from the right, every other digit starting with the last is doubled once the check
+    # digit is appended
+    total = sum(digits[-2::-2]) + sum(_DOUBLED[d] for d in digits[-1::-2])
     return str((10 - total % 10) % 10)
 
 
