@@ -1,4 +1,5 @@
-"""`python -m bench [NAME ...]`: runs the named benchmarks (all when none is named).
+"""`python -m bench [NAME ...] [OPTIONS]`: runs the named benchmarks (all when none is named),
+each with the options that follow the names (`python -m bench limits --seconds 1.5`).
 
 Each benchmark is a module bench/NAME.py with `main(argv: list[str]) -> int` that prints its
 figures. Figures that targets are judged by are ratios against a reference measured in the
@@ -17,7 +18,8 @@ def available() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    names = [a for a in argv if not a.startswith("-")] or available()
+    first_option = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    names, options = argv[:first_option] or available(), argv[first_option:]
     unknown = [n for n in names if n not in available()]
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available())}", file=sys.stderr)
@@ -26,7 +28,7 @@ def main(argv: list[str]) -> int:
     for name in names:
         print(f"\n== bench {name} ==", flush=True)
         module = importlib.import_module(f"bench.{name}")
-        status |= module.main([a for a in argv if a.startswith("-")])
+        status |= module.main(options)
     return status
 
 

@@ -1,7 +1,7 @@
 """The bare reference for bench/fanout.py: a minimal grpc.aio BankConnector.FanOut that gathers
 the same bank calls against the same bank_sim over one channel, streaming each outcome as it
-arrives, with no retries, no breaker, no bulkhead, no admission and no tracing. Run as its own
-process: `python -m bench._fanout_reference --port P --bank-sim HOST:PORT`."""
+arrives, with no retries, no breaker, no bulkhead, no admission and no tracing, on the event
+loop the services run on (uvloop). Run as its own process: `python -m bench._fanout_reference --port P --bank-sim HOST:PORT`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import asyncio
 import signal
 
 import grpc
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cardcheck.v1 import bank_connector_pb2_grpc, bank_pb2, bank_pb2_grpc, common_pb2
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bank-sim", required=True)
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.bank_sim))
+    uvloop.run(serve(args.port, args.bank_sim))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ Figures (every bank at a fixed 50 ms):
      10 ms, p99 within 25 ms), beside the reference and the same calls made directly from
      this process with no hop (what the machine allows);
   2. complete 24-bank fan-outs per second at saturation (each one's peak over concurrency 8,
-     16, 32, 64 and 256, each point the median of three windows, the two targets taking turns):
-     bank_connector / reference (target >= 80 %);
+     16, 32, 64 and 256, each point the median of five windows, the two targets taking turns,
+     each window started from idle): bank_connector / reference (target >= 80 %); beside each,
+     the target process's CPU time per fan-out, a figure the machine's noise moves far less;
   3. one bank hanging: when the other 23 outcomes arrived, and when the fan-out ended, against
      the per-bank deadline;
   4. 64 and 256 concurrent fan-outs: throughput against the target's own peak (>= 90 %) and
@@ -29,11 +30,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import uvloop
 
 from bank_sim.process import ROOT, Child, clean_env, free_port
 from cardcheck import dataset
@@ -55,6 +58,7 @@ class Run:
     """What one load run saw: fan-outs completed in the measuring window, their latencies."""
 
     seconds: float
+    cpu_s: float = 0.0  # the target process's CPU time over the measuring window
     completed: int = 0
     failed: int = 0  # over the whole run, warm-up included
     latencies_ms: list[float] = field(default_factory=list)
@@ -63,6 +67,10 @@ class Run:
     @property
     def per_second(self) -> float:
         return self.completed / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms_each(self) -> float:
+        return self.cpu_s * 1000 / self.completed if self.completed else math.nan
 
     def percentile(self, fraction: float) -> float:
         if not self.latencies_ms:
@@ -74,8 +82,10 @@ class Run:
 class Target:
     """A FanOut server under load (bank_connector or the reference)."""
 
-    def __init__(self, name: str, address: str, person: dataset.Person) -> None:
+    def __init__(self, name: str, address: str, person: dataset.Person, pid: int | None = None) -> None:
         self.name = name
+        self.pid = pid
+        self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=[("grpc.max_concurrent_streams", 10_000)])
         self.stub = bank_connector_pb2_grpc.BankConnectorStub(self.channel)
         self.person = person
@@ -102,15 +112,23 @@ class Target:
 
     async def load(self, codes: list[str], concurrency: int, seconds: float, warmup: float) -> Run:
         run = Run(seconds)
-        loop = asyncio.get_running_loop()
-        begin = loop.time() + warmup
+        begin = time.perf_counter() + warmup
         end = begin + seconds
 
+        cpu_begin = cpu_end = 0.0
+
+        async def meter() -> None:
+            nonlocal cpu_begin, cpu_end
+            await asyncio.sleep(max(begin - time.perf_counter(), 0))
+            cpu_begin = cpu_seconds(self.pid)
+            await asyncio.sleep(max(end - time.perf_counter(), 0))
+            cpu_end = cpu_seconds(self.pid)
+
         async def worker() -> None:
-            while loop.time() < end:
-                started = loop.time()
+            while time.perf_counter() < end:
+                started = time.perf_counter()
                 problem = await self.fan_out(codes)
-                finished = loop.time()
+                finished = time.perf_counter()
                 if problem is not None:
                     run.failed += 1
                     run.failures[problem] = run.failures.get(problem, 0) + 1
@@ -119,20 +137,20 @@ class Target:
                     if started >= begin:
                         run.latencies_ms.append((finished - started) * 1000)
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(meter(), *(worker() for _ in range(concurrency)))
+        run.cpu_s = cpu_end - cpu_begin
         return run
 
     async def sequential(self, codes: list[str], count: int) -> Run:
         run = Run(0)
-        loop = asyncio.get_running_loop()
         for _ in range(count):
-            started = loop.time()
+            started = time.perf_counter()
             problem = await self.fan_out(codes)
             if problem is not None:
                 run.failed += 1
                 run.failures[problem] = run.failures.get(problem, 0) + 1
             else:
-                run.latencies_ms.append((loop.time() - started) * 1000)
+                run.latencies_ms.append((time.perf_counter() - started) * 1000)
                 run.completed += 1
         run.seconds = sum(run.latencies_ms) / 1000
         return run
@@ -143,17 +161,16 @@ class Target:
         request = bank_connector_pb2.FanOutRequest(
             id_number=self.person.id_number, name=self.person.name, bank_codes=BANK_CODES, per_bank_timeout_ms=per_bank_ms
         )
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()
         others_ms = hung_ms = 0.0
         hung_kind = ""
         async for outcome in self.stub.FanOut(request, timeout=30):
-            at = (loop.time() - started) * 1000
+            at = (time.perf_counter() - started) * 1000
             if outcome.bank_code == hung:
                 hung_ms, hung_kind = at, f"{common_pb2.BankOutcomeKind.Name(outcome.kind)}:{outcome.detail}"
             else:
                 others_ms = at
-        return others_ms, hung_ms, (loop.time() - started) * 1000, hung_kind
+        return others_ms, hung_ms, (time.perf_counter() - started) * 1000, hung_kind
 
 
 class Direct(Target):
@@ -176,6 +193,30 @@ class Direct(Target):
         return None
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """A process's user + system CPU time so far (0 when unknown)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def settle(sim_address: str, connector_address: str, timeout_s: float = 30.0) -> None:
+    """Waits until no bank call is in flight at bank_sim and bank_connector holds no request:
+    each load run starts from idle, not from the previous run's leftovers."""
+    deadline = time.perf_counter() + timeout_s
+    async with grpc.aio.insecure_channel(sim_address) as sim, grpc.aio.insecure_channel(connector_address) as conn:
+        control = bank_pb2_grpc.BankSimControlStub(sim)
+        connector = bank_connector_pb2_grpc.BankConnectorStub(conn)
+        while time.perf_counter() < deadline:
+            banks = await control.GetBehaviour(bank_pb2.GetBehaviourRequest(), timeout=5)
+            health = await connector.GetBankHealth(bank_connector_pb2.GetBankHealthRequest(), timeout=5)
+            if not any(b.in_flight for b in banks.banks) and not health.requests_active + health.requests_queued:
+                return
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"bank_sim and bank_connector still busy after {timeout_s:.0f} s")
+
+
 def start(module: str, args: list[str], work: Path, env: dict[str, str], address: str) -> Child:
     child = Child(module, args, clean_env(work, CARDCHECK_LOG_LEVEL="WARNING", **env), address,
                   work / f"{module.rsplit('.', 1)[-1]}.log")
@@ -193,21 +234,27 @@ def _ms(value: float) -> str:
 
 async def measure(connector: Target, reference: Target, sim_address: str, quick: bool) -> list[str]:
     verdicts = []
-    window, warmup = (1.5, 0.4) if quick else (1.2, 0.5)
+    window, warmup = (1.5, 0.4) if quick else (2.0, 0.5)
     targets = (connector, reference)
     for target in targets:  # connections up, code paths warm
         await target.sequential(list(BANK_CODES), 5)
 
     # 1. latency at concurrency 1
-    count = 40 if quick else 120
-    print(f"\n1. 24-bank fan-out at concurrency 1 ({count} fan-outs; floor {LATENCY_MS} ms)")
+    count = 40 if quick else 150
+    print(f"\n1. 24-bank fan-out at concurrency 1 ({count} fan-outs each, one of each in turn; floor {LATENCY_MS} ms)")
     print(f"{'':<17}{'p50 ms':>9}{'p99 ms':>9}{'p50-floor':>11}{'p99-floor':>11}{'failed':>8}")
-    latency = {}
     direct = Direct(sim_address, connector.person)
     await direct.sequential(list(BANK_CODES), 5)
+    latency = {target.name: Run(0) for target in (*targets, direct)}
+    for _ in range(count):  # in turn, so that a burst of the machine's other work lands on all three alike
+        for target in (*targets, direct):
+            taken = await target.sequential(list(BANK_CODES), 1)
+            run = latency[target.name]
+            run.completed += taken.completed
+            run.failed += taken.failed
+            run.latencies_ms += taken.latencies_ms
     for target in (*targets, direct):
-        run = await target.sequential(list(BANK_CODES), count)
-        latency[target.name] = run
+        run = latency[target.name]
         p50, p99 = run.percentile(0.5), run.percentile(0.99)
         print(f"{target.name:<17}{_ms(p50):>9}{_ms(p99):>9}{_ms(p50 - LATENCY_MS):>11}{_ms(p99 - LATENCY_MS):>11}{run.failed:>8}")
     await direct.channel.close()
@@ -224,9 +271,9 @@ async def measure(connector: Target, reference: Target, sim_address: str, quick:
     # machine is shared: each figure is the median of `rounds` windows, the two targets taking
     # turns, so that a burst of someone else's work lands on both alike.
     sweep = (8, 16, 32)
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else 5
     print(f"\n2. complete 24-bank fan-outs/s by concurrency (median of {rounds} x {window:.1f} s windows, taking turns)")
-    print(f"{'concurrency':<12}" + "".join(f"{t.name + ' /s':>18}{'p99 ms':>9}{'failed':>8}" for t in targets))
+    print(f"{'concurrency':<12}" + "".join(f"{t.name + ' /s':>18}{'p99 ms':>9}{'CPU ms':>8}{'failed':>8}" for t in targets))
     runs: dict[tuple[str, int], Run] = {}
     for concurrency in (*sweep, 64, 256):
         taken: dict[str, list[Run]] = {t.name: [] for t in targets}
@@ -235,7 +282,7 @@ async def measure(connector: Target, reference: Target, sim_address: str, quick:
                 taken[target.name].append(
                     await target.load(list(BANK_CODES), concurrency, window, warmup + (0.8 if concurrency >= 256 else 0))
                 )
-                await asyncio.sleep(0.2)  # let queues drain between runs
+                await settle(sim_address, connector.address)
         line = f"{concurrency:<12}"
         for target in targets:
             ordered = sorted(taken[target.name], key=lambda r: r.per_second)
@@ -246,7 +293,7 @@ async def measure(connector: Target, reference: Target, sim_address: str, quick:
                     merged[problem] = merged.get(problem, 0) + n
             run.failed, run.failures = sum(r.failed for r in ordered), merged
             runs[(target.name, concurrency)] = run
-            line += f"{run.per_second:>18.1f}{_ms(run.percentile(0.99)):>9}{run.failed:>8}"
+            line += f"{run.per_second:>18.1f}{_ms(run.percentile(0.99)):>9}{_ms(run.cpu_ms_each):>8}{run.failed:>8}"
         print(line, flush=True)
     peak = {t.name: max(run.per_second for (name, _), run in runs.items() if name == t.name) for t in targets}
     ratio = peak[connector.name] / peak[reference.name] if peak[reference.name] else math.nan
@@ -336,15 +383,17 @@ def main(argv: list[str]) -> int:
               f"{time.monotonic() - started_at:.1f} s; every bank at {LATENCY_MS} ms")
 
         async def run() -> list[str]:
-            connector = Target("bank_connector", connector_address, person)
-            reference = Target("reference", reference_address, person)
+            connector = Target("bank_connector", connector_address, person, children[1].process.pid)
+            reference = Target("reference", reference_address, person, children[2].process.pid)
             try:
                 return await measure(connector, reference, sim_address, args.quick)
             finally:
                 await connector.channel.close()
                 await reference.channel.close()
 
-        verdicts = asyncio.run(run())
+        # the load generator on the services' loop too; its clock (uv_now) counts whole
+        # milliseconds, so every figure here is timed with time.perf_counter instead
+        verdicts = uvloop.run(run())
     finally:
         for child in reversed(children):
             child.stop()
