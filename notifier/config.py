@@ -9,6 +9,7 @@ validated the same way: a bad value stops the process before it serves (exit 2).
 | `CARDCHECK_SMS_WEBHOOK_TIMEOUT_S` | how long one request to the vendor may take | 5 |
 | `CARDCHECK_SMS_RETRY_BASE_S`, `CARDCHECK_SMS_RETRY_MAX_S` | the backoff between attempts: base doubling per attempt, jittered, capped | 2, 300 |
 | `CARDCHECK_SMS_POLL_INTERVAL_S` | how often the delivery worker looks for messages due | 1 |
+| `CARDCHECK_SMS_RETENTION_DAYS` | how long a message (sealed phone and text, delivery record) is kept before it is deleted; longer than every retry window, so an idempotency key is remembered while it can still be sent again | 30 |
 | `CARDCHECK_SMS_CAP_SMS_CODE`, `..._REPORT_READY`, `..._CONSENT_RECEIPT` | the per-phone cap of that kind, e.g. `10/h,20/d` (`off`: none) | see DEFAULT_CAPS |
 """
 
@@ -114,6 +115,8 @@ class NotifierConfig:
     caps: Mapping[str, Cap] = field(default_factory=lambda: dict(DEFAULT_CAPS))
     poll_interval_s: float = 1.0
     max_in_flight: int = 16  # deliveries one replica runs at once
+    retention: timedelta = timedelta(days=30)
+    purge_interval_s: float = 600.0  # how often a replica deletes what is past retention
 
     def __post_init__(self) -> None:
         if self.provider is not None and self.provider not in PROVIDERS:
@@ -135,6 +138,17 @@ class NotifierConfig:
         missing = [k for k in KINDS if k not in self.retry_windows or k not in self.caps]
         if missing:
             raise SettingsError(f"no retry window or cap for {', '.join(missing)}")
+        if self.retention <= self.longest_kept:
+            raise SettingsError(
+                f"CARDCHECK_SMS_RETENTION_DAYS must be over {self.longest_kept.days} days: a message must "
+                "outlive its retry window and the per-phone caps' day"
+            )
+
+    @property
+    def longest_kept(self) -> timedelta:
+        """What retention must exceed: the longest retry window (a sender may retry its key
+        until then) and the day the per-phone caps count over."""
+        return max(*self.retry_windows.values(), timedelta(days=1))
 
     def provider_name(self, sandbox: bool) -> str:
         """The provider to run; the inbox keeps bodies in clear, so only in sandbox mode."""
@@ -171,4 +185,5 @@ class NotifierConfig:
             retry_max_s=env_number(env, "CARDCHECK_SMS_RETRY_MAX_S", 300.0, above=0, at_most=86400),
             caps=caps,
             poll_interval_s=env_number(env, "CARDCHECK_SMS_POLL_INTERVAL_S", 1.0, above=0, at_most=60),
+            retention=timedelta(days=env_number(env, "CARDCHECK_SMS_RETENTION_DAYS", 30, above=0, at_most=3650)),
         )

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -109,8 +110,23 @@ class DeliveryWorker:
             if released:
                 log.info("released %d messages not delivered before the stop", released)
 
+    async def purge(self) -> int:
+        """Deletes the messages past retention (every replica may: deleting twice is harmless)."""
+        deleted = await self._store.purge(self._config.retention)
+        if deleted:
+            log.info("deleted %d messages past their %d-day retention", deleted, self._config.retention.days)
+        return deleted
+
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_purge = -math.inf
         while True:
+            if loop.time() - last_purge >= self._config.purge_interval_s:
+                last_purge = loop.time()
+                try:
+                    await self.purge()
+                except Exception as error:
+                    log.warning("deleting messages past retention failed (%s); trying later", type(error).__name__)
             self._wake.clear()
             full = False
             try:

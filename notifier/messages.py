@@ -25,6 +25,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    delete,
     or_,
     text,
     update,
@@ -61,6 +62,7 @@ class MessageRow(SQLModel, table=True):
     __table_args__ = (
         Index("ix_nt_messages_due", "status", "next_attempt_at"),
         Index("ix_nt_messages_phone_kind", "phone_hash", "kind", "created_at"),
+        Index("ix_nt_messages_created", "created_at"),
     )
 
     seq: int | None = Field(default=None, primary_key=True)  # tie-breaker for "newest first"
@@ -427,6 +429,31 @@ class MessageStore:
             return result.rowcount or 0
 
         return await self._db.run(work)
+
+    async def purge(self, retention: timedelta, batch: int = 500) -> int:
+        """Deletes the messages created more than `retention` ago that are no longer being
+        delivered, `batch` rows per transaction (a long backlog never holds one huge lock).
+        Returns how many were deleted."""
+        created_before = self._clock.now() - retention
+
+        def work(session: Session) -> int:
+            old = (
+                select(MessageRow.seq)
+                .where(col(MessageRow.created_at) < created_before, col(MessageRow.status) != QUEUED)
+                .limit(batch)
+            )
+            seqs = list(session.exec(old))
+            if not seqs:
+                return 0
+            session.execute(delete(MessageRow).where(col(MessageRow.seq).in_(seqs)))
+            return len(seqs)
+
+        deleted = 0
+        while True:
+            done = await self._db.run(work)
+            deleted += done
+            if done < batch:
+                return deleted
 
     async def for_phone(self, phone_hash: str) -> list[MessageRow]:
         """A phone's messages, newest first."""

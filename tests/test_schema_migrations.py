@@ -46,7 +46,7 @@ PHONE = "13812345678"
 
 SERVICES = {
     "gateway": ("gateway.migrations", GATEWAY_TABLES, "0001"),
-    "notifier": ("notifier.migrations", NOTIFIER_TABLES, "0002"),
+    "notifier": ("notifier.migrations", NOTIFIER_TABLES, "0003"),
 }
 
 
@@ -256,7 +256,7 @@ async def test_a_notifier_database_made_by_create_all_is_adopted_and_its_inbox_s
 
     engine = _engine(tmp_path, database_url, "notifier")
     try:
-        assert current_revision(engine, "notifier") == "0002"
+        assert current_revision(engine, "notifier") == "0003"
         assert schema_drift(engine, SQLModel.metadata, NOTIFIER_TABLES) == []
         assert _count(engine, "nt_messages") == 2
     finally:
