@@ -140,14 +140,18 @@ class SmsSender:
         self._stub = notifier_pb2_grpc.NotifierStub(channel)
         self._timeout = timeout_s
 
-    async def _send(self, request: notifier_pb2.SendRequest, deadline_s: float) -> None:
+    async def _send(self, request: notifier_pb2.SendRequest, deadline_s: float) -> bool:
+        """False when the notifier gave the message up for good (the SMS vendor refused it, e.g.
+        a number that cannot receive texts); True when it is delivered or on its way."""
         try:
-            await self._stub.Send(request, timeout=deadline_s)
+            reply = await self._stub.Send(request, timeout=deadline_s)
         except grpc.aio.AioRpcError as error:
             raise downstream_error(error, "notifier") from None
+        return reply.status != notifier_pb2.DELIVERY_STATUS_FAILED
 
-    async def send_code(self, phone: str, code: str, purpose: str, challenge_id: str) -> None:
-        await self._send(
+    async def send_code(self, phone: str, code: str, purpose: str, challenge_id: str) -> bool:
+        """See `_send`: False when the code can never reach the phone."""
+        return await self._send(
             notifier_pb2.SendRequest(
                 idempotency_key=f"sms:{challenge_id}",
                 phone=phone,

@@ -18,7 +18,7 @@ from sqlmodel import Field, Session, SQLModel
 from cardcheck.banks import BANK_CODES, BANKS, BankInfo
 from cardcheck.runtime.clock import Clock
 from cardcheck.runtime.database import Database
-from cardcheck.runtime.errors import CardCheckError
+from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
 from cardcheck.runtime.keys import KeyedHash
 from cardcheck.runtime.settings import Settings
 from cardcheck.v1 import common_pb2, gateway_pb2, report_service_pb2
@@ -76,6 +76,14 @@ class QueryRequest:
     sms_code: str
     face_token: str
     idempotency_key: str
+
+
+def undeliverable(purpose: str) -> CardCheckError:
+    """A code SMS the vendor refused for good. On REGISTER the caller typed the number and can
+    correct it; on QUERY_AUTH it is the account's own phone, which the user cannot fix here."""
+    if purpose == "REGISTER":
+        return invalid_argument([FieldViolation("phone", "this number cannot receive SMS")])
+    return CardCheckError("SERVICE_UNAVAILABLE", "the code could not be sent to the account's phone")
 
 
 def _annotate(attributes: dict[str, str | int]) -> None:
@@ -172,10 +180,16 @@ class Gateway:
         issued = await self._challenges.issue(phone_hash, purpose)
         if send:
             try:
-                await self._sms.send_code(phone, issued.code, purpose, issued.challenge_id)
+                reachable = await self._sms.send_code(phone, issued.code, purpose, issued.challenge_id)
             except CardCheckError:
                 await self._challenges.withdraw(issued.challenge_id, phone_hash, purpose, issued.issued_at)
                 raise
+            if not reachable and purpose != "SIGN_IN":
+                # The SMS vendor refused the number for good: no code will ever arrive, so the
+                # caller hears it now. (SIGN_IN answers as if sent, whatever happens: otherwise
+                # the answer would tell a registered phone from an unregistered one.)
+                await self._challenges.withdraw(issued.challenge_id, phone_hash, purpose, issued.issued_at)
+                raise undeliverable(purpose)
         return issued
 
     # --- accounts ----------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from cardcheck.v1 import (
 from gateway.agreement import CURRENT
 from gateway.app import build
 from gateway.config import GatewayConfig
+from notifier.providers import DeliveryError, OutgoingSms, SandboxProvider
 
 REGISTER = common_pb2.SMS_PURPOSE_REGISTER
 SIGN_IN = common_pb2.SMS_PURPOSE_SIGN_IN
@@ -335,7 +336,8 @@ async def start_stack(tmp_path: Path, database_url, fakes):
     hosts: list[ServiceHost] = []
 
     async def start(
-        *, config: GatewayConfig | None = None, bank_connector: str | None = None, **settings_overrides
+        *, config: GatewayConfig | None = None, bank_connector: str | None = None, sms_provider=None,
+        **settings_overrides,
     ) -> Stack:
         clock = ManualClock()
         addresses = {service: f"127.0.0.1:{port}" for service, port in DEFAULT_PORTS.items()}
@@ -351,6 +353,7 @@ async def start_stack(tmp_path: Path, database_url, fakes):
         notifier_host = await build_notifier(
             settings,
             clock=clock,
+            provider=sms_provider,
             tracer_provider=make_tracer_provider("notifier", tmp_path, exporter=InMemorySpanExporter()),
         )
         notifier_port = await notifier_host.start()
@@ -864,6 +867,47 @@ async def test_sign_in_code_for_an_unknown_phone_answers_alike_but_sends_nothing
         grpc.StatusCode.PERMISSION_DENIED,
         "VERIFICATION_FAILED",
     )
+
+
+class RefusingInbox(SandboxProvider):
+    """The sandbox inbox, except that the SMS vendor refuses the phones in `refused` for good."""
+
+    def __init__(self) -> None:
+        self.refused: set[str] = set()
+
+    async def deliver(self, sms: OutgoingSms) -> None:
+        if sms.phone in self.refused:
+            raise DeliveryError("HTTP_400", retryable=False)
+
+
+async def test_a_code_the_sms_vendor_refuses_for_good_is_not_promised(start_stack):
+    inbox = RefusingInbox()
+    stack = await start_stack(sms_provider=inbox)
+    session = await stack.register(ALICE)
+    inbox.refused = {ALICE.phone, BOB.phone}
+
+    # REGISTER: the caller typed the number, and hears at once that it cannot receive texts; the
+    # challenge is withdrawn, so asking again is not held to the minute between codes.
+    request = gateway_pb2.RequestSmsCodeRequest(phone=BOB.phone, purpose=REGISTER)
+    for _ in range(2):
+        refusal = await refused(stack.gateway.RequestSmsCode(request), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        assert set(refusal.violations) == {"phone"}
+    # QUERY_AUTH: the account's own phone cannot be reached.
+    await refused(
+        stack.gateway.RequestSmsCode(gateway_pb2.RequestSmsCodeRequest(purpose=QUERY_AUTH), metadata=bearer(session.session_token)),
+        grpc.StatusCode.UNAVAILABLE,
+        "SERVICE_UNAVAILABLE",
+    )
+    # SIGN_IN answers alike for a registered phone the vendor refuses and an unknown one.
+    registered = await stack.gateway.RequestSmsCode(gateway_pb2.RequestSmsCodeRequest(phone=ALICE.phone, purpose=SIGN_IN))
+    unknown = await stack.gateway.RequestSmsCode(gateway_pb2.RequestSmsCodeRequest(phone=CAROL.phone, purpose=SIGN_IN))
+    assert (registered.expires_in_seconds, registered.resend_after_seconds) == (
+        unknown.expires_in_seconds, unknown.resend_after_seconds
+    )
+
+    inbox.refused.clear()  # the number works again: its code arrives
+    challenge_id, code = await stack.challenge(REGISTER, BOB.phone)
+    assert challenge_id and re.fullmatch(r"\d{6}", code)
 
 
 async def test_a_phone_gets_at_most_its_daily_cap_of_codes(start_stack):
