@@ -18,6 +18,7 @@ from cardcheck.runtime.server import Registration, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import report_service_pb2_grpc
+from report_service.audit import AuditChain
 from report_service.clients import BankConnectorFanOut, NotifierReportReady
 from report_service.config import ReportServiceConfig
 from report_service.execution import ExecutionStore
@@ -93,6 +94,7 @@ async def build_parts(
         ReportVault(keyring.sealer("report-kek")),
         clock,
         outcome_sealer=keyring.sealer("bank-outcome"),
+        audit_chain=AuditChain.from_keyring(keyring),
         retention=config.retention,
     )
     execution = ExecutionStore(storage, store, clock, lease=timedelta(seconds=config.lease_s))

@@ -1,10 +1,14 @@
 """The audit trail: every event of a query's life appended to rs_audit, hash-chained.
 
-Each entry's hash is SHA-256 over the previous entry's hash (32 bytes; zeros before the first)
-followed by the entry's canonical form: compact JSON with sorted keys of its seq, instant (UTC,
-microseconds), event, query_id, user_id and details. Changing an entry breaks its own hash;
-deleting one leaves a gap in seq and breaks the next entry's link; deleting the last ones no
-longer matches rs_audit_head, the one row that names the newest entry. Appends lock that row
+Each entry's hash is HMAC-SHA256, under a key derived from the master key ("audit-chain"),
+over the previous entry's hash (32 bytes; zeros before the first) followed by the entry's
+canonical form: compact JSON with sorted keys of its seq, instant (UTC, microseconds), event,
+query_id, user_id and details. The key is never in the database, so whoever can write to it
+still cannot make a changed entry hash right. Changing an entry breaks its own hash; deleting
+one leaves a gap in seq and breaks the next entry's link; deleting the last ones no longer
+matches rs_audit_head, the one row that names the newest entry. (Deleting the last ones and
+moving the head back with them is what a key alone cannot show: compare the head `verify`
+prints with one recorded earlier.) Appends lock that row
 (SELECT ... FOR UPDATE on PostgreSQL; on SQLite every write transaction is exclusive), as the
 last step of the transaction that records the event, so the chain never forks and an event is
 audited exactly when it is committed.
@@ -14,18 +18,26 @@ outcome kinds, counts and the consent version, never a name, ID or phone number 
 
     python -m report_service.audit verify [--database-url URL] [--data-dir DIR]
 
-prints OK with the number of entries, or the first broken entry and exits 1 (2 when there is
-no audit trail to verify). Without options it reads the database report_service uses
-(CARDCHECK_DATABASE_URL, else the SQLite file under CARDCHECK_DATA_DIR)."""
+prints OK with the number of entries and the head, or the first broken entry and exits 1 (2
+when there is no audit trail or no master key). It reads the database and the master key
+report_service uses (CARDCHECK_DATABASE_URL, else the SQLite file under CARDCHECK_DATA_DIR;
+CARDCHECK_MASTER_KEY, else the key file there).
+
+    python -m report_service.audit rekey [--database-url URL] [--data-dir DIR]
+
+once, for a trail begun before entries were keyed: checks every entry as it was recorded (plain
+SHA-256, then keyed ones) and, only if all hold, hashes the whole chain again under the key, in
+one transaction that holds the head. Exits 1, changing nothing, at the first broken entry."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,9 +46,12 @@ from sqlalchemy import Connection, Engine, create_engine, insert, inspect, selec
 from sqlmodel import Session
 
 from cardcheck.runtime.clock import as_utc
+from cardcheck.runtime.database import make_engine
+from cardcheck.runtime.keys import Keyring, read_master_key
 from report_service.models import AuditHeadRow, AuditRow
 
 GENESIS = "0" * 64
+KEY_PURPOSE = "audit-chain"
 
 QUERY_ACCEPTED = "query.accepted"
 BANKS_ASKED = "banks.asked"
@@ -85,7 +100,8 @@ def canonical(
     ).encode("utf-8")
 
 
-def entry_hash(prev_hash: str, entry: bytes) -> str:
+def plain_hash(prev_hash: str, entry: bytes) -> str:
+    """How entries were hashed before the chain was keyed; only `rekey` still accepts it."""
     return hashlib.sha256(bytes.fromhex(prev_hash) + entry).hexdigest()
 
 
@@ -95,11 +111,80 @@ def _check_no_personal_data(details: Mapping[str, object]) -> None:
         raise ValueError("audit details must not carry long digit strings (phone, ID or card numbers)")
 
 
-def append(session: Session, events: Sequence[AuditEvent], at: datetime) -> None:
-    """Appends `events` in order to the chain, inside the caller's transaction; call it as the
-    last step of that transaction so the head row stays locked as briefly as possible."""
-    if not events:
-        return
+class AuditChain:
+    """Appends to the chain and verifies it, with the chain's key."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    @classmethod
+    def from_keyring(cls, keyring: Keyring) -> AuditChain:
+        return cls(keyring.subkey(KEY_PURPOSE))
+
+    def entry_hash(self, prev_hash: str, entry: bytes) -> str:
+        return hmac.new(self._key, bytes.fromhex(prev_hash) + entry, hashlib.sha256).hexdigest()
+
+    def append(self, session: Session, events: Sequence[AuditEvent], at: datetime) -> None:
+        """Appends `events` in order to the chain, inside the caller's transaction; call it as
+        the last step of that transaction so the head row stays locked as briefly as possible."""
+        if events:
+            _append(session, events, at, self.entry_hash)
+
+    def verify(self, connection: Connection) -> Verdict:
+        return _verify(connection, self.entry_hash)
+
+    def verify_engine(self, engine: Engine) -> Verdict | None:
+        """None when the database has no audit trail (report_service never migrated it)."""
+        if not inspect(engine).has_table(AuditHeadRow.__tablename__):
+            return None
+        with engine.connect() as connection:
+            return self.verify(connection)
+
+    def rekey(self, engine: Engine) -> Verdict | None:
+        """Hashes a trail begun before entries were keyed again under the key (see the module's
+        doc); a keyed trail is left as it is. The verdict is on the trail as recorded: when it
+        is broken nothing is changed. None when there is no audit trail."""
+        if not inspect(engine).has_table(AuditHeadRow.__tablename__):
+            return None
+        with Session(engine) as session, session.begin():
+            head = AuditHeadRow.__table__
+            head_row = session.execute(
+                select(head.c.seq, head.c.hash).where(head.c.id == 1).with_for_update()
+            ).first()
+            if head_row is None:
+                return Verdict(False, 0, GENESIS, 1, "the head row is missing")
+            entries = list(session.execute(_entries_up_to(head_row.seq)))
+            verdict = verify_rows(entries, tuple(head_row), self._recorded_hash())
+            if not verdict.ok:
+                return verdict
+            table = AuditRow.__table__
+            prev = GENESIS
+            for seq, recorded_at, event, query_id, user_id, details_text, prev_hash, stored_hash in entries:
+                digest = self.entry_hash(
+                    prev, canonical(seq, recorded_at, event, query_id, user_id, json.loads(details_text))
+                )
+                if (prev_hash, stored_hash) != (prev, digest):
+                    session.execute(update(table).where(table.c.seq == seq).values(prev_hash=prev, hash=digest))
+                prev = digest
+            session.execute(update(head).where(head.c.id == 1).values(hash=prev))
+            return Verdict(True, verdict.entries, prev)
+
+    def _recorded_hash(self) -> Callable[[str, bytes, str], bool]:
+        """Whether an entry's stored hash is what it was recorded with: plain SHA-256 while no
+        keyed entry has come yet, keyed from the first keyed one on (never plain again)."""
+        keyed_seen = False
+
+        def holds(prev_hash: str, entry: bytes, stored: str) -> bool:
+            nonlocal keyed_seen
+            if hmac.compare_digest(self.entry_hash(prev_hash, entry), stored):
+                keyed_seen = True
+                return True
+            return not keyed_seen and hmac.compare_digest(plain_hash(prev_hash, entry), stored)
+
+        return holds
+
+
+def _append(session: Session, events: Sequence[AuditEvent], at: datetime, entry_hash) -> None:
     head = AuditHeadRow.__table__
     seq, prev = session.execute(select(head.c.seq, head.c.hash).where(head.c.id == 1).with_for_update()).one()
     rows = []
@@ -142,8 +227,9 @@ class Verdict:
         return f"audit trail BROKEN at entry {self.broken_seq}: {self.problem}"
 
 
-def verify_rows(rows: Iterable[Sequence], head: tuple[int, str]) -> Verdict:
-    """Walks the entries in seq order; the first that does not hold names the break."""
+def verify_rows(rows: Iterable[Sequence], head: tuple[int, str], holds: Callable[[str, bytes, str], bool]) -> Verdict:
+    """Walks the entries in seq order; the first that does not hold names the break.
+    `holds(prev_hash, canonical_entry, stored_hash)` checks one entry's hash."""
     expected_seq, prev = 1, GENESIS
     count = 0
     for seq, recorded_at, event, query_id, user_id, details_text, prev_hash, stored_hash in rows:
@@ -155,8 +241,7 @@ def verify_rows(rows: Iterable[Sequence], head: tuple[int, str]) -> Verdict:
             details = json.loads(details_text)
         except (TypeError, ValueError):
             return Verdict(False, count, prev, seq, "its details are not the JSON that was recorded")
-        recomputed = entry_hash(prev, canonical(seq, recorded_at, event, query_id, user_id, details))
-        if recomputed != stored_hash:
+        if not holds(prev, canonical(seq, recorded_at, event, query_id, user_id, details), stored_hash):
             return Verdict(False, count, prev, seq, f"changed after it was recorded ({event})")
         prev = stored_hash
         expected_seq += 1
@@ -169,16 +254,9 @@ def verify_rows(rows: Iterable[Sequence], head: tuple[int, str]) -> Verdict:
     return Verdict(True, count, prev)
 
 
-def verify(connection: Connection) -> Verdict:
-    """Verifies the entries up to the one the head names. Entries appended meanwhile come after
-    it (the head and its entries are committed together), so no snapshot of the whole table
-    is needed and writers are never held up."""
+def _entries_up_to(seq: int):
     table = AuditRow.__table__
-    head_table = AuditHeadRow.__table__
-    head = connection.execute(select(head_table.c.seq, head_table.c.hash).where(head_table.c.id == 1)).first()
-    if head is None:
-        return Verdict(False, 0, GENESIS, 1, "the head row is missing")
-    rows = connection.execution_options(yield_per=2000).execute(
+    return (
         select(
             table.c.seq,
             table.c.recorded_at,
@@ -189,27 +267,35 @@ def verify(connection: Connection) -> Verdict:
             table.c.prev_hash,
             table.c.hash,
         )
-        .where(table.c.seq <= head.seq)
+        .where(table.c.seq <= seq)
         .order_by(table.c.seq)
     )
-    return verify_rows(rows, (head.seq, head.hash))
 
 
-def verify_engine(engine: Engine) -> Verdict | None:
-    """None when the database has no audit trail (report_service never migrated it)."""
-    if not inspect(engine).has_table(AuditHeadRow.__tablename__):
-        return None
-    with engine.connect() as connection:
-        return verify(connection)
+def _verify(connection: Connection, entry_hash: Callable[[str, bytes], str]) -> Verdict:
+    """Verifies the entries up to the one the head names. Entries appended meanwhile come after
+    it (the head and its entries are committed together), so no snapshot of the whole table
+    is needed and writers are never held up."""
+    head_table = AuditHeadRow.__table__
+    head = connection.execute(select(head_table.c.seq, head_table.c.hash).where(head_table.c.id == 1)).first()
+    if head is None:
+        return Verdict(False, 0, GENESIS, 1, "the head row is missing")
+    rows = connection.execution_options(yield_per=2000).execute(_entries_up_to(head.seq))
+    return verify_rows(
+        rows, (head.seq, head.hash),
+        lambda prev, entry, stored: hmac.compare_digest(entry_hash(prev, entry), stored),
+    )
 
 
-def _reader(database_url: str | None, data_dir: Path) -> Engine | None:
-    """An engine that only reads: the SQLite file opened read-only (no lock held on writers)."""
+def _engine(database_url: str | None, data_dir: Path, writes: bool) -> Engine | None:
+    """The SQLite file is opened read-only to verify (no lock held on writers)."""
     if database_url:
-        return create_engine(database_url)
+        return make_engine(database_url, data_dir, "report_service")
     path = data_dir / "report_service.db"
     if not path.is_file():
         return None
+    if writes:
+        return make_engine(None, data_dir, "report_service")
     return create_engine(f"sqlite:///file:{path.resolve()}?mode=ro&uri=true")
 
 
@@ -218,27 +304,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m report_service.audit", description="The audit trail.")
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("verify", help="check the hash chain; exit 1 at the first broken entry")
-    check.add_argument("--database-url", help="default: CARDCHECK_DATABASE_URL, else the SQLite file")
-    check.add_argument("--data-dir", type=Path, help="default: CARDCHECK_DATA_DIR")
+    for name, help_text in (
+        ("verify", "check the hash chain; exit 1 at the first broken entry"),
+        ("rekey", "once, for a trail begun before entries were keyed: hash it again under the key"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--database-url", help="default: CARDCHECK_DATABASE_URL, else the SQLite file")
+        command.add_argument("--data-dir", type=Path, help="default: CARDCHECK_DATA_DIR")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
+        data_dir = args.data_dir or settings.data_dir
+        master_key = read_master_key(settings.master_key, data_dir)
     except SettingsError as error:
         print(f"report_service.audit: {error}", file=sys.stderr)
         return 2
-    engine = _reader(args.database_url or settings.database_url, args.data_dir or settings.data_dir)
+    if master_key is None:
+        print(f"no master key: CARDCHECK_MASTER_KEY is not set and {data_dir}/keys has none", file=sys.stderr)
+        return 2
+    chain = AuditChain.from_keyring(Keyring(master_key))
+    engine = _engine(args.database_url or settings.database_url, data_dir, writes=args.command == "rekey")
     if engine is None:
-        print(f"no report_service database in {args.data_dir or settings.data_dir}", file=sys.stderr)
+        print(f"no report_service database in {data_dir}", file=sys.stderr)
         return 2
     try:
-        verdict = verify_engine(engine)
+        verdict = chain.verify_engine(engine) if args.command == "verify" else chain.rekey(engine)
     finally:
         engine.dispose()
     if verdict is None:
         print("no audit trail in that database", file=sys.stderr)
         return 2
-    print(verdict.describe())
+    if args.command == "rekey" and verdict.ok:
+        print(f"audit trail keyed: {verdict.entries} entries, head {verdict.head_hash}")
+    else:
+        print(verdict.describe())
     return 0 if verdict.ok else 1
 
 

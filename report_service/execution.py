@@ -167,7 +167,7 @@ class ExecutionStore:
                         final,
                     )
                 )
-            audit.append(session, asked, now)
+            self._queries.audit.append(session, asked, now)
             return claimed
 
         claims = []
@@ -302,7 +302,7 @@ class ExecutionStore:
             if banks and all(b in stored and stored[b].kind == ANSWERED for b in banks):
                 result = self._finish(session, row, list(stored.values()), owner, now, events)
             session.flush()
-            audit.append(session, events, now)
+            self._queries.audit.append(session, events, now)
             return result
 
         return self._recorded(await self._db.write(record))
@@ -328,7 +328,7 @@ class ExecutionStore:
                 events: list[audit.AuditEvent] = []
                 result = self._finish(session, row, stored, owner, now, events)
                 session.flush()
-                audit.append(session, events, now)
+                self._queries.audit.append(session, events, now)
                 return result
             session.execute(
                 update(_WORK)

@@ -117,7 +117,8 @@ class WorkRow(SQLModel, table=True):
 
 
 class AuditRow(SQLModel, table=True):
-    """One event of the audit trail; `hash` = SHA-256(previous hash || canonical entry)."""
+    """One event of the audit trail; `hash` = HMAC-SHA256 under the chain's key of (previous hash
+    || canonical entry), see report_service.audit."""
 
     __tablename__ = "rs_audit"
 

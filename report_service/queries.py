@@ -193,9 +193,11 @@ class QueryStore:
         clock: Clock,
         *,
         outcome_sealer: Sealer,
+        audit_chain: audit.AuditChain,
         retention: timedelta = timedelta(days=7),
     ) -> None:
         self._db = db
+        self.audit = audit_chain
         self._subjects = subject_sealer
         self._outcomes = outcome_sealer
         self._vault = vault
@@ -311,7 +313,7 @@ class QueryStore:
                 events.append(
                     audit.AuditEvent(audit.BANKS_ASKED, query_id, user_id, {"banks": list(banks), "pass": 1})
                 )
-            audit.append(session, events, now)
+            self.audit.append(session, events, now)
             return query_of(row), True
 
         try:
@@ -384,7 +386,7 @@ class QueryStore:
         content = self._vault.open(query_id, row.wrapped_key, row.ciphertext)
 
         def viewed(session: Session) -> None:
-            audit.append(session, [audit.AuditEvent(audit.REPORT_VIEWED, query_id, user_id)], now)
+            self.audit.append(session, [audit.AuditEvent(audit.REPORT_VIEWED, query_id, user_id)], now)
 
         await self._db.write(viewed)
         return Report(query_id, as_utc(row.generated_at), as_utc(row.expires_at), content)
@@ -423,7 +425,7 @@ class QueryStore:
                 .where(col(QueryRow.query_id).in_(ids), col(QueryRow.status) == READY)
                 .values(status=EXPIRED, subject_sealed=b"")
             )
-            audit.append(
+            self.audit.append(
                 session,
                 [audit.AuditEvent(audit.REPORT_DELETED, query_id, user) for query_id, user in expired],
                 now,

@@ -4,6 +4,8 @@ changed or deleted entry, appends that never fork it, and the verifier command."
 from __future__ import annotations
 
 import asyncio
+import base64
+import itertools
 import json
 import os
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from cardcheck.runtime.database import Database, make_engine
+from cardcheck.runtime.keys import Keyring
 from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.v1 import common_pb2
 from report_service import audit
@@ -21,6 +24,8 @@ from report_service.app import MIGRATIONS
 from tests.test_report_service import SCRIPT, SUBJECT, TIMED_OUT, USER, rig, status_is  # noqa: F401
 
 AT = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+MASTER_KEY = bytes(range(32))
+CHAIN = audit.AuditChain.from_keyring(Keyring(MASTER_KEY))
 
 
 async def test_every_event_of_a_query_is_audited_without_personal_data(rig):  # noqa: F811
@@ -50,7 +55,7 @@ async def test_every_event_of_a_query_is_audited_without_personal_data(rig):  # 
     dump = json.dumps(rig.rows("SELECT event, user_id, details FROM rs_audit"), ensure_ascii=False)
     for secret in (SUBJECT.name, SUBJECT.id_number, SUBJECT.phone, "6222", "4321", "6253", "8765", "0042"):
         assert secret not in dump
-    verdict = audit.verify_engine(rig.parts.db.engine)
+    verdict = rig.parts.store.audit.verify_engine(rig.parts.db.engine)
     assert verdict.ok and verdict.entries == 10
 
 
@@ -62,25 +67,33 @@ def test_details_that_look_like_personal_data_are_refused():
     audit._check_no_personal_data({"agreement_version": "2026-11", "pass": 12, "banks": ["ICBC"]})
 
 
-def _trail(tmp_path, database_url, entries: int = 6) -> Database:
+def _event(i: int) -> audit.AuditEvent:
+    return audit.AuditEvent(audit.BANK_OUTCOME, f"q{i % 2}", "u-1", {"bank": "ICBC", "kind": "ANSWERED", "cards": i})
+
+
+def _trail(tmp_path, database_url, entries: int = 6, plain: int = 0) -> Database:
+    """`entries` appended with the chain's key, after `plain` ones hashed the way entries were
+    before the chain was keyed."""
     db = Database(make_engine(database_url, tmp_path, "report_service"))
     upgrade_to_head(db.engine, MIGRATIONS, "report_service")
-    for i in range(entries):
-        event = audit.AuditEvent(
-            audit.BANK_OUTCOME, f"q{i % 2}", "u-1", {"bank": "ICBC", "kind": "ANSWERED", "cards": i}
-        )
+    for i in range(plain + entries):
         with db.session() as session:
-            audit.append(session, [event], AT + timedelta(seconds=i))
+            if i < plain:
+                audit._append(session, [_event(i)], AT + timedelta(seconds=i), audit.plain_hash)
+            else:
+                CHAIN.append(session, [_event(i)], AT + timedelta(seconds=i))
     return db
 
 
-def _verify_command(tmp_path, database_url) -> subprocess.CompletedProcess:
+def _audit_command(tmp_path, database_url, command: str = "verify", master_key: bytes | None = MASTER_KEY):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARDCHECK_")}
     env["CARDCHECK_DATA_DIR"] = str(tmp_path)
     if database_url:
         env["CARDCHECK_DATABASE_URL"] = database_url
+    if master_key:
+        env["CARDCHECK_MASTER_KEY"] = base64.b64encode(master_key).decode()
     return subprocess.run(
-        [sys.executable, "-m", "report_service.audit", "verify"],
+        [sys.executable, "-m", "report_service.audit", command],
         env=env,
         capture_output=True,
         text=True,
@@ -108,17 +121,117 @@ TAMPERING = {
 }
 
 
+def _hashes(db: Database) -> list[tuple]:
+    with db.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text("SELECT seq, prev_hash, hash FROM rs_audit ORDER BY seq"))]
+
+
+def _rewrite_from(db: Database, seq: int, entry_hash) -> None:
+    """What a writer to the database can do: rehash every entry from `seq` on, and the head,
+    with `entry_hash`, so that each links to the one before."""
+    with db.engine.begin() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT seq, recorded_at, event, query_id, user_id, details, prev_hash, hash FROM rs_audit ORDER BY seq"
+        )).all()
+        prev = audit.GENESIS
+        for row in rows:
+            if row.seq >= seq:
+                recorded_at = row.recorded_at
+                if isinstance(recorded_at, str):  # SQLite hands back text
+                    recorded_at = datetime.fromisoformat(recorded_at).replace(tzinfo=UTC)
+                digest = entry_hash(prev, audit.canonical(
+                    row.seq, recorded_at, row.event, row.query_id, row.user_id, json.loads(row.details)
+                ))
+                conn.execute(sa.text("UPDATE rs_audit SET prev_hash = :p, hash = :h WHERE seq = :s"),
+                             {"p": prev, "h": digest, "s": row.seq})
+                prev = digest
+            else:
+                prev = row.hash
+        conn.execute(sa.text("UPDATE rs_audit_head SET hash = :h"), {"h": prev})
+
+
+@pytest.mark.parametrize("rehash", ["SHA-256", "another key"])
+def test_a_changed_entry_with_the_chain_recomputed_without_its_key_is_found(tmp_path, database_url, rehash):
+    db = _trail(tmp_path, database_url)
+    try:
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql('UPDATE rs_audit SET details = \'{"bank":"ICBC","cards":0,"kind":"ANSWERED"}\' WHERE seq = 4')
+        other = audit.AuditChain.from_keyring(Keyring(bytes(32)))
+        _rewrite_from(db, 4, audit.plain_hash if rehash == "SHA-256" else other.entry_hash)
+        rows = _hashes(db)  # every link holds: only the key tells the forgery apart
+        assert all(prev_hash == before for (_, _, before), (_, prev_hash, _) in itertools.pairwise(rows))
+        verdict = CHAIN.verify_engine(db.engine)
+        assert (verdict.ok, verdict.broken_seq, verdict.entries) == (False, 4, 3)
+        assert "changed" in verdict.problem
+    finally:
+        db.dispose()
+
+
+def test_rekey_hashes_a_trail_begun_before_the_key_again_under_it(tmp_path, database_url):
+    db = _trail(tmp_path, database_url, entries=2, plain=4)  # an upgrade: plain ones, then keyed ones
+    try:
+        verdict = CHAIN.verify_engine(db.engine)
+        assert (verdict.ok, verdict.broken_seq) == (False, 1)
+        done = _audit_command(tmp_path, database_url, "rekey")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.startswith("audit trail keyed: 6 entries")
+        verdict = CHAIN.verify_engine(db.engine)
+        assert verdict.ok and verdict.entries == 6
+        keyed = _hashes(db)
+        again = _audit_command(tmp_path, database_url, "rekey")  # once keyed, nothing changes
+        assert again.returncode == 0 and _hashes(db) == keyed
+        with db.session() as session:  # and the service appends on
+            CHAIN.append(session, [_event(7)], AT + timedelta(minutes=1))
+        assert _audit_command(tmp_path, database_url).stdout.startswith("audit trail OK: 7 entries")
+    finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize("case", ["plain entry changed", "plain entry after a keyed one"])
+def test_rekey_refuses_a_broken_trail_and_changes_nothing(tmp_path, database_url, case):
+    db = _trail(tmp_path, database_url, entries=2, plain=3)
+    try:
+        if case == "plain entry changed":
+            with db.engine.begin() as conn:
+                conn.exec_driver_sql("UPDATE rs_audit SET user_id = 'u-2' WHERE seq = 2")
+            broken = 2
+        else:  # a keyed entry made to pass as plain: the key's protection would be lost
+            _rewrite_from(db, 5, audit.plain_hash)
+            broken = 5
+        before = _hashes(db)
+        done = _audit_command(tmp_path, database_url, "rekey")
+        assert done.returncode == 1
+        assert f"BROKEN at entry {broken}" in done.stdout
+        assert _hashes(db) == before
+    finally:
+        db.dispose()
+
+
+def test_the_audit_command_needs_the_master_key_and_never_makes_one(tmp_path, database_url):
+    db = _trail(tmp_path, database_url)
+    try:
+        for command in ("verify", "rekey"):
+            done = _audit_command(tmp_path, database_url, command, master_key=None)
+            assert done.returncode == 2
+            assert "no master key" in done.stderr
+        assert not (tmp_path / "keys").exists()
+        wrong = _audit_command(tmp_path, database_url, master_key=bytes(32))
+        assert wrong.returncode == 1 and "BROKEN at entry 1" in wrong.stdout
+    finally:
+        db.dispose()
+
+
 @pytest.mark.parametrize("case", list(TAMPERING))
 def test_a_changed_or_deleted_entry_is_found(tmp_path, database_url, case):
     sql, broken, problem = TAMPERING[case]
     db = _trail(tmp_path, database_url)
     try:
-        assert audit.verify_engine(db.engine).ok
+        assert CHAIN.verify_engine(db.engine).ok
         if db.engine.dialect.name == "sqlite":
             sql = sql.replace("recorded_at - INTERVAL '1 hour'", "'2026-03-02 07:00:03.000000'")
         with db.engine.begin() as conn:
             assert conn.exec_driver_sql(sql).rowcount == 1
-        verdict = audit.verify_engine(db.engine)
+        verdict = CHAIN.verify_engine(db.engine)
         assert not verdict.ok
         assert verdict.broken_seq == broken, verdict
         assert problem in verdict.problem
@@ -129,13 +242,13 @@ def test_a_changed_or_deleted_entry_is_found(tmp_path, database_url, case):
 def test_the_verifier_command_says_ok_or_names_the_first_broken_entry(tmp_path, database_url):
     db = _trail(tmp_path, database_url)
     try:
-        done = _verify_command(tmp_path, database_url)
+        done = _audit_command(tmp_path, database_url)
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("audit trail OK: 6 entries")
         with db.engine.begin() as conn:
             conn.execute(sa.text("DELETE FROM rs_audit WHERE seq = 4"))
             conn.exec_driver_sql("UPDATE rs_audit SET details = '{}' WHERE seq = 2")
-        done = _verify_command(tmp_path, database_url)
+        done = _audit_command(tmp_path, database_url)
         assert done.returncode == 1
         assert "BROKEN at entry 2" in done.stdout  # the first of the two breaks
     finally:
@@ -143,7 +256,7 @@ def test_the_verifier_command_says_ok_or_names_the_first_broken_entry(tmp_path, 
 
 
 def test_the_verifier_command_without_a_trail(tmp_path):
-    done = _verify_command(tmp_path, None)
+    done = _audit_command(tmp_path, None)
     assert done.returncode == 2
     assert "no report_service database" in done.stderr
     assert not (tmp_path / "report_service.db").exists()  # and it did not create one
@@ -157,14 +270,14 @@ async def test_concurrent_appends_never_fork_the_chain(tmp_path, database_url):
 
         def append(writer: int, n: int) -> None:
             with db.session() as session:
-                audit.append(
+                CHAIN.append(
                     session, [audit.AuditEvent(audit.REPORT_VIEWED, f"q{writer}", f"u{writer}", {"n": n})], AT
                 )
 
         await asyncio.gather(
             *(asyncio.to_thread(append, writer, n) for writer in range(8) for n in range(15))
         )
-        verdict = audit.verify_engine(db.engine)
+        verdict = CHAIN.verify_engine(db.engine)
         assert verdict.ok and verdict.entries == 120, verdict
         with db.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT count(DISTINCT prev_hash) FROM rs_audit")).scalar() == 120

@@ -277,7 +277,8 @@ class Mesh:
     def audit_ok(self) -> audit.Verdict:
         engine = make_engine(self.database_url, self.tmp_path, "report_service")
         try:
-            return audit.verify_engine(engine)
+            # the key the report_service processes made in the data directory they shared
+            return audit.AuditChain.from_keyring(Keyring(load_master_key(None, self.tmp_path))).verify_engine(engine)
         finally:
             engine.dispose()
 
@@ -466,6 +467,7 @@ async def test_claims_are_exclusive_under_contention(tmp_path, database_url):
             ReportVault(keyring.sealer("report-kek")),
             clock,
             outcome_sealer=keyring.sealer("bank-outcome"),
+            audit_chain=audit.AuditChain.from_keyring(keyring),
         )
         execution = ExecutionStore(storage, store, clock, lease=timedelta(seconds=30))
         for i in range(40):

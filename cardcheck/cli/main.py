@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--payment-password", default="135790")
 
     audit = commands.add_parser(
-        "audit", help="the audit trail: `cardcheck audit verify` checks its hash chain", add_help=False
+        "audit", help="the audit trail: `cardcheck audit verify` checks its hash chain (`rekey`: once, to key it)", add_help=False
     )
     audit.add_argument("args", nargs=argparse.REMAINDER)
 

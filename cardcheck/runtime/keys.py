@@ -31,6 +31,14 @@ def _decode_master(text: str, origin: str) -> bytes:
     return key
 
 
+def read_master_key(configured: str | None, data_dir: Path) -> bytes | None:
+    """The key `load_master_key` would use, never made here: None when there is none yet."""
+    if configured:
+        return _decode_master(configured, "CARDCHECK_MASTER_KEY")
+    path = data_dir / "keys" / "master.key"
+    return _decode_master(path.read_text(), str(path)) if path.exists() else None
+
+
 def load_master_key(configured: str | None, data_dir: Path) -> bytes:
     if configured:
         return _decode_master(configured, "CARDCHECK_MASTER_KEY")
