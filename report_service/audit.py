@@ -27,7 +27,9 @@ CARDCHECK_MASTER_KEY, else the key file there).
 
 once, for a trail begun before entries were keyed: checks every entry as it was recorded (plain
 SHA-256, then keyed ones) and, only if all hold, hashes the whole chain again under the key, in
-one transaction that holds the head. Exits 1, changing nothing, at the first broken entry."""
+one transaction that holds the head. Exits 1, changing nothing, at the first broken entry. It
+says how many entries were plain: a trail that once verified keyed and no longer does is
+evidence of tampering, never something to rekey (it would accept a chain rewritten in plain)."""
 
 from __future__ import annotations
 
@@ -140,10 +142,11 @@ class AuditChain:
         with engine.connect() as connection:
             return self.verify(connection)
 
-    def rekey(self, engine: Engine) -> Verdict | None:
+    def rekey(self, engine: Engine) -> tuple[Verdict, int] | None:
         """Hashes a trail begun before entries were keyed again under the key (see the module's
         doc); a keyed trail is left as it is. The verdict is on the trail as recorded: when it
-        is broken nothing is changed. None when there is no audit trail."""
+        is broken nothing is changed. With it, how many entries were plain. None when there is
+        no audit trail."""
         if not inspect(engine).has_table(AuditHeadRow.__tablename__):
             return None
         with Session(engine) as session, session.begin():
@@ -152,11 +155,12 @@ class AuditChain:
                 select(head.c.seq, head.c.hash).where(head.c.id == 1).with_for_update()
             ).first()
             if head_row is None:
-                return Verdict(False, 0, GENESIS, 1, "the head row is missing")
+                return Verdict(False, 0, GENESIS, 1, "the head row is missing"), 0
             entries = list(session.execute(_entries_up_to(head_row.seq)))
-            verdict = verify_rows(entries, tuple(head_row), self._recorded_hash())
+            plain: list[int] = []
+            verdict = verify_rows(entries, tuple(head_row), self._recorded_hash(plain))
             if not verdict.ok:
-                return verdict
+                return verdict, len(plain)
             table = AuditRow.__table__
             prev = GENESIS
             for seq, recorded_at, event, query_id, user_id, details_text, prev_hash, stored_hash in entries:
@@ -167,11 +171,12 @@ class AuditChain:
                     session.execute(update(table).where(table.c.seq == seq).values(prev_hash=prev, hash=digest))
                 prev = digest
             session.execute(update(head).where(head.c.id == 1).values(hash=prev))
-            return Verdict(True, verdict.entries, prev)
+            return Verdict(True, verdict.entries, prev), len(plain)
 
-    def _recorded_hash(self) -> Callable[[str, bytes, str], bool]:
+    def _recorded_hash(self, plain: list[int]) -> Callable[[str, bytes, str], bool]:
         """Whether an entry's stored hash is what it was recorded with: plain SHA-256 while no
-        keyed entry has come yet, keyed from the first keyed one on (never plain again)."""
+        keyed entry has come yet, keyed from the first keyed one on (never plain again). Each
+        plain one is counted in `plain`."""
         keyed_seen = False
 
         def holds(prev_hash: str, entry: bytes, stored: str) -> bool:
@@ -179,7 +184,10 @@ class AuditChain:
             if hmac.compare_digest(self.entry_hash(prev_hash, entry), stored):
                 keyed_seen = True
                 return True
-            return not keyed_seen and hmac.compare_digest(plain_hash(prev_hash, entry), stored)
+            if keyed_seen or not hmac.compare_digest(plain_hash(prev_hash, entry), stored):
+                return False
+            plain.append(1)
+            return True
 
         return holds
 
@@ -328,14 +336,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no report_service database in {data_dir}", file=sys.stderr)
         return 2
     try:
-        verdict = chain.verify_engine(engine) if args.command == "verify" else chain.rekey(engine)
+        if args.command == "verify":
+            verdict, plain = chain.verify_engine(engine), None
+        else:
+            verdict, plain = chain.rekey(engine) or (None, None)
     finally:
         engine.dispose()
     if verdict is None:
         print("no audit trail in that database", file=sys.stderr)
         return 2
-    if args.command == "rekey" and verdict.ok:
-        print(f"audit trail keyed: {verdict.entries} entries, head {verdict.head_hash}")
+    if plain is not None and verdict.ok:
+        # A trail that verified as keyed before and now holds plain entries was rewritten by
+        # someone without the key: this count is for the operator to compare with what they expect.
+        print(f"audit trail keyed: {verdict.entries} entries ({plain} were plain), head {verdict.head_hash}")
     else:
         print(verdict.describe())
     return 0 if verdict.ok else 1

@@ -174,12 +174,13 @@ def test_rekey_hashes_a_trail_begun_before_the_key_again_under_it(tmp_path, data
         assert (verdict.ok, verdict.broken_seq) == (False, 1)
         done = _audit_command(tmp_path, database_url, "rekey")
         assert done.returncode == 0, done.stdout + done.stderr
-        assert done.stdout.startswith("audit trail keyed: 6 entries")
+        assert done.stdout.startswith("audit trail keyed: 6 entries (4 were plain)")
         verdict = CHAIN.verify_engine(db.engine)
         assert verdict.ok and verdict.entries == 6
         keyed = _hashes(db)
         again = _audit_command(tmp_path, database_url, "rekey")  # once keyed, nothing changes
         assert again.returncode == 0 and _hashes(db) == keyed
+        assert again.stdout.startswith("audit trail keyed: 6 entries (0 were plain)")
         with db.session() as session:  # and the service appends on
             CHAIN.append(session, [_event(7)], AT + timedelta(minutes=1))
         assert _audit_command(tmp_path, database_url).stdout.startswith("audit trail OK: 7 entries")
