@@ -108,6 +108,7 @@ async def build_parts(
         changes,
         trace.get_tracer(SERVICE, tracer_provider=tracer_provider),
         sweep=store.sweep,
+        audit_head=store.audit_head,
         owner=worker_name,
         lease_s=config.lease_s,
         retry=config.retry,

@@ -6,9 +6,10 @@ canonical form: compact JSON with sorted keys of its seq, instant (UTC, microsec
 query_id, user_id and details. The key is never in the database, so whoever can write to it
 still cannot make a changed entry hash right. Changing an entry breaks its own hash; deleting
 one leaves a gap in seq and breaks the next entry's link; deleting the last ones no longer
-matches rs_audit_head, the one row that names the newest entry. (Deleting the last ones and
-moving the head back with them is what a key alone cannot show: compare the head `verify`
-prints with one recorded earlier.) Appends lock that row
+matches rs_audit_head, the one row that names the newest entry. Deleting the last ones and
+moving the head back with them is what a key alone cannot show: report_service logs the head
+as it moves ("audit head N:H"), so logs kept elsewhere hold earlier heads, and
+`verify --head N:H` checks that entry N is still the one they named. Appends lock that row
 (SELECT ... FOR UPDATE on PostgreSQL; on SQLite every write transaction is exclusive), as the
 last step of the transaction that records the event, so the chain never forks and an event is
 audited exactly when it is committed.
@@ -16,7 +17,7 @@ audited exactly when it is committed.
 No personal data in clear: user ids are the gateway's opaque ids; details hold bank codes,
 outcome kinds, counts and the consent version, never a name, ID or phone number or card digits.
 
-    python -m report_service.audit verify [--database-url URL] [--data-dir DIR]
+    python -m report_service.audit verify [--head SEQ:HASH ...] [--database-url URL] [--data-dir DIR]
 
 prints OK with the number of entries and the head, or the first broken entry and exits 1 (2
 when there is no audit trail or no master key). It reads the database and the master key
@@ -132,15 +133,18 @@ class AuditChain:
         if events:
             _append(session, events, at, self.entry_hash)
 
-    def verify(self, connection: Connection) -> Verdict:
-        return _verify(connection, self.entry_hash)
+    def verify(self, connection: Connection, anchors: Mapping[int, str] | None = None) -> Verdict:
+        """`anchors`: heads recorded earlier (seq → hash, as report_service logs them), which
+        must still be entries of the chain: deleting the newest entries and moving the head back
+        with them is what the key alone cannot show."""
+        return _verify(connection, self.entry_hash, anchors or {})
 
-    def verify_engine(self, engine: Engine) -> Verdict | None:
+    def verify_engine(self, engine: Engine, anchors: Mapping[int, str] | None = None) -> Verdict | None:
         """None when the database has no audit trail (report_service never migrated it)."""
         if not inspect(engine).has_table(AuditHeadRow.__tablename__):
             return None
         with engine.connect() as connection:
-            return self.verify(connection)
+            return self.verify(connection, anchors)
 
     def rekey(self, engine: Engine) -> tuple[Verdict, int] | None:
         """Hashes a trail begun before entries were keyed again under the key (see the module's
@@ -235,9 +239,16 @@ class Verdict:
         return f"audit trail BROKEN at entry {self.broken_seq}: {self.problem}"
 
 
-def verify_rows(rows: Iterable[Sequence], head: tuple[int, str], holds: Callable[[str, bytes, str], bool]) -> Verdict:
+def verify_rows(
+    rows: Iterable[Sequence],
+    head: tuple[int, str],
+    holds: Callable[[str, bytes, str], bool],
+    anchors: Mapping[int, str] | None = None,
+) -> Verdict:
     """Walks the entries in seq order; the first that does not hold names the break.
-    `holds(prev_hash, canonical_entry, stored_hash)` checks one entry's hash."""
+    `holds(prev_hash, canonical_entry, stored_hash)` checks one entry's hash. `anchors`: heads
+    recorded earlier (seq → hash), which must still be entries of the chain."""
+    anchors = anchors or {}
     expected_seq, prev = 1, GENESIS
     count = 0
     for seq, recorded_at, event, query_id, user_id, details_text, prev_hash, stored_hash in rows:
@@ -251,6 +262,8 @@ def verify_rows(rows: Iterable[Sequence], head: tuple[int, str], holds: Callable
             return Verdict(False, count, prev, seq, "its details are not the JSON that was recorded")
         if not holds(prev, canonical(seq, recorded_at, event, query_id, user_id, details), stored_hash):
             return Verdict(False, count, prev, seq, f"changed after it was recorded ({event})")
+        if seq in anchors and anchors[seq] != stored_hash:
+            return Verdict(False, count, prev, seq, "not the entry a head recorded earlier named")
         prev = stored_hash
         expected_seq += 1
         count += 1
@@ -259,6 +272,8 @@ def verify_rows(rows: Iterable[Sequence], head: tuple[int, str], holds: Callable
         if head_seq > count:
             return Verdict(False, count, prev, count + 1, f"missing (the head names entry {head_seq})")
         return Verdict(False, count, prev, head_seq, "the head row does not name the last entry")
+    if anchors and max(anchors) > count:
+        return Verdict(False, count, prev, count + 1, f"missing (a head recorded earlier named entry {max(anchors)})")
     return Verdict(True, count, prev)
 
 
@@ -280,18 +295,23 @@ def _entries_up_to(seq: int):
     )
 
 
-def _verify(connection: Connection, entry_hash: Callable[[str, bytes], str]) -> Verdict:
+def read_head(connection: Connection) -> tuple[int, str] | None:
+    """The newest entry's seq and hash, as the head row names them."""
+    head_table = AuditHeadRow.__table__
+    row = connection.execute(select(head_table.c.seq, head_table.c.hash).where(head_table.c.id == 1)).first()
+    return None if row is None else (row.seq, row.hash)
+
+
+def _verify(connection: Connection, entry_hash: Callable[[str, bytes], str], anchors: Mapping[int, str]) -> Verdict:
     """Verifies the entries up to the one the head names. Entries appended meanwhile come after
     it (the head and its entries are committed together), so no snapshot of the whole table
     is needed and writers are never held up."""
-    head_table = AuditHeadRow.__table__
-    head = connection.execute(select(head_table.c.seq, head_table.c.hash).where(head_table.c.id == 1)).first()
+    head = read_head(connection)
     if head is None:
         return Verdict(False, 0, GENESIS, 1, "the head row is missing")
-    rows = connection.execution_options(yield_per=2000).execute(_entries_up_to(head.seq))
+    rows = connection.execution_options(yield_per=2000).execute(_entries_up_to(head[0]))
     return verify_rows(
-        rows, (head.seq, head.hash),
-        lambda prev, entry, stored: hmac.compare_digest(entry_hash(prev, entry), stored),
+        rows, head, lambda prev, entry, stored: hmac.compare_digest(entry_hash(prev, entry), stored), anchors
     )
 
 
@@ -307,6 +327,13 @@ def _engine(database_url: str | None, data_dir: Path, writes: bool) -> Engine | 
     return create_engine(f"sqlite:///file:{path.resolve()}?mode=ro&uri=true")
 
 
+def _anchor(text: str) -> tuple[int, str]:
+    seq, _, digest = text.partition(":")
+    if not (seq.isdigit() and int(seq) > 0 and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not SEQ:HASH (an entry number and 64 hex digits)")
+    return int(seq), digest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from cardcheck.runtime.settings import Settings, SettingsError
 
@@ -319,6 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--database-url", help="default: CARDCHECK_DATABASE_URL, else the SQLite file")
         command.add_argument("--data-dir", type=Path, help="default: CARDCHECK_DATA_DIR")
+        if name == "verify":
+            command.add_argument(
+                "--head", dest="anchors", action="append", default=[], type=_anchor, metavar="SEQ:HASH",
+                help="a head recorded earlier (report_service logs it): entry SEQ must still have HASH",
+            )
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -337,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "verify":
-            verdict, plain = chain.verify_engine(engine), None
+            verdict, plain = chain.verify_engine(engine, dict(args.anchors)), None
         else:
             verdict, plain = chain.rekey(engine) or (None, None)
     finally:

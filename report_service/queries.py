@@ -393,6 +393,9 @@ class QueryStore:
 
     # --- forgetting -------------------------------------------------------------------------
 
+    async def audit_head(self) -> tuple[int, str] | None:
+        return await self._db.read(lambda session: audit.read_head(session.connection()))
+
     async def sweep(self, batch: int = 500) -> list[str]:
         """Deletes every report past its expiry (wrapped data key and ciphertext together), marks
         its query EXPIRED, erases the sealed subject and the banks' sealed cards, and drops an SMS

@@ -61,6 +61,7 @@ class QueryWorker:
         tracer: trace.Tracer,
         *,
         sweep: Callable[[], Awaitable[list[str]]],
+        audit_head: Callable[[], Awaitable[tuple[int, str] | None]] | None = None,
         owner: str | None = None,
         lease_s: float = 30.0,
         retry: RetryPolicy | None = None,
@@ -74,6 +75,8 @@ class QueryWorker:
         self._changes = changes
         self._tracer = tracer
         self._sweep = sweep
+        self._audit_head = audit_head
+        self._logged_head: tuple[int, str] | None = None
         self.owner = owner or worker_name()
         self._lease_s = lease_s
         self._retry = retry or RetryPolicy()
@@ -203,7 +206,19 @@ class QueryWorker:
         if swept:
             log.info("deleted %d expired reports", len(swept))
             self._changes.notify()
+        await self._log_audit_head()
         return swept
+
+    async def _log_audit_head(self) -> None:
+        """The audit trail's head, each time a sweep finds it moved: logs kept elsewhere then
+        hold earlier heads, for `cardcheck audit verify --head SEQ:HASH` to check the newest
+        entries were not deleted with the head moved back (report_service.audit)."""
+        if self._audit_head is None:
+            return
+        head = await self._audit_head()
+        if head is not None and head[0] > 0 and head != self._logged_head:
+            self._logged_head = head
+            log.info("audit head %d:%s", *head)
 
     # --- running a query ----------------------------------------------------------------------
 

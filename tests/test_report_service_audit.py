@@ -59,6 +59,30 @@ async def test_every_event_of_a_query_is_audited_without_personal_data(rig):  # 
     assert verdict.ok and verdict.entries == 10
 
 
+async def test_the_worker_logs_the_audit_head_each_time_it_moves(rig, caplog):  # noqa: F811
+    caplog.set_level("INFO", logger="report_service.worker")
+
+    def logged_heads() -> list[tuple[int, str]]:
+        messages = [r.getMessage() for r in caplog.records]
+        return [(int(m.split()[2].split(":")[0]), m.split(":")[1]) for m in messages if m.startswith("audit head ")]
+
+    query = await rig.create()
+    await status_is(rig, query.query_id, common_pb2.QUERY_STATUS_READY)
+    await rig.parts.worker.sweep()
+    with rig.parts.db.engine.connect() as conn:
+        ready = audit.read_head(conn)
+    assert logged_heads()[-1] == ready
+    await rig.report(query.query_id)  # report.viewed: the head moves once more
+    await rig.parts.worker.sweep()
+    await rig.parts.worker.sweep()  # it did not move since: not logged again
+    heads = logged_heads()
+    with rig.parts.db.engine.connect() as conn:
+        viewed = audit.read_head(conn)
+        assert viewed[0] == ready[0] + 1 and heads[-2:] == [ready, viewed]
+        assert all(a[0] < b[0] for a, b in itertools.pairwise(heads))  # each line a move
+        assert rig.parts.store.audit.verify(conn, dict(heads)).ok  # every head it logged checks out
+
+
 def test_details_that_look_like_personal_data_are_refused():
     with pytest.raises(ValueError, match="digit"):
         audit._check_no_personal_data({"note": "13912345678"})
@@ -85,7 +109,9 @@ def _trail(tmp_path, database_url, entries: int = 6, plain: int = 0) -> Database
     return db
 
 
-def _audit_command(tmp_path, database_url, command: str = "verify", master_key: bytes | None = MASTER_KEY):
+def _audit_command(
+    tmp_path, database_url, command: str = "verify", master_key: bytes | None = MASTER_KEY, options=()
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARDCHECK_")}
     env["CARDCHECK_DATA_DIR"] = str(tmp_path)
     if database_url:
@@ -93,7 +119,7 @@ def _audit_command(tmp_path, database_url, command: str = "verify", master_key: 
     if master_key:
         env["CARDCHECK_MASTER_KEY"] = base64.b64encode(master_key).decode()
     return subprocess.run(
-        [sys.executable, "-m", "report_service.audit", command],
+        [sys.executable, "-m", "report_service.audit", command, *options],
         env=env,
         capture_output=True,
         text=True,
@@ -282,5 +308,29 @@ async def test_concurrent_appends_never_fork_the_chain(tmp_path, database_url):
         assert verdict.ok and verdict.entries == 120, verdict
         with db.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT count(DISTINCT prev_hash) FROM rs_audit")).scalar() == 120
+    finally:
+        db.dispose()
+
+
+def test_a_head_recorded_earlier_shows_the_newest_entries_deleted_with_the_head_moved_back(tmp_path, database_url):
+    db = _trail(tmp_path, database_url)
+    try:
+        with db.engine.connect() as conn:
+            four = conn.execute(sa.text("SELECT hash FROM rs_audit WHERE seq = 4")).scalar()
+            six = audit.read_head(conn)
+        anchors = ["--head", f"4:{four}", "--head", f"{six[0]}:{six[1]}"]
+        done = _audit_command(tmp_path, database_url, options=anchors)
+        assert done.returncode == 0, done.stdout + done.stderr
+        with db.engine.begin() as conn:  # what a writer can do without the key
+            conn.exec_driver_sql("DELETE FROM rs_audit WHERE seq > 4")
+            conn.execute(sa.text("UPDATE rs_audit_head SET seq = 4, hash = :h"), {"h": four})
+        assert CHAIN.verify_engine(db.engine).ok  # the key alone cannot tell
+        done = _audit_command(tmp_path, database_url, options=anchors)
+        assert done.returncode == 1
+        assert "BROKEN at entry 5: missing (a head recorded earlier named entry 6)" in done.stdout
+        other = _audit_command(tmp_path, database_url, options=["--head", f"4:{'0' * 64}"])
+        assert other.returncode == 1 and "BROKEN at entry 4: not the entry a head recorded earlier named" in other.stdout
+        bad = _audit_command(tmp_path, database_url, options=["--head", "four:abc"])
+        assert bad.returncode == 2 and "SEQ:HASH" in bad.stderr
     finally:
         db.dispose()
