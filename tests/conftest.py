@@ -36,6 +36,47 @@ def pg_schema_url() -> Iterator[str]:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+STATEFUL_SERVICES = ("gateway", "report_service", "notifier")
+
+
+@pytest.fixture
+def pg_service_roles() -> Iterator[dict[str, str]]:
+    """deploy/postgres/roles.sql, run with psql as documented but under role names of its own
+    (cardcheck_ → t<hex>_): each stateful service's SQLAlchemy URL, logged in as its role.
+    Roles and schemas are dropped afterwards."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    psql = shutil.which("psql")
+    if psql is None:
+        _unavailable("psql", FileNotFoundError("psql"))
+    prefix = f"t{secrets.token_hex(4)}_"
+    script = (Path(__file__).parent.parent / "deploy" / "postgres" / "roles.sql").read_text()
+    roles = {service: f"{prefix}{service}" for service in STATEFUL_SERVICES}
+    done = subprocess.run(
+        [psql, PG_ADMIN_DSN, "-v", "ON_ERROR_STOP=1", "-q", "-f", "-"],
+        input=script.replace("cardcheck_", prefix), capture_output=True, text=True, timeout=60,
+    )
+    if done.returncode != 0 and "could not connect" in done.stderr:
+        _unavailable("PostgreSQL", RuntimeError(done.stderr))
+    try:
+        assert done.returncode == 0, done.stderr
+        admin = make_url(PG_ADMIN_DSN).set(drivername="postgresql+psycopg")
+        yield {
+            service: admin.set(username=role, password=None).render_as_string(hide_password=False)
+            for service, role in roles.items()
+        }
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            for role in roles.values():
+                conn.execute(f"DROP SCHEMA IF EXISTS {role} CASCADE")
+                conn.execute(f"DROP ROLE IF EXISTS {role}")
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request) -> str | None:
     """None means the embedded default (a SQLite file under the data dir)."""

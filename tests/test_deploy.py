@@ -838,6 +838,7 @@ def clear_text_problems(where: str, values: Mapping[str, str]) -> list[str]:
 
 def secret_problems(m: Manifests) -> list[str]:
     problems = []
+    readers: dict[str, set[str]] = {}
     for configmap in m.of_kind("ConfigMap"):
         problems += clear_text_problems(f"ConfigMap {configmap['metadata']['name']}", configmap.get("data", {}))
     for secret in m.of_kind("Secret"):
@@ -860,6 +861,12 @@ def secret_problems(m: Manifests) -> list[str]:
                     problems.append(f"{service} reads {var} but no required Secret reference gives it")
             for var in sorted(set(from_secret) - needed):
                 problems.append(f"{service} is given {var}, which it never reads")
+            for ref in from_secret.values():
+                readers.setdefault(ref["name"], set()).add(service)
+    for name, services in sorted(readers.items()):
+        # One service broken into must hold no other's master key or database credentials.
+        if len(services) > 1:
+            problems.append(f"Secret {name} is read by {', '.join(sorted(services))}: each needs its own")
     return problems
 
 
@@ -1098,11 +1105,16 @@ BREAKAGES: dict[str, tuple[str, Callable[[Manifests], object]]] = {
     "key where it is not read": (
         "secrets", lambda m: _container(m, "bank_connector").setdefault("env", []).append(
             {"name": "CARDCHECK_MASTER_KEY",
-             "valueFrom": {"secretKeyRef": {"name": "cardcheck-secrets", "key": "master-key"}}})
+             "valueFrom": {"secretKeyRef": {"name": "bank-connector-secrets", "key": "master-key"}}})
     ),
     "secret values committed": (
         "secrets", lambda m: m.docs.append(
-            {"kind": "Secret", "metadata": {"name": "cardcheck-secrets"}, "stringData": {"master-key": "x"}})
+            {"kind": "Secret", "metadata": {"name": "gateway-secrets"}, "stringData": {"master-key": "x"}})
+    ),
+    "one secret for two services": (
+        "secrets", lambda m: next(
+            v for v in _container(m, "notifier")["env"] if v["name"] == "CARDCHECK_MASTER_KEY"
+        )["valueFrom"]["secretKeyRef"].update(name="gateway-secrets")
     ),
     "a caller left out": (
         "network", lambda m: _policy(m, "notifier-ingress")["ingress"][0]["from"].pop(1)
@@ -1205,17 +1217,21 @@ def health_status(address: str, service: str) -> int | None:
 
 
 @pytest.fixture
-def secret_urls(request, database_url) -> dict[str, str]:
-    """What the Secret would hand the services: on PostgreSQL, one database for the three that
-    keep state and the gateway's Redis, as at scale; on SQLite, neither (the embedded default)."""
+def secret_urls(request, database_url) -> dict[str, dict[str, str]]:
+    """What each service's Secret would hand it: on PostgreSQL, one database where each of the
+    three that keep state logs in as its own role (deploy/postgres/roles.sql), and the gateway's
+    Redis, as at scale; on SQLite, neither (the embedded default)."""
     if database_url is None:
         return {}
-    prefix = f"deploy-{secrets.token_hex(4)}"
-    return {
-        "CARDCHECK_DATABASE_URL": database_url,
-        "CARDCHECK_REDIS_URL": request.getfixturevalue("redis_url"),
-        "CARDCHECK_REDIS_KEY_PREFIX": prefix,
+    urls: dict[str, dict[str, str]] = {
+        service: {"CARDCHECK_DATABASE_URL": url}
+        for service, url in request.getfixturevalue("pg_service_roles").items()
     }
+    urls["gateway"] |= {
+        "CARDCHECK_REDIS_URL": request.getfixturevalue("redis_url"),
+        "CARDCHECK_REDIS_KEY_PREFIX": f"deploy-{secrets.token_hex(4)}",
+    }
+    return urls
 
 
 @pytest.mark.e2e
@@ -1224,7 +1240,7 @@ def test_the_image_command_starts_and_stops_each_service(base: Manifests, tmp_pa
     environment from the manifests (loopback ports instead of Services; the Secret's database
     and Redis URLs from the test's PostgreSQL and Redis, or the embedded default): SERVING on its
     readiness name, then gone with exit code 0 soon after SIGTERM. On PostgreSQL the three
-    services that keep state migrate one database at the same time."""
+    services that keep state migrate one database at the same time, each as its own role."""
     site = build_install(tmp_path)
     image = final_stage()
     ports = {service: free_port() for service in SERVICES}
@@ -1250,7 +1266,7 @@ def test_the_image_command_starts_and_stops_each_service(base: Manifests, tmp_pa
             env.pop("CARDCHECK_REDIS_URL", None)
             # Only what this container's Secret references name (the prefix goes with Redis).
             wanted = set(manifest_env) | ({"CARDCHECK_REDIS_KEY_PREFIX"} if "CARDCHECK_REDIS_URL" in manifest_env else set())
-            env |= {k: v for k, v in secret_urls.items() if k in wanted}
+            env |= {k: v for k, v in secret_urls.get(service, {}).items() if k in wanted}
             env |= {f"CARDCHECK_{s.upper()}_ADDR": f"127.0.0.1:{port}" for s, port in ports.items()}
             env |= {"CARDCHECK_BIND_HOST": "127.0.0.1", "CARDCHECK_DATA_DIR": str(tmp_path / service)}
             command = [sys.executable, *container_command(container)[1:]]
@@ -1280,12 +1296,14 @@ def test_the_image_command_starts_and_stops_each_service(base: Manifests, tmp_pa
                 process.kill()
                 codes[service] = process.wait(timeout=10)
     assert codes == dict.fromkeys(started, 0), {s: (tmp_path / f"{s}.log").read_text()[-2000:] for s in codes}
-    if secret_urls:  # the one database holds each stateful service's schema, at its own version
+    # The one database holds each stateful service's tables, in the schema of its own role.
+    for service, urls in secret_urls.items():
         import sqlalchemy as sa
 
-        engine = sa.create_engine(secret_urls["CARDCHECK_DATABASE_URL"])
+        url = sa.engine.make_url(urls["CARDCHECK_DATABASE_URL"])
+        engine = sa.create_engine(url)
         try:
-            tables = set(sa.inspect(engine).get_table_names())
+            tables = set(sa.inspect(engine).get_table_names(schema=url.username))
         finally:
             engine.dispose()
-        assert {f"alembic_version_{s}" for s in ("gateway", "report_service", "notifier")} <= tables, tables
+        assert f"alembic_version_{service}" in tables, (service, tables)
