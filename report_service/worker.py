@@ -216,7 +216,8 @@ class QueryWorker:
         if self._audit_head is None:
             return
         head = await self._audit_head()
-        if head is not None and head[0] > 0 and head != self._logged_head:
+        # Forward only: a read that was overtaken by a newer one logs nothing.
+        if head is not None and head[0] > (self._logged_head or (0, ""))[0]:
             self._logged_head = head
             log.info("audit head %d:%s", *head)
 
