@@ -103,6 +103,19 @@ class Child:
         return self.process.returncode
 
 
+def start_serving(
+    module: str, args: Sequence[str], env: Mapping[str, str], address: str, log_path: Path, timeout: float = 60.0
+) -> Child:
+    """`python -m module args` SERVING on `address`, or stopped again and the error raised."""
+    child = Child(module, args, env, address, log_path)
+    try:
+        child.wait_serving(timeout)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
 def start_bank_sim(
     data_dir: Path, args: Sequence[str] = ("--seed", "7", "--people", "50"), env: Mapping[str, str] | None = None
 ) -> Child:
@@ -110,16 +123,10 @@ def start_bank_sim(
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     address = f"127.0.0.1:{port}"
-    child = Child(
+    return start_serving(
         "bank_sim", args, clean_env(data_dir, CARDCHECK_BANK_SIM_ADDR=address, **dict(env or {})), address,
         data_dir / f"bank_sim-{port}.log",
     )
-    try:
-        child.wait_serving()
-    except BaseException:
-        child.stop()
-        raise
-    return child
 
 
 def per_bank_addresses(control_address: str) -> dict[str, str]:

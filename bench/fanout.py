@@ -38,7 +38,8 @@ from pathlib import Path
 import grpc
 import uvloop
 
-from bank_sim.process import ROOT, Child, clean_env, free_port
+from bank_sim.process import ROOT, Child, clean_env, free_port, start_serving
+from bench import percentile
 from cardcheck import dataset
 from cardcheck.banks import BANK_CODES
 from cardcheck.v1 import bank_connector_pb2, bank_connector_pb2_grpc, bank_pb2, bank_pb2_grpc, common_pb2
@@ -73,10 +74,7 @@ class Run:
         return self.cpu_s * 1000 / self.completed if self.completed else math.nan
 
     def percentile(self, fraction: float) -> float:
-        if not self.latencies_ms:
-            return math.nan
-        ordered = sorted(self.latencies_ms)
-        return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+        return percentile(self.latencies_ms, fraction)
 
 
 class Target:
@@ -218,14 +216,10 @@ async def settle(sim_address: str, connector_address: str, timeout_s: float = 30
 
 
 def start(module: str, args: list[str], work: Path, env: dict[str, str], address: str) -> Child:
-    child = Child(module, args, clean_env(work, CARDCHECK_LOG_LEVEL="WARNING", **env), address,
-                  work / f"{module.rsplit('.', 1)[-1]}.log")
-    try:
-        child.wait_serving(timeout=120)
-    except BaseException:
-        child.stop()
-        raise
-    return child
+    return start_serving(
+        module, args, clean_env(work, CARDCHECK_LOG_LEVEL="WARNING", **env), address,
+        work / f"{module.rsplit('.', 1)[-1]}.log", timeout=120,
+    )
 
 
 def _ms(value: float) -> str:

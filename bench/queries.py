@@ -37,7 +37,8 @@ from pathlib import Path
 
 import grpc
 
-from bank_sim.process import ROOT, Child, clean_env, free_port
+from bank_sim.process import ROOT, Child, clean_env, free_port, start_serving
+from bench import percentile
 from cardcheck import dataset
 from cardcheck.banks import BANK_CODES
 from cardcheck.v1 import (
@@ -60,13 +61,6 @@ PENDING = common_pb2.QUERY_STATUS_PENDING
 READY = common_pb2.QUERY_STATUS_READY
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
 def _ms(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1f}"
 
@@ -83,19 +77,10 @@ class Figures:
 
 
 def start(module: str, args: list[str], work: Path, env: dict[str, str], address: str) -> Child:
-    child = Child(
-        module,
-        args,
-        clean_env(work, CARDCHECK_LOG_LEVEL="WARNING", **env),
-        address,
-        work / f"{module}-{address.rpartition(':')[2]}.log",
+    return start_serving(
+        module, args, clean_env(work, CARDCHECK_LOG_LEVEL="WARNING", **env), address,
+        work / f"{module}-{address.rpartition(':')[2]}.log", timeout=120,
     )
-    try:
-        child.wait_serving(timeout=120)
-    except BaseException:
-        child.stop()
-        raise
-    return child
 
 
 _PHONES = itertools.count(1)
