@@ -180,9 +180,8 @@ def test_submit_query_leaves_one_trace_across_every_service(mesh: Mesh, records)
         assert record.pan not in text
 
 
+@pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)  # the same gateway code: once is enough
 def test_grpcurl_lists_services_and_calls_list_banks(mesh: Mesh) -> None:
-    if mesh.backend != "sqlite":
-        pytest.skip("the same gateway code; once is enough")
     address = mesh.settings.addresses["gateway"]
     listed = subprocess.run([str(BIN / "grpcurl"), "-plaintext", address, "list"],
                             capture_output=True, text=True, timeout=60)
@@ -208,10 +207,9 @@ def test_grpcurl_lists_services_and_calls_list_banks(mesh: Mesh) -> None:
     assert "InvalidArgument" in refused.stderr or "INVALID_ARGUMENT" in refused.stderr
 
 
+@pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)  # the same code paths: once is enough
 def test_demo_command_runs_again_on_the_same_mesh(mesh: Mesh) -> None:
     """A second `cardcheck demo` finds the user registered and in cooldown, and still shows the report."""
-    if mesh.backend != "sqlite":
-        pytest.skip("the same code paths; once is enough")
     run = subprocess.run([str(BIN / "cardcheck"), "demo", "--dataset", str(mesh.dataset_file), "--payment-password", PASSWORD],
                          env=mesh.env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
