@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -27,7 +28,13 @@ from cardcheck.runtime.errors import (
     handles_errors,
     invalid_argument,
 )
-from cardcheck.runtime.keys import Keyring, load_master_key
+from cardcheck.runtime.keys import (
+    Keyring,
+    load_keyring,
+    load_master_key,
+    read_retired_keys,
+    rotate_master_key,
+)
 from cardcheck.runtime.server import SERVER_OPTIONS, Registration, ServiceHost
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import client_interceptors, make_tracer_provider, server_interceptors
@@ -85,6 +92,59 @@ def test_master_key_is_generated_once_and_reused(tmp_path: Path) -> None:
     with pytest.raises(InvalidTag):  # and to its purpose
         keyring.sealer("other").open(sealed, b"q1")
     assert keyring.hasher("phone").digest("13800000000") != keyring.hasher("id").digest("13800000000")
+
+
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+def test_after_a_rotation_new_values_are_under_the_current_key_and_old_ones_still_open() -> None:
+    old_key, new_key, unknown = bytes(range(32)), bytes(range(1, 33)), bytes(32)
+    before, after = Keyring(old_key), Keyring(new_key, retired=[old_key, new_key, old_key])
+    assert after.retired == 1  # the current key and repeats are not counted as retired
+    old_sealed = before.sealer("identity").seal(b"name", b"u1")
+    new_sealed = after.sealer("identity").seal(b"name", b"u1")
+    assert after.sealer("identity").open(old_sealed, b"u1") == b"name"
+    with pytest.raises(InvalidTag):  # new values only under the current key
+        before.sealer("identity").open(new_sealed, b"u1")
+    with pytest.raises(InvalidTag):  # still bound to the row, under a retired key too
+        after.sealer("identity").open(old_sealed, b"u2")
+    assert after.sealer("identity").reseal(new_sealed, b"u1") is None
+    resealed = after.sealer("identity").reseal(old_sealed, b"u1")
+    assert Keyring(new_key).sealer("identity").open(resealed, b"u1") == b"name"  # the old key can go
+    with pytest.raises(InvalidTag):
+        Keyring(unknown).sealer("identity").reseal(old_sealed, b"u1")
+
+    old_digest = before.hasher("phone").digest("13800000000")
+    hasher = after.hasher("phone")
+    assert hasher.digest("13800000000") != old_digest  # stored from now on
+    assert hasher.digests("13800000000") == (hasher.digest("13800000000"), old_digest)  # looked up
+    assert hasher.matches("13800000000", old_digest) and not hasher.matches("13800000001", old_digest)
+    assert not Keyring(new_key).hasher("phone").matches("13800000000", old_digest)
+
+
+def test_retired_keys_come_from_the_environment_or_the_rotated_files(tmp_path: Path) -> None:
+    a, b = bytes(range(32)), bytes(range(2, 34))
+    settings = Settings.from_env({"CARDCHECK_RETIRED_MASTER_KEYS": f"{_b64(a)}, {_b64(b)}"})
+    assert read_retired_keys(settings.retired_master_keys, tmp_path) == (a, b)
+    assert read_retired_keys(None, tmp_path) == ()
+    with pytest.raises(SettingsError, match="entry 2"):
+        read_retired_keys(f"{_b64(a)},not-base64!", tmp_path)
+    with pytest.raises(SettingsError, match="32 bytes"):
+        read_retired_keys(_b64(b"short"), tmp_path)
+
+    first = load_master_key(None, tmp_path)
+    sealed = Keyring(first).sealer("report").seal(b"x", b"q")
+    retired_file = rotate_master_key(tmp_path, datetime(2026, 11, 24, 8, 0, tzinfo=UTC))
+    assert retired_file.parent == tmp_path / "keys" / "retired" and retired_file.stat().st_mode & 0o077 == 0
+    keyring = load_keyring(None, None, tmp_path)
+    assert keyring.subkey("report") != Keyring(first).subkey("report") and keyring.retired == 1
+    assert keyring.sealer("report").open(sealed, b"q") == b"x"
+    rotate_master_key(tmp_path, datetime(2026, 11, 25, 8, 0, tzinfo=UTC))
+    assert load_keyring(None, None, tmp_path).retired == 2
+    assert load_keyring(None, None, tmp_path).sealer("report").open(sealed, b"q") == b"x"
+    # Configured keys win over the files: the operator's Secret says what is retired.
+    assert load_keyring(_b64(b), _b64(a), tmp_path).retired == 1
 
 
 class Refusing(notifier_pb2_grpc.NotifierServicer):

@@ -92,6 +92,7 @@ class Settings:
     database_url: str | None = None
     redis_url: str | None = None
     master_key: str | None = None  # base64 of 32 bytes; generated into data_dir when unset
+    retired_master_keys: str | None = None  # base64, comma-separated: still open what they sealed
     sandbox: bool = True  # sandbox identity (face token) and SMS inbox
     enabled_regions: tuple[str, ...] = ALL_REGIONS
     bank_addresses: dict[str, str] = field(default_factory=dict)  # per-bank overrides
@@ -124,6 +125,7 @@ class Settings:
             database_url=env.get("CARDCHECK_DATABASE_URL") or None,
             redis_url=env.get("CARDCHECK_REDIS_URL") or None,
             master_key=env.get("CARDCHECK_MASTER_KEY") or None,
+            retired_master_keys=env.get("CARDCHECK_RETIRED_MASTER_KEYS") or None,
             sandbox=_bool(env, "CARDCHECK_SANDBOX", True),
             enabled_regions=regions,
             bank_addresses=bank_addresses,
