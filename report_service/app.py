@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from cardcheck.runtime.channels import open_channel
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
-from cardcheck.runtime.keys import Keyring, load_master_key
+from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.server import Registration, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
@@ -80,7 +80,7 @@ async def build_parts(
     config = config or ReportServiceConfig.from_env()
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
     clock = clock or SystemClock()
-    keyring = Keyring(load_master_key(settings.master_key, settings.data_dir))
+    keyring = load_keyring(settings.master_key, settings.retired_master_keys, settings.data_dir)
     db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
     try:
         await asyncio.to_thread(upgrade_to_head, db.engine, MIGRATIONS, SERVICE)

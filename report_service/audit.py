@@ -26,9 +26,10 @@ CARDCHECK_MASTER_KEY, else the key file there).
 
     python -m report_service.audit rekey [--database-url URL] [--data-dir DIR]
 
-once, for a trail begun before entries were keyed: checks every entry as it was recorded (plain
-SHA-256, then keyed ones) and, only if all hold, hashes the whole chain again under the key, in
-one transaction that holds the head. Exits 1, changing nothing, at the first broken entry. It
+once, for a trail begun before entries were keyed or after a master key rotation (entries under
+a retired key, CARDCHECK_RETIRED_MASTER_KEYS): checks every entry as it was recorded (plain
+SHA-256, then keyed ones) and, only if all hold, hashes the whole chain again under the current
+key, in one transaction that holds the head (`python -m report_service.rewrap` runs it too). Exits 1, changing nothing, at the first broken entry. It
 says how many entries were plain: a trail that once verified keyed and no longer does is
 evidence of tampering, never something to rekey (it would accept a chain rewritten in plain)."""
 
@@ -50,7 +51,7 @@ from sqlmodel import Session
 
 from cardcheck.runtime.clock import as_utc
 from cardcheck.runtime.database import make_engine
-from cardcheck.runtime.keys import Keyring, read_master_key
+from cardcheck.runtime.keys import Keyring, read_master_key, read_retired_keys
 from report_service.models import AuditHeadRow, AuditRow
 
 GENESIS = "0" * 64
@@ -115,17 +116,28 @@ def _check_no_personal_data(details: Mapping[str, object]) -> None:
 
 
 class AuditChain:
-    """Appends to the chain and verifies it, with the chain's key."""
+    """Appends to the chain under the chain's current key and verifies it. After a master key
+    rotation, entries under a retired key still verify (replicas not yet restarted append under
+    it for a while); `rekey` then hashes the chain again under the current key."""
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, retired: Sequence[bytes] = ()) -> None:
         self._key = key
+        self._retired = tuple(retired)
 
     @classmethod
     def from_keyring(cls, keyring: Keyring) -> AuditChain:
-        return cls(keyring.subkey(KEY_PURPOSE))
+        return cls(keyring.subkey(KEY_PURPOSE), keyring.retired_subkeys(KEY_PURPOSE))
 
     def entry_hash(self, prev_hash: str, entry: bytes) -> str:
         return hmac.new(self._key, bytes.fromhex(prev_hash) + entry, hashlib.sha256).hexdigest()
+
+    def _keyed(self, prev_hash: str, entry: bytes, stored: str) -> bool:
+        """Whether `stored` is the entry's hash under the current key or a retired one."""
+        message = bytes.fromhex(prev_hash) + entry
+        return any(
+            hmac.compare_digest(hmac.new(key, message, hashlib.sha256).hexdigest(), stored)
+            for key in (self._key, *self._retired)
+        )
 
     def append(self, session: Session, events: Sequence[AuditEvent], at: datetime) -> None:
         """Appends `events` in order to the chain, inside the caller's transaction; call it as
@@ -137,7 +149,7 @@ class AuditChain:
         """`anchors`: heads recorded earlier (seq → hash, as report_service logs them), which
         must still be entries of the chain: deleting the newest entries and moving the head back
         with them is what the key alone cannot show."""
-        return _verify(connection, self.entry_hash, anchors or {})
+        return _verify(connection, self._keyed, anchors or {})
 
     def verify_engine(self, engine: Engine, anchors: Mapping[int, str] | None = None) -> Verdict | None:
         """None when the database has no audit trail (report_service never migrated it)."""
@@ -147,8 +159,8 @@ class AuditChain:
             return self.verify(connection, anchors)
 
     def rekey(self, engine: Engine) -> tuple[Verdict, int] | None:
-        """Hashes a trail begun before entries were keyed again under the key (see the module's
-        doc); a keyed trail is left as it is. The verdict is on the trail as recorded: when it
+        """Hashes a trail begun before entries were keyed, or with entries under a retired key,
+        again under the current key (see the module's doc); a trail under it is left as it is. The verdict is on the trail as recorded: when it
         is broken nothing is changed. With it, how many entries were plain. None when there is
         no audit trail."""
         if not inspect(engine).has_table(AuditHeadRow.__tablename__):
@@ -185,7 +197,7 @@ class AuditChain:
 
         def holds(prev_hash: str, entry: bytes, stored: str) -> bool:
             nonlocal keyed_seen
-            if hmac.compare_digest(self.entry_hash(prev_hash, entry), stored):
+            if self._keyed(prev_hash, entry, stored):
                 keyed_seen = True
                 return True
             if keyed_seen or not hmac.compare_digest(plain_hash(prev_hash, entry), stored):
@@ -302,7 +314,7 @@ def read_head(connection: Connection) -> tuple[int, str] | None:
     return None if row is None else (row.seq, row.hash)
 
 
-def _verify(connection: Connection, entry_hash: Callable[[str, bytes], str], anchors: Mapping[int, str]) -> Verdict:
+def _verify(connection: Connection, holds: Callable[[str, bytes, str], bool], anchors: Mapping[int, str]) -> Verdict:
     """Verifies the entries up to the one the head names. Entries appended meanwhile come after
     it (the head and its entries are committed together), so no snapshot of the whole table
     is needed and writers are never held up."""
@@ -310,9 +322,7 @@ def _verify(connection: Connection, entry_hash: Callable[[str, bytes], str], anc
     if head is None:
         return Verdict(False, 0, GENESIS, 1, "the head row is missing")
     rows = connection.execution_options(yield_per=2000).execute(_entries_up_to(head[0]))
-    return verify_rows(
-        rows, head, lambda prev, entry, stored: hmac.compare_digest(entry_hash(prev, entry), stored), anchors
-    )
+    return verify_rows(rows, head, holds, anchors)
 
 
 def _engine(database_url: str | None, data_dir: Path, writes: bool) -> Engine | None:
@@ -362,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if master_key is None:
         print(f"no master key: CARDCHECK_MASTER_KEY is not set and {data_dir}/keys has none", file=sys.stderr)
         return 2
-    chain = AuditChain.from_keyring(Keyring(master_key))
+    chain = AuditChain.from_keyring(Keyring(master_key, read_retired_keys(settings.retired_master_keys, data_dir)))
     engine = _engine(args.database_url or settings.database_url, data_dir, writes=args.command == "rekey")
     if engine is None:
         print(f"no report_service database in {data_dir}", file=sys.stderr)

@@ -1,0 +1,113 @@
+"""After a master key rotation: everything report_service sealed or keyed under a retired key,
+sealed and keyed again under the current one, so the retired key can be destroyed.
+
+    python -m report_service.rewrap [--database-url URL] [--data-dir DIR]
+
+Re-seals each query's subject, each bank's sealed cards and each report's wrapped data key (the
+report itself stays as it is: only its data key was sealed), a batch of rows per transaction with
+the rows locked, so it can run while the service does; then hashes the audit trail again under
+the current key (`python -m report_service.audit rekey`). Reports expire within days anyway;
+the subjects of queries still running and the audit trail do not. A second run changes nothing.
+It reads the database and the keys report_service uses, and never creates either."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy import Engine, inspect, select, update
+from sqlmodel import Session
+
+from cardcheck.runtime.database import make_engine
+from cardcheck.runtime.keys import Keyring, Sealer, read_master_key, read_retired_keys
+from report_service.audit import AuditChain, Verdict
+from report_service.models import BankOutcomeRow, QueryRow, ReportRow
+
+BATCH = 500
+
+
+def _rewrap_column(engine: Engine, table, key_column, sealed_column, sealer: Sealer, bound_to, batch: int) -> int:
+    """Re-seals `sealed_column` row by row in primary-key order; `bound_to(row)` is the
+    associated data it was sealed with. Empty and NULL values (erased) are left alone."""
+    changed, after = 0, None
+    while True:
+        with Session(engine) as session, session.begin():
+            query = select(table).where(sealed_column.is_not(None)).order_by(key_column).limit(batch)
+            if after is not None:
+                query = query.where(key_column > after)
+            # Locked: a sweep erasing a value meanwhile must not see it written back.
+            rows = session.execute(query.with_for_update()).all()
+            for row in rows:
+                sealed = row._mapping[sealed_column.name]
+                resealed = sealer.reseal(sealed, bound_to(row)) if sealed else None
+                if resealed is not None:
+                    session.execute(
+                        update(table).where(key_column == row._mapping[key_column.name])
+                        .values({sealed_column.name: resealed})
+                    )
+                    changed += 1
+        if len(rows) < batch:
+            return changed
+        after = rows[-1]._mapping[key_column.name]
+
+
+def rewrap(engine: Engine, keyring: Keyring, batch: int = BATCH) -> tuple[int, Verdict | None]:
+    """Rows changed, and the audit trail's verdict (None when there is none)."""
+    queries, outcomes, reports = QueryRow.__table__, BankOutcomeRow.__table__, ReportRow.__table__
+    changed = _rewrap_column(
+        engine, queries, queries.c.query_id, queries.c.subject_sealed, keyring.sealer("subject"),
+        lambda row: row.query_id.encode(), batch,
+    )
+    changed += _rewrap_column(
+        engine, outcomes, outcomes.c.id, outcomes.c.cards_sealed, keyring.sealer("bank-outcome"),
+        lambda row: f"{row.query_id}/{row.bank_code}".encode(), batch,
+    )
+    changed += _rewrap_column(
+        engine, reports, reports.c.query_id, reports.c.wrapped_key, keyring.sealer("report-kek"),
+        lambda row: row.query_id.encode(), batch,
+    )
+    rekeyed = AuditChain.from_keyring(keyring).rekey(engine)
+    return changed, None if rekeyed is None else rekeyed[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cardcheck.runtime.settings import Settings, SettingsError
+
+    parser = argparse.ArgumentParser(prog="python -m report_service.rewrap", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database-url", help="default: CARDCHECK_DATABASE_URL, else the SQLite file")
+    parser.add_argument("--data-dir", type=Path, help="default: CARDCHECK_DATA_DIR")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        data_dir = args.data_dir or settings.data_dir
+        master_key = read_master_key(settings.master_key, data_dir)
+        retired = read_retired_keys(settings.retired_master_keys, data_dir)
+    except SettingsError as error:
+        print(f"report_service.rewrap: {error}", file=sys.stderr)
+        return 2
+    if master_key is None:
+        print(f"no master key: CARDCHECK_MASTER_KEY is not set and {data_dir}/keys has none", file=sys.stderr)
+        return 2
+    database_url = args.database_url or settings.database_url
+    if not database_url and not (data_dir / "report_service.db").is_file():
+        print(f"no report_service database in {data_dir}", file=sys.stderr)
+        return 2
+    engine = make_engine(database_url, data_dir, "report_service")
+    try:
+        if not inspect(engine).has_table(QueryRow.__tablename__):
+            print("no report_service tables in that database", file=sys.stderr)
+            return 2
+        changed, verdict = rewrap(engine, Keyring(master_key, retired))
+    finally:
+        engine.dispose()
+    print(f"report_service: {changed} rows rewrapped under the current key")
+    if verdict is not None and not verdict.ok:
+        print(verdict.describe())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
