@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
-from cardcheck.runtime.keys import Keyring, load_master_key
+from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.server import Registration, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
@@ -19,7 +19,7 @@ from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import notifier_pb2_grpc
 from notifier.config import NotifierConfig
 from notifier.delivery import Backoff, DeliveryWorker
-from notifier.messages import MessageSealing, MessageStore
+from notifier.messages import MessageStore, message_sealing
 from notifier.outbox import Outbox
 from notifier.providers import SmsProvider, make_provider
 from notifier.servicer import NotifierServicer
@@ -71,16 +71,11 @@ async def build_parts(
     clock = clock or SystemClock()
     provider = provider or make_provider(config, settings, clock)
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
-    keyring = Keyring(load_master_key(settings.master_key, settings.data_dir))
+    keyring = load_keyring(settings.master_key, settings.retired_master_keys, settings.data_dir)
     db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
     await asyncio.to_thread(upgrade_to_head, db.engine, MIGRATIONS, SERVICE)
     store = MessageStore(db, clock)
-    sealing = MessageSealing(
-        keyring.hasher("phone"),
-        keyring.sealer("notifier-phone"),
-        keyring.sealer("notifier-body"),
-        keyring.hasher("notifier-body"),
-    )
+    sealing = message_sealing(keyring)
     worker = DeliveryWorker(
         store,
         sealing,

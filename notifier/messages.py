@@ -5,6 +5,10 @@ cap) and a sealed copy bound to its message_id. The text is kept in clear only b
 provider, where the table is the inbox; elsewhere it is sealed until it is delivered or given
 up, then dropped, and a keyed digest of it remains (a retried Send must carry the same text).
 
+After a master key rotation, rows stored under a retired key keep working: their sealed copies
+open, lookups by phone take every key's digest, and compares accept a retired key's digest. New
+rows are under the current key only; `python -m notifier.rewrap` moves the old ones over.
+
 Delivery state: QUEUED (due at next_attempt_at, or being tried by the replica holding the
 lease), DELIVERED, or FAILED (refused for good, or not delivered before retry_until)."""
 
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -36,7 +40,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
-from cardcheck.runtime.keys import KeyedHash, Sealer
+from cardcheck.runtime.keys import KeyedHash, Keyring, Sealer
 from notifier.config import Cap
 from notifier.providers import OutgoingSms
 from notifier.templates import REQUIRED_PARAMS, param_problems
@@ -159,10 +163,21 @@ class MessageSealing:
         self._body_hasher = body_hasher
 
     def phone_hash(self, phone: str) -> str:
+        """What a new row stores: the digest under the current key."""
         return self._phone_hasher.digest(phone)
+
+    def phone_hashes(self, phone: str) -> tuple[str, ...]:
+        """What a lookup takes: the digest under the current key and each retired one."""
+        return self._phone_hasher.digests(phone)
+
+    def phone_matches(self, phone: str, stored: str) -> bool:
+        return self._phone_hasher.matches(phone, stored)
 
     def body_digest(self, body: str) -> str:
         return self._body_hasher.digest(body)
+
+    def body_matches(self, body: str, stored: str) -> bool:
+        return self._body_hasher.matches(body, stored)
 
     def seal_phone(self, message_id: str, phone: str) -> bytes:
         return self._phone_sealer.seal(phone.encode(), message_id.encode())
@@ -182,6 +197,49 @@ class MessageSealing:
         else:
             return None
         return OutgoingSms(row.message_id, self.open_phone(row), row.kind, row.template, body)
+
+    def rewrapped(self, row: MessageRow) -> dict[str, object]:
+        """The columns of `row` to write for it to be under the current key only; empty when it
+        is already. InvalidTag when no key opens its phone.
+
+        A row's values are all written under one key at once (by Send, or here), and the sealed
+        phone is always kept: it tells which key the row is under. The text's digest is made
+        again from the text while it is kept (the sandbox inbox, or sealed until delivered);
+        once the text is gone the digest cannot be, and it is dropped: a retried Send of that
+        message is then compared on its phone and kind only."""
+        bound = row.message_id.encode()
+        changes: dict[str, object] = {}
+        phone_resealed = self._phone_sealer.reseal(row.phone_sealed, bound)
+        if phone_resealed is not None:
+            changes["phone_sealed"] = phone_resealed
+        phone = self._phone_sealer.open(row.phone_sealed, bound).decode()
+        phone_hash = self._phone_hasher.digest(phone)
+        if row.phone_hash != phone_hash:
+            changes["phone_hash"] = phone_hash
+        text = row.body
+        if row.body_sealed is not None:
+            body_resealed = self._body_sealer.reseal(row.body_sealed, bound)
+            if body_resealed is not None:
+                changes["body_sealed"] = body_resealed
+            if text is None:
+                text = self._body_sealer.open(row.body_sealed, bound).decode()
+        if text is not None:
+            digest = self._body_hasher.digest(text)
+            if row.body_digest != digest:
+                changes["body_digest"] = digest
+        elif row.body_digest is not None and phone_resealed is not None:
+            changes["body_digest"] = None
+        return changes
+
+
+def message_sealing(keyring: Keyring) -> MessageSealing:
+    """The message table's keys, from the keyring (current and retired master keys)."""
+    return MessageSealing(
+        keyring.hasher("phone"),
+        keyring.sealer("notifier-phone"),
+        keyring.sealer("notifier-body"),
+        keyring.hasher("notifier-body"),
+    )
 
 
 @dataclass(frozen=True)
@@ -214,12 +272,20 @@ class MessageStore:
         return await self._db.run(lambda session: self._by_message_id(session, message_id))
 
     async def record(
-        self, row: MessageRow, cap: Cap, owner: str, lease: timedelta
+        self,
+        row: MessageRow,
+        cap: Cap,
+        owner: str,
+        lease: timedelta,
+        phone_hashes: Sequence[str] = (),
     ) -> tuple[MessageRow, bool]:
         """Records a new message, QUEUED and already held by `owner` for its first attempt; or
         returns the message recorded earlier under the same idempotency key (created False).
-        A new message past the phone's cap is refused with RATE_LIMITED and the wait."""
+        A new message past the phone's cap is refused with RATE_LIMITED and the wait; the cap
+        counts the phone's messages under any of `phone_hashes` (every key's digest; by
+        default the row's own)."""
         key = row.idempotency_key
+        hashes = tuple(phone_hashes) or (row.phone_hash,)
 
         def work(session: Session) -> tuple[MessageRow, bool]:
             earlier = session.exec(select(MessageRow).where(MessageRow.idempotency_key == key)).first()
@@ -227,7 +293,7 @@ class MessageStore:
                 return earlier, False
             now = self._clock.now()
             self._serialise_phone(session, row.phone_hash)
-            self._check_cap(session, row.phone_hash, row.kind, cap, now)
+            self._check_cap(session, hashes, row.kind, cap, now)
             row.created_at = now
             row.status = QUEUED
             row.attempts = 1
@@ -256,7 +322,7 @@ class MessageStore:
             session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": int(phone_hash[:15], 16)})
 
     @staticmethod
-    def _check_cap(session: Session, phone_hash: str, kind: str, cap: Cap, now: datetime) -> None:
+    def _check_cap(session: Session, phone_hashes: Sequence[str], kind: str, cap: Cap, now: datetime) -> None:
         windows = cap.windows()
         if not windows:
             return
@@ -266,7 +332,7 @@ class MessageStore:
             for t in session.exec(
                 select(MessageRow.created_at)
                 .where(
-                    MessageRow.phone_hash == phone_hash,
+                    col(MessageRow.phone_hash).in_(phone_hashes),
                     MessageRow.kind == kind,
                     col(MessageRow.created_at) > now - widest,
                 )
@@ -455,13 +521,14 @@ class MessageStore:
             if done < batch:
                 return deleted
 
-    async def for_phone(self, phone_hash: str) -> list[MessageRow]:
-        """A phone's messages, newest first."""
+    async def for_phone(self, phone_hashes: Sequence[str]) -> list[MessageRow]:
+        """A phone's messages (stored under any of its `phone_hashes`), newest first."""
+        hashes = tuple(phone_hashes)
 
         def work(session: Session) -> list[MessageRow]:
             query = (
                 select(MessageRow)
-                .where(MessageRow.phone_hash == phone_hash)
+                .where(col(MessageRow.phone_hash).in_(hashes))
                 .order_by(col(MessageRow.created_at).desc(), col(MessageRow.seq).desc())
             )
             return list(session.exec(query))

@@ -97,12 +97,16 @@ class Outbox:
             trace_context=json.dumps(carrier) if carrier else None,
         )
         recorded, created = await self._store.record(
-            row, self._config.caps[kind], self._worker.owner, self._worker.lease
+            row,
+            self._config.caps[kind],
+            self._worker.owner,
+            self._worker.lease,
+            self._sealing.phone_hashes(phone),
         )
         if created:
             log.info("sms %s (%s) to %s recorded", recorded.message_id, kind, mask_phone(phone))
         else:
-            self._check_same_message(recorded, phone_hash, kind, params)
+            self._check_same_message(recorded, phone, kind, params)
             if recorded.status != FAILED:
                 return delivery_of(recorded)
             # An earlier delivery failed for good: asking again tries again, the same message.
@@ -131,15 +135,15 @@ class Outbox:
         return await self.delivery(recorded.message_id)
 
     def _check_same_message(
-        self, recorded: MessageRow, phone_hash: str, kind: str, params: Mapping[str, str]
+        self, recorded: MessageRow, phone: str, kind: str, params: Mapping[str, str]
     ) -> None:
         """A key names one message: the same phone, kind and text (rendered with the template
-        version the message was recorded with)."""
-        same = recorded.phone_hash == phone_hash and recorded.kind == kind
+        version the message was recorded with). The stored digests may be under a retired key."""
+        same = self._sealing.phone_matches(phone, recorded.phone_hash) and recorded.kind == kind
         if same and recorded.body_digest is not None:
             template = self._templates.named.get(recorded.template)
             if template is not None:
-                same = self._sealing.body_digest(template.render(params)) == recorded.body_digest
+                same = self._sealing.body_matches(template.render(params), recorded.body_digest)
         if not same:
             raise invalid_argument(
                 [FieldViolation("idempotency_key", "already used for a different phone, kind or text")]
@@ -165,5 +169,5 @@ class Outbox:
                 body=row.body or "",
                 created_at=as_utc(row.created_at),
             )
-            for row in await self._store.for_phone(self._sealing.phone_hash(phone))
+            for row in await self._store.for_phone(self._sealing.phone_hashes(phone))
         ]
