@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from cardcheck.runtime.channels import open_channel
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
-from cardcheck.runtime.keys import Keyring, load_master_key
+from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.server import Registration, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings, SettingsError
@@ -54,7 +54,7 @@ async def build(
         raise SettingsError(f"gateway rate limits: {error}") from None
     if limiters is None:
         limiters = _limiters(settings, config, clock, rates)
-    keyring = Keyring(load_master_key(settings.master_key, settings.data_dir))
+    keyring = load_keyring(settings.master_key, settings.retired_master_keys, settings.data_dir)
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
     # Before the server's interceptors take their tracer from the provider (gateway/tracing.py).
     shedding = Shedding()

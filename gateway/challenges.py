@@ -3,12 +3,17 @@ purpose, valid five minutes, used once, dead after five wrong tries. A phone get
 the same purpose at most once a minute, and at most `daily_cap` codes a day (China's calendar
 day) over all purposes; both are counted in the database, in the transaction that issues the
 code, so concurrent requests and several gateway replicas cannot exceed them. Only a keyed hash
-of the code is stored. (Limits per caller and per user sit in front of this: gateway/flows.py.)"""
+of the code is stored. (Limits per caller and per user sit in front of this: gateway/flows.py.)
+
+Across a master key rotation a challenge issued just before it still verifies: its code hash and
+the phone hash it is bound to are compared with every key's digest. The resend and daily counts
+are kept per phone hash under the current key, so they start afresh at a rotation."""
 
 from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
@@ -113,7 +118,10 @@ class Challenges:
 
     async def issue(self, phone_hash: str, purpose: str) -> IssuedChallenge:
         """A new challenge, or RATE_LIMITED (with the wait) within a minute of the last one for
-        this purpose or past the phone's daily cap."""
+        this purpose or past the phone's daily cap. `phone_hash` is the current key's digest:
+        the throttle and daily rows a retired key's digest named are not looked at, so both
+        counts restart at a master key rotation (at most one extra minute's wait and one more
+        day's cap of codes, once; housekeeping deletes the old rows)."""
         now = self._clock.now()
         today = _china_day(now).isoformat()
         challenge_id = secrets.token_hex(16)
@@ -190,16 +198,24 @@ class Challenges:
 
         await self._db.run(work)
 
-    async def verify(self, challenge_id: str, code: str, phone_hash: str, purpose: str) -> None:
-        """Consumes the challenge when the code is right; VERIFICATION_FAILED otherwise."""
+    async def verify(
+        self, challenge_id: str, code: str, phone_hashes: Sequence[str], purpose: str
+    ) -> None:
+        """Consumes the challenge when the code is right; VERIFICATION_FAILED otherwise.
+        `phone_hashes`: the phone's digests under the current and the retired keys (a challenge
+        issued before a rotation is bound to a retired key's digest)."""
         now = self._clock.now()
-        offered = self._hash(challenge_id, code)
+        offered = f"{challenge_id}:{code}"
 
         def work(session: Session) -> str | None:
             row = session.exec(
                 select(ChallengeRow).where(ChallengeRow.challenge_id == challenge_id).with_for_update()
             ).first()
-            if row is None or row.purpose != purpose or not hmac.compare_digest(row.phone_hash, phone_hash):
+            if (
+                row is None
+                or row.purpose != purpose
+                or not any(hmac.compare_digest(row.phone_hash, candidate) for candidate in phone_hashes)
+            ):
                 return "unknown challenge"
             if row.used:
                 return "already used"
@@ -207,7 +223,7 @@ class Challenges:
                 return "too many wrong tries"
             if as_utc(row.expires_at) <= now:
                 return "expired"
-            if not hmac.compare_digest(row.code_hash, offered):
+            if not self._code_hash.matches(offered, row.code_hash):
                 row.wrong_tries += 1
                 if row.wrong_tries >= MAX_WRONG_TRIES:
                     row.dead = True

@@ -162,7 +162,8 @@ class Gateway:
         problems.raise_if_any()
         assert purpose is not None
         _annotate({"cardcheck.sms.purpose": purpose})
-        # The caller (an address, never stored or logged) is only a key in the limiter.
+        # The caller (an address, never stored or logged) is only a key in the limiter (under
+        # the current key: a master key rotation gives every caller a fresh budget, once).
         await _limited(
             self._limits.sms_caller, self._callers.digest(caller)[:32], "caller", "too many codes requested"
         )
@@ -209,7 +210,7 @@ class Gateway:
 
         id_number = validation.normalise_id_number(form.id_number)
         await self._challenges.verify(
-            form.challenge_id, form.sms_code, self._users.phone_hash(form.phone), "REGISTER"
+            form.challenge_id, form.sms_code, self._users.phone_hashes(form.phone), "REGISTER"
         )
         await self._users.ensure_not_registered(id_number, form.phone)
         bank_code = await self._banks.verify_real_name(form.card_number, form.name, id_number, form.phone)
@@ -226,7 +227,7 @@ class Gateway:
         problems.phone(phone)
         problems.challenge(challenge_id, sms_code)
         problems.raise_if_any()
-        await self._challenges.verify(challenge_id, sms_code, self._users.phone_hash(phone), "SIGN_IN")
+        await self._challenges.verify(challenge_id, sms_code, self._users.phone_hashes(phone), "SIGN_IN")
         user = await self._users.find_by_phone(phone)
         if user is None:
             raise CardCheckError("VERIFICATION_FAILED", "no account for this phone")
@@ -294,15 +295,18 @@ class Gateway:
             raise CardCheckError("UNAUTHENTICATED", "the session's user no longer exists")
         validation.check_region_enabled(user.region, self._settings.enabled_regions)
 
-        phone_hash = await self._users.phone_hash_of(user_id)
-        await self._challenges.verify(form.challenge_id, form.sms_code, phone_hash, "QUERY_AUTH")
+        identity = await self._users.identity(user_id)
+        # The code was sent to the identity's phone; its challenge is bound to the phone's
+        # digest under the key current then (a retired one if a rotation came in between).
+        await self._challenges.verify(
+            form.challenge_id, form.sms_code, self._users.phone_hashes(identity.phone), "QUERY_AUTH"
+        )
         if not await self._face.verify(user_id, form.face_token):
             raise CardCheckError(
                 "VERIFICATION_FAILED", "face verification failed", metadata={"factor": "face"}
             )
 
         bank_codes = await self._resolve_banks(requested)
-        identity = await self._users.identity(user_id)
         idempotency_key = form.idempotency_key or secrets.token_hex(16)
         _annotate({"cardcheck.query.bank_count": len(bank_codes)})
         query = await self._reports.create_query(

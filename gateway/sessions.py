@@ -6,7 +6,11 @@ under a key derived from the master key for this purpose alone, over everything 
 a forged or expired token never reaches the database. `ensure_live` then asks the sessions table
 whether the session still exists and is not revoked (sign-out), which every authenticated RPC
 does. The table holds only a SHA-256 of the session id (128 random bits), never the token, so
-even a leak of the table together with the key cannot make a working token."""
+even a leak of the table together with the key cannot make a working token.
+
+Tokens are signed under the current master key; after a rotation those signed under a retired
+key keep verifying while it is configured (a token cannot be signed again: once the retired key
+is gone, a session it signed ends and its user signs in again)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -68,21 +73,30 @@ def _b64(raw: bytes) -> str:
 
 
 class SessionTokens:
-    """Signs and verifies tokens; no storage."""
+    """Signs and verifies tokens; no storage. Signs under `key`; verifies a signature under it
+    or one of the `retired` keys."""
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, retired: Sequence[bytes] = ()) -> None:
         self._key = key
+        self._retired = tuple(retired)
 
     @classmethod
     def from_keyring(cls, keyring: Keyring) -> SessionTokens:
-        return cls(keyring.subkey("session-token"))
+        return cls(keyring.subkey("session-token"), keyring.retired_subkeys("session-token"))
 
-    def _signature(self, body: str) -> str:
-        return _b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest())
+    @staticmethod
+    def _signature(key: bytes, body: str) -> str:
+        return _b64(hmac.new(key, body.encode(), hashlib.sha256).digest())
+
+    def _authentic(self, body: str, signature: str) -> bool:
+        return any(
+            hmac.compare_digest(signature.encode(), self._signature(key, body).encode())
+            for key in (self._key, *self._retired)
+        )
 
     def sign(self, session_id: str, user_id: str, expires_at: datetime) -> str:
         body = f"{TOKEN_VERSION}.{session_id}.{user_id}.{int(expires_at.timestamp())}"
-        return f"{body}.{self._signature(body)}"
+        return f"{body}.{self._signature(self._key, body)}"
 
     def verify(self, token: str | None, now: datetime) -> SessionClaims:
         """The claims of an authentic, unexpired token; UNAUTHENTICATED otherwise."""
@@ -91,7 +105,7 @@ class SessionTokens:
         if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
             raise _unauthenticated("unknown session token")
         body, _, signature = token.rpartition(".")
-        if not hmac.compare_digest(signature.encode(), self._signature(body).encode()):
+        if not self._authentic(body, signature):
             raise _unauthenticated("unknown session token")
         version, session_id, user_id, expiry = (body.split(".") + ["", "", "", ""])[:4]
         if version != TOKEN_VERSION or not expiry.isdigit() or body.count(".") != 3:

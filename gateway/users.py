@@ -1,6 +1,11 @@
 """Users: one account per resident ID and per phone. The ID number and phone are held as keyed
 hashes for lookup, and together with the name only sealed; the bound card's number is never
-stored, only the code of the bank that confirmed it."""
+stored, only the code of the bank that confirmed it.
+
+After a master key rotation rows stored before it hold a retired key's digests and seal until
+`python -m gateway.rewrap` writes them again (gateway/rewrap.py): lookups match every key's
+digest, so such a person can neither register again nor lose the account; new rows are written
+under the current key alone."""
 
 from __future__ import annotations
 
@@ -14,12 +19,17 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Column, DateTime, LargeBinary
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database
 from cardcheck.runtime.errors import CardCheckError
-from cardcheck.runtime.keys import Keyring
+from cardcheck.runtime.keys import Keyring, Sealer
+
+# What each key of the keyring is for (the subkeys derived from the master key).
+ID_NUMBER_KEY = "id-number"
+PHONE_KEY = "phone"
+IDENTITY_KEY = "identity"
 
 
 class UserRow(SQLModel, table=True):
@@ -44,6 +54,21 @@ class Identity:
     phone: str
 
 
+def seal_identity(sealer: Sealer, user_id: str, identity: Identity) -> bytes:
+    """The identity sealed under the current key, bound to its row by the user id."""
+    plain = json.dumps(
+        {"name": identity.name, "id_number": identity.id_number.upper(), "phone": identity.phone},
+        ensure_ascii=False,
+    ).encode()
+    return sealer.seal(plain, user_id.encode())
+
+
+def open_identity(sealer: Sealer, row: UserRow) -> Identity:
+    """The row's identity, sealed under the current key or a retired one (InvalidTag if none)."""
+    data = json.loads(sealer.open(row.identity_sealed, row.user_id.encode()))
+    return Identity(data["name"], data["id_number"], data["phone"])
+
+
 @dataclass(frozen=True)
 class User:
     user_id: str
@@ -63,27 +88,37 @@ class Users:
         password_lock: timedelta = timedelta(minutes=30),
     ) -> None:
         self._db = db
-        self._id_hash = keyring.hasher("id-number")
-        self._phone_hash = keyring.hasher("phone")
-        self._sealer = keyring.sealer("identity")
+        self._id_hash = keyring.hasher(ID_NUMBER_KEY)
+        self._phone_hash = keyring.hasher(PHONE_KEY)
+        self._sealer = keyring.sealer(IDENTITY_KEY)
         self._clock = clock
         self._passwords = password_hasher or PasswordHasher()
         self._max_attempts = max_password_attempts
         self._lock_for = password_lock
 
     def id_hash(self, id_number: str) -> str:
+        """The digest stored from now on (current key)."""
         return self._id_hash.digest(id_number.upper())
 
     def phone_hash(self, phone: str) -> str:
+        """The digest stored from now on (current key)."""
         return self._phone_hash.digest(phone)
 
+    def id_hashes(self, id_number: str) -> tuple[str, ...]:
+        """The digests a stored row may hold: current key first, then the retired ones."""
+        return self._id_hash.digests(id_number.upper())
+
+    def phone_hashes(self, phone: str) -> tuple[str, ...]:
+        """The digests a stored row may hold: current key first, then the retired ones."""
+        return self._phone_hash.digests(phone)
+
     async def ensure_not_registered(self, id_number: str, phone: str) -> None:
-        id_hash, phone_hash = self.id_hash(id_number), self.phone_hash(phone)
+        id_hashes, phone_hashes = self.id_hashes(id_number), self.phone_hashes(phone)
 
         def work(session: Session) -> bool:
             row = session.exec(
                 select(UserRow.user_id).where(
-                    (UserRow.id_hash == id_hash) | (UserRow.phone_hash == phone_hash)
+                    col(UserRow.id_hash).in_(id_hashes) | col(UserRow.phone_hash).in_(phone_hashes)
                 )
             ).first()
             return row is not None
@@ -96,15 +131,11 @@ class Users:
     ) -> User:
         user_id = str(uuid.uuid4())
         password_hash = await asyncio.to_thread(self._passwords.hash, payment_password)
-        plain = json.dumps(
-            {"name": identity.name, "id_number": identity.id_number.upper(), "phone": identity.phone},
-            ensure_ascii=False,
-        ).encode()
         row = UserRow(
             user_id=user_id,
             id_hash=self.id_hash(identity.id_number),
             phone_hash=self.phone_hash(identity.phone),
-            identity_sealed=self._sealer.seal(plain, user_id.encode()),
+            identity_sealed=seal_identity(self._sealer, user_id, identity),
             region=region,
             payment_password_hash=password_hash,
             bound_bank_code=bound_bank_code,
@@ -129,9 +160,11 @@ class Users:
         return None if row is None else User(row.user_id, row.region, row.bound_bank_code)
 
     async def find_by_phone(self, phone: str) -> User | None:
-        phone_hash = self.phone_hash(phone)
+        phone_hashes = self.phone_hashes(phone)
         row = await self._db.run(
-            lambda session: session.exec(select(UserRow).where(UserRow.phone_hash == phone_hash)).first()
+            lambda session: session.exec(
+                select(UserRow).where(col(UserRow.phone_hash).in_(phone_hashes))
+            ).first()
         )
         return None if row is None else User(row.user_id, row.region, row.bound_bank_code)
 
@@ -139,14 +172,7 @@ class Users:
         row = await self._db.run(lambda session: session.get(UserRow, user_id))
         if row is None:
             raise CardCheckError("UNAUTHENTICATED", "the session's user no longer exists")
-        data = json.loads(self._sealer.open(row.identity_sealed, user_id.encode()))
-        return Identity(data["name"], data["id_number"], data["phone"])
-
-    async def phone_hash_of(self, user_id: str) -> str:
-        row = await self._db.run(lambda session: session.get(UserRow, user_id))
-        if row is None:
-            raise CardCheckError("UNAUTHENTICATED", "the session's user no longer exists")
-        return row.phone_hash
+        return open_identity(self._sealer, row)
 
     async def check_payment_password(self, user_id: str, password: str) -> None:
         """Raises PAYMENT_PASSWORD_INVALID (counted) or PAYMENT_PASSWORD_LOCKED (with the time

@@ -1,0 +1,139 @@
+"""`python -m gateway.rewrap [--database-url URL] [--data-dir DIR]`: after a master key rotation,
+writes every user row still under a retired key again under the current one: the identity
+sealed again, the ID number's and phone's keyed hashes as the current key makes them.
+
+It reads the settings as the gateway does (CARDCHECK_DATABASE_URL, else the SQLite file
+<data_dir>/gateway.db; CARDCHECK_MASTER_KEY, else <data_dir>/keys/master.key; the retired keys
+from CARDCHECK_RETIRED_MASTER_KEYS, else <data_dir>/keys/retired). It never makes a key or a
+database and never migrates: without either it says so on stderr and exits 2. It works in
+batches, each its own transaction, so the gateway can keep serving meanwhile; rows already under
+the current key are left as they are, so a second run changes nothing. It prints one line, a
+count, and exits 0; when some rows open under none of the keys given (a retired key missing),
+it leaves them, says how many on stderr and exits 1.
+
+Not rewrapped, because nothing can be: SMS challenges (their code is not known; they die within
+minutes), the resend and daily counts (they restart at a rotation, see gateway/challenges.py)
+and session tokens (signed into the client's hands). A session token signed under a retired key
+works while that key is configured, so remove the retired keys no sooner than the session
+lifetime (CARDCHECK_SESSION_TTL_HOURS) after the rotation, or those users sign in again."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from sqlalchemy import inspect
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, select
+
+from cardcheck.runtime.database import Database, make_engine
+from cardcheck.runtime.keys import Keyring, read_master_key, read_retired_keys
+from cardcheck.runtime.settings import Settings, SettingsError
+from gateway.users import ID_NUMBER_KEY, IDENTITY_KEY, PHONE_KEY, UserRow, open_identity
+
+SERVICE = "gateway"
+BATCH_SIZE = 200
+
+
+@dataclass(frozen=True)
+class Rewrapped:
+    rows: int  # written again under the current key
+    unopened: int  # under none of the keys given: left as they are
+
+
+def rewrap(db: Database, keyring: Keyring, *, batch_size: int = BATCH_SIZE) -> Rewrapped:
+    """Seals and hashes again under the current key every user row that is not entirely under
+    it, `batch_size` rows to a transaction (in user id order, locked while rewritten)."""
+    sealer = keyring.sealer(IDENTITY_KEY)
+    id_hash, phone_hash = keyring.hasher(ID_NUMBER_KEY), keyring.hasher(PHONE_KEY)
+
+    def batch(session: Session, after: str) -> tuple[str | None, int, int]:
+        rows = session.exec(
+            select(UserRow)
+            .where(UserRow.user_id > after)
+            .order_by(UserRow.user_id)
+            .limit(batch_size)
+            .with_for_update()
+        ).all()
+        changed = unopened = 0
+        for row in rows:
+            try:
+                identity = open_identity(sealer, row)
+                resealed = sealer.reseal(row.identity_sealed, row.user_id.encode())
+            except InvalidTag:
+                unopened += 1
+                continue
+            # As Users.create computes them.
+            current_id, current_phone = id_hash.digest(identity.id_number.upper()), phone_hash.digest(identity.phone)
+            if resealed is None and row.id_hash == current_id and row.phone_hash == current_phone:
+                continue
+            if resealed is not None:
+                row.identity_sealed = resealed
+            row.id_hash, row.phone_hash = current_id, current_phone
+            session.add(row)
+            changed += 1
+        return (rows[-1].user_id if len(rows) == batch_size else None), changed, unopened
+
+    total = unopened_total = 0
+    after: str | None = ""
+    while after is not None:
+        with db.session() as session:
+            after, changed, unopened = batch(session, after)
+        total += changed
+        unopened_total += unopened
+    return Rewrapped(total, unopened_total)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.rewrap",
+        description="Seal and hash the gateway's rows again under the current master key.",
+    )
+    parser.add_argument("--database-url", help="default: CARDCHECK_DATABASE_URL, else <data dir>/gateway.db")
+    parser.add_argument("--data-dir", type=Path, help="default: CARDCHECK_DATA_DIR")
+    args = parser.parse_args(argv)
+
+    def refuse(message: str) -> int:
+        print(f"{SERVICE}: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        settings = Settings.from_env()
+        data_dir = args.data_dir or settings.data_dir
+        master = read_master_key(settings.master_key, data_dir)
+        retired = read_retired_keys(settings.retired_master_keys, data_dir)
+    except SettingsError as error:
+        return refuse(str(error))
+    if master is None:
+        return refuse(f"no master key (CARDCHECK_MASTER_KEY or {data_dir / 'keys' / 'master.key'}); none is made here")
+    database_url = args.database_url or settings.database_url
+    if database_url is None and not (data_dir / f"{SERVICE}.db").is_file():
+        return refuse(f"no database at {data_dir / f'{SERVICE}.db'} (nor CARDCHECK_DATABASE_URL); none is made here")
+
+    engine = make_engine(database_url, data_dir, SERVICE)
+    try:
+        try:
+            if not inspect(engine).has_table(UserRow.__tablename__):
+                return refuse("the database holds no gateway tables; the gateway migrates it when it starts")
+        except SQLAlchemyError as error:
+            return refuse(f"cannot reach the database ({type(error).__name__})")
+        done = rewrap(Database(engine), Keyring(master, retired))
+    finally:
+        engine.dispose()
+    print(f"{SERVICE}: {done.rows} rows rewrapped under the current key")
+    if done.unopened:
+        print(
+            f"{SERVICE}: {done.unopened} rows open under none of the keys given (a retired key missing?);"
+            " left as they are",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
