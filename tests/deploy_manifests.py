@@ -43,8 +43,11 @@ SECRET_PLACEHOLDERS = {
     "CARDCHECK_DATABASE_URL": "postgresql+psycopg://cardcheck@postgres.invalid:5432/cardcheck",
     "CARDCHECK_REDIS_URL": "redis://redis.invalid:6379/0",
     "CARDCHECK_SMS_WEBHOOK_SECRET": "placeholder-webhook-secret-0123456789",
+    "CARDCHECK_RETIRED_MASTER_KEYS": base64.b64encode(bytes(range(1, 33))).decode(),
 }
 SECRET_VARS = frozenset(SECRET_PLACEHOLDERS)
+# Read only when set: the webhook provider's secret, the master keys a rotation retired.
+OPTIONAL_SECRETS = frozenset({"CARDCHECK_SMS_WEBHOOK_SECRET", "CARDCHECK_RETIRED_MASTER_KEYS"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +189,8 @@ def secrets_needed(service: str) -> set[str]:
         for node in ast.walk(tree):
             if isinstance(node, ast.Name) and node.id == "load_master_key":
                 needed.add("CARDCHECK_MASTER_KEY")
+            if isinstance(node, ast.Name) and node.id == "load_keyring":
+                needed |= {"CARDCHECK_MASTER_KEY", "CARDCHECK_RETIRED_MASTER_KEYS"}
             if isinstance(node, ast.Name) and node.id == "make_engine":
                 needed.add("CARDCHECK_DATABASE_URL")
             if isinstance(node, ast.Attribute) and node.attr == "redis_url":
@@ -670,7 +675,7 @@ def secret_problems(m: Manifests) -> list[str]:
                 for v in container.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})
             }
             needed = secrets_needed(service)
-            for var in sorted(needed - {"CARDCHECK_SMS_WEBHOOK_SECRET"}):
+            for var in sorted(needed - OPTIONAL_SECRETS):
                 # Without them each replica would generate its own master key and keep its own
                 # SQLite file and rate limits, all lost with the pod's emptyDir.
                 if var not in from_secret or from_secret[var].get("optional"):

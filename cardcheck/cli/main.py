@@ -1,4 +1,4 @@
-"""`cardcheck up`, `cardcheck demo` and `cardcheck dataset`."""
+"""`cardcheck up`, `cardcheck demo`, `cardcheck dataset`, `cardcheck audit` and `cardcheck keys`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("args", nargs=argparse.REMAINDER)
 
+    keys = commands.add_parser("keys", help="rotate the embedded default's master key, then rewrap")
+    keys.add_argument("action", choices=["rotate", "rewrap"],
+                      help="rotate: a new master key, the old one retired; rewrap: every service's data under the new one")
+    keys.add_argument("--data-dir", type=Path, help="overrides CARDCHECK_DATA_DIR (default ./var)")
+
     dataset = commands.add_parser("dataset", help="write a synthetic bank dataset")
     dataset.add_argument("--seed", type=int)
     dataset.add_argument("--people", type=int)
@@ -55,6 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         from cardcheck.cli.demo import run_demo
 
         sys.exit(asyncio.run(run_demo(args.dataset, args.payment_password)))
+    if args.command == "keys":
+        from cardcheck.cli.keys import rewrap_all, rotate
+
+        sys.exit(rotate(args.data_dir) if args.action == "rotate" else rewrap_all(args.data_dir))
     if args.command == "dataset":
         from cardcheck import dataset
 
