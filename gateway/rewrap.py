@@ -19,20 +19,16 @@ lifetime (CARDCHECK_SESSION_TTL_HOURS) after the rotation, or those users sign i
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
-from sqlalchemy import inspect
-from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
-from cardcheck.runtime.database import Database, make_engine
-from cardcheck.runtime.keys import Keyring, read_master_key, read_retired_keys
-from cardcheck.runtime.settings import Settings, SettingsError
+from cardcheck.runtime.database import Database
+from cardcheck.runtime.keys import Keyring
+from cardcheck.runtime.maintenance import command_parser, run, service_store
 from gateway.users import ID_NUMBER_KEY, IDENTITY_KEY, PHONE_KEY, UserRow, open_identity
 
 SERVICE = "gateway"
@@ -89,51 +85,24 @@ def rewrap(db: Database, keyring: Keyring, *, batch_size: int = BATCH_SIZE) -> R
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gateway.rewrap",
-        description="Seal and hash the gateway's rows again under the current master key.",
-    )
-    parser.add_argument("--database-url", help="default: CARDCHECK_DATABASE_URL, else <data dir>/gateway.db")
-    parser.add_argument("--data-dir", type=Path, help="default: CARDCHECK_DATA_DIR")
-    args = parser.parse_args(argv)
+    args = command_parser(
+        "python -m gateway.rewrap", "Seal and hash the gateway's rows again under the current master key."
+    ).parse_args(argv)
 
-    def refuse(message: str) -> int:
-        print(f"{SERVICE}: {message}", file=sys.stderr)
-        return 2
+    def command() -> int:
+        with service_store(SERVICE, UserRow.__tablename__, args) as (engine, keyring):
+            done = rewrap(Database(engine), keyring)
+        print(f"{SERVICE}: {done.rows} rows rewrapped under the current key")
+        if done.unopened:
+            print(
+                f"{SERVICE}: {done.unopened} rows open under none of the keys given (a retired key missing?);"
+                " left as they are",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
 
-    try:
-        settings = Settings.from_env()
-        data_dir = args.data_dir or settings.data_dir
-        master = read_master_key(settings.master_key, data_dir)
-        retired = read_retired_keys(settings.retired_master_keys, data_dir)
-    except SettingsError as error:
-        return refuse(str(error))
-    if master is None:
-        return refuse(f"no master key (CARDCHECK_MASTER_KEY or {data_dir / 'keys' / 'master.key'}); none is made here")
-    database_url = args.database_url or settings.database_url
-    if database_url is None and not (data_dir / f"{SERVICE}.db").is_file():
-        return refuse(f"no database at {data_dir / f'{SERVICE}.db'} (nor CARDCHECK_DATABASE_URL); none is made here")
-
-    engine = make_engine(database_url, data_dir, SERVICE)
-    try:
-        try:
-            if not inspect(engine).has_table(UserRow.__tablename__):
-                return refuse("the database holds no gateway tables; the gateway migrates it when it starts")
-        except SQLAlchemyError as error:
-            return refuse(f"cannot reach the database ({type(error).__name__})")
-        done = rewrap(Database(engine), Keyring(master, retired))
-    finally:
-        engine.dispose()
-    print(f"{SERVICE}: {done.rows} rows rewrapped under the current key")
-    if done.unopened:
-        print(
-            f"{SERVICE}: {done.unopened} rows open under none of the keys given (a retired key missing?);"
-            " left as they are",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
+    return run(SERVICE, command)
 
 if __name__ == "__main__":
     sys.exit(main())

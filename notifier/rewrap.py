@@ -13,18 +13,16 @@ never creates either; it prints counts only."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
-from sqlalchemy import Engine, inspect, update
+from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
-from cardcheck.runtime.database import make_engine
-from cardcheck.runtime.keys import Keyring, read_master_key, read_retired_keys
+from cardcheck.runtime.keys import Keyring
+from cardcheck.runtime.maintenance import command_parser, run, service_store
 from notifier.messages import MessageRow, message_sealing
 
 SERVICE = "notifier"
@@ -65,41 +63,19 @@ def rewrap(engine: Engine, keyring: Keyring, batch: int = BATCH) -> Rewrap:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cardcheck.runtime.settings import Settings, SettingsError
+    args = command_parser("python -m notifier.rewrap", __doc__.split("\n\n")[0]).parse_args(argv)
 
-    parser = argparse.ArgumentParser(prog="python -m notifier.rewrap", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--database-url", help="default: CARDCHECK_DATABASE_URL, else the SQLite file")
-    parser.add_argument("--data-dir", type=Path, help="default: CARDCHECK_DATA_DIR")
-    args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-        data_dir = args.data_dir or settings.data_dir
-        master_key = read_master_key(settings.master_key, data_dir)
-        retired = read_retired_keys(settings.retired_master_keys, data_dir)
-    except SettingsError as error:
-        print(f"notifier.rewrap: {error}", file=sys.stderr)
-        return 2
-    if master_key is None:
-        print(f"no master key: CARDCHECK_MASTER_KEY is not set and {data_dir}/keys has none", file=sys.stderr)
-        return 2
-    database_url = args.database_url or settings.database_url
-    if not database_url and not (data_dir / f"{SERVICE}.db").is_file():
-        print(f"no {SERVICE} database in {data_dir}", file=sys.stderr)
-        return 2
-    engine = make_engine(database_url, data_dir, SERVICE)
-    try:
-        if not inspect(engine).has_table(MessageRow.__tablename__):
-            print(f"no {SERVICE} tables in that database", file=sys.stderr)
-            return 2
-        done = rewrap(engine, Keyring(master_key, retired))
-    finally:
-        engine.dispose()
-    print(f"{SERVICE}: {done.changed} rows rewrapped under the current key")
-    if done.unreadable:
-        print(f"{SERVICE}: {done.unreadable} rows open under none of the keys given, left as they are", file=sys.stderr)
-        return 1
-    return 0
+    def command() -> int:
+        with service_store(SERVICE, MessageRow.__tablename__, args) as (engine, keyring):
+            done = rewrap(engine, keyring)
+        print(f"{SERVICE}: {done.changed} rows rewrapped under the current key")
+        if done.unreadable:
+            print(f"{SERVICE}: {done.unreadable} rows open under none of the keys given, left as they are",
+                  file=sys.stderr)
+            return 1
+        return 0
 
+    return run(SERVICE, command)
 
 if __name__ == "__main__":
     sys.exit(main())

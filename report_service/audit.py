@@ -44,14 +44,13 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, insert, inspect, select, update
+from sqlalchemy import Connection, Engine, insert, inspect, select, update
 from sqlmodel import Session
 
 from cardcheck.runtime.clock import as_utc
-from cardcheck.runtime.database import make_engine
-from cardcheck.runtime.keys import Keyring, read_master_key, read_retired_keys
+from cardcheck.runtime.keys import Keyring
+from cardcheck.runtime.maintenance import add_location_options, run, service_store
 from report_service.models import AuditHeadRow, AuditRow
 
 GENESIS = "0" * 64
@@ -325,18 +324,6 @@ def _verify(connection: Connection, holds: Callable[[str, bytes, str], bool], an
     return verify_rows(rows, head, holds, anchors)
 
 
-def _engine(database_url: str | None, data_dir: Path, writes: bool) -> Engine | None:
-    """The SQLite file is opened read-only to verify (no lock held on writers)."""
-    if database_url:
-        return make_engine(database_url, data_dir, "report_service")
-    path = data_dir / "report_service.db"
-    if not path.is_file():
-        return None
-    if writes:
-        return make_engine(None, data_dir, "report_service")
-    return create_engine(f"sqlite:///file:{path.resolve()}?mode=ro&uri=true")
-
-
 def _anchor(text: str) -> tuple[int, str]:
     seq, _, digest = text.partition(":")
     if not (seq.isdigit() and int(seq) > 0 and re.fullmatch(r"[0-9a-f]{64}", digest)):
@@ -345,8 +332,6 @@ def _anchor(text: str) -> tuple[int, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cardcheck.runtime.settings import Settings, SettingsError
-
     parser = argparse.ArgumentParser(prog="python -m report_service.audit", description="The audit trail.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
@@ -354,46 +339,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("rekey", "once, for a trail begun before entries were keyed: hash it again under the key"),
     ):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("--database-url", help="default: CARDCHECK_DATABASE_URL, else the SQLite file")
-        command.add_argument("--data-dir", type=Path, help="default: CARDCHECK_DATA_DIR")
+        add_location_options(command)
         if name == "verify":
             command.add_argument(
                 "--head", dest="anchors", action="append", default=[], type=_anchor, metavar="SEQ:HASH",
                 help="a head recorded earlier (report_service logs it): entry SEQ must still have HASH",
             )
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-        data_dir = args.data_dir or settings.data_dir
-        master_key = read_master_key(settings.master_key, data_dir)
-    except SettingsError as error:
-        print(f"report_service.audit: {error}", file=sys.stderr)
-        return 2
-    if master_key is None:
-        print(f"no master key: CARDCHECK_MASTER_KEY is not set and {data_dir}/keys has none", file=sys.stderr)
-        return 2
-    chain = AuditChain.from_keyring(Keyring(master_key, read_retired_keys(settings.retired_master_keys, data_dir)))
-    engine = _engine(args.database_url or settings.database_url, data_dir, writes=args.command == "rekey")
-    if engine is None:
-        print(f"no report_service database in {data_dir}", file=sys.stderr)
-        return 2
-    try:
-        if args.command == "verify":
-            verdict, plain = chain.verify_engine(engine, dict(args.anchors)), None
+
+    def command() -> int:
+        verifying = args.command == "verify"
+        with service_store("report_service", AuditHeadRow.__tablename__, args, read_only=verifying) as (
+            engine, keyring
+        ):
+            chain = AuditChain.from_keyring(keyring)
+            if verifying:
+                verdict, plain = chain.verify_engine(engine, dict(args.anchors)), None
+            else:
+                verdict, plain = chain.rekey(engine)
+        if plain is not None and verdict.ok:
+            # A trail that verified as keyed before and now holds plain entries was rewritten by
+            # someone without the key: this count is for the operator to compare with what they expect.
+            print(f"audit trail keyed: {verdict.entries} entries ({plain} were plain), head {verdict.head_hash}")
         else:
-            verdict, plain = chain.rekey(engine) or (None, None)
-    finally:
-        engine.dispose()
-    if verdict is None:
-        print("no audit trail in that database", file=sys.stderr)
-        return 2
-    if plain is not None and verdict.ok:
-        # A trail that verified as keyed before and now holds plain entries was rewritten by
-        # someone without the key: this count is for the operator to compare with what they expect.
-        print(f"audit trail keyed: {verdict.entries} entries ({plain} were plain), head {verdict.head_hash}")
-    else:
-        print(verdict.describe())
-    return 0 if verdict.ok else 1
+            print(verdict.describe())
+        return 0 if verdict.ok else 1
+
+    return run("report_service", command)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,14 @@ It reads the database and the keys report_service uses, and never creates either
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from sqlalchemy import Engine, inspect, select, update
+from sqlalchemy import Engine, select, update
 from sqlmodel import Session
 
-from cardcheck.runtime.database import make_engine
-from cardcheck.runtime.keys import Keyring, Sealer, read_master_key, read_retired_keys
+from cardcheck.runtime.keys import Keyring, Sealer
+from cardcheck.runtime.maintenance import command_parser, run, service_store
 from report_service.audit import AuditChain, Verdict
 from report_service.models import BankOutcomeRow, QueryRow, ReportRow
 
@@ -73,41 +71,18 @@ def rewrap(engine: Engine, keyring: Keyring, batch: int = BATCH) -> tuple[int, V
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cardcheck.runtime.settings import Settings, SettingsError
+    args = command_parser("python -m report_service.rewrap", __doc__.split("\n\n")[0]).parse_args(argv)
 
-    parser = argparse.ArgumentParser(prog="python -m report_service.rewrap", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--database-url", help="default: CARDCHECK_DATABASE_URL, else the SQLite file")
-    parser.add_argument("--data-dir", type=Path, help="default: CARDCHECK_DATA_DIR")
-    args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-        data_dir = args.data_dir or settings.data_dir
-        master_key = read_master_key(settings.master_key, data_dir)
-        retired = read_retired_keys(settings.retired_master_keys, data_dir)
-    except SettingsError as error:
-        print(f"report_service.rewrap: {error}", file=sys.stderr)
-        return 2
-    if master_key is None:
-        print(f"no master key: CARDCHECK_MASTER_KEY is not set and {data_dir}/keys has none", file=sys.stderr)
-        return 2
-    database_url = args.database_url or settings.database_url
-    if not database_url and not (data_dir / "report_service.db").is_file():
-        print(f"no report_service database in {data_dir}", file=sys.stderr)
-        return 2
-    engine = make_engine(database_url, data_dir, "report_service")
-    try:
-        if not inspect(engine).has_table(QueryRow.__tablename__):
-            print("no report_service tables in that database", file=sys.stderr)
-            return 2
-        changed, verdict = rewrap(engine, Keyring(master_key, retired))
-    finally:
-        engine.dispose()
-    print(f"report_service: {changed} rows rewrapped under the current key")
-    if verdict is not None and not verdict.ok:
-        print(verdict.describe())
-        return 1
-    return 0
+    def command() -> int:
+        with service_store("report_service", QueryRow.__tablename__, args) as (engine, keyring):
+            changed, verdict = rewrap(engine, keyring)
+        print(f"report_service: {changed} rows rewrapped under the current key")
+        if verdict is not None and not verdict.ok:
+            print(verdict.describe())
+            return 1
+        return 0
 
+    return run("report_service", command)
 
 if __name__ == "__main__":
     sys.exit(main())

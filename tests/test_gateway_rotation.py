@@ -291,7 +291,7 @@ def test_rewrap_makes_no_key_and_no_database(tmp_path: Path):
     # A key but no database.
     done = _run_rewrap({"CARDCHECK_MASTER_KEY": key}, "--data-dir", str(data_dir))
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.startswith("gateway: no database") and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("gateway: no gateway database") and done.stderr.count("\n") == 1
     assert list(data_dir.iterdir()) == []
 
     # A database the gateway never migrated is not migrated here.
