@@ -244,3 +244,49 @@ def test_up_refuses_a_malformed_dataset(tmp_path: Path) -> None:
     assert "line 1" in mesh.output()
     assert "bank_sim exited unexpectedly" in mesh.output()
     wait_for(mesh, "stopped")
+
+
+def _demo(mesh: Mesh, dataset_file: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "cardcheck"), "demo", "--dataset", str(dataset_file), "--payment-password", PASSWORD],
+        env=mesh.env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def _cards_shown(output: str) -> list[str]:
+    return sorted(line.strip() for line in output.splitlines() if "**** ****" in line)
+
+
+def test_a_master_key_rotation_keeps_the_account_and_the_report(tmp_path: Path, records) -> None:
+    """`cardcheck keys rotate` between two runs of the mesh: the person signs in to the account
+    registered under the old key and sees the report sealed under it; `cardcheck keys rewrap`
+    moves everything to the new key, and with the old key destroyed the same still holds."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    dataset_file = tmp_path / "cards.jsonl"
+    dataset.dump(records, dataset_file)
+    extra_env = {"CARDCHECK_SMS_RESEND_S": "1"}
+    runs = []
+    for step in ("before", "rotated", "old key destroyed"):
+        mesh = start_mesh(data_dir, "--dataset", str(dataset_file), extra_env=extra_env)
+        try:
+            run = _demo(mesh, dataset_file)
+            assert run.returncode == 0, f"{step}: {run.stdout}{run.stderr}"
+            runs.append(run.stdout)
+            if step == "rotated":
+                rewrapped = subprocess.run([str(BIN / "cardcheck"), "keys", "rewrap"], env=mesh.env,
+                                           capture_output=True, text=True, timeout=120)
+                assert rewrapped.returncode == 0, rewrapped.stdout + rewrapped.stderr
+                counts = dict(re.findall(r"^(\w+): (\d+) rows rewrapped", rewrapped.stdout, re.MULTILINE))
+                assert int(counts["gateway"]) >= 1 and int(counts["report_service"]) >= 1, rewrapped.stdout
+        finally:
+            assert mesh.stop() == 0, mesh.output()
+        if step == "before":
+            rotated = subprocess.run([str(BIN / "cardcheck"), "keys", "rotate"], env=mesh.env,
+                                     capture_output=True, text=True, timeout=60)
+            assert rotated.returncode == 0, rotated.stderr
+        elif step == "rotated":
+            for retired in (data_dir / "keys" / "retired").iterdir():
+                retired.unlink()
+    assert "signing in instead" in runs[1] and "signing in instead" in runs[2]
+    assert _cards_shown(runs[0]) and _cards_shown(runs[1]) == _cards_shown(runs[0]) == _cards_shown(runs[2])
