@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from opentelemetry.sdk.trace import TracerProvider
 
 from bank_connector.admission import Admission
@@ -29,8 +31,10 @@ async def build(
     clock: Clock | None = None,
     tracer_provider: TracerProvider | None = None,
     config: ConnectorConfig | None = None,
+    rng: random.Random | None = None,
 ) -> ServiceHost:
-    """`config` defaults to ConnectorConfig.from_env() (SettingsError when malformed)."""
+    """`config` defaults to ConnectorConfig.from_env() (SettingsError when malformed); `rng`
+    draws the retry backoffs' jitter."""
     config = config or ConnectorConfig.from_env()
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
     connector = BankConnector(
@@ -39,6 +43,7 @@ async def build(
         clock=clock or SystemClock(),
         default_timeout_s=settings.per_bank_timeout_s,
         config=config,
+        rng=rng,
     )
     admission = Admission(config.max_active, config.max_queued)
     return ServiceHost(

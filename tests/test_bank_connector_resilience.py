@@ -7,6 +7,7 @@ so that the breaker's open interval passes when the test says so."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -105,13 +106,13 @@ async def start_connector(request, sim, tmp_path):
     started = []
     sampler = ALWAYS_ON if request.param == "traced" else ALWAYS_OFF
 
-    async def start(config: ConnectorConfig = FAST, per_bank_timeout_s: float = 5.0) -> Connector:
+    async def start(config: ConnectorConfig = FAST, per_bank_timeout_s: float = 5.0, rng=None) -> Connector:
         addresses = {service: f"127.0.0.1:{port}" for service, port in DEFAULT_PORTS.items()}
         addresses.update(bank_sim=sim.address, bank_connector="127.0.0.1:0")
         settings = Settings(addresses=addresses, data_dir=tmp_path, per_bank_timeout_s=per_bank_timeout_s)
         clock = ManualClock(NOW)
         host = await build_connector(
-            settings, clock=clock, config=config,
+            settings, clock=clock, config=config, rng=rng,
             tracer_provider=make_tracer_provider(
                 "bank_connector", tmp_path, exporter=InMemorySpanExporter(), sampler=sampler
             ),
@@ -173,10 +174,12 @@ async def test_a_down_bank_is_retried_up_to_the_attempt_limit_then_an_error(bank
 
 
 async def test_resource_exhausted_is_retried_and_a_retry_that_succeeds_answers(bank_sim, start_connector):
-    connector = await start_connector(replace(FAST, retry=replace(FAST.retry, max_attempts=6)))
+    connector = await start_connector(replace(FAST, retry=replace(FAST.retry, max_attempts=10)))
     await bank_sim.set(error_rate=0.5, error_code="RESOURCE_EXHAUSTED")
-    outcomes = [await connector.one() for _ in range(12)]
-    assert sum(o.kind == ANSWERED for o in outcomes) >= 10  # all fail 6 times: 1/64 each
+    outcomes = [await connector.one() for _ in range(30)]
+    # A call fails all 10 attempts once in 1,024, so 3 of 30 only about once in 250,000 runs;
+    # none of 30 retried into an answer, once in a billion.
+    assert sum(o.kind == ANSWERED for o in outcomes) >= 28
     assert any(o.kind == ANSWERED and o.attempts > 1 for o in outcomes)
     assert all(o.cards for o in outcomes if o.kind == ANSWERED)
 
@@ -192,18 +195,30 @@ async def test_other_errors_are_not_retried(bank_sim, start_connector, code):
     assert (await bank_sim.state()).calls - before == 1
 
 
+class Jitter(random.Random):
+    """Full jitter drawn always at the same point of its range."""
+
+    def __init__(self, at: float) -> None:
+        super().__init__()
+        self.at = at
+
+    def random(self) -> float:
+        return self.at
+
+
 async def test_no_retry_starts_after_the_deadline(bank_sim, start_connector):
     slow_backoff = replace(FAST, retry=RetryPolicy(max_attempts=5, base_backoff_s=2.0, max_backoff_s=2.0))
-    connector = await start_connector(slow_backoff)
     await bank_sim.set(down=True)
+    # A pause of 1 s would end past the 300 ms deadline: not taken, the call ends at once.
+    late = await start_connector(slow_backoff, rng=Jitter(0.5))
     before = (await bank_sim.state()).calls
-    outcomes = [await connector.one(per_bank_ms=300) for _ in range(8)]
-    attempts = [o.attempts for o in outcomes]
-    # a retry happens only when its (random, up to 2 s) pause still leaves time before 300 ms:
-    # most calls end after one attempt, and none outlives its deadline by a pause
-    assert attempts.count(1) >= 4 and all(o.kind == ERROR for o in outcomes)
-    assert all(o.latency_ms < 1000 for o in outcomes)
-    assert (await bank_sim.state()).calls - before == sum(attempts)
+    outcomes = [await late.one(per_bank_ms=300) for _ in range(3)]
+    assert all((o.kind, o.attempts) == (ERROR, 1) and o.latency_ms < 300 for o in outcomes), outcomes
+    # Pauses of 10 ms leave time: every attempt the policy allows is made, within the deadline.
+    early = await start_connector(slow_backoff, rng=Jitter(0.005))
+    outcomes += [await early.one(per_bank_ms=300) for _ in range(3)]
+    assert all((o.kind, o.attempts) == (ERROR, 5) and o.latency_ms < 300 for o in outcomes[3:]), outcomes
+    assert (await bank_sim.state()).calls - before == 3 + 3 * 5
 
 
 async def test_a_malformed_answer_is_an_error_and_carries_nothing(bank_sim, start_connector):
