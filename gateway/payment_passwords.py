@@ -10,11 +10,12 @@ salt keeps two accounts with the same password from storing the same value.
 
 Why a keyed hash and no argon2. Six digits are 10^6 candidates: a memory-hard hash cannot make
 that space expensive to search without making every verification expensive too. argon2-cffi's
-defaults (argon2id, 64 MiB, t=3, p=4), what was stored before, cost about 225 ms of CPU per
+defaults (argon2id, 64 MiB, t=3, p=4), what was stored before, cost about 0.25 s of CPU per
 verification on this project's 2-core machines and still give a stolen database up in about
-60 CPU-hours per account with no secret needed; OWASP's minimum (argon2id, 19 MiB, t=2, p=1)
-costs about 30 ms and gives an account up in 9 CPU-hours. HMAC-SHA256 costs about 3 µs (figures:
-`python -m bench payment_password`). With the key kept out of the database, a dump alone cannot
+70 CPU-hours per account with no secret needed; OWASP's minimum (argon2id, 19 MiB, t=2, p=1)
+costs about 32 ms and gives an account up in 9 CPU-hours. The keyed HMAC-SHA256 costs a few
+microseconds, some 40,000 times less than the defaults (figures: `python -m bench
+payment_password`). With the key kept out of the database, a dump alone cannot
 test a single guess, which is what protects a 6-digit secret (banks verify PINs the same way, in
 an HSM); online guessing is bounded by the lockout (gateway/users.py). Whoever holds the master
 key as well holds the gateway itself, where passwords arrive in clear and sessions can be
