@@ -219,3 +219,21 @@ class CardCheckClient:
     ) -> common_pb2.Report:
         request = gateway_pb2.GetReportRequest(query_id=query_id, payment_password=payment_password)
         return await self._call(self._stub.GetReport, request, session_token)
+
+    async def reset_payment_password(
+        self,
+        *,
+        challenge_id: str,
+        sms_code: str,
+        face_token: str,
+        new_payment_password: str,
+        session_token: str | None = None,
+    ) -> None:
+        """challenge_id and sms_code from request_sms_code("QUERY_AUTH")."""
+        request = gateway_pb2.ResetPaymentPasswordRequest(
+            challenge_id=challenge_id,
+            sms_code=sms_code,
+            face_token=face_token,
+            new_payment_password=new_payment_password,
+        )
+        await self._call(self._stub.ResetPaymentPassword, request, session_token)

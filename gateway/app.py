@@ -22,6 +22,7 @@ from gateway.downstream import BankDirectory, ReportDesk, SmsSender
 from gateway.face import FaceVerifier, face_verifier_for
 from gateway.flows import Gateway
 from gateway.limits import Limiters, RedisStore
+from gateway.payment_passwords import PaymentPasswords
 from gateway.servicer import CardCheckServicer, add_to_server
 from gateway.sessions import Sessions
 from gateway.tracing import Shedding, SheddingSampler
@@ -72,18 +73,22 @@ async def build(
     challenges = Challenges(
         db, keyring, clock, daily_cap=config.sms_phone_daily_cap, resend_after=config.sms_resend_after
     )
+    users = Users(
+        db,
+        keyring,
+        clock,
+        passwords=PaymentPasswords(
+            keyring, workers=config.payment_password_workers, queue=config.payment_password_queue
+        ),
+        max_password_attempts=config.payment_password_max_attempts,
+        password_locks=(config.payment_password_lock, config.payment_password_second_lock),
+    )
     gateway = Gateway(
         settings=settings,
         config=config,
         clock=clock,
         db=db,
-        users=Users(
-            db,
-            keyring,
-            clock,
-            max_password_attempts=config.payment_password_max_attempts,
-            password_lock=config.payment_password_lock,
-        ),
+        users=users,
         sessions=sessions,
         challenges=challenges,
         face=face,
@@ -104,6 +109,7 @@ async def build(
         for channel in channels.values():
             await channel.close()
         await limiters.close()
+        users.close()
         db.dispose()
 
     return ServiceHost(

@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from cardcheck.runtime.settings import SettingsError, env_number
 from gateway.limits import LimitRates, Rate
+from gateway.payment_passwords import usable_cores
 
 _PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 _HEADER = re.compile(r"^[a-z0-9_.-]{1,64}\Z")
@@ -32,12 +33,22 @@ class GatewayConfig:
     sms_caller_burst: float = 20.0
     sms_user_per_hour: float = 20.0
     sms_user_burst: float = 5.0
-    # Each user's GetReport attempts (each may cost an argon2 verification).
+    # Each user's GetReport attempts (each costs a payment password check).
     report_user_per_minute: float = 10.0
     report_user_burst: float = 10.0
-    # Payment password: this many wrong in a row lock it for payment_password_lock.
+    # Payment password (gateway/users.py): this many wrong in a row
+    # (CARDCHECK_PAYMENT_PASSWORD_MAX_ATTEMPTS) lock it for payment_password_lock
+    # (CARDCHECK_PAYMENT_PASSWORD_LOCK_MINUTES); the next such run, without a right password
+    # between, for payment_password_second_lock (CARDCHECK_PAYMENT_PASSWORD_SECOND_LOCK_MINUTES);
+    # the one after that until a reset by SMS code and face check (ResetPaymentPassword).
     payment_password_max_attempts: int = 5
     payment_password_lock: timedelta = timedelta(minutes=30)
+    payment_password_second_lock: timedelta = timedelta(hours=4)
+    # Payment password checks run on threads of their own (gateway/payment_passwords.py):
+    # CARDCHECK_PAYMENT_PASSWORD_WORKERS of them (default one per usable core), with at most
+    # CARDCHECK_PAYMENT_PASSWORD_QUEUE more waiting; beyond that GetReport says SERVICE_BUSY.
+    payment_password_workers: int = field(default_factory=usable_cores)
+    payment_password_queue: int = 16
     session_ttl: timedelta = timedelta(hours=24)
     # Deadline of one unary call to an internal service.
     downstream_timeout_s: float = 10.0
@@ -96,6 +107,15 @@ class GatewayConfig:
                 )
             ),
             payment_password_lock=timedelta(minutes=number("CARDCHECK_PAYMENT_PASSWORD_LOCK_MINUTES", 30.0)),
+            payment_password_second_lock=timedelta(
+                minutes=number("CARDCHECK_PAYMENT_PASSWORD_SECOND_LOCK_MINUTES", 240.0)
+            ),
+            payment_password_workers=int(
+                env_number(env, "CARDCHECK_PAYMENT_PASSWORD_WORKERS", usable_cores(), integer=True, above=0)
+            ),
+            payment_password_queue=int(
+                env_number(env, "CARDCHECK_PAYMENT_PASSWORD_QUEUE", cls.payment_password_queue, integer=True, at_least=0)
+            ),
             session_ttl=timedelta(hours=number("CARDCHECK_SESSION_TTL_HOURS", 24.0)),
             downstream_timeout_s=number("CARDCHECK_DOWNSTREAM_TIMEOUT_S", cls.downstream_timeout_s),
             redis_key_prefix=prefix,

@@ -78,6 +78,14 @@ class QueryRequest:
     idempotency_key: str
 
 
+@dataclass(frozen=True)
+class PasswordReset:
+    challenge_id: str
+    sms_code: str
+    face_token: str
+    new_payment_password: str
+
+
 def undeliverable(purpose: str) -> CardCheckError:
     """A code SMS the vendor refused for good. On REGISTER the caller typed the number and can
     correct it; on QUERY_AUTH it is the account's own phone, which the user cannot fix here."""
@@ -369,7 +377,7 @@ class Gateway:
 
     async def get_report(self, token: str | None, query_id: str, payment_password: str) -> common_pb2.Report:
         claims = self._sessions.verify(token)
-        # Each attempt may cost an argon2 verification: counted before anything else.
+        # Each attempt costs a payment password check: counted before anything else.
         await _limited(self._limits.report_user, claims.user_id, "user", "too many report requests")
         user_id = await self._sessions.ensure_live(claims)
         problems = validation.Violations()
@@ -378,3 +386,29 @@ class Gateway:
         problems.raise_if_any()
         await self._users.check_payment_password(user_id, payment_password)
         return await self._reports.get_report(user_id, query_id)
+
+    # --- payment password --------------------------------------------------------------------
+
+    async def reset_payment_password(self, token: str | None, form: PasswordReset) -> None:
+        """A new payment password, lifting every lock on it: the same proof of the person as a
+        query (a fresh QUERY_AUTH code sent to the account's phone and the face check)."""
+        claims = self._sessions.verify(token)
+        # Counted with the GetReport attempts: both test and set the same secret.
+        await _limited(self._limits.report_user, claims.user_id, "user", "too many payment password requests")
+        user_id = await self._sessions.ensure_live(claims)
+        problems = validation.Violations()
+        problems.challenge(form.challenge_id, form.sms_code)
+        problems.face_token(form.face_token)
+        problems.payment_password(form.new_payment_password, "new_payment_password")
+        problems.raise_if_any()
+
+        identity = await self._users.identity(user_id)
+        await self._challenges.verify(
+            form.challenge_id, form.sms_code, self._users.phone_hashes(identity.phone), "QUERY_AUTH"
+        )
+        if not await self._face.verify(user_id, form.face_token):
+            raise CardCheckError(
+                "VERIFICATION_FAILED", "face verification failed", metadata={"factor": "face"}
+            )
+        await self._users.reset_payment_password(user_id, form.new_payment_password)
+        log.info("user %s reset the payment password", user_id)

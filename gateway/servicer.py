@@ -23,7 +23,7 @@ from cardcheck.runtime.errors import (
     refuse,
 )
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from gateway.flows import Gateway, QueryRequest, Registration
+from gateway.flows import Gateway, PasswordReset, QueryRequest, Registration
 from gateway.sessions import IssuedSession, bearer_token
 
 SERVICE = "cardcheck.v1.CardCheck"
@@ -177,6 +177,19 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
     @handles_errors
     async def GetReport(self, request, context) -> common_pb2.Report:
         return await self._gateway.get_report(_token(context), request.query_id, request.payment_password)
+
+    @handles_errors
+    async def ResetPaymentPassword(self, request, context) -> gateway_pb2.ResetPaymentPasswordResponse:
+        await self._gateway.reset_payment_password(
+            _token(context),
+            PasswordReset(
+                challenge_id=request.challenge_id,
+                sms_code=request.sms_code,
+                face_token=request.face_token,
+                new_payment_password=request.new_payment_password,
+            ),
+        )
+        return gateway_pb2.ResetPaymentPasswordResponse()
 
 
 # --- registration that refuses undecodable requests ---------------------------------------------

@@ -5,18 +5,22 @@ stored, only the code of the bank that confirmed it.
 After a master key rotation rows stored before it hold a retired key's digests and seal until
 `python -m gateway.rewrap` writes them again (gateway/rewrap.py): lookups match every key's
 digest, so such a person can neither register again nor lose the account; new rows are written
-under the current key alone."""
+under the current key alone.
+
+The payment password is kept as a keyed hash (gateway/payment_passwords.py says why and how).
+Wrong passwords lock it, more each time: `max_password_attempts` wrong in a row lock it for the
+first of `password_locks` (30 minutes), the next run of wrong ones without a right one between
+for the second (4 hours), and the one after that until the user resets it by SMS code and face
+check (ResetPaymentPassword). A right password forgives everything before it."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Column, DateTime, LargeBinary
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -25,6 +29,7 @@ from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database
 from cardcheck.runtime.errors import CardCheckError
 from cardcheck.runtime.keys import Keyring, Sealer
+from gateway.payment_passwords import PaymentPasswords
 
 # What each key of the keyring is for (the subkeys derived from the master key).
 ID_NUMBER_KEY = "id-number"
@@ -44,6 +49,9 @@ class UserRow(SQLModel, table=True):
     bound_bank_code: str = Field(max_length=32)
     wrong_password_count: int = 0
     locked_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    # Locks since the last right payment password; and whether only a reset unlocks it.
+    payment_password_locks: int = 0
+    payment_password_reset_required: bool = False
     created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 
 
@@ -83,18 +91,18 @@ class Users:
         keyring: Keyring,
         clock: Clock,
         *,
-        password_hasher: PasswordHasher | None = None,
+        passwords: PaymentPasswords | None = None,
         max_password_attempts: int = 5,
-        password_lock: timedelta = timedelta(minutes=30),
+        password_locks: Sequence[timedelta] = (timedelta(minutes=30), timedelta(hours=4)),
     ) -> None:
         self._db = db
         self._id_hash = keyring.hasher(ID_NUMBER_KEY)
         self._phone_hash = keyring.hasher(PHONE_KEY)
         self._sealer = keyring.sealer(IDENTITY_KEY)
         self._clock = clock
-        self._passwords = password_hasher or PasswordHasher()
+        self._passwords = passwords or PaymentPasswords(keyring)
         self._max_attempts = max_password_attempts
-        self._lock_for = password_lock
+        self._locks = tuple(password_locks)
 
     def id_hash(self, id_number: str) -> str:
         """The digest stored from now on (current key)."""
@@ -130,7 +138,7 @@ class Users:
         self, identity: Identity, region: str, payment_password: str, bound_bank_code: str
     ) -> User:
         user_id = str(uuid.uuid4())
-        password_hash = await asyncio.to_thread(self._passwords.hash, payment_password)
+        password_hash = await self._passwords.hash(user_id, payment_password)
         row = UserRow(
             user_id=user_id,
             id_hash=self.id_hash(identity.id_number),
@@ -175,65 +183,106 @@ class Users:
         return open_identity(self._sealer, row)
 
     async def check_payment_password(self, user_id: str, password: str) -> None:
-        """Raises PAYMENT_PASSWORD_INVALID (counted) or PAYMENT_PASSWORD_LOCKED (with the time
-        left); a right password resets the count."""
+        """Raises PAYMENT_PASSWORD_INVALID (counted), PAYMENT_PASSWORD_LOCKED (with the time
+        left, or `reset_required`) or SERVICE_BUSY (too many checks at once, not counted); a
+        right password resets the count and the locks, and upgrades a hash of the old scheme or
+        of a retired key."""
         now = self._clock.now()
         row = await self._db.run(lambda session: session.get(UserRow, user_id))
         if row is None:
             raise CardCheckError("UNAUTHENTICATED", "the session's user no longer exists")
-        if row.locked_until is not None and as_utc(row.locked_until) > now:
-            raise self._locked(as_utc(row.locked_until), now)
+        refusal = self._lock_of(row, now)
+        if refusal is not None:
+            raise refusal
 
-        def verify() -> bool:
-            try:
-                return self._passwords.verify(row.payment_password_hash, password)
-            except (VerificationError, InvalidHashError):
-                return False
+        checked = await self._passwords.verify(user_id, row.payment_password_hash, password)
+        if checked.unverifiable:
+            # Made under a master key no longer configured: not the user's fault, not counted.
+            raise self._reset_required(
+                "the payment password was stored under a retired master key", {"cause": "key_retired"}
+            )
+        rehash = await self._passwords.hash(user_id, password) if checked.rehash else None
 
-        ok = await asyncio.to_thread(verify)
-        rehash = (
-            await asyncio.to_thread(self._passwords.hash, password)
-            if ok and self._passwords.check_needs_rehash(row.payment_password_hash)
-            else None
-        )
-
-        def record(session: Session) -> tuple[int, datetime | None]:
+        def record(session: Session) -> tuple[int, CardCheckError | None]:
             current = session.exec(select(UserRow).where(UserRow.user_id == user_id).with_for_update()).one()
-            locked_until = as_utc(current.locked_until) if current.locked_until is not None else None
-            if locked_until is not None and locked_until > now:
-                return current.wrong_password_count, locked_until  # locked meanwhile
-            if ok:
+            refusal = self._lock_of(current, now)
+            if refusal is not None:
+                return current.wrong_password_count, refusal  # locked meanwhile
+            if checked.right:
                 current.wrong_password_count = 0
                 current.locked_until = None
-                if rehash is not None:
+                current.payment_password_locks = 0
+                # Unless a reset changed it meanwhile.
+                if rehash is not None and current.payment_password_hash == row.payment_password_hash:
                     current.payment_password_hash = rehash
             else:
                 # An expired lock starts a fresh count.
-                count = 0 if locked_until is not None else current.wrong_password_count
+                count = 0 if current.locked_until is not None else current.wrong_password_count
                 current.wrong_password_count = count + 1
                 current.locked_until = None
                 if current.wrong_password_count >= self._max_attempts:
-                    current.locked_until = now + self._lock_for
+                    current.payment_password_locks += 1
+                    if current.payment_password_locks > len(self._locks):
+                        current.payment_password_reset_required = True
+                    else:
+                        current.locked_until = now + self._locks[current.payment_password_locks - 1]
             session.add(current)
-            return current.wrong_password_count, (
-                as_utc(current.locked_until) if current.locked_until is not None else None
-            )
+            return current.wrong_password_count, self._lock_of(current, now)
 
-        count, locked_until = await self._db.run(record)
-        if locked_until is not None and locked_until > now:
-            raise self._locked(locked_until, now)
-        if not ok:
+        count, refusal = await self._db.run(record)
+        if refusal is not None:
+            raise refusal
+        if not checked.right:
             raise CardCheckError(
                 "PAYMENT_PASSWORD_INVALID",
                 "wrong payment password",
                 metadata={"attempts_left": str(max(self._max_attempts - count, 0))},
             )
 
+    async def reset_payment_password(self, user_id: str, password: str) -> None:
+        """A new payment password (the caller has checked who is asking): every count and lock
+        is lifted."""
+        password_hash = await self._passwords.hash(user_id, password)
+
+        def work(session: Session) -> bool:
+            row = session.exec(select(UserRow).where(UserRow.user_id == user_id).with_for_update()).first()
+            if row is None:
+                return False
+            row.payment_password_hash = password_hash
+            row.wrong_password_count = 0
+            row.locked_until = None
+            row.payment_password_locks = 0
+            row.payment_password_reset_required = False
+            session.add(row)
+            return True
+
+        if not await self._db.run(work):
+            raise CardCheckError("UNAUTHENTICATED", "the session's user no longer exists")
+
+    def close(self) -> None:
+        self._passwords.close()
+
+    def _lock_of(self, row: UserRow, now: datetime) -> CardCheckError | None:
+        """The refusal the row's lock calls for now, if it is locked."""
+        if row.payment_password_reset_required:
+            return self._reset_required(
+                "too many wrong payment passwords: reset it by SMS and face check",
+                {"lock_stage": str(len(self._locks) + 1)},
+            )
+        if row.locked_until is not None and as_utc(row.locked_until) > now:
+            until = as_utc(row.locked_until)
+            return CardCheckError(
+                "PAYMENT_PASSWORD_LOCKED",
+                "too many wrong payment passwords",
+                metadata={
+                    "locked_until": until.isoformat().replace("+00:00", "Z"),
+                    "lock_stage": str(row.payment_password_locks),
+                },
+                retry_after=until - now,
+            )
+        return None
+
     @staticmethod
-    def _locked(until: datetime, now: datetime) -> CardCheckError:
-        return CardCheckError(
-            "PAYMENT_PASSWORD_LOCKED",
-            "too many wrong payment passwords",
-            metadata={"locked_until": until.isoformat().replace("+00:00", "Z")},
-            retry_after=until - now,
-        )
+    def _reset_required(why: str, metadata: dict[str, str]) -> CardCheckError:
+        # No RetryInfo: waiting does not help, a reset does.
+        return CardCheckError("PAYMENT_PASSWORD_LOCKED", why, metadata={"reset_required": "true", **metadata})

@@ -25,6 +25,7 @@ class FakeCardCheck(gateway_pb2_grpc.CardCheckServicer):
     def __init__(self) -> None:
         self.authorizations: list[str | None] = []
         self.purposes: list[int] = []
+        self.resets: list[gateway_pb2.ResetPaymentPasswordRequest] = []
 
     def _seen(self, context) -> None:
         self.authorizations.append(dict(context.invocation_metadata()).get("authorization"))
@@ -77,6 +78,13 @@ class FakeCardCheck(gateway_pb2_grpc.CardCheckServicer):
 
     async def SubmitQuery(self, request, context):
         await abort(context, CardCheckError("SERVICE_BUSY", retry_after=timedelta(seconds=2)))
+
+    async def ResetPaymentPassword(self, request, context):
+        self._seen(context)
+        if request.face_token != "sandbox:pass":
+            await abort(context, CardCheckError("VERIFICATION_FAILED", metadata={"factor": "face"}))
+        self.resets.append(request)
+        return gateway_pb2.ResetPaymentPasswordResponse()
 
     async def SignOut(self, request, context):
         self._seen(context)
@@ -186,6 +194,20 @@ async def test_session_token_is_sent_once_signed_in(served):
         await client.close()
         assert channel.get_state() != grpc.ChannelConnectivity.SHUTDOWN  # not the client's to close
         await channel.close()
+
+
+async def test_reset_payment_password_sends_its_fields_with_the_session(served):
+    fake, address = served
+    async with CardCheckClient(address, session_token="mine") as client:
+        fields = dict(challenge_id="c" * 32, sms_code="123456", new_payment_password="246801")
+        assert await client.reset_payment_password(face_token="sandbox:pass", **fields) is None
+        with pytest.raises(CardCheckError) as caught:
+            await client.reset_payment_password(face_token="sandbox:fail", **fields)
+        assert caught.value.reason == "VERIFICATION_FAILED" and caught.value.metadata == {"factor": "face"}
+    assert fake.authorizations == ["Bearer mine", "Bearer mine"]
+    assert [(r.challenge_id, r.sms_code, r.face_token, r.new_payment_password) for r in fake.resets] == [
+        ("c" * 32, "123456", "sandbox:pass", "246801")
+    ]
 
 
 def test_client_needs_exactly_one_of_address_and_channel():

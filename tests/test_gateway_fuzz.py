@@ -52,7 +52,8 @@ DOCUMENTED = {
     "SERVICE_BUSY",
     "RATE_LIMITED",
 }
-WITH_RETRY_INFO = {"SERVICE_BUSY", "RATE_LIMITED", "PAYMENT_PASSWORD_LOCKED"}
+# And PAYMENT_PASSWORD_LOCKED, unless only a reset unlocks it (`reset_required`).
+WITH_RETRY_INFO = {"SERVICE_BUSY", "RATE_LIMITED"}
 METHODS = gateway_pb2.DESCRIPTOR.services_by_name["CardCheck"].methods_by_name
 
 # --- strategies --------------------------------------------------------------------------------
@@ -136,6 +137,14 @@ def requests(rpc: str, query_id: str) -> st.SearchStrategy:
             query_id=field(query_id, "q1"),
             payment_password=field(PASSWORD, "000000"),
         )
+    if rpc == "ResetPaymentPassword":
+        return st.builds(
+            gateway_pb2.ResetPaymentPasswordRequest,
+            challenge_id=challenge_ids,
+            sms_code=codes,
+            face_token=field("sandbox:pass", "sandbox:fail", "x" * 5000),
+            new_payment_password=field(PASSWORD, "12345a"),
+        )
     raise AssertionError(f"no strategy for {rpc}")
 
 
@@ -206,6 +215,8 @@ def check_answer(rpc: str, error: grpc.aio.AioRpcError | None) -> str:
         assert isinstance(bad, error_details_pb2.BadRequest) and bad.field_violations, (rpc, status)
     if info.reason in WITH_RETRY_INFO:
         assert "RetryInfo" in details, (rpc, info.reason)
+    if info.reason == "PAYMENT_PASSWORD_LOCKED":
+        assert ("RetryInfo" in details) == (info.metadata.get("reset_required") != "true"), (rpc, status)
     return info.reason
 
 

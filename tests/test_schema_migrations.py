@@ -45,7 +45,7 @@ NOW = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 PHONE = "13812345678"
 
 SERVICES = {
-    "gateway": ("gateway.migrations", GATEWAY_TABLES, "0001"),
+    "gateway": ("gateway.migrations", GATEWAY_TABLES, "0003"),
     "notifier": ("notifier.migrations", NOTIFIER_TABLES, "0003"),
 }
 
@@ -140,8 +140,8 @@ def test_a_gateway_database_made_by_create_all_is_adopted_with_its_rows(
             _gateway_rows(conn, daily=not before_daily_cap)
         assert current_revision(engine, "gateway") is None
 
-        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0001"
-        assert current_revision(engine, "gateway") == "0001"
+        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0003"
+        assert current_revision(engine, "gateway") == "0003"
         assert schema_drift(engine, SQLModel.metadata, GATEWAY_TABLES) == []
         with engine.connect() as conn:
             user = conn.execute(sa.select(UserRow.__table__)).one()
@@ -306,6 +306,6 @@ async def test_the_gateway_migrates_its_database_when_it_builds(tmp_path):
     await host.stop(0)
     engine = _engine(tmp_path, None, "gateway")
     try:
-        assert current_revision(engine, "gateway") == head_revision("gateway.migrations") == "0001"
+        assert current_revision(engine, "gateway") == head_revision("gateway.migrations") == "0003"
     finally:
         engine.dispose()

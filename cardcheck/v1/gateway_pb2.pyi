@@ -155,3 +155,19 @@ class GetReportRequest(_message.Message):
     query_id: str
     payment_password: str
     def __init__(self, query_id: _Optional[str] = ..., payment_password: _Optional[str] = ...) -> None: ...
+
+class ResetPaymentPasswordRequest(_message.Message):
+    __slots__ = ("challenge_id", "sms_code", "face_token", "new_payment_password")
+    CHALLENGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SMS_CODE_FIELD_NUMBER: _ClassVar[int]
+    FACE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NEW_PAYMENT_PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    challenge_id: str
+    sms_code: str
+    face_token: str
+    new_payment_password: str
+    def __init__(self, challenge_id: _Optional[str] = ..., sms_code: _Optional[str] = ..., face_token: _Optional[str] = ..., new_payment_password: _Optional[str] = ...) -> None: ...
+
+class ResetPaymentPasswordResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

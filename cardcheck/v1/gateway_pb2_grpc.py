@@ -86,6 +86,11 @@ class CardCheckStub:
                 request_serializer=cardcheck_dot_v1_dot_gateway__pb2.GetReportRequest.SerializeToString,
                 response_deserializer=cardcheck_dot_v1_dot_common__pb2.Report.FromString,
                 _registered_method=True)
+        self.ResetPaymentPassword = channel.unary_unary(
+                '/cardcheck.v1.CardCheck/ResetPaymentPassword',
+                request_serializer=cardcheck_dot_v1_dot_gateway__pb2.ResetPaymentPasswordRequest.SerializeToString,
+                response_deserializer=cardcheck_dot_v1_dot_gateway__pb2.ResetPaymentPasswordResponse.FromString,
+                _registered_method=True)
 
 
 class CardCheckServicer:
@@ -153,6 +158,15 @@ class CardCheckServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetPaymentPassword(self, request, context):
+        """Sets a new payment password and lifts every lock on it (the only way out of the last
+        stage of the lockout, PAYMENT_PASSWORD_LOCKED with `reset_required`; also for a forgotten
+        one). Needs the session, a fresh QUERY_AUTH SMS code and a passing face token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CardCheckServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +219,11 @@ def add_CardCheckServicer_to_server(servicer, server):
                     servicer.GetReport,
                     request_deserializer=cardcheck_dot_v1_dot_gateway__pb2.GetReportRequest.FromString,
                     response_serializer=cardcheck_dot_v1_dot_common__pb2.Report.SerializeToString,
+            ),
+            'ResetPaymentPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPaymentPassword,
+                    request_deserializer=cardcheck_dot_v1_dot_gateway__pb2.ResetPaymentPasswordRequest.FromString,
+                    response_serializer=cardcheck_dot_v1_dot_gateway__pb2.ResetPaymentPasswordResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +497,33 @@ class CardCheck:
             '/cardcheck.v1.CardCheck/GetReport',
             cardcheck_dot_v1_dot_gateway__pb2.GetReportRequest.SerializeToString,
             cardcheck_dot_v1_dot_common__pb2.Report.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPaymentPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardcheck.v1.CardCheck/ResetPaymentPassword',
+            cardcheck_dot_v1_dot_gateway__pb2.ResetPaymentPasswordRequest.SerializeToString,
+            cardcheck_dot_v1_dot_gateway__pb2.ResetPaymentPasswordResponse.FromString,
             options,
             channel_credentials,
             insecure,
