@@ -184,7 +184,7 @@ def test_the_lognormal_latency_has_the_median_and_p99_asked_for():
     floor = BankFloor({"ICBC": Behaviour(latency_ms=50, latency_p99_ms=400)}, seed=3)
     draws = []
     for _ in range(20_000):
-        draws.append(floor.enter("ICBC").delay_s * 1000)
+        draws.append(floor.enter("ICBC", "LookupCards").delay_s * 1000)
         floor.leave("ICBC")
     draws.sort()
     assert draws[len(draws) // 2] == pytest.approx(50, rel=0.05)
