@@ -161,10 +161,6 @@ class Plan:
             await asyncio.sleep(self.delay_s)
 
 
-# The IssuingBank RPCs, each counted on its own as well as in `calls`.
-RPCS = ("LookupCards", "VerifyCard")
-
-
 @dataclass
 class BankCounters:
     calls: int = 0
@@ -198,18 +194,19 @@ class BankFloor:
         self._current.update(updated)
 
     def enter(self, bank: str, rpc: str) -> Plan:
-        """Admits one call of `rpc` (one of RPCS; or raises Refused) and draws what becomes of
-        it. Every call is counted, refused ones too: what it carried reached the bank. Every
-        admitted call must `leave` exactly once."""
+        """Admits one call of `rpc` (LookupCards or VerifyCard; or raises Refused) and draws
+        what becomes of it. Every call is counted, in `calls` and in its RPC's own counter,
+        refused ones too: what it carried reached the bank. Every admitted call must `leave`
+        exactly once."""
         behaviour = self._current[bank]
         counters = self._counters[bank]
-        counters.calls += 1
         if rpc == "VerifyCard":
             counters.verify_calls += 1
         elif rpc == "LookupCards":
             counters.lookup_calls += 1
         else:
             raise ValueError(f"no such IssuingBank RPC {rpc!r}")
+        counters.calls += 1
         if behaviour.down:
             counters.failed += 1
             raise Refused("UNAVAILABLE", "bank is down")
