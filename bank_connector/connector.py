@@ -206,7 +206,7 @@ class BankConnector:
         self._addresses = dict(bank_addresses)
         self._clock = clock
         self._rng = rng or random.Random()
-        self._bins = bins or default_table()  # who issued a card, for the real-name check
+        self._bins = bins if bins is not None else default_table()  # who issued a card, for the real-name check
         self.default_timeout_s = default_timeout_s
         self._health = HealthBook(BANK_CODES)
         self._lines = {

@@ -390,6 +390,21 @@ async def test_the_issuer_down_is_service_unavailable_and_no_other_bank_is_asked
     assert list(tries) == [DEMO_BANK] and 1 <= tries[DEMO_BANK] <= 3  # retried at the issuer alone
 
 
+async def test_a_silent_issuer_is_service_unavailable_within_the_callers_deadline(start_connector, silent_bank):
+    connector = await start_connector(**{DEMO_BANK: silent_bank})
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await connector.stub.VerifyRealName(
+            bank_connector_pb2.VerifyRealNameRequest(
+                card_number=DEMO.card_number, name=DEMO.name, id_number=DEMO.id_number, phone=DEMO.phone
+            ),
+            timeout=1.5,
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    assert from_rpc_error(caught.value).reason == "SERVICE_UNAVAILABLE"
+    assert time.monotonic() - started < 1.5
+
+
 async def test_a_card_its_issuer_holds_under_another_name_is_not_confirmed(start_connector, sim_control):
     connector = await start_connector()
     other = next(r for r in RECORDS if r.id_number.upper() != DEMO.id_number.upper() and r.bank != DEMO_BANK)
