@@ -1,4 +1,5 @@
-"""Asking the banks: one long-lived channel per bank, every bank asked in parallel, each call
+"""Asking the banks: one long-lived channel per bank, the banks of a fan-out asked in parallel,
+a card's real-name check asked of the bank that issued it alone (told by its BIN), each call
 under its own deadline (never past the caller's), retried with jittered backoff when the bank
 says to try again (within a retry budget), failed fast while the bank's circuit breaker is open,
 and held to the bank's bulkhead. Card numbers in a bank's answer are masked as they arrive
@@ -25,6 +26,7 @@ from bank_connector.config import ConnectorConfig
 from bank_connector.health import BankCallStats, BankHealthReport, HealthBook
 from bank_connector.resilience import BreakerState, Bulkhead, CircuitBreaker, RetryBudget
 from cardcheck.banks import BANK_CODES, BANKS, BY_CODE
+from cardcheck.bins import BinTable, default_table
 from cardcheck.numbers import card_number_valid, id_number_valid
 from cardcheck.runtime.channels import CHANNEL_OPTIONS
 from cardcheck.runtime.clock import Clock
@@ -62,6 +64,20 @@ class BankOutcome:
 class RealNameResult:
     confirmed: bool
     bank_code: str | None = None  # the confirming bank
+
+
+# The refusal of a card no bank issues (documented in bank_connector.proto and the README).
+UNKNOWN_ISSUER = "no supported bank issues cards with this BIN"
+
+
+def unknown_issuer() -> CardCheckError:
+    """INVALID_ARGUMENT with a BadRequest violation on card_number, and ErrorInfo metadata
+    `cause: UNKNOWN_ISSUER` that tells it from a malformed number without reading the text:
+    the number is well formed, but no bank the service can ask issued it."""
+    return CardCheckError(
+        "INVALID_ARGUMENT", "invalid: card_number (unknown issuer)", metadata={"cause": "UNKNOWN_ISSUER"},
+        violations=[FieldViolation("card_number", UNKNOWN_ISSUER)],
+    )
 
 
 @dataclass(frozen=True)
@@ -181,6 +197,7 @@ class BankConnector:
         default_timeout_s: float,
         config: ConnectorConfig | None = None,
         rng: random.Random | None = None,
+        bins: BinTable | None = None,
     ) -> None:
         missing = [code for code in BANK_CODES if code not in bank_addresses]
         if missing:
@@ -189,6 +206,7 @@ class BankConnector:
         self._addresses = dict(bank_addresses)
         self._clock = clock
         self._rng = rng or random.Random()
+        self._bins = bins if bins is not None else default_table()  # who issued a card, for the real-name check
         self.default_timeout_s = default_timeout_s
         self._health = HealthBook(BANK_CODES)
         self._lines = {
@@ -386,20 +404,14 @@ class BankConnector:
 
     # -- real-name check ---------------------------------------------------------------------
 
-    async def _verify_at(self, bank_code: str, request: bank_pb2.VerifyCardRequest, timeout_s: float,
-                         traced: bool):
-        per_bank = bank_pb2.VerifyCardRequest()
-        per_bank.CopyFrom(request)
-        per_bank.bank_code = bank_code
-        called = await self.call_bank(bank_code, "VerifyCard", per_bank, timeout_s, _sound_verdict, traced)
-        return bank_code, called.value
-
     async def verify_real_name(
         self, card_number: str, name: str, id_number: str, phone: str, deadline_s: float
     ) -> RealNameResult:
-        """Asks every bank whether it holds the card under that name, ID and reserved phone.
-        Confirmed by the first bank that confirms. When none does and the card's bank may be
-        among those that could not answer, the check cannot be decided: SERVICE_UNAVAILABLE."""
+        """Asks the bank that issued the card, and no other, whether it holds the card under
+        that name, ID and reserved phone. The issuer is the bank whose BIN the card carries
+        (`cardcheck.bins`): a card whose BIN no bank claims is refused without asking anyone
+        (`unknown_issuer`). When the issuer cannot be asked (down, breaker open, out of time,
+        an answer that makes no sense), the check cannot be decided: SERVICE_UNAVAILABLE."""
         violations = []
         if not card_number_valid(card_number):
             violations.append(FieldViolation("card_number", "not a valid card number (16-19 digits, Luhn)"))
@@ -408,26 +420,19 @@ class BankConnector:
                 violations.append(FieldViolation(field, "required"))
         if violations:
             raise invalid_argument(violations)
-        request = bank_pb2.VerifyCardRequest(card_number=card_number, name=name, id_number=id_number, phone=phone)
-        traced = self.traced_bank_calls()
-        tasks = [asyncio.create_task(self._verify_at(code, request, deadline_s, traced)) for code in BANK_CODES]
-        held = False
-        unanswered = 0
-        try:
-            for next_answer in asyncio.as_completed(tasks):
-                code, answer = await next_answer
-                if answer is None:
-                    unanswered += 1
-                elif answer.confirmed:
-                    return RealNameResult(True, code)
-                elif answer.holds_card:
-                    held = True
-        finally:
-            await _cancel(tasks)
-        if not held and unanswered:
-            raise CardCheckError(
-                "SERVICE_UNAVAILABLE", f"{unanswered} bank(s) could not be asked about the card"
-            )
+        issuer = self._bins.issuer_of(card_number)
+        if issuer is None:
+            raise unknown_issuer()
+        request = bank_pb2.VerifyCardRequest(
+            bank_code=issuer, card_number=card_number, name=name, id_number=id_number, phone=phone
+        )
+        called = await self.call_bank(
+            issuer, "VerifyCard", request, deadline_s, _sound_verdict, self.traced_bank_calls()
+        )
+        if called.value is None:
+            raise CardCheckError("SERVICE_UNAVAILABLE", f"the card's bank could not be asked ({called.detail})")
+        if called.value.confirmed:
+            return RealNameResult(True, issuer)
         return RealNameResult(False)
 
     # -- availability and health -------------------------------------------------------------

@@ -164,6 +164,8 @@ class Plan:
 @dataclass
 class BankCounters:
     calls: int = 0
+    lookup_calls: int = 0  # of which LookupCards (an ID number and a name)
+    verify_calls: int = 0  # of which VerifyCard (a full card number, name, ID number, phone)
     refused: int = 0
     failed: int = 0
     in_flight: int = 0
@@ -191,11 +193,19 @@ class BankFloor:
         updated = {code: (self._start[code] if reset else self._current[code]).changed(changes) for code in banks}
         self._current.update(updated)
 
-    def enter(self, bank: str) -> Plan:
-        """Admits one call (or raises Refused) and draws what becomes of it. Every admitted
-        call must `leave` exactly once."""
+    def enter(self, bank: str, rpc: str) -> Plan:
+        """Admits one call of `rpc` (LookupCards or VerifyCard; or raises Refused) and draws
+        what becomes of it. Every call is counted, in `calls` and in its RPC's own counter,
+        refused ones too: what it carried reached the bank. Every admitted call must `leave`
+        exactly once."""
         behaviour = self._current[bank]
         counters = self._counters[bank]
+        if rpc == "VerifyCard":
+            counters.verify_calls += 1
+        elif rpc == "LookupCards":
+            counters.lookup_calls += 1
+        else:
+            raise ValueError(f"no such IssuingBank RPC {rpc!r}")
         counters.calls += 1
         if behaviour.down:
             counters.failed += 1

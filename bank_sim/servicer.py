@@ -43,9 +43,9 @@ class IssuingBankServicer(bank_pb2_grpc.IssuingBankServicer):
         trace.get_current_span().set_attribute("cardcheck.bank_code", code)
         return code
 
-    async def _enter(self, bank: str, context) -> Plan:
+    async def _enter(self, bank: str, rpc: str, context) -> Plan:
         try:
-            return self._floor.enter(bank)
+            return self._floor.enter(bank, rpc)
         except Refused as refusal:
             await context.abort(grpc.StatusCode[refusal.code], refusal.message)
             raise  # abort raises; this only tells the type checker
@@ -54,7 +54,7 @@ class IssuingBankServicer(bank_pb2_grpc.IssuingBankServicer):
     async def LookupCards(self, request, context):
         bank = self._bank(request.bank_code)
         _require(id_number=request.id_number, name=request.name)
-        plan = await self._enter(bank, context)
+        plan = await self._enter(bank, "LookupCards", context)
         try:
             await plan.wait()
             if plan.error_code:
@@ -73,7 +73,7 @@ class IssuingBankServicer(bank_pb2_grpc.IssuingBankServicer):
     async def VerifyCard(self, request, context):
         bank = self._bank(request.bank_code)
         _require(card_number=request.card_number)
-        plan = await self._enter(bank, context)
+        plan = await self._enter(bank, "VerifyCard", context)
         try:
             await plan.wait()
             if plan.error_code:
@@ -114,7 +114,8 @@ class BankSimControlServicer(bank_pb2_grpc.BankSimControlServicer):
             states.append(
                 bank_pb2.SimulatedBankState(
                     bank_code=code, behaviour=behaviour_message(self._floor.behaviour(code)),
-                    calls=counters.calls, refused=counters.refused, failed=counters.failed,
+                    calls=counters.calls, lookup_calls=counters.lookup_calls, verify_calls=counters.verify_calls,
+                    refused=counters.refused, failed=counters.failed,
                     in_flight=counters.in_flight, address=addresses.get(code, ""),
                 )
             )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
 
+from cardcheck import bins
 from cardcheck.banks import BANK_CODES, BY_CODE
 from cardcheck.numbers import card_number_valid, id_check_digit, id_number_valid, luhn_check_digit
 
@@ -415,7 +416,8 @@ _MOBILE_PREFIXES = (
     "155", "156", "157", "158", "159", "166", "173", "177", "180", "181", "182", "183", "185", "186",
     "187", "188", "189", "191", "198", "199",
 )
-# Plausible UnionPay BINs (62xxxx) and card-number lengths per bank: (debit, credit).
+# UnionPay BINs (62xxxx) and card-number lengths per bank: (debit, credit). Each BIN must be
+# one the bank claims in the BIN table (cardcheck/bins.json): `generate` refuses to run otherwise.
 _BINS: dict[str, tuple[tuple[str, int], tuple[str, int]]] = {
     "ICBC": (("621226", 19), ("625330", 16)),
     "ABC": (("622848", 19), ("622836", 16)),
@@ -423,8 +425,8 @@ _BINS: dict[str, tuple[tuple[str, int], tuple[str, int]]] = {
     "CCB": (("621700", 19), ("625362", 16)),
     "COMM": (("622262", 19), ("625028", 16)),
     "PSBC": (("621799", 19), ("625919", 16)),
-    "CITIC": (("621771", 16), ("625915", 16)),
-    "CEB": (("621483", 16), ("625978", 16)),
+    "CITIC": (("621771", 16), ("622918", 16)),
+    "CEB": (("621489", 16), ("625978", 16)),
     "CMB": (("621485", 16), ("622575", 16)),
     "SPDB": (("621792", 16), ("625957", 16)),
     "CMBC": (("621691", 16), ("622615", 16)),
@@ -622,12 +624,23 @@ def _ensure_every_case(population: list[tuple[_Human, list[CardRecord]]]) -> Non
                 break
 
 
+def check_bins(table: bins.BinTable) -> None:
+    """Every BIN the generator uses is one its bank claims in `table`: a generated card must
+    reach its own bank when the real-name check routes it by BIN. ValueError otherwise."""
+    for bank, kinds in _BINS.items():
+        for bin_, _ in kinds:
+            issuer = table.issuer_of(bin_)
+            if issuer != bank:
+                raise ValueError(f"the generator gives {bank} the BIN {bin_}, which the BIN table gives to {issuer}")
+
+
 def generate(seed: int = DEFAULT_SEED, people: int = DEFAULT_PEOPLE) -> list[CardRecord]:
     """A deterministic synthetic population: the same seed gives the same records. The first
     person is the demo person (see `pick_demo_person`); with a handful of people or more, every
     case of FORMAT.md is in it."""
     if people < 1:
         raise ValueError("people must be at least 1")
+    check_bins(bins.default_table())
     gen = _Generator(seed)
     rng = gen.rng
     demo = gen.human(_DEMO_COUNTIES)

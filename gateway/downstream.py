@@ -53,7 +53,10 @@ class BankDirectory:
         return [BankAvailability(bank.code, bank.available) for bank in response.banks]
 
     async def verify_real_name(self, card_number: str, name: str, id_number: str, phone: str) -> str | None:
-        """The code of the bank that confirmed card, name, ID and phone; None if not confirmed."""
+        """The code of the bank that confirmed card, name, ID and phone; None if not confirmed.
+        bank_connector's refusals come back as they are: a card whose BIN no supported bank
+        issues is INVALID_ARGUMENT on card_number (metadata cause UNKNOWN_ISSUER), an issuer
+        out of reach SERVICE_UNAVAILABLE."""
         try:
             response = await self._stub.VerifyRealName(
                 bank_connector_pb2.VerifyRealNameRequest(

@@ -22,9 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from bank_connector.app import build as build_connector
-from bank_connector.connector import call_timeout
+from bank_connector.connector import UNKNOWN_ISSUER, call_timeout
 from bank_sim.app import build as build_sim
-from cardcheck import dataset
+from cardcheck import bins, dataset
 from cardcheck.banks import BANK_CODES, BY_CODE
 from cardcheck.numbers import luhn_check_digit
 from cardcheck.runtime.clock import ManualClock
@@ -42,6 +42,7 @@ from cardcheck.v1 import (
 TODAY = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)  # noon in Beijing
 RECORDS = dataset.generate(424242, 40)
 DEMO = dataset.pick_demo_person(RECORDS)
+DEMO_BANK = next(r.bank for r in RECORDS if r.pan == DEMO.card_number)
 ANSWERED = common_pb2.BANK_OUTCOME_KIND_ANSWERED
 TIMED_OUT = common_pb2.BANK_OUTCOME_KIND_TIMED_OUT
 ERROR = common_pb2.BANK_OUTCOME_KIND_ERROR
@@ -280,7 +281,7 @@ async def test_verify_real_name_denies_a_mismatch(start_connector):
     connector = await start_connector()
     other_phone = "13" + DEMO.phone[2:][::-1] if DEMO.phone[2:][::-1] != DEMO.phone[2:] else "13900000000"
     closed = next(r for r in RECORDS if r.status == "CLOSED")
-    unknown = "6212261" + "0" * 11
+    unknown = "6212261" + "0" * 11  # an ICBC BIN, a card ICBC never issued
     for result in [
         await verify(connector, phone=other_phone),
         await verify(connector, name=DEMO.name + "某"),
@@ -302,14 +303,119 @@ async def test_verify_real_name_refuses_a_bad_card_number(start_connector):
         assert [v.field for v in from_rpc_error(caught.value).violations] == ["card_number"]
 
 
-async def test_verify_real_name_is_undecided_when_a_bank_cannot_be_asked(start_connector):
+async def test_verify_real_name_is_undecided_only_when_the_issuer_cannot_be_asked(start_connector):
     connector = await start_connector(GDRCC=f"127.0.0.1:{free_port()}")
+    assert DEMO_BANK != "GDRCC"
     assert (await verify(connector)).confirmed  # the card's bank answered: decided
-    unknown = "6217281" + "0" * 11
+    held = next(r for r in RECORDS if r.bank == "GDRCC" and r.status == "ACTIVE" and r.reserved_phone)
+    unknown = "6217281" + "0" * 11  # a GDRCC BIN, a card GDRCC never issued: only GDRCC can say so
+    for number, holder in [(held.pan, held), (unknown + luhn_check_digit(unknown), held)]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await verify(connector, card_number=number, name=holder.holder_name, id_number=holder.id_number,
+                         phone=holder.reserved_phone)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert from_rpc_error(caught.value).reason == "SERVICE_UNAVAILABLE"
+
+
+# --- need to know: the real-name check asks the card's issuer and no other bank ----------------
+
+
+@pytest.fixture
+async def sim_control(sim_port):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sim_port}") as channel:
+        yield bank_pb2_grpc.BankSimControlStub(channel)
+
+
+async def counts(control) -> dict[str, tuple[int, int]]:
+    """Each bank's (VerifyCard, LookupCards) calls so far."""
+    state = await control.GetBehaviour(bank_pb2.GetBehaviourRequest(), timeout=5)
+    return {bank.bank_code: (bank.verify_calls, bank.lookup_calls) for bank in state.banks}
+
+
+async def asked(control, before: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """The banks that got VerifyCard calls since `before`, with how many; no lookups either."""
+    after = await counts(control)
+    assert all(after[code][1] == before[code][1] for code in BANK_CODES)
+    return {code: after[code][0] - before[code][0] for code in BANK_CODES if after[code][0] != before[code][0]}
+
+
+def unclaimed_card(length: int = 16) -> str:
+    body = "623999" + "4" * (length - 7)
+    number = body + luhn_check_digit(body)
+    assert bins.default_table().issuer_of(number) is None
+    return number
+
+
+async def test_a_verification_reaches_the_issuer_and_no_other_bank(start_connector, sim_control):
+    connector = await start_connector()
+    one_per_bank = {}
+    for r in RECORDS:
+        one_per_bank.setdefault(r.bank, r)
+    assert len(one_per_bank) == len(BANK_CODES)
+    for record in [*one_per_bank.values(), next(r for r in RECORDS if r.pan == DEMO.card_number)]:
+        before = await counts(sim_control)
+        result = await verify(connector, card_number=record.pan, name=record.holder_name,
+                              id_number=record.id_number, phone=record.reserved_phone or DEMO.phone)
+        assert await asked(sim_control, before) == {record.bank: 1}, record.bank
+        if record.status != "CLOSED" and record.reserved_phone:
+            assert (result.confirmed, result.bank_code) == (True, record.bank)
+        else:
+            assert (result.confirmed, result.bank_code) == (False, "")
+
+
+async def test_a_card_of_no_known_issuer_is_refused_without_asking_any_bank(start_connector, sim_control):
+    connector = await start_connector()
+    for number in [unclaimed_card(16), unclaimed_card(19), "9" * 15 + luhn_check_digit("9" * 15)]:
+        before = await counts(sim_control)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await verify(connector, card_number=number)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        error = from_rpc_error(caught.value)
+        assert (error.reason, error.metadata) == ("INVALID_ARGUMENT", {"cause": "UNKNOWN_ISSUER"})
+        assert [(v.field, v.description) for v in error.violations] == [("card_number", UNKNOWN_ISSUER)]
+        assert await asked(sim_control, before) == {}
+
+
+async def test_the_issuer_down_is_service_unavailable_and_no_other_bank_is_asked(start_connector, sim_control):
+    connector = await start_connector()
+    await sim_control.SetBehaviour(
+        bank_pb2.SetBehaviourRequest(bank_codes=[DEMO_BANK], behaviour=bank_pb2.BankBehaviour(down=True)), timeout=5
+    )
+    before = await counts(sim_control)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await verify(connector, card_number=unknown + luhn_check_digit(unknown))
+        await verify(connector)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert from_rpc_error(caught.value).reason == "SERVICE_UNAVAILABLE"
+    tries = await asked(sim_control, before)
+    assert list(tries) == [DEMO_BANK] and 1 <= tries[DEMO_BANK] <= 3  # retried at the issuer alone
+
+
+async def test_a_silent_issuer_is_service_unavailable_within_the_callers_deadline(start_connector, silent_bank):
+    connector = await start_connector(**{DEMO_BANK: silent_bank})
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await connector.stub.VerifyRealName(
+            bank_connector_pb2.VerifyRealNameRequest(
+                card_number=DEMO.card_number, name=DEMO.name, id_number=DEMO.id_number, phone=DEMO.phone
+            ),
+            timeout=1.5,
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    assert from_rpc_error(caught.value).reason == "SERVICE_UNAVAILABLE"
+    assert time.monotonic() - started < 1.5
+
+
+async def test_a_card_its_issuer_holds_under_another_name_is_not_confirmed(start_connector, sim_control):
+    connector = await start_connector()
+    other = next(r for r in RECORDS if r.id_number.upper() != DEMO.id_number.upper() and r.bank != DEMO_BANK)
+    before = await counts(sim_control)
+    for name, id_number, phone in [
+        (other.holder_name, other.id_number, other.reserved_phone or DEMO.phone),  # someone else
+        (other.holder_name, DEMO.id_number, DEMO.phone),  # another name alone
+    ]:
+        result = await verify(connector, name=name, id_number=id_number, phone=phone)
+        assert (result.confirmed, result.bank_code) == (False, "")
+    assert await asked(sim_control, before) == {DEMO_BANK: 2}  # never the other person's banks
 
 
 async def test_list_banks_marks_unreachable_banks_unavailable(start_connector):

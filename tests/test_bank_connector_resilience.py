@@ -254,6 +254,34 @@ async def test_the_retry_budget_caps_retries_at_its_floor_plus_a_share_of_calls(
 # --- the circuit breaker -------------------------------------------------------------------------
 
 
+async def test_with_the_issuers_breaker_open_the_real_name_check_is_unavailable_and_asks_no_bank(
+    bank_sim, start_connector
+):
+    breaker = BreakerPolicy(consecutive_failures=3, failure_rate=1.0, window=100, min_calls=100,
+                            open_for=timedelta(seconds=30))
+    connector = await start_connector(replace(FAST, breaker=breaker, retry=RetryPolicy(max_attempts=1)))
+    await bank_sim.set(down=True)
+    for _ in range(3):
+        await connector.one()
+    assert (await connector.health()).breaker_state == "OPEN"
+    await bank_sim.set(down=False)  # well again, but the breaker does not know it yet
+
+    async def verify_calls() -> dict[str, int]:
+        state = await bank_sim.control.GetBehaviour(bank_pb2.GetBehaviourRequest(), timeout=10)
+        return {bank.bank_code: bank.verify_calls for bank in state.banks}
+
+    before = await verify_calls()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await connector.stub.VerifyRealName(
+            bank_connector_pb2.VerifyRealNameRequest(
+                card_number=DEMO.card_number, name=DEMO.name, id_number=DEMO.id_number, phone=DEMO.phone
+            ),
+            timeout=20,
+        )
+    assert from_rpc_error(caught.value).reason == "SERVICE_UNAVAILABLE"
+    assert await verify_calls() == before  # failed fast: neither the issuer nor any other bank asked
+
+
 async def test_the_breaker_opens_fails_fast_then_probes_and_closes_again(bank_sim, start_connector):
     breaker = BreakerPolicy(consecutive_failures=3, failure_rate=1.0, window=100, min_calls=100,
                             open_for=timedelta(seconds=30))

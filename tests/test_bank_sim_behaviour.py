@@ -67,6 +67,29 @@ async def test_a_down_bank_refuses_at_once_and_the_others_answer(stubs):
     assert state.behaviour.down and state.failed == 1
 
 
+async def test_each_rpc_is_counted_on_its_own_refused_calls_too(stubs):
+    bank, control = stubs
+    other = next(code for code in BANK_CODES if code != DEMO_BANK)
+    before = {code: await state_of(control, code) for code in (DEMO_BANK, other)}
+    verify = bank_pb2.VerifyCardRequest(bank_code=DEMO_BANK, card_number=DEMO.card_number, name=DEMO.name,
+                                        id_number=DEMO.id_number, phone=DEMO.phone)
+    for _ in range(2):
+        await bank.LookupCards(lookup_request(), timeout=10)
+    assert (await bank.VerifyCard(verify, timeout=10)).confirmed
+    await set_behaviour(control, [DEMO_BANK], down=True)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await bank.VerifyCard(verify, timeout=10)  # refused, but the card number reached the bank
+
+    def counts(state) -> tuple[int, int, int]:
+        return state.calls, state.lookup_calls, state.verify_calls
+
+    after, was = counts(await state_of(control, DEMO_BANK)), counts(before[DEMO_BANK])
+    assert tuple(a - b for a, b in zip(after, was, strict=True)) == (4, 2, 2)
+    assert counts(await state_of(control, other)) == counts(before[other])
+    everyone = await control.GetBehaviour(bank_pb2.GetBehaviourRequest(), timeout=10)
+    assert all(b.calls == b.lookup_calls + b.verify_calls for b in everyone.banks)
+
+
 async def test_an_error_rate_fails_that_share_of_calls_with_the_chosen_code(stubs):
     bank, control = stubs
     await set_behaviour(control, [DEMO_BANK], error_rate=1.0, error_code="INTERNAL")
@@ -184,7 +207,7 @@ def test_the_lognormal_latency_has_the_median_and_p99_asked_for():
     floor = BankFloor({"ICBC": Behaviour(latency_ms=50, latency_p99_ms=400)}, seed=3)
     draws = []
     for _ in range(20_000):
-        draws.append(floor.enter("ICBC").delay_s * 1000)
+        draws.append(floor.enter("ICBC", "LookupCards").delay_s * 1000)
         floor.leave("ICBC")
     draws.sort()
     assert draws[len(draws) // 2] == pytest.approx(50, rel=0.05)

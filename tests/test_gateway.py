@@ -24,6 +24,9 @@ from grpc_status import rpc_status
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import inspect, text
 
+from bank_connector.app import build as build_bank_connector
+from bank_sim.app import build as build_bank_sim
+from cardcheck import dataset
 from cardcheck.banks import BANK_CODES, BANKS
 from cardcheck.client import CardCheckClient
 from cardcheck.numbers import id_check_digit, luhn_check_digit
@@ -37,6 +40,8 @@ from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import (
     bank_connector_pb2,
     bank_connector_pb2_grpc,
+    bank_pb2,
+    bank_pb2_grpc,
     common_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
@@ -78,6 +83,7 @@ BOB = Person("李四", _id_number("11010519851231004"), "13987654321", _card("62
 CAROL = Person("阿依古丽·买买提", "11010119800101007X", "15011112222", _card("622588000033334444"))
 assert CAROL.id_number[-1] == id_check_digit(CAROL.id_number[:17])
 BOB_USER = "00000000-0000-4000-8000-000000000000"
+BANK_RECORDS = dataset.generate(424242, 20)  # what the real bank_sim holds, where a test runs one
 
 
 # --- fakes of report_service and bank_connector ---------------------------------------------
@@ -1067,6 +1073,61 @@ async def test_real_name_check_failure(stack: Stack):
         "REAL_NAME_CHECK_FAILED",
     )
     assert stack.bank.verify_calls  # the bank was asked
+
+
+@pytest.fixture
+async def real_bank_connector(tmp_path: Path) -> AsyncIterator[tuple[str, bank_pb2_grpc.BankSimControlStub]]:
+    """bank_sim (a small generated population) and bank_connector in-process on port 0, as the
+    gateway reaches them in production: the connector's address and bank_sim's control stub."""
+    addresses = {service: f"127.0.0.1:{port}" for service, port in DEFAULT_PORTS.items()}
+    addresses.update(bank_sim="127.0.0.1:0", bank_connector="127.0.0.1:0")
+    settings = Settings(addresses=addresses, data_dir=tmp_path)
+    sim = await build_bank_sim(
+        settings, records=BANK_RECORDS,
+        tracer_provider=make_tracer_provider("bank_sim", tmp_path, exporter=InMemorySpanExporter()),
+    )
+    sim_port = await sim.start()
+    connector = await build_bank_connector(
+        dataclasses.replace(settings, addresses={**addresses, "bank_sim": f"127.0.0.1:{sim_port}"}),
+        tracer_provider=make_tracer_provider("bank_connector", tmp_path, exporter=InMemorySpanExporter()),
+    )
+    connector_port = await connector.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{sim_port}")
+    yield f"127.0.0.1:{connector_port}", bank_pb2_grpc.BankSimControlStub(channel)
+    await channel.close()
+    await connector.stop(0)
+    await sim.stop(0)
+
+
+async def verify_calls(control: bank_pb2_grpc.BankSimControlStub) -> dict[str, int]:
+    state = await control.GetBehaviour(bank_pb2.GetBehaviourRequest(), timeout=5)
+    return {bank.bank_code: bank.verify_calls for bank in state.banks}
+
+
+async def test_register_with_a_card_no_supported_bank_issues_is_refused_on_card_number(
+    start_stack, real_bank_connector
+):
+    address, control = real_bank_connector
+    stack = await start_stack(bank_connector=address)
+    holder = dataset.pick_demo_person(BANK_RECORDS)
+    issuer = next(r.bank for r in BANK_RECORDS if r.pan == holder.card_number)
+    person = Person(holder.name, holder.id_number, holder.phone, _card("623999444444444"), holder.region)
+    before = await verify_calls(control)
+    challenge_id, code = await stack.challenge(REGISTER, person.phone)
+    refusal = await refused(
+        stack.gateway.Register(stack.register_request(person, challenge_id, code)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    assert refusal.metadata == {"cause": "UNKNOWN_ISSUER"}
+    assert refusal.violations == {"card_number": "no supported bank issues cards with this BIN"}
+    assert await verify_calls(control) == before  # no bank was asked
+    # Their own card registers them, asking its issuer alone.
+    stack.clock.advance(timedelta(seconds=61))
+    challenge_id, code = await stack.challenge(REGISTER, person.phone)
+    await stack.gateway.Register(stack.register_request(person, challenge_id, code, card_number=holder.card_number))
+    after = await verify_calls(control)
+    assert {bank: after[bank] - before[bank] for bank in BANK_CODES if after[bank] != before[bank]} == {issuer: 1}
 
 
 async def test_regions(start_stack, stack: Stack):

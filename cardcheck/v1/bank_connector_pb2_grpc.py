@@ -70,7 +70,15 @@ class BankConnectorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def VerifyRealName(self, request, context):
-        """Registration's real-name check: does the bank holding this card confirm name, ID and phone?
+        """Registration's real-name check: does the bank that issued this card confirm name, ID and
+        phone? Only that bank is asked (the issuer is told by the card's BIN, cardcheck/bins.json):
+        no other bank sees the card number, name, ID number or phone. Refusals:
+        - INVALID_ARGUMENT with a BadRequest field violation on `card_number` for a malformed number
+        (16-19 digits, Luhn), and the same with the description "no supported bank issues cards
+        with this BIN" and ErrorInfo metadata `cause: UNKNOWN_ISSUER` for a well-formed number
+        whose BIN no bank claims (no bank is asked);
+        - SERVICE_UNAVAILABLE when the issuer cannot be asked (down, breaker open, out of time, a
+        malformed answer): the check is undecided.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -90,7 +90,7 @@ class GetBehaviourRequest(_message.Message):
     def __init__(self, bank_codes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SimulatedBankState(_message.Message):
-    __slots__ = ("bank_code", "behaviour", "calls", "refused", "failed", "in_flight", "address")
+    __slots__ = ("bank_code", "behaviour", "calls", "refused", "failed", "in_flight", "address", "lookup_calls", "verify_calls")
     BANK_CODE_FIELD_NUMBER: _ClassVar[int]
     BEHAVIOUR_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,8 @@ class SimulatedBankState(_message.Message):
     FAILED_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_CALLS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_CALLS_FIELD_NUMBER: _ClassVar[int]
     bank_code: str
     behaviour: BankBehaviour
     calls: int
@@ -105,7 +107,9 @@ class SimulatedBankState(_message.Message):
     failed: int
     in_flight: int
     address: str
-    def __init__(self, bank_code: _Optional[str] = ..., behaviour: _Optional[_Union[BankBehaviour, _Mapping]] = ..., calls: _Optional[int] = ..., refused: _Optional[int] = ..., failed: _Optional[int] = ..., in_flight: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+    lookup_calls: int
+    verify_calls: int
+    def __init__(self, bank_code: _Optional[str] = ..., behaviour: _Optional[_Union[BankBehaviour, _Mapping]] = ..., calls: _Optional[int] = ..., refused: _Optional[int] = ..., failed: _Optional[int] = ..., in_flight: _Optional[int] = ..., address: _Optional[str] = ..., lookup_calls: _Optional[int] = ..., verify_calls: _Optional[int] = ...) -> None: ...
 
 class BankSimState(_message.Message):
     __slots__ = ("banks",)

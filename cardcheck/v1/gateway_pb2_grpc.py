@@ -116,7 +116,12 @@ class CardCheckServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Register(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Opens an account for a real-name user. The card's real-name check asks the card's issuing
+        bank alone (told by its BIN). Beyond API.md's refusals: a well-formed card number whose BIN
+        no supported bank issues is INVALID_ARGUMENT with a BadRequest violation on `card_number`
+        ("no supported bank issues cards with this BIN") and ErrorInfo metadata
+        `cause: UNKNOWN_ISSUER`; the issuer out of reach is UNAVAILABLE (SERVICE_UNAVAILABLE).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
