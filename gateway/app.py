@@ -129,6 +129,7 @@ async def build(
         ],
         settings.bind_address(SERVICE),
         tracer_provider,
+        on_drain=[watches.drain],
         on_stop=[close],
     )
 

@@ -5,6 +5,8 @@
   earliest end of the user's open streams; sooner if the client closes one).
 - A maximum lifetime: the stream then ends UNAVAILABLE, reason STREAM_EXPIRED, with a RetryInfo
   of zero: the client opens it again at once (its first event tells the state so far).
+- When the server stops, open streams end as at their lifetime (`drain`), so that clients
+  open them again on another replica rather than wait for the stop's grace to cut them.
 - The session is checked again while streaming: its expiry (in the token, no I/O) on every
   wake, and its revocation (one primary-key read) every `session_check_s`; signed out or
   expired, the stream ends UNAUTHENTICATED. The wakes come from a timer raced against the next
@@ -246,6 +248,7 @@ class Watches:
         self._check_s = session_check_s
         self._renew_s = lease.total_seconds() / 3
         self._open: dict[str, Watch] = {}  # slot -> watch, to release what is left at shutdown
+        self._draining = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def opened(self, user_id: str) -> AsyncIterator[Watch]:
@@ -270,7 +273,7 @@ class Watches:
         now = self._clock.now()
         if claims.expires_at <= now:
             raise CardCheckError("UNAUTHENTICATED", "session expired")
-        if watch.ends_at <= now:
+        if watch.ends_at <= now or self._draining.is_set():
             raise stream_expired()
         due = min(watch.ends_at, claims.expires_at) - now
         return min(self._check_s, due.total_seconds())
@@ -283,11 +286,14 @@ class Watches:
         checked_at = renewed_at = loop.time()
         upstream = aiter(events)
         pending = asyncio.ensure_future(anext(upstream))
+        draining = asyncio.ensure_future(self._draining.wait())
         try:
             while True:
                 wait_s = self._check_instants(watch, claims)
-                done, _ = await asyncio.wait((pending,), timeout=wait_s)
-                if done:
+                await asyncio.wait((pending, draining), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+                if draining.done():
+                    raise stream_expired()
+                if pending.done():
                     try:
                         event = pending.result()
                     except StopAsyncIteration:
@@ -301,11 +307,17 @@ class Watches:
                     await self._slots.renew(watch.user_id, watch.slot)
                     renewed_at = loop.time()
         finally:
+            draining.cancel()
             pending.cancel()  # cancels the upstream call with it (ReportDesk.watch)
             await asyncio.wait((pending,))
             if not pending.cancelled():
                 pending.exception()  # retrieved: the reason the stream ended is raised above
             await upstream.aclose()
+
+    async def drain(self) -> None:
+        """The server is stopping: every open stream ends now as at its lifetime (the client
+        opens it again, on another replica), instead of holding the stop for its whole grace."""
+        self._draining.set()
 
     async def close(self) -> None:
         """Releases the slots of streams still open (the server is stopping)."""

@@ -372,3 +372,19 @@ async def test_a_stopping_gateway_releases_its_slots_and_the_upstream(start_stac
         assert await client.zcard(f"{redis_prefix}:watch:{alice.user_id}") == 0
     finally:
         await client.aclose()
+
+
+@SQLITE_ONLY
+async def test_a_stopping_gateway_ends_its_streams_at_once_for_the_clients_to_open_again(start_stack):  # noqa: F811
+    stack = await start_stack(config=watching())
+    stack.reports.hold_watches = True
+    alice = await stack.register(ALICE)
+    calls = [await open_watch(stack, alice.session_token, pending_query(stack, alice.user_id)) for _ in range(2)]
+    assert stack.host is not None
+    started = time.monotonic()
+    await stack.host.stop(10)  # a long grace: the streams must not hold the stop for it
+    assert time.monotonic() - started < 5
+    for call in calls:
+        refusal = refusal_of((await ended(call))[0], grpc.StatusCode.UNAVAILABLE, "STREAM_EXPIRED")
+        assert refusal.retry_after == timedelta(0)
+    assert stack.reports.watches_cancelled == 2

@@ -144,7 +144,8 @@ class CardCheckServicer:
         the user's streams reaches its lifetime; sooner when the client closes one).
         - A stream lives at most a while (10 minutes by default), then ends UNAVAILABLE, reason
         STREAM_EXPIRED, with a RetryInfo of zero: open it again at once (its first event gives
-        the state so far, so nothing is missed).
+        the state so far, so nothing is missed). A gateway replica that stops ends its streams
+        the same way.
         - A stream whose session is signed out or expires ends UNAUTHENTICATED within seconds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
