@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -222,10 +222,8 @@ def watch_streams_limited(wait: timedelta) -> CardCheckError:
     )
 
 
-def stream_expired() -> CardCheckError:
-    return CardCheckError(
-        "STREAM_EXPIRED", "the watch reached its maximum lifetime; open it again", retry_after=timedelta(0)
-    )
+def stream_expired(why: str = "the watch reached its maximum lifetime") -> CardCheckError:
+    return CardCheckError("STREAM_EXPIRED", f"{why}; open it again", retry_after=timedelta(0))
 
 
 class Watches:
@@ -273,18 +271,20 @@ class Watches:
         now = self._clock.now()
         if claims.expires_at <= now:
             raise CardCheckError("UNAUTHENTICATED", "session expired")
-        if watch.ends_at <= now or self._draining.is_set():
+        if watch.ends_at <= now:
             raise stream_expired()
+        if self._draining.is_set():
+            raise stream_expired("the gateway is stopping")
         due = min(watch.ends_at, claims.expires_at) - now
         return min(self._check_s, due.total_seconds())
 
     async def guarded(
-        self, watch: Watch, claims: SessionClaims, events: AsyncIterator
+        self, watch: Watch, claims: SessionClaims, events: AsyncGenerator
     ) -> AsyncIterator:
         """The upstream's events, until it ends, the lifetime is over or the session is not live."""
         loop = asyncio.get_running_loop()
         checked_at = renewed_at = loop.time()
-        upstream = aiter(events)
+        upstream = events
         pending = asyncio.ensure_future(anext(upstream))
         draining = asyncio.ensure_future(self._draining.wait())
         try:
@@ -292,7 +292,7 @@ class Watches:
                 wait_s = self._check_instants(watch, claims)
                 await asyncio.wait((pending, draining), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
                 if draining.done():
-                    raise stream_expired()
+                    raise stream_expired("the gateway is stopping")
                 if pending.done():
                     try:
                         event = pending.result()
