@@ -388,3 +388,33 @@ async def test_a_stopping_gateway_ends_its_streams_at_once_for_the_clients_to_op
         refusal = refusal_of((await ended(call))[0], grpc.StatusCode.UNAVAILABLE, "STREAM_EXPIRED")
         assert refusal.retry_after == timedelta(0)
     assert stack.reports.watches_cancelled == 2
+
+
+@pytest.mark.redis
+@SQLITE_ONLY
+async def test_on_redis_live_streams_keep_their_slots_and_a_dead_replicas_run_out(
+    start_stack, redis_url: str, redis_prefix: str  # noqa: F811
+):
+    lease = timedelta(seconds=0.6)  # small, so that the test waits for a few of them
+    stack = await start_stack(
+        config=watching(redis_key_prefix=redis_prefix, redis_timeout_s=5, watch_slot_lease=lease), redis_url=redis_url
+    )
+    stack.reports.hold_watches = True
+    alice = await stack.register(ALICE)
+    query_id = pending_query(stack, alice.user_id)
+    # A replica that took a slot and was killed: nobody releases it or renews its lease.
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix, timeout_s=5)
+    try:
+        dead = RedisWatchSlots(store, 2, lease)
+        assert isinstance(await dead.take(alice.user_id, "killed", timedelta(minutes=10)), str)
+    finally:
+        await store.close()
+    live = await open_watch(stack, alice.session_token, query_id)
+    await refused(open_watch(stack, alice.session_token, query_id), grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    await asyncio.sleep(1.5 * lease.total_seconds())
+    other = await open_watch(stack, alice.session_token, query_id)  # the dead one's lease ran out
+    await asyncio.sleep(3 * lease.total_seconds())  # the live streams renew theirs meanwhile
+    await refused(open_watch(stack, alice.session_token, query_id), grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    assert not live.done() and not other.done()
+    for call in (live, other):
+        call.cancel()
