@@ -7,6 +7,7 @@ of ours is re-raised as it is."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -44,6 +45,7 @@ PaymentPasswordLocked = ERRORS["PAYMENT_PASSWORD_LOCKED"]
 ServiceBusy = ERRORS["SERVICE_BUSY"]
 RateLimited = ERRORS["RATE_LIMITED"]
 ServiceUnavailable = ERRORS["SERVICE_UNAVAILABLE"]
+StreamExpired = ERRORS["STREAM_EXPIRED"]
 
 __all__ = ["ERRORS", "CardCheckClient", "CardCheckError", *(cls.__name__ for cls in ERRORS.values())]
 
@@ -194,21 +196,37 @@ class CardCheckClient:
         return await self._call(self._stub.SubmitQuery, request, session_token)
 
     async def watch_query(
-        self, query_id: str, *, session_token: str | None = None, deadline_s: float | None = None
+        self,
+        query_id: str,
+        *,
+        session_token: str | None = None,
+        deadline_s: float | None = None,
+        reopen: bool = True,
     ) -> AsyncIterator[gateway_pb2.QueryEvent]:
-        """The query's events until it leaves PENDING (no overall deadline unless `deadline_s`)."""
-        call = self._stub.WatchQuery(
-            gateway_pb2.WatchQueryRequest(query_id=query_id),
-            metadata=self._metadata(session_token),
-            timeout=deadline_s,
-        )
-        try:
-            async for event in call:
-                yield event
-        except grpc.aio.AioRpcError as error:
-            raise _typed(error) from error
-        finally:
-            call.cancel()
+        """The query's events until it leaves PENDING (no overall deadline unless `deadline_s`).
+
+        The gateway ends a stream at its maximum lifetime (StreamExpired); the stream is then
+        opened again, as its RetryInfo asks, unless `reopen` is False. The first event of each
+        opening tells the state so far. Too many streams open at once: RateLimited."""
+        loop = asyncio.get_running_loop()
+        ends_at = None if deadline_s is None else loop.time() + deadline_s
+        while True:
+            call = self._stub.WatchQuery(
+                gateway_pb2.WatchQueryRequest(query_id=query_id),
+                metadata=self._metadata(session_token),
+                timeout=None if ends_at is None else max(0.0, ends_at - loop.time()),
+            )
+            try:
+                async for event in call:
+                    yield event
+                return
+            except grpc.aio.AioRpcError as error:
+                typed = _typed(error)
+                if not reopen or not isinstance(typed, StreamExpired):
+                    raise typed from error
+            finally:
+                call.cancel()
+            await asyncio.sleep(typed.retry_after.total_seconds() if typed.retry_after else 0.0)
 
     async def list_queries(self, *, session_token: str | None = None) -> list[common_pb2.Query]:
         response = await self._call(self._stub.ListQueries, gateway_pb2.ListQueriesRequest(), session_token)

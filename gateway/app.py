@@ -27,6 +27,7 @@ from gateway.servicer import CardCheckServicer, add_to_server
 from gateway.sessions import Sessions
 from gateway.tracing import Shedding, SheddingSampler
 from gateway.users import Users
+from gateway.watches import FallingBackSlots, LocalWatchSlots, RedisWatchSlots, Watches, WatchSlots
 
 SERVICE = "gateway"
 MIGRATIONS = "gateway.migrations"
@@ -45,7 +46,8 @@ async def build(
     """The gateway, not started. Raises SettingsError when it must not start (no sandbox and no
     face-verification provider, bad gateway settings). The rate limits live in this process,
     or on Redis when `settings.redis_url` is set (gateway/limits.py says what happens when
-    Redis is unreachable); `limiters` overrides both."""
+    Redis is unreachable); `limiters` overrides both. The WatchQuery slots are counted where
+    the limits are (gateway/watches.py)."""
     clock = clock or SystemClock()
     config = config or GatewayConfig.from_env()
     face = face_verifier or face_verifier_for(settings)
@@ -70,6 +72,14 @@ async def build(
     }
     timeout = config.downstream_timeout_s
     sessions = Sessions(db, keyring, clock, config.session_ttl)
+    watches = Watches(
+        _watch_slots(limiters, config, clock),
+        sessions,
+        clock,
+        lifetime=config.watch_max_lifetime,
+        session_check_s=config.watch_session_check_s,
+        lease=config.watch_slot_lease,
+    )
     challenges = Challenges(
         db, keyring, clock, daily_cap=config.sms_phone_daily_cap, resend_after=config.sms_resend_after
     )
@@ -98,6 +108,7 @@ async def build(
         limiters=limiters,
         callers=keyring.hasher("sms-caller"),
         shedding=shedding,
+        watches=watches,
     )
 
     housekeeping = asyncio.create_task(_housekeeping(challenges, sessions), name="gateway-housekeeping")
@@ -106,6 +117,7 @@ async def build(
         housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await housekeeping
+        await watches.close()  # before the Redis client closes
         for channel in channels.values():
             await channel.close()
         await limiters.close()
@@ -123,6 +135,7 @@ async def build(
         ],
         settings.bind_address(SERVICE),
         tracer_provider,
+        on_drain=[watches.drain],
         on_stop=[close],
     )
 
@@ -138,6 +151,16 @@ def _limiters(settings: Settings, config: GatewayConfig, clock: Clock, rates) ->
         raise SettingsError(f"CARDCHECK_REDIS_URL: {error}") from None
     log.info("rate limits shared on redis (keys %s:rl:*)", config.redis_key_prefix)
     return Limiters.on_redis(store, rates, clock)
+
+
+def _watch_slots(limiters: Limiters, config: GatewayConfig, clock: Clock) -> WatchSlots:
+    """Each user's WatchQuery slots: on the limits' Redis when there is one (falling back to
+    this process while it cannot be reached), else in this process."""
+    local = LocalWatchSlots(config.watch_streams_per_user, clock)
+    if limiters.store is None:
+        return local
+    shared = RedisWatchSlots(limiters.store, config.watch_streams_per_user, config.watch_slot_lease)
+    return FallingBackSlots(shared, local)
 
 
 async def _housekeeping(challenges: Challenges, sessions: Sessions, every_s: float = 3600.0) -> None:

@@ -50,6 +50,20 @@ class GatewayConfig:
     payment_password_workers: int = field(default_factory=usable_cores)
     payment_password_queue: int = 16
     session_ttl: timedelta = timedelta(hours=24)
+    # WatchQuery (gateway/watches.py). Each user's concurrent streams
+    # (CARDCHECK_WATCH_STREAMS_PER_USER; one more is refused RATE_LIMITED, limit watch_streams),
+    # counted over every replica on Redis when it is configured, else in this process.
+    watch_streams_per_user: int = 4
+    # A stream's maximum lifetime (CARDCHECK_WATCH_MAX_LIFETIME_S): it then ends UNAVAILABLE,
+    # STREAM_EXPIRED, and the client opens it again.
+    watch_max_lifetime: timedelta = timedelta(minutes=10)
+    # How often an open stream reads its session again (CARDCHECK_WATCH_SESSION_CHECK_S): a
+    # sign-out ends it UNAUTHENTICATED within about this. One primary-key read each.
+    watch_session_check_s: float = 2.0
+    # The lease of a slot on Redis (CARDCHECK_WATCH_SLOT_LEASE_S), renewed every third of it
+    # while its stream lives: a replica killed with streams open frees their slots after it.
+    # At least 3 session checks long.
+    watch_slot_lease: timedelta = timedelta(seconds=30)
     # Deadline of one unary call to an internal service.
     downstream_timeout_s: float = 10.0
     # Redis (CARDCHECK_REDIS_URL, shared Settings): the namespace of our keys and how long one
@@ -82,6 +96,13 @@ class GatewayConfig:
         header = (env.get("CARDCHECK_CALLER_HEADER") or "").strip().lower() or None
         if header is not None and not _HEADER.match(header):
             raise SettingsError(f"CARDCHECK_CALLER_HEADER={header!r} is not a metadata key")
+        watch_session_check_s = number("CARDCHECK_WATCH_SESSION_CHECK_S", cls.watch_session_check_s)
+        watch_slot_lease_s = number("CARDCHECK_WATCH_SLOT_LEASE_S", 30.0)
+        if watch_slot_lease_s < 3 * watch_session_check_s:
+            raise SettingsError(
+                f"CARDCHECK_WATCH_SLOT_LEASE_S={watch_slot_lease_s:g} must be at least 3 times "
+                f"CARDCHECK_WATCH_SESSION_CHECK_S={watch_session_check_s:g}"
+            )
         return cls(
             submit_global_rps=number("CARDCHECK_SUBMIT_GLOBAL_RPS", cls.submit_global_rps),
             submit_global_burst=number("CARDCHECK_SUBMIT_GLOBAL_BURST", cls.submit_global_burst),
@@ -117,6 +138,14 @@ class GatewayConfig:
                 env_number(env, "CARDCHECK_PAYMENT_PASSWORD_QUEUE", cls.payment_password_queue, integer=True, at_least=0)
             ),
             session_ttl=timedelta(hours=number("CARDCHECK_SESSION_TTL_HOURS", 24.0)),
+            watch_streams_per_user=int(
+                env_number(
+                    env, "CARDCHECK_WATCH_STREAMS_PER_USER", cls.watch_streams_per_user, integer=True, above=0
+                )
+            ),
+            watch_max_lifetime=timedelta(seconds=number("CARDCHECK_WATCH_MAX_LIFETIME_S", 600.0)),
+            watch_session_check_s=watch_session_check_s,
+            watch_slot_lease=timedelta(seconds=watch_slot_lease_s),
             downstream_timeout_s=number("CARDCHECK_DOWNSTREAM_TIMEOUT_S", cls.downstream_timeout_s),
             redis_key_prefix=prefix,
             redis_timeout_s=number("CARDCHECK_REDIS_TIMEOUT_S", cls.redis_timeout_s),

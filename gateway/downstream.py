@@ -125,8 +125,13 @@ class ReportDesk:
         except grpc.aio.AioRpcError as error:
             raise downstream_error(error, "report_service") from None
 
-    async def watch(self, user_id: str, query_id: str) -> AsyncIterator[gateway_pb2.QueryEvent]:
-        call = self._stub.WatchQuery(report_service_pb2.GetQueryRequest(user_id=user_id, query_id=query_id))
+    async def watch(
+        self, user_id: str, query_id: str, deadline_s: float
+    ) -> AsyncIterator[gateway_pb2.QueryEvent]:
+        """The query's events; the upstream stream ends after `deadline_s` at the latest."""
+        call = self._stub.WatchQuery(
+            report_service_pb2.GetQueryRequest(user_id=user_id, query_id=query_id), timeout=deadline_s
+        )
         try:
             async for event in call:
                 yield event

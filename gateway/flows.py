@@ -4,6 +4,7 @@ services are reached through the adapters of gateway/downstream.py."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -32,10 +33,12 @@ from gateway.limits import Limiters, RateLimiter
 from gateway.sessions import IssuedSession, SessionClaims, Sessions
 from gateway.tracing import Shedding
 from gateway.users import Identity, Users
+from gateway.watches import LocalWatchSlots, Watches
 
 log = logging.getLogger(__name__)
 
 GLOBAL_SUBMIT_KEY = "submit:global"
+WATCH_DEADLINE_MARGIN_S = 1.0
 
 
 class SubmissionRow(SQLModel, table=True):
@@ -130,6 +133,7 @@ class Gateway:
         limiters: Limiters,
         callers: KeyedHash,
         shedding: Shedding | None = None,
+        watches: Watches | None = None,
         agreement: Agreement = CURRENT,
     ) -> None:
         self._settings = settings
@@ -146,6 +150,14 @@ class Gateway:
         self._limits = limiters
         self._callers = callers
         self._shedding = shedding or Shedding()
+        self._watches = watches or Watches(
+            LocalWatchSlots(config.watch_streams_per_user, clock),
+            sessions,
+            clock,
+            lifetime=config.watch_max_lifetime,
+            session_check_s=config.watch_session_check_s,
+            lease=config.watch_slot_lease,
+        )
         self.agreement = agreement
 
     # --- banks and agreement ---------------------------------------------------------------
@@ -358,18 +370,28 @@ class Gateway:
             log.info("submission of query %s already remembered", query_id)
 
     async def watch_query(self, token: str | None, query_id: str) -> AsyncIterator[gateway_pb2.QueryEvent]:
-        user_id = await self._sessions.user_of(token)
+        """The query's events, on a slot of the user's (gateway/watches.py says how the cap,
+        the lifetime and the session checks end a stream). The slot is taken before the
+        session's database read, as SubmitQuery's budget is, and released however it ends."""
+        claims = self._sessions.verify(token)
         problems = validation.Violations()
         problems.query_id(query_id)
         problems.raise_if_any()
-        async for event in self._reports.watch(user_id, query_id):
-            # Progress only: which banks answered, never their cards, which GetReport shows
-            # behind the payment password.
-            if event.HasField("outcome"):
-                event.outcome.ClearField("cards")
-            for outcome in event.outcomes:
-                outcome.ClearField("cards")
-            yield event
+        async with self._watches.opened(claims.user_id) as watch:
+            user_id = await self._sessions.ensure_live(claims)
+            # The upstream ends a little after the lifetime at the latest: the gateway ends the
+            # stream itself at the lifetime, the deadline is there should it not.
+            deadline_s = self._watches.remaining(watch).total_seconds() + WATCH_DEADLINE_MARGIN_S
+            upstream = self._reports.watch(user_id, query_id, deadline_s)
+            async with contextlib.aclosing(self._watches.guarded(watch, claims, upstream)) as events:
+                async for event in events:
+                    # Progress only: which banks answered, never their cards, which GetReport
+                    # shows behind the payment password.
+                    if event.HasField("outcome"):
+                        event.outcome.ClearField("cards")
+                    for outcome in event.outcomes:
+                        outcome.ClearField("cards")
+                    yield event
 
     async def list_queries(self, token: str | None) -> list[common_pb2.Query]:
         user_id = await self._sessions.user_of(token)

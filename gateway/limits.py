@@ -208,16 +208,27 @@ class RedisStore:
     def key(self, limit: str, key: str) -> str:
         return f"{self.prefix}:rl:{limit}:{key}"
 
+    def script(self, text: str):
+        """A Lua script of another user of this store (e.g. gateway/watches.py), for `run`."""
+        return self.client.register_script(text)
+
     async def gcra(self, key: str, interval_us: float, burst: float, cost: float, now_us: int | None) -> int:
         """0 when allowed, else the wait in microseconds. Raises LimiterUnavailable."""
+        allowed, wait = await self.run(
+            self._script,
+            [key],
+            [repr(interval_us), repr(burst), repr(cost), "" if now_us is None else now_us],
+        )
+        return 0 if int(allowed) else int(wait)
+
+    async def run(self, script, keys: list[str], args: list):
+        """Runs one of this store's scripts behind the circuit breaker. Raises
+        LimiterUnavailable when Redis cannot answer (or has not been asked: circuit open)."""
         if self._down and self._monotonic() < self._down_until:
             raise LimiterUnavailable("redis is unreachable", timedelta(seconds=self.retry_after_s))
         try:
             async with self._in_flight:
-                allowed, wait = await self._script(
-                    keys=[key],
-                    args=[repr(interval_us), repr(burst), repr(cost), "" if now_us is None else now_us],
-                )
+                answer = await script(keys=keys, args=args)
         except self._errors as error:
             self._failures += 1
             if self._failures >= self.trip_after:
@@ -230,7 +241,7 @@ class RedisStore:
         if self._down:
             log.warning("rate limits: redis answers again")
             self._down = False
-        return 0 if int(allowed) else int(wait)
+        return answer
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -16,6 +16,7 @@ from cardcheck.client import (
     PaymentPasswordLocked,
     RateLimited,
     ServiceBusy,
+    StreamExpired,
 )
 from cardcheck.runtime.errors import REASONS, CardCheckError, FieldViolation, abort, invalid_argument
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -26,6 +27,7 @@ class FakeCardCheck(gateway_pb2_grpc.CardCheckServicer):
         self.authorizations: list[str | None] = []
         self.purposes: list[int] = []
         self.resets: list[gateway_pb2.ResetPaymentPasswordRequest] = []
+        self.watches = 0
 
     def _seen(self, context) -> None:
         self.authorizations.append(dict(context.invocation_metadata()).get("authorization"))
@@ -70,7 +72,15 @@ class FakeCardCheck(gateway_pb2_grpc.CardCheckServicer):
 
     async def WatchQuery(self, request, context):
         self._seen(context)
+        self.watches += 1
         yield gateway_pb2.QueryEvent(query=common_pb2.Query(query_id=request.query_id))
+        if request.query_id == "expiring" and self.watches == 1:
+            await abort(context, CardCheckError("STREAM_EXPIRED", retry_after=timedelta(0)))
+        elif request.query_id == "expiring":
+            yield gateway_pb2.QueryEvent(
+                query=common_pb2.Query(query_id=request.query_id, status=common_pb2.QUERY_STATUS_READY)
+            )
+            return
         await abort(context, CardCheckError("NOT_FOUND", "gone"))
 
     async def GetReport(self, request, context):
@@ -208,6 +218,25 @@ async def test_reset_payment_password_sends_its_fields_with_the_session(served):
     assert [(r.challenge_id, r.sms_code, r.face_token, r.new_payment_password) for r in fake.resets] == [
         ("c" * 32, "123456", "sandbox:pass", "246801")
     ]
+
+
+async def test_a_watch_that_reaches_its_lifetime_is_opened_again(served):
+    fake, address = served
+    async with CardCheckClient(address, session_token="token-1") as client:
+        events = [event async for event in client.watch_query("expiring", deadline_s=30)]
+        # Each opening starts with the state so far; the second one follows the query to READY.
+        assert [e.query.status for e in events] == [
+            common_pb2.QUERY_STATUS_UNSPECIFIED,
+            common_pb2.QUERY_STATUS_UNSPECIFIED,
+            common_pb2.QUERY_STATUS_READY,
+        ]
+        assert fake.watches == 2
+        fake.watches = 0
+        with pytest.raises(StreamExpired) as caught:
+            async for _ in client.watch_query("expiring", reopen=False):
+                pass
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.retry_after == timedelta(0)
 
 
 def test_client_needs_exactly_one_of_address_and_channel():

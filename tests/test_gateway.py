@@ -127,6 +127,12 @@ class FakeReportService(report_service_pb2_grpc.ReportServiceServicer):
         self.by_key: dict[tuple[str, str], str] = {}
         self.refusal: CardCheckError | None = None
         self.report_calls: list = []
+        # WatchQuery: with hold_watches, each stream stays open after its first event until the
+        # gateway cancels it (counted in watches_cancelled); the deadline each stream had.
+        self.hold_watches = False
+        self.watch_deadlines: list[float | None] = []
+        self.watches_open = 0
+        self.watches_cancelled = 0
 
     async def CreateQuery(self, request, context):
         self.created.append(request)
@@ -165,7 +171,17 @@ class FakeReportService(report_service_pb2_grpc.ReportServiceServicer):
         query = self._own(request.user_id, request.query_id)
         if query is None:
             await abort(context, CardCheckError("NOT_FOUND"))
+        self.watch_deadlines.append(context.time_remaining())
         yield gateway_pb2.QueryEvent(query=query)
+        if self.hold_watches:
+            self.watches_open += 1
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.watches_cancelled += 1
+                raise
+            finally:
+                self.watches_open -= 1
         done = common_pb2.Query()
         done.CopyFrom(query)
         done.status = common_pb2.QUERY_STATUS_READY
@@ -255,6 +271,7 @@ class Stack:
     spans: InMemorySpanExporter
     client: CardCheckClient
     channels: list = field(default_factory=list)
+    host: ServiceHost | None = None  # the gateway's
 
     async def code_for(self, phone: str, challenge_id: str | None = None) -> str:
         """The newest code SMS in the phone's sandbox inbox."""
@@ -389,6 +406,7 @@ async def start_stack(tmp_path: Path, database_url, fakes):
             spans=spans,
             client=CardCheckClient(channel=gateway_channel),
             channels=[gateway_channel, notifier_channel],
+            host=host,
         )
         stacks.append(stack)
         return stack

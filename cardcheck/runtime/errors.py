@@ -45,6 +45,8 @@ REASONS: dict[str, Reason] = {
     "PAYMENT_PASSWORD_LOCKED": Reason(grpc.StatusCode.PERMISSION_DENIED, "支付密码错误次数过多，已锁定"),
     "SERVICE_BUSY": Reason(grpc.StatusCode.RESOURCE_EXHAUSTED, "申请人数过多，服务繁忙，请稍后再试"),
     "RATE_LIMITED": Reason(grpc.StatusCode.RESOURCE_EXHAUSTED, "操作过于频繁，请稍后再试"),
+    # WatchQuery: the stream reached its maximum lifetime; open it again (RetryInfo says when).
+    "STREAM_EXPIRED": Reason(grpc.StatusCode.UNAVAILABLE, "查询进度推送已达最长时长，请重新打开"),
     # Not in the public table: a dependency of the service is down.
     "SERVICE_UNAVAILABLE": Reason(grpc.StatusCode.UNAVAILABLE, "服务暂时不可用，请稍后再试"),
 }

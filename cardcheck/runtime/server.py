@@ -1,5 +1,6 @@
 """Server bootstrap: a grpc.aio server with tracing, grpc.health.v1 and reflection, and a
-graceful stop (health NOT_SERVING, in-flight calls finish, then exit)."""
+graceful stop (health NOT_SERVING, streams asked to end by the `on_drain` hooks, in-flight
+calls finish, then exit)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class ServiceHost:
         tracer_provider: TracerProvider,
         *,
         on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
+        on_drain: Sequence[Callable[[], Awaitable[None]]] = (),
         options: Sequence[tuple[str, object]] = (),
         maximum_concurrent_rpcs: int | None = None,
     ) -> None:
@@ -65,6 +67,7 @@ class ServiceHost:
         self._bind_address = bind_address
         self._tracer_provider = tracer_provider
         self._on_stop = list(on_stop)
+        self._on_drain = list(on_drain)  # at the start of a stop: end long-lived calls early
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=server_interceptors(tracer_provider),
@@ -101,6 +104,11 @@ class ServiceHost:
             return
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
+        for hook in self._on_drain:
+            try:
+                await hook()
+            except Exception:
+                log.exception("%s: a drain hook failed", self.name)
         await self.server.stop(grace)
         for hook in self._on_stop:
             try:

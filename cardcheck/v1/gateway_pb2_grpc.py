@@ -146,7 +146,18 @@ class CardCheckServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchQuery(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The query's events until it leaves PENDING: the first tells the state so far, then one per
+        bank outcome or other change; the stream then ends OK. Besides:
+        - Each user may hold a few streams at once (4 by default, over every gateway replica);
+        one more is refused RESOURCE_EXHAUSTED, reason RATE_LIMITED, ErrorInfo metadata
+        `limit: watch_streams`, with a RetryInfo of when a slot frees at the latest (the first of
+        the user's streams reaches its lifetime; sooner when the client closes one).
+        - A stream lives at most a while (10 minutes by default), then ends UNAVAILABLE, reason
+        STREAM_EXPIRED, with a RetryInfo of zero: open it again at once (its first event gives
+        the state so far, so nothing is missed). A gateway replica that stops ends its streams
+        the same way.
+        - A stream whose session is signed out or expires ends UNAUTHENTICATED within seconds.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
