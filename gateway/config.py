@@ -45,8 +45,9 @@ class GatewayConfig:
     # call may take before the limits treat Redis as unreachable.
     redis_key_prefix: str = "cardcheck"
     redis_timeout_s: float = 0.5
-    # Who a caller is for the SMS limit: the peer address, or (behind a proxy that sets it) the
-    # last address of this metadata key, e.g. x-forwarded-for. Never trust it without a proxy.
+    # Who a caller is for the SMS limits: the peer address, or (behind a proxy that sets it) the
+    # last address of the last occurrence of this metadata key, e.g. x-forwarded-for (the proxy
+    # appends its own after whatever the client sent). Never trust it without a proxy.
     caller_header: str | None = None
 
     def limit_rates(self) -> LimitRates:

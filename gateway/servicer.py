@@ -61,15 +61,16 @@ def _network(host: str) -> str:
 
 
 def caller_of(peer: str, metadata: Sequence[tuple[str, str | bytes]], header: str | None = None) -> str:
-    """Who is calling, for the per-caller SMS limit: the peer's address (`ipv4:1.2.3.4:5678`,
+    """Who is calling, for the per-caller SMS limits: the peer's address (`ipv4:1.2.3.4:5678`,
     `ipv6:[::1]:5678`), or, when the gateway sits behind a proxy that sets `header`, the last
-    address in it (the one that proxy appended)."""
+    address of its last occurrence: the proxy appends its own value (or its own header) after
+    whatever the client sent, so anything before it may be the client's invention."""
     if header:
-        for key, value in metadata:
-            if key.lower() == header:
-                last = _metadata_value(value).rsplit(",", 1)[-1].strip()
-                if last:
-                    return _network(last)
+        values = [value for key, value in metadata if key.lower() == header]
+        if values:
+            last = _metadata_value(values[-1]).rsplit(",", 1)[-1].strip()
+            if last:
+                return _network(last)
     scheme, _, rest = unquote(peer or "").partition(":")
     if scheme in ("ipv4", "ipv6"):
         return _network(rest.rpartition(":")[0])

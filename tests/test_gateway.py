@@ -990,6 +990,32 @@ def test_caller_of():
     metadata = (("x-forwarded-for", "1.1.1.1, 203.0.113.9"),)
     assert caller_of("ipv4:10.0.0.1:1", metadata) == "10.0.0.1"
     assert caller_of("ipv4:10.0.0.1:1", metadata, "x-forwarded-for") == "203.0.113.9"
+    # The proxy appends its own occurrence after whatever the client sent: the last one names
+    # the caller, whatever the client put in an earlier one.
+    twice = (("X-Forwarded-For", "198.51.100.250"), ("authorization", "x"), ("x-forwarded-for", "1.1.1.1, 203.0.113.9"))
+    assert caller_of("ipv4:10.0.0.1:1", twice, "x-forwarded-for") == "203.0.113.9"
+    assert caller_of("ipv4:10.0.0.1:1", (("x-forwarded-for", b"2001:db8::7"),) * 2, "x-forwarded-for") == (
+        "2001:db8::/64"
+    )
+
+
+async def test_a_client_cannot_pick_its_caller_by_sending_the_header_first(start_stack):
+    stack = await start_stack(config=GatewayConfig(sms_caller_burst=1, caller_header="x-forwarded-for"))
+    proxy = ("x-forwarded-for", "203.0.113.7")  # what the proxy appends for this client
+    await stack.gateway.RequestSmsCode(
+        gateway_pb2.RequestSmsCodeRequest(phone=ALICE.phone, purpose=REGISTER),
+        metadata=(("x-forwarded-for", "10.0.0.1"), proxy),
+    )
+    for forged in ("10.0.0.2", "198.51.100.1, 10.0.0.3"):
+        refusal = await refused(
+            stack.gateway.RequestSmsCode(
+                gateway_pb2.RequestSmsCodeRequest(phone=BOB.phone, purpose=REGISTER),
+                metadata=(("x-forwarded-for", forged), proxy),
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RATE_LIMITED",
+        )
+        assert refusal.metadata["limit"] == "caller"
 
 
 async def test_each_user_is_limited_on_query_codes_and_report_attempts(start_stack):
