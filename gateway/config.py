@@ -51,12 +51,19 @@ class GatewayConfig:
     caller_header: str | None = None
 
     def limit_rates(self) -> LimitRates:
+        """Each per-user budget applies per session too, at the same rate (gateway/flows.py)."""
+        submit_user = Rate.per_minute(self.submit_user_per_minute, self.submit_user_burst)
+        sms_user = Rate.per_hour(self.sms_user_per_hour, self.sms_user_burst)
+        report_user = Rate.per_minute(self.report_user_per_minute, self.report_user_burst)
         return LimitRates(
             submit_global=Rate(self.submit_global_rps, self.submit_global_burst),
-            submit_user=Rate.per_minute(self.submit_user_per_minute, self.submit_user_burst),
-            sms_user=Rate.per_hour(self.sms_user_per_hour, self.sms_user_burst),
+            submit_user=submit_user,
+            submit_session=submit_user,
+            sms_user=sms_user,
+            sms_session=sms_user,
             sms_caller=Rate.per_hour(self.sms_caller_per_hour, self.sms_caller_burst),
-            report_user=Rate.per_minute(self.report_user_per_minute, self.report_user_burst),
+            report_user=report_user,
+            report_session=report_user,
         )
 
     @classmethod

@@ -171,8 +171,9 @@ class Gateway:
         send = True
         if purpose == "QUERY_AUTH":
             claims = self._sessions.verify(token)
-            await _limited(self._limits.sms_user, claims.user_id, "user", "too many codes requested")
+            await _limited(self._limits.sms_session, claims.budget_key, "session", "too many codes requested")
             user_id = await self._sessions.ensure_live(claims)
+            await _limited(self._limits.sms_user, user_id, "user", "too many codes requested")
             phone = (await self._users.identity(user_id)).phone
         elif purpose == "SIGN_IN" and await self._users.find_by_phone(phone) is None:
             # Answer exactly as for a registered phone (no account enumeration), send nothing.
@@ -248,17 +249,28 @@ class Gateway:
     # --- queries -----------------------------------------------------------------------------
 
     async def _admit(self, claims: SessionClaims) -> str:
-        """Admission of a SubmitQuery, before any database work, downstream call or hashing:
-        the token's signature (no I/O), the user's own budget, the global limit (shedding);
-        only then the session's revocation check in the database. The user's budget comes first
-        so that one user (even with a stolen, revoked token) cannot drain the global one."""
-        await _limited(self._limits.submit_user, claims.user_id, "user", "too many queries submitted")
+        """Admission of a SubmitQuery. Before any database work, downstream call or hashing:
+        the token's signature (no I/O), the session's own budget, the global limit (shedding);
+        then the session's revocation check in the database; then the user's own budget.
+
+        The session's budget comes first so that one token (even a stolen, revoked one) can
+        neither drain the global budget nor reach the database for free: it costs only its own
+        bucket. The user's budget comes after the revocation check so that a revoked token
+        cannot spend it: signed out, a stolen token leaves the owner's new session its whole
+        budget. (Every session is held to the user's rate anyway, and a user has only the
+        sessions SMS codes opened, so the per-user budget still bounds one person.) GetReport
+        and QUERY_AUTH codes are admitted in the same order, without the global limit."""
+        await _limited(
+            self._limits.submit_session, claims.budget_key, "session", "too many queries submitted"
+        )
         wait = await self._limits.submit_global.acquire(GLOBAL_SUBMIT_KEY)
         if wait is not None:
             self._shedding.shed()
             _annotate({"cardcheck.admission.shed": True})
             raise CardCheckError("SERVICE_BUSY", "too many queries submitted at once", retry_after=wait)
-        return await self._sessions.ensure_live(claims)
+        user_id = await self._sessions.ensure_live(claims)
+        await _limited(self._limits.submit_user, user_id, "user", "too many queries submitted")
+        return user_id
 
     async def _resolve_banks(self, requested: list[str]) -> list[str]:
         if requested:
@@ -369,9 +381,11 @@ class Gateway:
 
     async def get_report(self, token: str | None, query_id: str, payment_password: str) -> common_pb2.Report:
         claims = self._sessions.verify(token)
-        # Each attempt may cost an argon2 verification: counted before anything else.
-        await _limited(self._limits.report_user, claims.user_id, "user", "too many report requests")
+        # Each attempt may cost an argon2 verification: counted before anything else, per
+        # session before the revocation check and per user after it (see `_admit`).
+        await _limited(self._limits.report_session, claims.budget_key, "session", "too many report requests")
         user_id = await self._sessions.ensure_live(claims)
+        await _limited(self._limits.report_user, user_id, "user", "too many report requests")
         problems = validation.Violations()
         problems.query_id(query_id)
         problems.payment_password(payment_password)

@@ -1024,10 +1024,21 @@ async def test_each_user_is_limited_on_query_codes_and_report_attempts(start_sta
     token = alice.session_token
     await stack.query_auth(ALICE, token)
     stack.clock.advance(timedelta(minutes=1))  # past the phone's one-a-minute
+    query_auth = gateway_pb2.RequestSmsCodeRequest(purpose=QUERY_AUTH)
     refusal = await refused(
-        stack.gateway.RequestSmsCode(
-            gateway_pb2.RequestSmsCodeRequest(purpose=QUERY_AUTH), metadata=bearer(token)
-        ),
+        stack.gateway.RequestSmsCode(query_auth, metadata=bearer(token)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+    )
+    # The session's own budget (the user's rate) answers first; another session of the same
+    # user has a full one of its own, and meets the user's.
+    assert refusal.metadata["limit"] == "session" and refusal.retry_after == timedelta(minutes=2)
+    challenge_id, code = await stack.challenge(SIGN_IN, ALICE.phone)
+    second = await stack.gateway.SignIn(
+        gateway_pb2.SignInRequest(phone=ALICE.phone, challenge_id=challenge_id, sms_code=code)
+    )
+    refusal = await refused(
+        stack.gateway.RequestSmsCode(query_auth, metadata=bearer(second.session_token)),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "RATE_LIMITED",
     )
