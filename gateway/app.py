@@ -52,6 +52,8 @@ async def build(
         rates = config.limit_rates()
     except ValueError as error:
         raise SettingsError(f"gateway rate limits: {error}") from None
+    if not config.sms_escalation or not 0 <= config.sms_phone_daily_reserve < config.sms_phone_daily_cap:
+        raise SettingsError("gateway SMS limits: an escalation step, and 0 <= daily reserve < daily cap")
     if limiters is None:
         limiters = _limiters(settings, config, clock, rates)
     keyring = load_keyring(settings.master_key, settings.retired_master_keys, settings.data_dir)
@@ -70,7 +72,15 @@ async def build(
     timeout = config.downstream_timeout_s
     sessions = Sessions(db, keyring, clock, config.session_ttl)
     challenges = Challenges(
-        db, keyring, clock, daily_cap=config.sms_phone_daily_cap, resend_after=config.sms_resend_after
+        db,
+        keyring,
+        clock,
+        daily_cap=config.sms_phone_daily_cap,
+        daily_reserve=config.sms_phone_daily_reserve,
+        resend_after=config.sms_resend_after,
+        escalation=config.sms_escalation,
+        escalation_reset=config.sms_escalation_reset,
+        trust_for=config.sms_trust,
     )
     gateway = Gateway(
         settings=settings,

@@ -3,6 +3,7 @@ validated the same way: a bad value stops the process before it serves."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -24,10 +25,31 @@ class GatewayConfig:
     # Each user's own SubmitQuery budget (RATE_LIMITED): a burst, refilled per minute.
     submit_user_per_minute: float = 6.0
     submit_user_burst: float = 10.0
-    # RequestSmsCode: each phone at most one code a minute per purpose (fixed) and this many a
-    # day (China's calendar day) over all purposes; each caller and each signed-in user a budget.
-    sms_phone_daily_cap: int = 10
+    # RequestSmsCode (gateway/challenges.py says why this shape). Every purpose: each phone one
+    # code per purpose each CARDCHECK_SMS_RESEND_S (60), each caller a budget
+    # (CARDCHECK_SMS_CALLER_PER_HOUR, _BURST). QUERY_AUTH besides only the signed-in session's
+    # and user's budgets (CARDCHECK_SMS_USER_PER_HOUR, _BURST; each session the same rate), so
+    # anonymous callers never spend what the owner needs. Anonymous REGISTER and SIGN_IN, over
+    # both purposes: each caller per phone an escalating cooldown after each code
+    # (CARDCHECK_SMS_ESCALATION_S, comma-separated seconds, the last one repeats), starting
+    # again after CARDCHECK_SMS_ESCALATION_RESET_HOURS without a code past the wait or when the
+    # caller verifies a code of the phone; each phone CARDCHECK_SMS_PHONE_DAILY_CAP codes a day
+    # (China's calendar day), of which CARDCHECK_SMS_PHONE_DAILY_RESERVE only for callers that
+    # verified one of its codes within CARDCHECK_SMS_TRUST_DAYS. Keep the daily cap below the
+    # notifier's hourly SMS_CODE cap (CARDCHECK_SMS_CAP_SMS_CODE, 10/h): what is left there is
+    # the owner's room for QUERY_AUTH codes.
+    sms_phone_daily_cap: int = 8
+    sms_phone_daily_reserve: int = 3
     sms_resend_after: timedelta = timedelta(seconds=60)
+    sms_escalation: tuple[timedelta, ...] = (
+        timedelta(seconds=60),
+        timedelta(minutes=2),
+        timedelta(minutes=5),
+        timedelta(minutes=15),
+        timedelta(hours=1),
+    )
+    sms_escalation_reset: timedelta = timedelta(hours=6)
+    sms_trust: timedelta = timedelta(days=30)
     sms_caller_per_hour: float = 60.0
     sms_caller_burst: float = 20.0
     sms_user_per_hour: float = 20.0
@@ -79,15 +101,30 @@ class GatewayConfig:
         header = (env.get("CARDCHECK_CALLER_HEADER") or "").strip().lower() or None
         if header is not None and not _HEADER.match(header):
             raise SettingsError(f"CARDCHECK_CALLER_HEADER={header!r} is not a metadata key")
+        daily_cap = int(
+            env_number(env, "CARDCHECK_SMS_PHONE_DAILY_CAP", cls.sms_phone_daily_cap, integer=True, above=0)
+        )
+        daily_reserve = int(
+            env_number(
+                env, "CARDCHECK_SMS_PHONE_DAILY_RESERVE", min(cls.sms_phone_daily_reserve, daily_cap - 1),
+                integer=True, at_least=0,
+            )
+        )
+        if daily_reserve >= daily_cap:
+            raise SettingsError(
+                f"CARDCHECK_SMS_PHONE_DAILY_RESERVE={daily_reserve} must be below the daily cap ({daily_cap})"
+            )
         return cls(
             submit_global_rps=number("CARDCHECK_SUBMIT_GLOBAL_RPS", cls.submit_global_rps),
             submit_global_burst=number("CARDCHECK_SUBMIT_GLOBAL_BURST", cls.submit_global_burst),
             submit_user_per_minute=number("CARDCHECK_SUBMIT_USER_PER_MINUTE", cls.submit_user_per_minute),
             submit_user_burst=number("CARDCHECK_SUBMIT_USER_BURST", cls.submit_user_burst),
-            sms_phone_daily_cap=int(
-                env_number(env, "CARDCHECK_SMS_PHONE_DAILY_CAP", cls.sms_phone_daily_cap, integer=True, above=0)
-            ),
+            sms_phone_daily_cap=daily_cap,
+            sms_phone_daily_reserve=daily_reserve,
             sms_resend_after=timedelta(seconds=number("CARDCHECK_SMS_RESEND_S", 60.0)),
+            sms_escalation=_escalation(env),
+            sms_escalation_reset=timedelta(hours=number("CARDCHECK_SMS_ESCALATION_RESET_HOURS", 6.0)),
+            sms_trust=timedelta(days=number("CARDCHECK_SMS_TRUST_DAYS", 30.0)),
             sms_caller_per_hour=number("CARDCHECK_SMS_CALLER_PER_HOUR", cls.sms_caller_per_hour),
             sms_caller_burst=number("CARDCHECK_SMS_CALLER_BURST", cls.sms_caller_burst),
             sms_user_per_hour=number("CARDCHECK_SMS_USER_PER_HOUR", cls.sms_user_per_hour),
@@ -110,3 +147,17 @@ class GatewayConfig:
             redis_timeout_s=number("CARDCHECK_REDIS_TIMEOUT_S", cls.redis_timeout_s),
             caller_header=header,
         )
+
+
+def _escalation(env: Mapping[str, str]) -> tuple[timedelta, ...]:
+    """CARDCHECK_SMS_ESCALATION_S: the cooldown steps in seconds, e.g. `60,120,300,900,3600`."""
+    raw = (env.get("CARDCHECK_SMS_ESCALATION_S") or "").strip()
+    if not raw:
+        return GatewayConfig.sms_escalation
+    try:
+        steps = [float(part) for part in raw.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or not all(math.isfinite(step) and step > 0 for step in steps):
+        raise SettingsError(f"CARDCHECK_SMS_ESCALATION_S={raw!r}: comma-separated seconds, each above 0")
+    return tuple(timedelta(seconds=step) for step in steps)

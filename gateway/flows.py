@@ -151,10 +151,18 @@ class Gateway:
 
     # --- SMS challenges ----------------------------------------------------------------------
 
+    def caller_key(self, caller: str) -> str:
+        """The caller (an address, never stored or logged) as the limits and the escalation of
+        anonymous codes know it: a keyed digest under the current key (a master key rotation
+        gives every caller a fresh budget, once)."""
+        return self._callers.digest(caller)[:32]
+
     async def request_sms_code(
         self, phone: str, purpose: str | None, token: str | None, caller: str = ""
     ) -> IssuedChallenge:
-        """Limited per caller, per signed-in user (QUERY_AUTH) and per phone (challenges.py)."""
+        """Limited per caller, then: QUERY_AUTH per session and per user (in that order, see
+        `_admit`) and per phone and purpose; REGISTER and SIGN_IN per phone, per caller and
+        phone, and per phone and day (gateway/challenges.py)."""
         problems = validation.Violations()
         problems.sms_purpose(purpose)
         if purpose in ("REGISTER", "SIGN_IN"):
@@ -162,41 +170,55 @@ class Gateway:
         problems.raise_if_any()
         assert purpose is not None
         _annotate({"cardcheck.sms.purpose": purpose})
-        # The caller (an address, never stored or logged) is only a key in the limiter (under
-        # the current key: a master key rotation gives every caller a fresh budget, once).
-        await _limited(
-            self._limits.sms_caller, self._callers.digest(caller)[:32], "caller", "too many codes requested"
-        )
+        caller_key = self.caller_key(caller)
+        await _limited(self._limits.sms_caller, caller_key, "caller", "too many codes requested")
 
-        send = True
         if purpose == "QUERY_AUTH":
             claims = self._sessions.verify(token)
             await _limited(self._limits.sms_session, claims.budget_key, "session", "too many codes requested")
             user_id = await self._sessions.ensure_live(claims)
             await _limited(self._limits.sms_user, user_id, "user", "too many codes requested")
             phone = (await self._users.identity(user_id)).phone
-        elif purpose == "SIGN_IN" and await self._users.find_by_phone(phone) is None:
-            # Answer exactly as for a registered phone (no account enumeration), send nothing.
-            send = False
+            return await self._issue_and_send(phone, purpose, "")
+        if purpose == "REGISTER":
+            return await self._issue_and_send(phone, purpose, caller_key)
         phone_hash = self._users.phone_hash(phone)
-        issued = await self._challenges.issue(phone_hash, purpose)
-        if send:
-            try:
-                reachable = await self._sms.send_code(phone, issued.code, purpose, issued.challenge_id)
-            except CardCheckError:
-                await self._challenges.withdraw(issued.challenge_id, phone_hash, purpose, issued.issued_at)
-                raise
-            if not reachable and purpose != "SIGN_IN":
-                # The SMS vendor refused the number for good: no code will ever arrive, so the
-                # caller hears it now. (SIGN_IN answers as if sent, whatever happens: otherwise
-                # the answer would tell a registered phone from an unregistered one.)
-                await self._challenges.withdraw(issued.challenge_id, phone_hash, purpose, issued.issued_at)
-                raise undeliverable(purpose)
+        if await self._users.find_by_phone(phone) is None:
+            # Answer exactly as for a registered phone (no account enumeration), send nothing.
+            return await self._challenges.issue(phone_hash, purpose, caller_key)
+        issued = await self._challenges.issue(phone_hash, purpose, caller_key)
+        try:
+            # Reachable or not, SIGN_IN answers as if sent: otherwise the answer would tell a
+            # registered phone from an unregistered one.
+            await self._sms.send_code(phone, issued.code, purpose, issued.challenge_id)
+        except CardCheckError:
+            await self._challenges.withdraw(issued.challenge_id, phone_hash, purpose, issued.issued_at, caller_key)
+            raise
+        return issued
+
+    async def _issue_and_send(self, phone: str, purpose: str, caller_key: str) -> IssuedChallenge:
+        """Issues a code and waits for the notifier to take it; a code that cannot be sent is
+        withdrawn and refused (SERVICE_UNAVAILABLE, or a number the SMS vendor refused for good:
+        no code will ever arrive, so the caller hears it now)."""
+        phone_hash = self._users.phone_hash(phone)
+        issued = await self._challenges.issue(phone_hash, purpose, caller_key)
+        try:
+            reachable = await self._sms.send_code(phone, issued.code, purpose, issued.challenge_id)
+        except CardCheckError:
+            await self._challenges.withdraw(
+                issued.challenge_id, phone_hash, purpose, issued.issued_at, caller_key
+            )
+            raise
+        if not reachable:
+            await self._challenges.withdraw(
+                issued.challenge_id, phone_hash, purpose, issued.issued_at, caller_key
+            )
+            raise undeliverable(purpose)
         return issued
 
     # --- accounts ----------------------------------------------------------------------------
 
-    async def register(self, form: Registration) -> IssuedSession:
+    async def register(self, form: Registration, caller: str = "") -> IssuedSession:
         today = validation.today_in_china(self._clock.now())
         problems = validation.Violations()
         problems.name(form.name)
@@ -211,7 +233,11 @@ class Gateway:
 
         id_number = validation.normalise_id_number(form.id_number)
         await self._challenges.verify(
-            form.challenge_id, form.sms_code, self._users.phone_hashes(form.phone), "REGISTER"
+            form.challenge_id,
+            form.sms_code,
+            self._users.phone_hashes(form.phone),
+            "REGISTER",
+            self.caller_key(caller),
         )
         await self._users.ensure_not_registered(id_number, form.phone)
         bank_code = await self._banks.verify_real_name(form.card_number, form.name, id_number, form.phone)
@@ -223,12 +249,14 @@ class Gateway:
         log.info("registered user %s (bank %s, region %s)", user.user_id, bank_code, form.region)
         return await self._sessions.open(user.user_id)
 
-    async def sign_in(self, phone: str, challenge_id: str, sms_code: str) -> IssuedSession:
+    async def sign_in(self, phone: str, challenge_id: str, sms_code: str, caller: str = "") -> IssuedSession:
         problems = validation.Violations()
         problems.phone(phone)
         problems.challenge(challenge_id, sms_code)
         problems.raise_if_any()
-        await self._challenges.verify(challenge_id, sms_code, self._users.phone_hashes(phone), "SIGN_IN")
+        await self._challenges.verify(
+            challenge_id, sms_code, self._users.phone_hashes(phone), "SIGN_IN", self.caller_key(caller)
+        )
         user = await self._users.find_by_phone(phone)
         if user is None:
             raise CardCheckError("VERIFICATION_FAILED", "no account for this phone")

@@ -112,13 +112,13 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
         agreement = self._gateway.agreement
         return gateway_pb2.Agreement(version=agreement.version, title=agreement.title, text=agreement.text)
 
+    def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        return caller_of(context.peer(), context.invocation_metadata() or (), self._caller_header)
+
     @handles_errors
     async def RequestSmsCode(self, request, context) -> gateway_pb2.SmsChallenge:
         issued = await self._gateway.request_sms_code(
-            request.phone,
-            _purpose(request.purpose),
-            _token(context),
-            caller_of(context.peer(), context.invocation_metadata() or (), self._caller_header),
+            request.phone, _purpose(request.purpose), _token(context), self._caller(context)
         )
         return gateway_pb2.SmsChallenge(
             challenge_id=issued.challenge_id,
@@ -138,13 +138,18 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
                 card_number=request.card_number,
                 payment_password=request.payment_password,
                 region=request.region,
-            )
+            ),
+            self._caller(context),
         )
         return _session(issued)
 
     @handles_errors
     async def SignIn(self, request, context) -> gateway_pb2.Session:
-        return _session(await self._gateway.sign_in(request.phone, request.challenge_id, request.sms_code))
+        return _session(
+            await self._gateway.sign_in(
+                request.phone, request.challenge_id, request.sms_code, self._caller(context)
+            )
+        )
 
     @handles_errors
     async def SignOut(self, request, context) -> gateway_pb2.SignOutResponse:
