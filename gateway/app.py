@@ -111,6 +111,7 @@ async def build(
         housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await housekeeping
+        await gateway.drain(timeout)  # sign-in codes still on their way to the notifier
         for channel in channels.values():
             await channel.close()
         await limiters.close()

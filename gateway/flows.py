@@ -4,9 +4,10 @@ services are reached through the adapters of gateway/downstream.py."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -36,6 +37,7 @@ from gateway.users import Identity, Users
 log = logging.getLogger(__name__)
 
 GLOBAL_SUBMIT_KEY = "submit:global"
+SIGN_IN_SEND_DELAY_S = 0.01
 
 
 class SubmissionRow(SQLModel, table=True):
@@ -139,6 +141,7 @@ class Gateway:
         self._callers = callers
         self._shedding = shedding or Shedding()
         self.agreement = agreement
+        self._background: set[asyncio.Task] = set()  # SIGN_IN codes being sent
 
     # --- banks and agreement ---------------------------------------------------------------
 
@@ -162,7 +165,14 @@ class Gateway:
     ) -> IssuedChallenge:
         """Limited per caller, then: QUERY_AUTH per session and per user (in that order, see
         `_admit`) and per phone and purpose; REGISTER and SIGN_IN per phone, per caller and
-        phone, and per phone and day (gateway/challenges.py)."""
+        phone, and per phone and day (gateway/challenges.py).
+
+        REGISTER and SIGN_IN answer alike whether the phone has an account or not, in content
+        and in time. REGISTER never looks: it sends a code either way (the account shows only at
+        Register, to whoever holds the code). SIGN_IN must look, so it sends no code to a phone
+        without an account; to keep the two answers equally fast, the code of a registered phone
+        is sent in the background after the answer, and whatever happens to it (notifier down,
+        number refused) the challenge and its budgets stand as for a phone without an account."""
         problems = validation.Violations()
         problems.sms_purpose(purpose)
         if purpose in ("REGISTER", "SIGN_IN"):
@@ -182,18 +192,10 @@ class Gateway:
             return await self._issue_and_send(phone, purpose, "")
         if purpose == "REGISTER":
             return await self._issue_and_send(phone, purpose, caller_key)
-        phone_hash = self._users.phone_hash(phone)
-        if await self._users.find_by_phone(phone) is None:
-            # Answer exactly as for a registered phone (no account enumeration), send nothing.
-            return await self._challenges.issue(phone_hash, purpose, caller_key)
-        issued = await self._challenges.issue(phone_hash, purpose, caller_key)
-        try:
-            # Reachable or not, SIGN_IN answers as if sent: otherwise the answer would tell a
-            # registered phone from an unregistered one.
-            await self._sms.send_code(phone, issued.code, purpose, issued.challenge_id)
-        except CardCheckError:
-            await self._challenges.withdraw(issued.challenge_id, phone_hash, purpose, issued.issued_at, caller_key)
-            raise
+        registered = await self._users.find_by_phone(phone) is not None
+        issued = await self._challenges.issue(self._users.phone_hash(phone), purpose, caller_key)
+        if registered:
+            self._in_background(self._send_sign_in_code(phone, issued))
         return issued
 
     async def _issue_and_send(self, phone: str, purpose: str, caller_key: str) -> IssuedChallenge:
@@ -215,6 +217,26 @@ class Gateway:
             )
             raise undeliverable(purpose)
         return issued
+
+    async def _send_sign_in_code(self, phone: str, issued: IssuedChallenge) -> None:
+        # Let the answer leave first: building and starting the send on the event loop while
+        # the answer is written would slow the registered phone's answer a little.
+        await asyncio.sleep(SIGN_IN_SEND_DELAY_S)
+        try:
+            if not await self._sms.send_code(phone, issued.code, "SIGN_IN", issued.challenge_id):
+                log.warning("sign-in code of challenge %s refused by the SMS vendor", issued.challenge_id)
+        except CardCheckError as error:
+            log.warning("sign-in code of challenge %s not sent: %s", issued.challenge_id, error.reason)
+
+    def _in_background(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(work, name="gateway-sms-send")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Waits up to `timeout_s` for the codes still being sent in the background (at stop)."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout_s)
 
     # --- accounts ----------------------------------------------------------------------------
 

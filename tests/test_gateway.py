@@ -47,6 +47,7 @@ from cardcheck.v1 import (
 from gateway.agreement import CURRENT
 from gateway.app import build
 from gateway.config import GatewayConfig
+from gateway.flows import Gateway
 from notifier.providers import DeliveryError, OutgoingSms, SandboxProvider
 
 REGISTER = common_pb2.SMS_PURPOSE_REGISTER
@@ -249,11 +250,18 @@ class Stack:
     spans: InMemorySpanExporter
     client: CardCheckClient
     channels: list = field(default_factory=list)
+    flows: Gateway | None = None
+
+    async def settle(self) -> None:
+        """Waits for the SIGN_IN codes the gateway is still sending after its answers."""
+        if self.flows is not None:
+            await self.flows.drain(10)
 
     async def code_for(self, phone: str, challenge_id: str | None = None, known: set[str] | None = None) -> str:
         """The newest code SMS in the phone's sandbox inbox; with `known` (the message ids there
         before the request), the first that was not there, waited for a little (a SIGN_IN code
         is sent after the answer)."""
+        await self.settle()
         for _ in range(500):
             inbox = await self.notifier.ListMessages(notifier_pb2.ListMessagesRequest(phone=phone))
             codes = [m for m in inbox.messages if m.kind == "SMS_CODE" and m.message_id not in (known or ())]
@@ -277,6 +285,7 @@ class Stack:
         self, purpose: int, phone: str = "", token: str | None = None, metadata: tuple = ()
     ) -> tuple[str, str]:
         metadata = (*metadata, *bearer(token)) if token else metadata
+        await self.settle()
         known = await self.message_ids(phone) if phone else set()
         challenge = await self.gateway.RequestSmsCode(
             gateway_pb2.RequestSmsCodeRequest(phone=phone, purpose=purpose), metadata=metadata
@@ -395,6 +404,8 @@ async def start_stack(tmp_path: Path, database_url, fakes):
             spans=spans,
             client=CardCheckClient(channel=gateway_channel),
             channels=[gateway_channel, notifier_channel],
+            # The flows behind the servicer, to wait for their background sends (no RPC says).
+            flows=host._registrations[0].servicer._gateway,
         )
         stacks.append(stack)
         return stack

@@ -2,8 +2,8 @@
 and PostgreSQL: one code per phone and purpose a minute; anonymous REGISTER and SIGN_IN codes on
 an escalating cooldown per caller and phone and a daily cap per phone with a reserve for callers
 that verified the phone; QUERY_AUTH held only to its owner's budgets, so that nobody can lock the
-owner out; the same answers and budgets for registered and unregistered phones; and a revoked
-token that spends nothing of its user's budgets."""
+owner out; and the same answers, in content and in time, and the same budgets for registered
+and unregistered phones. (A revoked token's budgets: tests/test_gateway_limits.py.)"""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import grpc
 
 from cardcheck.v1 import gateway_pb2
 from gateway.config import GatewayConfig
+from notifier.providers import OutgoingSms, SandboxProvider
 from tests.test_gateway import (  # noqa: F401  (fixtures)
     ALICE,
     BOB,
@@ -239,9 +240,76 @@ async def test_one_code_per_phone_and_purpose_a_minute(start_stack):  # noqa: F8
 # --- registered or not: the same answers ----------------------------------------------------------
 
 
+class HeldInbox(SandboxProvider):
+    """The sandbox inbox, delivering only while `open` is set."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.open.set()
+
+    async def deliver(self, sms: OutgoingSms) -> None:
+        await self.open.wait()
+
+
 def _fields(challenge: gateway_pb2.SmsChallenge) -> dict[str, object]:
     assert re.fullmatch(r"[0-9a-f]{32}", challenge.challenge_id)
     return {field.name: value for field, value in challenge.ListFields() if field.name != "challenge_id"}
+
+
+async def test_sign_in_answers_alike_for_registered_and_unregistered_phones(start_stack):  # noqa: F811
+    inbox = HeldInbox()
+    stack = await start_stack(
+        config=GatewayConfig(caller_header=FORWARDED, sms_phone_daily_cap=4, sms_phone_daily_reserve=0),
+        sms_provider=inbox,
+    )
+    stack.clock.set(CHINA_MIDNIGHT + timedelta(hours=1))
+    phones = (ALICE.phone, CAROL.phone)  # registered, unregistered
+    # The same history for both phones: one REGISTER code each, one of them then registered.
+    await register_from(stack, ALICE, "198.51.100.7")
+    await ask(stack, CAROL.phone, REGISTER, "198.51.100.7")
+    stack.clock.advance(timedelta(minutes=1))
+    known = await stack.message_ids(ALICE.phone)
+
+    # The answer does not wait for the code to be sent: with its delivery held (the notifier's
+    # Send waits up to 6 s for it), the registered phone answers as fast as the unknown one.
+    inbox.open.clear()
+    caller = "203.0.113.9"
+    registered = await asyncio.wait_for(ask(stack, ALICE.phone, SIGN_IN, caller), 3)
+    unknown = await asyncio.wait_for(ask(stack, CAROL.phone, SIGN_IN, caller), 3)
+    assert _fields(registered) == _fields(unknown) == {"expires_in_seconds": 300, "resend_after_seconds": 60}
+    inbox.open.set()
+    assert re.fullmatch(r"\d{6}", await stack.code_for(ALICE.phone, known=known))
+    assert len(await stack.inbox(CAROL.phone)) == 1  # its REGISTER code only
+
+    async def both(limit: str | None) -> list:
+        answers = []
+        for phone in phones:
+            if limit is None:
+                answers.append(_fields(await ask(stack, phone, SIGN_IN, caller)))
+            else:
+                answers.append(await limited(ask(stack, phone, SIGN_IN, caller), limit))
+        assert answers[0] == answers[1], answers
+        return answers
+
+    # The same refusals with the same waits, step by step, up to the same daily cap.
+    assert await both("phone") == [timedelta(minutes=1)] * 2
+    stack.clock.advance(timedelta(minutes=1))
+    assert (await both(None))[0]["resend_after_seconds"] == 120
+    stack.clock.advance(timedelta(minutes=1))
+    assert await both("phone_caller") == [timedelta(minutes=1)] * 2
+    stack.clock.advance(timedelta(minutes=1))
+    assert (await both(None))[0]["resend_after_seconds"] == 300
+    stack.clock.advance(timedelta(minutes=5))
+    await both("phone_daily")
+
+    # A notifier that is down does not tell them apart either: both answer, and the registered
+    # phone's challenge is not withdrawn (it would be free to ask again at once).
+    stack.clock.set(CHINA_MIDNIGHT + timedelta(days=1, hours=1))
+    await stack.notifier_host.stop(0)
+    caller = "203.0.113.10"
+    await both(None)
+    stack.clock.advance(timedelta(seconds=30))
+    assert await both("phone") == [timedelta(seconds=30)] * 2
 
 
 async def test_register_for_a_registered_phone_answers_as_for_a_new_one(start_stack):  # noqa: F811
