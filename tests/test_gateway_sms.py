@@ -12,6 +12,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import pytest
 
 from cardcheck.v1 import gateway_pb2
 from gateway.config import GatewayConfig
@@ -333,3 +334,39 @@ async def test_register_for_a_registered_phone_answers_as_for_a_new_one(start_st
     waits = [await limited(ask(stack, phone, REGISTER, caller), "phone") for phone in (ALICE.phone, BOB.phone)]
     assert waits[0] == waits[1] == timedelta(seconds=60)
 
+
+
+# --- settings ------------------------------------------------------------------------------
+
+
+def test_the_sms_budgets_are_read_from_the_environment_and_checked():
+    from cardcheck.runtime.settings import SettingsError
+
+    default = GatewayConfig.from_env({})
+    assert (default.sms_phone_daily_cap, default.sms_phone_daily_reserve) == (8, 3)
+    assert [step.total_seconds() for step in default.sms_escalation] == [60, 120, 300, 900, 3600]
+    assert default.sms_escalation_reset == timedelta(hours=6) and default.sms_trust == timedelta(days=30)
+    config = GatewayConfig.from_env(
+        {
+            "CARDCHECK_SMS_ESCALATION_S": "0.2, 30,600",
+            "CARDCHECK_SMS_ESCALATION_RESET_HOURS": "2",
+            "CARDCHECK_SMS_PHONE_DAILY_CAP": "4",
+            "CARDCHECK_SMS_PHONE_DAILY_RESERVE": "0",
+            "CARDCHECK_SMS_TRUST_DAYS": "7",
+        }
+    )
+    assert config.sms_escalation == (timedelta(seconds=0.2), timedelta(seconds=30), timedelta(minutes=10))
+    assert (config.sms_phone_daily_cap, config.sms_phone_daily_reserve) == (4, 0)
+    assert config.sms_escalation_reset == timedelta(hours=2) and config.sms_trust == timedelta(days=7)
+    # A small cap alone takes a reserve that fits.
+    assert GatewayConfig.from_env({"CARDCHECK_SMS_PHONE_DAILY_CAP": "2"}).sms_phone_daily_reserve == 1
+    for env, named in (
+        ({"CARDCHECK_SMS_ESCALATION_S": "60,,120"}, "CARDCHECK_SMS_ESCALATION_S"),
+        ({"CARDCHECK_SMS_ESCALATION_S": "60,-1"}, "CARDCHECK_SMS_ESCALATION_S"),
+        ({"CARDCHECK_SMS_ESCALATION_S": "nan"}, "CARDCHECK_SMS_ESCALATION_S"),
+        ({"CARDCHECK_SMS_PHONE_DAILY_CAP": "3", "CARDCHECK_SMS_PHONE_DAILY_RESERVE": "3"}, "RESERVE"),
+        ({"CARDCHECK_SMS_PHONE_DAILY_RESERVE": "-1"}, "RESERVE"),
+        ({"CARDCHECK_SMS_TRUST_DAYS": "0"}, "CARDCHECK_SMS_TRUST_DAYS"),
+    ):
+        with pytest.raises(SettingsError, match=named):
+            GatewayConfig.from_env(env)
