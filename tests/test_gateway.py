@@ -317,10 +317,12 @@ class Stack:
         return await self.gateway.Register(self.register_request(person, challenge_id, code))
 
     async def query_auth(self, person: Person, token: str) -> tuple[str, str]:
+        await self.settle()
+        known = await self.message_ids(person.phone)
         challenge = await self.gateway.RequestSmsCode(
             gateway_pb2.RequestSmsCodeRequest(purpose=QUERY_AUTH), metadata=bearer(token)
         )
-        return challenge.challenge_id, await self.code_for(person.phone)
+        return challenge.challenge_id, await self.code_for(person.phone, known=known)
 
     async def submit(self, person: Person, token: str, **overrides) -> common_pb2.Query:
         challenge_id, code = await self.query_auth(person, token)

@@ -231,13 +231,13 @@ async def test_gateway_with_redis_down_sheds_every_submission_and_keeps_users_li
     )
     assert refusal.retry_after == timedelta(seconds=1)
     assert stack.reports.created == []
-    # The user's own limit still holds, in process.
+    # The session's own limit (the user's rate) still holds, in process.
     refusal = await refused(
         stack.gateway.SubmitQuery(gateway_pb2.SubmitQueryRequest(), metadata=bearer(alice.session_token)),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "RATE_LIMITED",
     )
-    assert refusal.metadata["limit"] == "user"
+    assert refusal.metadata["limit"] == "session"
 
 
 @pytest.mark.redis
