@@ -313,9 +313,11 @@ class Challenges:
             if row is not None:
                 row.dead = True
                 session.add(row)
+            # Written (so locked) one after the other, in the order `issue` locks them: no deadlock.
             throttle = session.get(SmsThrottleRow, (phone_hash, purpose))
             if throttle is not None and as_utc(throttle.last_sent_at) == issued_at:
                 session.delete(throttle)
+                session.flush()
             if purpose not in ANONYMOUS_PURPOSES:
                 return
             ladder = session.get(SmsEscalationRow, (phone_hash, caller_hash))
@@ -324,6 +326,7 @@ class Challenges:
                 ladder.streak = max(ladder.streak - 1, 0)
                 ladder.next_at = issued_at
                 session.add(ladder)
+                session.flush()
             daily = session.get(SmsDailyRow, phone_hash)
             if daily is not None and daily.day == day and daily.sent > 0:
                 daily.sent -= 1
