@@ -55,6 +55,8 @@ async def build(
         rates = config.limit_rates()
     except ValueError as error:
         raise SettingsError(f"gateway rate limits: {error}") from None
+    if not config.sms_escalation or not 0 <= config.sms_phone_daily_reserve < config.sms_phone_daily_cap:
+        raise SettingsError("gateway SMS limits: an escalation step, and 0 <= daily reserve < daily cap")
     if limiters is None:
         limiters = _limiters(settings, config, clock, rates)
     keyring = load_keyring(settings.master_key, settings.retired_master_keys, settings.data_dir)
@@ -81,7 +83,15 @@ async def build(
         lease=config.watch_slot_lease,
     )
     challenges = Challenges(
-        db, keyring, clock, daily_cap=config.sms_phone_daily_cap, resend_after=config.sms_resend_after
+        db,
+        keyring,
+        clock,
+        daily_cap=config.sms_phone_daily_cap,
+        daily_reserve=config.sms_phone_daily_reserve,
+        resend_after=config.sms_resend_after,
+        escalation=config.sms_escalation,
+        escalation_reset=config.sms_escalation_reset,
+        trust_for=config.sms_trust,
     )
     users = Users(
         db,
@@ -117,6 +127,7 @@ async def build(
         housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await housekeeping
+        await gateway.drain(timeout)  # sign-in codes still on their way to the notifier
         await watches.close()  # before the Redis client closes
         for channel in channels.values():
             await channel.close()

@@ -1,13 +1,57 @@
 """SMS challenges: a 6-digit code from a CSPRNG bound to a phone (by its keyed hash) and a
-purpose, valid five minutes, used once, dead after five wrong tries. A phone gets a new code for
-the same purpose at most once a minute, and at most `daily_cap` codes a day (China's calendar
-day) over all purposes; both are counted in the database, in the transaction that issues the
-code, so concurrent requests and several gateway replicas cannot exceed them. Only a keyed hash
-of the code is stored. (Limits per caller and per user sit in front of this: gateway/flows.py.)
+purpose, valid five minutes, used once, dead after five wrong tries. Only a keyed hash of the
+code is stored. (Limits per caller, per session and per user sit in front of this:
+gateway/flows.py.)
+
+Every budget below is counted in the database, in the transaction that issues the code, so
+concurrent requests and several gateway replicas cannot exceed it. There are two kinds of code:
+
+- QUERY_AUTH is asked for by the signed-in owner of the phone. It is held only to the resend
+  rule (one code per phone and purpose each `resend_after`, default a minute) and, in front of
+  this module, to the session's and the user's own budgets. Nothing an anonymous caller does
+  to the phone counts against it, so nobody can stop the owner from querying.
+- REGISTER and SIGN_IN are asked for anonymously, by anyone who knows (or guesses) a number.
+  Besides the resend rule per purpose they have budgets of their own, over both purposes:
+
+  * An ESCALATING cooldown per phone AND caller (the caller's keyed digest, as the per-caller
+    limit uses it): after a caller's 1st, 2nd, 3rd, 4th and every later code for a phone it
+    waits `escalation` (default 60 s, 2 min, 5 min, 15 min, then 1 h each time) before its
+    next one. The ladder starts again once the caller has asked for no code for that phone for
+    `escalation_reset` (default 6 h) past its wait, or when it verifies one of the phone's codes.
+  * A daily cap per phone (China's calendar day): `daily_cap` anonymous codes over all callers
+    (default 8), of which a caller that has not verified one of this phone's REGISTER or
+    SIGN_IN codes within `trust_for` (default 30 days) may use only `daily_cap -
+    daily_reserve` (default 5). This is what bounds SMS bombing of one phone from many
+    addresses.
+
+Why this shape, and what an attacker who knows the phone can still do. SIGN_IN is anonymous by
+nature, so some per-phone budget must exist (otherwise many addresses could bomb the phone), and
+whoever spends it delays the owner's sign-in. The design keeps that delay small:
+
+- The ladder is per caller, so an attacker climbing it delays only its own next code; the
+  owner's first code from another address is not held by it. (A per-phone ladder would let one
+  attacker poll the phone's single slot every hour and win it, forever.)
+- The per-caller budget (gateway/flows.py) stays strict, so one address cannot spend much of
+  anything; spending a phone's daily share takes many addresses.
+- When strangers have spent the phone's daily share, a caller that has proved it receives this
+  phone's codes (the owner's usual address) still has the reserve, so the owner signs in from
+  where they signed in before. An owner on a new address behind such an attack waits until
+  China's midnight: that is the price of the bombing bound, and it never touches QUERY_AUTH.
+  (An attacker behind the same public address as the owner, e.g. a carrier's NAT, shares its
+  reserve: at worst `daily_cap` anonymous codes a day reach the phone.)
+- A successful verification restarts the verifier's ladder, so an owner who signs in often is
+  not slowed down by its own earlier codes.
+
+Keep `daily_cap` below the notifier's hourly SMS_CODE cap per phone (default 10/h, 20/d): the
+notifier counts every purpose, and the room left there is what the owner's QUERY_AUTH codes
+use. The answers, refusals and budgets are the same for a registered and an unregistered phone:
+the ladder and the caps never look at the account, and verification can only succeed for a
+code that reached the phone.
 
 Across a master key rotation a challenge issued just before it still verifies: its code hash and
-the phone hash it is bound to are compared with every key's digest. The resend and daily counts
-are kept per phone hash under the current key, so they start afresh at a rotation."""
+the phone hash it is bound to are compared with every key's digest. The resend, ladder and daily
+rows are kept per phone hash (and caller digest) under the current key, so they start afresh at
+a rotation (a caller's proof of receiving the phone's codes too)."""
 
 from __future__ import annotations
 
@@ -17,9 +61,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
-from sqlalchemy import Column, DateTime
+from sqlalchemy import Column, DateTime, or_
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database
@@ -29,7 +73,18 @@ from cardcheck.runtime.keys import Keyring
 CODE_TTL = timedelta(minutes=5)
 RESEND_AFTER = timedelta(seconds=60)
 MAX_WRONG_TRIES = 5
-DAILY_CAP = 10
+ANONYMOUS_PURPOSES = ("REGISTER", "SIGN_IN")
+ESCALATION = (
+    timedelta(seconds=60),
+    timedelta(minutes=2),
+    timedelta(minutes=5),
+    timedelta(minutes=15),
+    timedelta(hours=1),
+)
+ESCALATION_RESET = timedelta(hours=6)
+DAILY_CAP = 8
+DAILY_RESERVE = 3
+TRUST_FOR = timedelta(days=30)
 CHINA_TZ = timezone(timedelta(hours=8))
 
 
@@ -58,13 +113,28 @@ class SmsThrottleRow(SQLModel, table=True):
 
 
 class SmsDailyRow(SQLModel, table=True):
-    """How many codes a phone got on one day (China's calendar), over all purposes."""
+    """How many anonymous codes (REGISTER, SIGN_IN) a phone got on one day (China's calendar)."""
 
     __tablename__ = "gw_sms_daily"
 
     phone_hash: str = Field(primary_key=True, max_length=64)
     day: str = Field(max_length=10)  # YYYY-MM-DD
     sent: int = 0
+
+
+class SmsEscalationRow(SQLModel, table=True):
+    """One caller's anonymous codes for one phone: where it stands on the escalating cooldown,
+    and when it last proved it receives the phone's codes. `caller_hash` is the keyed digest
+    the per-caller limit uses, never an address."""
+
+    __tablename__ = "gw_sms_escalation"
+
+    phone_hash: str = Field(primary_key=True, max_length=64)
+    caller_hash: str = Field(primary_key=True, max_length=64)
+    streak: int = 0  # codes since the ladder last started again
+    last_sent_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    next_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    verified_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
 
 
 def _china_day(instant: datetime) -> date:
@@ -90,7 +160,7 @@ class IssuedChallenge:
     code: str
     issued_at: datetime
     expires_in: timedelta
-    resend_after: timedelta
+    resend_after: timedelta  # how long until this caller may have the next code for this purpose
 
 
 def _verification_failed(why: str) -> CardCheckError:
@@ -105,25 +175,41 @@ class Challenges:
         clock: Clock,
         *,
         daily_cap: int = DAILY_CAP,
+        daily_reserve: int = DAILY_RESERVE,
         resend_after: timedelta = RESEND_AFTER,
+        escalation: Sequence[timedelta] = ESCALATION,
+        escalation_reset: timedelta = ESCALATION_RESET,
+        trust_for: timedelta = TRUST_FOR,
     ) -> None:
+        if not escalation or not 0 <= daily_reserve < daily_cap:
+            raise ValueError("an escalation of at least one step and 0 <= daily_reserve < daily_cap")
         self._resend_after = resend_after
         self._db = db
         self._code_hash = keyring.hasher("sms-code")
         self._clock = clock
         self._daily_cap = daily_cap
+        self._daily_reserve = daily_reserve
+        self._escalation = tuple(escalation)
+        self._escalation_reset = escalation_reset
+        self._trust_for = trust_for
 
     def _hash(self, challenge_id: str, code: str) -> str:
         return self._code_hash.digest(f"{challenge_id}:{code}")
 
-    async def issue(self, phone_hash: str, purpose: str) -> IssuedChallenge:
-        """A new challenge, or RATE_LIMITED (with the wait) within a minute of the last one for
-        this purpose or past the phone's daily cap. `phone_hash` is the current key's digest:
-        the throttle and daily rows a retired key's digest named are not looked at, so both
-        counts restart at a master key rotation (at most one extra minute's wait and one more
-        day's cap of codes, once; housekeeping deletes the old rows)."""
+    def _step(self, streak: int) -> timedelta:
+        """The wait after a caller's `streak`-th code (1-based) for a phone."""
+        return self._escalation[min(streak, len(self._escalation)) - 1]
+
+    async def issue(self, phone_hash: str, purpose: str, caller_hash: str = "") -> IssuedChallenge:
+        """A new challenge, or RATE_LIMITED (with the wait and the `limit` that refused): within
+        `resend_after` of the phone's last code for this purpose ("phone"); for REGISTER and
+        SIGN_IN also before this caller's escalating cooldown for the phone has passed
+        ("phone_caller") or past the phone's daily cap ("phone_daily"). `phone_hash` is the
+        current key's digest: the rows a retired key's digest named are not looked at, so the
+        counts restart at a master key rotation (once; housekeeping deletes the old rows)."""
         now = self._clock.now()
         today = _china_day(now).isoformat()
+        anonymous = purpose in ANONYMOUS_PURPOSES
         challenge_id = secrets.token_hex(16)
         code = f"{secrets.randbelow(1_000_000):06d}"
         row = ChallengeRow(
@@ -135,7 +221,8 @@ class Challenges:
             expires_at=now + CODE_TTL,
         )
 
-        def work(session: Session) -> CardCheckError | None:
+        def work(session: Session) -> CardCheckError | timedelta:
+            # Locked in one order everywhere (throttle, escalation, daily): no deadlock.
             throttle = session.exec(
                 select(SmsThrottleRow)
                 .where(SmsThrottleRow.phone_hash == phone_hash, SmsThrottleRow.purpose == purpose)
@@ -147,19 +234,12 @@ class Challenges:
                     return _rate_limited(
                         "a code was sent to this phone less than a minute ago", wait, "phone"
                     )
-            daily = session.exec(
-                select(SmsDailyRow).where(SmsDailyRow.phone_hash == phone_hash).with_for_update()
-            ).first()
-            if daily is None:
-                daily = SmsDailyRow(phone_hash=phone_hash, day=today, sent=0)
-            elif daily.day != today:
-                daily.day, daily.sent = today, 0
-            if daily.sent >= self._daily_cap:
-                return _rate_limited(
-                    "this phone has had its codes for today", _next_china_midnight(now) - now, "phone_daily"
-                )
-            daily.sent += 1
-            session.add(daily)
+            resend_after = self._resend_after
+            if anonymous:
+                refusal_or_wait = self._spend_anonymous(session, phone_hash, caller_hash, now, today)
+                if isinstance(refusal_or_wait, CardCheckError):
+                    return refusal_or_wait
+                resend_after = max(resend_after, refusal_or_wait)
             if throttle is None:
                 session.add(SmsThrottleRow(phone_hash=phone_hash, purpose=purpose, last_sent_at=now))
             else:
@@ -167,20 +247,65 @@ class Challenges:
                 session.add(throttle)
             session.add(row)
             session.flush()
-            return None
+            return resend_after
 
         try:
-            refusal = await self._db.run(work)
+            outcome = await self._db.run(work)
         except IntegrityError:
             # A concurrent request for the same phone inserted its first row first.
-            refusal = _rate_limited("a code is being sent to this phone", self._resend_after, "phone")
-        if refusal is not None:
-            raise refusal
-        return IssuedChallenge(challenge_id, code, now, CODE_TTL, self._resend_after)
+            outcome = _rate_limited("a code is being sent to this phone", self._resend_after, "phone")
+        if isinstance(outcome, CardCheckError):
+            raise outcome
+        return IssuedChallenge(challenge_id, code, now, CODE_TTL, outcome)
 
-    async def withdraw(self, challenge_id: str, phone_hash: str, purpose: str, issued_at: datetime) -> None:
+    def _spend_anonymous(
+        self, session: Session, phone_hash: str, caller_hash: str, now: datetime, today: str
+    ) -> CardCheckError | timedelta:
+        """The escalating cooldown and the daily cap of an anonymous code: the refusal, or the
+        wait before this caller's next code for the phone (the rows updated)."""
+        ladder = session.exec(
+            select(SmsEscalationRow)
+            .where(SmsEscalationRow.phone_hash == phone_hash, SmsEscalationRow.caller_hash == caller_hash)
+            .with_for_update()
+        ).first()
+        if ladder is not None and ladder.next_at is not None and as_utc(ladder.next_at) > now:
+            return _rate_limited(
+                "this phone had codes requested from here a moment ago", as_utc(ladder.next_at) - now,
+                "phone_caller",
+            )
+        daily = session.exec(
+            select(SmsDailyRow).where(SmsDailyRow.phone_hash == phone_hash).with_for_update()
+        ).first()
+        if daily is None:
+            daily = SmsDailyRow(phone_hash=phone_hash, day=today, sent=0)
+        elif daily.day != today:
+            daily.day, daily.sent = today, 0
+        trusted = (
+            ladder is not None
+            and ladder.verified_at is not None
+            and as_utc(ladder.verified_at) > now - self._trust_for
+        )
+        allowance = self._daily_cap if trusted else self._daily_cap - self._daily_reserve
+        if daily.sent >= allowance:
+            return _rate_limited(
+                "this phone has had its codes for today", _next_china_midnight(now) - now, "phone_daily"
+            )
+        daily.sent += 1
+        session.add(daily)
+        if ladder is None:
+            ladder = SmsEscalationRow(phone_hash=phone_hash, caller_hash=caller_hash)
+        quiet = ladder.next_at is None or as_utc(ladder.next_at) + self._escalation_reset <= now
+        ladder.streak = 1 if quiet else ladder.streak + 1
+        ladder.last_sent_at = now
+        ladder.next_at = now + self._step(ladder.streak)
+        session.add(ladder)
+        return as_utc(ladder.next_at) - now
+
+    async def withdraw(
+        self, challenge_id: str, phone_hash: str, purpose: str, issued_at: datetime, caller_hash: str = ""
+    ) -> None:
         """The code could not be sent: the challenge dies, the phone may ask again at once, and
-        the code does not count towards its daily cap."""
+        the code counts towards neither the caller's escalation nor the phone's daily cap."""
         day = _china_day(issued_at).isoformat()
 
         def work(session: Session) -> None:
@@ -188,9 +313,20 @@ class Challenges:
             if row is not None:
                 row.dead = True
                 session.add(row)
+            # Written (so locked) one after the other, in the order `issue` locks them: no deadlock.
             throttle = session.get(SmsThrottleRow, (phone_hash, purpose))
             if throttle is not None and as_utc(throttle.last_sent_at) == issued_at:
                 session.delete(throttle)
+                session.flush()
+            if purpose not in ANONYMOUS_PURPOSES:
+                return
+            ladder = session.get(SmsEscalationRow, (phone_hash, caller_hash))
+            if ladder is not None and ladder.last_sent_at is not None and as_utc(ladder.last_sent_at) == issued_at:
+                # The wait before this code had passed when it was issued: none is owed now.
+                ladder.streak = max(ladder.streak - 1, 0)
+                ladder.next_at = issued_at
+                session.add(ladder)
+                session.flush()
             daily = session.get(SmsDailyRow, phone_hash)
             if daily is not None and daily.day == day and daily.sent > 0:
                 daily.sent -= 1
@@ -199,11 +335,13 @@ class Challenges:
         await self._db.run(work)
 
     async def verify(
-        self, challenge_id: str, code: str, phone_hashes: Sequence[str], purpose: str
+        self, challenge_id: str, code: str, phone_hashes: Sequence[str], purpose: str, caller_hash: str = ""
     ) -> None:
         """Consumes the challenge when the code is right; VERIFICATION_FAILED otherwise.
         `phone_hashes`: the phone's digests under the current and the retired keys (a challenge
-        issued before a rotation is bound to a retired key's digest)."""
+        issued before a rotation is bound to a retired key's digest). A right REGISTER or
+        SIGN_IN code restarts the verifying caller's escalation for the phone and lets it use
+        the phone's daily reserve for `trust_for`."""
         now = self._clock.now()
         offered = f"{challenge_id}:{code}"
 
@@ -236,10 +374,36 @@ class Challenges:
         why = await self._db.run(work)
         if why is not None:
             raise _verification_failed(why)
+        if purpose in ANONYMOUS_PURPOSES:
+            await self._vouch(phone_hashes[0], caller_hash, now)
+
+    async def _vouch(self, phone_hash: str, caller_hash: str, now: datetime) -> None:
+        """The caller proved it receives the phone's codes: its ladder starts again, trusted."""
+
+        def work(session: Session) -> None:
+            ladder = session.exec(
+                select(SmsEscalationRow)
+                .where(SmsEscalationRow.phone_hash == phone_hash, SmsEscalationRow.caller_hash == caller_hash)
+                .with_for_update()
+            ).first()
+            if ladder is None:
+                ladder = SmsEscalationRow(phone_hash=phone_hash, caller_hash=caller_hash)
+            ladder.streak, ladder.next_at, ladder.verified_at = 0, None, now
+            session.add(ladder)
+            session.flush()
+
+        try:
+            await self._db.run(work)
+        except IntegrityError:  # a concurrent code request created the row: update it
+            await self._db.run(work)
 
     async def purge_expired(self, older_than: timedelta = timedelta(days=1)) -> int:
-        """Deletes challenges and resend marks long past use (housekeeping)."""
-        cutoff = self._clock.now() - older_than
+        """Deletes challenges, resend marks, daily counts and escalations long past use
+        (housekeeping); an escalation is kept while its caller's proof of the phone counts."""
+        now = self._clock.now()
+        cutoff = now - older_than
+        settled = now - max(older_than, self._escalation_reset)  # its ladder would start again
+        untrusted = now - self._trust_for
 
         def work(session: Session) -> int:
             rows = session.exec(select(ChallengeRow).where(ChallengeRow.expires_at < cutoff)).all()
@@ -253,6 +417,16 @@ class Challenges:
                 select(SmsDailyRow).where(SmsDailyRow.day < _china_day(cutoff).isoformat())
             ).all():
                 session.delete(count)
+            for ladder in session.exec(
+                select(SmsEscalationRow).where(
+                    or_(col(SmsEscalationRow.next_at).is_(None), col(SmsEscalationRow.next_at) < settled),
+                    or_(
+                        col(SmsEscalationRow.verified_at).is_(None),
+                        col(SmsEscalationRow.verified_at) < untrusted,
+                    ),
+                )
+            ).all():
+                session.delete(ladder)
             return len(rows)
 
         return await self._db.run(work)

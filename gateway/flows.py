@@ -4,10 +4,11 @@ services are reached through the adapters of gateway/downstream.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 GLOBAL_SUBMIT_KEY = "submit:global"
 WATCH_DEADLINE_MARGIN_S = 1.0
+SIGN_IN_SEND_DELAY_S = 0.01
 
 
 class SubmissionRow(SQLModel, table=True):
@@ -159,6 +161,7 @@ class Gateway:
             lease=config.watch_slot_lease,
         )
         self.agreement = agreement
+        self._background: set[asyncio.Task] = set()  # SIGN_IN codes being sent
 
     # --- banks and agreement ---------------------------------------------------------------
 
@@ -171,10 +174,25 @@ class Gateway:
 
     # --- SMS challenges ----------------------------------------------------------------------
 
+    def caller_key(self, caller: str) -> str:
+        """The caller (an address, never stored or logged) as the limits and the escalation of
+        anonymous codes know it: a keyed digest under the current key (a master key rotation
+        gives every caller a fresh budget, once)."""
+        return self._callers.digest(caller)[:32]
+
     async def request_sms_code(
         self, phone: str, purpose: str | None, token: str | None, caller: str = ""
     ) -> IssuedChallenge:
-        """Limited per caller, per signed-in user (QUERY_AUTH) and per phone (challenges.py)."""
+        """Limited per caller, then: QUERY_AUTH per session and per user (in that order, see
+        `_admit`) and per phone and purpose; REGISTER and SIGN_IN per phone, per caller and
+        phone, and per phone and day (gateway/challenges.py).
+
+        REGISTER and SIGN_IN answer alike whether the phone has an account or not, in content
+        and in time. REGISTER never looks: it sends a code either way (the account shows only at
+        Register, to whoever holds the code). SIGN_IN must look, so it sends no code to a phone
+        without an account; to keep the two answers equally fast, the code of a registered phone
+        is sent in the background after the answer, and whatever happens to it (notifier down,
+        number refused) the challenge and its budgets stand as for a phone without an account."""
         problems = validation.Violations()
         problems.sms_purpose(purpose)
         if purpose in ("REGISTER", "SIGN_IN"):
@@ -182,40 +200,67 @@ class Gateway:
         problems.raise_if_any()
         assert purpose is not None
         _annotate({"cardcheck.sms.purpose": purpose})
-        # The caller (an address, never stored or logged) is only a key in the limiter (under
-        # the current key: a master key rotation gives every caller a fresh budget, once).
-        await _limited(
-            self._limits.sms_caller, self._callers.digest(caller)[:32], "caller", "too many codes requested"
-        )
+        caller_key = self.caller_key(caller)
+        await _limited(self._limits.sms_caller, caller_key, "caller", "too many codes requested")
 
-        send = True
         if purpose == "QUERY_AUTH":
             claims = self._sessions.verify(token)
-            await _limited(self._limits.sms_user, claims.user_id, "user", "too many codes requested")
+            await _limited(self._limits.sms_session, claims.budget_key, "session", "too many codes requested")
             user_id = await self._sessions.ensure_live(claims)
+            await _limited(self._limits.sms_user, user_id, "user", "too many codes requested")
             phone = (await self._users.identity(user_id)).phone
-        elif purpose == "SIGN_IN" and await self._users.find_by_phone(phone) is None:
-            # Answer exactly as for a registered phone (no account enumeration), send nothing.
-            send = False
-        phone_hash = self._users.phone_hash(phone)
-        issued = await self._challenges.issue(phone_hash, purpose)
-        if send:
-            try:
-                reachable = await self._sms.send_code(phone, issued.code, purpose, issued.challenge_id)
-            except CardCheckError:
-                await self._challenges.withdraw(issued.challenge_id, phone_hash, purpose, issued.issued_at)
-                raise
-            if not reachable and purpose != "SIGN_IN":
-                # The SMS vendor refused the number for good: no code will ever arrive, so the
-                # caller hears it now. (SIGN_IN answers as if sent, whatever happens: otherwise
-                # the answer would tell a registered phone from an unregistered one.)
-                await self._challenges.withdraw(issued.challenge_id, phone_hash, purpose, issued.issued_at)
-                raise undeliverable(purpose)
+            return await self._issue_and_send(phone, purpose, "")
+        if purpose == "REGISTER":
+            return await self._issue_and_send(phone, purpose, caller_key)
+        registered = await self._users.find_by_phone(phone) is not None
+        issued = await self._challenges.issue(self._users.phone_hash(phone), purpose, caller_key)
+        if registered:
+            self._in_background(self._send_sign_in_code(phone, issued))
         return issued
+
+    async def _issue_and_send(self, phone: str, purpose: str, caller_key: str) -> IssuedChallenge:
+        """Issues a code and waits for the notifier to take it; a code that cannot be sent is
+        withdrawn and refused (SERVICE_UNAVAILABLE, or a number the SMS vendor refused for good:
+        no code will ever arrive, so the caller hears it now)."""
+        phone_hash = self._users.phone_hash(phone)
+        issued = await self._challenges.issue(phone_hash, purpose, caller_key)
+        try:
+            reachable = await self._sms.send_code(phone, issued.code, purpose, issued.challenge_id)
+        except CardCheckError:
+            await self._challenges.withdraw(
+                issued.challenge_id, phone_hash, purpose, issued.issued_at, caller_key
+            )
+            raise
+        if not reachable:
+            await self._challenges.withdraw(
+                issued.challenge_id, phone_hash, purpose, issued.issued_at, caller_key
+            )
+            raise undeliverable(purpose)
+        return issued
+
+    async def _send_sign_in_code(self, phone: str, issued: IssuedChallenge) -> None:
+        # Let the answer leave first: building and starting the send on the event loop while
+        # the answer is written would slow the registered phone's answer a little.
+        await asyncio.sleep(SIGN_IN_SEND_DELAY_S)
+        try:
+            if not await self._sms.send_code(phone, issued.code, "SIGN_IN", issued.challenge_id):
+                log.warning("sign-in code of challenge %s refused by the SMS vendor", issued.challenge_id)
+        except CardCheckError as error:
+            log.warning("sign-in code of challenge %s not sent: %s", issued.challenge_id, error.reason)
+
+    def _in_background(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(work, name="gateway-sms-send")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Waits up to `timeout_s` for the codes still being sent in the background (at stop)."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout_s)
 
     # --- accounts ----------------------------------------------------------------------------
 
-    async def register(self, form: Registration) -> IssuedSession:
+    async def register(self, form: Registration, caller: str = "") -> IssuedSession:
         today = validation.today_in_china(self._clock.now())
         problems = validation.Violations()
         problems.name(form.name)
@@ -230,7 +275,11 @@ class Gateway:
 
         id_number = validation.normalise_id_number(form.id_number)
         await self._challenges.verify(
-            form.challenge_id, form.sms_code, self._users.phone_hashes(form.phone), "REGISTER"
+            form.challenge_id,
+            form.sms_code,
+            self._users.phone_hashes(form.phone),
+            "REGISTER",
+            self.caller_key(caller),
         )
         await self._users.ensure_not_registered(id_number, form.phone)
         bank_code = await self._banks.verify_real_name(form.card_number, form.name, id_number, form.phone)
@@ -242,12 +291,14 @@ class Gateway:
         log.info("registered user %s (bank %s, region %s)", user.user_id, bank_code, form.region)
         return await self._sessions.open(user.user_id)
 
-    async def sign_in(self, phone: str, challenge_id: str, sms_code: str) -> IssuedSession:
+    async def sign_in(self, phone: str, challenge_id: str, sms_code: str, caller: str = "") -> IssuedSession:
         problems = validation.Violations()
         problems.phone(phone)
         problems.challenge(challenge_id, sms_code)
         problems.raise_if_any()
-        await self._challenges.verify(challenge_id, sms_code, self._users.phone_hashes(phone), "SIGN_IN")
+        await self._challenges.verify(
+            challenge_id, sms_code, self._users.phone_hashes(phone), "SIGN_IN", self.caller_key(caller)
+        )
         user = await self._users.find_by_phone(phone)
         if user is None:
             raise CardCheckError("VERIFICATION_FAILED", "no account for this phone")
@@ -268,17 +319,28 @@ class Gateway:
     # --- queries -----------------------------------------------------------------------------
 
     async def _admit(self, claims: SessionClaims) -> str:
-        """Admission of a SubmitQuery, before any database work, downstream call or hashing:
-        the token's signature (no I/O), the user's own budget, the global limit (shedding);
-        only then the session's revocation check in the database. The user's budget comes first
-        so that one user (even with a stolen, revoked token) cannot drain the global one."""
-        await _limited(self._limits.submit_user, claims.user_id, "user", "too many queries submitted")
+        """Admission of a SubmitQuery. Before any database work, downstream call or hashing:
+        the token's signature (no I/O), the session's own budget, the global limit (shedding);
+        then the session's revocation check in the database; then the user's own budget.
+
+        The session's budget comes first so that one token (even a stolen, revoked one) can
+        neither drain the global budget nor reach the database for free: it costs only its own
+        bucket. The user's budget comes after the revocation check so that a revoked token
+        cannot spend it: signed out, a stolen token leaves the owner's new session its whole
+        budget. (Every session is held to the user's rate anyway, and a user has only the
+        sessions SMS codes opened, so the per-user budget still bounds one person.) GetReport
+        and QUERY_AUTH codes are admitted in the same order, without the global limit."""
+        await _limited(
+            self._limits.submit_session, claims.budget_key, "session", "too many queries submitted"
+        )
         wait = await self._limits.submit_global.acquire(GLOBAL_SUBMIT_KEY)
         if wait is not None:
             self._shedding.shed()
             _annotate({"cardcheck.admission.shed": True})
             raise CardCheckError("SERVICE_BUSY", "too many queries submitted at once", retry_after=wait)
-        return await self._sessions.ensure_live(claims)
+        user_id = await self._sessions.ensure_live(claims)
+        await _limited(self._limits.submit_user, user_id, "user", "too many queries submitted")
+        return user_id
 
     async def _resolve_banks(self, requested: list[str]) -> list[str]:
         if requested:
@@ -399,9 +461,11 @@ class Gateway:
 
     async def get_report(self, token: str | None, query_id: str, payment_password: str) -> common_pb2.Report:
         claims = self._sessions.verify(token)
-        # Each attempt costs a payment password check: counted before anything else.
-        await _limited(self._limits.report_user, claims.user_id, "user", "too many report requests")
+        # Each attempt costs a payment password check: counted before anything else, per
+        # session before the revocation check and per user after it (see `_admit`).
+        await _limited(self._limits.report_session, claims.budget_key, "session", "too many report requests")
         user_id = await self._sessions.ensure_live(claims)
+        await _limited(self._limits.report_user, user_id, "user", "too many report requests")
         problems = validation.Violations()
         problems.query_id(query_id)
         problems.payment_password(payment_password)
@@ -415,9 +479,12 @@ class Gateway:
         """A new payment password, lifting every lock on it: the same proof of the person as a
         query (a fresh QUERY_AUTH code sent to the account's phone and the face check)."""
         claims = self._sessions.verify(token)
-        # Counted with the GetReport attempts: both test and set the same secret.
-        await _limited(self._limits.report_user, claims.user_id, "user", "too many payment password requests")
+        # Counted with the GetReport attempts (both test and set the same secret), per session
+        # before the revocation check and per user after it (see `_admit`).
+        message = "too many payment password requests"
+        await _limited(self._limits.report_session, claims.budget_key, "session", message)
         user_id = await self._sessions.ensure_live(claims)
+        await _limited(self._limits.report_user, user_id, "user", message)
         problems = validation.Violations()
         problems.challenge(form.challenge_id, form.sms_code)
         problems.face_token(form.face_token)

@@ -15,10 +15,10 @@ When Redis cannot be reached (refused, timed out, or any other Redis error):
   a RetryInfo until Redis answers again. Without the shared count no replica knows how much the
   fleet admits, and admitting blindly would pass an overload on to the banks, which is what the
   limit is there to prevent. Sign-in, listing and reading reports go on working.
-- Per-user and per-caller limits FALL BACK to an in-process bucket of the same rate on each
-  replica: everyone stays limited (at worst N times the rate across N replicas, and a bucket
-  starts full when the fallback begins), and nobody is locked out of their own reports because
-  a shared cache is down.
+- Per-user, per-session and per-caller limits FALL BACK to an in-process bucket of the same
+  rate on each replica: everyone stays limited (at worst N times the rate across N replicas,
+  and a bucket starts full when the fallback begins), and nobody is locked out of their own
+  reports because a shared cache is down.
 - Each failed call is answered that way at once. After `RedisStore.trip_after` failures in a
   row Redis is not asked again for `RedisStore.retry_after_s` (a small circuit breaker), so an
   outage costs no connection timeouts per request; the first call after that tries Redis
@@ -300,20 +300,28 @@ class FallingBack:
 class LimitRates:
     submit_global: Rate
     submit_user: Rate
+    submit_session: Rate
     sms_user: Rate
+    sms_session: Rate
     sms_caller: Rate
     report_user: Rate
+    report_session: Rate
 
 
 @dataclass
 class Limiters:
     """Every limit the gateway applies, and the store behind them (None: in process)."""
 
+    # The per-session limits are checked on the token's claims before the database says the
+    # session is live, the per-user ones after it (gateway/flows.py says why).
     submit_global: RateLimiter  # admission of SubmitQuery across the whole service
     submit_user: RateLimiter  # each user's SubmitQuery attempts
+    submit_session: RateLimiter  # each session token's SubmitQuery attempts
     sms_user: RateLimiter  # each user's RequestSmsCode (QUERY_AUTH)
+    sms_session: RateLimiter  # each session token's RequestSmsCode (QUERY_AUTH)
     sms_caller: RateLimiter  # RequestSmsCode per caller (peer address or proxy header)
     report_user: RateLimiter  # each user's GetReport attempts
+    report_session: RateLimiter  # each session token's GetReport attempts
     store: RedisStore | None = None
 
     @classmethod
@@ -334,10 +342,7 @@ class Limiters:
 
         return cls(
             submit_global=FailClosed(shared("submit_global")),
-            submit_user=falling_back("submit_user"),
-            sms_user=falling_back("sms_user"),
-            sms_caller=falling_back("sms_caller"),
-            report_user=falling_back("report_user"),
+            **{name: falling_back(name) for name in _LIMITS if name != "submit_global"},
             store=store,
         )
 
@@ -346,4 +351,13 @@ class Limiters:
             await self.store.close()
 
 
-_LIMITS = ("submit_global", "submit_user", "sms_user", "sms_caller", "report_user")
+_LIMITS = (
+    "submit_global",
+    "submit_user",
+    "submit_session",
+    "sms_user",
+    "sms_session",
+    "sms_caller",
+    "report_user",
+    "report_session",
+)

@@ -61,15 +61,16 @@ def _network(host: str) -> str:
 
 
 def caller_of(peer: str, metadata: Sequence[tuple[str, str | bytes]], header: str | None = None) -> str:
-    """Who is calling, for the per-caller SMS limit: the peer's address (`ipv4:1.2.3.4:5678`,
+    """Who is calling, for the per-caller SMS limits: the peer's address (`ipv4:1.2.3.4:5678`,
     `ipv6:[::1]:5678`), or, when the gateway sits behind a proxy that sets `header`, the last
-    address in it (the one that proxy appended)."""
+    address of its last occurrence: the proxy appends its own value (or its own header) after
+    whatever the client sent, so anything before it may be the client's invention."""
     if header:
-        for key, value in metadata:
-            if key.lower() == header:
-                last = _metadata_value(value).rsplit(",", 1)[-1].strip()
-                if last:
-                    return _network(last)
+        values = [value for key, value in metadata if key.lower() == header]
+        if values:
+            last = _metadata_value(values[-1]).rsplit(",", 1)[-1].strip()
+            if last:
+                return _network(last)
     scheme, _, rest = unquote(peer or "").partition(":")
     if scheme in ("ipv4", "ipv6"):
         return _network(rest.rpartition(":")[0])
@@ -111,13 +112,13 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
         agreement = self._gateway.agreement
         return gateway_pb2.Agreement(version=agreement.version, title=agreement.title, text=agreement.text)
 
+    def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        return caller_of(context.peer(), context.invocation_metadata() or (), self._caller_header)
+
     @handles_errors
     async def RequestSmsCode(self, request, context) -> gateway_pb2.SmsChallenge:
         issued = await self._gateway.request_sms_code(
-            request.phone,
-            _purpose(request.purpose),
-            _token(context),
-            caller_of(context.peer(), context.invocation_metadata() or (), self._caller_header),
+            request.phone, _purpose(request.purpose), _token(context), self._caller(context)
         )
         return gateway_pb2.SmsChallenge(
             challenge_id=issued.challenge_id,
@@ -137,13 +138,18 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
                 card_number=request.card_number,
                 payment_password=request.payment_password,
                 region=request.region,
-            )
+            ),
+            self._caller(context),
         )
         return _session(issued)
 
     @handles_errors
     async def SignIn(self, request, context) -> gateway_pb2.Session:
-        return _session(await self._gateway.sign_in(request.phone, request.challenge_id, request.sms_code))
+        return _session(
+            await self._gateway.sign_in(
+                request.phone, request.challenge_id, request.sms_code, self._caller(context)
+            )
+        )
 
     @handles_errors
     async def SignOut(self, request, context) -> gateway_pb2.SignOutResponse:

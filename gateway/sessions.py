@@ -59,6 +59,12 @@ class SessionClaims:
     user_id: str
     expires_at: datetime
 
+    @property
+    def budget_key(self) -> str:
+        """The session's key in the per-session rate limits: a digest, as the table keeps it
+        (the session id is part of the token and must not sit in Redis as it is)."""
+        return _hash(self.session_id)[:32]
+
 
 def _hash(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()

@@ -35,7 +35,25 @@ from gateway.limits import (
     RedisStore,
     TokenBucketLimiter,
 )
-from tests.test_gateway import ALICE, PASSWORD, bearer, fakes, refused, start_stack  # noqa: F401  (fixtures)
+from tests.test_gateway import (  # noqa: F401  (fixtures)
+    ALICE,
+    PASSWORD,
+    QUERY_AUTH,
+    SIGN_IN,
+    Stack,
+    bearer,
+    fakes,
+    refused,
+    start_stack,
+)
+
+
+async def limited(call, limit: str) -> timedelta:
+    """The call is refused RATE_LIMITED by `limit`: the wait it names."""
+    refusal = await refused(call, grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    assert refusal.metadata["limit"] == limit, refusal.metadata
+    assert refusal.retry_after is not None
+    return refusal.retry_after
 
 
 def _closed_port() -> int:
@@ -213,13 +231,13 @@ async def test_gateway_with_redis_down_sheds_every_submission_and_keeps_users_li
     )
     assert refusal.retry_after == timedelta(seconds=1)
     assert stack.reports.created == []
-    # The user's own limit still holds, in process.
+    # The session's own limit (the user's rate) still holds, in process.
     refusal = await refused(
         stack.gateway.SubmitQuery(gateway_pb2.SubmitQueryRequest(), metadata=bearer(alice.session_token)),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "RATE_LIMITED",
     )
-    assert refusal.metadata["limit"] == "user"
+    assert refusal.metadata["limit"] == "session"
 
 
 @pytest.mark.redis
@@ -247,6 +265,108 @@ async def test_gateway_on_redis_admits_and_sheds(start_stack, redis_url: str, re
         await client.aclose()
     assert f"{redis_prefix}:rl:submit-global:submit:global" in keys
     assert any(key.startswith(f"{redis_prefix}:rl:sms-caller:") for key in keys)
+
+
+# --- a revoked token spends nothing of its user's ------------------------------------------------
+
+
+async def _hammer_with_a_revoked_token(stack: Stack, token: str) -> None:
+    """Every budgeted RPC with a signed-out token, until each is refused by the session's own
+    budget before the database is asked."""
+    calls = {
+        "SubmitQuery": lambda: stack.gateway.SubmitQuery(gateway_pb2.SubmitQueryRequest(), metadata=bearer(token)),
+        "GetReport": lambda: stack.gateway.GetReport(
+            gateway_pb2.GetReportRequest(query_id="q1", payment_password="000000"), metadata=bearer(token)
+        ),
+        "QUERY_AUTH": lambda: stack.gateway.RequestSmsCode(
+            gateway_pb2.RequestSmsCodeRequest(purpose=QUERY_AUTH), metadata=bearer(token)
+        ),
+    }
+    for call in calls.values():
+        for _ in range(2):  # the session's burst
+            await refused(call(), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+        for _ in range(5):
+            await limited(call(), "session")
+
+
+async def _owner_has_its_whole_budget(stack: Stack, token: str) -> None:
+    empty = gateway_pb2.SubmitQueryRequest()
+    for _ in range(2):  # admitted: on to validation
+        await refused(
+            stack.gateway.SubmitQuery(empty, metadata=bearer(token)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"
+        )
+    await limited(stack.gateway.SubmitQuery(empty, metadata=bearer(token)), "session")  # that was all of it
+    report = gateway_pb2.GetReportRequest(query_id="q1", payment_password="000000")
+    for _ in range(2):  # admitted: on to the payment password
+        await refused(
+            stack.gateway.GetReport(report, metadata=bearer(token)),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "PAYMENT_PASSWORD_INVALID",
+        )
+    for _ in range(2):
+        await stack.query_auth(ALICE, token)
+        stack.clock.advance(timedelta(minutes=1))
+
+
+BUDGETS_OF_TWO = dict(submit_user_burst=2, sms_user_burst=2, report_user_burst=2)
+
+
+async def test_a_revoked_token_leaves_its_owner_s_budgets_whole(start_stack):  # noqa: F811
+    stack = await start_stack(config=GatewayConfig(**BUDGETS_OF_TWO))
+    stolen = await stack.register(ALICE)
+    await stack.gateway.SignOut(gateway_pb2.SignOutRequest(), metadata=bearer(stolen.session_token))
+    await _hammer_with_a_revoked_token(stack, stolen.session_token)
+    stack.clock.advance(timedelta(minutes=1))
+    challenge_id, code = await stack.challenge(SIGN_IN, ALICE.phone)
+    owner = await stack.gateway.SignIn(
+        gateway_pb2.SignInRequest(phone=ALICE.phone, challenge_id=challenge_id, sms_code=code)
+    )
+    await _owner_has_its_whole_budget(stack, owner.session_token)
+
+
+@pytest.mark.redis
+@SQLITE_ONLY
+async def test_on_redis_a_revoked_token_leaves_its_owner_s_budgets_whole(
+    start_stack, redis_url: str, redis_prefix: str  # noqa: F811
+):
+    stack = await start_stack(
+        config=GatewayConfig(**BUDGETS_OF_TWO, redis_key_prefix=redis_prefix, redis_timeout_s=5),
+        redis_url=redis_url,
+    )
+    stolen = await stack.register(ALICE)
+    await stack.gateway.SignOut(gateway_pb2.SignOutRequest(), metadata=bearer(stolen.session_token))
+    await _hammer_with_a_revoked_token(stack, stolen.session_token)
+    stack.clock.advance(timedelta(minutes=1))
+    challenge_id, code = await stack.challenge(SIGN_IN, ALICE.phone)
+    owner = await stack.gateway.SignIn(
+        gateway_pb2.SignInRequest(phone=ALICE.phone, challenge_id=challenge_id, sms_code=code)
+    )
+    # Redis's clock, not the test's: the budgets spent above do not refill during the test.
+    empty = gateway_pb2.SubmitQueryRequest()
+    for _ in range(2):
+        await refused(
+            stack.gateway.SubmitQuery(empty, metadata=bearer(owner.session_token)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
+    report = gateway_pb2.GetReportRequest(query_id="q1", payment_password="000000")
+    for _ in range(2):
+        await refused(
+            stack.gateway.GetReport(report, metadata=bearer(owner.session_token)),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "PAYMENT_PASSWORD_INVALID",
+        )
+    await stack.query_auth(ALICE, owner.session_token)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        keys = {key.decode() async for key in client.scan_iter(match=f"{redis_prefix}:*")}
+    finally:
+        await client.aclose()
+    limits = {key.split(":")[2] for key in keys}
+    assert {"submit-session", "sms-session", "report-session", "submit-user", "sms-user", "report-user"} <= limits
+    # A session's key is a digest, never the session id the token carries.
+    session_id = stolen.session_token.split(".")[1]
+    assert not any(session_id in key for key in keys)
 
 
 # --- two gateway processes on one Redis -------------------------------------------------------------

@@ -17,6 +17,7 @@ from sqlmodel import SQLModel
 
 from cardcheck.runtime.clock import ManualClock
 from cardcheck.runtime.database import Database, make_engine
+from cardcheck.runtime.errors import CardCheckError
 from cardcheck.runtime.keys import Keyring, load_master_key
 from cardcheck.runtime.migrations import (
     current_revision,
@@ -27,13 +28,15 @@ from cardcheck.runtime.migrations import (
 )
 from cardcheck.runtime.settings import Settings
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
-from gateway.challenges import ChallengeRow, SmsDailyRow, SmsThrottleRow
+from gateway.challenges import ChallengeRow, SmsDailyRow, SmsEscalationRow, SmsThrottleRow
 from gateway.flows import SubmissionRow
 from gateway.sessions import SessionRow
 from gateway.users import UserRow
 from notifier.messages import MessageRow
 
-GATEWAY_MODELS = (UserRow, ChallengeRow, SmsThrottleRow, SmsDailyRow, SessionRow, SubmissionRow)
+GATEWAY_MODELS = (
+    UserRow, ChallengeRow, SmsThrottleRow, SmsDailyRow, SmsEscalationRow, SessionRow, SubmissionRow
+)
 GATEWAY_TABLES = tuple(m.__tablename__ for m in GATEWAY_MODELS)
 NOTIFIER_TABLES = ("nt_messages",)
 # What the notifier's first release had; the rest of nt_messages came with the outbox.
@@ -132,7 +135,9 @@ def test_a_gateway_database_made_by_create_all_is_adopted_with_its_rows(
 ):
     """What `db.create_tables` made before migrations; also one from before gw_sms_daily existed
     (create_all added new tables to old databases, so 0001 creates what is missing)."""
-    models = [m for m in GATEWAY_MODELS if not (before_daily_cap and m is SmsDailyRow)]
+    models = [
+        m for m in GATEWAY_MODELS if m is not SmsEscalationRow and not (before_daily_cap and m is SmsDailyRow)
+    ]
     engine = _engine(tmp_path, database_url, "gateway")
     try:
         Database(engine).create_tables(models)
@@ -155,6 +160,7 @@ def test_a_gateway_database_made_by_create_all_is_adopted_with_its_rows(
         for table in ("gw_sms_challenges", "gw_sms_throttle", "gw_sessions"):
             assert _count(engine, table) == 1
         assert _count(engine, "gw_sms_daily") == (0 if before_daily_cap else 1)
+        assert _count(engine, "gw_sms_escalation") == 0
         # The unique keys still hold after adoption.
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
             conn.execute(
@@ -170,6 +176,32 @@ def test_a_gateway_database_made_by_create_all_is_adopted_with_its_rows(
                     created_at=NOW,
                 )
             )
+    finally:
+        engine.dispose()
+
+
+async def test_a_gateway_database_at_0001_keeps_its_daily_counts_as_anonymous_ones(tmp_path, database_url):
+    """0002 adopts the day's counts of gw_sms_daily (every purpose until then) as the anonymous
+    counts they are from now on, so a phone that had its codes today still waits for midnight."""
+    from gateway.challenges import Challenges
+
+    engine = _engine(tmp_path, database_url, "gateway")
+    try:
+        upgrade_to_head(engine, "gateway.migrations", "gateway", target="0001")
+        assert current_revision(engine, "gateway") == "0001"
+        assert not sa.inspect(engine).has_table("gw_sms_escalation")
+        keyring = Keyring(load_master_key(None, tmp_path))
+        phone_hash = keyring.hasher("phone").digest(PHONE)
+        with engine.begin() as conn:
+            conn.execute(sa.insert(SmsDailyRow.__table__).values(phone_hash=phone_hash, day="2026-03-02", sent=8))
+        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0003"
+        assert schema_drift(engine, SQLModel.metadata, GATEWAY_TABLES) == []
+        db = Database(engine)
+        challenges = Challenges(db, keyring, ManualClock(NOW))  # 16:00 in China, the same day
+        with pytest.raises(CardCheckError) as caught:
+            await challenges.issue(phone_hash, "SIGN_IN", "caller")
+        assert caught.value.metadata["limit"] == "phone_daily"
+        await challenges.issue(phone_hash, "QUERY_AUTH")  # not counted against the owner's codes
     finally:
         engine.dispose()
 
