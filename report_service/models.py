@@ -2,7 +2,7 @@
 them (a test keeps the two in step). Personal data only sealed: the subject with the "subject"
 key bound to its query_id, the banks' masked cards with "bank-outcome" bound to query and bank,
 each report with its own data key wrapped by "report-kek"; the audit trail holds opaque ids,
-bank codes and counts only."""
+bank codes and outcome kinds only, never what a report says (it outlives the report)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ sealed and keyed again under the current one, so the retired key can be destroye
 Re-seals each query's subject, each bank's sealed cards and each report's wrapped data key (the
 report itself stays as it is: only its data key was sealed), a batch of rows per transaction with
 the rows locked, so it can run while the service does; then hashes the audit trail again under
-the current key (`python -m report_service.audit rekey`). Reports expire within days anyway;
+the current key (`python -m report_service.audit rekey`, which also drops what a report said
+from entries recorded before it was left out). Reports expire within days anyway;
 the subjects of queries still running and the audit trail do not. A second run changes nothing.
 It reads the database and the keys report_service uses, and never creates either."""
 
@@ -67,7 +68,7 @@ def rewrap(engine: Engine, keyring: Keyring, batch: int = BATCH) -> tuple[int, V
         lambda row: row.query_id.encode(), batch,
     )
     rekeyed = AuditChain.from_keyring(keyring).rekey(engine)
-    return changed, None if rekeyed is None else rekeyed[0]
+    return changed, None if rekeyed is None else rekeyed.verdict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
