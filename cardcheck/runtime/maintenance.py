@@ -58,7 +58,7 @@ def service_store(
     if database_url or not read_only:
         engine = make_engine(database_url, data_dir, service)
     else:
-        engine = create_engine(f"sqlite:///file:{path.resolve()}?mode=ro&uri=true")
+        engine = create_engine(f"sqlite:///file:{path.resolve()}?mode=ro&uri=true", hide_parameters=True)
     try:
         try:
             present = inspect(engine).has_table(table)
