@@ -148,6 +148,9 @@ class AuditChain:
         self._key = key
         self._retired = tuple(retired)
 
+    def __repr__(self) -> str:  # never the chain's key
+        return f"AuditChain(current, {len(self._retired)} retired)"
+
     @classmethod
     def from_keyring(cls, keyring: Keyring) -> AuditChain:
         return cls(keyring.subkey(KEY_PURPOSE), keyring.retired_subkeys(KEY_PURPOSE))

@@ -120,6 +120,9 @@ class Keyring:
     def retired(self) -> int:
         return len(self._retired)
 
+    def __repr__(self) -> str:  # never a key, in a log line or a traceback
+        return f"Keyring(current, {len(self._retired)} retired)"
+
     def subkey(self, purpose: str) -> bytes:
         return _derive(self._master, purpose)
 
@@ -140,6 +143,9 @@ class Sealer:
     def __init__(self, key: bytes, retired: Sequence[bytes] = ()) -> None:
         self._aead = AESGCM(key)
         self._retired = tuple(AESGCM(k) for k in retired)
+
+    def __repr__(self) -> str:
+        return f"Sealer(current, {len(self._retired)} retired)"
 
     def seal(self, plaintext: bytes, associated_data: bytes = b"") -> bytes:
         nonce = os.urandom(NONCE_BYTES)
@@ -175,6 +181,9 @@ class KeyedHash:
     def __init__(self, key: bytes, retired: Sequence[bytes] = ()) -> None:
         self._key = key
         self._retired = tuple(retired)
+
+    def __repr__(self) -> str:
+        return f"KeyedHash(current, {len(self._retired)} retired)"
 
     def digest(self, value: str) -> str:
         return hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()
