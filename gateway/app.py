@@ -24,6 +24,7 @@ from gateway.flows import Gateway
 from gateway.limits import Limiters, RedisStore
 from gateway.servicer import CardCheckServicer, add_to_server
 from gateway.sessions import Sessions
+from gateway.submissions import Submissions
 from gateway.tracing import Shedding, SheddingSampler
 from gateway.users import Users
 
@@ -72,6 +73,7 @@ async def build(
     challenges = Challenges(
         db, keyring, clock, daily_cap=config.sms_phone_daily_cap, resend_after=config.sms_resend_after
     )
+    submissions = Submissions(db, keyring, clock)
     gateway = Gateway(
         settings=settings,
         config=config,
@@ -92,10 +94,13 @@ async def build(
         sms=SmsSender(channels["notifier"], timeout),
         limiters=limiters,
         callers=keyring.hasher("sms-caller"),
+        submissions=submissions,
         shedding=shedding,
     )
 
-    housekeeping = asyncio.create_task(_housekeeping(challenges, sessions), name="gateway-housekeeping")
+    housekeeping = asyncio.create_task(
+        _housekeeping(challenges, sessions, submissions), name="gateway-housekeeping"
+    )
 
     async def close() -> None:
         housekeeping.cancel()
@@ -134,12 +139,16 @@ def _limiters(settings: Settings, config: GatewayConfig, clock: Clock, rates) ->
     return Limiters.on_redis(store, rates, clock)
 
 
-async def _housekeeping(challenges: Challenges, sessions: Sessions, every_s: float = 3600.0) -> None:
-    """Deletes spent challenges and expired sessions now and then."""
+async def _housekeeping(
+    challenges: Challenges, sessions: Sessions, submissions: Submissions, every_s: float = 3600.0
+) -> None:
+    """Deletes spent challenges, expired sessions and submissions whose query can no longer have
+    a report, now and then."""
     while True:
         try:
             await challenges.purge_expired()
             await sessions.purge_expired()
+            await submissions.purge_expired()
         except Exception:
             log.exception("gateway housekeeping failed; trying again later")
         await asyncio.sleep(every_s)

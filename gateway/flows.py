@@ -8,12 +8,8 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
 
 from opentelemetry import trace
-from sqlalchemy import Column, DateTime
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel
 
 from cardcheck.banks import BANK_CODES, BANKS, BankInfo
 from cardcheck.runtime.clock import Clock
@@ -30,23 +26,13 @@ from gateway.downstream import BankDirectory, ReportDesk, SmsSender
 from gateway.face import FaceVerifier
 from gateway.limits import Limiters, RateLimiter
 from gateway.sessions import IssuedSession, SessionClaims, Sessions
+from gateway.submissions import SubmissionRow, Submissions  # noqa: F401 (the model's first home)
 from gateway.tracing import Shedding
 from gateway.users import Identity, Users
 
 log = logging.getLogger(__name__)
 
 GLOBAL_SUBMIT_KEY = "submit:global"
-
-
-class SubmissionRow(SQLModel, table=True):
-    """Which query a user's idempotency key created, so that a retry returns the same Query."""
-
-    __tablename__ = "gw_submissions"
-
-    user_id: str = Field(primary_key=True, max_length=36)
-    idempotency_key: str = Field(primary_key=True, max_length=128)
-    query_id: str = Field(max_length=64)
-    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 
 
 @dataclass(frozen=True)
@@ -121,6 +107,7 @@ class Gateway:
         sms: SmsSender,
         limiters: Limiters,
         callers: KeyedHash,
+        submissions: Submissions,
         shedding: Shedding | None = None,
         agreement: Agreement = CURRENT,
     ) -> None:
@@ -137,6 +124,7 @@ class Gateway:
         self._sms = sms
         self._limits = limiters
         self._callers = callers
+        self._submissions = submissions
         self._shedding = shedding or Shedding()
         self.agreement = agreement
 
@@ -280,7 +268,7 @@ class Gateway:
         requested = validation.known_banks(form.bank_codes)
 
         if form.idempotency_key:
-            earlier = await self._earlier_submission(user_id, form.idempotency_key)
+            earlier = await self._submissions.earlier(user_id, form.idempotency_key)
             if earlier is not None:
                 return await self._reports.get_query(user_id, earlier)
 
@@ -318,7 +306,7 @@ class Gateway:
             self.agreement.version,
             idempotency_key,
         )
-        await self._remember_submission(user_id, idempotency_key, query.query_id)
+        await self._submissions.remember(user_id, idempotency_key, query.query_id)
         log.info("user %s submitted query %s to %d banks", user_id, query.query_id, len(bank_codes))
         try:
             await self._sms.send_consent_receipt(
@@ -327,27 +315,6 @@ class Gateway:
         except CardCheckError as error:
             log.warning("consent receipt for query %s not sent: %s", query.query_id, error.reason)
         return query
-
-    async def _earlier_submission(self, user_id: str, idempotency_key: str) -> str | None:
-        row = await self._db.run(lambda session: session.get(SubmissionRow, (user_id, idempotency_key)))
-        return None if row is None else row.query_id
-
-    async def _remember_submission(self, user_id: str, idempotency_key: str, query_id: str) -> None:
-        def work(session: Session) -> None:
-            if session.get(SubmissionRow, (user_id, idempotency_key)) is None:
-                session.add(
-                    SubmissionRow(
-                        user_id=user_id,
-                        idempotency_key=idempotency_key,
-                        query_id=query_id,
-                        created_at=self._clock.now(),
-                    )
-                )
-
-        try:
-            await self._db.run(work)
-        except IntegrityError:  # the same key raced in twice: report_service already deduplicated
-            log.info("submission of query %s already remembered", query_id)
 
     async def watch_query(self, token: str | None, query_id: str) -> AsyncIterator[gateway_pb2.QueryEvent]:
         user_id = await self._sessions.user_of(token)
