@@ -12,8 +12,10 @@ count, and exits 0; when some rows open under none of the keys given (a retired 
 it leaves them, says how many on stderr and exits 1.
 
 Not rewrapped, because nothing can be: SMS challenges (their code is not known; they die within
-minutes), the resend and daily counts (they restart at a rotation, see gateway/challenges.py)
-and session tokens (signed into the client's hands). A session token signed under a retired key
+minutes), the resend and daily counts (they restart at a rotation, see gateway/challenges.py),
+submissions (only the hash of the client's idempotency key is kept; found under the retired key
+while it is configured, see gateway/submissions.py) and session tokens (signed into the
+client's hands). A session token signed under a retired key
 works while that key is configured, so remove the retired keys no sooner than the session
 lifetime (CARDCHECK_SESSION_TTL_HOURS) after the rotation, or those users sign in again."""
 
