@@ -108,6 +108,29 @@ async def test_after_the_retention_sweep_no_entry_holds_what_the_report_said(rig
     assert verdict.ok and verdict.entries == len(rows) and verdict.with_report_contents == 0
 
 
+async def test_the_worker_logs_the_head_again_when_rekey_hashed_the_chain_again(rig, caplog):  # noqa: F811
+    caplog.set_level("INFO", logger="report_service.worker")
+    query = await rig.create()
+    await status_is(rig, query.query_id, common_pb2.QUERY_STATUS_READY)
+    db = rig.parts.db
+    with db.engine.begin() as conn:  # an entry as recorded before card counts were left out
+        conn.execute(
+            sa.text("UPDATE rs_audit SET details = :d WHERE event = 'bank.outcome' AND details LIKE :icbc"),
+            {"d": '{"bank":"ICBC","cards":2,"kind":"ANSWERED"}', "icbc": "%ICBC%"},
+        )
+    _rewrite_from(db, 1, rig.parts.store.audit.entry_hash)
+    await rig.parts.worker.sweep()
+    with db.engine.connect() as conn:
+        before = audit.read_head(conn)
+    assert rig.parts.store.audit.rekey(db.engine).redacted == 1
+    await rig.parts.worker.sweep()
+    with db.engine.connect() as conn:
+        after = audit.read_head(conn)
+    assert after[0] == before[0] and after[1] != before[1]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("audit head ")]
+    assert logged[-2:] == [f"audit head {before[0]}:{before[1]}", f"audit head {after[0]}:{after[1]}"]
+
+
 def test_details_that_look_like_personal_data_are_refused():
     with pytest.raises(ValueError, match="digit"):
         audit._check_no_personal_data({"note": "13912345678"})

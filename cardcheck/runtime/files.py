@@ -25,7 +25,7 @@ def _tighten(path: Path, mode: int) -> None:
         try:
             path.chmod(current & mode)
         except PermissionError:  # not ours (a shared directory named as the data directory)
-            log.error("%s is mode %o, open to other users, and cannot be made %o", path, current, current & mode)
+            log.warning("%s is mode %o, open to other users, and cannot be made %o", path, current, current & mode)
             return
         log.warning("%s was mode %o, open to other users: now %o", path, current, current & mode)
 
