@@ -206,6 +206,9 @@ class AuditChain:
             if not verdict.ok:
                 return Rekeyed(verdict, len(plain))
             table = AuditRow.__table__
+            if verdict.with_report_contents and session.get_bind().dialect.name == "sqlite":
+                # The details overwritten are zeroed rather than left in free pages (as the sweep does).
+                session.connection().exec_driver_sql("PRAGMA secure_delete = ON")
             prev = GENESIS
             for seq, recorded_at, event, query_id, user_id, details_text, prev_hash, stored_hash in entries:
                 recorded = json.loads(details_text)

@@ -20,13 +20,16 @@ from cardcheck.runtime.files import private_directory, private_file, tighten_if_
 T = TypeVar("T")
 
 
-def _sqlite_engine(path: Path) -> Engine:
-    # The file is made 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
-    # database file's mode. Ones made looser earlier are tightened (cardcheck.runtime.files).
+def _make_private(path: Path) -> None:
+    """The file made 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
+    database file's mode. Ones made looser earlier are tightened (cardcheck.runtime.files)."""
     private_directory(path.parent)
     private_file(path)
     for companion in ("-wal", "-shm", "-journal"):
         tighten_if_present(path.with_name(path.name + companion))
+
+
+def _sqlite_engine(path: Path) -> Engine:
     engine = create_engine(
         f"sqlite:///{path}",
         hide_parameters=True,
@@ -55,10 +58,17 @@ def _sqlite_engine(path: Path) -> Engine:
     return engine
 
 
-def make_engine(database_url: str | None, data_dir: Path, service: str) -> Engine:
+def make_engine(database_url: str | None, data_dir: Path, service: str, *, private: bool = True) -> Engine:
+    """`private`: make the SQLite file (and its directory) private first; the offline commands,
+    which change only what they are for, open the file as they find it."""
     if database_url:
         return create_engine(database_url, hide_parameters=True, pool_pre_ping=True, pool_size=10, max_overflow=10)
-    return _sqlite_engine(data_dir / f"{service}.db")
+    path = data_dir / f"{service}.db"
+    if private:
+        _make_private(path)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return _sqlite_engine(path)
 
 
 class Database:
