@@ -25,6 +25,7 @@ from gateway.limits import Limiters, RedisStore
 from gateway.payment_passwords import PaymentPasswords
 from gateway.servicer import CardCheckServicer, add_to_server
 from gateway.sessions import Sessions
+from gateway.submissions import Submissions
 from gateway.tracing import Shedding, SheddingSampler
 from gateway.users import Users
 from gateway.watches import FallingBackSlots, LocalWatchSlots, RedisWatchSlots, Watches, WatchSlots
@@ -103,6 +104,7 @@ async def build(
         max_password_attempts=config.payment_password_max_attempts,
         password_locks=(config.payment_password_lock, config.payment_password_second_lock),
     )
+    submissions = Submissions(db, keyring, clock)
     gateway = Gateway(
         settings=settings,
         config=config,
@@ -117,11 +119,14 @@ async def build(
         sms=SmsSender(channels["notifier"], timeout),
         limiters=limiters,
         callers=keyring.hasher("sms-caller"),
+        submissions=submissions,
         shedding=shedding,
         watches=watches,
     )
 
-    housekeeping = asyncio.create_task(_housekeeping(challenges, sessions), name="gateway-housekeeping")
+    housekeeping = asyncio.create_task(
+        _housekeeping(challenges, sessions, submissions), name="gateway-housekeeping"
+    )
 
     async def close() -> None:
         housekeeping.cancel()
@@ -174,12 +179,16 @@ def _watch_slots(limiters: Limiters, config: GatewayConfig, clock: Clock) -> Wat
     return FallingBackSlots(shared, local)
 
 
-async def _housekeeping(challenges: Challenges, sessions: Sessions, every_s: float = 3600.0) -> None:
-    """Deletes spent challenges and expired sessions now and then."""
+async def _housekeeping(
+    challenges: Challenges, sessions: Sessions, submissions: Submissions, every_s: float = 3600.0
+) -> None:
+    """Deletes spent challenges, expired sessions and submissions whose query can no longer have
+    a report, now and then."""
     while True:
         try:
             await challenges.purge_expired()
             await sessions.purge_expired()
+            await submissions.purge_expired()
         except Exception:
             log.exception("gateway housekeeping failed; trying again later")
         await asyncio.sleep(every_s)

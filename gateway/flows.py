@@ -10,12 +10,8 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
-from datetime import datetime
 
 from opentelemetry import trace
-from sqlalchemy import Column, DateTime
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel
 
 from cardcheck.banks import BANK_CODES, BANKS, BankInfo
 from cardcheck.runtime.clock import Clock
@@ -32,6 +28,7 @@ from gateway.downstream import BankDirectory, ReportDesk, SmsSender
 from gateway.face import FaceVerifier
 from gateway.limits import Limiters, RateLimiter
 from gateway.sessions import IssuedSession, SessionClaims, Sessions
+from gateway.submissions import SubmissionRow, Submissions  # noqa: F401 (the model's first home)
 from gateway.tracing import Shedding
 from gateway.users import Identity, Users
 from gateway.watches import LocalWatchSlots, Watches
@@ -41,17 +38,6 @@ log = logging.getLogger(__name__)
 GLOBAL_SUBMIT_KEY = "submit:global"
 WATCH_DEADLINE_MARGIN_S = 1.0
 SIGN_IN_SEND_DELAY_S = 0.01
-
-
-class SubmissionRow(SQLModel, table=True):
-    """Which query a user's idempotency key created, so that a retry returns the same Query."""
-
-    __tablename__ = "gw_submissions"
-
-    user_id: str = Field(primary_key=True, max_length=36)
-    idempotency_key: str = Field(primary_key=True, max_length=128)
-    query_id: str = Field(max_length=64)
-    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 
 
 @dataclass(frozen=True)
@@ -134,6 +120,7 @@ class Gateway:
         sms: SmsSender,
         limiters: Limiters,
         callers: KeyedHash,
+        submissions: Submissions,
         shedding: Shedding | None = None,
         watches: Watches | None = None,
         agreement: Agreement = CURRENT,
@@ -151,6 +138,7 @@ class Gateway:
         self._sms = sms
         self._limits = limiters
         self._callers = callers
+        self._submissions = submissions
         self._shedding = shedding or Shedding()
         self._watches = watches or Watches(
             LocalWatchSlots(config.watch_streams_per_user, clock),
@@ -362,7 +350,7 @@ class Gateway:
         requested = validation.known_banks(form.bank_codes)
 
         if form.idempotency_key:
-            earlier = await self._earlier_submission(user_id, form.idempotency_key)
+            earlier = await self._submissions.earlier(user_id, form.idempotency_key)
             if earlier is not None:
                 return await self._reports.get_query(user_id, earlier)
 
@@ -400,7 +388,7 @@ class Gateway:
             self.agreement.version,
             idempotency_key,
         )
-        await self._remember_submission(user_id, idempotency_key, query.query_id)
+        await self._submissions.remember(user_id, idempotency_key, query.query_id)
         log.info("user %s submitted query %s to %d banks", user_id, query.query_id, len(bank_codes))
         try:
             await self._sms.send_consent_receipt(
@@ -409,27 +397,6 @@ class Gateway:
         except CardCheckError as error:
             log.warning("consent receipt for query %s not sent: %s", query.query_id, error.reason)
         return query
-
-    async def _earlier_submission(self, user_id: str, idempotency_key: str) -> str | None:
-        row = await self._db.run(lambda session: session.get(SubmissionRow, (user_id, idempotency_key)))
-        return None if row is None else row.query_id
-
-    async def _remember_submission(self, user_id: str, idempotency_key: str, query_id: str) -> None:
-        def work(session: Session) -> None:
-            if session.get(SubmissionRow, (user_id, idempotency_key)) is None:
-                session.add(
-                    SubmissionRow(
-                        user_id=user_id,
-                        idempotency_key=idempotency_key,
-                        query_id=query_id,
-                        created_at=self._clock.now(),
-                    )
-                )
-
-        try:
-            await self._db.run(work)
-        except IntegrityError:  # the same key raced in twice: report_service already deduplicated
-            log.info("submission of query %s already remembered", query_id)
 
     async def watch_query(self, token: str | None, query_id: str) -> AsyncIterator[gateway_pb2.QueryEvent]:
         """The query's events, on a slot of the user's (gateway/watches.py says how the cap,

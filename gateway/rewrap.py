@@ -13,11 +13,12 @@ it leaves them, says how many on stderr and exits 1.
 
 Not rewrapped, because nothing can be: SMS challenges (their code is not known; they die within
 minutes), the resend, daily and escalation counts (they restart at a rotation, see
-gateway/challenges.py), session tokens (signed into the client's hands) and payment password
-hashes (a keyed hash can only be made again from the password). A session token signed under a
-retired key works while that key is configured, so remove the retired keys no sooner than the
-session lifetime (CARDCHECK_SESSION_TTL_HOURS) after the rotation, or those users sign in again.
-
+gateway/challenges.py), submissions (only the hash of the client's idempotency key is kept;
+found under the retired key while it is configured, see gateway/submissions.py), session tokens
+(signed into the client's hands) and payment password hashes (a keyed hash can only be made
+again from the password). A session token signed under a retired key works while that key is
+configured, so remove the retired keys no sooner than the session lifetime
+(CARDCHECK_SESSION_TTL_HOURS) after the rotation, or those users sign in again.
 A payment password hash made under a retired key verifies while that key is configured and is
 made again under the current key at its user's next right password (gateway/payment_passwords.py).
 Once the retired key is removed, a hash it made cannot be checked: GetReport refuses that user

@@ -22,7 +22,7 @@ from report_service.audit import AuditChain
 from report_service.clients import BankConnectorFanOut, NotifierReportReady
 from report_service.config import ReportServiceConfig
 from report_service.execution import ExecutionStore
-from report_service.queries import Changes, QueryStore
+from report_service.queries import IDEMPOTENCY_KEY, Changes, QueryStore
 from report_service.reports import ReportVault
 from report_service.servicer import ReportServiceServicer
 from report_service.storage import Storage
@@ -95,6 +95,7 @@ async def build_parts(
         clock,
         outcome_sealer=keyring.sealer("bank-outcome"),
         audit_chain=AuditChain.from_keyring(keyring),
+        idempotency_hash=keyring.hasher(IDEMPOTENCY_KEY),
         retention=config.retention,
     )
     execution = ExecutionStore(storage, store, clock, lease=timedelta(seconds=config.lease_s))

@@ -15,7 +15,12 @@ last step of the transaction that records the event, so the chain never forks an
 audited exactly when it is committed.
 
 No personal data in clear: user ids are the gateway's opaque ids; details hold bank codes,
-outcome kinds, counts and the consent version, never a name, ID or phone number or card digits.
+outcome kinds, pass numbers and the consent version, never a name, ID or phone number or card
+digits. Nor anything a report says (how many cards a bank holds, which banks answered at its
+generation): the trail outlives every report, which is deleted after its days, and what a report
+said must go with it. The trail records what the service did (a bank asked, the kind of its
+outcome, a report generated, viewed, deleted), never what it found. Entries recorded before
+carry card counts and the report's answered/unavailable banks; `rekey` drops them (below).
 
     python -m report_service.audit verify [--head SEQ:HASH ...] [--database-url URL] [--data-dir DIR]
 
@@ -26,12 +31,17 @@ CARDCHECK_MASTER_KEY, else the key file there).
 
     python -m report_service.audit rekey [--database-url URL] [--data-dir DIR]
 
-once, for a trail begun before entries were keyed or after a master key rotation (entries under
-a retired key, CARDCHECK_RETIRED_MASTER_KEYS): checks every entry as it was recorded (plain
-SHA-256, then keyed ones) and, only if all hold, hashes the whole chain again under the current
-key, in one transaction that holds the head (`python -m report_service.rewrap` runs it too). Exits 1, changing nothing, at the first broken entry. It
-says how many entries were plain: a trail that once verified keyed and no longer does is
-evidence of tampering, never something to rekey (it would accept a chain rewritten in plain)."""
+once, for a trail begun before entries were keyed, after a master key rotation (entries under
+a retired key, CARDCHECK_RETIRED_MASTER_KEYS), or begun before report contents were left out of
+entries: checks every entry as it was recorded (plain SHA-256, then keyed ones) and, only if all
+hold, drops what a report said from the entries that hold it (REPORT_CONTENTS) and hashes the
+whole chain again under the current key, in one transaction that holds the head
+(`python -m report_service.rewrap` runs it too). Exits 1, changing nothing, at the first broken
+entry. It says how many entries were plain and how many held report contents: a trail that once
+verified keyed and no longer does is evidence of tampering, never something to rekey (it would
+accept a chain rewritten in plain). Rehashing gives entries new hashes, so heads recorded before
+a rekey that changed anything no longer check: the new head it prints is the one to record.
+`verify` says how many entries still hold report contents."""
 
 from __future__ import annotations
 
@@ -65,6 +75,13 @@ REPORT_VIEWED = "report.viewed"
 REPORT_DELETED = "report.deleted"
 
 _LONG_DIGITS = re.compile(r"\d{11,}")  # phone numbers, ID numbers, card numbers
+
+# What a report says, as entries recorded before it was left out carry it: a bank's card count
+# (bank.outcome) and the banks answered and unavailable when the report was generated
+# (report.generated). Refused in new entries, dropped from old ones by `rekey`.
+REPORT_CONTENTS = frozenset(
+    {"cards", "debit_count", "credit_count", "summary", "banks_answered", "unavailable", "unavailable_banks"}
+)
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,14 @@ def _check_no_personal_data(details: Mapping[str, object]) -> None:
     text = _json(details)
     if _LONG_DIGITS.search(text):
         raise ValueError("audit details must not carry long digit strings (phone, ID or card numbers)")
+    contents = sorted(REPORT_CONTENTS.intersection(details))
+    if contents:
+        raise ValueError(f"audit details must not carry what a report says ({', '.join(contents)})")
+
+
+def without_report_contents(details: Mapping[str, object]) -> dict[str, object]:
+    """An entry's details as they are recorded now: what a report said left out."""
+    return {name: value for name, value in details.items() if name not in REPORT_CONTENTS}
 
 
 class AuditChain:
@@ -122,6 +147,9 @@ class AuditChain:
     def __init__(self, key: bytes, retired: Sequence[bytes] = ()) -> None:
         self._key = key
         self._retired = tuple(retired)
+
+    def __repr__(self) -> str:  # never the chain's key
+        return f"AuditChain(current, {len(self._retired)} retired)"
 
     @classmethod
     def from_keyring(cls, keyring: Keyring) -> AuditChain:
@@ -157,11 +185,12 @@ class AuditChain:
         with engine.connect() as connection:
             return self.verify(connection, anchors)
 
-    def rekey(self, engine: Engine) -> tuple[Verdict, int] | None:
-        """Hashes a trail begun before entries were keyed, or with entries under a retired key,
-        again under the current key (see the module's doc); a trail under it is left as it is. The verdict is on the trail as recorded: when it
-        is broken nothing is changed. With it, how many entries were plain. None when there is
-        no audit trail."""
+    def rekey(self, engine: Engine) -> Rekeyed | None:
+        """Hashes a trail begun before entries were keyed, with entries under a retired key or
+        with report contents in them again under the current key, report contents dropped (see
+        the module's doc); a trail under it and without them is left as it is. The verdict is
+        on the trail as recorded: when it is broken nothing is changed. None when there is no
+        audit trail."""
         if not inspect(engine).has_table(AuditHeadRow.__tablename__):
             return None
         with Session(engine) as session, session.begin():
@@ -170,23 +199,31 @@ class AuditChain:
                 select(head.c.seq, head.c.hash).where(head.c.id == 1).with_for_update()
             ).first()
             if head_row is None:
-                return Verdict(False, 0, GENESIS, 1, "the head row is missing"), 0
+                return Rekeyed(Verdict(False, 0, GENESIS, 1, "the head row is missing"))
             entries = list(session.execute(_entries_up_to(head_row.seq)))
             plain: list[int] = []
             verdict = verify_rows(entries, tuple(head_row), self._recorded_hash(plain))
             if not verdict.ok:
-                return verdict, len(plain)
+                return Rekeyed(verdict, len(plain))
             table = AuditRow.__table__
+            if verdict.with_report_contents and session.get_bind().dialect.name == "sqlite":
+                # The details overwritten are zeroed rather than left in free pages (as the sweep does).
+                session.connection().exec_driver_sql("PRAGMA secure_delete = ON")
             prev = GENESIS
             for seq, recorded_at, event, query_id, user_id, details_text, prev_hash, stored_hash in entries:
-                digest = self.entry_hash(
-                    prev, canonical(seq, recorded_at, event, query_id, user_id, json.loads(details_text))
-                )
+                recorded = json.loads(details_text)
+                details = without_report_contents(recorded)
+                digest = self.entry_hash(prev, canonical(seq, recorded_at, event, query_id, user_id, details))
+                values: dict[str, str] = {}
+                if details != recorded:
+                    values["details"] = _json(details)
                 if (prev_hash, stored_hash) != (prev, digest):
-                    session.execute(update(table).where(table.c.seq == seq).values(prev_hash=prev, hash=digest))
+                    values.update(prev_hash=prev, hash=digest)
+                if values:
+                    session.execute(update(table).where(table.c.seq == seq).values(values))
                 prev = digest
             session.execute(update(head).where(head.c.id == 1).values(hash=prev))
-            return Verdict(True, verdict.entries, prev), len(plain)
+            return Rekeyed(Verdict(True, verdict.entries, prev), len(plain), verdict.with_report_contents)
 
     def _recorded_hash(self, plain: list[int]) -> Callable[[str, bytes, str], bool]:
         """Whether an entry's stored hash is what it was recorded with: plain SHA-256 while no
@@ -243,11 +280,27 @@ class Verdict:
     head_hash: str
     broken_seq: int | None = None
     problem: str = ""
+    with_report_contents: int = 0  # entries recorded before report contents were left out
 
     def describe(self) -> str:
         if self.ok:
-            return f"audit trail OK: {self.entries} entries, head {self.head_hash}"
+            described = f"audit trail OK: {self.entries} entries, head {self.head_hash}"
+            if self.with_report_contents:
+                described += (
+                    f" ({self.with_report_contents} still hold what a report said:"
+                    " `cardcheck audit rekey` drops it)"
+                )
+            return described
         return f"audit trail BROKEN at entry {self.broken_seq}: {self.problem}"
+
+
+@dataclass(frozen=True)
+class Rekeyed:
+    """What `rekey` found (the verdict on the trail as recorded) and, when it holds, did."""
+
+    verdict: Verdict
+    plain: int = 0  # entries hashed plain, before the chain was keyed
+    redacted: int = 0  # entries whose report contents were dropped
 
 
 def verify_rows(
@@ -261,7 +314,7 @@ def verify_rows(
     recorded earlier (seq → hash), which must still be entries of the chain."""
     anchors = anchors or {}
     expected_seq, prev = 1, GENESIS
-    count = 0
+    count = contents = 0
     for seq, recorded_at, event, query_id, user_id, details_text, prev_hash, stored_hash in rows:
         if seq != expected_seq:
             return Verdict(False, count, prev, expected_seq, f"missing (the next entry present is {seq})")
@@ -273,6 +326,8 @@ def verify_rows(
             return Verdict(False, count, prev, seq, "its details are not the JSON that was recorded")
         if not holds(prev, canonical(seq, recorded_at, event, query_id, user_id, details), stored_hash):
             return Verdict(False, count, prev, seq, f"changed after it was recorded ({event})")
+        if isinstance(details, dict) and not REPORT_CONTENTS.isdisjoint(details):
+            contents += 1
         if seq in anchors and anchors[seq] != stored_hash:
             return Verdict(False, count, prev, seq, "not the entry a head recorded earlier named")
         prev = stored_hash
@@ -285,7 +340,7 @@ def verify_rows(
         return Verdict(False, count, prev, head_seq, "the head row does not name the last entry")
     if anchors and max(anchors) > count:
         return Verdict(False, count, prev, count + 1, f"missing (a head recorded earlier named entry {max(anchors)})")
-    return Verdict(True, count, prev)
+    return Verdict(True, count, prev, with_report_contents=contents)
 
 
 def _entries_up_to(seq: int):
@@ -354,13 +409,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             chain = AuditChain.from_keyring(keyring)
             if verifying:
-                verdict, plain = chain.verify_engine(engine, dict(args.anchors)), None
+                verdict, rekeyed = chain.verify_engine(engine, dict(args.anchors)), None
             else:
-                verdict, plain = chain.rekey(engine)
-        if plain is not None and verdict.ok:
+                rekeyed = chain.rekey(engine)
+                verdict = rekeyed.verdict
+        if rekeyed is not None and verdict.ok:
             # A trail that verified as keyed before and now holds plain entries was rewritten by
             # someone without the key: this count is for the operator to compare with what they expect.
-            print(f"audit trail keyed: {verdict.entries} entries ({plain} were plain), head {verdict.head_hash}")
+            print(
+                f"audit trail keyed: {verdict.entries} entries ({rekeyed.plain} were plain),"
+                f" {rekeyed.redacted} cleared of what a report said, head {verdict.head_hash}"
+            )
         else:
             print(verdict.describe())
         return 0 if verdict.ok else 1

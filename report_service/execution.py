@@ -293,7 +293,8 @@ class ExecutionStore:
                         audit.BANK_OUTCOME,
                         query_id,
                         row.user_id,
-                        {"bank": outcome.bank_code, "kind": outcome.kind, "cards": len(outcome.cards)},
+                        # Never the card count: the trail outlives the report (report_service.audit).
+                        {"bank": outcome.bank_code, "kind": outcome.kind},
                     )
                 )
             row.banks_answered = sum(1 for o in stored.values() if o.kind == ANSWERED)
@@ -392,12 +393,8 @@ class ExecutionStore:
             )
         )
         events.append(
-            audit.AuditEvent(
-                audit.REPORT_GENERATED,
-                row.query_id,
-                row.user_id,
-                {"banks_answered": len(banks) - len(unanswered), "unavailable": unanswered},
-            )
+            # What the report says stays in it: the trail outlives it (report_service.audit).
+            audit.AuditEvent(audit.REPORT_GENERATED, row.query_id, row.user_id)
         )
         return _Finished(READY, query_of(row), row.subject_sealed, row.trace_context)
 

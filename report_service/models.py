@@ -2,7 +2,7 @@
 them (a test keeps the two in step). Personal data only sealed: the subject with the "subject"
 key bound to its query_id, the banks' masked cards with "bank-outcome" bound to query and bank,
 each report with its own data key wrapped by "report-kek"; the audit trail holds opaque ids,
-bank codes and counts only."""
+bank codes and outcome kinds only, never what a report says (it outlives the report)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Index,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlmodel import Field, SQLModel
@@ -57,7 +59,13 @@ class QueryRow(SQLModel, table=True):
     status: str = Field(sa_column=Column(String(16), index=True, nullable=False))
     bank_codes: str = Field(sa_column=Column(Text, nullable=False))  # JSON list
     agreement_version: str = Field(sa_column=Column(String(64), nullable=False))
+    # The client's idempotency key as its keyed hash (HMAC-SHA256 under the "idempotency-key"
+    # subkey, hex); in clear only in rows stored before keys were hashed, marked by
+    # idempotency_key_in_clear, until `python -m report_service.rewrap` hashes them.
     idempotency_key: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
+    idempotency_key_in_clear: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
+    )
     submitted_at: datetime = Field(sa_column=_instant())
     ready_by: datetime = Field(sa_column=_instant())
     ready_at: datetime | None = Field(default=None, sa_column=_instant(True))

@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, update
+from sqlalchemy import and_, delete, false, func, or_, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from cardcheck.banks import BY_CODE
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
-from cardcheck.runtime.keys import Sealer
+from cardcheck.runtime.keys import KeyedHash, Sealer
 from cardcheck.v1 import report_service_pb2
 from report_service import audit
 from report_service.models import (
@@ -42,6 +42,8 @@ from report_service.reports import (
 from report_service.storage import Storage
 
 log = logging.getLogger(__name__)
+
+IDEMPOTENCY_KEY = "idempotency-key"  # the keyring's subkey idempotency keys are hashed under
 
 
 @dataclass(frozen=True)
@@ -194,9 +196,11 @@ class QueryStore:
         *,
         outcome_sealer: Sealer,
         audit_chain: audit.AuditChain,
+        idempotency_hash: KeyedHash,
         retention: timedelta = timedelta(days=7),
     ) -> None:
         self._db = db
+        self._idempotency = idempotency_hash
         self.audit = audit_chain
         self._subjects = subject_sealer
         self._outcomes = outcome_sealer
@@ -247,13 +251,22 @@ class QueryStore:
         of waiting to be claimed."""
         banks = QueryRules.validate_create(user_id, subject, bank_codes, agreement_version)
         key = idempotency_key or None  # no key: every request is a new one (NULLs never collide)
+        # Stored as its keyed hash under the current key; found under any key's (a rotation),
+        # or in clear in a row stored before keys were hashed and not yet rewrapped.
+        digests = self._idempotency.digests(key) if key is not None else ()
         now = self._clock.now()
 
         def by_key(session: Session) -> QueryRow | None:
             if key is None:
                 return None
             return session.exec(
-                select(QueryRow).where(QueryRow.user_id == user_id, QueryRow.idempotency_key == key)
+                select(QueryRow).where(
+                    QueryRow.user_id == user_id,
+                    or_(
+                        and_(QueryRow.idempotency_key_in_clear == false(), col(QueryRow.idempotency_key).in_(digests)),
+                        and_(QueryRow.idempotency_key_in_clear == true(), QueryRow.idempotency_key == key),
+                    ),
+                )
             ).first()
 
         def accept(session: Session) -> tuple[Query, bool]:
@@ -280,7 +293,7 @@ class QueryStore:
                 status=PENDING,
                 bank_codes=json.dumps(list(banks)),
                 agreement_version=agreement_version,
-                idempotency_key=key,
+                idempotency_key=digests[0] if digests else None,
                 submitted_at=now,
                 ready_by=now + QueryRules.READY_WITHIN,
                 banks_total=len(banks),

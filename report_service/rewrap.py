@@ -4,10 +4,16 @@ sealed and keyed again under the current one, so the retired key can be destroye
     python -m report_service.rewrap [--database-url URL] [--data-dir DIR]
 
 Re-seals each query's subject, each bank's sealed cards and each report's wrapped data key (the
-report itself stays as it is: only its data key was sealed), a batch of rows per transaction with
-the rows locked, so it can run while the service does; then hashes the audit trail again under
-the current key (`python -m report_service.audit rekey`). Reports expire within days anyway;
-the subjects of queries still running and the audit trail do not. A second run changes nothing.
+report itself stays as it is: only its data key was sealed), and hashes the idempotency keys
+stored in clear before keys were hashed (migration 0003 marks them), a batch of rows per
+transaction with the rows locked, so it can run while the service does; then hashes the audit
+trail again under
+the current key (`python -m report_service.audit rekey`, which also drops what a report said
+from entries recorded before it was left out). Reports expire within days anyway;
+the subjects of queries still running and the audit trail do not. An idempotency key already
+hashed under a retired key cannot be hashed again (the client's key is not kept): it is found
+while that key is configured, which covers a retry's minutes many times over. A second run
+changes nothing.
 It reads the database and the keys report_service uses, and never creates either."""
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select, true, update
 from sqlmodel import Session
 
 from cardcheck.runtime.keys import Keyring, Sealer
 from cardcheck.runtime.maintenance import command_parser, run, service_store
 from report_service.audit import AuditChain, Verdict
 from report_service.models import BankOutcomeRow, QueryRow, ReportRow
+from report_service.queries import IDEMPOTENCY_KEY
 
 BATCH = 500
 
@@ -51,6 +58,34 @@ def _rewrap_column(engine: Engine, table, key_column, sealed_column, sealer: Sea
         after = rows[-1]._mapping[key_column.name]
 
 
+def _hash_idempotency_keys(engine: Engine, keyring: Keyring, batch: int) -> int:
+    """Replaces each idempotency key stored in clear with its keyed hash under the current key."""
+    queries = QueryRow.__table__
+    hasher = keyring.hasher(IDEMPOTENCY_KEY)
+    changed = 0
+    while True:
+        with Session(engine) as session, session.begin():
+            rows = session.execute(
+                select(queries.c.query_id, queries.c.idempotency_key)
+                .where(queries.c.idempotency_key_in_clear == true())
+                .order_by(queries.c.query_id)
+                .limit(batch)
+                .with_for_update()
+            ).all()
+            for query_id, key in rows:
+                session.execute(
+                    update(queries)
+                    .where(queries.c.query_id == query_id)
+                    .values(
+                        idempotency_key=hasher.digest(key) if key is not None else None,
+                        idempotency_key_in_clear=False,
+                    )
+                )
+            changed += len(rows)
+        if len(rows) < batch:
+            return changed
+
+
 def rewrap(engine: Engine, keyring: Keyring, batch: int = BATCH) -> tuple[int, Verdict | None]:
     """Rows changed, and the audit trail's verdict (None when there is none)."""
     queries, outcomes, reports = QueryRow.__table__, BankOutcomeRow.__table__, ReportRow.__table__
@@ -66,8 +101,9 @@ def rewrap(engine: Engine, keyring: Keyring, batch: int = BATCH) -> tuple[int, V
         engine, reports, reports.c.query_id, reports.c.wrapped_key, keyring.sealer("report-kek"),
         lambda row: row.query_id.encode(), batch,
     )
+    changed += _hash_idempotency_keys(engine, keyring, batch)
     rekeyed = AuditChain.from_keyring(keyring).rekey(engine)
-    return changed, None if rekeyed is None else rekeyed[0]
+    return changed, None if rekeyed is None else rekeyed.verdict
 
 
 def main(argv: Sequence[str] | None = None) -> int:

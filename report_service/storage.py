@@ -24,8 +24,13 @@ T = TypeVar("T")
 
 
 def _sqlite_reader(writer: Engine) -> Engine:
+    # Parameters hidden as make_engine hides them: a failed read puts no value in a log line.
     engine = create_engine(
-        writer.url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8, max_overflow=8
+        writer.url,
+        hide_parameters=True,
+        connect_args={"check_same_thread": False, "timeout": 30},
+        pool_size=8,
+        max_overflow=8,
     )
 
     @event.listens_for(engine, "connect")

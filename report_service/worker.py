@@ -216,8 +216,10 @@ class QueryWorker:
         if self._audit_head is None:
             return
         head = await self._audit_head()
-        # Forward only: a read that was overtaken by a newer one logs nothing.
-        if head is not None and head[0] > (self._logged_head or (0, ""))[0]:
+        # Forward only: a read that was overtaken by a newer one logs nothing. The same entry
+        # with another hash is a `rekey` (the chain hashed again): the new head is logged too.
+        logged = self._logged_head or (0, "")
+        if head is not None and (head[0] > logged[0] or (head[0] == logged[0] and head[1] != logged[1])):
             self._logged_head = head
             log.info("audit head %d:%s", *head)
 

@@ -41,12 +41,12 @@ async def test_every_event_of_a_query_is_audited_without_personal_data(rig):  # 
     assert rig.audit_events(query.query_id) == [
         ("query.accepted", {"agreement_version": "2026-11", "banks": ["ICBC", "CMB", "BOC"]}),
         ("banks.asked", {"banks": ["ICBC", "CMB", "BOC"], "pass": 1}),
-        ("bank.outcome", {"bank": "ICBC", "kind": "ANSWERED", "cards": 2}),
-        ("bank.outcome", {"bank": "CMB", "kind": "ANSWERED", "cards": 0}),
-        ("bank.outcome", {"bank": "BOC", "kind": "TIMED_OUT", "cards": 0}),
+        ("bank.outcome", {"bank": "ICBC", "kind": "ANSWERED"}),
+        ("bank.outcome", {"bank": "CMB", "kind": "ANSWERED"}),
+        ("bank.outcome", {"bank": "BOC", "kind": "TIMED_OUT"}),
         ("banks.asked", {"banks": ["BOC"], "pass": 2}),
-        ("bank.outcome", {"bank": "BOC", "kind": "ANSWERED", "cards": 1}),
-        ("report.generated", {"banks_answered": 3, "unavailable": []}),
+        ("bank.outcome", {"bank": "BOC", "kind": "ANSWERED"}),
+        ("report.generated", {}),
         ("report.viewed", {}),
         ("report.deleted", {}),
     ]
@@ -83,6 +83,54 @@ async def test_the_worker_logs_the_audit_head_each_time_it_moves(rig, caplog):  
         assert rig.parts.store.audit.verify(conn, dict(heads)).ok  # every head it logged checks out
 
 
+async def test_after_the_retention_sweep_no_entry_holds_what_the_report_said(rig):  # noqa: F811
+    """The trail outlives the report: once the sweep deleted it (7 days on the clock), no raw
+    row of rs_audit holds a card count or the report's answered/unavailable banks, and the
+    chain verifies as it stands."""
+    rig.banks.script["BOC"] = [TIMED_OUT, SCRIPT["BOC"]]
+    query = await rig.create()
+    await rig.between_passes(query.query_id)
+    rig.clock.advance(timedelta(minutes=1))
+    await status_is(rig, query.query_id, common_pb2.QUERY_STATUS_READY)
+    await rig.report(query.query_id)
+    rig.clock.advance(timedelta(days=7))
+    assert await rig.parts.worker.sweep() == [query.query_id]
+    assert rig.rows("SELECT count(*) FROM rs_reports") == [(0,)]
+
+    rows = rig.rows("SELECT seq, event, query_id, user_id, details FROM rs_audit ORDER BY seq")
+    assert [event for _, event, *_ in rows][-1] == "report.deleted"
+    for seq, event, _, _, details_text in rows:
+        details = json.loads(details_text)
+        assert audit.REPORT_CONTENTS.isdisjoint(details), (seq, event, details)
+        # No count of any kind but the pass number (the banks held 2, 0 and 1 cards).
+        assert [name for name, value in details.items() if isinstance(value, int)] in ([], ["pass"]), details
+    verdict = rig.parts.store.audit.verify_engine(rig.parts.db.engine)
+    assert verdict.ok and verdict.entries == len(rows) and verdict.with_report_contents == 0
+
+
+async def test_the_worker_logs_the_head_again_when_rekey_hashed_the_chain_again(rig, caplog):  # noqa: F811
+    caplog.set_level("INFO", logger="report_service.worker")
+    query = await rig.create()
+    await status_is(rig, query.query_id, common_pb2.QUERY_STATUS_READY)
+    db = rig.parts.db
+    with db.engine.begin() as conn:  # an entry as recorded before card counts were left out
+        conn.execute(
+            sa.text("UPDATE rs_audit SET details = :d WHERE event = 'bank.outcome' AND details LIKE :icbc"),
+            {"d": '{"bank":"ICBC","cards":2,"kind":"ANSWERED"}', "icbc": "%ICBC%"},
+        )
+    _rewrite_from(db, 1, rig.parts.store.audit.entry_hash)
+    await rig.parts.worker.sweep()
+    with db.engine.connect() as conn:
+        before = audit.read_head(conn)
+    assert rig.parts.store.audit.rekey(db.engine).redacted == 1
+    await rig.parts.worker.sweep()
+    with db.engine.connect() as conn:
+        after = audit.read_head(conn)
+    assert after[0] == before[0] and after[1] != before[1]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("audit head ")]
+    assert logged[-2:] == [f"audit head {before[0]}:{before[1]}", f"audit head {after[0]}:{after[1]}"]
+
+
 def test_details_that_look_like_personal_data_are_refused():
     with pytest.raises(ValueError, match="digit"):
         audit._check_no_personal_data({"note": "13912345678"})
@@ -91,8 +139,31 @@ def test_details_that_look_like_personal_data_are_refused():
     audit._check_no_personal_data({"agreement_version": "2026-11", "pass": 12, "banks": ["ICBC"]})
 
 
+@pytest.mark.parametrize("details", [{"bank": "ICBC", "kind": "ANSWERED", "cards": 2}, {"banks_answered": 3}])
+def test_details_that_say_what_a_report_said_are_refused(tmp_path, details):
+    with pytest.raises(ValueError, match="what a report says"):
+        audit._check_no_personal_data(details)
+
+
 def _event(i: int) -> audit.AuditEvent:
-    return audit.AuditEvent(audit.BANK_OUTCOME, f"q{i % 2}", "u-1", {"bank": "ICBC", "kind": "ANSWERED", "cards": i})
+    return audit.AuditEvent(audit.BANK_OUTCOME, f"q{i % 2}", "u-1", {"bank": "ICBC", "kind": "ANSWERED", "pass": i})
+
+
+def _as_recorded_before(db: Database, seqs) -> None:
+    """What trails recorded before report contents were left out hold: card counts in
+    bank.outcome entries and the answered/unavailable banks in report.generated ones, each
+    entry keyed as it was then."""
+    with db.engine.begin() as conn:
+        for seq in seqs:
+            details = {"bank": "ICBC", "kind": "ANSWERED", "cards": seq + 1}
+            event = audit.BANK_OUTCOME
+            if seq % 3 == 0:
+                details, event = {"banks_answered": 2, "unavailable": ["BOC"]}, audit.REPORT_GENERATED
+            conn.execute(
+                sa.text("UPDATE rs_audit SET event = :e, details = :d WHERE seq = :s"),
+                {"e": event, "d": audit._json(details), "s": seq},
+            )
+    _rewrite_from(db, 1, CHAIN.entry_hash)
 
 
 def _trail(tmp_path, database_url, entries: int = 6, plain: int = 0) -> Database:
@@ -200,7 +271,7 @@ def test_rekey_hashes_a_trail_begun_before_the_key_again_under_it(tmp_path, data
         assert (verdict.ok, verdict.broken_seq) == (False, 1)
         done = _audit_command(tmp_path, database_url, "rekey")
         assert done.returncode == 0, done.stdout + done.stderr
-        assert done.stdout.startswith("audit trail keyed: 6 entries (4 were plain)")
+        assert done.stdout.startswith("audit trail keyed: 6 entries (4 were plain), 0 cleared")
         verdict = CHAIN.verify_engine(db.engine)
         assert verdict.ok and verdict.entries == 6
         keyed = _hashes(db)
@@ -212,6 +283,58 @@ def test_rekey_hashes_a_trail_begun_before_the_key_again_under_it(tmp_path, data
         assert _audit_command(tmp_path, database_url).stdout.startswith("audit trail OK: 7 entries")
     finally:
         db.dispose()
+
+
+def test_a_trail_recorded_with_report_contents_verifies_and_rekey_drops_them(tmp_path, database_url):
+    """Entries from before report contents were left out still verify as they are; `rekey`
+    drops the contents and hashes the chain again, after which it verifies and no row holds
+    them. A second rekey changes nothing."""
+    db = _trail(tmp_path, database_url, entries=6)
+    try:
+        _as_recorded_before(db, [2, 3, 5])
+        verdict = CHAIN.verify_engine(db.engine)
+        assert verdict.ok and verdict.with_report_contents == 3
+        said = _audit_command(tmp_path, database_url)
+        assert said.returncode == 0 and "3 still hold what a report said" in said.stdout
+        before = _hashes(db)
+
+        done = _audit_command(tmp_path, database_url, "rekey")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.startswith("audit trail keyed: 6 entries (0 were plain), 3 cleared")
+        with db.engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT seq, event, details FROM rs_audit ORDER BY seq")).all()
+        assert all(audit.REPORT_CONTENTS.isdisjoint(json.loads(d)) for _, _, d in rows)
+        assert [json.loads(d) for seq, _, d in rows if seq in (2, 3)] == [{"bank": "ICBC", "kind": "ANSWERED"}, {}]
+        after = _hashes(db)
+        assert after[:1] == before[:1] and after[1:] != before[1:]  # rehashed from the first changed on
+        verdict = CHAIN.verify_engine(db.engine)
+        assert verdict.ok and verdict.entries == 6 and verdict.with_report_contents == 0
+        ok = _audit_command(tmp_path, database_url, options=["--head", f"6:{verdict.head_hash}"])
+        assert ok.returncode == 0 and "still hold" not in ok.stdout
+
+        again = _audit_command(tmp_path, database_url, "rekey")
+        assert again.returncode == 0 and _hashes(db) == after and ", 0 cleared" in again.stdout
+    finally:
+        db.dispose()
+
+
+def test_rekey_refuses_a_changed_entry_with_report_contents_and_changes_nothing(tmp_path, database_url):
+    db = _trail(tmp_path, database_url, entries=4)
+    try:
+        _as_recorded_before(db, [1, 2])
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql('UPDATE rs_audit SET details = \'{"bank":"ICBC","cards":7,"kind":"ANSWERED"}\' WHERE seq = 2')
+        before = _details_and_hashes(db)
+        done = _audit_command(tmp_path, database_url, "rekey")
+        assert done.returncode == 1 and "BROKEN at entry 2" in done.stdout
+        assert _details_and_hashes(db) == before
+    finally:
+        db.dispose()
+
+
+def _details_and_hashes(db: Database) -> list[tuple]:
+    with db.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text("SELECT seq, details, hash FROM rs_audit ORDER BY seq"))]
 
 
 @pytest.mark.parametrize("case", ["plain entry changed", "plain entry after a keyed one"])

@@ -43,7 +43,7 @@ from notifier.app import build as build_notifier
 from report_service import audit
 from report_service.app import MIGRATIONS
 from report_service.execution import ExecutionStore
-from report_service.queries import QueryStore, Subject
+from report_service.queries import IDEMPOTENCY_KEY, QueryStore, Subject
 from report_service.reports import ReportVault
 from report_service.storage import Storage
 
@@ -468,6 +468,7 @@ async def test_claims_are_exclusive_under_contention(tmp_path, database_url):
             clock,
             outcome_sealer=keyring.sealer("bank-outcome"),
             audit_chain=audit.AuditChain.from_keyring(keyring),
+            idempotency_hash=keyring.hasher(IDEMPOTENCY_KEY),
         )
         execution = ExecutionStore(storage, store, clock, lease=timedelta(seconds=30))
         for i in range(40):

@@ -43,16 +43,16 @@ def test_a_fresh_database_is_migrated_to_head_matching_the_models(tmp_path, data
     engine = _engine(tmp_path, database_url)
     try:
         assert current_revision(engine, SERVICE) is None
-        assert upgrade_to_head(engine, MIGRATIONS, SERVICE) == head_revision(MIGRATIONS) == "0002"
+        assert upgrade_to_head(engine, MIGRATIONS, SERVICE) == head_revision(MIGRATIONS) == "0003"
         assert set(TABLE_NAMES) | {version_table(SERVICE)} <= _tables(engine)
         assert version_table(SERVICE) == "alembic_version_report_service"
         # The hand-written revisions and the models describe the same schema.
         assert schema_drift(engine, SQLModel.metadata, TABLE_NAMES) == []
         # Idempotent: at head nothing changes.
-        assert upgrade_to_head(engine, MIGRATIONS, SERVICE) == "0002"
+        assert upgrade_to_head(engine, MIGRATIONS, SERVICE) == "0003"
         with engine.connect() as conn:
             assert conn.execute(sa.text(f"SELECT version_num FROM {version_table(SERVICE)}")).all() == [
-                ("0002",)
+                ("0003",)
             ]
     finally:
         engine.dispose()
@@ -93,7 +93,7 @@ def test_replicas_starting_together_migrate_once(tmp_path, database_url):
     for thread in threads:
         thread.join(60)
     try:
-        assert results == ["0002"] * len(engines)
+        assert results == ["0003"] * len(engines)
         with engines[0].connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM alembic_version_report_service")).scalar() == 1
             assert conn.execute(sa.text("SELECT seq, hash FROM rs_audit_head")).all() == [(0, "0" * 64)]
@@ -115,10 +115,10 @@ def test_each_service_keeps_its_own_version_table(tmp_path, database_url):
     )
     engine = _engine(tmp_path, database_url)
     try:
-        assert upgrade_to_head(engine, MIGRATIONS, SERVICE) == "0002"
+        assert upgrade_to_head(engine, MIGRATIONS, SERVICE) == "0003"
         assert upgrade_to_head(engine, tmp_path / "othermigrations", "other") == "a1"
         assert current_revision(engine, "other") == "a1"
-        assert current_revision(engine, SERVICE) == "0002"
+        assert current_revision(engine, SERVICE) == "0003"
         assert {"zz_things", "alembic_version_other", "alembic_version_report_service"} <= _tables(engine)
     finally:
         engine.dispose()
@@ -205,7 +205,7 @@ async def test_a_database_made_before_migrations_is_adopted_and_its_queries_carr
         await rig.start_report_service()
         engine = _engine(tmp_path, database_url)
         try:
-            assert current_revision(engine, SERVICE) == "0002"
+            assert current_revision(engine, SERVICE) == "0003"
             columns = {c["name"] for c in sa.inspect(engine).get_columns("rs_bank_outcomes")}
             assert "cards" not in columns and "cards_sealed" in columns  # the clear copy is gone
         finally:

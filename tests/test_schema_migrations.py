@@ -29,8 +29,8 @@ from cardcheck.runtime.migrations import (
 from cardcheck.runtime.settings import Settings
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from gateway.challenges import ChallengeRow, SmsDailyRow, SmsEscalationRow, SmsThrottleRow
-from gateway.flows import SubmissionRow
 from gateway.sessions import SessionRow
+from gateway.submissions import SubmissionRow
 from gateway.users import UserRow
 from notifier.messages import MessageRow
 
@@ -48,7 +48,7 @@ NOW = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 PHONE = "13812345678"
 
 SERVICES = {
-    "gateway": ("gateway.migrations", GATEWAY_TABLES, "0003"),
+    "gateway": ("gateway.migrations", GATEWAY_TABLES, "0004"),
     "notifier": ("notifier.migrations", NOTIFIER_TABLES, "0003"),
 }
 
@@ -123,9 +123,21 @@ def _gateway_rows(conn: sa.Connection, *, daily: bool) -> None:
         )
     )
     conn.execute(
-        sa.insert(SubmissionRow.__table__).values(
+        sa.insert(_first_submissions_table()).values(
             user_id="u-1", idempotency_key="k-1", query_id="q" * 32, created_at=NOW
         )
+    )
+
+
+def _first_submissions_table() -> sa.Table:
+    """gw_submissions as create_all and revision 0001 made it: the idempotency key in clear."""
+    return sa.Table(
+        "gw_submissions",
+        sa.MetaData(),
+        sa.Column("user_id", sa.String(36), primary_key=True),
+        sa.Column("idempotency_key", sa.String(128), primary_key=True),
+        sa.Column("query_id", sa.String(64), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
 
 
@@ -136,17 +148,19 @@ def test_a_gateway_database_made_by_create_all_is_adopted_with_its_rows(
     """What `db.create_tables` made before migrations; also one from before gw_sms_daily existed
     (create_all added new tables to old databases, so 0001 creates what is missing)."""
     models = [
-        m for m in GATEWAY_MODELS if m is not SmsEscalationRow and not (before_daily_cap and m is SmsDailyRow)
+        m for m in GATEWAY_MODELS
+        if m not in (SmsEscalationRow, SubmissionRow) and not (before_daily_cap and m is SmsDailyRow)
     ]
     engine = _engine(tmp_path, database_url, "gateway")
     try:
         Database(engine).create_tables(models)
+        _first_submissions_table().create(engine)
         with engine.begin() as conn:
             _gateway_rows(conn, daily=not before_daily_cap)
         assert current_revision(engine, "gateway") is None
 
-        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0003"
-        assert current_revision(engine, "gateway") == "0003"
+        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0004"
+        assert current_revision(engine, "gateway") == "0004"
         assert schema_drift(engine, SQLModel.metadata, GATEWAY_TABLES) == []
         with engine.connect() as conn:
             user = conn.execute(sa.select(UserRow.__table__)).one()
@@ -156,7 +170,8 @@ def test_a_gateway_database_made_by_create_all_is_adopted_with_its_rows(
                 b"\x01sealed",
                 2,
             )
-            assert conn.execute(sa.select(SubmissionRow.__table__.c.query_id)).scalar_one() == "q" * 32
+            # Keys in clear cannot be hashed without the key: 0004 drops those submissions.
+            assert conn.execute(sa.select(sa.func.count()).select_from(SubmissionRow.__table__)).scalar_one() == 0
         for table in ("gw_sms_challenges", "gw_sms_throttle", "gw_sessions"):
             assert _count(engine, table) == 1
         assert _count(engine, "gw_sms_daily") == (0 if before_daily_cap else 1)
@@ -194,7 +209,7 @@ async def test_a_gateway_database_at_0001_keeps_its_daily_counts_as_anonymous_on
         phone_hash = keyring.hasher("phone").digest(PHONE)
         with engine.begin() as conn:
             conn.execute(sa.insert(SmsDailyRow.__table__).values(phone_hash=phone_hash, day="2026-03-02", sent=8))
-        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0003"
+        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0004"
         assert schema_drift(engine, SQLModel.metadata, GATEWAY_TABLES) == []
         db = Database(engine)
         challenges = Challenges(db, keyring, ManualClock(NOW))  # 16:00 in China, the same day
@@ -338,6 +353,6 @@ async def test_the_gateway_migrates_its_database_when_it_builds(tmp_path):
     await host.stop(0)
     engine = _engine(tmp_path, None, "gateway")
     try:
-        assert current_revision(engine, "gateway") == head_revision("gateway.migrations") == "0003"
+        assert current_revision(engine, "gateway") == head_revision("gateway.migrations") == "0004"
     finally:
         engine.dispose()

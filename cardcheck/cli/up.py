@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cardcheck.runtime.files import private_directory
 from cardcheck.runtime.settings import Settings, SettingsError
 
 START_ORDER = ("bank_sim", "bank_connector", "notifier", "report_service", "gateway")
@@ -102,7 +103,7 @@ async def run_up(
     if dataset is not None and not dataset.is_file():
         _say(f"no dataset at {dataset}")
         return 2
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_directory(settings.data_dir)  # 0700: keys, SQLite files and spans live in it
 
     children = {name: Child(name, [sys.executable, "-m", name]) for name in START_ORDER}
     if dataset is not None:

@@ -1,7 +1,8 @@
 """Storage through SQLModel: a SQLite file per service under CARDCHECK_DATA_DIR by default,
 or the database CARDCHECK_DATABASE_URL names (PostgreSQL at scale). The same code runs on both.
 
-Engines hide statement parameters, so a failed statement never puts a value in a log line."""
+Engines hide statement parameters, so a failed statement never puts a value in a log line. The
+data directory is 0700 and each SQLite file (with its -wal and -shm) 0600."""
 
 from __future__ import annotations
 
@@ -14,11 +15,21 @@ from typing import TypeVar
 from sqlalchemy import Engine, event
 from sqlmodel import Session, SQLModel, create_engine
 
+from cardcheck.runtime.files import private_directory, private_file, tighten_if_present
+
 T = TypeVar("T")
 
 
+def _make_private(path: Path) -> None:
+    """The file made 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
+    database file's mode. Ones made looser earlier are tightened (cardcheck.runtime.files)."""
+    private_directory(path.parent)
+    private_file(path)
+    for companion in ("-wal", "-shm", "-journal"):
+        tighten_if_present(path.with_name(path.name + companion))
+
+
 def _sqlite_engine(path: Path) -> Engine:
-    path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         f"sqlite:///{path}",
         hide_parameters=True,
@@ -47,10 +58,17 @@ def _sqlite_engine(path: Path) -> Engine:
     return engine
 
 
-def make_engine(database_url: str | None, data_dir: Path, service: str) -> Engine:
+def make_engine(database_url: str | None, data_dir: Path, service: str, *, private: bool = True) -> Engine:
+    """`private`: make the SQLite file (and its directory) private first; the offline commands,
+    which change only what they are for, open the file as they find it."""
     if database_url:
         return create_engine(database_url, hide_parameters=True, pool_pre_ping=True, pool_size=10, max_overflow=10)
-    return _sqlite_engine(data_dir / f"{service}.db")
+    path = data_dir / f"{service}.db"
+    if private:
+        _make_private(path)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return _sqlite_engine(path)
 
 
 class Database:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from cardcheck.runtime.files import private_directory, tighten_if_present, write_new_private
 from cardcheck.runtime.settings import SettingsError
 
 NONCE_BYTES = 12
@@ -77,8 +78,7 @@ def rotate_master_key(data_dir: Path, now: datetime) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"no master key at {path}")
     _decode_master(path.read_text(), str(path))
-    retired = data_dir / "keys" / "retired"
-    retired.mkdir(mode=0o700, exist_ok=True)
+    retired = private_directory(data_dir / "keys" / "retired")
     target = retired / f"{now.strftime('%Y%m%dT%H%M%S%fZ')}.key"
     os.link(path, target)  # fails rather than overwrite a retired key
     path.unlink()
@@ -90,11 +90,11 @@ def load_master_key(configured: str | None, data_dir: Path) -> bytes:
     if configured:
         return _decode_master(configured, "CARDCHECK_MASTER_KEY")
     path = data_dir / "keys" / "master.key"
+    _private_keys(data_dir)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         candidate = path.with_suffix(f".{os.getpid()}.tmp")
-        candidate.write_text(base64.b64encode(AESGCM.generate_key(256)).decode() + "\n")
-        candidate.chmod(0o600)
+        # 0600 from its first byte: never a moment another user could read it.
+        write_new_private(candidate, base64.b64encode(AESGCM.generate_key(256)).decode() + "\n")
         try:
             # link() fails if another process won the race: everyone then reads the winner's key.
             os.link(candidate, path)
@@ -103,6 +103,16 @@ def load_master_key(configured: str | None, data_dir: Path) -> bytes:
         finally:
             candidate.unlink()
     return _decode_master(path.read_text(), str(path))
+
+
+def _private_keys(data_dir: Path) -> None:
+    """The data directory and keys/ 0700, the key files in it 0600: made so, or tightened."""
+    private_directory(data_dir)
+    keys = private_directory(data_dir / "keys")
+    for path in (keys / "master.key", *sorted((keys / "retired").glob("*.key"))):
+        tighten_if_present(path)
+    if (keys / "retired").is_dir():
+        private_directory(keys / "retired")
 
 
 def _derive(master: bytes, purpose: str) -> bytes:
@@ -119,6 +129,9 @@ class Keyring:
     @property
     def retired(self) -> int:
         return len(self._retired)
+
+    def __repr__(self) -> str:  # never a key, in a log line or a traceback
+        return f"Keyring(current, {len(self._retired)} retired)"
 
     def subkey(self, purpose: str) -> bytes:
         return _derive(self._master, purpose)
@@ -140,6 +153,9 @@ class Sealer:
     def __init__(self, key: bytes, retired: Sequence[bytes] = ()) -> None:
         self._aead = AESGCM(key)
         self._retired = tuple(AESGCM(k) for k in retired)
+
+    def __repr__(self) -> str:
+        return f"Sealer(current, {len(self._retired)} retired)"
 
     def seal(self, plaintext: bytes, associated_data: bytes = b"") -> bytes:
         nonce = os.urandom(NONCE_BYTES)
@@ -175,6 +191,9 @@ class KeyedHash:
     def __init__(self, key: bytes, retired: Sequence[bytes] = ()) -> None:
         self._key = key
         self._retired = tuple(retired)
+
+    def __repr__(self) -> str:
+        return f"KeyedHash(current, {len(self._retired)} retired)"
 
     def digest(self, value: str) -> str:
         return hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()

@@ -56,9 +56,9 @@ def service_store(
     if not database_url and not path.is_file():
         raise Refused(f"no {service} database in {data_dir} (nor CARDCHECK_DATABASE_URL)")
     if database_url or not read_only:
-        engine = make_engine(database_url, data_dir, service)
+        engine = make_engine(database_url, data_dir, service, private=False)  # modes are the service's
     else:
-        engine = create_engine(f"sqlite:///file:{path.resolve()}?mode=ro&uri=true")
+        engine = create_engine(f"sqlite:///file:{path.resolve()}?mode=ro&uri=true", hide_parameters=True)
     try:
         try:
             present = inspect(engine).has_table(table)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DEFAULT_PORTS = {
     "gateway": 50051,
@@ -84,6 +85,39 @@ def env_number(
     return value
 
 
+REDACTED = "***"
+_SECRET_QUERY_PARAMS = ("password", "pass", "passwd", "token", "secret")
+
+
+def redact_url(url: str | None) -> str | None:
+    """`url` with its password (in the userinfo or a password-like query parameter) replaced by
+    ***, for a URL shown in a log line or a repr."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, host = netloc.rpartition("@")
+            netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{host}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            if any(name.lower() in _SECRET_QUERY_PARAMS for name, _ in pairs):
+                query = urlencode(
+                    [(name, REDACTED if name.lower() in _SECRET_QUERY_PARAMS else value) for name, value in pairs]
+                )
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        return REDACTED  # not a URL we can take apart: nothing of it is shown
+
+
+# What Settings' repr (and so a log line of it) never shows: keys as set or not, URLs without
+# their password.
+_KEYS = ("master_key", "retired_master_keys")
+_URLS = ("database_url", "redis_url")
+
+
 @dataclass(frozen=True)
 class Settings:
     addresses: dict[str, str]
@@ -134,6 +168,21 @@ class Settings:
             log_level=env.get("CARDCHECK_LOG_LEVEL", "INFO") or "INFO",
             event_loop=event_loop,
         )
+
+    def __repr__(self) -> str:
+        shown = []
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if spec.name in _KEYS:
+                text = "None" if value is None else f"<{len([k for k in value.split(',') if k.strip()])} set>"
+            elif spec.name in _URLS:
+                text = repr(redact_url(value))
+            else:
+                text = repr(value)
+            shown.append(f"{spec.name}={text}")
+        return f"Settings({', '.join(shown)})"
+
+    __str__ = __repr__
 
     def port(self, service: str) -> int:
         return int(self.addresses[service].rpartition(":")[2])

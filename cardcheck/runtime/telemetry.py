@@ -29,6 +29,8 @@ from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.semconv._incubating.attributes.rpc_attributes import RPC_GRPC_STATUS_CODE
 from opentelemetry.trace import Status, StatusCode
 
+from cardcheck.runtime.files import private_directory, private_file
+
 log = logging.getLogger(__name__)
 
 ATTRIBUTE_PREFIX = "cardcheck."  # our own span attributes live in this namespace
@@ -38,7 +40,9 @@ class JsonLinesSpanExporter(SpanExporter):
     """Appends each finished span as one JSON line (the SDK's own to_json, compacted)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Spans name queries and users by their ids: this user alone reads them.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_file(path)
         self._path = path
         self._lock = threading.Lock()
 
@@ -72,7 +76,8 @@ def make_tracer_provider(
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     else:
-        path = data_dir / "spans" / f"{service_name}.jsonl"
+        private_directory(data_dir)
+        path = private_directory(data_dir / "spans") / f"{service_name}.jsonl"
         provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(path), schedule_delay_millis=500))
     return provider
 

@@ -1,0 +1,89 @@
+"""Which query a user's idempotency key created, so that a retried SubmitQuery returns the same
+Query without asking for the SMS code and the face again.
+
+The key is the client's and may say something about it (a device id, a timestamp): it is held
+only as a keyed hash (HMAC-SHA256 under the "idempotency-key" subkey). Lookups try every key's
+digest, so a retry still finds its submission after a master key rotation while the retired key
+is configured; new rows are written under the current key. A digest cannot be computed again
+under a new key without the client's key, so `gateway.rewrap` leaves these rows: they are kept
+only as long as the query's report can live anyway.
+
+A row is deleted by the housekeeping once the query it names can no longer have a report: ready
+within 24 h of submission, a report is kept 7 days (KEPT_FOR)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy import Column, DateTime, Index, delete
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from cardcheck.runtime.clock import Clock
+from cardcheck.runtime.database import Database
+from cardcheck.runtime.keys import Keyring
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_KEY = "idempotency-key"  # the keyring's subkey the keys are hashed under
+KEPT_FOR = timedelta(hours=24) + timedelta(days=7)  # ready within 24 h, a report kept 7 days
+
+
+class SubmissionRow(SQLModel, table=True):
+    __tablename__ = "gw_submissions"
+    __table_args__ = (Index("ix_gw_submissions_created_at", "created_at"),)
+
+    user_id: str = Field(primary_key=True, max_length=36)
+    key_hash: str = Field(primary_key=True, max_length=64)  # HMAC of the idempotency key
+    query_id: str = Field(max_length=64)
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class Submissions:
+    def __init__(self, db: Database, keyring: Keyring, clock: Clock) -> None:
+        self._db = db
+        self._hash = keyring.hasher(IDEMPOTENCY_KEY)
+        self._clock = clock
+
+    async def earlier(self, user_id: str, idempotency_key: str) -> str | None:
+        """The query this user's key created, if it is remembered."""
+        digests = self._hash.digests(idempotency_key)
+        row = await self._db.run(
+            lambda session: session.exec(
+                select(SubmissionRow.query_id).where(
+                    SubmissionRow.user_id == user_id, col(SubmissionRow.key_hash).in_(digests)
+                )
+            ).first()
+        )
+        return row
+
+    async def remember(self, user_id: str, idempotency_key: str, query_id: str) -> None:
+        digests = self._hash.digests(idempotency_key)
+
+        def work(session: Session) -> None:
+            known = session.exec(
+                select(SubmissionRow.query_id).where(
+                    SubmissionRow.user_id == user_id, col(SubmissionRow.key_hash).in_(digests)
+                )
+            ).first()
+            if known is None:
+                session.add(
+                    SubmissionRow(
+                        user_id=user_id, key_hash=digests[0], query_id=query_id, created_at=self._clock.now()
+                    )
+                )
+
+        try:
+            await self._db.run(work)
+        except IntegrityError:  # the same key raced in twice: report_service already deduplicated
+            log.info("submission of query %s already remembered", query_id)
+
+    async def purge_expired(self, older_than: timedelta = KEPT_FOR) -> int:
+        """Deletes the submissions whose query can no longer have a report; how many."""
+        cutoff = self._clock.now() - older_than
+
+        def work(session: Session) -> int:
+            return session.execute(delete(SubmissionRow).where(col(SubmissionRow.created_at) < cutoff)).rowcount
+
+        return await self._db.run(work)
