@@ -577,6 +577,23 @@ async def test_a_request_over_the_receive_limit_is_refused_before_it_is_parsed(b
     assert (await stub.Send(notifier_pb2.SendRequest(phone="13800000000"))).message_id == "m2"
 
 
+async def test_a_hosts_own_options_override_its_bounds(tmp_path: Path) -> None:
+    host = ServiceHost(
+        "overridden",
+        [Registration(notifier_pb2_grpc.add_NotifierServicer_to_server, HoldingNotifier(), "cardcheck.v1.Notifier")],
+        "127.0.0.1:0",
+        make_tracer_provider("overridden", tmp_path, exporter=InMemorySpanExporter()),
+        bounds=RequestBounds(max_receive_bytes=16 * 1024),
+        options=[("grpc.max_receive_message_length", 64 * 1024)],
+    )
+    port = await host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await notifier_pb2_grpc.NotifierStub(channel).Send(notifier_pb2.SendRequest(phone="1" * 30_000))
+    finally:
+        await host.stop(0)
+
+
 async def test_request_headers_over_the_metadata_limit_are_refused_every_time(bounded) -> None:
     stub, servicer = await bounded(RequestBounds(max_metadata_bytes=4096))
     await stub.Send(notifier_pb2.SendRequest(), metadata=(("authorization", "Bearer " + "a" * 3000),))

@@ -118,7 +118,9 @@ class ServiceHost:
         options: Sequence[tuple[str, object]] = (),
         bounds: RequestBounds | None = None,
     ) -> None:
-        """`bounds` default to grpc's own limits; `options` are added last (and win)."""
+        """`bounds` default to grpc's own limits (headers refused for certain past 8 KiB);
+        `options` override both them and SERVER_OPTIONS (grpc itself takes the first of two
+        values of an option, so they are merged here, not appended)."""
         self.name = name
         self.bounds = bounds or RequestBounds()
         self._registrations = list(registrations)
@@ -128,7 +130,7 @@ class ServiceHost:
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=server_interceptors(tracer_provider),
-            options=[*SERVER_OPTIONS, *self.bounds.options(), *options],
+            options=list((dict(SERVER_OPTIONS) | dict(self.bounds.options()) | dict(options)).items()),
             maximum_concurrent_rpcs=self.bounds.max_concurrent_rpcs,
         )
         self.port: int | None = None
