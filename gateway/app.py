@@ -97,8 +97,8 @@ async def build(
     await asyncio.to_thread(upgrade_to_head, db.engine, MIGRATIONS, SERVICE)
 
     channels = {
-        name: open_channel(settings.addresses[name], tracer_provider, max_receive_bytes=limit)
-        for name, limit in MAX_ANSWER_BYTES.items()
+        name: open_channel(settings.addresses[name], tracer_provider, max_receive_bytes=MAX_ANSWER_BYTES[name])
+        for name in ("report_service", "bank_connector", "notifier")
     }
     timeout = config.downstream_timeout_s
     sessions = Sessions(db, keyring, clock, config.session_ttl)
