@@ -12,12 +12,23 @@ from bank_connector.connector import BankConnector
 from bank_connector.servicer import BankConnectorServicer
 from cardcheck.banks import BANK_CODES
 from cardcheck.runtime.clock import Clock, SystemClock
-from cardcheck.runtime.server import Registration, ServiceHost, serve_main
+from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import bank_connector_pb2_grpc
 
 SERVICE = "bank_connector"
+
+KIB, MIB = 1024, 1024 * 1024
+# Requests: FanOut names a person (ID number, name) and at most 24 distinct banks, VerifyRealName
+# a card, a name, an ID number and a phone: under 1 KB each. 16 KiB leaves room.
+MAX_REQUEST_BYTES = 16 * KIB
+# Answers: one FanOut outcome holds one bank's masked cards (49 bytes each at most), from a bank
+# answer of at most MAX_BANK_ANSWER_BYTES (bank_connector/connector.py, 22 bytes a card at
+# least), so under 600 KB; report_service takes 1 MiB.
+MAX_RESPONSE_BYTES = 1 * MIB
+# Streams per connection are not bounded: report_service carries all its fan-outs on one
+# connection, and admission (CARDCHECK_BANK_CONNECTOR_MAX_ACTIVE/_MAX_QUEUED) bounds them.
 
 
 def bank_addresses(settings: Settings) -> dict[str, str]:
@@ -58,8 +69,12 @@ async def build(
         settings.bind_address(SERVICE),
         tracer_provider,
         on_stop=[connector.close],
-        # the last guard: what admission queues, plus room for health, ListBanks and GetBankHealth
-        maximum_concurrent_rpcs=config.max_active + config.max_queued + 64,
+        bounds=RequestBounds(
+            max_receive_bytes=MAX_REQUEST_BYTES,
+            max_send_bytes=MAX_RESPONSE_BYTES,
+            # the last guard: what admission queues, plus room for health, ListBanks and GetBankHealth
+            max_concurrent_rpcs=config.max_active + config.max_queued + 64,
+        ).configured(settings, SERVICE),
     )
 
 

@@ -17,6 +17,7 @@
 | CARDCHECK_BANK_CONCURRENCY_<CODE> | the same for one bank, e.g. its known capacity | – |
 | CARDCHECK_BANK_CONNECTOR_MAX_ACTIVE | requests (fan-outs, real-name checks) handled at once | 16 |
 | CARDCHECK_BANK_CONNECTOR_MAX_QUEUED | requests waiting for a turn; beyond, RESOURCE_EXHAUSTED | 2000 |
+| CARDCHECK_BANK_CONNECTOR_MAX_CONCURRENT_RPCS | calls the server takes at once, health included (cardcheck/runtime/settings.py); beyond, grpc refuses RESOURCE_EXHAUSTED | MAX_ACTIVE + MAX_QUEUED + 64 |
 
 Sizing admission: in-flight bank calls are about MAX_ACTIVE x banks per request; past what the
 banks' endpoints serve at once they only queue there (and a grpc.aio server past ~1000 waiting

@@ -25,7 +25,7 @@ from bank_connector.cards import MalformedAnswer, MaskedCard, mask_cards
 from bank_connector.config import ConnectorConfig
 from bank_connector.health import BankCallStats, BankHealthReport, HealthBook
 from bank_connector.resilience import BreakerState, Bulkhead, CircuitBreaker, RetryBudget
-from cardcheck.banks import BANK_CODES, BANKS, BY_CODE
+from cardcheck.banks import BANK_CODES, BANKS, BY_CODE, MAX_BANK_CODES
 from cardcheck.bins import BinTable, default_table
 from cardcheck.numbers import card_number_valid, id_number_valid
 from cardcheck.runtime.channels import CHANNEL_OPTIONS
@@ -98,8 +98,14 @@ def call_timeout(per_bank_timeout_ms: int, default_s: float, caller_remaining_s:
     return max(timeout, MIN_TIMEOUT_S)
 
 
-def known_banks(bank_codes: Iterable[str]) -> list[str]:
-    """The requested banks, each once in the order asked; UNKNOWN_BANK for a code not served."""
+MAX_NAME_CHARS = 64  # a person's name as a bank is asked it (the gateway accepts 30)
+
+
+def known_banks(bank_codes: Sequence[str]) -> list[str]:
+    """The requested banks, each once in the order asked; UNKNOWN_BANK for a code not served.
+    Their number is checked before any of them is looked at."""
+    if len(bank_codes) > MAX_BANK_CODES:
+        raise invalid_argument([FieldViolation("bank_codes", f"at most {MAX_BANK_CODES} bank codes")])
     codes = list(dict.fromkeys(bank_codes))
     if not codes:
         raise invalid_argument([FieldViolation("bank_codes", "name at least one bank")])
@@ -115,7 +121,9 @@ def check_person(id_number: str, name: str) -> None:
         violations.append(FieldViolation("id_number", "required"))
     elif not id_number_valid(id_number):
         violations.append(FieldViolation("id_number", "not a valid resident ID number"))
-    if not name.strip():
+    if len(name) > MAX_NAME_CHARS:
+        violations.append(FieldViolation("name", f"at most {MAX_NAME_CHARS} characters"))
+    elif not name.strip():
         violations.append(FieldViolation("name", "required"))
     if violations:
         raise invalid_argument(violations)
@@ -178,11 +186,19 @@ class BankLine:
         self.retries = 0
 
 
+# A bank's answer lists one person's cards at that bank, 22 bytes each at least: 256 KiB is some
+# 12,000 cards, far beyond anyone's; a larger answer fails the attempt (RESOURCE_EXHAUSTED)
+# before it is parsed. Masked (49 bytes a card at most) it still fits the 1 MiB an outcome may be.
+MAX_BANK_ANSWER_BYTES = 256 * 1024
+
+
 def open_bank_channel(address: str) -> grpc.aio.Channel:
     """A plain channel: bank calls are traced by `BankConnector._attempt` itself. The tracing
     interceptor is left out on purpose: it costs an extra task per call, and a fan-out under an
     unsampled trace calls the banks with no trace headers at all (`traced_bank_calls`)."""
-    return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+    return grpc.aio.insecure_channel(
+        address, options=[*CHANNEL_OPTIONS, ("grpc.max_receive_message_length", MAX_BANK_ANSWER_BYTES)]
+    )
 
 
 class BankConnector:
@@ -416,7 +432,9 @@ class BankConnector:
         if not card_number_valid(card_number):
             violations.append(FieldViolation("card_number", "not a valid card number (16-19 digits, Luhn)"))
         for field, value in (("name", name), ("id_number", id_number), ("phone", phone)):
-            if not value.strip():
+            if len(value) > MAX_NAME_CHARS:
+                violations.append(FieldViolation(field, f"at most {MAX_NAME_CHARS} characters"))
+            elif not value.strip():
                 violations.append(FieldViolation(field, "required"))
         if violations:
             raise invalid_argument(violations)

@@ -33,6 +33,7 @@ from cardcheck.runtime.logs import setup_logging
 from cardcheck.runtime.server import (
     SERVER_OPTIONS,
     Registration,
+    RequestBounds,
     ServiceHost,
     StartupError,
     run_event_loop,
@@ -48,14 +49,37 @@ ENV_PROFILE = "CARDCHECK_BANK_PROFILE"
 ENV_PORT_PER_BANK = "CARDCHECK_BANK_SIM_PORT_PER_BANK"
 log = logging.getLogger(__name__)
 
+# Requests: LookupCards and VerifyCard are under 0.2 KB (a bank code, an ID number, a name, a
+# card number, a phone); SetBehaviour names at most 96 bank codes and a behaviour, about 1 KB.
+MAX_REQUEST_BYTES = 16 * 1024
+# Answers: one person's cards at one bank, some 24 bytes each; bank_connector takes 256 KiB
+# (MAX_BANK_ANSWER_BYTES there), so more is refused here first.
+MAX_RESPONSE_BYTES = 256 * 1024
+# Calls at once: a bank_connector replica holds up to 64 calls per bank (its bulkhead), 1,536
+# over the 24 banks, and `python -m bench fanout` sends 256 fan-outs of 24 calls (6,144) from
+# its reference client: 8,192 covers both. A bank's own `capacity` behaviour refuses earlier.
+MAX_CONCURRENT_RPCS = 8192
+# Streams per connection are not bounded: bank_connector carries every bank's calls on one
+# connection when the banks share this port; the cap above bounds them.
+BOUNDS = RequestBounds(
+    max_receive_bytes=MAX_REQUEST_BYTES,
+    max_send_bytes=MAX_RESPONSE_BYTES,
+    max_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+)
+
 
 class BankPort:
     """One bank alone on its own port: a plain server with IssuingBank and health."""
 
-    def __init__(self, bank_code: str, servicer: IssuingBankServicer, bind_address: str, provider: TracerProvider):
+    def __init__(self, bank_code: str, servicer: IssuingBankServicer, bind_address: str, provider: TracerProvider,
+                 bounds: RequestBounds = BOUNDS):
         self.bank_code = bank_code
         self._bind_address = bind_address
-        self._server = grpc.aio.server(interceptors=server_interceptors(provider), options=SERVER_OPTIONS)
+        self._server = grpc.aio.server(
+            interceptors=server_interceptors(provider),
+            options=[*SERVER_OPTIONS, *bounds.options()],
+            maximum_concurrent_rpcs=bounds.max_concurrent_rpcs,
+        )
         bank_pb2_grpc.add_IssuingBankServicer_to_server(servicer, self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -130,12 +154,13 @@ async def build(
     tracer_provider = tracer_provider or make_tracer_provider(
         SERVICE, settings.data_dir, sampler=ParentBased(root=ALWAYS_OFF)
     )
+    bounds = BOUNDS.configured(settings, SERVICE)
     bank_ports = []
     if port_per_bank is not None:
         for index, code in enumerate(BANK_CODES):
             port = port_per_bank + index if port_per_bank else 0
             servicer = IssuingBankServicer(issuers, clock, floor, only_bank=code)
-            bank_ports.append(BankPort(code, servicer, f"{settings.bind_host}:{port}", tracer_provider))
+            bank_ports.append(BankPort(code, servicer, f"{settings.bind_host}:{port}", tracer_provider, bounds))
     host: BankSimHost
 
     def addresses() -> dict[str, str]:
@@ -158,6 +183,7 @@ async def build(
         settings.bind_address(SERVICE),
         tracer_provider,
         bank_ports=bank_ports,
+        bounds=bounds,
     )
     return host
 

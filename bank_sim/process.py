@@ -103,6 +103,38 @@ class Child:
         return self.process.returncode
 
 
+class PeakMemory:
+    """A process's peak resident memory (VmHWM, /proc/<pid>/status), and how far it grew since
+    `reset()`, which brings the peak down to the current resident size (clear_refs 5) where the
+    kernel allows; else growth is counted from the peak at reset."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.at_reset_kb = self.peak_kb()
+
+    def _status_kb(self, field: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no {field} for process {self.pid}")
+
+    def peak_kb(self) -> int:
+        return self._status_kb("VmHWM")
+
+    def resident_kb(self) -> int:
+        return self._status_kb("VmRSS")
+
+    def reset(self) -> None:
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        except OSError:
+            pass
+        self.at_reset_kb = self.peak_kb()
+
+    def growth_kb(self) -> int:
+        return self.peak_kb() - self.at_reset_kb
+
+
 def start_serving(
     module: str, args: Sequence[str], env: Mapping[str, str], address: str, log_path: Path, timeout: float = 60.0
 ) -> Child:

@@ -10,7 +10,7 @@ from opentelemetry import trace
 
 from bank_sim.behaviour import BankFloor, Behaviour, BehaviourError, Plan, Refused
 from bank_sim.issuers import Issuers, bank_day
-from cardcheck.banks import BANK_CODES, BY_CODE
+from cardcheck.banks import BANK_CODES, BY_CODE, MAX_BANK_CODES
 from cardcheck.runtime.clock import Clock
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, handles_errors, invalid_argument
 from cardcheck.v1 import bank_pb2, bank_pb2_grpc, common_pb2
@@ -101,6 +101,8 @@ class BankSimControlServicer(bank_pb2_grpc.BankSimControlServicer):
         self._addresses = addresses
 
     def _banks(self, codes) -> list[str]:
+        if len(codes) > MAX_BANK_CODES:  # before any of them is looked at
+            raise invalid_argument([FieldViolation("bank_codes", f"at most {MAX_BANK_CODES} bank codes")])
         unknown = [code for code in codes if code not in BY_CODE]
         if unknown:
             raise invalid_argument([FieldViolation("bank_codes", f"unknown bank code {unknown[0][:32]!r}")])

@@ -32,6 +32,9 @@ BANKS: tuple[BankInfo, ...] = tuple(
 )
 BY_CODE: dict[str, BankInfo] = {bank.code: bank for bank in BANKS}
 BANK_CODES: tuple[str, ...] = tuple(bank.code for bank in BANKS)
+# The most bank codes one request may name (each bank up to 4 times; duplicates are dropped).
+# Every service checks this before it looks at any of them.
+MAX_BANK_CODES = 4 * len(BANKS)
 
 
 def bank_name(code: str) -> str:

@@ -13,7 +13,7 @@ from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.migrations import upgrade_to_head
-from cardcheck.runtime.server import Registration, ServiceHost, serve_main
+from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import make_tracer_provider
 from gateway.challenges import Challenges
@@ -33,6 +33,39 @@ from gateway.watches import FallingBackSlots, LocalWatchSlots, RedisWatchSlots, 
 SERVICE = "gateway"
 MIGRATIONS = "gateway.migrations"
 log = logging.getLogger(__name__)
+
+KIB, MIB = 1024, 1024 * 1024
+# The public edge's bounds (cardcheck/runtime/server.py says what a caller past one hears).
+# Requests: the largest a client can send that validation would accept is a SubmitQuery of
+# about 20 KB (a face token of 4096 characters is at most 16 KiB of UTF-8, 96 bank codes of 32
+# characters 3.3 KB, the other fields 0.3 KB); Register is 0.3 KB, every other request less.
+# Twice that leaves room for fields to come. At grpc's default (4 MiB), parsing three SubmitQuery
+# of 1.3 million junk bank codes raised the process's peak memory by ~85 MB; refused, by ~6 MB
+# (`python -m bench oversized`).
+MAX_REQUEST_BYTES = 32 * KIB
+# Answers: a Report of 24 banks is some 50 bytes a card; 4 MiB, the most a client with grpc's
+# defaults accepts, is far beyond anything a person holds.
+MAX_RESPONSE_BYTES = 4 * MIB
+# Calls and streams under way in one replica: every WatchQuery holds one (and one to
+# report_service) for as long as its query runs. Beyond it, RESOURCE_EXHAUSTED at once.
+MAX_CONCURRENT_RPCS = 2000
+# One HTTP/2 connection (one client, or a proxy in front: Envoy opens another connection
+# past it) holds at most this many streams; HTTP/2 asks for no fewer than 100.
+MAX_STREAMS_PER_CONNECTION = 128
+# Headers: `authorization: Bearer` with a token of at most 256 characters, x-forwarded-for,
+# traceparent and grpc's own ~500 bytes come to about 1.5 KB.
+MAX_METADATA_BYTES = 8 * KIB
+BOUNDS = RequestBounds(
+    max_receive_bytes=MAX_REQUEST_BYTES,
+    max_send_bytes=MAX_RESPONSE_BYTES,
+    max_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    max_streams_per_connection=MAX_STREAMS_PER_CONNECTION,
+    max_metadata_bytes=MAX_METADATA_BYTES,
+)
+# What the gateway takes from each internal service: report_service answers with Reports and
+# QueryEvents (every outcome so far, cards included), as large as the edge may send; the others
+# with a bank list or a verdict, a few KB at most.
+MAX_ANSWER_BYTES = {"report_service": MAX_RESPONSE_BYTES, "bank_connector": 64 * KIB, "notifier": 64 * KIB}
 
 
 async def build(
@@ -70,7 +103,7 @@ async def build(
     await asyncio.to_thread(upgrade_to_head, db.engine, MIGRATIONS, SERVICE)
 
     channels = {
-        name: open_channel(settings.addresses[name], tracer_provider)
+        name: open_channel(settings.addresses[name], tracer_provider, max_receive_bytes=MAX_ANSWER_BYTES[name])
         for name in ("report_service", "bank_connector", "notifier")
     }
     timeout = config.downstream_timeout_s
@@ -153,6 +186,7 @@ async def build(
         tracer_provider,
         on_drain=[watches.drain],
         on_stop=[close],
+        bounds=BOUNDS.configured(settings, SERVICE),
     )
 
 

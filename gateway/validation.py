@@ -1,5 +1,9 @@
 """Checks of what a client sends. Each check of a request collects every violation and raises
-one INVALID_ARGUMENT naming each field, so a form can mark all its mistakes at once."""
+one INVALID_ARGUMENT naming each field, so a form can mark all its mistakes at once (at most
+MAX_VIOLATIONS of them: cardcheck.runtime.errors bounds every refusal). A repeated field's size
+is checked before any of its values, so a request's cost does not grow with its junk: grpc
+refuses a SubmitQuery over 32 KiB before it is parsed (gateway/app.py), and below that at most
+MAX_BANK_CODES values are ever looked at."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import re
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime, timedelta, timezone
 
-from cardcheck.banks import BY_CODE
+from cardcheck.banks import BY_CODE, MAX_BANK_CODES
 from cardcheck.numbers import card_number_valid, id_number_valid
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
 from cardcheck.runtime.settings import ALL_REGIONS
@@ -123,8 +127,9 @@ class Violations:
             self.add(field, "too long")
 
     def bank_codes(self, values: Sequence[str], field: str = "bank_codes") -> None:
-        if len(values) > 4 * len(BY_CODE):
-            self.add(field, "too many bank codes")
+        if len(values) > MAX_BANK_CODES:
+            self.add(field, f"too many bank codes ({len(values)}; at most {MAX_BANK_CODES})")
+            return  # none of them is looked at
         for i, code in enumerate(values):
             if not code:
                 self.add(f"{field}[{i}]", "empty bank code")

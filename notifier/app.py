@@ -13,7 +13,7 @@ from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.migrations import upgrade_to_head
-from cardcheck.runtime.server import Registration, ServiceHost, serve_main
+from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import notifier_pb2_grpc
@@ -28,6 +28,25 @@ from notifier.templates import load_template_book
 SERVICE = "notifier"
 MIGRATIONS = "notifier.migrations"
 log = logging.getLogger(__name__)
+
+KIB, MIB = 1024, 1024 * 1024
+# Requests: Send is under 1 KB (an idempotency key of at most 200 characters, a phone, a kind and
+# at most MAX_PARAMS short template parameters, notifier/messages.py); the others name a message
+# or a phone. 16 KiB leaves room.
+MAX_REQUEST_BYTES = 16 * KIB
+# Answers: the sandbox inbox of one phone is the largest, at most its caps' worth of messages
+# over the retention (some 2,400 of ~200 bytes); 4 MiB, what a caller with grpc's defaults takes.
+MAX_RESPONSE_BYTES = 4 * MIB
+# A Send may wait for its first delivery attempt (CARDCHECK_SMS_WEBHOOK_TIMEOUT_S + 1): room for
+# every replica of the gateway and report_service sending at once, far beyond the SMS caps.
+MAX_CONCURRENT_RPCS = 1000
+# Streams per connection are not bounded: each caller replica carries all its calls on one
+# connection; the cap above bounds them.
+BOUNDS = RequestBounds(
+    max_receive_bytes=MAX_REQUEST_BYTES,
+    max_send_bytes=MAX_RESPONSE_BYTES,
+    max_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+)
 
 
 @dataclass(frozen=True)
@@ -104,6 +123,7 @@ async def build_parts(
         settings.bind_address(SERVICE),
         tracer_provider,
         on_stop=[close],
+        bounds=BOUNDS.configured(settings, SERVICE),
     )
     if start_worker:
         worker.start()  # delivers whatever a previous run left QUEUED

@@ -134,6 +134,11 @@ def delivery_of(row: MessageRow) -> Delivery:
     )
 
 
+# Template parameters a Send may carry: every kind needs at most three (notifier/templates.py);
+# counted before any is looked at.
+MAX_PARAMS = 8
+
+
 def validate_send(idempotency_key: str, phone: str, kind: str | None, params: Mapping[str, str]) -> None:
     violations: list[FieldViolation] = []
     if not idempotency_key.strip():
@@ -144,6 +149,8 @@ def validate_send(idempotency_key: str, phone: str, kind: str | None, params: Ma
         violations.append(FieldViolation("phone", "must be an 11-digit mainland mobile number"))
     if kind is None:
         violations.append(FieldViolation("kind", f"must be one of {', '.join(KINDS)}"))
+    elif len(params) > MAX_PARAMS:
+        violations.append(FieldViolation("params", f"at most {MAX_PARAMS} parameters"))
     else:
         violations.extend(FieldViolation(f, d) for f, d in param_problems(kind, params).items())
     if violations:

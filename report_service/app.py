@@ -14,7 +14,7 @@ from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.migrations import upgrade_to_head
-from cardcheck.runtime.server import Registration, ServiceHost, serve_main
+from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import report_service_pb2_grpc
@@ -30,6 +30,30 @@ from report_service.worker import QueryWorker
 
 SERVICE = "report_service"
 MIGRATIONS = "report_service.migrations"
+
+KIB, MIB = 1024, 1024 * 1024
+# Requests come from the gateway: the largest, CreateQuery, is under 1 KB (a user id, the
+# subject's name of at most 30 characters, ID number and phone, at most 24 distinct bank codes,
+# the agreement version and an idempotency key of at most 128 characters); the others name a
+# user and a query. 16 KiB leaves room and still refuses junk before it is parsed.
+MAX_REQUEST_BYTES = 16 * KIB
+# Answers: Reports and QueryEvents carry masked cards (some 50 bytes each); the gateway takes
+# up to 4 MiB of them (gateway/app.py), so more is a bug to refuse here.
+MAX_RESPONSE_BYTES = 4 * MIB
+# Every gateway replica's watches (each holds one call here while its query runs) and its other
+# calls: room for two gateways' worth (gateway/app.py allows 2000 each) on one replica.
+MAX_CONCURRENT_RPCS = 4000
+# No bound per connection: a gateway replica carries all its calls on one connection to each
+# replica here, and its long watches must not hold up its short calls; the cap above bounds it.
+BOUNDS = RequestBounds(
+    max_receive_bytes=MAX_REQUEST_BYTES,
+    max_send_bytes=MAX_RESPONSE_BYTES,
+    max_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+)
+# bank_connector streams one outcome per bank (its masked cards; bank_connector/app.py sends at
+# most 1 MiB); the notifier answers with a message id and a status.
+MAX_OUTCOME_BYTES = 1 * MIB
+MAX_NOTIFIER_ANSWER_BYTES = 64 * KIB
 
 
 @dataclass(frozen=True)
@@ -99,8 +123,12 @@ async def build_parts(
         retention=config.retention,
     )
     execution = ExecutionStore(storage, store, clock, lease=timedelta(seconds=config.lease_s))
-    bank_channel = open_channel(settings.addresses["bank_connector"], tracer_provider)
-    notifier_channel = open_channel(settings.addresses["notifier"], tracer_provider)
+    bank_channel = open_channel(
+        settings.addresses["bank_connector"], tracer_provider, max_receive_bytes=MAX_OUTCOME_BYTES
+    )
+    notifier_channel = open_channel(
+        settings.addresses["notifier"], tracer_provider, max_receive_bytes=MAX_NOTIFIER_ANSWER_BYTES
+    )
     changes = Changes()
     worker = QueryWorker(
         execution,
@@ -136,6 +164,7 @@ async def build_parts(
         settings.bind_address(SERVICE),
         tracer_provider,
         on_stop=[close],
+        bounds=BOUNDS.configured(settings, SERVICE),
     )
     worker.start()  # resumes whatever work a previous run left, once its leases are free
     return ReportServiceParts(host, worker, store, execution, db)

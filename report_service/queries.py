@@ -16,7 +16,7 @@ from sqlalchemy import and_, delete, false, func, or_, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from cardcheck.banks import BY_CODE
+from cardcheck.banks import BY_CODE, MAX_BANK_CODES
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
 from cardcheck.runtime.keys import KeyedHash, Sealer
@@ -110,6 +110,8 @@ class QueryRules:
             violations.append(FieldViolation("agreement_version", "required"))
         if not bank_codes:
             violations.append(FieldViolation("bank_codes", "at least one bank"))
+        elif len(bank_codes) > MAX_BANK_CODES:  # before any of them is looked at
+            violations.append(FieldViolation("bank_codes", f"at most {MAX_BANK_CODES} bank codes"))
         if violations:
             raise invalid_argument(violations)
         unknown = [code for code in bank_codes if code not in BY_CODE]

@@ -658,6 +658,89 @@ async def test_an_undecodable_request_is_invalid_argument_on_every_rpc(stack: St
     await stack.gateway.GetAgreement(gateway_pb2.GetAgreementRequest())  # still serving
 
 
+# --- request bounds ------------------------------------------------------------------------------
+
+
+async def test_an_oversized_request_is_refused_before_it_is_parsed_and_the_next_is_served(stack: Stack):
+    session = await stack.register(ALICE)
+    junk = ["x" * 30] * 2000  # 64 KB: twice the gateway's 32 KiB
+    for method, request in (
+        (stack.gateway.SubmitQuery, gateway_pb2.SubmitQueryRequest(bank_codes=junk)),
+        (stack.gateway.Register, gateway_pb2.RegisterRequest(name="张" * 20_000)),
+        (stack.gateway.GetReport, gateway_pb2.GetReportRequest(query_id="q" * 40_000)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await method(request, metadata=bearer(session.session_token))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
+        assert "larger than max" in caught.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.gateway.WatchQuery(
+            gateway_pb2.WatchQueryRequest(query_id="q" * 40_000), metadata=bearer(session.session_token)
+        ).read()
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stack.reports.created == []
+    query = await stack.submit(ALICE, session.session_token)  # the owner's next call is served
+    assert query.status == common_pb2.QUERY_STATUS_PENDING
+
+
+async def test_junk_bank_codes_below_the_limit_are_counted_not_looked_at(stack: Stack):
+    session = await stack.register(ALICE)
+
+    def submit(bank_codes: list[str], face_token: str = "sandbox:pass"):
+        return stack.gateway.SubmitQuery(
+            gateway_pb2.SubmitQueryRequest(
+                bank_codes=bank_codes, agreement_version=CURRENT.version, consent_given=True,
+                challenge_id="a" * 32, sms_code="123456", face_token=face_token,
+            ),
+            metadata=bearer(session.session_token),
+        )
+
+    # 7,000 codes (28 KB, under the limit): one violation, about their number, none about each.
+    refusal = await refused(submit(["!!"] * 7000), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    assert refusal.violations == {"bank_codes": "too many bank codes (7000; at most 96)"}
+    # 96 bad codes (as many as may be named): the first 10 named, the rest counted.
+    refusal = await refused(submit(["!!"] * 96, face_token=""), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    assert list(refusal.violations) == [f"bank_codes[{i}]" for i in range(10)]
+    assert refusal.metadata == {"violations_omitted": "87"}  # 86 more codes and the face token
+    # 96 unknown ones: UNKNOWN_BANK, as bounded.
+    refusal = await refused(
+        submit([f"NOSUCH{i}" for i in range(96)]), grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_BANK"
+    )
+    assert len(refusal.violations) == 10 and refusal.metadata["violations_omitted"] == "86"
+    assert all(len(value) <= 256 for value in refusal.metadata.values())
+    assert stack.reports.created == []
+
+
+async def test_huge_request_headers_are_refused(stack: Stack):
+    session = await stack.register(ALICE)
+    for size in (9000, 100_000, 1_000_000):  # the gateway takes 8 KiB of headers
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.gateway.ListQueries(
+                gateway_pb2.ListQueriesRequest(), metadata=(("authorization", "Bearer " + "a" * size),)
+            )
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (size, caught.value)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.gateway.ListQueries(
+                gateway_pb2.ListQueriesRequest(),
+                metadata=(*bearer(session.session_token), ("x-junk", "j" * size)),
+            )
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (size, caught.value)
+    await stack.gateway.ListQueries(gateway_pb2.ListQueriesRequest(), metadata=bearer(session.session_token))
+
+
+async def test_the_receive_limit_can_be_set_back_to_grpcs_default(start_stack):
+    stack = await start_stack(max_receive_bytes={"gateway": 4 * 1024 * 1024})
+    session = await stack.register(ALICE)
+    refusal = await refused(  # parsed now, and refused by validation
+        stack.gateway.SubmitQuery(
+            gateway_pb2.SubmitQueryRequest(bank_codes=["x" * 30] * 2000), metadata=bearer(session.session_token)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    assert refusal.violations["bank_codes"] == "too many bank codes (2000; at most 96)"
+
+
 # --- the whole flow ----------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from cardcheck.runtime.channels import open_channel
 from cardcheck.runtime.errors import (
+    MAX_VIOLATIONS,
     CardCheckError,
     FieldViolation,
     from_rpc_error,
@@ -35,7 +36,7 @@ from cardcheck.runtime.keys import (
     read_retired_keys,
     rotate_master_key,
 )
-from cardcheck.runtime.server import SERVER_OPTIONS, Registration, ServiceHost
+from cardcheck.runtime.server import SERVER_OPTIONS, Registration, RequestBounds, ServiceHost
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import client_interceptors, make_tracer_provider, server_interceptors
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
@@ -498,3 +499,177 @@ async def test_calls_go_on_without_a_failure_while_servers_age_out_connections()
         await server.stop(0)
     assert calls > 100
     assert len(peers) >= 3  # a new connection (another client port) after each age-out
+
+
+# --- request bounds ------------------------------------------------------------------------------
+
+
+class HoldingNotifier(notifier_pb2_grpc.NotifierServicer):
+    """Send holds its call until released (phone "hold"); every call is counted as it starts.
+    ListMessages answers a body of `int(phone)` characters, or refuses with that many violations
+    when the phone starts with "bad"."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.release = asyncio.Event()
+        self.holding = asyncio.Condition()
+
+    async def Send(self, request, context):
+        async with self.holding:
+            self.started += 1
+            self.holding.notify_all()
+        if request.phone == "hold":
+            await self.release.wait()
+        return notifier_pb2.SendResponse(message_id=f"m{self.started}")
+
+    @handles_errors
+    async def ListMessages(self, request, context):
+        if request.phone.startswith("bad"):
+            count = int(request.phone.removeprefix("bad"))
+            raise invalid_argument([FieldViolation(f"phone[{i}]", "x" * 5000) for i in range(count)])
+        return notifier_pb2.ListMessagesResponse(messages=[notifier_pb2.Message(body="x" * int(request.phone))])
+
+    async def wait_started(self, count: int) -> None:
+        async with self.holding:
+            await asyncio.wait_for(self.holding.wait_for(lambda: self.started >= count), 5)
+
+
+@pytest.fixture
+async def bounded(tmp_path: Path):
+    """A factory: a ServiceHost with the given bounds around a HoldingNotifier, and a channel."""
+    started = []
+
+    async def start(bounds: RequestBounds, **channel_args):
+        servicer = HoldingNotifier()
+        host = ServiceHost(
+            "bounded",
+            [Registration(notifier_pb2_grpc.add_NotifierServicer_to_server, servicer, "cardcheck.v1.Notifier")],
+            "127.0.0.1:0",
+            make_tracer_provider("bounded", tmp_path, exporter=InMemorySpanExporter()),
+            bounds=bounds,
+        )
+        port = await host.start()
+        channel = open_channel(f"127.0.0.1:{port}", **channel_args)
+        started.append((host, channel, servicer))
+        return notifier_pb2_grpc.NotifierStub(channel), servicer
+
+    yield start
+    for host, channel, servicer in started:
+        servicer.release.set()
+        await channel.close()
+        await host.stop(0)
+
+
+async def _refused(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+async def test_a_request_over_the_receive_limit_is_refused_before_it_is_parsed(bounded) -> None:
+    stub, servicer = await bounded(RequestBounds(max_receive_bytes=16 * 1024))
+    await stub.Send(notifier_pb2.SendRequest(phone="1" * 16_000))  # within the limit
+    error = await _refused(stub.Send(notifier_pb2.SendRequest(phone="1" * 17_000)))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    assert "larger than max" in error.details()
+    assert from_rpc_error(error) is None  # grpc's own refusal: nothing was parsed, no ErrorInfo
+    assert servicer.started == 1  # the oversized request never reached the servicer
+    assert (await stub.Send(notifier_pb2.SendRequest(phone="13800000000"))).message_id == "m2"
+
+
+async def test_a_hosts_own_options_override_its_bounds(tmp_path: Path) -> None:
+    host = ServiceHost(
+        "overridden",
+        [Registration(notifier_pb2_grpc.add_NotifierServicer_to_server, HoldingNotifier(), "cardcheck.v1.Notifier")],
+        "127.0.0.1:0",
+        make_tracer_provider("overridden", tmp_path, exporter=InMemorySpanExporter()),
+        bounds=RequestBounds(max_receive_bytes=16 * 1024),
+        options=[("grpc.max_receive_message_length", 64 * 1024)],
+    )
+    port = await host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await notifier_pb2_grpc.NotifierStub(channel).Send(notifier_pb2.SendRequest(phone="1" * 30_000))
+    finally:
+        await host.stop(0)
+
+
+async def test_request_headers_over_the_metadata_limit_are_refused_every_time(bounded) -> None:
+    stub, servicer = await bounded(RequestBounds(max_metadata_bytes=4096))
+    await stub.Send(notifier_pb2.SendRequest(), metadata=(("authorization", "Bearer " + "a" * 3000),))
+    for size in (3700, 10_000, 1_000_000):  # just past (grpc's own headers count too), and huge
+        error = await _refused(stub.Send(notifier_pb2.SendRequest(), metadata=(("authorization", "a" * size),)))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (size, error)
+    assert servicer.started == 1
+    assert (await stub.Send(notifier_pb2.SendRequest())).message_id == "m2"
+
+
+async def test_calls_beyond_the_concurrency_cap_are_refused_until_one_ends(bounded) -> None:
+    stub, servicer = await bounded(RequestBounds(max_concurrent_rpcs=3))
+    held = [asyncio.ensure_future(stub.Send(notifier_pb2.SendRequest(phone="hold"))) for _ in range(3)]
+    await servicer.wait_started(3)
+    for _ in range(5):
+        error = await _refused(stub.Send(notifier_pb2.SendRequest()))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    assert servicer.started == 3
+    servicer.release.set()
+    assert len(await asyncio.gather(*held)) == 3
+    assert (await stub.Send(notifier_pb2.SendRequest())).message_id == "m4"  # served again
+
+
+async def test_streams_beyond_the_per_connection_limit_wait_for_one_to_end(bounded) -> None:
+    stub, servicer = await bounded(RequestBounds(max_streams_per_connection=2))
+    held = [asyncio.ensure_future(stub.Send(notifier_pb2.SendRequest(phone="hold"))) for _ in range(2)]
+    await servicer.wait_started(2)
+    waiting = asyncio.ensure_future(stub.Send(notifier_pb2.SendRequest()))
+    await asyncio.sleep(0.3)
+    assert servicer.started == 2 and not waiting.done()  # queued by the client, not refused
+    servicer.release.set()
+    await asyncio.gather(*held)
+    assert (await waiting).message_id == "m3"
+
+
+async def test_answers_over_the_send_limit_and_over_a_channels_receive_limit_are_refused(bounded) -> None:
+    stub, _ = await bounded(RequestBounds(max_send_bytes=64 * 1024), max_receive_bytes=32 * 1024)
+    await stub.ListMessages(notifier_pb2.ListMessagesRequest(phone="30000"))
+    error = await _refused(stub.ListMessages(notifier_pb2.ListMessagesRequest(phone="40000")))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "CLIENT" in error.details(), error
+    error = await _refused(stub.ListMessages(notifier_pb2.ListMessagesRequest(phone="70000")))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "SERVER" in error.details(), error
+    await stub.ListMessages(notifier_pb2.ListMessagesRequest(phone="10"))
+
+
+async def test_a_refusal_names_at_most_ten_violations_and_counts_the_rest(bounded) -> None:
+    stub, _ = await bounded(RequestBounds())
+    error = await _refused(stub.ListMessages(notifier_pb2.ListMessagesRequest(phone="bad100000")))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    refusal = from_rpc_error(error)
+    assert refusal is not None and len(refusal.violations) == MAX_VIOLATIONS == 10
+    assert [v.field for v in refusal.violations] == [f"phone[{i}]" for i in range(10)]
+    assert all(len(v.description) <= 200 for v in refusal.violations)
+    assert refusal.metadata == {"violations_omitted": "99990"}
+    assert len(error.details()) <= 300 and error.details().endswith("and 99990 more")
+    # A refusal passed on keeps what it says (a relayed one is not counted twice).
+    assert CardCheckError(refusal.reason, refusal.message, refusal.metadata, refusal.violations) == refusal
+    error = await _refused(stub.ListMessages(notifier_pb2.ListMessagesRequest(phone="bad3")))
+    assert from_rpc_error(error).metadata == {} and len(from_rpc_error(error).violations) == 3
+
+
+def test_each_services_bounds_can_be_moved_by_the_environment() -> None:
+    settings = Settings.from_env(
+        {"CARDCHECK_GATEWAY_MAX_RECEIVE_BYTES": "4194304", "CARDCHECK_BANK_SIM_MAX_CONCURRENT_RPCS": "20000"}
+    )
+    assert settings.max_receive_bytes == {"gateway": 4 * 1024 * 1024}
+    assert settings.max_concurrent_rpcs == {"bank_sim": 20000}
+    own = RequestBounds(max_receive_bytes=32 * 1024, max_concurrent_rpcs=100)
+    assert own.configured(settings, "gateway") == RequestBounds(max_receive_bytes=4 * 1024 * 1024, max_concurrent_rpcs=100)
+    assert own.configured(settings, "bank_sim") == RequestBounds(max_receive_bytes=32 * 1024, max_concurrent_rpcs=20000)
+    assert own.configured(settings, "notifier") == own
+    for var, value in (
+        ("CARDCHECK_NOTIFIER_MAX_CONCURRENT_RPCS", "0"),
+        ("CARDCHECK_NOTIFIER_MAX_CONCURRENT_RPCS", "many"),
+        ("CARDCHECK_GATEWAY_MAX_RECEIVE_BYTES", "100"),
+        ("CARDCHECK_GATEWAY_MAX_RECEIVE_BYTES", str(64 * 1024 * 1024)),
+    ):
+        with pytest.raises(SettingsError, match=var):
+            Settings.from_env({var: value})

@@ -1,4 +1,8 @@
-"""Long-lived client channels to the other services, traced."""
+"""Long-lived client channels to the other services, traced.
+
+Each channel takes answers up to `max_receive_bytes`, which the caller sizes to what it expects
+from that service (a larger answer fails the call with RESOURCE_EXHAUSTED, "Received message
+larger than max", before it is parsed); grpc's default is 4 MiB."""
 
 from __future__ import annotations
 
@@ -22,10 +26,13 @@ def open_channel(
     address: str,
     provider: TracerProvider | None = None,
     *,
+    max_receive_bytes: int | None = None,
     options: list[tuple[str, object]] | None = None,
     request_hook=None,
 ) -> grpc.aio.Channel:
-    """`options` are added to (and override) the defaults, e.g. a shorter reconnect backoff."""
+    """`options` are added to (and override) the defaults, e.g. a shorter reconnect backoff.
+    `max_receive_bytes` unset keeps grpc's default."""
     interceptors = client_interceptors(provider, request_hook) if provider is not None else None
-    merged = dict(CHANNEL_OPTIONS) | dict(options or ())
+    limits = {} if max_receive_bytes is None else {"grpc.max_receive_message_length": max_receive_bytes}
+    merged = dict(CHANNEL_OPTIONS) | limits | dict(options or ())
     return grpc.aio.insecure_channel(address, options=list(merged.items()), interceptors=interceptors)

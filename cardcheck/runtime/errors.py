@@ -1,5 +1,10 @@
 """One table from domain refusals to gRPC status codes, one place that builds the status
-(`abort`), and the way back from a status to a typed exception (`from_rpc_error`)."""
+(`abort`), and the way back from a status to a typed exception (`from_rpc_error`).
+
+Every refusal is bounded, whatever the request it answers: at most MAX_VIOLATIONS field
+violations (ErrorInfo metadata `violations_omitted` then says how many more there were), and
+each field, description, metadata value and the message cut to a fixed length. A request with
+thousands of bad values gets a refusal of a few KB, and its trailers fit any client's limits."""
 
 from __future__ import annotations
 
@@ -17,6 +22,17 @@ from grpc_status import rpc_status
 
 DOMAIN = "cardcheck.v1"
 log = logging.getLogger(__name__)
+
+MAX_VIOLATIONS = 10  # a form has fewer fields; more only repeat the same mistake
+MAX_FIELD_CHARS = 64  # e.g. `bank_codes[95]`, `subject.id_number`
+MAX_DESCRIPTION_CHARS = 200
+MAX_MESSAGE_CHARS = 300
+MAX_METADATA_VALUE_CHARS = 256
+OMITTED_KEY = "violations_omitted"  # ErrorInfo metadata: violations beyond MAX_VIOLATIONS
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,17 @@ class CardCheckError(Exception):
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
             raise ValueError(f"unknown reason {self.reason}")
+        # The bounds of every refusal (module docstring), applied once, here.
+        omitted = len(self.violations) - MAX_VIOLATIONS
+        self.violations = [
+            FieldViolation(_cut(v.field, MAX_FIELD_CHARS), _cut(v.description, MAX_DESCRIPTION_CHARS))
+            for v in self.violations[:MAX_VIOLATIONS]
+        ]
+        self.metadata = {key: _cut(value, MAX_METADATA_VALUE_CHARS) for key, value in self.metadata.items()}
+        if omitted > 0:
+            self.metadata[OMITTED_KEY] = str(omitted)
+        if self.message is not None:
+            self.message = _cut(self.message, MAX_MESSAGE_CHARS)
         super().__init__(self.reason, self.message)
 
     @property
@@ -86,8 +113,11 @@ class CardCheckError(Exception):
 
 
 def invalid_argument(violations: Sequence[FieldViolation]) -> CardCheckError:
-    fields = ", ".join(v.field for v in violations)
-    return CardCheckError("INVALID_ARGUMENT", f"invalid: {fields}", violations=list(violations))
+    """INVALID_ARGUMENT naming the fields (the first MAX_VIOLATIONS of them, and how many more)."""
+    fields = ", ".join(v.field for v in violations[:MAX_VIOLATIONS])
+    more = len(violations) - MAX_VIOLATIONS
+    message = f"invalid: {fields}" + (f" and {more} more" if more > 0 else "")
+    return CardCheckError("INVALID_ARGUMENT", message, violations=violations)
 
 
 def _pack(message) -> any_pb2.Any:
@@ -216,6 +246,7 @@ __all__ = [
     "abort",
     "CardCheckError",
     "FieldViolation",
+    "MAX_VIOLATIONS",
     "downstream_error",
     "from_rpc_error",
     "handles_errors",

@@ -1,6 +1,25 @@
 """Server bootstrap: a grpc.aio server with tracing, grpc.health.v1 and reflection, and a
 graceful stop (health NOT_SERVING, streams asked to end by the `on_drain` hooks, in-flight
-calls finish, then exit)."""
+calls finish, then exit).
+
+Every server is bounded (RequestBounds) so that no single caller can hurt a replica: each
+service's app.py sizes the bounds to its own messages. What a caller past a bound hears, all
+from grpc itself, before any of our code runs (so with no ErrorInfo and no BadRequest: nothing of
+the request was parsed, there is no field to name):
+
+- a request message larger than `max_receive_bytes`: RESOURCE_EXHAUSTED, "Received message
+  larger than max (N vs. M)", refused before it is parsed, the next call served as usual;
+- request headers (metadata, e.g. a huge `authorization`) larger than `max_metadata_bytes`:
+  RESOURCE_EXHAUSTED, "received metadata size exceeds hard limit";
+- a call beyond `max_concurrent_rpcs` (calls and streams under way in the process, health
+  checks included): RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!";
+- a stream beyond `max_streams_per_connection` on one HTTP/2 connection is not refused: the
+  client waits for one of its own streams to end (SETTINGS_MAX_CONCURRENT_STREAMS);
+- an answer larger than `max_send_bytes` (a bug, or data beyond what the contract foresees):
+  RESOURCE_EXHAUSTED, "Sent message larger than max", instead of a reply no caller accepts.
+
+`CARDCHECK_<SERVICE>_MAX_CONCURRENT_RPCS` and `CARDCHECK_<SERVICE>_MAX_RECEIVE_BYTES` (read in
+cardcheck/runtime/settings.py) override a service's own numbers."""
 
 from __future__ import annotations
 
@@ -9,7 +28,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import uvloop
@@ -32,6 +51,45 @@ SERVER_OPTIONS = [
     ("grpc.max_connection_age_ms", 300_000),
     ("grpc.max_connection_age_grace_ms", 3_600_000),
 ]
+
+
+GRPC_DEFAULT_MAX_RECEIVE_BYTES = 4 * 1024 * 1024  # what grpc accepts when told nothing
+
+
+@dataclass(frozen=True)
+class RequestBounds:
+    """How much one caller may ask of a server at once (the module docstring says what a caller
+    past each bound hears). None leaves grpc's default (no limit), which a service chooses only
+    where the bound is kept elsewhere (e.g. bank_connector's admission queue)."""
+
+    max_receive_bytes: int = GRPC_DEFAULT_MAX_RECEIVE_BYTES  # one request message
+    max_send_bytes: int | None = None  # one response message
+    max_concurrent_rpcs: int | None = None  # calls and streams under way in the process
+    max_streams_per_connection: int | None = None  # HTTP/2 streams open on one connection
+    # Request headers, HPACK-decoded, each counted as name + value + 32 bytes; grpc's own
+    # ~500 bytes (:path, user-agent, te, ...) included. Refused for certain above it (grpc's
+    # default refuses only some of the calls between a soft limit of 8 KiB and 16 KiB).
+    max_metadata_bytes: int = 8 * 1024
+
+    def options(self) -> list[tuple[str, int]]:
+        options = [
+            ("grpc.max_receive_message_length", self.max_receive_bytes),
+            ("grpc.max_metadata_size", self.max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", self.max_metadata_bytes),
+        ]
+        if self.max_send_bytes is not None:
+            options.append(("grpc.max_send_message_length", self.max_send_bytes))
+        if self.max_streams_per_connection is not None:
+            options.append(("grpc.max_concurrent_streams", self.max_streams_per_connection))
+        return options
+
+    def configured(self, settings: Settings, service: str) -> RequestBounds:
+        """These bounds with the environment's overrides for `service` (Settings)."""
+        return replace(
+            self,
+            max_concurrent_rpcs=settings.max_concurrent_rpcs.get(service, self.max_concurrent_rpcs),
+            max_receive_bytes=settings.max_receive_bytes.get(service, self.max_receive_bytes),
+        )
 
 
 @dataclass(frozen=True)
@@ -60,9 +118,13 @@ class ServiceHost:
         on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
         on_drain: Sequence[Callable[[], Awaitable[None]]] = (),
         options: Sequence[tuple[str, object]] = (),
-        maximum_concurrent_rpcs: int | None = None,
+        bounds: RequestBounds | None = None,
     ) -> None:
+        """`bounds` default to grpc's own limits (headers refused for certain past 8 KiB);
+        `options` override both them and SERVER_OPTIONS (grpc itself takes the first of two
+        values of an option, so they are merged here, not appended)."""
         self.name = name
+        self.bounds = bounds or RequestBounds()
         self._registrations = list(registrations)
         self._bind_address = bind_address
         self._tracer_provider = tracer_provider
@@ -71,8 +133,8 @@ class ServiceHost:
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=server_interceptors(tracer_provider),
-            options=[*SERVER_OPTIONS, *options],
-            maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+            options=list((dict(SERVER_OPTIONS) | dict(self.bounds.options()) | dict(options)).items()),
+            maximum_concurrent_rpcs=self.bounds.max_concurrent_rpcs,
         )
         self.port: int | None = None
         self._stopped = asyncio.Event()

@@ -25,6 +25,9 @@ ALL_REGIONS = (
 
 
 EVENT_LOOPS = ("uvloop", "asyncio")
+# Beyond gRPC's own default receive limit (4 MiB) no service has a reason to go: the variables
+# that move a server's request bounds are for tuning within that, and for measuring.
+MAX_RECEIVE_BYTES_CEILING = 4 * 1024 * 1024
 
 
 class SettingsError(ValueError):
@@ -118,6 +121,16 @@ _KEYS = ("master_key", "retired_master_keys")
 _URLS = ("database_url", "redis_url")
 
 
+def _per_service(env: Mapping[str, str], suffix: str, *, at_least: int, at_most: int) -> dict[str, int]:
+    """CARDCHECK_<SERVICE>_<suffix> of every service that has it set: a whole number in bounds."""
+    values = {}
+    for service in DEFAULT_PORTS:
+        var = f"CARDCHECK_{service.upper()}_{suffix}"
+        if env.get(var):
+            values[service] = int(env_number(env, var, 0, integer=True, at_least=at_least, at_most=at_most))
+    return values
+
+
 @dataclass(frozen=True)
 class Settings:
     addresses: dict[str, str]
@@ -134,6 +147,12 @@ class Settings:
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
     event_loop: str = "uvloop"  # or "asyncio", the standard library's loop
+    # Overrides of a server's request bounds (cardcheck.runtime.server.RequestBounds), by service,
+    # only those set: CARDCHECK_<SERVICE>_MAX_CONCURRENT_RPCS (calls and streams one process
+    # handles at once) and CARDCHECK_<SERVICE>_MAX_RECEIVE_BYTES (the largest request message,
+    # 1 KiB to 4 MiB). Each service's app.py holds its defaults and says why.
+    max_concurrent_rpcs: dict[str, int] = field(default_factory=dict)
+    max_receive_bytes: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -167,6 +186,8 @@ class Settings:
             shutdown_grace_s=env_number(env, "CARDCHECK_SHUTDOWN_GRACE_S", 10.0, at_least=0),
             log_level=env.get("CARDCHECK_LOG_LEVEL", "INFO") or "INFO",
             event_loop=event_loop,
+            max_concurrent_rpcs=_per_service(env, "MAX_CONCURRENT_RPCS", at_least=1, at_most=1_000_000),
+            max_receive_bytes=_per_service(env, "MAX_RECEIVE_BYTES", at_least=1024, at_most=MAX_RECEIVE_BYTES_CEILING),
         )
 
     def __repr__(self) -> str:
