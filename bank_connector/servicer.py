@@ -31,8 +31,8 @@ def _card(card: MaskedCard) -> common_pb2.MaskedCard:
     )
 
 
-def _outcome(outcome: BankOutcome) -> common_pb2.BankOutcome:
-    return common_pb2.BankOutcome(
+def _outcome(outcome: BankOutcome) -> bank_connector_pb2.FanOutResponse:
+    return bank_connector_pb2.FanOutResponse(
         bank_code=outcome.bank_code,
         kind=OUTCOME_KINDS[outcome.kind],
         cards=[_card(card) for card in outcome.cards],
@@ -72,7 +72,7 @@ class BankConnectorServicer(bank_connector_pb2_grpc.BankConnectorServicer):
     @handles_errors
     async def ListBanks(self, request, context):
         banks = await self._connector.availability()
-        return bank_connector_pb2.ListBanksInternalResponse(
+        return bank_connector_pb2.BankConnectorListBanksResponse(
             banks=[common_pb2.Bank(code=b.code, name=b.name, kind=b.kind, available=b.available) for b in banks]
         )
 

@@ -5,7 +5,7 @@ Start-time behaviour comes from the command line, else the environment:
   --bank-latency-ms N   / CARDCHECK_BANK_LATENCY_MS     a fixed latency on every bank
   --profile FILE        / CARDCHECK_BANK_PROFILE        JSON: {"default": {...}, "banks": {"ICBC": {...}}}
   --port-per-bank BASE  / CARDCHECK_BANK_SIM_PORT_PER_BANK
-                        bank number i of API.md's list (0-based) also listens on BASE + i
+                        bank number i of docs/api.md's list (0-based) also listens on BASE + i
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bank-latency-ms", type=float, help="a fixed latency on every bank's answers")
     parser.add_argument("--profile", type=Path, help="a bank behaviour profile (JSON)")
     parser.add_argument("--port-per-bank", type=int, metavar="BASE",
-                        help="also serve bank i (API.md order, from 0) alone on port BASE + i")
+                        help="also serve bank i (docs/api.md order, from 0) alone on port BASE + i")
     parser.add_argument("--behaviour-seed", type=int, default=0, help="seed of the random faults and latencies")
     args = parser.parse_args(argv)
     if args.dataset is not None and (args.seed is not None or args.people is not None):

@@ -108,7 +108,7 @@ class BankSimControlServicer(bank_pb2_grpc.BankSimControlServicer):
             raise invalid_argument([FieldViolation("bank_codes", f"unknown bank code {unknown[0][:32]!r}")])
         return list(dict.fromkeys(codes)) or list(BANK_CODES)
 
-    def _state(self, banks: list[str]) -> bank_pb2.BankSimState:
+    def _state(self, banks: list[str]) -> list[bank_pb2.SimulatedBankState]:
         addresses = self._addresses()
         states = []
         for code in banks:
@@ -121,7 +121,7 @@ class BankSimControlServicer(bank_pb2_grpc.BankSimControlServicer):
                     in_flight=counters.in_flight, address=addresses.get(code, ""),
                 )
             )
-        return bank_pb2.BankSimState(banks=states)
+        return states
 
     @handles_errors
     async def SetBehaviour(self, request, context):
@@ -130,8 +130,8 @@ class BankSimControlServicer(bank_pb2_grpc.BankSimControlServicer):
             self._floor.set(banks, behaviour_changes(request.behaviour), reset=request.reset)
         except BehaviourError as error:
             raise invalid_argument([FieldViolation(f"behaviour.{error.field}", error.problem)]) from None
-        return self._state(banks)
+        return bank_pb2.SetBehaviourResponse(banks=self._state(banks))
 
     @handles_errors
     async def GetBehaviour(self, request, context):
-        return self._state(self._banks(request.bank_codes))
+        return bank_pb2.GetBehaviourResponse(banks=self._state(self._banks(request.bank_codes)))

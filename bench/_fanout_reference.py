@@ -13,7 +13,7 @@ import grpc
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cardcheck.v1 import bank_connector_pb2_grpc, bank_pb2, bank_pb2_grpc, common_pb2
+from cardcheck.v1 import bank_connector_pb2, bank_connector_pb2_grpc, bank_pb2, bank_pb2_grpc, common_pb2
 
 CARD_TYPES = {common_pb2.CARD_TYPE_DEBIT, common_pb2.CARD_TYPE_CREDIT}
 
@@ -22,7 +22,7 @@ class BareFanOut(bank_connector_pb2_grpc.BankConnectorServicer):
     def __init__(self, stub: bank_pb2_grpc.IssuingBankStub) -> None:
         self._stub = stub
 
-    async def _ask(self, code: str, request, timeout_s: float) -> common_pb2.BankOutcome:
+    async def _ask(self, code: str, request, timeout_s: float) -> bank_connector_pb2.FanOutResponse:
         try:
             answer = await self._stub.LookupCards(
                 bank_pb2.LookupCardsRequest(bank_code=code, id_number=request.id_number, name=request.name),
@@ -31,12 +31,12 @@ class BareFanOut(bank_connector_pb2_grpc.BankConnectorServicer):
         except grpc.aio.AioRpcError as error:
             kind = (common_pb2.BANK_OUTCOME_KIND_TIMED_OUT if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                     else common_pb2.BANK_OUTCOME_KIND_ERROR)
-            return common_pb2.BankOutcome(bank_code=code, kind=kind, detail=error.code().name, attempts=1)
+            return bank_connector_pb2.FanOutResponse(bank_code=code, kind=kind, detail=error.code().name, attempts=1)
         cards = [
             common_pb2.MaskedCard(bank_code=code, card_type=card.card_type, first4=card.pan[:4], last4=card.pan[-4:])
             for card in answer.cards if card.card_type in CARD_TYPES
         ]
-        return common_pb2.BankOutcome(bank_code=code, kind=common_pb2.BANK_OUTCOME_KIND_ANSWERED, cards=cards, attempts=1)
+        return bank_connector_pb2.FanOutResponse(bank_code=code, kind=common_pb2.BANK_OUTCOME_KIND_ANSWERED, cards=cards, attempts=1)
 
     async def FanOut(self, request, context):
         timeout = request.per_bank_timeout_ms / 1000 if request.per_bank_timeout_ms else 5.0

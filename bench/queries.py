@@ -97,7 +97,7 @@ class Client:
         subject = report_service_pb2.Subject(
             name=self.person.name, id_number=self.person.id_number, phone=f"139{next(_PHONES):08d}"
         )
-        return await self.stub.CreateQuery(
+        response = await self.stub.CreateQuery(
             report_service_pb2.CreateQueryRequest(
                 user_id=user,
                 subject=subject,
@@ -107,19 +107,21 @@ class Client:
             ),
             timeout=30,
         )
+        return response.query
 
     async def until_finished(self, user: str, query_id: str) -> common_pb2.Query:
         async for event in self.stub.WatchQuery(
-            report_service_pb2.GetQueryRequest(user_id=user, query_id=query_id), timeout=120
+            report_service_pb2.ReportServiceWatchQueryRequest(user_id=user, query_id=query_id), timeout=120
         ):
             if event.query.status != PENDING:
                 return event.query
         raise RuntimeError("the watch ended while the query was PENDING")
 
     async def get(self, user: str, query_id: str) -> common_pb2.Query:
-        return await self.stub.GetQuery(
+        response = await self.stub.GetQuery(
             report_service_pb2.GetQueryRequest(user_id=user, query_id=query_id), timeout=30
         )
+        return response.query
 
 
 def _server_ms(query: common_pb2.Query) -> float:

@@ -1,4 +1,4 @@
-"""The 24 banks the service can ask (API.md's bank codes)."""
+"""The 24 banks the service can ask (docs/api.md's bank codes)."""
 
 from __future__ import annotations
 

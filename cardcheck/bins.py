@@ -14,7 +14,7 @@ The table is data, `cardcheck/bins.json`, shipped in the package (and so in the 
     }
 
 - `format` is exactly `cardcheck-bin-table/1`; no other key at the top.
-- `banks` names each of the 24 bank codes of `cardcheck/banks.py` (API.md's list) once, no
+- `banks` names each of the 24 bank codes of `cardcheck/banks.py` (docs/api.md's list) once, no
   other code, each with a non-empty list of the prefixes it claims.
 - A prefix is a string of 4 to 12 ASCII digits: a 6-digit UnionPay BIN (`62xxxx`, the older
   `60xxxx`), an 8-digit one, or a longer range inside a BIN that a bank has for itself.

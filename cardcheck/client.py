@@ -25,7 +25,7 @@ def _reason_class(reason: str) -> type[CardCheckError]:
     return type(name, (CardCheckError,), {"__doc__": f"The {reason} refusal.", "__module__": __name__})
 
 
-# One subclass per reason of API.md's table (and SERVICE_UNAVAILABLE), so a caller can catch one.
+# One subclass per reason of docs/api.md's error table (and SERVICE_UNAVAILABLE), so a caller can catch one.
 ERRORS: dict[str, type[CardCheckError]] = {reason: _reason_class(reason) for reason in REASONS}
 InvalidArgument = ERRORS["INVALID_ARGUMENT"]
 Unauthenticated = ERRORS["UNAUTHENTICATED"]

@@ -62,8 +62,8 @@ BOUNDS = RequestBounds(
     max_streams_per_connection=MAX_STREAMS_PER_CONNECTION,
     max_metadata_bytes=MAX_METADATA_BYTES,
 )
-# What the gateway takes from each internal service: report_service answers with Reports and
-# QueryEvents (every outcome so far, cards included), as large as the edge may send; the others
+# What the gateway takes from each internal service: report_service answers with Reports (masked
+# cards) and progress (every outcome so far), as large as the edge may send; the others
 # with a bank list or a verdict, a few KB at most.
 MAX_ANSWER_BYTES = {"report_service": MAX_RESPONSE_BYTES, "bank_connector": 64 * KIB, "notifier": 64 * KIB}
 

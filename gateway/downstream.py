@@ -1,6 +1,7 @@
 """The internal services the gateway calls, each behind a small adapter that speaks gRPC and
 turns a downstream failure into a CardCheckError (a typed refusal relayed unchanged, anything
-else SERVICE_UNAVAILABLE). The flows in gateway/flows.py see only these methods."""
+else SERVICE_UNAVAILABLE). The flows in gateway/flows.py see only these methods, which answer
+in the public messages (gateway.proto, common.proto): the internal ones stop here."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from cardcheck.v1 import (
     report_service_pb2,
     report_service_pb2_grpc,
 )
+from gateway.users import Identity
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class BankDirectory:
         """None when bank_connector cannot be reached."""
         try:
             response = await self._stub.ListBanks(
-                bank_connector_pb2.ListBanksInternalRequest(),
+                bank_connector_pb2.BankConnectorListBanksRequest(),
                 timeout=min(self._timeout, LIST_BANKS_TIMEOUT_S),
             )
         except grpc.aio.AioRpcError as error:
@@ -81,16 +83,18 @@ class ReportDesk:
     async def create_query(
         self,
         user_id: str,
-        subject: report_service_pb2.Subject,
+        subject: Identity,
         bank_codes: list[str],
         agreement_version: str,
         idempotency_key: str,
     ) -> common_pb2.Query:
         try:
-            return await self._stub.CreateQuery(
+            response = await self._stub.CreateQuery(
                 report_service_pb2.CreateQueryRequest(
                     user_id=user_id,
-                    subject=subject,
+                    subject=report_service_pb2.Subject(
+                        name=subject.name, id_number=subject.id_number, phone=subject.phone
+                    ),
                     bank_codes=bank_codes,
                     agreement_version=agreement_version,
                     idempotency_key=idempotency_key,
@@ -99,19 +103,21 @@ class ReportDesk:
             )
         except grpc.aio.AioRpcError as error:
             raise downstream_error(error, "report_service") from None
+        return response.query
 
     async def get_query(self, user_id: str, query_id: str) -> common_pb2.Query:
         try:
-            return await self._stub.GetQuery(
+            response = await self._stub.GetQuery(
                 report_service_pb2.GetQueryRequest(user_id=user_id, query_id=query_id), timeout=self._timeout
             )
         except grpc.aio.AioRpcError as error:
             raise downstream_error(error, "report_service") from None
+        return response.query
 
     async def list_queries(self, user_id: str) -> list[common_pb2.Query]:
         try:
             response = await self._stub.ListQueries(
-                report_service_pb2.ListUserQueriesRequest(user_id=user_id), timeout=self._timeout
+                report_service_pb2.ReportServiceListQueriesRequest(user_id=user_id), timeout=self._timeout
             )
         except grpc.aio.AioRpcError as error:
             raise downstream_error(error, "report_service") from None
@@ -119,26 +125,42 @@ class ReportDesk:
 
     async def get_report(self, user_id: str, query_id: str) -> common_pb2.Report:
         try:
-            return await self._stub.GetReport(
-                report_service_pb2.GetQueryRequest(user_id=user_id, query_id=query_id), timeout=self._timeout
+            response = await self._stub.GetReport(
+                report_service_pb2.ReportServiceGetReportRequest(user_id=user_id, query_id=query_id),
+                timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as error:
             raise downstream_error(error, "report_service") from None
+        return response.report
 
     async def watch(
         self, user_id: str, query_id: str, deadline_s: float
     ) -> AsyncIterator[gateway_pb2.QueryEvent]:
-        """The query's events; the upstream stream ends after `deadline_s` at the latest."""
+        """The query's events; the upstream stream ends after `deadline_s` at the latest. Progress
+        only: report_service's stream has no field for a card, so none can reach a watcher."""
         call = self._stub.WatchQuery(
-            report_service_pb2.GetQueryRequest(user_id=user_id, query_id=query_id), timeout=deadline_s
+            report_service_pb2.ReportServiceWatchQueryRequest(user_id=user_id, query_id=query_id),
+            timeout=deadline_s,
         )
         try:
-            async for event in call:
-                yield event
+            async for progress in call:
+                yield query_event(progress)
         except grpc.aio.AioRpcError as error:
             raise downstream_error(error, "report_service") from None
         finally:
             call.cancel()  # the watcher went away: stop the upstream stream too
+
+
+def _outcome(progress: report_service_pb2.BankProgress) -> common_pb2.BankOutcome:
+    return common_pb2.BankOutcome(bank_code=progress.bank_code, kind=progress.kind, detail=progress.detail)
+
+
+def query_event(progress: report_service_pb2.ReportServiceWatchQueryResponse) -> gateway_pb2.QueryEvent:
+    """The public event of one step of a query's progress (its `cards` stay empty)."""
+    event = gateway_pb2.QueryEvent(query=progress.query, outcomes=[_outcome(o) for o in progress.outcomes])
+    if progress.HasField("outcome"):
+        event.outcome.CopyFrom(_outcome(progress.outcome))
+    return event
 
 
 class SmsSender:

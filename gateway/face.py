@@ -18,7 +18,7 @@ class FaceVerifier(Protocol):
 
 
 class SandboxFaceVerifier:
-    """The sandbox identity of API.md: exactly `sandbox:pass` passes, anything else fails."""
+    """The sandbox identity of docs/api.md: exactly `sandbox:pass` passes, anything else fails."""
 
     async def verify(self, user_id: str, face_token: str) -> bool:
         return hmac.compare_digest(face_token.encode(), SANDBOX_PASS.encode())

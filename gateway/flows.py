@@ -19,7 +19,7 @@ from cardcheck.runtime.database import Database
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
 from cardcheck.runtime.keys import KeyedHash
 from cardcheck.runtime.settings import Settings
-from cardcheck.v1 import common_pb2, gateway_pb2, report_service_pb2
+from cardcheck.v1 import common_pb2, gateway_pb2
 from gateway import validation
 from gateway.agreement import CURRENT, Agreement
 from gateway.challenges import Challenges, IssuedChallenge
@@ -381,9 +381,7 @@ class Gateway:
         _annotate({"cardcheck.query.bank_count": len(bank_codes)})
         query = await self._reports.create_query(
             user_id,
-            report_service_pb2.Subject(
-                name=identity.name, id_number=identity.id_number, phone=identity.phone
-            ),
+            identity,
             bank_codes,
             self.agreement.version,
             idempotency_key,
@@ -412,14 +410,10 @@ class Gateway:
             # stream itself at the lifetime, the deadline is there should it not.
             deadline_s = self._watches.remaining(watch).total_seconds() + WATCH_DEADLINE_MARGIN_S
             upstream = self._reports.watch(user_id, query_id, deadline_s)
+            # Progress only (which banks answered, never their cards, which GetReport shows
+            # behind the payment password): report_service's stream carries no card at all.
             async with contextlib.aclosing(self._watches.guarded(watch, claims, upstream)) as events:
                 async for event in events:
-                    # Progress only: which banks answered, never their cards, which GetReport
-                    # shows behind the payment password.
-                    if event.HasField("outcome"):
-                        event.outcome.ClearField("cards")
-                    for outcome in event.outcomes:
-                        outcome.ClearField("cards")
                     yield event
 
     async def list_queries(self, token: str | None) -> list[common_pb2.Query]:

@@ -37,8 +37,8 @@ def _timestamp(instant: datetime | None) -> timestamp_pb2.Timestamp | None:
     return stamp
 
 
-def _delivery_pb(delivery: Delivery) -> notifier_pb2.Delivery:
-    return notifier_pb2.Delivery(
+def _delivery_pb(delivery: Delivery) -> notifier_pb2.GetDeliveryResponse:
+    return notifier_pb2.GetDeliveryResponse(
         message_id=delivery.message_id,
         kind=notifier_pb2.MessageKind.Value(_KIND_PREFIX + delivery.kind),
         status=_STATUS[delivery.status],

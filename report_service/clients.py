@@ -20,7 +20,7 @@ from report_service.reports import BankOutcome, MaskedCard
 NOTIFIER_TIMEOUT_S = 10.0
 
 
-def outcome_from_pb(message: common_pb2.BankOutcome) -> BankOutcome:
+def outcome_from_pb(message: bank_connector_pb2.FanOutResponse) -> BankOutcome:
     try:
         kind = common_pb2.BankOutcomeKind.Name(message.kind).removeprefix("BANK_OUTCOME_KIND_")
     except ValueError:

@@ -10,12 +10,14 @@ from google.protobuf import timestamp_pb2
 from opentelemetry import propagate
 
 from cardcheck.runtime.errors import handles_errors
-from cardcheck.v1 import common_pb2, gateway_pb2, report_service_pb2_grpc
+from cardcheck.v1 import common_pb2, report_service_pb2, report_service_pb2_grpc
 from report_service.queries import Changes, Query, QueryStore, Subject
 from report_service.reports import BankOutcome, MaskedCard, Report, bank_display_name
 from report_service.worker import QueryWorker
 
 WATCH_POLL_S = 0.1  # the fallback for changes made by another replica
+
+Progress = report_service_pb2.ReportServiceWatchQueryResponse
 
 _STATUS = {
     "PENDING": common_pb2.QUERY_STATUS_PENDING,
@@ -59,11 +61,11 @@ def _card_pb(card: MaskedCard) -> common_pb2.MaskedCard:
     )
 
 
-def outcome_pb(outcome: BankOutcome) -> common_pb2.BankOutcome:
-    return common_pb2.BankOutcome(
+def progress_pb(outcome: BankOutcome) -> report_service_pb2.BankProgress:
+    """How far the bank got, without its cards: WatchQuery carries no card at all."""
+    return report_service_pb2.BankProgress(
         bank_code=outcome.bank_code,
         kind=common_pb2.BankOutcomeKind.Value("BANK_OUTCOME_KIND_" + outcome.kind),
-        cards=[_card_pb(card) for card in outcome.cards],
         detail=outcome.detail,
     )
 
@@ -120,20 +122,22 @@ class ReportServiceServicer(report_service_pb2_grpc.ReportServiceServicer):
             self._worker.run_accepted(query, subject, trace_context)
         elif created:
             self._worker.wake()
-        return query_pb(query)
+        return report_service_pb2.CreateQueryResponse(query=query_pb(query))
 
     @handles_errors
     async def GetQuery(self, request, context):
-        return query_pb(await self._store.get(request.user_id, request.query_id))
+        query = await self._store.get(request.user_id, request.query_id)
+        return report_service_pb2.GetQueryResponse(query=query_pb(query))
 
     @handles_errors
     async def ListQueries(self, request, context):
         queries = await self._store.list(request.user_id) if request.user_id else []
-        return gateway_pb2.ListQueriesResponse(queries=[query_pb(q) for q in queries])
+        return report_service_pb2.ReportServiceListQueriesResponse(queries=[query_pb(q) for q in queries])
 
     @handles_errors
     async def GetReport(self, request, context):
-        return report_pb(await self._store.report(request.user_id, request.query_id))
+        report = await self._store.report(request.user_id, request.query_id)
+        return report_service_pb2.ReportServiceGetReportResponse(report=report_pb(report))
 
     @handles_errors
     async def WatchQuery(self, request, context):
@@ -143,7 +147,7 @@ class ReportServiceServicer(report_service_pb2_grpc.ReportServiceServicer):
         worker, and polling the database for what another replica's worker records."""
         changed = self._changes.current()
         query, outcomes = await self._store.snapshot(request.user_id, request.query_id)
-        yield gateway_pb2.QueryEvent(query=query_pb(query), outcomes=[outcome_pb(o) for o in outcomes])
+        yield Progress(query=query_pb(query), outcomes=[progress_pb(o) for o in outcomes])
         seen = {o.bank_code: o for o in outcomes}
         last = query
         while query.pending:
@@ -151,12 +155,12 @@ class ReportServiceServicer(report_service_pb2_grpc.ReportServiceServicer):
                 await asyncio.wait_for(changed.wait(), WATCH_POLL_S)
             changed = self._changes.current()
             query, outcomes = await self._store.snapshot(request.user_id, request.query_id)
-            so_far = [outcome_pb(o) for o in outcomes]
+            so_far = [progress_pb(o) for o in outcomes]
             for outcome, message in zip(outcomes, so_far, strict=True):
                 if seen.get(outcome.bank_code) != outcome:
                     seen[outcome.bank_code] = outcome
                     last = query
-                    yield gateway_pb2.QueryEvent(query=query_pb(query), outcome=message, outcomes=so_far)
+                    yield Progress(query=query_pb(query), outcome=message, outcomes=so_far)
             if query != last:  # a change with no new outcome, e.g. the query finished
                 last = query
-                yield gateway_pb2.QueryEvent(query=query_pb(query), outcomes=so_far)
+                yield Progress(query=query_pb(query), outcomes=so_far)

@@ -421,7 +421,7 @@ async def test_a_card_its_issuer_holds_under_another_name_is_not_confirmed(start
 async def test_list_banks_marks_unreachable_banks_unavailable(start_connector):
     dead = f"127.0.0.1:{free_port()}"
     connector = await start_connector(JLYLB=dead)
-    response = await connector.stub.ListBanks(bank_connector_pb2.ListBanksInternalRequest(), timeout=5)
+    response = await connector.stub.ListBanks(bank_connector_pb2.BankConnectorListBanksRequest(), timeout=5)
     banks = {b.code: b for b in response.banks}
     assert list(banks) == list(BANK_CODES)
     assert not banks["JLYLB"].available
@@ -434,7 +434,7 @@ async def test_list_banks_caches_reachability_for_a_few_seconds(start_connector)
     # A bank server that comes up later: unavailable until the cached answer has expired.
     port = free_port()
     connector = await start_connector(JLYLB=f"127.0.0.1:{port}")
-    request = bank_connector_pb2.ListBanksInternalRequest()
+    request = bank_connector_pb2.BankConnectorListBanksRequest()
 
     async def jlylb_available() -> bool:
         response = await connector.stub.ListBanks(request, timeout=5)
@@ -491,11 +491,11 @@ async def test_no_full_card_number_crosses_the_wire_or_reaches_a_span(start_conn
     wire = b"\n".join(frames)
     masked = Counter()
     for raw in frames:
-        outcome = common_pb2.BankOutcome.FromString(raw)
+        outcome = bank_connector_pb2.FanOutResponse.FromString(raw)
         masked[outcome.kind] += 1
         assert all(len(c.first4) == 4 and len(c.last4) == 4 for c in outcome.cards)
     assert masked[ANSWERED] == len(frames)
-    assert sum(len(common_pb2.BankOutcome.FromString(raw).cards) for raw in frames) > 50
+    assert sum(len(bank_connector_pb2.FanOutResponse.FromString(raw).cards) for raw in frames) > 50
     for record in RECORDS:
         assert record.pan.encode() not in wire
         assert record.pan[:8].encode() not in wire and record.pan[-8:].encode() not in wire
@@ -585,7 +585,7 @@ def test_the_process_serves_and_stops_with_exit_code_0_on_sigterm(tmp_path):
                 assert time.monotonic() < deadline, "bank_connector did not start serving"
                 time.sleep(0.1)
             stub = bank_connector_pb2_grpc.BankConnectorStub(channel)
-            banks = stub.ListBanks(bank_connector_pb2.ListBanksInternalRequest(), timeout=5).banks
+            banks = stub.ListBanks(bank_connector_pb2.BankConnectorListBanksRequest(), timeout=5).banks
             assert len(banks) == len(BANK_CODES) and not any(b.available for b in banks)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0

@@ -296,7 +296,7 @@ async def test_the_breaker_opens_fails_fast_then_probes_and_closes_again(bank_si
     assert (fast.kind, fast.detail, fast.attempts) == (CIRCUIT_OPEN, "CIRCUIT_OPEN", 0)
     assert all(o.kind == ANSWERED for o in outcomes if o.bank_code != DEMO_BANK)
     assert (await bank_sim.state()).calls == before  # not asked at all
-    banks = (await connector.stub.ListBanks(bank_connector_pb2.ListBanksInternalRequest(), timeout=10)).banks
+    banks = (await connector.stub.ListBanks(bank_connector_pb2.BankConnectorListBanksRequest(), timeout=10)).banks
     assert not next(b for b in banks if b.code == DEMO_BANK).available
 
     # open interval over, the bank still down: the probe fails and the breaker opens again

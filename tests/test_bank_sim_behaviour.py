@@ -46,7 +46,7 @@ def lookup_request(bank: str = DEMO_BANK) -> bank_pb2.LookupCardsRequest:
     return bank_pb2.LookupCardsRequest(bank_code=bank, id_number=DEMO.id_number, name=DEMO.name)
 
 
-async def set_behaviour(control, banks=(), reset=False, **fields) -> bank_pb2.BankSimState:
+async def set_behaviour(control, banks=(), reset=False, **fields) -> bank_pb2.SetBehaviourResponse:
     request = bank_pb2.SetBehaviourRequest(bank_codes=list(banks), behaviour=bank_pb2.BankBehaviour(**fields), reset=reset)
     return await control.SetBehaviour(request, timeout=10)
 

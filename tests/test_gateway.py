@@ -47,6 +47,7 @@ from cardcheck.v1 import (
     gateway_pb2_grpc,
     notifier_pb2,
     notifier_pb2_grpc,
+    report_service_pb2,
     report_service_pb2_grpc,
 )
 from gateway.agreement import CURRENT
@@ -105,7 +106,7 @@ class FakeBankConnector(bank_connector_pb2_grpc.BankConnectorServicer):
         return bank_connector_pb2.VerifyRealNameResponse(confirmed=bank is not None, bank_code=bank or "")
 
     async def ListBanks(self, request, context):
-        return bank_connector_pb2.ListBanksInternalResponse(
+        return bank_connector_pb2.BankConnectorListBanksResponse(
             banks=[
                 common_pb2.Bank(
                     code=b.code, name=b.name, kind=b.kind, available=b.code not in self.unavailable
@@ -141,7 +142,7 @@ class FakeReportService(report_service_pb2_grpc.ReportServiceServicer):
             await abort(context, self.refusal)
         key = (request.user_id, request.idempotency_key)
         if key in self.by_key:
-            return self.queries[self.by_key[key]][1]
+            return report_service_pb2.CreateQueryResponse(query=self.queries[self.by_key[key]][1])
         query = common_pb2.Query(
             query_id=uuid.uuid4().hex,
             status=common_pb2.QUERY_STATUS_PENDING,
@@ -152,7 +153,7 @@ class FakeReportService(report_service_pb2_grpc.ReportServiceServicer):
         )
         self.queries[query.query_id] = (request.user_id, query)
         self.by_key[key] = query.query_id
-        return query
+        return report_service_pb2.CreateQueryResponse(query=query)
 
     def _own(self, user_id: str, query_id: str) -> common_pb2.Query | None:
         owner, query = self.queries.get(query_id, (None, None))
@@ -162,18 +163,18 @@ class FakeReportService(report_service_pb2_grpc.ReportServiceServicer):
         query = self._own(request.user_id, request.query_id)
         if query is None:
             await abort(context, CardCheckError("NOT_FOUND"))
-        return query
+        return report_service_pb2.GetQueryResponse(query=query)
 
     async def ListQueries(self, request, context):
         mine = [q for owner, q in self.queries.values() if owner == request.user_id]
-        return gateway_pb2.ListQueriesResponse(queries=list(reversed(mine)))
+        return report_service_pb2.ReportServiceListQueriesResponse(queries=list(reversed(mine)))
 
     async def WatchQuery(self, request, context):
         query = self._own(request.user_id, request.query_id)
         if query is None:
             await abort(context, CardCheckError("NOT_FOUND"))
         self.watch_deadlines.append(context.time_remaining())
-        yield gateway_pb2.QueryEvent(query=query)
+        yield report_service_pb2.ReportServiceWatchQueryResponse(query=query)
         if self.hold_watches:
             self.watches_open += 1
             try:
@@ -187,23 +188,19 @@ class FakeReportService(report_service_pb2_grpc.ReportServiceServicer):
         done.CopyFrom(query)
         done.status = common_pb2.QUERY_STATUS_READY
         done.banks_answered = done.banks_total
-        answered = common_pb2.BankOutcome(
-            bank_code="ICBC",
-            kind=common_pb2.BANK_OUTCOME_KIND_ANSWERED,
-            cards=[common_pb2.MaskedCard(bank_code="ICBC", card_type=common_pb2.CARD_TYPE_DEBIT, first4="6222",
-                                         last4="0001")],
-        )
-        yield gateway_pb2.QueryEvent(query=done, outcome=answered, outcomes=[answered])
+        answered = report_service_pb2.BankProgress(bank_code="ICBC", kind=common_pb2.BANK_OUTCOME_KIND_ANSWERED)
+        yield report_service_pb2.ReportServiceWatchQueryResponse(query=done, outcome=answered, outcomes=[answered])
 
     async def GetReport(self, request, context):
         self.report_calls.append(request)
         if self._own(request.user_id, request.query_id) is None:
             await abort(context, CardCheckError("NOT_FOUND"))
-        return common_pb2.Report(
+        report = common_pb2.Report(
             query_id=request.query_id,
             summary=[common_pb2.BankSummary(bank_code="ICBC", bank_name="中国工商银行", debit_count=1)],
             notice="请做到不出租、出借、出售银行卡",
         )
+        return report_service_pb2.ReportServiceGetReportResponse(report=report)
 
 
 # --- the harness ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Property: whatever a client sends to any public RPC of a real gateway (arbitrary unicode in
 every string, unknown enum numbers, long repeated fields, random metadata and session tokens,
 random bytes as the message itself), the answer is a response or a documented refusal: never
-INTERNAL or UNKNOWN, never a reason API.md does not list, always with its ErrorInfo and zh-CN
+INTERNAL or UNKNOWN, never a reason docs/api.md does not list, always with its ErrorInfo and zh-CN
 message (and a BadRequest or RetryInfo where the reason calls for one), and the gateway keeps
 serving.
 
@@ -32,7 +32,7 @@ from tests.test_gateway import ALICE, BOB, CAROL, PASSWORD, Stack, fakes, start_
 EXAMPLES_PER_RPC = 50
 RAW_EXAMPLES = 120
 
-# API.md's error table.
+# docs/api.md's error table.
 DOCUMENTED = {
     "INVALID_ARGUMENT",
     "UNAUTHENTICATED",

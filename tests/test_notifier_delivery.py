@@ -91,7 +91,7 @@ class Running:
     stub: notifier_pb2_grpc.NotifierStub
     channel: grpc.aio.Channel
 
-    async def delivery(self, message_id: str) -> notifier_pb2.Delivery:
+    async def delivery(self, message_id: str) -> notifier_pb2.GetDeliveryResponse:
         return await self.stub.GetDelivery(notifier_pb2.GetDeliveryRequest(message_id=message_id))
 
     async def close(self) -> None:

@@ -179,7 +179,7 @@ async def test_report_ready_sms_arrives_once_after_the_notifier_process_restarts
     banks = sorted({r.bank for r in records if r.id_number == person.id_number})
 
     assert await notifier.terminate() == 0  # SIGTERM: a graceful stop
-    query = await reports.CreateQuery(
+    created = await reports.CreateQuery(
         report_service_pb2.CreateQueryRequest(
             user_id="user-1",
             subject=report_service_pb2.Subject(
@@ -190,12 +190,13 @@ async def test_report_ready_sms_arrives_once_after_the_notifier_process_restarts
             idempotency_key="outage-1",
         )
     )
+    query = created.query
 
     async def ready():
         reply = await reports.GetQuery(
             report_service_pb2.GetQueryRequest(user_id="user-1", query_id=query.query_id)
         )
-        return reply.status == common_pb2.QUERY_STATUS_READY
+        return reply.query.status == common_pb2.QUERY_STATUS_READY
 
     await eventually(ready, what="the query READY")  # the outage blocks nothing
     assert not any(kind == "REPORT_READY" for kind, _ in _notifier_rows(tmp_path, database_url))

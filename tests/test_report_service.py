@@ -23,6 +23,7 @@ from cardcheck.runtime.errors import CardCheckError, from_rpc_error
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import (
+    bank_connector_pb2,
     bank_connector_pb2_grpc,
     common_pb2,
     notifier_pb2,
@@ -48,7 +49,7 @@ def _card(bank: str, card_type: int, first4: str, last4: str) -> common_pb2.Mask
 
 
 SCRIPT = {
-    "ICBC": common_pb2.BankOutcome(
+    "ICBC": bank_connector_pb2.FanOutResponse(
         bank_code="ICBC",
         kind=ANSWERED,
         cards=[
@@ -56,18 +57,18 @@ SCRIPT = {
             _card("ICBC", common_pb2.CARD_TYPE_CREDIT, "6253", "8765"),
         ],
     ),
-    "CMB": common_pb2.BankOutcome(bank_code="CMB", kind=ANSWERED),  # answered: no cards
-    "BOC": common_pb2.BankOutcome(
+    "CMB": bank_connector_pb2.FanOutResponse(bank_code="CMB", kind=ANSWERED),  # answered: no cards
+    "BOC": bank_connector_pb2.FanOutResponse(
         bank_code="BOC", kind=ANSWERED, cards=[_card("BOC", common_pb2.CARD_TYPE_DEBIT, "6217", "0042")]
     ),
 }
-TIMED_OUT = common_pb2.BankOutcome(
+TIMED_OUT = bank_connector_pb2.FanOutResponse(
     bank_code="BOC", kind=common_pb2.BANK_OUTCOME_KIND_TIMED_OUT, detail="DEADLINE_EXCEEDED"
 )
 
 
-def _outcome(bank: str, kind: int, detail: str = "") -> common_pb2.BankOutcome:
-    return common_pb2.BankOutcome(bank_code=bank, kind=kind, detail=detail)
+def _outcome(bank: str, kind: int, detail: str = "") -> bank_connector_pb2.FanOutResponse:
+    return bank_connector_pb2.FanOutResponse(bank_code=bank, kind=kind, detail=detail)
 
 
 class FakeBankConnector(bank_connector_pb2_grpc.BankConnectorServicer):
@@ -94,7 +95,7 @@ class FakeBankConnector(bank_connector_pb2_grpc.BankConnectorServicer):
             gate = self.gates.get(bank)
             if gate is not None:
                 await gate.wait()
-            scripted = self.script.get(bank, common_pb2.BankOutcome(bank_code=bank, kind=ANSWERED))
+            scripted = self.script.get(bank, bank_connector_pb2.FanOutResponse(bank_code=bank, kind=ANSWERED))
             if isinstance(scripted, list):
                 scripted = scripted.pop(0) if len(scripted) > 1 else scripted[0]
             yield scripted
@@ -191,7 +192,7 @@ class Rig:
             await close()
 
     async def create(self, banks=("ICBC", "CMB", "BOC"), key="k-1", user=USER, stub=None) -> common_pb2.Query:
-        return await (stub or self.stub).CreateQuery(
+        response = await (stub or self.stub).CreateQuery(
             report_service_pb2.CreateQueryRequest(
                 user_id=user,
                 subject=SUBJECT,
@@ -200,12 +201,14 @@ class Rig:
                 idempotency_key=key,
             )
         )
+        return response.query
 
     async def get(self, query_id: str, user: str = USER) -> common_pb2.Query:
-        return await self.stub.GetQuery(report_service_pb2.GetQueryRequest(user_id=user, query_id=query_id))
+        return (await self.stub.GetQuery(report_service_pb2.GetQueryRequest(user_id=user, query_id=query_id))).query
 
     async def report(self, query_id: str, user: str = USER) -> common_pb2.Report:
-        return await self.stub.GetReport(report_service_pb2.GetQueryRequest(user_id=user, query_id=query_id))
+        request = report_service_pb2.ReportServiceGetReportRequest(user_id=user, query_id=query_id)
+        return (await self.stub.GetReport(request)).report
 
     async def messages(self) -> list[notifier_pb2.Message]:
         return list((await self.inbox.ListMessages(notifier_pb2.ListMessagesRequest(phone=PHONE))).messages)
@@ -340,7 +343,7 @@ async def test_accepted_query_becomes_ready_with_its_report_and_one_sms(rig):
     assert "4321" not in messages[0].body
     assert rig.banks.asked == [["ICBC", "CMB", "BOC"]]
 
-    listed = await rig.stub.ListQueries(report_service_pb2.ListUserQueriesRequest(user_id=USER))
+    listed = await rig.stub.ListQueries(report_service_pb2.ReportServiceListQueriesRequest(user_id=USER))
     assert [q.query_id for q in listed.queries] == [accepted.query_id]
 
     # The execution and its fan-out belong to the trace of the request that submitted the query.
@@ -416,7 +419,7 @@ async def test_same_idempotency_key_returns_the_same_query(rig):
     await status_is(rig, first.query_id, common_pb2.QUERY_STATUS_READY)
     again = await rig.create(key="same")  # after READY: still that query, not a cooldown refusal
     assert again.query_id == first.query_id
-    listed = await rig.stub.ListQueries(report_service_pb2.ListUserQueriesRequest(user_id=USER))
+    listed = await rig.stub.ListQueries(report_service_pb2.ReportServiceListQueriesRequest(user_id=USER))
     assert len(listed.queries) == 1
     assert [e for e, _ in rig.audit_events(first.query_id)].count("query.accepted") == 1
 
@@ -440,7 +443,7 @@ async def test_cooldown_after_a_report(rig):
     rig.clock.advance(timedelta(microseconds=1))
     second = await rig.create(key="2")
     assert second.query_id != first.query_id
-    listed = await rig.stub.ListQueries(report_service_pb2.ListUserQueriesRequest(user_id=USER))
+    listed = await rig.stub.ListQueries(report_service_pb2.ReportServiceListQueriesRequest(user_id=USER))
     assert [q.query_id for q in listed.queries] == [second.query_id, first.query_id]
 
 
@@ -593,7 +596,7 @@ async def test_report_expires_after_seven_natural_days(rig):
     assert rig.rows("SELECT count(*) FROM rs_reports") == [(0,)]
     assert rig.rows("SELECT length(subject_sealed) FROM rs_queries") == [(0,)]
     assert rig.rows("SELECT count(*) FROM rs_bank_outcomes WHERE cards_sealed IS NOT NULL") == [(0,)]
-    listed = await rig.stub.ListQueries(report_service_pb2.ListUserQueriesRequest(user_id=USER))
+    listed = await rig.stub.ListQueries(report_service_pb2.ReportServiceListQueriesRequest(user_id=USER))
     assert [q.status for q in listed.queries] == [common_pb2.QUERY_STATUS_EXPIRED]
     assert await rig.parts.worker.sweep() == []
     assert [e for e, _ in rig.audit_events(query.query_id)][-1] == "report.deleted"
@@ -661,21 +664,21 @@ async def test_nothing_personal_in_clear_in_the_database(rig):
 async def test_another_users_query_is_not_found(rig):
     query = await rig.create()
     await status_is(rig, query.query_id, common_pb2.QUERY_STATUS_READY)
-    for call in (
-        rig.stub.GetQuery,
-        rig.stub.GetReport,
+    for call, request in (
+        (rig.stub.GetQuery, report_service_pb2.GetQueryRequest),
+        (rig.stub.GetReport, report_service_pb2.ReportServiceGetReportRequest),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await call(report_service_pb2.GetQueryRequest(user_id="u-2", query_id=query.query_id))
+            await call(request(user_id="u-2", query_id=query.query_id))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         assert _reason(caught.value) == "NOT_FOUND"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in rig.stub.WatchQuery(
-            report_service_pb2.GetQueryRequest(user_id="u-2", query_id=query.query_id)
+            report_service_pb2.ReportServiceWatchQueryRequest(user_id="u-2", query_id=query.query_id)
         ):
             pass
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    listed = await rig.stub.ListQueries(report_service_pb2.ListUserQueriesRequest(user_id="u-2"))
+    listed = await rig.stub.ListQueries(report_service_pb2.ReportServiceListQueriesRequest(user_id="u-2"))
     assert list(listed.queries) == []
     assert "report.viewed" not in [e for e, _ in rig.audit_events(query.query_id)]
 
@@ -700,7 +703,8 @@ async def test_bad_bank_codes_are_refused(rig, banks, status, reason):
 
 
 async def _watch(stub, query_id: str, events: list) -> None:
-    async for event in stub.WatchQuery(report_service_pb2.GetQueryRequest(user_id=USER, query_id=query_id)):
+    request = report_service_pb2.ReportServiceWatchQueryRequest(user_id=USER, query_id=query_id)
+    async for event in stub.WatchQuery(request):
         events.append(event)
 
 
@@ -719,15 +723,19 @@ async def test_watch_streams_each_outcome_until_the_query_leaves_pending(rig):
     assert [e.outcome.bank_code for e in with_outcome] == ["ICBC", "CMB", "BOC"]
     assert [len(e.outcomes) for e in with_outcome] == [1, 2, 3]
     assert [e.query.banks_answered for e in with_outcome] == [1, 2, 3]
-    assert with_outcome[0].outcome.cards[0].last4 == "4321"
-    assert with_outcome[2].outcome.cards[0].last4 == "0042"
+    # Progress only: the stream has no field for a card; the cards are in the report.
+    assert "cards" not in type(events[0]).DESCRIPTOR.fields_by_name
+    assert "cards" not in type(events[0].outcome).DESCRIPTOR.fields_by_name
+    assert [e.outcome.kind for e in with_outcome] == [ANSWERED] * 3
+    report = await rig.report(query.query_id)
+    assert sorted(c.last4 for c in report.cards) == ["0042", "4321", "8765"]
     assert events[-1].query.status == common_pb2.QUERY_STATUS_READY
 
     # A late watcher gets the whole state in one event, and the stream ends.
     late = [
         e
         async for e in rig.stub.WatchQuery(
-            report_service_pb2.GetQueryRequest(user_id=USER, query_id=query.query_id)
+            report_service_pb2.ReportServiceWatchQueryRequest(user_id=USER, query_id=query.query_id)
         )
     ]
     assert len(late) == 1 and len(late[0].outcomes) == 3

@@ -304,7 +304,7 @@ async def mesh_factory(tmp_path, database_url):
 
 
 async def _create(stub, i: int, banks=BANKS) -> common_pb2.Query:
-    return await stub.CreateQuery(
+    response = await stub.CreateQuery(
         report_service_pb2.CreateQueryRequest(
             user_id=f"user-{i}",
             subject=person(i),
@@ -314,12 +314,14 @@ async def _create(stub, i: int, banks=BANKS) -> common_pb2.Query:
         ),
         timeout=10,
     )
+    return response.query
 
 
 async def _get(stub, query_id: str, i: int) -> common_pb2.Query:
-    return await stub.GetQuery(
+    response = await stub.GetQuery(
         report_service_pb2.GetQueryRequest(user_id=f"user-{i}", query_id=query_id), timeout=5
     )
+    return response.query
 
 
 async def _exactly_one_report_and_sms(mesh: Mesh, stub, query_id: str, i: int) -> None:
@@ -332,7 +334,8 @@ async def _exactly_one_report_and_sms(mesh: Mesh, stub, query_id: str, i: int) -
     )
     assert mesh.rows("SELECT count(*) FROM rs_reports WHERE query_id = :q", q=query_id) == [(1,)]
     assert [m.kind for m in await mesh.sms(person(i).phone)] == ["REPORT_READY"]
-    report = await stub.GetReport(report_service_pb2.GetQueryRequest(user_id=f"user-{i}", query_id=query_id))
+    request = report_service_pb2.ReportServiceGetReportRequest(user_id=f"user-{i}", query_id=query_id)
+    report = (await stub.GetReport(request)).report
     assert [s.bank_code for s in report.summary] == list(BANKS) and not report.unavailable_banks
 
 

@@ -124,7 +124,7 @@ CASES = [
             )
         ),
         lambda ch: report_service_pb2_grpc.ReportServiceStub(ch).ListQueries(
-            report_service_pb2.ListUserQueriesRequest(user_id="u1")
+            report_service_pb2.ReportServiceListQueriesRequest(user_id="u1")
         ),
         lambda ch: report_service_pb2_grpc.ReportServiceStub(ch).CreateQuery(
             report_service_pb2.CreateQueryRequest(
@@ -236,28 +236,29 @@ async def test_junk_under_the_limit_gets_one_bounded_refusal(serve, case: Case) 
 async def test_watches_count_towards_the_concurrency_cap_which_recovers_when_one_ends(serve) -> None:
     channel = await serve("report_service", max_concurrent_rpcs={"report_service": 3})
     stub = report_service_pb2_grpc.ReportServiceStub(channel)
-    query = await stub.CreateQuery(
+    created = await stub.CreateQuery(
         report_service_pb2.CreateQueryRequest(
             user_id="u1", subject=SUBJECT, bank_codes=["ICBC"], agreement_version="v1", idempotency_key="k1"
         )
     )
-    watches = [stub.WatchQuery(report_service_pb2.GetQueryRequest(user_id="u1", query_id=query.query_id)) for _ in range(3)]
+    watch = report_service_pb2.ReportServiceWatchQueryRequest(user_id="u1", query_id=created.query.query_id)
+    watches = [stub.WatchQuery(watch) for _ in range(3)]
     for watch in watches:
         await watch.read()  # each under way: the query stays PENDING (bank_connector is unreachable)
     for _ in range(3):
-        error = await _status(stub.ListQueries(report_service_pb2.ListUserQueriesRequest(user_id="u1")))
+        error = await _status(stub.ListQueries(report_service_pb2.ReportServiceListQueriesRequest(user_id="u1")))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
         assert "Concurrent RPC limit exceeded" in error.details()
     watches[0].cancel()
     for _ in range(100):  # the server sees the cancellation a moment later
         try:
-            listed = await stub.ListQueries(report_service_pb2.ListUserQueriesRequest(user_id="u1"))
+            listed = await stub.ListQueries(report_service_pb2.ReportServiceListQueriesRequest(user_id="u1"))
             break
         except grpc.aio.AioRpcError as error:
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             await asyncio.sleep(0.02)
     else:
         pytest.fail("the cap never let a call through again")
-    assert [q.query_id for q in listed.queries] == [query.query_id]
+    assert [q.query_id for q in listed.queries] == [created.query.query_id]
     for watch in watches[1:]:
         watch.cancel()

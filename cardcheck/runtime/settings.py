@@ -1,4 +1,4 @@
-"""One validated settings object, read from the environment (the variables of API.md)."""
+"""One validated settings object, read from the environment (the variables of the README's Configuration)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cardcheck.v1 import common_pb2 as cardcheck_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cardcheck/v1/bank_connector.proto\x12\x0c\x63\x61rdcheck.v1\x1a\x19\x63\x61rdcheck/v1/common.proto\"a\n\rFanOutRequest\x12\x11\n\tid_number\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nbank_codes\x18\x03 \x03(\t\x12\x1b\n\x13per_bank_timeout_ms\x18\x04 \x01(\x05\"\\\n\x15VerifyRealNameRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tid_number\x18\x03 \x01(\t\x12\r\n\x05phone\x18\x04 \x01(\t\">\n\x16VerifyRealNameResponse\x12\x11\n\tconfirmed\x18\x01 \x01(\x08\x12\x11\n\tbank_code\x18\x02 \x01(\t\"\x1a\n\x18ListBanksInternalRequest\">\n\x19ListBanksInternalResponse\x12!\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x12.cardcheck.v1.Bank\"\x16\n\x14GetBankHealthRequest\"\xa0\x02\n\nBankHealth\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x03\x12\x10\n\x08\x66\x61ilures\x18\x03 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\x04 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x06 \x01(\x01\x12\x15\n\rbreaker_state\x18\x07 \x01(\t\x12\x0f\n\x07retries\x18\x08 \x01(\x03\x12\x17\n\x0fshort_circuited\x18\t \x01(\x03\x12\x18\n\x10\x62reaker_openings\x18\n \x01(\x03\x12\x11\n\tin_flight\x18\x0b \x01(\x05\x12\x19\n\x11\x63oncurrency_limit\x18\x0c \x01(\x05\x12\x0f\n\x07waiting\x18\r \x01(\x05\"\x8c\x01\n\x15GetBankHealthResponse\x12\'\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x18.cardcheck.v1.BankHealth\x12\x17\n\x0frequests_active\x18\x02 \x01(\x05\x12\x17\n\x0frequests_queued\x18\x03 \x01(\x05\x12\x18\n\x10requests_refused\x18\x04 \x01(\x03\x32\xe8\x02\n\rBankConnector\x12\x42\n\x06\x46\x61nOut\x12\x1b.cardcheck.v1.FanOutRequest\x1a\x19.cardcheck.v1.BankOutcome0\x01\x12[\n\x0eVerifyRealName\x12#.cardcheck.v1.VerifyRealNameRequest\x1a$.cardcheck.v1.VerifyRealNameResponse\x12\\\n\tListBanks\x12&.cardcheck.v1.ListBanksInternalRequest\x1a\'.cardcheck.v1.ListBanksInternalResponse\x12X\n\rGetBankHealth\x12\".cardcheck.v1.GetBankHealthRequest\x1a#.cardcheck.v1.GetBankHealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cardcheck/v1/bank_connector.proto\x12\x0c\x63\x61rdcheck.v1\x1a\x19\x63\x61rdcheck/v1/common.proto\"a\n\rFanOutRequest\x12\x11\n\tid_number\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nbank_codes\x18\x03 \x03(\t\x12\x1b\n\x13per_bank_timeout_ms\x18\x04 \x01(\x05\"\xaf\x01\n\x0e\x46\x61nOutResponse\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.cardcheck.v1.BankOutcomeKind\x12\'\n\x05\x63\x61rds\x18\x03 \x03(\x0b\x32\x18.cardcheck.v1.MaskedCard\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x12\n\nlatency_ms\x18\x06 \x01(\x03\"\\\n\x15VerifyRealNameRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tid_number\x18\x03 \x01(\t\x12\r\n\x05phone\x18\x04 \x01(\t\">\n\x16VerifyRealNameResponse\x12\x11\n\tconfirmed\x18\x01 \x01(\x08\x12\x11\n\tbank_code\x18\x02 \x01(\t\"\x1f\n\x1d\x42\x61nkConnectorListBanksRequest\"C\n\x1e\x42\x61nkConnectorListBanksResponse\x12!\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x12.cardcheck.v1.Bank\"\x16\n\x14GetBankHealthRequest\"\xa0\x02\n\nBankHealth\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x03\x12\x10\n\x08\x66\x61ilures\x18\x03 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\x04 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x06 \x01(\x01\x12\x15\n\rbreaker_state\x18\x07 \x01(\t\x12\x0f\n\x07retries\x18\x08 \x01(\x03\x12\x17\n\x0fshort_circuited\x18\t \x01(\x03\x12\x18\n\x10\x62reaker_openings\x18\n \x01(\x03\x12\x11\n\tin_flight\x18\x0b \x01(\x05\x12\x19\n\x11\x63oncurrency_limit\x18\x0c \x01(\x05\x12\x0f\n\x07waiting\x18\r \x01(\x05\"\x8c\x01\n\x15GetBankHealthResponse\x12\'\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x18.cardcheck.v1.BankHealth\x12\x17\n\x0frequests_active\x18\x02 \x01(\x05\x12\x17\n\x0frequests_queued\x18\x03 \x01(\x05\x12\x18\n\x10requests_refused\x18\x04 \x01(\x03\x32\xf5\x02\n\rBankConnector\x12\x45\n\x06\x46\x61nOut\x12\x1b.cardcheck.v1.FanOutRequest\x1a\x1c.cardcheck.v1.FanOutResponse0\x01\x12[\n\x0eVerifyRealName\x12#.cardcheck.v1.VerifyRealNameRequest\x1a$.cardcheck.v1.VerifyRealNameResponse\x12\x66\n\tListBanks\x12+.cardcheck.v1.BankConnectorListBanksRequest\x1a,.cardcheck.v1.BankConnectorListBanksResponse\x12X\n\rGetBankHealth\x12\".cardcheck.v1.GetBankHealthRequest\x1a#.cardcheck.v1.GetBankHealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +34,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FANOUTREQUEST']._serialized_start=78
   _globals['_FANOUTREQUEST']._serialized_end=175
-  _globals['_VERIFYREALNAMEREQUEST']._serialized_start=177
-  _globals['_VERIFYREALNAMEREQUEST']._serialized_end=269
-  _globals['_VERIFYREALNAMERESPONSE']._serialized_start=271
-  _globals['_VERIFYREALNAMERESPONSE']._serialized_end=333
-  _globals['_LISTBANKSINTERNALREQUEST']._serialized_start=335
-  _globals['_LISTBANKSINTERNALREQUEST']._serialized_end=361
-  _globals['_LISTBANKSINTERNALRESPONSE']._serialized_start=363
-  _globals['_LISTBANKSINTERNALRESPONSE']._serialized_end=425
-  _globals['_GETBANKHEALTHREQUEST']._serialized_start=427
-  _globals['_GETBANKHEALTHREQUEST']._serialized_end=449
-  _globals['_BANKHEALTH']._serialized_start=452
-  _globals['_BANKHEALTH']._serialized_end=740
-  _globals['_GETBANKHEALTHRESPONSE']._serialized_start=743
-  _globals['_GETBANKHEALTHRESPONSE']._serialized_end=883
-  _globals['_BANKCONNECTOR']._serialized_start=886
-  _globals['_BANKCONNECTOR']._serialized_end=1246
+  _globals['_FANOUTRESPONSE']._serialized_start=178
+  _globals['_FANOUTRESPONSE']._serialized_end=353
+  _globals['_VERIFYREALNAMEREQUEST']._serialized_start=355
+  _globals['_VERIFYREALNAMEREQUEST']._serialized_end=447
+  _globals['_VERIFYREALNAMERESPONSE']._serialized_start=449
+  _globals['_VERIFYREALNAMERESPONSE']._serialized_end=511
+  _globals['_BANKCONNECTORLISTBANKSREQUEST']._serialized_start=513
+  _globals['_BANKCONNECTORLISTBANKSREQUEST']._serialized_end=544
+  _globals['_BANKCONNECTORLISTBANKSRESPONSE']._serialized_start=546
+  _globals['_BANKCONNECTORLISTBANKSRESPONSE']._serialized_end=613
+  _globals['_GETBANKHEALTHREQUEST']._serialized_start=615
+  _globals['_GETBANKHEALTHREQUEST']._serialized_end=637
+  _globals['_BANKHEALTH']._serialized_start=640
+  _globals['_BANKHEALTH']._serialized_end=928
+  _globals['_GETBANKHEALTHRESPONSE']._serialized_start=931
+  _globals['_GETBANKHEALTHRESPONSE']._serialized_end=1071
+  _globals['_BANKCONNECTOR']._serialized_start=1074
+  _globals['_BANKCONNECTOR']._serialized_end=1447
 # @@protoc_insertion_point(module_scope)

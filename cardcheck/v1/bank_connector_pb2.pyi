@@ -19,6 +19,22 @@ class FanOutRequest(_message.Message):
     per_bank_timeout_ms: int
     def __init__(self, id_number: _Optional[str] = ..., name: _Optional[str] = ..., bank_codes: _Optional[_Iterable[str]] = ..., per_bank_timeout_ms: _Optional[int] = ...) -> None: ...
 
+class FanOutResponse(_message.Message):
+    __slots__ = ("bank_code", "kind", "cards", "detail", "attempts", "latency_ms")
+    BANK_CODE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CARDS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    bank_code: str
+    kind: _common_pb2.BankOutcomeKind
+    cards: _containers.RepeatedCompositeFieldContainer[_common_pb2.MaskedCard]
+    detail: str
+    attempts: int
+    latency_ms: int
+    def __init__(self, bank_code: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.BankOutcomeKind, str]] = ..., cards: _Optional[_Iterable[_Union[_common_pb2.MaskedCard, _Mapping]]] = ..., detail: _Optional[str] = ..., attempts: _Optional[int] = ..., latency_ms: _Optional[int] = ...) -> None: ...
+
 class VerifyRealNameRequest(_message.Message):
     __slots__ = ("card_number", "name", "id_number", "phone")
     CARD_NUMBER_FIELD_NUMBER: _ClassVar[int]
@@ -39,11 +55,11 @@ class VerifyRealNameResponse(_message.Message):
     bank_code: str
     def __init__(self, confirmed: _Optional[bool] = ..., bank_code: _Optional[str] = ...) -> None: ...
 
-class ListBanksInternalRequest(_message.Message):
+class BankConnectorListBanksRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class ListBanksInternalResponse(_message.Message):
+class BankConnectorListBanksResponse(_message.Message):
     __slots__ = ("banks",)
     BANKS_FIELD_NUMBER: _ClassVar[int]
     banks: _containers.RepeatedCompositeFieldContainer[_common_pb2.Bank]

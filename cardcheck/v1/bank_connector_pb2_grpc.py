@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from cardcheck.v1 import bank_connector_pb2 as cardcheck_dot_v1_dot_bank__connector__pb2
-from cardcheck.v1 import common_pb2 as cardcheck_dot_v1_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -27,7 +26,11 @@ if _version_not_supported:
 
 
 class BankConnectorStub:
-    """Internal: the only service that talks to banks. Full card numbers from banks end here.
+    """Internal: the only service that talks to banks. Full card numbers from banks end here: what
+    leaves it is masked (bank, type, first 4 and last 4 digits). Called by report_service
+    (FanOut) and the gateway (VerifyRealName, ListBanks); no call needs a session. FanOut and
+    VerifyRealName wait their turn in its admission: past its queue they are refused
+    RESOURCE_EXHAUSTED, reason SERVICE_BUSY, with a RetryInfo.
     """
 
     def __init__(self, channel):
@@ -39,7 +42,7 @@ class BankConnectorStub:
         self.FanOut = channel.unary_stream(
                 '/cardcheck.v1.BankConnector/FanOut',
                 request_serializer=cardcheck_dot_v1_dot_bank__connector__pb2.FanOutRequest.SerializeToString,
-                response_deserializer=cardcheck_dot_v1_dot_common__pb2.BankOutcome.FromString,
+                response_deserializer=cardcheck_dot_v1_dot_bank__connector__pb2.FanOutResponse.FromString,
                 _registered_method=True)
         self.VerifyRealName = channel.unary_unary(
                 '/cardcheck.v1.BankConnector/VerifyRealName',
@@ -48,8 +51,8 @@ class BankConnectorStub:
                 _registered_method=True)
         self.ListBanks = channel.unary_unary(
                 '/cardcheck.v1.BankConnector/ListBanks',
-                request_serializer=cardcheck_dot_v1_dot_bank__connector__pb2.ListBanksInternalRequest.SerializeToString,
-                response_deserializer=cardcheck_dot_v1_dot_bank__connector__pb2.ListBanksInternalResponse.FromString,
+                request_serializer=cardcheck_dot_v1_dot_bank__connector__pb2.BankConnectorListBanksRequest.SerializeToString,
+                response_deserializer=cardcheck_dot_v1_dot_bank__connector__pb2.BankConnectorListBanksResponse.FromString,
                 _registered_method=True)
         self.GetBankHealth = channel.unary_unary(
                 '/cardcheck.v1.BankConnector/GetBankHealth',
@@ -59,11 +62,18 @@ class BankConnectorStub:
 
 
 class BankConnectorServicer:
-    """Internal: the only service that talks to banks. Full card numbers from banks end here.
+    """Internal: the only service that talks to banks. Full card numbers from banks end here: what
+    leaves it is masked (bank, type, first 4 and last 4 digits). Called by report_service
+    (FanOut) and the gateway (VerifyRealName, ListBanks); no call needs a session. FanOut and
+    VerifyRealName wait their turn in its admission: past its queue they are refused
+    RESOURCE_EXHAUSTED, reason SERVICE_BUSY, with a RetryInfo.
     """
 
     def FanOut(self, request, context):
-        """Asks every named bank in parallel; streams each bank's outcome as it arrives.
+        """Asks every named bank in parallel; streams each bank's outcome as it arrives, then ends OK
+        (a bank that fails is an outcome, not an error of the call). Refusals: INVALID_ARGUMENT
+        (BadRequest on `id_number`, `name`, `bank_codes`, `per_bank_timeout_ms`), UNKNOWN_BANK
+        (metadata `bank_code`), SERVICE_BUSY.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,20 +88,24 @@ class BankConnectorServicer:
         with this BIN" and ErrorInfo metadata `cause: UNKNOWN_ISSUER` for a well-formed number
         whose BIN no bank claims (no bank is asked);
         - SERVICE_UNAVAILABLE when the issuer cannot be asked (down, breaker open, out of time, a
-        malformed answer): the check is undecided.
+        malformed answer): the check is undecided;
+        - SERVICE_BUSY.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListBanks(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The 24 banks and which of them answer now: available when its address answers a health
+        check (cached briefly) and its circuit breaker is not open.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetBankHealth(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Operators' view of each bank's calls, breaker and bulkhead, and of the admission queue.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -102,7 +116,7 @@ def add_BankConnectorServicer_to_server(servicer, server):
             'FanOut': grpc.unary_stream_rpc_method_handler(
                     servicer.FanOut,
                     request_deserializer=cardcheck_dot_v1_dot_bank__connector__pb2.FanOutRequest.FromString,
-                    response_serializer=cardcheck_dot_v1_dot_common__pb2.BankOutcome.SerializeToString,
+                    response_serializer=cardcheck_dot_v1_dot_bank__connector__pb2.FanOutResponse.SerializeToString,
             ),
             'VerifyRealName': grpc.unary_unary_rpc_method_handler(
                     servicer.VerifyRealName,
@@ -111,8 +125,8 @@ def add_BankConnectorServicer_to_server(servicer, server):
             ),
             'ListBanks': grpc.unary_unary_rpc_method_handler(
                     servicer.ListBanks,
-                    request_deserializer=cardcheck_dot_v1_dot_bank__connector__pb2.ListBanksInternalRequest.FromString,
-                    response_serializer=cardcheck_dot_v1_dot_bank__connector__pb2.ListBanksInternalResponse.SerializeToString,
+                    request_deserializer=cardcheck_dot_v1_dot_bank__connector__pb2.BankConnectorListBanksRequest.FromString,
+                    response_serializer=cardcheck_dot_v1_dot_bank__connector__pb2.BankConnectorListBanksResponse.SerializeToString,
             ),
             'GetBankHealth': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBankHealth,
@@ -128,7 +142,11 @@ def add_BankConnectorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class BankConnector:
-    """Internal: the only service that talks to banks. Full card numbers from banks end here.
+    """Internal: the only service that talks to banks. Full card numbers from banks end here: what
+    leaves it is masked (bank, type, first 4 and last 4 digits). Called by report_service
+    (FanOut) and the gateway (VerifyRealName, ListBanks); no call needs a session. FanOut and
+    VerifyRealName wait their turn in its admission: past its queue they are refused
+    RESOURCE_EXHAUSTED, reason SERVICE_BUSY, with a RetryInfo.
     """
 
     @staticmethod
@@ -147,7 +165,7 @@ class BankConnector:
             target,
             '/cardcheck.v1.BankConnector/FanOut',
             cardcheck_dot_v1_dot_bank__connector__pb2.FanOutRequest.SerializeToString,
-            cardcheck_dot_v1_dot_common__pb2.BankOutcome.FromString,
+            cardcheck_dot_v1_dot_bank__connector__pb2.FanOutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -200,8 +218,8 @@ class BankConnector:
             request,
             target,
             '/cardcheck.v1.BankConnector/ListBanks',
-            cardcheck_dot_v1_dot_bank__connector__pb2.ListBanksInternalRequest.SerializeToString,
-            cardcheck_dot_v1_dot_bank__connector__pb2.ListBanksInternalResponse.FromString,
+            cardcheck_dot_v1_dot_bank__connector__pb2.BankConnectorListBanksRequest.SerializeToString,
+            cardcheck_dot_v1_dot_bank__connector__pb2.BankConnectorListBanksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -83,11 +83,23 @@ class SetBehaviourRequest(_message.Message):
     reset: bool
     def __init__(self, bank_codes: _Optional[_Iterable[str]] = ..., behaviour: _Optional[_Union[BankBehaviour, _Mapping]] = ..., reset: _Optional[bool] = ...) -> None: ...
 
+class SetBehaviourResponse(_message.Message):
+    __slots__ = ("banks",)
+    BANKS_FIELD_NUMBER: _ClassVar[int]
+    banks: _containers.RepeatedCompositeFieldContainer[SimulatedBankState]
+    def __init__(self, banks: _Optional[_Iterable[_Union[SimulatedBankState, _Mapping]]] = ...) -> None: ...
+
 class GetBehaviourRequest(_message.Message):
     __slots__ = ("bank_codes",)
     BANK_CODES_FIELD_NUMBER: _ClassVar[int]
     bank_codes: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, bank_codes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetBehaviourResponse(_message.Message):
+    __slots__ = ("banks",)
+    BANKS_FIELD_NUMBER: _ClassVar[int]
+    banks: _containers.RepeatedCompositeFieldContainer[SimulatedBankState]
+    def __init__(self, banks: _Optional[_Iterable[_Union[SimulatedBankState, _Mapping]]] = ...) -> None: ...
 
 class SimulatedBankState(_message.Message):
     __slots__ = ("bank_code", "behaviour", "calls", "refused", "failed", "in_flight", "address", "lookup_calls", "verify_calls")
@@ -110,9 +122,3 @@ class SimulatedBankState(_message.Message):
     lookup_calls: int
     verify_calls: int
     def __init__(self, bank_code: _Optional[str] = ..., behaviour: _Optional[_Union[BankBehaviour, _Mapping]] = ..., calls: _Optional[int] = ..., refused: _Optional[int] = ..., failed: _Optional[int] = ..., in_flight: _Optional[int] = ..., address: _Optional[str] = ..., lookup_calls: _Optional[int] = ..., verify_calls: _Optional[int] = ...) -> None: ...
-
-class BankSimState(_message.Message):
-    __slots__ = ("banks",)
-    BANKS_FIELD_NUMBER: _ClassVar[int]
-    banks: _containers.RepeatedCompositeFieldContainer[SimulatedBankState]
-    def __init__(self, banks: _Optional[_Iterable[_Union[SimulatedBankState, _Mapping]]] = ...) -> None: ...

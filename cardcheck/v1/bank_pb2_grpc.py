@@ -28,6 +28,8 @@ if _version_not_supported:
 class IssuingBankStub:
     """The bank-side protocol: what each bank (or bank_sim standing in for all 24) answers.
     Full card numbers cross this interface; only bank_connector is its client.
+    Calls need no session; a bank may fail any call (UNAVAILABLE, RESOURCE_EXHAUSTED, a hang, a
+    malformed answer), which bank_connector's deadlines, retries and breakers absorb.
     """
 
     def __init__(self, channel):
@@ -51,16 +53,23 @@ class IssuingBankStub:
 class IssuingBankServicer:
     """The bank-side protocol: what each bank (or bank_sim standing in for all 24) answers.
     Full card numbers cross this interface; only bank_connector is its client.
+    Calls need no session; a bank may fail any call (UNAVAILABLE, RESOURCE_EXHAUSTED, a hang, a
+    malformed answer), which bank_connector's deadlines, retries and breakers absorb.
     """
 
     def LookupCards(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The cards the bank holds for the person (none when it knows no such person). bank_sim
+        refuses a missing `id_number` or `name` INVALID_ARGUMENT and a bank it does not serve
+        NOT_FOUND (metadata `bank_code`).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def VerifyCard(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Whether the bank issued the card, and to this name, ID number and reserved phone.
+        Refusals as LookupCards'.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -89,6 +98,8 @@ def add_IssuingBankServicer_to_server(servicer, server):
 class IssuingBank:
     """The bank-side protocol: what each bank (or bank_sim standing in for all 24) answers.
     Full card numbers cross this interface; only bank_connector is its client.
+    Calls need no session; a bank may fail any call (UNAVAILABLE, RESOURCE_EXHAUSTED, a hang, a
+    malformed answer), which bank_connector's deadlines, retries and breakers absorb.
     """
 
     @staticmethod
@@ -149,6 +160,7 @@ class IssuingBank:
 class BankSimControlStub:
     """bank_sim only: how each simulated bank behaves, read and changed at runtime (chaos tests,
     demos). A real bank has no such service.
+    No call needs a session: bank_sim runs in test and demo meshes only.
     """
 
     def __init__(self, channel):
@@ -160,29 +172,33 @@ class BankSimControlStub:
         self.SetBehaviour = channel.unary_unary(
                 '/cardcheck.v1.BankSimControl/SetBehaviour',
                 request_serializer=cardcheck_dot_v1_dot_bank__pb2.SetBehaviourRequest.SerializeToString,
-                response_deserializer=cardcheck_dot_v1_dot_bank__pb2.BankSimState.FromString,
+                response_deserializer=cardcheck_dot_v1_dot_bank__pb2.SetBehaviourResponse.FromString,
                 _registered_method=True)
         self.GetBehaviour = channel.unary_unary(
                 '/cardcheck.v1.BankSimControl/GetBehaviour',
                 request_serializer=cardcheck_dot_v1_dot_bank__pb2.GetBehaviourRequest.SerializeToString,
-                response_deserializer=cardcheck_dot_v1_dot_bank__pb2.BankSimState.FromString,
+                response_deserializer=cardcheck_dot_v1_dot_bank__pb2.GetBehaviourResponse.FromString,
                 _registered_method=True)
 
 
 class BankSimControlServicer:
     """bank_sim only: how each simulated bank behaves, read and changed at runtime (chaos tests,
     demos). A real bank has no such service.
+    No call needs a session: bank_sim runs in test and demo meshes only.
     """
 
     def SetBehaviour(self, request, context):
         """Changes the behaviour of the named banks (none named = every bank) and returns their state.
+        Refusals: INVALID_ARGUMENT (BadRequest on `bank_codes` for an unknown code or more than 96,
+        on `behaviour.<field>` for a value out of range).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetBehaviour(self, request, context):
-        """The behaviour and call counters of the named banks (none named = every bank).
+        """The behaviour and call counters of the named banks (none named = every bank). Refusals:
+        INVALID_ARGUMENT as SetBehaviour's on `bank_codes`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,12 +210,12 @@ def add_BankSimControlServicer_to_server(servicer, server):
             'SetBehaviour': grpc.unary_unary_rpc_method_handler(
                     servicer.SetBehaviour,
                     request_deserializer=cardcheck_dot_v1_dot_bank__pb2.SetBehaviourRequest.FromString,
-                    response_serializer=cardcheck_dot_v1_dot_bank__pb2.BankSimState.SerializeToString,
+                    response_serializer=cardcheck_dot_v1_dot_bank__pb2.SetBehaviourResponse.SerializeToString,
             ),
             'GetBehaviour': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBehaviour,
                     request_deserializer=cardcheck_dot_v1_dot_bank__pb2.GetBehaviourRequest.FromString,
-                    response_serializer=cardcheck_dot_v1_dot_bank__pb2.BankSimState.SerializeToString,
+                    response_serializer=cardcheck_dot_v1_dot_bank__pb2.GetBehaviourResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -212,6 +228,7 @@ def add_BankSimControlServicer_to_server(servicer, server):
 class BankSimControl:
     """bank_sim only: how each simulated bank behaves, read and changed at runtime (chaos tests,
     demos). A real bank has no such service.
+    No call needs a session: bank_sim runs in test and demo meshes only.
     """
 
     @staticmethod
@@ -230,7 +247,7 @@ class BankSimControl:
             target,
             '/cardcheck.v1.BankSimControl/SetBehaviour',
             cardcheck_dot_v1_dot_bank__pb2.SetBehaviourRequest.SerializeToString,
-            cardcheck_dot_v1_dot_bank__pb2.BankSimState.FromString,
+            cardcheck_dot_v1_dot_bank__pb2.SetBehaviourResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -257,7 +274,7 @@ class BankSimControl:
             target,
             '/cardcheck.v1.BankSimControl/GetBehaviour',
             cardcheck_dot_v1_dot_bank__pb2.GetBehaviourRequest.SerializeToString,
-            cardcheck_dot_v1_dot_bank__pb2.BankSimState.FromString,
+            cardcheck_dot_v1_dot_bank__pb2.GetBehaviourResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,14 @@ if _version_not_supported:
 
 
 class CardCheckStub:
-    """The public edge. Authenticated calls carry metadata `authorization: Bearer <session_token>`.
+    """The public edge. Calls that need a session carry metadata
+    `authorization: Bearer <session_token>` (from Register or SignIn); without a live one they
+    are refused UNAUTHENTICATED. Every refusal is a google.rpc.Status with an ErrorInfo (domain
+    `cardcheck.v1`, a reason of the error table) and a zh-CN LocalizedMessage; INVALID_ARGUMENT
+    also carries a BadRequest naming the fields, RESOURCE_EXHAUSTED a RetryInfo. A dependency out
+    of reach is UNAVAILABLE, reason SERVICE_UNAVAILABLE. Each caller, session and user is rate
+    limited (RATE_LIMITED, with a RetryInfo and ErrorInfo metadata `limit`: caller, session,
+    user, and `retry_after_seconds`).
     """
 
     def __init__(self, channel):
@@ -94,60 +101,88 @@ class CardCheckStub:
 
 
 class CardCheckServicer:
-    """The public edge. Authenticated calls carry metadata `authorization: Bearer <session_token>`.
+    """The public edge. Calls that need a session carry metadata
+    `authorization: Bearer <session_token>` (from Register or SignIn); without a live one they
+    are refused UNAUTHENTICATED. Every refusal is a google.rpc.Status with an ErrorInfo (domain
+    `cardcheck.v1`, a reason of the error table) and a zh-CN LocalizedMessage; INVALID_ARGUMENT
+    also carries a BadRequest naming the fields, RESOURCE_EXHAUSTED a RetryInfo. A dependency out
+    of reach is UNAVAILABLE, reason SERVICE_UNAVAILABLE. Each caller, session and user is rate
+    limited (RATE_LIMITED, with a RetryInfo and ErrorInfo metadata `limit`: caller, session,
+    user, and `retry_after_seconds`).
     """
 
     def ListBanks(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The 24 banks and which of them answer now (all unavailable when bank_connector cannot be
+        reached). No session.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAgreement(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The consent agreement the user must accept before a query. No session.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RequestSmsCode(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Sends a 6-digit code by SMS. No session for REGISTER and SIGN_IN (to the phone given); a
+        session for QUERY_AUTH (to the account's phone). Refusals: INVALID_ARGUMENT (`phone`,
+        `purpose`), UNAUTHENTICATED (QUERY_AUTH), RATE_LIMITED (per caller, session, user and
+        phone), SERVICE_UNAVAILABLE (the code cannot be sent).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Register(self, request, context):
-        """Opens an account for a real-name user. The card's real-name check asks the card's issuing
-        bank alone (told by its BIN). Beyond API.md's refusals: a well-formed card number whose BIN
-        no supported bank issues is INVALID_ARGUMENT with a BadRequest violation on `card_number`
-        ("no supported bank issues cards with this BIN") and ErrorInfo metadata
-        `cause: UNKNOWN_ISSUER`; the issuer out of reach is UNAVAILABLE (SERVICE_UNAVAILABLE).
+        """Opens an account for a real-name user. No session. The card's real-name check asks the
+        card's issuing bank alone (told by its BIN). Refusals: INVALID_ARGUMENT (any field; also a
+        well-formed card number whose BIN no supported bank issues: a BadRequest violation on
+        `card_number`, "no supported bank issues cards with this BIN", ErrorInfo metadata
+        `cause: UNKNOWN_ISSUER`), REGION_NOT_SUPPORTED, VERIFICATION_FAILED (the SMS code),
+        REAL_NAME_CHECK_FAILED (the bank did not confirm card, name, ID and phone),
+        ALREADY_REGISTERED, RATE_LIMITED, SERVICE_UNAVAILABLE (the issuer out of reach).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SignIn(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Opens a session for a registered phone. No session. Refusals: INVALID_ARGUMENT,
+        VERIFICATION_FAILED (a wrong code, or no account for the phone), RATE_LIMITED.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SignOut(self, request, context):
-        """Revokes the calling session (with `everywhere`, every session of its user).
+        """Revokes the calling session (with `everywhere`, every session of its user). Session.
+        Refusals: UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SubmitQuery(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Submits a query to the banks chosen. Session. Needs consent to the current agreement, a
+        fresh QUERY_AUTH code and a passing face token. The same `idempotency_key` returns the same
+        query. Refusals: INVALID_ARGUMENT, UNKNOWN_BANK, CONSENT_REQUIRED (metadata
+        `agreement_version`: the current one), REGION_NOT_SUPPORTED, VERIFICATION_FAILED (metadata
+        `factor: face` for the face check), QUERY_IN_PROGRESS, COOLDOWN_ACTIVE (metadata
+        `retry_after`: RFC 3339 instant; 7 days after the last report), SERVICE_BUSY (load shed,
+        with RetryInfo), RATE_LIMITED, UNAUTHENTICATED.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchQuery(self, request, context):
         """The query's events until it leaves PENDING: the first tells the state so far, then one per
-        bank outcome or other change; the stream then ends OK. Besides:
+        bank outcome or other change; the stream then ends OK. Session. Progress only: no event
+        carries a card. Refusals: INVALID_ARGUMENT (`query_id`), NOT_FOUND (also another user's
+        query), UNAUTHENTICATED. Besides:
         - Each user may hold a few streams at once (4 by default, over every gateway replica);
         one more is refused RESOURCE_EXHAUSTED, reason RATE_LIMITED, ErrorInfo metadata
         `limit: watch_streams`, with a RetryInfo of when a slot frees at the latest (the first of
@@ -163,13 +198,20 @@ class CardCheckServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListQueries(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The user's queries, newest first. Session. Refusals: UNAUTHENTICATED.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetReport(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The query's report, with its masked cards. Session and the payment password. Refusals:
+        INVALID_ARGUMENT, NOT_FOUND (also another user's query, or a FAILED one),
+        REPORT_NOT_READY, REPORT_EXPIRED, PAYMENT_PASSWORD_INVALID (counted),
+        PAYMENT_PASSWORD_LOCKED (metadata `locked_until` and `lock_stage` with a RetryInfo, or
+        `reset_required: true` once only ResetPaymentPassword helps), SERVICE_BUSY
+        (too many password checks at once), RATE_LIMITED, UNAUTHENTICATED.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -177,7 +219,9 @@ class CardCheckServicer:
     def ResetPaymentPassword(self, request, context):
         """Sets a new payment password and lifts every lock on it (the only way out of the last
         stage of the lockout, PAYMENT_PASSWORD_LOCKED with `reset_required`; also for a forgotten
-        one). Needs the session, a fresh QUERY_AUTH SMS code and a passing face token.
+        one). Session, a fresh QUERY_AUTH SMS code and a passing face token. Refusals:
+        INVALID_ARGUMENT, VERIFICATION_FAILED, RATE_LIMITED (counted with GetReport's attempts),
+        UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -250,7 +294,14 @@ def add_CardCheckServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class CardCheck:
-    """The public edge. Authenticated calls carry metadata `authorization: Bearer <session_token>`.
+    """The public edge. Calls that need a session carry metadata
+    `authorization: Bearer <session_token>` (from Register or SignIn); without a live one they
+    are refused UNAUTHENTICATED. Every refusal is a google.rpc.Status with an ErrorInfo (domain
+    `cardcheck.v1`, a reason of the error table) and a zh-CN LocalizedMessage; INVALID_ARGUMENT
+    also carries a BadRequest naming the fields, RESOURCE_EXHAUSTED a RetryInfo. A dependency out
+    of reach is UNAVAILABLE, reason SERVICE_UNAVAILABLE. Each caller, session and user is rate
+    limited (RATE_LIMITED, with a RetryInfo and ErrorInfo metadata `limit`: caller, session,
+    user, and `retry_after_seconds`).
     """
 
     @staticmethod

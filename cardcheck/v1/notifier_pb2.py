@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61rdcheck/v1/notifier.proto\x12\x0c\x63\x61rdcheck.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x01\n\x0bSendRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\r\n\x05phone\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.cardcheck.v1.MessageKind\x12\x35\n\x06params\x18\x04 \x03(\x0b\x32%.cardcheck.v1.SendRequest.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x0cSendResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.cardcheck.v1.DeliveryStatus\"(\n\x12GetDeliveryRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"\x98\x03\n\x08\x44\x65livery\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.cardcheck.v1.MessageKind\x12,\n\x06status\x18\x03 \x01(\x0e\x32\x1c.cardcheck.v1.DeliveryStatus\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65livered_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x33\n\x0fnext_attempt_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_attempt_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bretry_until\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"$\n\x13ListMessagesRequest\x12\r\n\x05phone\x18\x01 \x01(\t\"x\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05phone\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x14ListMessagesResponse\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.cardcheck.v1.Message*\x87\x01\n\x0bMessageKind\x12\x1c\n\x18MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MESSAGE_KIND_SMS_CODE\x10\x01\x12\x1d\n\x19MESSAGE_KIND_REPORT_READY\x10\x02\x12 \n\x1cMESSAGE_KIND_CONSENT_RECEIPT\x10\x03*\x88\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATUS_QUEUED\x10\x01\x12\x1d\n\x19\x44\x45LIVERY_STATUS_DELIVERED\x10\x02\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x03\x32\xe9\x01\n\x08Notifier\x12=\n\x04Send\x12\x19.cardcheck.v1.SendRequest\x1a\x1a.cardcheck.v1.SendResponse\x12G\n\x0bGetDelivery\x12 .cardcheck.v1.GetDeliveryRequest\x1a\x16.cardcheck.v1.Delivery\x12U\n\x0cListMessages\x12!.cardcheck.v1.ListMessagesRequest\x1a\".cardcheck.v1.ListMessagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61rdcheck/v1/notifier.proto\x12\x0c\x63\x61rdcheck.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x01\n\x0bSendRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\r\n\x05phone\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.cardcheck.v1.MessageKind\x12\x35\n\x06params\x18\x04 \x03(\x0b\x32%.cardcheck.v1.SendRequest.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x0cSendResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.cardcheck.v1.DeliveryStatus\"(\n\x12GetDeliveryRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"\xa3\x03\n\x13GetDeliveryResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.cardcheck.v1.MessageKind\x12,\n\x06status\x18\x03 \x01(\x0e\x32\x1c.cardcheck.v1.DeliveryStatus\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65livered_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x33\n\x0fnext_attempt_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_attempt_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bretry_until\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"$\n\x13ListMessagesRequest\x12\r\n\x05phone\x18\x01 \x01(\t\"x\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05phone\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x14ListMessagesResponse\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.cardcheck.v1.Message*\x87\x01\n\x0bMessageKind\x12\x1c\n\x18MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MESSAGE_KIND_SMS_CODE\x10\x01\x12\x1d\n\x19MESSAGE_KIND_REPORT_READY\x10\x02\x12 \n\x1cMESSAGE_KIND_CONSENT_RECEIPT\x10\x03*\x88\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATUS_QUEUED\x10\x01\x12\x1d\n\x19\x44\x45LIVERY_STATUS_DELIVERED\x10\x02\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x03\x32\xf4\x01\n\x08Notifier\x12=\n\x04Send\x12\x19.cardcheck.v1.SendRequest\x1a\x1a.cardcheck.v1.SendResponse\x12R\n\x0bGetDelivery\x12 .cardcheck.v1.GetDeliveryRequest\x1a!.cardcheck.v1.GetDeliveryResponse\x12U\n\x0cListMessages\x12!.cardcheck.v1.ListMessagesRequest\x1a\".cardcheck.v1.ListMessagesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SENDREQUEST_PARAMSENTRY']._loaded_options = None
   _globals['_SENDREQUEST_PARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_MESSAGEKIND']._serialized_start=1038
-  _globals['_MESSAGEKIND']._serialized_end=1173
-  _globals['_DELIVERYSTATUS']._serialized_start=1176
-  _globals['_DELIVERYSTATUS']._serialized_end=1312
+  _globals['_MESSAGEKIND']._serialized_start=1049
+  _globals['_MESSAGEKIND']._serialized_end=1184
+  _globals['_DELIVERYSTATUS']._serialized_start=1187
+  _globals['_DELIVERYSTATUS']._serialized_end=1323
   _globals['_SENDREQUEST']._serialized_start=79
   _globals['_SENDREQUEST']._serialized_end=275
   _globals['_SENDREQUEST_PARAMSENTRY']._serialized_start=230
@@ -46,14 +46,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SENDRESPONSE']._serialized_end=357
   _globals['_GETDELIVERYREQUEST']._serialized_start=359
   _globals['_GETDELIVERYREQUEST']._serialized_end=399
-  _globals['_DELIVERY']._serialized_start=402
-  _globals['_DELIVERY']._serialized_end=810
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=812
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=848
-  _globals['_MESSAGE']._serialized_start=850
-  _globals['_MESSAGE']._serialized_end=970
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=972
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1035
-  _globals['_NOTIFIER']._serialized_start=1315
-  _globals['_NOTIFIER']._serialized_end=1548
+  _globals['_GETDELIVERYRESPONSE']._serialized_start=402
+  _globals['_GETDELIVERYRESPONSE']._serialized_end=821
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=823
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=859
+  _globals['_MESSAGE']._serialized_start=861
+  _globals['_MESSAGE']._serialized_end=981
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=983
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1046
+  _globals['_NOTIFIER']._serialized_start=1326
+  _globals['_NOTIFIER']._serialized_end=1570
 # @@protoc_insertion_point(module_scope)

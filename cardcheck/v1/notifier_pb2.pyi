@@ -65,7 +65,7 @@ class GetDeliveryRequest(_message.Message):
     message_id: str
     def __init__(self, message_id: _Optional[str] = ...) -> None: ...
 
-class Delivery(_message.Message):
+class GetDeliveryResponse(_message.Message):
     __slots__ = ("message_id", "kind", "status", "attempts", "created_at", "delivered_at", "last_error", "next_attempt_at", "last_attempt_at", "retry_until")
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class NotifierStub:
-    """Internal: every SMS the service sends.
+    """Internal: every SMS the service sends. Called by the gateway (codes, consent receipts) and
+    report_service (report ready); tests and the demo read the sandbox inbox. No call needs a
+    session.
     """
 
     def __init__(self, channel):
@@ -43,7 +45,7 @@ class NotifierStub:
         self.GetDelivery = channel.unary_unary(
                 '/cardcheck.v1.Notifier/GetDelivery',
                 request_serializer=cardcheck_dot_v1_dot_notifier__pb2.GetDeliveryRequest.SerializeToString,
-                response_deserializer=cardcheck_dot_v1_dot_notifier__pb2.Delivery.FromString,
+                response_deserializer=cardcheck_dot_v1_dot_notifier__pb2.GetDeliveryResponse.FromString,
                 _registered_method=True)
         self.ListMessages = channel.unary_unary(
                 '/cardcheck.v1.Notifier/ListMessages',
@@ -53,26 +55,34 @@ class NotifierStub:
 
 
 class NotifierServicer:
-    """Internal: every SMS the service sends.
+    """Internal: every SMS the service sends. Called by the gateway (codes, consent receipts) and
+    report_service (report ready); tests and the demo read the sandbox inbox. No call needs a
+    session.
     """
 
     def Send(self, request, context):
         """Records the message (once per idempotency key) and starts its delivery: DELIVERED when the
         first attempt succeeded in time, QUEUED while it is retried, FAILED once given up (sending
-        the same key again then tries again). RATE_LIMITED (with RetryInfo) past the per-phone cap.
+        the same key again then tries again). Refusals: INVALID_ARGUMENT (BadRequest on
+        `idempotency_key`, also when the key was used for another phone, kind or text; `phone`,
+        `kind`, `params`), RATE_LIMITED (with RetryInfo; metadata `kind`, `window`, `limit`) past
+        the per-phone cap.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetDelivery(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Where one message's delivery stands. Refusals: INVALID_ARGUMENT (empty `message_id`),
+        NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListMessages(self, request, context):
-        """The sandbox inbox: what would have reached a phone. Only in sandbox mode.
+        """The sandbox inbox: what would have reached a phone. Only in sandbox mode: otherwise
+        FAILED_PRECONDITION (an operator's misuse, with no ErrorInfo).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,7 +99,7 @@ def add_NotifierServicer_to_server(servicer, server):
             'GetDelivery': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDelivery,
                     request_deserializer=cardcheck_dot_v1_dot_notifier__pb2.GetDeliveryRequest.FromString,
-                    response_serializer=cardcheck_dot_v1_dot_notifier__pb2.Delivery.SerializeToString,
+                    response_serializer=cardcheck_dot_v1_dot_notifier__pb2.GetDeliveryResponse.SerializeToString,
             ),
             'ListMessages': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMessages,
@@ -105,7 +115,9 @@ def add_NotifierServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Notifier:
-    """Internal: every SMS the service sends.
+    """Internal: every SMS the service sends. Called by the gateway (codes, consent receipts) and
+    report_service (report ready); tests and the demo read the sandbox inbox. No call needs a
+    session.
     """
 
     @staticmethod
@@ -151,7 +163,7 @@ class Notifier:
             target,
             '/cardcheck.v1.Notifier/GetDelivery',
             cardcheck_dot_v1_dot_notifier__pb2.GetDeliveryRequest.SerializeToString,
-            cardcheck_dot_v1_dot_notifier__pb2.Delivery.FromString,
+            cardcheck_dot_v1_dot_notifier__pb2.GetDeliveryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,8 +3,6 @@
 import grpc
 import warnings
 
-from cardcheck.v1 import common_pb2 as cardcheck_dot_v1_dot_common__pb2
-from cardcheck.v1 import gateway_pb2 as cardcheck_dot_v1_dot_gateway__pb2
 from cardcheck.v1 import report_service_pb2 as cardcheck_dot_v1_dot_report__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -28,8 +26,10 @@ if _version_not_supported:
 
 
 class ReportServiceStub:
-    """Internal: queries from acceptance to deletion. Called by the gateway on behalf of an
-    authenticated user; every call names that user and only sees that user's queries.
+    """Internal: queries from acceptance to deletion. Called by the gateway on behalf of a user it
+    has authenticated; every call names that user (`user_id`) and only sees that user's
+    queries: another user's query is NOT_FOUND. No call needs a session (the gateway checked
+    it); each answers only what the gateway may pass on to that RPC's caller.
     """
 
     def __init__(self, channel):
@@ -41,61 +41,76 @@ class ReportServiceStub:
         self.CreateQuery = channel.unary_unary(
                 '/cardcheck.v1.ReportService/CreateQuery',
                 request_serializer=cardcheck_dot_v1_dot_report__service__pb2.CreateQueryRequest.SerializeToString,
-                response_deserializer=cardcheck_dot_v1_dot_common__pb2.Query.FromString,
+                response_deserializer=cardcheck_dot_v1_dot_report__service__pb2.CreateQueryResponse.FromString,
                 _registered_method=True)
         self.GetQuery = channel.unary_unary(
                 '/cardcheck.v1.ReportService/GetQuery',
                 request_serializer=cardcheck_dot_v1_dot_report__service__pb2.GetQueryRequest.SerializeToString,
-                response_deserializer=cardcheck_dot_v1_dot_common__pb2.Query.FromString,
+                response_deserializer=cardcheck_dot_v1_dot_report__service__pb2.GetQueryResponse.FromString,
                 _registered_method=True)
         self.ListQueries = channel.unary_unary(
                 '/cardcheck.v1.ReportService/ListQueries',
-                request_serializer=cardcheck_dot_v1_dot_report__service__pb2.ListUserQueriesRequest.SerializeToString,
-                response_deserializer=cardcheck_dot_v1_dot_gateway__pb2.ListQueriesResponse.FromString,
+                request_serializer=cardcheck_dot_v1_dot_report__service__pb2.ReportServiceListQueriesRequest.SerializeToString,
+                response_deserializer=cardcheck_dot_v1_dot_report__service__pb2.ReportServiceListQueriesResponse.FromString,
                 _registered_method=True)
         self.WatchQuery = channel.unary_stream(
                 '/cardcheck.v1.ReportService/WatchQuery',
-                request_serializer=cardcheck_dot_v1_dot_report__service__pb2.GetQueryRequest.SerializeToString,
-                response_deserializer=cardcheck_dot_v1_dot_gateway__pb2.QueryEvent.FromString,
+                request_serializer=cardcheck_dot_v1_dot_report__service__pb2.ReportServiceWatchQueryRequest.SerializeToString,
+                response_deserializer=cardcheck_dot_v1_dot_report__service__pb2.ReportServiceWatchQueryResponse.FromString,
                 _registered_method=True)
         self.GetReport = channel.unary_unary(
                 '/cardcheck.v1.ReportService/GetReport',
-                request_serializer=cardcheck_dot_v1_dot_report__service__pb2.GetQueryRequest.SerializeToString,
-                response_deserializer=cardcheck_dot_v1_dot_common__pb2.Report.FromString,
+                request_serializer=cardcheck_dot_v1_dot_report__service__pb2.ReportServiceGetReportRequest.SerializeToString,
+                response_deserializer=cardcheck_dot_v1_dot_report__service__pb2.ReportServiceGetReportResponse.FromString,
                 _registered_method=True)
 
 
 class ReportServiceServicer:
-    """Internal: queries from acceptance to deletion. Called by the gateway on behalf of an
-    authenticated user; every call names that user and only sees that user's queries.
+    """Internal: queries from acceptance to deletion. Called by the gateway on behalf of a user it
+    has authenticated; every call names that user (`user_id`) and only sees that user's
+    queries: another user's query is NOT_FOUND. No call needs a session (the gateway checked
+    it); each answers only what the gateway may pass on to that RPC's caller.
     """
 
     def CreateQuery(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Accepts a query and starts asking its banks. The same `idempotency_key` from the same user
+        returns the query it first created. Refusals: INVALID_ARGUMENT (BadRequest on `user_id`,
+        `subject.*`, `agreement_version`, `bank_codes`), UNKNOWN_BANK, QUERY_IN_PROGRESS (another
+        query of the user is PENDING), COOLDOWN_ACTIVE (metadata `retry_after`, with RetryInfo).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetQuery(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One query's state. Refusals: NOT_FOUND (also for another user's query).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListQueries(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every query of the user, newest first (none for an empty `user_id`).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchQuery(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The query's progress until it leaves PENDING: the first message tells the state so far,
+        then one per bank outcome that arrives or changes, and one per other change; then the
+        stream ends OK. Progress only, never a card: cards are in GetReport, which the gateway
+        serves behind the payment password. Refusals: NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetReport(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The query's report, decrypted. The gateway has checked the payment password before it
+        calls. Refusals: NOT_FOUND (also for a FAILED query, which has no report),
+        REPORT_NOT_READY (still PENDING), REPORT_EXPIRED (kept its 7 days and deleted).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -106,27 +121,27 @@ def add_ReportServiceServicer_to_server(servicer, server):
             'CreateQuery': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateQuery,
                     request_deserializer=cardcheck_dot_v1_dot_report__service__pb2.CreateQueryRequest.FromString,
-                    response_serializer=cardcheck_dot_v1_dot_common__pb2.Query.SerializeToString,
+                    response_serializer=cardcheck_dot_v1_dot_report__service__pb2.CreateQueryResponse.SerializeToString,
             ),
             'GetQuery': grpc.unary_unary_rpc_method_handler(
                     servicer.GetQuery,
                     request_deserializer=cardcheck_dot_v1_dot_report__service__pb2.GetQueryRequest.FromString,
-                    response_serializer=cardcheck_dot_v1_dot_common__pb2.Query.SerializeToString,
+                    response_serializer=cardcheck_dot_v1_dot_report__service__pb2.GetQueryResponse.SerializeToString,
             ),
             'ListQueries': grpc.unary_unary_rpc_method_handler(
                     servicer.ListQueries,
-                    request_deserializer=cardcheck_dot_v1_dot_report__service__pb2.ListUserQueriesRequest.FromString,
-                    response_serializer=cardcheck_dot_v1_dot_gateway__pb2.ListQueriesResponse.SerializeToString,
+                    request_deserializer=cardcheck_dot_v1_dot_report__service__pb2.ReportServiceListQueriesRequest.FromString,
+                    response_serializer=cardcheck_dot_v1_dot_report__service__pb2.ReportServiceListQueriesResponse.SerializeToString,
             ),
             'WatchQuery': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchQuery,
-                    request_deserializer=cardcheck_dot_v1_dot_report__service__pb2.GetQueryRequest.FromString,
-                    response_serializer=cardcheck_dot_v1_dot_gateway__pb2.QueryEvent.SerializeToString,
+                    request_deserializer=cardcheck_dot_v1_dot_report__service__pb2.ReportServiceWatchQueryRequest.FromString,
+                    response_serializer=cardcheck_dot_v1_dot_report__service__pb2.ReportServiceWatchQueryResponse.SerializeToString,
             ),
             'GetReport': grpc.unary_unary_rpc_method_handler(
                     servicer.GetReport,
-                    request_deserializer=cardcheck_dot_v1_dot_report__service__pb2.GetQueryRequest.FromString,
-                    response_serializer=cardcheck_dot_v1_dot_common__pb2.Report.SerializeToString,
+                    request_deserializer=cardcheck_dot_v1_dot_report__service__pb2.ReportServiceGetReportRequest.FromString,
+                    response_serializer=cardcheck_dot_v1_dot_report__service__pb2.ReportServiceGetReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,8 +152,10 @@ def add_ReportServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ReportService:
-    """Internal: queries from acceptance to deletion. Called by the gateway on behalf of an
-    authenticated user; every call names that user and only sees that user's queries.
+    """Internal: queries from acceptance to deletion. Called by the gateway on behalf of a user it
+    has authenticated; every call names that user (`user_id`) and only sees that user's
+    queries: another user's query is NOT_FOUND. No call needs a session (the gateway checked
+    it); each answers only what the gateway may pass on to that RPC's caller.
     """
 
     @staticmethod
@@ -157,7 +174,7 @@ class ReportService:
             target,
             '/cardcheck.v1.ReportService/CreateQuery',
             cardcheck_dot_v1_dot_report__service__pb2.CreateQueryRequest.SerializeToString,
-            cardcheck_dot_v1_dot_common__pb2.Query.FromString,
+            cardcheck_dot_v1_dot_report__service__pb2.CreateQueryResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -184,7 +201,7 @@ class ReportService:
             target,
             '/cardcheck.v1.ReportService/GetQuery',
             cardcheck_dot_v1_dot_report__service__pb2.GetQueryRequest.SerializeToString,
-            cardcheck_dot_v1_dot_common__pb2.Query.FromString,
+            cardcheck_dot_v1_dot_report__service__pb2.GetQueryResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -210,8 +227,8 @@ class ReportService:
             request,
             target,
             '/cardcheck.v1.ReportService/ListQueries',
-            cardcheck_dot_v1_dot_report__service__pb2.ListUserQueriesRequest.SerializeToString,
-            cardcheck_dot_v1_dot_gateway__pb2.ListQueriesResponse.FromString,
+            cardcheck_dot_v1_dot_report__service__pb2.ReportServiceListQueriesRequest.SerializeToString,
+            cardcheck_dot_v1_dot_report__service__pb2.ReportServiceListQueriesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -237,8 +254,8 @@ class ReportService:
             request,
             target,
             '/cardcheck.v1.ReportService/WatchQuery',
-            cardcheck_dot_v1_dot_report__service__pb2.GetQueryRequest.SerializeToString,
-            cardcheck_dot_v1_dot_gateway__pb2.QueryEvent.FromString,
+            cardcheck_dot_v1_dot_report__service__pb2.ReportServiceWatchQueryRequest.SerializeToString,
+            cardcheck_dot_v1_dot_report__service__pb2.ReportServiceWatchQueryResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -264,8 +281,8 @@ class ReportService:
             request,
             target,
             '/cardcheck.v1.ReportService/GetReport',
-            cardcheck_dot_v1_dot_report__service__pb2.GetQueryRequest.SerializeToString,
-            cardcheck_dot_v1_dot_common__pb2.Report.FromString,
+            cardcheck_dot_v1_dot_report__service__pb2.ReportServiceGetReportRequest.SerializeToString,
+            cardcheck_dot_v1_dot_report__service__pb2.ReportServiceGetReportResponse.FromString,
             options,
             channel_credentials,
             insecure,
