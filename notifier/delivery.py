@@ -11,7 +11,6 @@ with the masked phone only, never the text."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Status, StatusCode
 
 from cardcheck.runtime.logs import mask_phone
+from cardcheck.runtime.waiting import wait_for_event
 from notifier.config import NotifierConfig
 from notifier.messages import FAILED, MessageRow, MessageSealing, MessageStore
 from notifier.providers import DeliveryError, SmsProvider
@@ -137,8 +137,7 @@ class DeliveryWorker:
                 # Every slot taken: the next free slot wakes the loop.
                 await self._wake.wait()
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._config.poll_interval_s)
+            await wait_for_event(self._wake, self._config.poll_interval_s)
 
     # --- attempts -----------------------------------------------------------------------------
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from datetime import datetime
 
 from google.protobuf import timestamp_pb2
 from opentelemetry import propagate
 
 from cardcheck.runtime.errors import handles_errors
+from cardcheck.runtime.waiting import wait_for_event
 from cardcheck.v1 import common_pb2, report_service_pb2, report_service_pb2_grpc
 from report_service.queries import Changes, Query, QueryStore, Subject
 from report_service.reports import BankOutcome, MaskedCard, Report, bank_display_name
@@ -151,8 +150,7 @@ class ReportServiceServicer(report_service_pb2_grpc.ReportServiceServicer):
         seen = {o.bank_code: o for o in outcomes}
         last = query
         while query.pending:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), WATCH_POLL_S)
+            await wait_for_event(changed, WATCH_POLL_S)
             changed = self._changes.current()
             query, outcomes = await self._store.snapshot(request.user_id, request.query_id)
             so_far = [progress_pb(o) for o in outcomes]

@@ -21,6 +21,7 @@ import grpc
 from opentelemetry import propagate, trace
 
 from cardcheck.runtime.errors import from_rpc_error
+from cardcheck.runtime.waiting import wait_for_event
 from report_service.config import RetryPolicy
 from report_service.execution import Claim, ExecutionStore, LeaseLost, Recorded, WorkKey
 from report_service.models import EXECUTE, READY
@@ -151,8 +152,7 @@ class QueryWorker:
                     await self.sweep()
             except Exception:
                 log.exception("worker pass failed; trying again at the next pass")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._pass_interval_s)
+            await wait_for_event(self._wake, self._pass_interval_s)
 
     async def _renew_loop(self) -> None:
         while True:

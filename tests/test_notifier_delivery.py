@@ -24,7 +24,7 @@ from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from notifier.app import NotifierParts, build_parts
 from notifier.config import Cap, NotifierConfig
 from notifier.delivery import Backoff
-from notifier.providers import ConsoleProvider, DeliveryError, OutgoingSms, SmsProvider
+from notifier.providers import ConsoleProvider, DeliveryError, OutgoingSms, SandboxProvider, SmsProvider
 from tests.test_notifier import PHONE, _code_request, _settings
 
 QUEUED = notifier_pb2.DELIVERY_STATUS_QUEUED
@@ -486,3 +486,16 @@ def test_retention_must_outlive_every_retry_window(days):
     with pytest.raises(SettingsError, match="CARDCHECK_SMS_RETENTION_DAYS"):
         NotifierConfig.from_env({"CARDCHECK_SMS_RETENTION_DAYS": days})
     assert NotifierConfig.from_env({"CARDCHECK_SMS_RETENTION_DAYS": "8"}).retention == timedelta(days=8)
+
+
+async def test_the_worker_stops_when_woken_just_as_it_is_stopped(start):
+    """A stop that comes as new work wakes the delivery loop still stops it (a cancellation
+    lost in the loop's wait kept the stop, and the notifier's shutdown, waiting for ever)."""
+    one = await start(SandboxProvider())
+    worker = one.parts.worker
+    for _ in range(5):
+        await asyncio.sleep(0.2)  # the loop has claimed nothing and waits to be woken
+        worker.wake()
+        await asyncio.sleep(0)  # the wait is over, the loop not yet back
+        await asyncio.wait_for(worker.stop(drain_s=1), 5)
+        worker.start()

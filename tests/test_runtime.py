@@ -673,3 +673,24 @@ def test_each_services_bounds_can_be_moved_by_the_environment() -> None:
     ):
         with pytest.raises(SettingsError, match=var):
             Settings.from_env({var: value})
+
+
+async def test_a_wait_on_an_event_cancelled_as_the_event_is_set_is_cancelled():
+    """wait_for_event never drops a cancellation that comes just as the event is set (as
+    asyncio.wait_for does on Python 3.11), so a service loop waiting on it always stops."""
+    from cardcheck.runtime.waiting import wait_for_event
+
+    for spins in range(3):
+        event = asyncio.Event()
+        waiting = asyncio.create_task(wait_for_event(event, 60))
+        await asyncio.sleep(0)
+        event.set()
+        for _ in range(spins):
+            await asyncio.sleep(0)
+        if waiting.done():
+            assert waiting.result() is True
+            continue
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    assert await wait_for_event(asyncio.Event(), 0.01) is False
