@@ -1,11 +1,10 @@
 """Wiring: load (or generate) the dataset, serve IssuingBank for every bank on one port (and, when
 asked, each bank on a port of its own too), and BankSimControl to change how the banks behave.
 
-Start-time behaviour comes from the command line, else the environment:
-  --bank-latency-ms N   / CARDCHECK_BANK_LATENCY_MS     a fixed latency on every bank
-  --profile FILE        / CARDCHECK_BANK_PROFILE        JSON: {"default": {...}, "banks": {"ICBC": {...}}}
-  --port-per-bank BASE  / CARDCHECK_BANK_SIM_PORT_PER_BANK
-                        bank number i of docs/api.md's list (0-based) also listens on BASE + i
+Start-time behaviour comes from the command line, else the environment (bank_sim/config.py):
+  --bank-latency-ms N   a fixed latency on every bank
+  --profile FILE        JSON: {"default": {...}, "banks": {"ICBC": {...}}}
+  --port-per-bank BASE  bank number i of docs/api.md's list (0-based) also listens on BASE + i
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
 from bank_sim.behaviour import BankFloor, Behaviour, BehaviourError, load_profile, starting_behaviours
+from bank_sim.config import HIGHEST_BASE_PORT, HOUR_MS, BankSimConfig
 from bank_sim.issuers import Issuers
 from bank_sim.servicer import BankSimControlServicer, IssuingBankServicer
 from cardcheck import dataset
@@ -44,9 +44,6 @@ from cardcheck.runtime.telemetry import make_tracer_provider, server_interceptor
 from cardcheck.v1 import bank_pb2_grpc
 
 SERVICE = "bank_sim"
-ENV_LATENCY = "CARDCHECK_BANK_LATENCY_MS"
-ENV_PROFILE = "CARDCHECK_BANK_PROFILE"
-ENV_PORT_PER_BANK = "CARDCHECK_BANK_SIM_PORT_PER_BANK"
 log = logging.getLogger(__name__)
 
 # Requests: LookupCards and VerifyCard are under 0.2 KB (a bank code, an ID number, a name, a
@@ -191,7 +188,8 @@ async def build(
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bank_sim", description="The 24 banks, simulated.",
-        epilog=f"Environment: {ENV_LATENCY}, {ENV_PROFILE}, {ENV_PORT_PER_BANK} (the options win).",
+        epilog=f"Environment: {', '.join(BankSimConfig.variable(name) for name in BankSimConfig.model_fields)}"
+        " (the options win).",
     )
     parser.add_argument("--dataset", type=Path, help=f"a {dataset.FORMAT_NAME} file")
     parser.add_argument("--seed", type=int, help=f"generate the cards from this seed (default {dataset.DEFAULT_SEED})")
@@ -206,25 +204,19 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--dataset and --seed/--people exclude each other")
     if args.people is not None and args.people < 1:
         parser.error("--people must be at least 1")
-    if args.bank_latency_ms is not None and not 0 <= args.bank_latency_ms < 3_600_000:
+    if args.bank_latency_ms is not None and not 0 <= args.bank_latency_ms < HOUR_MS:
         parser.error("--bank-latency-ms must be between 0 and an hour")
-    if args.port_per_bank is not None and not 0 < args.port_per_bank <= 65535 - len(BANK_CODES):
-        parser.error(f"--port-per-bank must be a port from 1 to {65535 - len(BANK_CODES)}")
+    if args.port_per_bank is not None and not 0 < args.port_per_bank <= HIGHEST_BASE_PORT:
+        parser.error(f"--port-per-bank must be a port from 1 to {HIGHEST_BASE_PORT}")
     return args
 
 
 def start_options(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[dict[str, Behaviour], int | None]:
     """The banks' starting behaviours and the per-bank base port, from the options, else the
     environment. SettingsError names what is wrong."""
-    latency = args.bank_latency_ms
-    if latency is None and env.get(ENV_LATENCY):
-        try:
-            latency = float(env[ENV_LATENCY])
-        except ValueError:
-            raise SettingsError(f"{ENV_LATENCY}={env[ENV_LATENCY]!r} is not a number") from None
-        if not 0 <= latency < 3_600_000:
-            raise SettingsError(f"{ENV_LATENCY}={env[ENV_LATENCY]!r} must be between 0 and an hour")
-    profile_path = args.profile or (Path(env[ENV_PROFILE]) if env.get(ENV_PROFILE) else None)
+    config = BankSimConfig.from_env(env)
+    latency = config.latency_ms if args.bank_latency_ms is None else args.bank_latency_ms
+    profile_path = args.profile or config.profile
     profile = None
     if profile_path is not None:
         try:
@@ -237,12 +229,7 @@ def start_options(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[dic
         behaviours = starting_behaviours(latency, profile)
     except BehaviourError as error:
         raise SettingsError(f"profile {profile_path}: {error}") from None
-    base = args.port_per_bank
-    if base is None and env.get(ENV_PORT_PER_BANK):
-        raw = env[ENV_PORT_PER_BANK]
-        if not raw.isdigit() or not 0 < int(raw) <= 65535 - len(BANK_CODES):
-            raise SettingsError(f"{ENV_PORT_PER_BANK}={raw!r} is not a port from 1 to {65535 - len(BANK_CODES)}")
-        base = int(raw)
+    base = config.port_per_bank if args.port_per_bank is None else args.port_per_bank
     return behaviours, base
 
 

@@ -1,101 +1,181 @@
-"""The gateway's own settings, read from the environment beside the shared Settings and
-validated the same way: a bad value stops the process before it serves."""
+"""The gateway's own settings, declared beside the shared Settings and validated the same way:
+a bad value stops the process before it serves. docs/configuration.md lists them."""
 
 from __future__ import annotations
 
 import math
-import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Annotated, Any
 
-from cardcheck.runtime.settings import SettingsError, env_number
+from pydantic import Field, field_validator, model_validator
+
+from cardcheck.runtime.declared import DeclaredSettings, Number, refuse
 from gateway.limits import LimitRates, Rate
 from gateway.payment_passwords import usable_cores
 
 _PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 _HEADER = re.compile(r"^[a-z0-9_.-]{1,64}\Z")
+DEFAULT_RESERVE = 3
+
+Positive = Annotated[float, Number(above=0)]
+Count = Annotated[int, Number(integer=True, above=0)]
+Seconds = Annotated[timedelta, Number(above=0, unit=timedelta(seconds=1))]
+Minutes = Annotated[timedelta, Number(above=0, unit=timedelta(minutes=1))]
+Hours = Annotated[timedelta, Number(above=0, unit=timedelta(hours=1))]
+Days = Annotated[timedelta, Number(above=0, unit=timedelta(days=1))]
 
 
-@dataclass(frozen=True)
-class GatewayConfig:
+class GatewayConfig(DeclaredSettings):
+    """The gateway's knobs: rate limits, SMS budgets, payment password lockout, sessions,
+    WatchQuery streams, Redis."""
+
     # Global admission on SubmitQuery: beyond this the gateway sheds load (SERVICE_BUSY).
-    submit_global_rps: float = 50.0
-    submit_global_burst: float = 100.0
+    submit_global_rps: Positive = Field(50.0, description="SubmitQuery calls a second the gateway admits, over all users")
+    submit_global_burst: Positive = Field(100.0, description="the burst of that global admission")
     # Each user's own SubmitQuery budget (RATE_LIMITED): a burst, refilled per minute.
-    submit_user_per_minute: float = 6.0
-    submit_user_burst: float = 10.0
+    submit_user_per_minute: Positive = Field(6.0, description="each user's (and session's) SubmitQuery calls a minute")
+    submit_user_burst: Positive = Field(10.0, description="the burst of each user's SubmitQuery budget")
     # RequestSmsCode (gateway/challenges.py says why this shape). Every purpose: each phone one
-    # code per purpose each CARDCHECK_SMS_RESEND_S (60), each caller a budget
-    # (CARDCHECK_SMS_CALLER_PER_HOUR, _BURST). QUERY_AUTH besides only the signed-in session's
-    # and user's budgets (CARDCHECK_SMS_USER_PER_HOUR, _BURST; each session the same rate), so
-    # anonymous callers never spend what the owner needs. Anonymous REGISTER and SIGN_IN, over
-    # both purposes: each caller per phone an escalating cooldown after each code
-    # (CARDCHECK_SMS_ESCALATION_S, comma-separated seconds, the last one repeats), starting
-    # again after CARDCHECK_SMS_ESCALATION_RESET_HOURS without a code past the wait or when the
-    # caller verifies a code of the phone; each phone CARDCHECK_SMS_PHONE_DAILY_CAP codes a day
-    # (China's calendar day), of which CARDCHECK_SMS_PHONE_DAILY_RESERVE only for callers that
-    # verified one of its codes within CARDCHECK_SMS_TRUST_DAYS. Keep the daily cap below the
-    # notifier's hourly SMS_CODE cap (CARDCHECK_SMS_CAP_SMS_CODE, 10/h): what is left there is
-    # the owner's room for QUERY_AUTH codes.
-    sms_phone_daily_cap: int = 8
-    sms_phone_daily_reserve: int = 3
-    sms_resend_after: timedelta = timedelta(seconds=60)
-    sms_escalation: tuple[timedelta, ...] = (
-        timedelta(seconds=60),
-        timedelta(minutes=2),
-        timedelta(minutes=5),
-        timedelta(minutes=15),
-        timedelta(hours=1),
+    # code per purpose each resend interval, each caller a budget. QUERY_AUTH besides only the
+    # signed-in session's and user's budgets (each session the same rate), so anonymous callers
+    # never spend what the owner needs. Anonymous REGISTER and SIGN_IN, over both purposes: each
+    # caller per phone an escalating cooldown after each code (the last step repeats), starting
+    # again after the reset without a code past the wait or when the caller verifies a code of
+    # the phone; each phone a daily cap (China's calendar day), of which the reserve only for
+    # callers that verified one of its codes within the trust window. Keep the daily cap below
+    # the notifier's hourly SMS_CODE cap (CARDCHECK_SMS_CAP_SMS_CODE, 10/h): what is left there
+    # is the owner's room for QUERY_AUTH codes.
+    sms_phone_daily_cap: Count = Field(8, description="SMS codes a phone gets a day from anonymous callers")
+    sms_phone_daily_reserve: Annotated[int, Number(integer=True, at_least=0)] = Field(
+        DEFAULT_RESERVE, description="of the daily cap, codes only for callers that verified one of the phone's "
+        "codes within the trust window; below the cap (a small cap alone takes a reserve that fits)",
     )
-    sms_escalation_reset: timedelta = timedelta(hours=6)
-    sms_trust: timedelta = timedelta(days=30)
-    sms_caller_per_hour: float = 60.0
-    sms_caller_burst: float = 20.0
-    sms_user_per_hour: float = 20.0
-    sms_user_burst: float = 5.0
+    sms_resend_after: Seconds = Field(
+        timedelta(seconds=60), validation_alias="CARDCHECK_SMS_RESEND_S",
+        description="seconds before a phone gets another code of the same purpose",
+    )
+    sms_escalation: tuple[timedelta, ...] = Field(
+        (timedelta(seconds=60), timedelta(minutes=2), timedelta(minutes=5), timedelta(minutes=15), timedelta(hours=1)),
+        validation_alias="CARDCHECK_SMS_ESCALATION_S",
+        description="each caller's cooldowns per phone after each code, comma-separated seconds; the last repeats",
+        json_schema_extra={"shown_default": "60,120,300,900,3600"},
+    )
+    sms_escalation_reset: Hours = Field(
+        timedelta(hours=6), validation_alias="CARDCHECK_SMS_ESCALATION_RESET_HOURS",
+        description="hours without a code past the wait after which a caller's escalation starts again",
+    )
+    sms_trust: Days = Field(
+        timedelta(days=30), validation_alias="CARDCHECK_SMS_TRUST_DAYS",
+        description="days a caller that verified a phone's code may use the phone's reserve",
+    )
+    sms_caller_per_hour: Positive = Field(60.0, description="SMS codes each caller may request an hour")
+    sms_caller_burst: Positive = Field(20.0, description="the burst of each caller's SMS budget")
+    sms_user_per_hour: Positive = Field(20.0, description="QUERY_AUTH codes each user (and session) may request an hour")
+    sms_user_burst: Positive = Field(5.0, description="the burst of each user's SMS budget")
     # Each user's GetReport attempts (each costs a payment password check).
-    report_user_per_minute: float = 10.0
-    report_user_burst: float = 10.0
-    # Payment password (gateway/users.py): this many wrong in a row
-    # (CARDCHECK_PAYMENT_PASSWORD_MAX_ATTEMPTS) lock it for payment_password_lock
-    # (CARDCHECK_PAYMENT_PASSWORD_LOCK_MINUTES); the next such run, without a right password
-    # between, for payment_password_second_lock (CARDCHECK_PAYMENT_PASSWORD_SECOND_LOCK_MINUTES);
-    # the one after that until a reset by SMS code and face check (ResetPaymentPassword).
-    payment_password_max_attempts: int = 5
-    payment_password_lock: timedelta = timedelta(minutes=30)
-    payment_password_second_lock: timedelta = timedelta(hours=4)
-    # Payment password checks run on threads of their own (gateway/payment_passwords.py):
-    # CARDCHECK_PAYMENT_PASSWORD_WORKERS of them (default one per usable core), with at most
-    # CARDCHECK_PAYMENT_PASSWORD_QUEUE more waiting; beyond that GetReport says SERVICE_BUSY.
-    payment_password_workers: int = field(default_factory=usable_cores)
-    payment_password_queue: int = 16
-    session_ttl: timedelta = timedelta(hours=24)
-    # WatchQuery (gateway/watches.py). Each user's concurrent streams
-    # (CARDCHECK_WATCH_STREAMS_PER_USER; one more is refused RATE_LIMITED, limit watch_streams),
-    # counted over every replica on Redis when it is configured, else in this process.
-    watch_streams_per_user: int = 4
-    # A stream's maximum lifetime (CARDCHECK_WATCH_MAX_LIFETIME_S): it then ends UNAVAILABLE,
-    # STREAM_EXPIRED, and the client opens it again.
-    watch_max_lifetime: timedelta = timedelta(minutes=10)
-    # How often an open stream reads its session again (CARDCHECK_WATCH_SESSION_CHECK_S): a
-    # sign-out ends it UNAUTHENTICATED within about this. One primary-key read each.
-    watch_session_check_s: float = 2.0
-    # The lease of a slot on Redis (CARDCHECK_WATCH_SLOT_LEASE_S), renewed every third of it
-    # while its stream lives: a replica killed with streams open frees their slots after it.
-    # At least 3 session checks long.
-    watch_slot_lease: timedelta = timedelta(seconds=30)
-    # Deadline of one unary call to an internal service.
-    downstream_timeout_s: float = 10.0
-    # Redis (CARDCHECK_REDIS_URL, shared Settings): the namespace of our keys and how long one
-    # call may take before the limits treat Redis as unreachable.
-    redis_key_prefix: str = "cardcheck"
-    redis_timeout_s: float = 0.5
-    # Who a caller is for the SMS limits: the peer address, or (behind a proxy that sets it) the
-    # last address of the last occurrence of this metadata key, e.g. x-forwarded-for (the proxy
-    # appends its own after whatever the client sent). Never trust it without a proxy.
-    caller_header: str | None = None
+    report_user_per_minute: Positive = Field(10.0, description="GetReport attempts each user (and session) makes a minute")
+    report_user_burst: Positive = Field(10.0, description="the burst of each user's GetReport budget")
+    # Payment password (gateway/users.py): this many wrong in a row lock it for the lock; the next
+    # such run, without a right password between, for the second lock; the one after that until a
+    # reset by SMS code and face check (ResetPaymentPassword).
+    payment_password_max_attempts: Count = Field(5, description="wrong payment passwords in a row that lock it")
+    payment_password_lock: Minutes = Field(
+        timedelta(minutes=30), validation_alias="CARDCHECK_PAYMENT_PASSWORD_LOCK_MINUTES",
+        description="minutes the first lock lasts",
+    )
+    payment_password_second_lock: Minutes = Field(
+        timedelta(hours=4), validation_alias="CARDCHECK_PAYMENT_PASSWORD_SECOND_LOCK_MINUTES",
+        description="minutes the second lock lasts; the third holds until a reset",
+    )
+    # Payment password checks run on threads of their own (gateway/payment_passwords.py), with a
+    # bounded queue; beyond that GetReport says SERVICE_BUSY.
+    payment_password_workers: Count = Field(
+        default_factory=usable_cores, description="threads checking payment passwords",
+        json_schema_extra={"shown_default": "one per usable core"},
+    )
+    payment_password_queue: Annotated[int, Number(integer=True, at_least=0)] = Field(
+        16, description="payment password checks waiting for a thread; beyond, SERVICE_BUSY"
+    )
+    session_ttl: Hours = Field(
+        timedelta(hours=24), validation_alias="CARDCHECK_SESSION_TTL_HOURS", description="hours a session lasts"
+    )
+    # WatchQuery (gateway/watches.py). Streams are counted over every replica on Redis when it is
+    # configured, else in this process.
+    watch_streams_per_user: Count = Field(
+        4, description="each user's concurrent WatchQuery streams; one more is refused RATE_LIMITED"
+    )
+    watch_max_lifetime: Seconds = Field(
+        timedelta(minutes=10), validation_alias="CARDCHECK_WATCH_MAX_LIFETIME_S",
+        description="seconds a stream lives; it then ends UNAVAILABLE, STREAM_EXPIRED, and the client opens it again",
+    )
+    watch_session_check_s: Positive = Field(
+        2.0, description="seconds between an open stream's reads of its session (a sign-out ends it within this)"
+    )
+    # Renewed every third of it while its stream lives: a replica killed with streams open frees
+    # their slots after it.
+    watch_slot_lease: Seconds = Field(
+        timedelta(seconds=30), validation_alias="CARDCHECK_WATCH_SLOT_LEASE_S",
+        description="seconds a stream's slot on Redis is leased; at least 3 session checks long",
+    )
+    downstream_timeout_s: Positive = Field(10.0, description="deadline of one unary call to an internal service, in seconds")
+    # Redis (CARDCHECK_REDIS_URL, shared Settings).
+    redis_key_prefix: str = Field("cardcheck", description="the namespace of the gateway's keys on Redis")
+    redis_timeout_s: Positive = Field(
+        0.5, description="seconds one Redis call may take before the limits treat Redis as unreachable"
+    )
+    # The proxy appends its own address after whatever the client sent. Never trust it without a
+    # proxy.
+    caller_header: str | None = Field(
+        None, description="who a caller is for the SMS limits: the last address of the last occurrence of this "
+        "metadata key (e.g. x-forwarded-for, set by a proxy); unset: the peer address",
+    )
+
+    @field_validator("sms_escalation", mode="before")
+    @classmethod
+    def _escalation(cls, value: Any) -> tuple[timedelta, ...]:
+        """Comma-separated seconds, e.g. `60,120,300,900,3600`."""
+        if not isinstance(value, str):
+            return tuple(value)
+        try:
+            steps = [float(part) for part in value.strip().split(",")]
+        except ValueError:
+            steps = []
+        if not steps or not all(math.isfinite(step) and step > 0 for step in steps):
+            raise refuse("is not comma-separated seconds, each above 0")
+        return tuple(timedelta(seconds=step) for step in steps)
+
+    @field_validator("redis_key_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not _PREFIX.match(value):
+            raise refuse("is not 1-64 of A-Z a-z 0-9 _ . : -")
+        return value
+
+    @field_validator("caller_header", mode="before")
+    @classmethod
+    def _header(cls, value: str | None) -> str | None:
+        header = (value or "").strip().lower() or None
+        if header is not None and not _HEADER.match(header):
+            raise refuse("is not a metadata key")
+        return header
+
+    @model_validator(mode="after")
+    def _together(self) -> GatewayConfig:
+        if "sms_phone_daily_reserve" not in self.model_fields_set:
+            self.__dict__["sms_phone_daily_reserve"] = min(DEFAULT_RESERVE, self.sms_phone_daily_cap - 1)
+        if self.sms_phone_daily_reserve >= self.sms_phone_daily_cap:
+            raise refuse(
+                f"CARDCHECK_SMS_PHONE_DAILY_RESERVE={self.sms_phone_daily_reserve} must be below the daily cap "
+                f"({self.sms_phone_daily_cap})"
+            )
+        lease_s = self.watch_slot_lease.total_seconds()
+        if lease_s < 3 * self.watch_session_check_s:
+            raise refuse(
+                f"CARDCHECK_WATCH_SLOT_LEASE_S={lease_s:g} must be at least 3 times "
+                f"CARDCHECK_WATCH_SESSION_CHECK_S={self.watch_session_check_s:g}"
+            )
+        return self
 
     def limit_rates(self) -> LimitRates:
         """Each per-user budget applies per session too, at the same rate (gateway/flows.py)."""
@@ -112,101 +192,3 @@ class GatewayConfig:
             report_user=report_user,
             report_session=report_user,
         )
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
-        env = os.environ if env is None else env
-
-        def number(var: str, default: float) -> float:
-            return env_number(env, var, default, above=0)
-
-        prefix = env.get("CARDCHECK_REDIS_KEY_PREFIX") or cls.redis_key_prefix
-        if not _PREFIX.match(prefix):
-            raise SettingsError(f"CARDCHECK_REDIS_KEY_PREFIX={prefix!r}: 1-64 of A-Z a-z 0-9 _ . : -")
-        header = (env.get("CARDCHECK_CALLER_HEADER") or "").strip().lower() or None
-        if header is not None and not _HEADER.match(header):
-            raise SettingsError(f"CARDCHECK_CALLER_HEADER={header!r} is not a metadata key")
-        daily_cap = int(
-            env_number(env, "CARDCHECK_SMS_PHONE_DAILY_CAP", cls.sms_phone_daily_cap, integer=True, above=0)
-        )
-        daily_reserve = int(
-            env_number(
-                env, "CARDCHECK_SMS_PHONE_DAILY_RESERVE", min(cls.sms_phone_daily_reserve, daily_cap - 1),
-                integer=True, at_least=0,
-            )
-        )
-        if daily_reserve >= daily_cap:
-            raise SettingsError(
-                f"CARDCHECK_SMS_PHONE_DAILY_RESERVE={daily_reserve} must be below the daily cap ({daily_cap})"
-            )
-        watch_session_check_s = number("CARDCHECK_WATCH_SESSION_CHECK_S", cls.watch_session_check_s)
-        watch_slot_lease_s = number("CARDCHECK_WATCH_SLOT_LEASE_S", 30.0)
-        if watch_slot_lease_s < 3 * watch_session_check_s:
-            raise SettingsError(
-                f"CARDCHECK_WATCH_SLOT_LEASE_S={watch_slot_lease_s:g} must be at least 3 times "
-                f"CARDCHECK_WATCH_SESSION_CHECK_S={watch_session_check_s:g}"
-            )
-        return cls(
-            submit_global_rps=number("CARDCHECK_SUBMIT_GLOBAL_RPS", cls.submit_global_rps),
-            submit_global_burst=number("CARDCHECK_SUBMIT_GLOBAL_BURST", cls.submit_global_burst),
-            submit_user_per_minute=number("CARDCHECK_SUBMIT_USER_PER_MINUTE", cls.submit_user_per_minute),
-            submit_user_burst=number("CARDCHECK_SUBMIT_USER_BURST", cls.submit_user_burst),
-            sms_phone_daily_cap=daily_cap,
-            sms_phone_daily_reserve=daily_reserve,
-            sms_resend_after=timedelta(seconds=number("CARDCHECK_SMS_RESEND_S", 60.0)),
-            sms_escalation=_escalation(env),
-            sms_escalation_reset=timedelta(hours=number("CARDCHECK_SMS_ESCALATION_RESET_HOURS", 6.0)),
-            sms_trust=timedelta(days=number("CARDCHECK_SMS_TRUST_DAYS", 30.0)),
-            sms_caller_per_hour=number("CARDCHECK_SMS_CALLER_PER_HOUR", cls.sms_caller_per_hour),
-            sms_caller_burst=number("CARDCHECK_SMS_CALLER_BURST", cls.sms_caller_burst),
-            sms_user_per_hour=number("CARDCHECK_SMS_USER_PER_HOUR", cls.sms_user_per_hour),
-            sms_user_burst=number("CARDCHECK_SMS_USER_BURST", cls.sms_user_burst),
-            report_user_per_minute=number("CARDCHECK_REPORT_USER_PER_MINUTE", cls.report_user_per_minute),
-            report_user_burst=number("CARDCHECK_REPORT_USER_BURST", cls.report_user_burst),
-            payment_password_max_attempts=int(
-                env_number(
-                    env,
-                    "CARDCHECK_PAYMENT_PASSWORD_MAX_ATTEMPTS",
-                    cls.payment_password_max_attempts,
-                    integer=True,
-                    above=0,
-                )
-            ),
-            payment_password_lock=timedelta(minutes=number("CARDCHECK_PAYMENT_PASSWORD_LOCK_MINUTES", 30.0)),
-            payment_password_second_lock=timedelta(
-                minutes=number("CARDCHECK_PAYMENT_PASSWORD_SECOND_LOCK_MINUTES", 240.0)
-            ),
-            payment_password_workers=int(
-                env_number(env, "CARDCHECK_PAYMENT_PASSWORD_WORKERS", usable_cores(), integer=True, above=0)
-            ),
-            payment_password_queue=int(
-                env_number(env, "CARDCHECK_PAYMENT_PASSWORD_QUEUE", cls.payment_password_queue, integer=True, at_least=0)
-            ),
-            session_ttl=timedelta(hours=number("CARDCHECK_SESSION_TTL_HOURS", 24.0)),
-            watch_streams_per_user=int(
-                env_number(
-                    env, "CARDCHECK_WATCH_STREAMS_PER_USER", cls.watch_streams_per_user, integer=True, above=0
-                )
-            ),
-            watch_max_lifetime=timedelta(seconds=number("CARDCHECK_WATCH_MAX_LIFETIME_S", 600.0)),
-            watch_session_check_s=watch_session_check_s,
-            watch_slot_lease=timedelta(seconds=watch_slot_lease_s),
-            downstream_timeout_s=number("CARDCHECK_DOWNSTREAM_TIMEOUT_S", cls.downstream_timeout_s),
-            redis_key_prefix=prefix,
-            redis_timeout_s=number("CARDCHECK_REDIS_TIMEOUT_S", cls.redis_timeout_s),
-            caller_header=header,
-        )
-
-
-def _escalation(env: Mapping[str, str]) -> tuple[timedelta, ...]:
-    """CARDCHECK_SMS_ESCALATION_S: the cooldown steps in seconds, e.g. `60,120,300,900,3600`."""
-    raw = (env.get("CARDCHECK_SMS_ESCALATION_S") or "").strip()
-    if not raw:
-        return GatewayConfig.sms_escalation
-    try:
-        steps = [float(part) for part in raw.split(",")]
-    except ValueError:
-        steps = []
-    if not steps or not all(math.isfinite(step) and step > 0 for step in steps):
-        raise SettingsError(f"CARDCHECK_SMS_ESCALATION_S={raw!r}: comma-separated seconds, each above 0")
-    return tuple(timedelta(seconds=step) for step in steps)

@@ -1,29 +1,28 @@
-"""The notifier's own settings, read from the environment beside the shared Settings and
-validated the same way: a bad value stops the process before it serves (exit 2).
-
-| variable | meaning | default |
-|---|---|---|
-| `CARDCHECK_SMS_PROVIDER` | `sandbox` (the inbox; needs CARDCHECK_SANDBOX on), `console` or `webhook` | `sandbox` in sandbox mode, else required |
-| `CARDCHECK_SMS_WEBHOOK_URL` | the SMS vendor's endpoint (https; plain http only to a loopback host) | required for `webhook` |
-| `CARDCHECK_SMS_WEBHOOK_SECRET` | the HMAC-SHA256 key the requests are signed with (at least 16 characters) | required for `webhook` |
-| `CARDCHECK_SMS_WEBHOOK_TIMEOUT_S` | how long one request to the vendor may take | 5 |
-| `CARDCHECK_SMS_RETRY_BASE_S`, `CARDCHECK_SMS_RETRY_MAX_S` | the backoff between attempts: base doubling per attempt, jittered, capped | 2, 300 |
-| `CARDCHECK_SMS_POLL_INTERVAL_S` | how often the delivery worker looks for messages due | 1 |
-| `CARDCHECK_SMS_RETENTION_DAYS` | how long a message (sealed phone and text, delivery record) is kept before it is deleted; longer than every retry window, so an idempotency key is remembered while it can still be sent again | 30 |
-| `CARDCHECK_SMS_CAP_SMS_CODE`, `..._REPORT_READY`, `..._CONSENT_RECEIPT` | the per-phone cap of that kind, e.g. `10/h,20/d` (`off`: none) | see DEFAULT_CAPS |
-"""
+"""The notifier's own settings, declared beside the shared Settings and validated the same way: a
+bad value stops the process before it serves (exit 2). docs/configuration.md lists them."""
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from cardcheck.runtime.settings import SettingsError, env_number
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from cardcheck.runtime.declared import (
+    DeclaredSettings,
+    Family,
+    Internal,
+    Number,
+    Secret,
+    SettingsError,
+    refuse,
+)
 
 PROVIDERS = ("sandbox", "console", "webhook")
 KINDS = ("SMS_CODE", "REPORT_READY", "CONSENT_RECEIPT")
@@ -37,6 +36,11 @@ class Cap:
 
     per_hour: int | None
     per_day: int | None
+
+    def text(self) -> str:
+        """As a variable sets it: `10/h,20/d`, or `off`."""
+        parts = [f"{n}/{w}" for n, w in ((self.per_hour, "h"), (self.per_day, "d")) if n is not None]
+        return ",".join(parts) or "off"
 
     def windows(self) -> list[tuple[timedelta, int, str]]:
         out = []
@@ -103,46 +107,100 @@ def check_webhook_url(url: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class NotifierConfig:
-    provider: str | None = None  # None: sandbox in sandbox mode, else a start-up error
-    webhook_url: str | None = None
-    webhook_secret: str | None = field(default=None, repr=False)
-    webhook_timeout_s: float = 5.0
-    retry_base_s: float = 2.0
-    retry_max_s: float = 300.0
-    retry_windows: Mapping[str, timedelta] = field(default_factory=lambda: dict(DEFAULT_RETRY_WINDOWS))
-    caps: Mapping[str, Cap] = field(default_factory=lambda: dict(DEFAULT_CAPS))
-    poll_interval_s: float = 1.0
-    max_in_flight: int = 16  # deliveries one replica runs at once
-    retention: timedelta = timedelta(days=30)
-    purge_interval_s: float = 600.0  # how often a replica deletes what is past retention
+CAPS = Family("CARDCHECK_SMS_CAP_{}", KINDS)
 
-    def __post_init__(self) -> None:
-        if self.provider is not None and self.provider not in PROVIDERS:
-            raise SettingsError(
-                f"CARDCHECK_SMS_PROVIDER={self.provider!r} is not one of {', '.join(PROVIDERS)}"
-            )
+
+class NotifierConfig(DeclaredSettings):
+    """The SMS provider, delivery retries, per-phone caps and retention."""
+
+    model_config = SettingsConfigDict(env_prefix="CARDCHECK_SMS_")
+
+    provider: str | None = Field(
+        None, description="sandbox (the inbox; needs CARDCHECK_SANDBOX on), console or webhook",
+        json_schema_extra={"shown_default": "sandbox in sandbox mode, else required"},
+    )
+    webhook_url: str | None = Field(
+        None, description="the SMS vendor's endpoint (https; plain http only to a loopback host); required for webhook"
+    )
+    webhook_secret: Annotated[str | None, Secret()] = Field(
+        None, repr=False,
+        description=f"the HMAC-SHA256 key the requests are signed with (at least {MIN_SECRET_CHARS} characters); "
+        "required for webhook",
+    )
+    webhook_timeout_s: Annotated[float, Number(above=0, at_most=60)] = Field(
+        5.0, description="how long one request to the vendor may take, in seconds"
+    )
+    retry_base_s: Annotated[float, Number(above=0, at_most=3600)] = Field(
+        2.0, description="the first backoff between attempts, in seconds: doubling per attempt, jittered"
+    )
+    retry_max_s: Annotated[float, Number(above=0, at_most=86400)] = Field(
+        300.0, description="the longest backoff between attempts, in seconds"
+    )
+    retry_windows: Annotated[Mapping[str, timedelta], Internal()] = Field(
+        default_factory=lambda: dict(DEFAULT_RETRY_WINDOWS)
+    )
+    caps: Annotated[Mapping[str, Cap], CAPS] = Field(
+        default_factory=lambda: dict(DEFAULT_CAPS),
+        description="the per-phone cap of that kind of message, e.g. 10/h,20/d (off: none)",
+        json_schema_extra={"shown_default": {k: cap.text() for k, cap in DEFAULT_CAPS.items()}},
+    )
+    poll_interval_s: Annotated[float, Number(above=0, at_most=60)] = Field(
+        1.0, description="how often the delivery worker looks for messages due, in seconds"
+    )
+    max_in_flight: Annotated[int, Internal()] = 16  # deliveries one replica runs at once
+    retention: Annotated[timedelta, Number(above=0, at_most=3650, unit=timedelta(days=1))] = Field(
+        timedelta(days=30), validation_alias="CARDCHECK_SMS_RETENTION_DAYS",
+        description="days a message (sealed phone and text, delivery record) is kept; longer than every retry "
+        "window, so an idempotency key is remembered while it can still be sent again",
+    )
+    purge_interval_s: Annotated[float, Internal()] = 600.0  # how often a replica deletes what is past retention
+
+    @field_validator("provider", mode="before")
+    @classmethod
+    def _provider(cls, value: str | None) -> str | None:
+        provider = (value or "").strip().lower() or None
+        if provider is not None and provider not in PROVIDERS:
+            raise refuse(f"CARDCHECK_SMS_PROVIDER={provider!r} is not one of {', '.join(PROVIDERS)}")
+        return provider
+
+    @field_validator("caps", mode="before")
+    @classmethod
+    def _caps(cls, value: Mapping[str, Any]) -> dict[str, Cap]:
+        def cap(kind: str, raw: Any) -> Cap:
+            if isinstance(raw, Cap):
+                return raw
+            try:
+                return parse_cap(CAPS.variable(kind), str(raw))
+            except SettingsError as error:
+                raise refuse(str(error)) from None
+
+        from_env = any(isinstance(raw, str) for raw in value.values())
+        return {**(DEFAULT_CAPS if from_env else {}), **{k: cap(k, raw) for k, raw in value.items()}}
+
+    @model_validator(mode="after")
+    def _together(self) -> NotifierConfig:
         if self.provider == "webhook":
             if not self.webhook_url:
-                raise SettingsError("CARDCHECK_SMS_PROVIDER=webhook needs CARDCHECK_SMS_WEBHOOK_URL")
-            check_webhook_url(self.webhook_url)
+                raise refuse("CARDCHECK_SMS_PROVIDER=webhook needs CARDCHECK_SMS_WEBHOOK_URL")
+            try:
+                check_webhook_url(self.webhook_url)
+            except SettingsError as error:
+                raise refuse(str(error)) from None
             if not self.webhook_secret:
-                raise SettingsError("CARDCHECK_SMS_PROVIDER=webhook needs CARDCHECK_SMS_WEBHOOK_SECRET")
+                raise refuse("CARDCHECK_SMS_PROVIDER=webhook needs CARDCHECK_SMS_WEBHOOK_SECRET")
             if len(self.webhook_secret) < MIN_SECRET_CHARS:
-                raise SettingsError(
-                    f"CARDCHECK_SMS_WEBHOOK_SECRET must hold at least {MIN_SECRET_CHARS} characters"
-                )
+                raise refuse(f"CARDCHECK_SMS_WEBHOOK_SECRET must hold at least {MIN_SECRET_CHARS} characters")
         if self.retry_max_s < self.retry_base_s:
-            raise SettingsError("CARDCHECK_SMS_RETRY_MAX_S must not be below CARDCHECK_SMS_RETRY_BASE_S")
+            raise refuse("CARDCHECK_SMS_RETRY_MAX_S must not be below CARDCHECK_SMS_RETRY_BASE_S")
         missing = [k for k in KINDS if k not in self.retry_windows or k not in self.caps]
         if missing:
-            raise SettingsError(f"no retry window or cap for {', '.join(missing)}")
+            raise refuse(f"no retry window or cap for {', '.join(missing)}")
         if self.retention <= self.longest_kept:
-            raise SettingsError(
+            raise refuse(
                 f"CARDCHECK_SMS_RETENTION_DAYS must be over {self.longest_kept.days} days: a message must "
                 "outlive its retry window and the per-phone caps' day"
             )
+        return self
 
     @property
     def longest_kept(self) -> timedelta:
@@ -166,24 +224,3 @@ class NotifierConfig:
         """How long a replica holds a message it is delivering: well past one request's timeout,
         so a slow attempt is never taken over while still running."""
         return timedelta(seconds=max(30.0, 3 * self.webhook_timeout_s))
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> NotifierConfig:
-        env = os.environ if env is None else env
-        provider = (env.get("CARDCHECK_SMS_PROVIDER") or "").strip().lower() or None
-        caps = dict(DEFAULT_CAPS)
-        for kind in KINDS:
-            var = f"CARDCHECK_SMS_CAP_{kind}"
-            if env.get(var):
-                caps[kind] = parse_cap(var, env[var])
-        return cls(
-            provider=provider,
-            webhook_url=env.get("CARDCHECK_SMS_WEBHOOK_URL") or None,
-            webhook_secret=env.get("CARDCHECK_SMS_WEBHOOK_SECRET") or None,
-            webhook_timeout_s=env_number(env, "CARDCHECK_SMS_WEBHOOK_TIMEOUT_S", 5.0, above=0, at_most=60),
-            retry_base_s=env_number(env, "CARDCHECK_SMS_RETRY_BASE_S", 2.0, above=0, at_most=3600),
-            retry_max_s=env_number(env, "CARDCHECK_SMS_RETRY_MAX_S", 300.0, above=0, at_most=86400),
-            caps=caps,
-            poll_interval_s=env_number(env, "CARDCHECK_SMS_POLL_INTERVAL_S", 1.0, above=0, at_most=60),
-            retention=timedelta(days=env_number(env, "CARDCHECK_SMS_RETENTION_DAYS", 30, above=0, at_most=3650)),
-        )

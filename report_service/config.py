@@ -1,15 +1,5 @@
 """report_service's own settings, beyond the shared ones (cardcheck.runtime.settings), read from
-the environment:
-
-| variable | meaning | default |
-|---|---|---|
-| CARDCHECK_REPORT_RETENTION_DAYS | how long a report is kept after it is generated, in days of 24 h | 7 |
-| CARDCHECK_REPORT_LEASE_S | how long a worker's claim on a query holds without renewal | 30 |
-| CARDCHECK_REPORT_RETRY_FIRST_S | the wait before asking failed banks again; doubles each pass | 60 |
-| CARDCHECK_REPORT_RETRY_MAX_S | the longest wait between two passes | 3600 |
-| CARDCHECK_REPORT_POLL_S | how often a worker looks for work it was not woken for | 2 |
-| CARDCHECK_REPORT_SWEEP_S | how often expired reports are deleted | 60 |
-| CARDCHECK_REPORT_MAX_RUNNING | how many queries one process works on at once (0: it accepts and serves, other replicas run the work) | 64 |
+the environment (docs/configuration.md lists them).
 
 "7 natural days": natural (calendar) days as opposed to working days, so weekends and holidays
 count; a report generated at instant T is deleted at T + 7 × 24 h, to the microsecond, the same
@@ -18,12 +8,14 @@ time in Beijing 7 calendar days later)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Annotated, Any
 
-from cardcheck.runtime.settings import env_number
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from cardcheck.runtime.declared import DeclaredSettings, Family, Number
 
 
 @dataclass(frozen=True)
@@ -39,29 +31,44 @@ class RetryPolicy:
         return timedelta(seconds=min(self.first_s * 2**exponent, self.max_s))
 
 
-@dataclass(frozen=True)
-class ReportServiceConfig:
-    retention: timedelta = timedelta(days=7)
-    lease_s: float = 30.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    poll_s: float = 2.0
-    sweep_s: float = 60.0
-    max_running: int = 64
+RETRY = Family(
+    "CARDCHECK_REPORT_RETRY_{}_S", ("first", "max"),
+    defaults=(("first", 60), ("max", 3600)),
+    meanings=(
+        ("first", "the wait before asking failed banks again, in seconds; doubles each pass"),
+        ("max", "the longest wait between two passes, in seconds (never below the first)"),
+    ),
+)
 
+
+class ReportServiceConfig(DeclaredSettings):
+    """Report retention, the workers' leases, passes and polling."""
+
+    model_config = SettingsConfigDict(env_prefix="CARDCHECK_REPORT_")
+
+    retention: Annotated[timedelta, Number(above=0, unit=timedelta(days=1))] = Field(
+        timedelta(days=7), validation_alias="CARDCHECK_REPORT_RETENTION_DAYS",
+        description="how long a report is kept after it is generated, in days of 24 h",
+    )
+    lease_s: Annotated[float, Number(above=0)] = Field(
+        30.0, description="how long a worker's claim on a query holds without renewal, in seconds"
+    )
+    retry: Annotated[RetryPolicy, RETRY] = Field(default_factory=RetryPolicy, description="the retry passes")
+    poll_s: Annotated[float, Number(above=0)] = Field(
+        2.0, description="how often a worker looks for work it was not woken for, in seconds"
+    )
+    sweep_s: Annotated[float, Number(above=0)] = Field(
+        60.0, description="how often expired reports are deleted, in seconds"
+    )
+    max_running: Annotated[int, Number(integer=True, at_least=0)] = Field(
+        64, description="how many queries one process works on at once (0: it accepts and serves, "
+        "other replicas run the work)",
+    )
+
+    @field_validator("retry", mode="before")
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> ReportServiceConfig:
-        env = os.environ if env is None else env
-
-        def number(var: str, default: float) -> float:
-            return env_number(env, var, default, above=0)
-
-        max_running = int(env_number(env, "CARDCHECK_REPORT_MAX_RUNNING", 64, integer=True, at_least=0))
-        first = number("CARDCHECK_REPORT_RETRY_FIRST_S", 60.0)
-        return cls(
-            retention=timedelta(days=number("CARDCHECK_REPORT_RETENTION_DAYS", 7.0)),
-            lease_s=number("CARDCHECK_REPORT_LEASE_S", 30.0),
-            retry=RetryPolicy(first, max(first, number("CARDCHECK_REPORT_RETRY_MAX_S", 3600.0))),
-            poll_s=number("CARDCHECK_REPORT_POLL_S", 2.0),
-            sweep_s=number("CARDCHECK_REPORT_SWEEP_S", 60.0),
-            max_running=max_running,
-        )
+    def _retry(cls, value: Any) -> RetryPolicy:
+        if isinstance(value, RetryPolicy):
+            return value
+        parts = RETRY.checked(value, {"first": Number(above=0), "max": Number(above=0)})
+        return RetryPolicy(parts["first"], max(parts["first"], parts["max"]))

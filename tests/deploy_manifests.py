@@ -24,6 +24,8 @@ import yaml
 from bank_connector.config import ConnectorConfig
 from bank_sim.app import _arguments as bank_sim_arguments
 from bank_sim.app import start_options as bank_sim_start_options
+from cardcheck.cli.config import SERVICE_MODELS, variables
+from cardcheck.cli.config import accepted as accepted_variables
 from cardcheck.runtime.keys import load_master_key
 from cardcheck.runtime.settings import Settings, SettingsError
 from gateway.config import GatewayConfig
@@ -183,8 +185,9 @@ def health_names(service: str) -> set[str]:
 
 
 def secrets_needed(service: str) -> set[str]:
-    """The secret settings a service reads, from its code."""
-    needed = set()
+    """The secret settings a service reads: the shared ones its code uses, and those its own
+    settings model declares secret."""
+    needed = {v.name for m in SERVICE_MODELS[service] if m is not Settings for v in variables(m) if v.secret}
     for _, tree in service_sources(service):
         for node in ast.walk(tree):
             if isinstance(node, ast.Name) and node.id == "load_master_key":
@@ -201,28 +204,9 @@ def secrets_needed(service: str) -> set[str]:
 
 
 def known_variables() -> tuple[set[str], tuple[str, ...]]:
-    """Every CARDCHECK_* variable the code reads: exact names, and prefixes (`startswith`, or the
-    leading text of an f-string like f"CARDCHECK_SMS_CAP_{kind}")."""
-    exact = {f"CARDCHECK_{service.upper()}_ADDR" for service in SERVICES}
-    prefixes = set()
-    paths = [p for s in (*SERVICES, "cardcheck/runtime") for p in sorted((ROOT / s).rglob("*.py"))]
-    for path in paths:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("CARDCHECK_"):
-                exact.add(node.value)
-            elif isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
-                lead = node.values[0].value
-                if isinstance(lead, str) and lead.startswith("CARDCHECK_") and len(lead) > len("CARDCHECK_"):
-                    prefixes.add(lead)
-            elif (
-                isinstance(node, ast.Call)
-                and getattr(node.func, "attr", None) in ("startswith", "removeprefix")
-                and node.args
-                and isinstance(node.args[0], ast.Constant)
-                and str(node.args[0].value).startswith("CARDCHECK_")
-            ):
-                prefixes.add(node.args[0].value)
-    return exact, tuple(prefixes)
+    """Every CARDCHECK_* variable a service reads, as the settings models declare them: exact
+    names, and the prefixes of patterns like CARDCHECK_BANK_ADDR_<CODE>."""
+    return accepted_variables()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ async def test_a_down_bank_is_retried_up_to_the_attempt_limit_then_an_error(bank
 
 
 async def test_resource_exhausted_is_retried_and_a_retry_that_succeeds_answers(bank_sim, start_connector):
-    connector = await start_connector(replace(FAST, retry=replace(FAST.retry, max_attempts=10)))
+    connector = await start_connector(FAST.replace(retry=replace(FAST.retry, max_attempts=10)))
     await bank_sim.set(error_rate=0.5, error_code="RESOURCE_EXHAUSTED")
     outcomes = [await connector.one() for _ in range(30)]
     # A call fails all 10 attempts once in 1,024, so 3 of 30 only about once in 250,000 runs;
@@ -207,7 +207,7 @@ class Jitter(random.Random):
 
 
 async def test_no_retry_starts_after_the_deadline(bank_sim, start_connector):
-    slow_backoff = replace(FAST, retry=RetryPolicy(max_attempts=5, base_backoff_s=2.0, max_backoff_s=2.0))
+    slow_backoff = FAST.replace(retry=RetryPolicy(max_attempts=5, base_backoff_s=2.0, max_backoff_s=2.0))
     await bank_sim.set(down=True)
     # A pause of 1 s would end past the 300 ms deadline: not taken, the call ends at once.
     late = await start_connector(slow_backoff, rng=Jitter(0.5))
@@ -241,7 +241,7 @@ async def test_a_malformed_answer_is_an_error_and_carries_nothing(bank_sim, star
 
 
 async def test_the_retry_budget_caps_retries_at_its_floor_plus_a_share_of_calls(bank_sim, start_connector):
-    connector = await start_connector(replace(FAST, budget_floor=5, budget_ratio=0.1))
+    connector = await start_connector(FAST.replace(budget_floor=5, budget_ratio=0.1))
     await bank_sim.set(down=True)
     before = (await bank_sim.state()).calls
     for _ in range(40):
@@ -259,7 +259,7 @@ async def test_with_the_issuers_breaker_open_the_real_name_check_is_unavailable_
 ):
     breaker = BreakerPolicy(consecutive_failures=3, failure_rate=1.0, window=100, min_calls=100,
                             open_for=timedelta(seconds=30))
-    connector = await start_connector(replace(FAST, breaker=breaker, retry=RetryPolicy(max_attempts=1)))
+    connector = await start_connector(FAST.replace(breaker=breaker, retry=RetryPolicy(max_attempts=1)))
     await bank_sim.set(down=True)
     for _ in range(3):
         await connector.one()
@@ -285,7 +285,7 @@ async def test_with_the_issuers_breaker_open_the_real_name_check_is_unavailable_
 async def test_the_breaker_opens_fails_fast_then_probes_and_closes_again(bank_sim, start_connector):
     breaker = BreakerPolicy(consecutive_failures=3, failure_rate=1.0, window=100, min_calls=100,
                             open_for=timedelta(seconds=30))
-    connector = await start_connector(replace(FAST, breaker=breaker, retry=RetryPolicy(max_attempts=1)))
+    connector = await start_connector(FAST.replace(breaker=breaker, retry=RetryPolicy(max_attempts=1)))
     await bank_sim.set(down=True)
     assert [(await connector.one()).kind for _ in range(3)] == [ERROR] * 3
     assert (await connector.health()).breaker_state == "OPEN"
@@ -318,7 +318,7 @@ async def test_the_breaker_opens_fails_fast_then_probes_and_closes_again(bank_si
 
 async def test_a_high_failure_rate_opens_the_breaker_too(bank_sim, start_connector):
     breaker = BreakerPolicy(consecutive_failures=1000, failure_rate=0.5, window=20, min_calls=20)
-    connector = await start_connector(replace(FAST, breaker=breaker, retry=RetryPolicy(max_attempts=1)))
+    connector = await start_connector(FAST.replace(breaker=breaker, retry=RetryPolicy(max_attempts=1)))
     await bank_sim.set(error_rate=0.8, error_code="UNAVAILABLE")
     kinds = [(await connector.one()).kind for _ in range(40)]
     assert CIRCUIT_OPEN in kinds and kinds.index(CIRCUIT_OPEN) >= 20
@@ -328,7 +328,7 @@ async def test_a_high_failure_rate_opens_the_breaker_too(bank_sim, start_connect
 
 
 async def test_the_bulkhead_holds_a_slow_bank_to_its_slots_and_the_others_are_not_starved(bank_sim, start_connector):
-    config = replace(FAST, bank_concurrency={DEMO_BANK: 2})
+    config = FAST.replace(bank_concurrency={DEMO_BANK: 2})
     connector = await start_connector(config)
     await bank_sim.set(latency_ms=120_000)
     slow = [asyncio.create_task(connector.one(per_bank_ms=180_000)) for _ in range(3)]
@@ -352,14 +352,14 @@ async def test_the_bulkhead_holds_a_slow_bank_to_its_slots_and_the_others_are_no
 
 async def test_a_bank_at_capacity_refuses_and_a_bulkhead_sized_to_it_avoids_that(bank_sim, start_connector):
     await bank_sim.set(capacity=1, latency_ms=300)
-    no_retry = await start_connector(replace(FAST, retry=RetryPolicy(max_attempts=1)))
+    no_retry = await start_connector(FAST.replace(retry=RetryPolicy(max_attempts=1)))
     outcomes = await asyncio.gather(*(no_retry.one() for _ in range(3)))
     assert sorted((o.kind, o.detail) for o in outcomes) == sorted(
         [(ANSWERED, ""), (ERROR, "RESOURCE_EXHAUSTED"), (ERROR, "RESOURCE_EXHAUSTED")]
     )
 
     refused_before = (await bank_sim.state()).refused
-    sized = await start_connector(replace(FAST, retry=RetryPolicy(max_attempts=1), bank_concurrency={DEMO_BANK: 1}))
+    sized = await start_connector(FAST.replace(retry=RetryPolicy(max_attempts=1), bank_concurrency={DEMO_BANK: 1}))
     outcomes = await asyncio.gather(*(sized.one() for _ in range(3)))
     assert [o.kind for o in outcomes] == [ANSWERED] * 3
     assert (await bank_sim.state()).refused == refused_before
@@ -369,7 +369,7 @@ async def test_a_bank_at_capacity_refuses_and_a_bulkhead_sized_to_it_avoids_that
 
 
 async def test_past_its_queue_the_connector_refuses_cleanly_with_service_busy(bank_sim, start_connector):
-    connector = await start_connector(replace(FAST, max_active=1, max_queued=1))
+    connector = await start_connector(FAST.replace(max_active=1, max_queued=1))
     await bank_sim.set(latency_ms=800)
     first = asyncio.create_task(connector.fan_out())
     second = asyncio.create_task(connector.fan_out())
@@ -427,7 +427,7 @@ async def test_a_first_attempt_whose_task_never_ran_is_cancelled_and_its_slot_fr
     await bank_sim.set(latency_ms=120_000)
     connector = BankConnector(
         dict.fromkeys(BANK_CODES, sim.address), tracer_provider=make_tracer_provider("c", tmp_path),
-        clock=ManualClock(NOW), default_timeout_s=5, config=replace(FAST, bank_concurrency={DEMO_BANK: 1}),
+        clock=ManualClock(NOW), default_timeout_s=5, config=FAST.replace(bank_concurrency={DEMO_BANK: 1}),
     )
     try:
         request = bank_pb2.LookupCardsRequest(bank_code=DEMO_BANK, id_number=DEMO.id_number, name=DEMO.name)

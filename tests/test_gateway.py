@@ -401,8 +401,8 @@ async def start_stack(tmp_path: Path, database_url, fakes):
         )
         notifier_port = await notifier_host.start()
         hosts.append(notifier_host)
-        settings = dataclasses.replace(
-            settings, addresses={**addresses, "notifier": f"127.0.0.1:{notifier_port}"}, **settings_overrides
+        settings = settings.replace(
+            addresses={**addresses, "notifier": f"127.0.0.1:{notifier_port}"}, **settings_overrides
         )
         spans = InMemorySpanExporter()
         host = await build(
@@ -1210,7 +1210,7 @@ async def real_bank_connector(tmp_path: Path) -> AsyncIterator[tuple[str, bank_p
     )
     sim_port = await sim.start()
     connector = await build_bank_connector(
-        dataclasses.replace(settings, addresses={**addresses, "bank_sim": f"127.0.0.1:{sim_port}"}),
+        settings.replace(addresses={**addresses, "bank_sim": f"127.0.0.1:{sim_port}"}),
         tracer_provider=make_tracer_provider("bank_connector", tmp_path, exporter=InMemorySpanExporter()),
     )
     connector_port = await connector.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -27,8 +26,7 @@ PHONE = "13812345678"
 
 def _settings(tmp_path: Path, database_url: str | None, *, sandbox: bool = True) -> Settings:
     base = Settings.from_env({})
-    return dataclasses.replace(
-        base,
+    return base.replace(
         data_dir=tmp_path,
         database_url=database_url,
         sandbox=sandbox,

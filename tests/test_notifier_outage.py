@@ -6,7 +6,6 @@ SMS arrives, once."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import signal
 import socket
@@ -127,7 +126,7 @@ async def mesh(tmp_path, database_url, monkeypatch):
     monkeypatch.setenv("CARDCHECK_REPORT_RETRY_MAX_S", "1")
     notifier = NotifierProcess(tmp_path, _free_port(), database_url)
     base = Settings.from_env({})
-    settings = dataclasses.replace(base, data_dir=tmp_path, database_url=database_url, per_bank_timeout_s=5.0)
+    settings = base.replace(data_dir=tmp_path, database_url=database_url, per_bank_timeout_s=5.0)
     records = dataset.generate(dataset.DEFAULT_SEED, 12)
     hosts = []
 
@@ -137,7 +136,7 @@ async def mesh(tmp_path, database_url, monkeypatch):
     try:
         await notifier.start()
         sim = await build_bank_sim(
-            dataclasses.replace(settings, addresses={**base.addresses, "bank_sim": "127.0.0.1:0"}),
+            settings.replace(addresses={**base.addresses, "bank_sim": "127.0.0.1:0"}),
             records=records,
             tracer_provider=tracer("bank_sim"),
         )
@@ -145,7 +144,7 @@ async def mesh(tmp_path, database_url, monkeypatch):
         hosts.append(sim)
         addresses = {**base.addresses, "bank_sim": f"127.0.0.1:{sim_port}", "bank_connector": "127.0.0.1:0"}
         connector = await build_bank_connector(
-            dataclasses.replace(settings, addresses=addresses), tracer_provider=tracer("bank_connector")
+            settings.replace(addresses=addresses), tracer_provider=tracer("bank_connector")
         )
         connector_port = await connector.start()
         hosts.append(connector)
@@ -156,7 +155,7 @@ async def mesh(tmp_path, database_url, monkeypatch):
             "report_service": "127.0.0.1:0",
         }
         reports = await build_report_service(
-            dataclasses.replace(settings, addresses=addresses),
+            settings.replace(addresses=addresses),
             tracer_provider=tracer("report_service"),
             pass_interval_s=0.2,
         )

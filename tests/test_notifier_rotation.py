@@ -79,8 +79,7 @@ async def start(tmp_path, database_url):
     running: list[Node] = []
 
     async def start(master: str, retired: str | None, provider: Switchboard, clock: ManualClock, **kwargs) -> Node:
-        settings = dataclasses.replace(
-            _settings(tmp_path, database_url, sandbox=provider.keeps_inbox),
+        settings = _settings(tmp_path, database_url, sandbox=provider.keeps_inbox).replace(
             master_key=master,
             retired_master_keys=retired,
         )

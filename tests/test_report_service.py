@@ -5,7 +5,6 @@ tests/test_report_service_*.py modules."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import json
 import socket
@@ -130,8 +129,7 @@ class Rig:
 
     def settings(self, **addresses: str) -> Settings:
         base = Settings.from_env({})
-        return dataclasses.replace(
-            base,
+        return base.replace(
             data_dir=self.tmp_path,
             database_url=self.database_url,
             addresses={**base.addresses, **addresses},
@@ -168,7 +166,7 @@ class Rig:
             settings,
             clock=self.clock,
             tracer_provider=provider,
-            config=dataclasses.replace(config, **overrides),
+            config=config.replace(**overrides),
         )
         self.replicas.append(parts)
         port = await parts.host.start()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import os
 import re
 import signal
@@ -232,8 +231,7 @@ class Mesh:
 
     def settings(self, **addresses: str) -> Settings:
         base = Settings.from_env({})
-        return dataclasses.replace(
-            base,
+        return base.replace(
             data_dir=self.tmp_path,
             database_url=self.database_url,
             addresses={**base.addresses, **addresses},

@@ -6,7 +6,6 @@ hashes them. On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -50,8 +49,7 @@ async def test_a_key_hashed_under_a_retired_master_key_still_finds_its_query(tmp
         await service.start_notifier()
 
         def keyed(settings, current, retired=()):
-            return dataclasses.replace(
-                settings,
+            return settings.replace(
                 master_key=base64.b64encode(current).decode(),
                 retired_master_keys=",".join(base64.b64encode(k).decode() for k in retired) or None,
             )

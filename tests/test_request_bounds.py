@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -44,7 +44,7 @@ def _settings(tmp_path: Path, service: str, **overrides) -> Settings:
     # Every other service unreachable: nothing here needs them to answer.
     addresses = {name: "127.0.0.1:1" for name in DEFAULT_PORTS}
     addresses[service] = "127.0.0.1:0"
-    return replace(Settings(addresses=addresses, data_dir=tmp_path / service), **overrides)
+    return Settings(addresses=addresses, data_dir=tmp_path / service).replace(**overrides)
 
 
 async def _build(service: str, settings: Settings, tmp_path: Path):

@@ -5,7 +5,6 @@ do not trip over each other."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -236,8 +235,7 @@ def _old_notifier_table(*, first_release: bool) -> sa.Table:
 
 def _settings(tmp_path: Path, database_url: str | None) -> Settings:
     base = Settings.from_env({})
-    return dataclasses.replace(
-        base,
+    return base.replace(
         data_dir=tmp_path,
         database_url=database_url,
         sandbox=True,
@@ -345,8 +343,8 @@ async def test_the_gateway_migrates_its_database_when_it_builds(tmp_path):
     """build() (what `python -m gateway` runs) leaves the database at head."""
     from gateway.app import build
 
-    settings = dataclasses.replace(
-        _settings(tmp_path, None), addresses={**Settings.from_env({}).addresses, "gateway": "127.0.0.1:0"}
+    settings = _settings(tmp_path, None).replace(
+        addresses={**Settings.from_env({}).addresses, "gateway": "127.0.0.1:0"}
     )
     host = await build(settings)
     await host.start()

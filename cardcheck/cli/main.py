@@ -1,4 +1,5 @@
-"""`cardcheck up`, `cardcheck demo`, `cardcheck dataset`, `cardcheck audit` and `cardcheck keys`."""
+"""`cardcheck up`, `cardcheck demo`, `cardcheck dataset`, `cardcheck audit`, `cardcheck keys` and
+`cardcheck config`."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="rotate: a new master key, the old one retired; rewrap: every service's data under the new one")
     keys.add_argument("--data-dir", type=Path, help="overrides CARDCHECK_DATA_DIR (default ./var)")
 
+    from cardcheck.cli import config
+
+    config.add_parser(commands)
+
     dataset = commands.add_parser("dataset", help="write a synthetic bank dataset")
     dataset.add_argument("--seed", type=int)
     dataset.add_argument("--people", type=int)
@@ -64,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         from cardcheck.cli.keys import rewrap_all, rotate
 
         sys.exit(rotate(args.data_dir) if args.action == "rotate" else rewrap_all(args.data_dir))
+    if args.command == "config":
+        from cardcheck.cli.config import run
+
+        sys.exit(run(args))
     if args.command == "dataset":
         from cardcheck import dataset
 

@@ -1,13 +1,20 @@
-"""One validated settings object, read from the environment (the variables of the README's Configuration)."""
+"""The settings every service reads (docs/configuration.md lists every variable), declared once
+as a settings model (cardcheck/runtime/declared.py); each service adds its own model in its
+config.py."""
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from cardcheck.runtime.declared import DeclaredSettings, Family, Number, Secret, SettingsError, refuse
+
+__all__ = ["Settings", "SettingsError", "env_number", "redact_url"]
 
 DEFAULT_PORTS = {
     "gateway": 50051,
@@ -30,30 +37,6 @@ EVENT_LOOPS = ("uvloop", "asyncio")
 MAX_RECEIVE_BYTES_CEILING = 4 * 1024 * 1024
 
 
-class SettingsError(ValueError):
-    """A configuration value is missing or malformed: the process refuses to start."""
-
-
-def _address(env: Mapping[str, str], service: str) -> str:
-    var = f"CARDCHECK_{service.upper()}_ADDR"
-    value = env.get(var, f"127.0.0.1:{DEFAULT_PORTS[service]}")
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise SettingsError(f"{var}={value!r} is not host:port")
-    return value
-
-
-def _bool(env: Mapping[str, str], var: str, default: bool) -> bool:
-    raw = env.get(var)
-    if raw is None or raw == "":
-        return default
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{var}={raw!r} is not a boolean")
-
-
 def env_number(
     env: Mapping[str, str],
     var: str,
@@ -65,27 +48,15 @@ def env_number(
     at_most: float | None = None,
 ) -> float:
     """A finite number from the environment (the default when unset or empty), within bounds,
-    or a SettingsError naming the variable: every service reads its numbers this way."""
+    or a SettingsError naming the variable. For code that reads a variable outside the models;
+    a new setting is a field of its service's model instead, so that it is listed and checked."""
     raw = env.get(var)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        raise SettingsError(f"{var}={raw!r} is not {'a whole number' if integer else 'a number'}") from None
-    if not math.isfinite(value):
-        raise SettingsError(f"{var}={raw!r} is not a finite number")
-    bounds = []
-    if above is not None and not value > above:
-        bounds.append(f"above {above:g}")
-    if at_least is not None and not value >= at_least:
-        bounds.append(f"at least {at_least:g}")
-    if at_most is not None and not value <= at_most:
-        bounds.append(f"at most {at_most:g}")
-    if bounds:
-        kind = "a whole number " if integer else ""
-        raise SettingsError(f"{var}={raw!r} must be {kind}{' and '.join(bounds)}")
-    return value
+        return Number(integer=integer, above=above, at_least=at_least, at_most=at_most).check(raw)
+    except PydanticCustomError as error:
+        raise SettingsError(f"{var}={raw!r} {error.context['problem']}") from None
 
 
 REDACTED = "***"
@@ -119,88 +90,132 @@ def redact_url(url: str | None) -> str | None:
 # their password.
 _KEYS = ("master_key", "retired_master_keys")
 _URLS = ("database_url", "redis_url")
+SERVICES = tuple(DEFAULT_PORTS)
 
 
-def _per_service(env: Mapping[str, str], suffix: str, *, at_least: int, at_most: int) -> dict[str, int]:
-    """CARDCHECK_<SERVICE>_<suffix> of every service that has it set: a whole number in bounds."""
-    values = {}
-    for service in DEFAULT_PORTS:
-        var = f"CARDCHECK_{service.upper()}_{suffix}"
-        if env.get(var):
-            values[service] = int(env_number(env, var, 0, integer=True, at_least=at_least, at_most=at_most))
-    return values
+def _host_port(key: str, value: Any) -> str:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise refuse("is not host:port")
+    return str(value)
 
 
-@dataclass(frozen=True)
-class Settings:
-    addresses: dict[str, str]
-    bind_host: str = "127.0.0.1"
-    data_dir: Path = Path("var")
-    database_url: str | None = None
-    redis_url: str | None = None
-    master_key: str | None = None  # base64 of 32 bytes; generated into data_dir when unset
-    retired_master_keys: str | None = None  # base64, comma-separated: still open what they sealed
-    sandbox: bool = True  # sandbox identity (face token) and SMS inbox
-    enabled_regions: tuple[str, ...] = ALL_REGIONS
-    bank_addresses: dict[str, str] = field(default_factory=dict)  # per-bank overrides
-    per_bank_timeout_s: float = 5.0
-    shutdown_grace_s: float = 10.0
-    log_level: str = "INFO"
-    event_loop: str = "uvloop"  # or "asyncio", the standard library's loop
+ADDRESSES = Family("CARDCHECK_{}_ADDR", SERVICES)
+BANK_ADDRESSES = Family("CARDCHECK_BANK_ADDR_{}", key_text="CODE")
+MAX_CONCURRENT_RPCS = Family("CARDCHECK_{}_MAX_CONCURRENT_RPCS", SERVICES)
+MAX_RECEIVE_BYTES = Family("CARDCHECK_{}_MAX_RECEIVE_BYTES", SERVICES)
+
+
+class Settings(DeclaredSettings):
+    """What every service reads: where the others are, storage, keys, mode and the server's
+    bounds."""
+
+    addresses: Annotated[dict[str, str], ADDRESSES] = Field(
+        default_factory=lambda: {s: f"127.0.0.1:{p}" for s, p in DEFAULT_PORTS.items()},
+        description="host:port where that service listens and the others reach it",
+        json_schema_extra={"shown_default": {s: f"127.0.0.1:{p}" for s, p in DEFAULT_PORTS.items()}},
+    )
+    bind_host: str = Field("127.0.0.1", description="the interface the servers listen on (0.0.0.0 in a pod)")
+    data_dir: Path = Field(Path("var"), description="SQLite files, generated keys and span files; made 0700 with its "
+                          "files 0600, tightened with a warning when found looser")
+    database_url: Annotated[str | None, Secret()] = Field(
+        None, description="a SQLAlchemy URL (PostgreSQL at scale); unset: a SQLite file per service in the data dir"
+    )
+    redis_url: Annotated[str | None, Secret()] = Field(
+        None, description="Redis for limits shared by every gateway replica; unset: each process counts alone"
+    )
+    master_key: Annotated[str | None, Secret()] = Field(
+        None, description="base64 of 32 bytes; unset: generated into the data dir on the embedded default"
+    )
+    retired_master_keys: Annotated[str | None, Secret()] = Field(
+        None, description="base64, comma-separated: keys a rotation retired, still opening what they sealed"
+    )
+    sandbox: bool = Field(True, description="sandbox identity (face token) and SMS inbox; off in production")
+    enabled_regions: tuple[str, ...] = Field(
+        ALL_REGIONS, description="comma-separated region codes (CN-BJ...) users may be in",
+        json_schema_extra={"shown_default": "all 31 provincial regions"},
+    )
+    bank_addresses: Annotated[dict[str, str], BANK_ADDRESSES] = Field(
+        default_factory=dict, description="host:port of one bank's endpoint, overriding the bank_sim address"
+    )
+    per_bank_timeout_s: Annotated[float, Number(above=0)] = Field(
+        5.0, description="how long one bank may take to answer, in seconds"
+    )
+    shutdown_grace_s: Annotated[float, Number(at_least=0)] = Field(
+        10.0, description="how long a stopping server lets calls in flight finish, in seconds"
+    )
+    log_level: str = Field("INFO", description="the logging level (DEBUG, INFO, WARNING...)")
+    event_loop: str = Field("uvloop", description="uvloop, or asyncio (the standard library's loop)")
     # Overrides of a server's request bounds (cardcheck.runtime.server.RequestBounds), by service,
-    # only those set: CARDCHECK_<SERVICE>_MAX_CONCURRENT_RPCS (calls and streams one process
-    # handles at once) and CARDCHECK_<SERVICE>_MAX_RECEIVE_BYTES (the largest request message,
-    # 1 KiB to 4 MiB). Each service's app.py holds its defaults and says why.
-    max_concurrent_rpcs: dict[str, int] = field(default_factory=dict)
-    max_receive_bytes: dict[str, int] = field(default_factory=dict)
+    # only those set. Each service's app.py holds its defaults and says why.
+    max_concurrent_rpcs: Annotated[dict[str, int], MAX_CONCURRENT_RPCS] = Field(
+        default_factory=dict,
+        description="calls and streams one process of that service handles at once (1 to 1000000)",
+        json_schema_extra={"shown_default": "the service's own"},
+    )
+    max_receive_bytes: Annotated[dict[str, int], MAX_RECEIVE_BYTES] = Field(
+        default_factory=dict,
+        description="the largest request message that service takes, 1 KiB to 4 MiB",
+        json_schema_extra={"shown_default": "the service's own"},
+    )
 
+    @field_validator("addresses", mode="before")
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
-        addresses = {service: _address(env, service) for service in DEFAULT_PORTS}
-        regions_raw = env.get("CARDCHECK_ENABLED_REGIONS", "")
-        regions = tuple(r.strip() for r in regions_raw.split(",") if r.strip()) or ALL_REGIONS
+    def _addresses(cls, value: Mapping[str, str]) -> dict[str, str]:
+        return {s: f"127.0.0.1:{p}" for s, p in DEFAULT_PORTS.items()} | ADDRESSES.each(value, _host_port)
+
+    @field_validator("sandbox", mode="before")
+    @classmethod
+    def _sandbox(cls, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise refuse("is not a boolean")
+
+    @field_validator("enabled_regions", mode="before")
+    @classmethod
+    def _regions(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [r.strip() for r in value.split(",") if r.strip()]
+        regions = tuple(value) or ALL_REGIONS
         unknown = [r for r in regions if r not in ALL_REGIONS]
         if unknown:
-            raise SettingsError(f"CARDCHECK_ENABLED_REGIONS names unknown regions: {', '.join(unknown)}")
-        bank_addresses = {
-            var.removeprefix("CARDCHECK_BANK_ADDR_"): value
-            for var, value in env.items()
-            if var.startswith("CARDCHECK_BANK_ADDR_") and value
-        }
-        event_loop = env.get("CARDCHECK_EVENT_LOOP", "") or "uvloop"
-        if event_loop not in EVENT_LOOPS:
-            raise SettingsError(f"CARDCHECK_EVENT_LOOP={event_loop!r} is not one of {', '.join(EVENT_LOOPS)}")
-        return cls(
-            addresses=addresses,
-            bind_host=env.get("CARDCHECK_BIND_HOST", "127.0.0.1") or "127.0.0.1",
-            data_dir=Path(env.get("CARDCHECK_DATA_DIR", "var") or "var"),
-            database_url=env.get("CARDCHECK_DATABASE_URL") or None,
-            redis_url=env.get("CARDCHECK_REDIS_URL") or None,
-            master_key=env.get("CARDCHECK_MASTER_KEY") or None,
-            retired_master_keys=env.get("CARDCHECK_RETIRED_MASTER_KEYS") or None,
-            sandbox=_bool(env, "CARDCHECK_SANDBOX", True),
-            enabled_regions=regions,
-            bank_addresses=bank_addresses,
-            per_bank_timeout_s=env_number(env, "CARDCHECK_PER_BANK_TIMEOUT_S", 5.0, above=0),
-            shutdown_grace_s=env_number(env, "CARDCHECK_SHUTDOWN_GRACE_S", 10.0, at_least=0),
-            log_level=env.get("CARDCHECK_LOG_LEVEL", "INFO") or "INFO",
-            event_loop=event_loop,
-            max_concurrent_rpcs=_per_service(env, "MAX_CONCURRENT_RPCS", at_least=1, at_most=1_000_000),
-            max_receive_bytes=_per_service(env, "MAX_RECEIVE_BYTES", at_least=1024, at_most=MAX_RECEIVE_BYTES_CEILING),
-        )
+            raise refuse(f"CARDCHECK_ENABLED_REGIONS names unknown regions: {', '.join(unknown)}")
+        return regions
+
+    @field_validator("event_loop")
+    @classmethod
+    def _event_loop(cls, value: str) -> str:
+        if value not in EVENT_LOOPS:
+            raise refuse(f"is not one of {', '.join(EVENT_LOOPS)}")
+        return value
+
+    @field_validator("max_concurrent_rpcs", mode="before")
+    @classmethod
+    def _max_concurrent_rpcs(cls, value: Mapping[str, Any]) -> dict[str, int]:
+        number = Number(integer=True, at_least=1, at_most=1_000_000)
+        return MAX_CONCURRENT_RPCS.each(value, lambda _, v: number.check(v))
+
+    @field_validator("max_receive_bytes", mode="before")
+    @classmethod
+    def _max_receive_bytes(cls, value: Mapping[str, Any]) -> dict[str, int]:
+        number = Number(integer=True, at_least=1024, at_most=MAX_RECEIVE_BYTES_CEILING)
+        return MAX_RECEIVE_BYTES.each(value, lambda _, v: number.check(v))
 
     def __repr__(self) -> str:
         shown = []
-        for spec in fields(self):
-            value = getattr(self, spec.name)
-            if spec.name in _KEYS:
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name in _KEYS:
                 text = "None" if value is None else f"<{len([k for k in value.split(',') if k.strip()])} set>"
-            elif spec.name in _URLS:
+            elif name in _URLS:
                 text = repr(redact_url(value))
             else:
                 text = repr(value)
-            shown.append(f"{spec.name}={text}")
+            shown.append(f"{name}={text}")
         return f"Settings({', '.join(shown)})"
 
     __str__ = __repr__
