@@ -5,8 +5,8 @@ the environment:
 |---|---|---|
 | CARDCHECK_REPORT_RETENTION_DAYS | how long a report is kept after it is generated, in days of 24 h | 7 |
 | CARDCHECK_REPORT_LEASE_S | how long a worker's claim on a query holds without renewal | 30 |
-| CARDCHECK_REPORT_RETRY_FIRST_S | the wait before asking failed banks again; doubles each pass | 60 |
-| CARDCHECK_REPORT_RETRY_MAX_S | the longest wait between two passes | 3600 |
+| CARDCHECK_REPORT_RETRY_FIRST_S | the longest wait before asking failed banks again; doubles each pass (each wait is drawn at random up to it) | 60 |
+| CARDCHECK_REPORT_RETRY_MAX_S | the cap on that longest wait between two passes | 3600 |
 | CARDCHECK_REPORT_POLL_S | how often a worker looks for work it was not woken for | 2 |
 | CARDCHECK_REPORT_SWEEP_S | how often expired reports are deleted | 60 |
 | CARDCHECK_REPORT_MAX_RUNNING | how many queries one process works on at once (0: it accepts and serves, other replicas run the work) | 64 |
@@ -23,27 +23,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from cardcheck.runtime.backoff import Backoff
 from cardcheck.runtime.settings import env_number
 
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """The wait before pass n+1 over the banks that failed in pass n: first_s, doubling, at most
-    max_s. Never past the query's ready_by: that is when the report is made regardless."""
-
-    first_s: float = 60.0
-    max_s: float = 3600.0
-
-    def delay(self, passes: int) -> timedelta:
-        exponent = min(max(passes - 1, 0), 32)
-        return timedelta(seconds=min(self.first_s * 2**exponent, self.max_s))
+# The wait before pass n+1 over the banks that failed in pass n (cardcheck.runtime.backoff):
+# never past the query's ready_by, when the report is made regardless.
+DEFAULT_RETRY = Backoff(60.0, 3600.0)
 
 
 @dataclass(frozen=True)
 class ReportServiceConfig:
     retention: timedelta = timedelta(days=7)
     lease_s: float = 30.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: Backoff = field(default_factory=lambda: Backoff(60.0, 3600.0))
     poll_s: float = 2.0
     sweep_s: float = 60.0
     max_running: int = 64
@@ -60,7 +52,7 @@ class ReportServiceConfig:
         return cls(
             retention=timedelta(days=number("CARDCHECK_REPORT_RETENTION_DAYS", 7.0)),
             lease_s=number("CARDCHECK_REPORT_LEASE_S", 30.0),
-            retry=RetryPolicy(first, max(first, number("CARDCHECK_REPORT_RETRY_MAX_S", 3600.0))),
+            retry=Backoff(first, max(first, number("CARDCHECK_REPORT_RETRY_MAX_S", 3600.0))),
             poll_s=number("CARDCHECK_REPORT_POLL_S", 2.0),
             sweep_s=number("CARDCHECK_REPORT_SWEEP_S", 60.0),
             max_running=max_running,

@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import io
 import logging
-import random
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +22,6 @@ from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from notifier.app import NotifierParts, build_parts
 from notifier.config import Cap, NotifierConfig
-from notifier.delivery import Backoff
 from notifier.providers import ConsoleProvider, DeliveryError, OutgoingSms, SmsProvider
 from tests.test_notifier import PHONE, _code_request, _settings
 
@@ -146,16 +144,6 @@ def _seconds(stamp, clock: ManualClock) -> float:
     return (stamp.ToDatetime().replace(tzinfo=clock.now().tzinfo) - clock.now()).total_seconds()
 
 
-def test_backoff_doubles_up_to_its_cap_with_jitter_in_the_upper_half():
-    backoff = Backoff(2.0, 30.0, random.Random(7))
-    assert [backoff.ceiling(n) for n in range(1, 7)] == [2, 4, 8, 16, 30, 30]
-    for attempts in range(1, 7):
-        delays = {backoff(attempts).total_seconds() for _ in range(50)}
-        ceiling = backoff.ceiling(attempts)
-        assert all(ceiling / 2 <= d <= ceiling for d in delays)
-        assert len(delays) > 40  # jittered, not one fixed delay
-
-
 async def test_failing_provider_is_retried_with_backoff_until_delivered(start):
     clock = ManualClock()
     provider = ScriptedProvider(failures=3)
@@ -168,10 +156,12 @@ async def test_failing_provider_is_retried_with_backoff_until_delivered(start):
     assert (delivery.attempts, delivery.last_error) == (1, "HTTP_503")
     for attempt, ceiling in ((2, 10), (3, 20), (4, 40)):
         wait = _seconds(delivery.next_attempt_at, clock)
-        assert ceiling / 2 <= wait <= ceiling, (attempt, wait)  # base 10 s, doubling, jittered
-        clock.advance(timedelta(seconds=wait - 0.5))
-        assert await worker.run_once() == 0  # not due yet: nothing is tried early
-        clock.advance(timedelta(seconds=0.5))
+        assert 0 <= wait <= ceiling, (attempt, wait)  # base 10 s, doubling, fully jittered
+        early = min(0.5, wait)
+        clock.advance(timedelta(seconds=wait - early))
+        if early > 0:
+            assert await worker.run_once() == 0  # not due yet: nothing is tried early
+        clock.advance(timedelta(seconds=early))
         assert await worker.run_once() == 1
         delivery = await node.delivery(sent.message_id)
         assert delivery.attempts == attempt

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import inspect
 import json
+import random
 import socket
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from cardcheck.runtime.backoff import Backoff
 from cardcheck.runtime.clock import ManualClock, as_utc
 from cardcheck.runtime.errors import CardCheckError, from_rpc_error
 from cardcheck.runtime.settings import Settings, SettingsError
@@ -32,7 +34,7 @@ from cardcheck.v1 import (
 )
 from notifier.app import build as build_notifier
 from report_service.app import ReportServiceParts, build_parts
-from report_service.config import ReportServiceConfig, RetryPolicy
+from report_service.config import ReportServiceConfig
 from report_service.queries import Subject
 from report_service.reports import NOTICE
 
@@ -106,9 +108,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-TEST_CONFIG = ReportServiceConfig(
-    lease_s=30.0, retry=RetryPolicy(first_s=60.0, max_s=3600.0), poll_s=0.1, sweep_s=3600.0
-)
+TEST_CONFIG = ReportServiceConfig(lease_s=30.0, retry=Backoff(60.0, 3600.0), poll_s=0.1, sweep_s=3600.0)
 
 
 class Rig:
@@ -459,21 +459,30 @@ async def test_failed_banks_are_asked_again_later_until_they_answer(rig):
     assert pending.status == common_pb2.QUERY_STATUS_PENDING and pending.banks_answered == 2
     assert rig.banks.asked == [["ICBC", "CMB", "BOC"]]
 
-    # Not inside the same fan-out, and not before the backoff: 1 minute after the first pass...
-    rig.clock.advance(timedelta(seconds=59))
+    def wait_drawn() -> timedelta:
+        [(due_at,)] = rig.rows("SELECT due_at FROM rs_work WHERE query_id = :q", q=query.query_id)
+        return instant(due_at) - rig.clock.now()
+
+    # Not inside the same fan-out, and not before the backoff: a wait drawn up to 1 minute
+    # after the first pass...
+    wait = wait_drawn()
+    assert timedelta(0) <= wait <= timedelta(minutes=1)
+    rig.clock.advance(wait - timedelta(microseconds=1))
     await rig.parts.worker.run_pass(wait=True)
     assert len(rig.banks.asked) == 1
-    rig.clock.advance(timedelta(seconds=1))
+    rig.clock.advance(timedelta(microseconds=1))
     await eventually(lambda: len(rig.banks.asked) == 2)
     await rig.between_passes(query.query_id, 2)
     assert rig.banks.asked[1] == ["BOC"]  # only the bank still missing
     assert (await rig.get(query.query_id)).status == common_pb2.QUERY_STATUS_PENDING
 
-    # ... then 2 minutes after the second.
-    rig.clock.advance(timedelta(seconds=119))
+    # ... then up to 2 minutes after the second.
+    wait = wait_drawn()
+    assert timedelta(0) <= wait <= timedelta(minutes=2)
+    rig.clock.advance(wait - timedelta(microseconds=1))
     await rig.parts.worker.run_pass(wait=True)
     assert len(rig.banks.asked) == 2
-    rig.clock.advance(timedelta(seconds=1))
+    rig.clock.advance(timedelta(microseconds=1))
     ready = await status_is(rig, query.query_id, common_pb2.QUERY_STATUS_READY)
     assert rig.banks.asked == [["ICBC", "CMB", "BOC"], ["BOC"], ["BOC"]]
     assert ready.banks_answered == 3
@@ -493,18 +502,22 @@ async def test_failed_banks_are_asked_again_later_until_they_answer(rig):
 
 
 async def test_at_ready_by_the_report_lists_the_banks_that_never_answered(rig):
+    await rig.stop_report_service()
+    await rig.start_report_service(retry=Backoff(60.0, 3600.0, random.Random(11)))
+    twin = Backoff(60.0, 3600.0, random.Random(11))  # draws the very waits the worker draws
     rig.banks.script["BOC"] = [TIMED_OUT]
     query = await rig.create()
     ready_by = query.ready_by.ToDatetime(UTC)
     passes = 1
     await rig.between_passes(query.query_id)
-    # Pass after pass, each wait longer (at most an hour), none past ready_by.
+    # Pass after pass, each wait drawn under a doubling ceiling (at most an hour), none past
+    # ready_by.
     while rig.clock.now() < ready_by:
         [(due_at,)] = rig.rows("SELECT due_at FROM rs_work WHERE query_id = :q", q=query.query_id)
         due_at = instant(due_at)
-        assert due_at == min(
-            rig.clock.now() + min(timedelta(minutes=2 ** (passes - 1)), timedelta(hours=1)), ready_by
-        )
+        wait = twin.delay(passes)
+        assert wait <= min(timedelta(minutes=2 ** min(passes - 1, 6)), timedelta(hours=1))
+        assert due_at == min(rig.clock.now() + wait, ready_by)
         assert (await rig.get(query.query_id)).status == common_pb2.QUERY_STATUS_PENDING
         rig.clock.set(due_at)
         if due_at == ready_by:
@@ -514,7 +527,7 @@ async def test_at_ready_by_the_report_lists_the_banks_that_never_answered(rig):
         await eventually(lambda n=passes: len(rig.banks.asked) == n)
         await rig.between_passes(query.query_id, passes)
     assert all(asked == ["BOC"] for asked in rig.banks.asked[1:])
-    assert 25 < len(rig.banks.asked) < 35  # about 6 doubling waits, then hourly
+    assert len(rig.banks.asked) > 24  # no wait over an hour
 
     ready = await status_is(rig, query.query_id, common_pb2.QUERY_STATUS_READY)
     assert len(rig.banks.asked) == passes  # at ready_by the report is made, nothing more asked
