@@ -7,8 +7,8 @@ validated the same way: a bad value stops the process before it serves (exit 2).
 | `CARDCHECK_SMS_WEBHOOK_URL` | the SMS vendor's endpoint (https; plain http only to a loopback host) | required for `webhook` |
 | `CARDCHECK_SMS_WEBHOOK_SECRET` | the HMAC-SHA256 key the requests are signed with (at least 16 characters) | required for `webhook` |
 | `CARDCHECK_SMS_WEBHOOK_TIMEOUT_S` | how long one request to the vendor may take | 5 |
-| `CARDCHECK_SMS_RETRY_BASE_S`, `CARDCHECK_SMS_RETRY_MAX_S` | the backoff between attempts: base doubling per attempt, jittered, capped | 2, 300 |
-| `CARDCHECK_SMS_POLL_INTERVAL_S` | how often the delivery worker looks for messages due | 1 |
+| `CARDCHECK_SMS_RETRY_BASE_S`, `CARDCHECK_SMS_RETRY_MAX_S` | the backoff between attempts: a ceiling of base doubling per attempt, capped; each wait drawn at random up to it (cardcheck.runtime.backoff) | 2, 300 |
+| `CARDCHECK_SMS_POLL_INTERVAL_S` | how often the delivery worker looks for messages come due (a message given back by a stopping replica wakes it at once) | 1 |
 | `CARDCHECK_SMS_RETENTION_DAYS` | how long a message (sealed phone and text, delivery record) is kept before it is deleted; longer than every retry window, so an idempotency key is remembered while it can still be sent again | 30 |
 | `CARDCHECK_SMS_CAP_SMS_CODE`, `..._REPORT_READY`, `..._CONSENT_RECEIPT` | the per-phone cap of that kind, e.g. `10/h,20/d` (`off`: none) | see DEFAULT_CAPS |
 """
