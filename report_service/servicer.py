@@ -122,8 +122,6 @@ class ReportServiceServicer(report_service_pb2_grpc.ReportServiceServicer):
         )
         if created and worker:
             self._worker.run_accepted(query, subject, trace_context)
-        elif created:
-            self._worker.wake()
         return query_pb(query)
 
     @handles_errors

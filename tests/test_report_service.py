@@ -33,6 +33,7 @@ from cardcheck.v1 import (
     report_service_pb2_grpc,
 )
 from notifier.app import build as build_notifier
+from report_service import servicer
 from report_service.app import ReportServiceParts, build_parts
 from report_service.config import ReportServiceConfig
 from report_service.queries import Subject
@@ -776,6 +777,27 @@ async def test_watch_on_another_replica_sees_what_the_first_records(rig):
     ]
     assert events[-1].query.status == common_pb2.QUERY_STATUS_READY
     assert late_events[-1].query.status == common_pb2.QUERY_STATUS_READY
+
+
+async def test_a_watch_on_another_replica_is_woken_by_the_change_not_a_poll(rig, monkeypatch):
+    """With the safety poll an hour away, only the change notification (NOTIFY on PostgreSQL,
+    in-process on the one SQLite file) can bring what replica A records to a watcher on B."""
+    monkeypatch.setattr(servicer, "WATCH_SAFETY_POLL_S", 3600.0)
+    _, other = await rig.start_replica(max_running=0)
+    rig.banks.hold("ICBC", "CMB", "BOC")
+    query = await rig.create()  # on replica A, which runs it
+    events = []
+    watcher = asyncio.create_task(_watch(other, query.query_id, events))
+    await eventually(lambda: events)
+    loop = asyncio.get_running_loop()
+    for n, bank in enumerate(("ICBC", "CMB", "BOC"), start=2):
+        released = loop.time()
+        rig.banks.release(bank)
+        await eventually(lambda n=n: len(events) >= n, within=5)
+        assert loop.time() - released < 1.0
+        assert events[-1].outcome.bank_code == bank
+    await asyncio.wait_for(watcher, 5)
+    assert events[-1].query.status == common_pb2.QUERY_STATUS_READY
 
 
 # --- durability (in-process; the real-process crashes are in test_report_service_durability) ----

@@ -7,7 +7,7 @@ of it. A writer announces a change inside its transaction (`Channel.announce(ses
   listening, this one included. Each hub keeps one dedicated psycopg connection that LISTENs on
   its channels (named after the schema, so schemas sharing a database do not wake each other);
 - on SQLite (the embedded default: one process per file) the change is delivered in-process
-  once the transaction commits.
+  once the transaction commits, to every hub of that file in the process.
 
 Waiters take `Channel.current(key)` before they read, then wait on it: a change committed after
 the read sets it. A key narrows the wakeup to one row (a watcher's query); a change announced
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _PENDING = "cardcheck.changes"  # session.info: what to deliver in-process after the commit
 _RECONNECT_S = (0.1, 5.0)  # first and longest wait before the listener connects again
 _MAX_KEY = 200  # pg_notify's payload is limited to 8000 bytes: keys are short ids anyway
+_LOCAL: weakref.WeakValueDictionary[tuple[str, str, int], Channel] = weakref.WeakValueDictionary()
 
 
 class Channel:
@@ -97,8 +98,17 @@ class ChangeHub:
         if self._listener is not None:
             raise RuntimeError("channels are opened before the hub starts listening")
         if name not in self._channels:
-            self._channels[name] = Channel(name, self)
+            self._channels[name] = self._local(name) if not self.postgres else Channel(name, self)
         return self._channels[name]
+
+    def _local(self, name: str) -> Channel:
+        """SQLite: one channel per file, name and event loop, whichever hub opens it."""
+        loop = asyncio.get_running_loop()
+        key = (str(self._engine.url), name, id(loop))
+        shared = _LOCAL.get(key)
+        if shared is None or shared._loop is not loop:
+            shared = _LOCAL[key] = Channel(name, self)
+        return shared
 
     async def start(self, *, connected_within_s: float = 5.0) -> None:
         """Starts listening (PostgreSQL); waits a little for the connection, never fails on it:
