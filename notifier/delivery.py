@@ -23,7 +23,7 @@ from opentelemetry.trace import Status, StatusCode
 from cardcheck.runtime.backoff import Backoff
 from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.logs import mask_phone
-from cardcheck.runtime.work import wait_for_change, worker_name
+from cardcheck.runtime.work import Lease, wait_for_change, worker_name
 from notifier.config import NotifierConfig
 from notifier.messages import FAILED, MessageRow, MessageSealing, MessageStore, lease_of
 from notifier.providers import DeliveryError, SmsProvider
@@ -53,6 +53,7 @@ class DeliveryWorker:
         self._changes = store.queue.changes or Channel("messages")
         self._loop_task: asyncio.Task | None = None
         self._attempts: dict[str, asyncio.Task] = {}
+        self._leases: dict[str, Lease] = {}  # the lease each attempt runs under
 
     @property
     def lease(self) -> timedelta:
@@ -140,14 +141,18 @@ class DeliveryWorker:
     def dispatch(self, row: MessageRow) -> asyncio.Task:
         """Runs one attempt of a message this replica holds the lease of. The attempt belongs to
         the worker, not to the caller: a Send whose caller goes away does not cancel it."""
+        self._leases[row.message_id] = lease_of(row)
         running = self._attempts.get(row.message_id)
         if running is not None:
+            # Claimed again while its attempt still runs here (the lease ran out under a slow
+            # provider): that attempt carries on under the new lease.
             return running
         task = asyncio.create_task(self._attempt(row), name=f"sms {row.message_id}")
         self._attempts[row.message_id] = task
 
         def done(_task: asyncio.Task, message_id: str = row.message_id) -> None:
             self._attempts.pop(message_id, None)
+            self._leases.pop(message_id, None)
             self._changes.notify()
 
         task.add_done_callback(done)
@@ -207,7 +212,10 @@ class DeliveryWorker:
         span.set_attribute("cardcheck.sms.error_class", error_class)
         span.set_status(Status(StatusCode.ERROR, error_class))
         outcome = await self._store.record_failure(
-            lease_of(row), error_class, retryable=retryable, next_delay=self._backoff
+            self._leases.get(row.message_id, lease_of(row)),
+            error_class,
+            retryable=retryable,
+            next_delay=self._backoff,
         )
         if outcome is None:
             log.info(

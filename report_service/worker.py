@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
@@ -174,16 +175,23 @@ class QueryWorker:
         claims = await self._store.claim(self.owner, self._max_running - len(self._running))
         started = []
         for claim in claims:
-            running = self._running.get(claim.key)
-            if running is not None:
-                # Ours and still running, but its lease expired unrenewed and this claim gave a
-                # new one: the old work is fenced out, so it makes way for the new.
-                running.cancel()
+            if claim.key in self._running:
+                # Ours and still running, though its lease expired unrenewed: the work carries
+                # on under the lease this claim gave (the old one is fenced out).
+                self._leases[claim.key] = claim.lease
+                continue
             work = self._execute(claim) if claim.kind == EXECUTE else self._notify(claim)
             started.append(self._spawn(claim, work))
         if wait and started:
             await asyncio.gather(*started, return_exceptions=True)
         return started
+
+    def _held(self, claim: Claim) -> Claim:
+        """The claim under the lease this worker holds for it now (a later claim of its own)."""
+        lease = self._leases.get(claim.key)
+        if lease is None or lease.token == claim.passes:
+            return claim
+        return dataclasses.replace(claim, passes=lease.token)
 
     def _spawn(self, claim: Claim, work: Coroutine) -> asyncio.Task:
         key = claim.key
@@ -239,7 +247,7 @@ class QueryWorker:
                 if claim.missing_banks and not claim.final:
                     result = await self._ask_banks(claim)
                 if result is None:
-                    result = await self._store.end_pass(claim, self._retry.delay(claim.passes))
+                    result = await self._store.end_pass(self._held(claim), self._retry.delay(claim.passes))
             except LeaseLost:
                 log.info("query %s: another worker holds it now", query_id)
                 return
@@ -309,7 +317,7 @@ class QueryWorker:
                         )
                         arrived.update(silent)
                 if outcomes:
-                    result = await self._store.record(claim, outcomes)
+                    result = await self._store.record(self._held(claim), outcomes)
                     if result is not None:
                         return result
             return None
@@ -341,6 +349,6 @@ class QueryWorker:
                     refusal.reason if refusal is not None else type(error).__name__,
                     delay,
                 )
-                await self._store.notify_later(claim, delay)
+                await self._store.notify_later(self._held(claim), delay)
                 return
             await self._store.notified(query_id)

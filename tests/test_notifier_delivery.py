@@ -250,6 +250,44 @@ async def test_a_message_held_by_a_dead_replica_is_delivered_after_restart(start
     assert working.delivered[sent.message_id] == 1
 
 
+class GatedFailure(ScriptedProvider):
+    """Every attempt waits at the provider until `gate` opens, then fails (retryably)."""
+
+    def __init__(self) -> None:
+        super().__init__(failures=None)
+        self.gate = asyncio.Event()
+
+    async def deliver(self, sms: OutgoingSms) -> None:
+        self.calls[sms.message_id] += 1
+        await self.gate.wait()
+        raise self.error
+
+
+async def test_a_stale_attempt_cannot_reschedule_a_message_another_replica_took_over(
+    start, tmp_path, database_url, caplog
+):
+    clock = ManualClock()
+    config = NotifierConfig(webhook_timeout_s=0.2, retry_base_s=10, retry_max_s=80)
+    slow = GatedFailure()
+    first = await start(slow, clock=clock, start_worker=False, config=config)
+    sent = await first.stub.Send(_code_request("s1"))
+    assert sent.status == QUEUED  # attempt 1 still at the provider
+    clock.advance(first.parts.worker.lease)
+    stuck = ScriptedProvider()
+    stuck.hang = True
+    second = await start(stuck, clock=clock, start_worker=False, config=config)
+    taking = asyncio.create_task(second.parts.worker.run_once())
+    try:
+        await eventually(lambda: stuck.calls[sent.message_id] == 1)  # attempt 2, the second's
+        with caplog.at_level(logging.INFO, logger="notifier.delivery"):
+            slow.gate.set()  # attempt 1 fails now, long after its lease ran out
+            await eventually(lambda: "after its lease passed on" in caplog.text)
+        sql = "SELECT attempts, lease_owner, last_error FROM nt_messages"
+        assert _rows(tmp_path, database_url, sql) == [(2, second.parts.worker.owner, None)]  # untouched
+    finally:
+        taking.cancel()
+
+
 async def test_a_graceful_stop_frees_what_it_held_for_the_next_start(start):
     clock = ManualClock()
     stuck = ScriptedProvider()

@@ -825,6 +825,26 @@ async def test_resumes_after_restart_asking_only_the_missing_banks(rig):
     assert len(await rig.messages()) == 1
 
 
+async def test_a_worker_that_claims_back_its_own_running_work_carries_it_on(rig):
+    """Its lease ran out unrenewed while it waited on a bank and its own next pass claimed the
+    work again: the work under way goes on under the new lease (the old one is fenced out), and
+    no bank is asked twice."""
+    rig.banks.hold("BOC")
+    query = await rig.create()
+
+    async def two_recorded():
+        return (await rig.get(query.query_id)).banks_answered == 2
+
+    await eventually(two_recorded)
+    rig.clock.advance(rig.parts.worker.lease)
+    await rig.parts.worker.run_pass()  # claims it back: passes 2, the same owner
+    sql = "SELECT lease_owner, passes FROM rs_work WHERE query_id = :q"
+    assert rig.rows(sql, q=query.query_id) == [(rig.parts.worker.owner, 2)]
+    rig.banks.release("BOC")
+    await status_is(rig, query.query_id, common_pb2.QUERY_STATUS_READY)
+    assert rig.banks.asked == [["ICBC", "CMB", "BOC"]]
+
+
 async def test_report_ready_sms_survives_a_notifier_outage(rig):
     await rig.stop_notifier()
     query = await rig.create()
