@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -222,10 +222,6 @@ class ExecutionStore:
 
         with contextlib.suppress(LeaseLost):
             await self._db.write(drop)
-
-    async def renew(self, leases: Iterable[Lease]) -> set[WorkKey]:
-        """Extends these leases; returns the keys of the ones still held."""
-        return await self.queue.renew(leases)  # type: ignore[return-value]
 
     async def release(self, owner: str) -> int:
         """Gives up every lease of this worker (it is stopping): another may claim at once."""
