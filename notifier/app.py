@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
+from cardcheck.runtime.backoff import Backoff
+from cardcheck.runtime.changes import ChangeHub
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
@@ -18,7 +20,7 @@ from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import notifier_pb2_grpc
 from notifier.config import NotifierConfig
-from notifier.delivery import Backoff, DeliveryWorker
+from notifier.delivery import DeliveryWorker
 from notifier.messages import MessageStore, message_sealing
 from notifier.outbox import Outbox
 from notifier.providers import SmsProvider, make_provider
@@ -93,7 +95,8 @@ async def build_parts(
     keyring = load_keyring(settings.master_key, settings.retired_master_keys, settings.data_dir)
     db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
     await asyncio.to_thread(upgrade_to_head, db.engine, MIGRATIONS, SERVICE)
-    store = MessageStore(db, clock)
+    hub = ChangeHub(db.engine)
+    store = MessageStore(db, clock, lease=config.lease, changes=hub.channel("nt.messages"))
     sealing = message_sealing(keyring)
     worker = DeliveryWorker(
         store,
@@ -109,6 +112,7 @@ async def build_parts(
     async def close() -> None:
         await worker.stop(drain_s=min(settings.shutdown_grace_s, config.webhook_timeout_s + 1))
         await provider.close()
+        await hub.close()
         db.dispose()
 
     host = ServiceHost(
@@ -125,6 +129,7 @@ async def build_parts(
         on_stop=[close],
         bounds=BOUNDS.configured(settings, SERVICE),
     )
+    await hub.start()
     if start_worker:
         worker.start()  # delivers whatever a previous run left QUEUED
     return NotifierParts(host, worker, outbox, provider)

@@ -131,7 +131,7 @@ class NotifierConfig(DeclaredSettings):
         5.0, description="how long one request to the vendor may take, in seconds"
     )
     retry_base_s: Annotated[float, Number(above=0, at_most=3600)] = Field(
-        2.0, description="the first backoff between attempts, in seconds: doubling per attempt, jittered"
+        2.0, description="the first backoff between attempts, in seconds: a ceiling doubling per attempt, each wait drawn at random up to it"
     )
     retry_max_s: Annotated[float, Number(above=0, at_most=86400)] = Field(
         300.0, description="the longest backoff between attempts, in seconds"
@@ -145,7 +145,7 @@ class NotifierConfig(DeclaredSettings):
         json_schema_extra={"shown_default": {k: cap.text() for k, cap in DEFAULT_CAPS.items()}},
     )
     poll_interval_s: Annotated[float, Number(above=0, at_most=60)] = Field(
-        1.0, description="how often the delivery worker looks for messages due, in seconds"
+        1.0, description="how often the delivery worker looks for messages come due, in seconds (a message given back by a stopping replica wakes it at once)"
     )
     max_in_flight: Annotated[int, Internal()] = 16  # deliveries one replica runs at once
     retention: Annotated[timedelta, Number(above=0, at_most=3650, unit=timedelta(days=1))] = Field(

@@ -3,7 +3,8 @@
 Each replica claims due messages with a lease (see MessageStore.claim_due), so two replicas
 on one database never try the same message at the same time; a replica that dies mid-attempt
 leaves a lease that runs out, and the message is tried again by whoever claims next. A failed
-attempt is retried after a jittered exponential backoff, within the message's retry window.
+attempt is retried after the backoff of cardcheck.runtime.backoff, within the message's retry
+window. A replica that stops gives its messages back and the others' workers wake at once.
 
 Every attempt is a span `sms.deliver` under the trace of the Send that recorded the message,
 with the masked phone only, never the text."""
@@ -14,44 +15,21 @@ import asyncio
 import json
 import logging
 import math
-import os
-import random
-import secrets
-import socket
 from datetime import timedelta
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Status, StatusCode
 
+from cardcheck.runtime.backoff import Backoff
+from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.logs import mask_phone
 from cardcheck.runtime.waiting import wait_for_event
+from cardcheck.runtime.work import Lease, worker_name
 from notifier.config import NotifierConfig
-from notifier.messages import FAILED, MessageRow, MessageSealing, MessageStore
+from notifier.messages import FAILED, MessageRow, MessageSealing, MessageStore, lease_of
 from notifier.providers import DeliveryError, SmsProvider
 
 log = logging.getLogger(__name__)
-
-
-class Backoff:
-    """Attempt n (1-based) failed: wait base * 2^(n-1), capped, then jittered into its upper
-    half ("equal jitter"), so replicas retrying the same outage spread out but never retry
-    sooner than half the nominal delay."""
-
-    def __init__(self, base_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        self._base_s = base_s
-        self._max_s = max_s
-        self._rng = rng or random.Random()
-
-    def ceiling(self, attempts: int) -> float:
-        return min(self._max_s, self._base_s * 2 ** max(0, min(attempts - 1, 40)))
-
-    def __call__(self, attempts: int) -> timedelta:
-        ceiling = self.ceiling(attempts)
-        return timedelta(seconds=self._rng.uniform(ceiling / 2, ceiling))
-
-
-def _owner_name() -> str:
-    return f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class DeliveryWorker:
@@ -65,16 +43,18 @@ class DeliveryWorker:
         *,
         backoff: Backoff | None = None,
     ) -> None:
-        self.owner = _owner_name()
+        self.owner = worker_name()
         self._store = store
         self._sealing = sealing
         self._provider = provider
         self._config = config
         self._tracer = tracer
         self._backoff = backoff or Backoff(config.retry_base_s, config.retry_max_s)
-        self._wake = asyncio.Event()
+        # A message free to try now (given back by a replica that stopped), or a free slot here.
+        self._changes = store.queue.changes or Channel("messages")
         self._loop_task: asyncio.Task | None = None
         self._attempts: dict[str, asyncio.Task] = {}
+        self._leases: dict[str, Lease] = {}  # the lease each attempt runs under
 
     @property
     def lease(self) -> timedelta:
@@ -87,7 +67,7 @@ class DeliveryWorker:
             self._loop_task = asyncio.create_task(self._loop(), name="notifier.delivery")
 
     def wake(self) -> None:
-        self._wake.set()
+        self._changes.notify()
 
     async def stop(self, drain_s: float) -> None:
         """Stops claiming, lets attempts under way finish for up to `drain_s`, cancels the rest
@@ -127,7 +107,7 @@ class DeliveryWorker:
                     await self.purge()
                 except Exception as error:
                     log.warning("deleting messages past retention failed (%s); trying later", type(error).__name__)
-            self._wake.clear()
+            changed = self._changes.current()
             full = False
             try:
                 full = await self._claim_and_dispatch()
@@ -135,9 +115,10 @@ class DeliveryWorker:
                 log.warning("claiming due messages failed (%s); trying again", type(error).__name__)
             if full:
                 # Every slot taken: the next free slot wakes the loop.
-                await self._wake.wait()
+                await changed.wait()
                 continue
-            await wait_for_event(self._wake, self._config.poll_interval_s)
+            # The poll still finds retries come due and leases that expired.
+            await wait_for_event(changed, self._config.poll_interval_s)
 
     # --- attempts -----------------------------------------------------------------------------
 
@@ -145,7 +126,7 @@ class DeliveryWorker:
         free = self._config.max_in_flight - len(self._attempts)
         if free <= 0:
             return True
-        claimed, expired = await self._store.claim_due(self.owner, free, self.lease)
+        claimed, expired = await self._store.claim_due(self.owner, free)
         for row in expired:
             log.warning("sms %s (%s) not delivered within its retry window: FAILED", row.message_id, row.kind)
         for row in claimed:
@@ -154,22 +135,26 @@ class DeliveryWorker:
 
     async def run_once(self) -> int:
         """One claim and the attempts it starts, awaited (tests and tools). Returns how many."""
-        claimed, _ = await self._store.claim_due(self.owner, self._config.max_in_flight, self.lease)
+        claimed, _ = await self._store.claim_due(self.owner, self._config.max_in_flight)
         await asyncio.gather(*(self.dispatch(row) for row in claimed))
         return len(claimed)
 
     def dispatch(self, row: MessageRow) -> asyncio.Task:
         """Runs one attempt of a message this replica holds the lease of. The attempt belongs to
         the worker, not to the caller: a Send whose caller goes away does not cancel it."""
+        self._leases[row.message_id] = lease_of(row)
         running = self._attempts.get(row.message_id)
         if running is not None:
+            # Claimed again while its attempt still runs here (the lease ran out under a slow
+            # provider): that attempt carries on under the new lease.
             return running
         task = asyncio.create_task(self._attempt(row), name=f"sms {row.message_id}")
         self._attempts[row.message_id] = task
 
         def done(_task: asyncio.Task, message_id: str = row.message_id) -> None:
             self._attempts.pop(message_id, None)
-            self._wake.set()
+            self._leases.pop(message_id, None)
+            self._changes.notify()
 
         task.add_done_callback(done)
         return task
@@ -228,7 +213,10 @@ class DeliveryWorker:
         span.set_attribute("cardcheck.sms.error_class", error_class)
         span.set_status(Status(StatusCode.ERROR, error_class))
         outcome = await self._store.record_failure(
-            row.message_id, self.owner, error_class, retryable=retryable, next_delay=self._backoff
+            self._leases.get(row.message_id, lease_of(row)),
+            error_class,
+            retryable=retryable,
+            next_delay=self._backoff,
         )
         if outcome is None:
             log.info(

@@ -10,7 +10,9 @@ open, lookups by phone take every key's digest, and compares accept a retired ke
 rows are under the current key only; `python -m notifier.rewrap` moves the old ones over.
 
 Delivery state: QUEUED (due at next_attempt_at, or being tried by the replica holding the
-lease), DELIVERED, or FAILED (refused for good, or not delivered before retry_until)."""
+lease), DELIVERED, or FAILED (refused for good, or not delivered before retry_until). The lease
+is cardcheck.runtime.work's over lease_owner and lease_until, with the attempt count as its
+fencing token: each attempt is one claim."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    and_,
     delete,
     or_,
     text,
@@ -37,10 +40,12 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
 from cardcheck.runtime.keys import KeyedHash, Keyring, Sealer
+from cardcheck.runtime.work import Lease, LeaseColumns, LeaseLost, WorkQueue
 from notifier.config import Cap
 from notifier.providers import OutgoingSms
 from notifier.templates import REQUIRED_PARAMS, param_problems
@@ -90,6 +95,21 @@ class MessageRow(SQLModel, table=True):
     lease_owner: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
     lease_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     trace_context: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+_MESSAGES = MessageRow.__table__
+MESSAGE_LEASES = LeaseColumns(
+    _MESSAGES,
+    key=(_MESSAGES.c.message_id,),
+    owner=_MESSAGES.c.lease_owner,
+    expires=_MESSAGES.c.lease_until,
+    token=_MESSAGES.c.attempts,
+)
+
+
+def lease_of(row: MessageRow) -> Lease:
+    """The lease `row` was read under: its holder and attempt."""
+    return Lease((row.message_id,), row.lease_owner or "", row.attempts)
 
 
 @dataclass(frozen=True)
@@ -260,9 +280,14 @@ class Failure:
 class MessageStore:
     """Every read and write of nt_messages, each one transaction, times from the clock."""
 
-    def __init__(self, db: Database, clock: Clock) -> None:
+    def __init__(
+        self, db: Database, clock: Clock, *, lease: timedelta = timedelta(seconds=30), changes: Channel | None = None
+    ) -> None:
+        """`lease`: how long a replica holds a message it is trying; `changes` wakes the
+        delivery workers when a message is free to try now."""
         self._db = db
         self._clock = clock
+        self.queue = WorkQueue(MESSAGE_LEASES, db.run, clock, lease=lease, changes=changes)
 
     def _by_message_id(self, session: Session, message_id: str, *, lock: bool = False) -> MessageRow | None:
         query = select(MessageRow).where(MessageRow.message_id == message_id)
@@ -283,7 +308,6 @@ class MessageStore:
         row: MessageRow,
         cap: Cap,
         owner: str,
-        lease: timedelta,
         phone_hashes: Sequence[str] = (),
     ) -> tuple[MessageRow, bool]:
         """Records a new message, QUEUED and already held by `owner` for its first attempt; or
@@ -306,8 +330,7 @@ class MessageStore:
             row.attempts = 1
             row.last_attempt_at = now
             row.next_attempt_at = now
-            row.lease_owner = owner
-            row.lease_until = now + lease
+            self._grant(row, owner)
             session.add(row)
             session.flush()
             return row, True
@@ -361,8 +384,12 @@ class MessageStore:
                 retry_after=wait,
             )
 
+    def _grant(self, row: MessageRow, owner: str) -> None:
+        for column, value in self.queue.granted(owner).items():
+            setattr(row, column, value)
+
     async def rearm(
-        self, message_id: str, body_sealed: bytes | None, retry_until: datetime, owner: str, lease: timedelta
+        self, message_id: str, body_sealed: bytes | None, retry_until: datetime, owner: str
     ) -> tuple[MessageRow, bool]:
         """A FAILED message asked for again: QUEUED once more and held by `owner` for an
         attempt now (rearmed True); any other message is returned as it is."""
@@ -378,8 +405,7 @@ class MessageStore:
             row.last_attempt_at = now
             row.next_attempt_at = now
             row.retry_until = retry_until
-            row.lease_owner = owner
-            row.lease_until = now + lease
+            self._grant(row, owner)
             if body_sealed is not None:
                 row.body_sealed = body_sealed
             session.add(row)
@@ -388,40 +414,40 @@ class MessageStore:
 
         return await self._db.run(work)
 
-    async def claim_due(
-        self, owner: str, limit: int, lease: timedelta
-    ) -> tuple[list[MessageRow], list[MessageRow]]:
+    async def claim_due(self, owner: str, limit: int) -> tuple[list[MessageRow], list[MessageRow]]:
         """Takes up to `limit` due messages no one holds (or whose holder's lease ran out, e.g.
-        a replica that died mid-attempt) for an attempt by `owner`. Returns (claimed, expired):
-        a message past its retry window is not tried but FAILED as EXPIRED.
-
-        On PostgreSQL the rows are locked FOR UPDATE SKIP LOCKED, so replicas claiming at the
-        same time each take different messages; SQLite has one writer at a time anyway."""
+        a replica that died mid-attempt) for an attempt by `owner` (cardcheck.runtime.work),
+        oldest due first. Returns (claimed, expired): a due message past its retry window is
+        not tried but FAILED as EXPIRED."""
 
         def work(session: Session) -> tuple[list[MessageRow], list[MessageRow]]:
             now = self._clock.now()
-            query = (
-                select(MessageRow)
-                .where(
-                    MessageRow.status == QUEUED,
-                    or_(col(MessageRow.next_attempt_at).is_(None), col(MessageRow.next_attempt_at) <= now),
-                    or_(col(MessageRow.lease_until).is_(None), col(MessageRow.lease_until) <= now),
-                )
-                .order_by(col(MessageRow.next_attempt_at), col(MessageRow.seq))
-                .limit(limit)
-                .with_for_update(skip_locked=True)
+            free = or_(col(MessageRow.lease_until).is_(None), col(MessageRow.lease_until) <= now)
+            due = and_(
+                MessageRow.status == QUEUED,
+                or_(col(MessageRow.next_attempt_at).is_(None), col(MessageRow.next_attempt_at) <= now),
             )
-            claimed, expired = [], []
-            for row in session.exec(query):
-                if row.retry_until is not None and now > as_utc(row.retry_until) + EXPIRY_SLACK:
-                    self._give_up(row, EXPIRED)
-                    expired.append(row)
-                else:
-                    row.attempts += 1
-                    row.last_attempt_at = now
-                    row.lease_owner = owner
-                    row.lease_until = now + lease
-                    claimed.append(row)
+            past_window = col(MessageRow.retry_until) < now - EXPIRY_SLACK
+            expired = list(
+                session.exec(
+                    select(MessageRow).where(due, free, past_window).limit(limit).with_for_update(skip_locked=True)
+                )
+            )
+            for row in expired:
+                self._give_up(row, EXPIRED)
+                session.add(row)
+            leases = self.queue.claim(
+                session,
+                owner,
+                limit,
+                where=[due, or_(col(MessageRow.retry_until).is_(None), ~past_window)],
+                order_by=[col(MessageRow.next_attempt_at), col(MessageRow.seq)],
+            )
+            ids = [lease.key[0] for lease in leases]
+            rows = {r.message_id: r for r in session.exec(select(MessageRow).where(col(MessageRow.message_id).in_(ids)))}
+            claimed = [rows[message_id] for message_id in ids]
+            for row in claimed:
+                row.last_attempt_at = now
                 session.add(row)
             session.flush()
             return claimed, expired
@@ -437,6 +463,10 @@ class MessageStore:
         row.next_attempt_at = None
         row.lease_owner = None
         row.lease_until = None
+
+    def _free(self, row: MessageRow) -> None:
+        for column, value in self.queue.freed().items():
+            setattr(row, column, value)
 
     async def record_success(self, message_id: str) -> None:
         """Delivered: whoever held it, a later failure report of a lost lease changes nothing."""
@@ -460,20 +490,23 @@ class MessageStore:
 
     async def record_failure(
         self,
-        message_id: str,
-        owner: str,
+        lease: Lease,
         error_class: str,
         *,
         retryable: bool,
         next_delay: Callable[[int], timedelta],
     ) -> Failure | None:
         """Schedules the next attempt (`next_delay(attempts)` from now, never past the retry
-        window) or gives up. None when `owner` no longer holds the message (its lease ran out
-        and another replica took it, or it was delivered meanwhile): that one decides."""
+        window) or gives up. None when `lease` is no longer the message's (it ran out and the
+        message was claimed again, or it was delivered meanwhile): that attempt decides."""
 
         def work(session: Session) -> Failure | None:
-            row = self._by_message_id(session, message_id, lock=True)
-            if row is None or row.status != QUEUED or row.lease_owner != owner:
+            try:
+                self.queue.hold(session, lease)
+            except LeaseLost:
+                return None
+            row = self._by_message_id(session, lease.key[0])
+            if row is None or row.status != QUEUED:
                 return None
             now = self._clock.now()
             row.last_error = error_class
@@ -483,8 +516,7 @@ class MessageStore:
             else:
                 due = now + next_delay(row.attempts)
                 row.next_attempt_at = min(due, retry_until) if retry_until is not None else due
-                row.lease_owner = None
-                row.lease_until = None
+                self._free(row)
             session.add(row)
             return Failure(row.status, _utc(row.next_attempt_at))
 
@@ -492,16 +524,7 @@ class MessageStore:
 
     async def release(self, owner: str) -> int:
         """On a graceful stop: the messages `owner` still holds are free for the next claim."""
-
-        def work(session: Session) -> int:
-            result = session.execute(
-                update(MessageRow)
-                .where(col(MessageRow.lease_owner) == owner, col(MessageRow.status) == QUEUED)
-                .values(lease_owner=None, lease_until=None)
-            )
-            return result.rowcount or 0
-
-        return await self._db.run(work)
+        return await self.queue.release(owner, where=[col(MessageRow.status) == QUEUED])
 
     async def purge(self, retention: timedelta, batch: int = 500) -> int:
         """Deletes the messages created more than `retention` ago that are no longer being

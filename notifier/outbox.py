@@ -100,7 +100,6 @@ class Outbox:
             row,
             self._config.caps[kind],
             self._worker.owner,
-            self._worker.lease,
             self._sealing.phone_hashes(phone),
         )
         if created:
@@ -116,7 +115,6 @@ class Outbox:
                 None if self.sandbox else self._sealing.seal_body(recorded.message_id, body_again),
                 self._clock.now() + self._config.retry_windows[kind],
                 self._worker.owner,
-                self._worker.lease,
             )
             if not rearmed:
                 return delivery_of(recorded)

@@ -9,6 +9,7 @@ from datetime import timedelta
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
+from cardcheck.runtime.changes import ChangeHub
 from cardcheck.runtime.channels import open_channel
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
@@ -22,7 +23,7 @@ from report_service.audit import AuditChain
 from report_service.clients import BankConnectorFanOut, NotifierReportReady
 from report_service.config import ReportServiceConfig
 from report_service.execution import ExecutionStore
-from report_service.queries import IDEMPOTENCY_KEY, Changes, QueryStore
+from report_service.queries import IDEMPOTENCY_KEY, QueryStore
 from report_service.reports import ReportVault
 from report_service.servicer import ReportServiceServicer
 from report_service.storage import Storage
@@ -122,14 +123,23 @@ async def build_parts(
         idempotency_hash=keyring.hasher(IDEMPOTENCY_KEY),
         retention=config.retention,
     )
-    execution = ExecutionStore(storage, store, clock, lease=timedelta(seconds=config.lease_s))
+    hub = ChangeHub(db.engine)
+    work_changes = hub.channel("rs.work")
+    changes = hub.channel("rs.queries")
+    execution = ExecutionStore(
+        storage,
+        store,
+        clock,
+        lease=timedelta(seconds=config.lease_s),
+        work_changes=work_changes,
+        query_changes=changes,
+    )
     bank_channel = open_channel(
         settings.addresses["bank_connector"], tracer_provider, max_receive_bytes=MAX_OUTCOME_BYTES
     )
     notifier_channel = open_channel(
         settings.addresses["notifier"], tracer_provider, max_receive_bytes=MAX_NOTIFIER_ANSWER_BYTES
     )
-    changes = Changes()
     worker = QueryWorker(
         execution,
         BankConnectorFanOut(bank_channel, settings.per_bank_timeout_s),
@@ -148,6 +158,7 @@ async def build_parts(
 
     async def close() -> None:
         await worker.stop()
+        await hub.close()
         await bank_channel.close()
         await notifier_channel.close()
         storage.close()
@@ -166,6 +177,7 @@ async def build_parts(
         on_stop=[close],
         bounds=BOUNDS.configured(settings, SERVICE),
     )
+    await hub.start()
     worker.start()  # resumes whatever work a previous run left, once its leases are free
     return ReportServiceParts(host, worker, store, execution, db)
 

@@ -8,35 +8,26 @@ time in Beijing 7 calendar days later)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from cardcheck.runtime.backoff import Backoff
 from cardcheck.runtime.declared import DeclaredSettings, Family, Number
 
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """The wait before pass n+1 over the banks that failed in pass n: first_s, doubling, at most
-    max_s. Never past the query's ready_by: that is when the report is made regardless."""
-
-    first_s: float = 60.0
-    max_s: float = 3600.0
-
-    def delay(self, passes: int) -> timedelta:
-        exponent = min(max(passes - 1, 0), 32)
-        return timedelta(seconds=min(self.first_s * 2**exponent, self.max_s))
+# The wait before pass n+1 over the banks that failed in pass n (cardcheck.runtime.backoff):
+# never past the query's ready_by, when the report is made regardless.
+DEFAULT_RETRY = Backoff(60.0, 3600.0)
 
 
 RETRY = Family(
     "CARDCHECK_REPORT_RETRY_{}_S", ("first", "max"),
     defaults=(("first", 60), ("max", 3600)),
     meanings=(
-        ("first", "the wait before asking failed banks again, in seconds; doubles each pass"),
-        ("max", "the longest wait between two passes, in seconds (never below the first)"),
+        ("first", "the longest wait before asking failed banks again, in seconds; doubles each pass (each wait is drawn at random up to it)"),
+        ("max", "the cap on that longest wait between two passes, in seconds (never below the first)"),
     ),
 )
 
@@ -53,7 +44,9 @@ class ReportServiceConfig(DeclaredSettings):
     lease_s: Annotated[float, Number(above=0)] = Field(
         30.0, description="how long a worker's claim on a query holds without renewal, in seconds"
     )
-    retry: Annotated[RetryPolicy, RETRY] = Field(default_factory=RetryPolicy, description="the retry passes")
+    retry: Annotated[Backoff, RETRY] = Field(
+        default_factory=lambda: Backoff(60.0, 3600.0), description="the retry passes"
+    )
     poll_s: Annotated[float, Number(above=0)] = Field(
         2.0, description="how often a worker looks for work it was not woken for, in seconds"
     )
@@ -67,8 +60,8 @@ class ReportServiceConfig(DeclaredSettings):
 
     @field_validator("retry", mode="before")
     @classmethod
-    def _retry(cls, value: Any) -> RetryPolicy:
-        if isinstance(value, RetryPolicy):
+    def _retry(cls, value: Any) -> Backoff:
+        if isinstance(value, Backoff):
             return value
         parts = RETRY.checked(value, {"first": Number(above=0), "max": Number(above=0)})
-        return RetryPolicy(parts["first"], max(parts["first"], parts["max"]))
+        return Backoff(parts["first"], max(parts["first"], parts["max"]))

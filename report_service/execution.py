@@ -1,14 +1,13 @@
 """Running queries durably: the work rows (rs_work) and their leases, each bank's outcome recorded
 as it arrives, the query finished once. Plain storage, no gRPC; time from the injected clock.
 
-A worker claims due work by taking its lease: on PostgreSQL `SELECT ... FOR UPDATE SKIP LOCKED`
-over rows whose lease is free or expired, then the lease set in the same transaction, so two
-replicas never claim the same row; on SQLite every write transaction is exclusive (BEGIN
-IMMEDIATE), which makes the same select-then-update safe for its one writer at a time. The
-worker renews its leases while it works; a worker that stops renewing (killed, cut off) loses
-them when they expire and another takes over with only the banks still missing. Every write a
-worker makes for a query first checks it still holds the lease, so one that lost it (and may
-still be talking to the banks) cannot record over the one that took over.
+The leases are cardcheck.runtime.work's over rs_work (its `passes` is the fencing token): a
+worker claims due work, renews it while it works, and one that stops renewing (killed, cut off)
+loses it when it expires; another then takes over with only the banks still missing. Every
+write a worker makes for a query first checks it still holds that very lease, so one that lost
+it (and may still be talking to the banks) cannot record over the one that took over. Each
+recorded change is announced on the queries channel, which wakes the watchers of that query
+on every replica (cardcheck.runtime.changes).
 
 Failed banks (ERROR, TIMED_OUT, CIRCUIT_OPEN) are asked again in later passes, with a growing
 wait between passes, until ready_by (submitted + 24 h). The query finishes when every bank has
@@ -16,17 +15,20 @@ answered, or at ready_by with the others in unavailable_banks; FAILED only if no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, or_, select, tuple_, update
+from sqlalchemy import delete, select
 from sqlmodel import Session
 
 from cardcheck.banks import BY_CODE
+from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.clock import Clock, as_utc
+from cardcheck.runtime.work import Lease, LeaseColumns, LeaseLost, WorkQueue
 from report_service import audit
 from report_service.models import (
     EXECUTE,
@@ -46,10 +48,7 @@ from report_service.storage import Storage
 log = logging.getLogger(__name__)
 
 WorkKey = tuple[str, str]  # (query_id, kind)
-
-
-class LeaseLost(Exception):
-    """This worker no longer holds the work's lease: another one took it over, or it is done."""
+__all__ = ["Claim", "ExecutionStore", "LeaseLost", "Recorded", "WorkKey"]
 
 
 @dataclass(frozen=True)
@@ -64,10 +63,15 @@ class Claim:
     trace_context: dict[str, str] = field(default_factory=dict)
     missing_banks: tuple[str, ...] = ()  # EXECUTE: the banks without an answer yet
     final: bool = False  # EXECUTE: ready_by has come: finish with what there is
+    owner: str = ""  # who holds the lease; `passes` is its fencing token
 
     @property
     def key(self) -> WorkKey:
         return (self.query_id, self.kind)
+
+    @property
+    def lease(self) -> Lease:
+        return Lease(self.key, self.owner, self.passes)
 
 
 @dataclass(frozen=True)
@@ -85,21 +89,42 @@ class _Finished:
     query: Query | None = None  # READY: what the SMS needs
     sealed: bytes = b""
     trace_context: str = "{}"
+    owner: str = ""  # READY: whose the NOTIFY work is
 
 
 _WORK = WorkRow.__table__
-
-
-def _lease_free(now: datetime):
-    return or_(_WORK.c.lease_expires_at.is_(None), _WORK.c.lease_expires_at <= now)
+WORK_LEASES = LeaseColumns(
+    _WORK,
+    key=(_WORK.c.query_id, _WORK.c.kind),
+    owner=_WORK.c.lease_owner,
+    expires=_WORK.c.lease_expires_at,
+    token=_WORK.c.passes,
+    due=_WORK.c.due_at,
+)
 
 
 class ExecutionStore:
-    def __init__(self, db: Storage, queries: QueryStore, clock: Clock, *, lease: timedelta) -> None:
+    def __init__(
+        self,
+        db: Storage,
+        queries: QueryStore,
+        clock: Clock,
+        *,
+        lease: timedelta,
+        work_changes: Channel | None = None,
+        query_changes: Channel | None = None,
+    ) -> None:
+        """`work_changes` wakes the workers when work is free to claim now; `query_changes` the
+        watchers of a query when it changed."""
         self._db = db
         self._queries = queries
         self._clock = clock
-        self._lease = lease
+        self.queue = WorkQueue(WORK_LEASES, db.write, clock, lease=lease, changes=work_changes)
+        self._query_changes = query_changes
+
+    def _changed(self, session: Session, query_id: str) -> None:
+        if self._query_changes is not None:
+            self._query_changes.announce(session, query_id)
 
     # --- claiming, renewing, releasing ------------------------------------------------------
 
@@ -110,22 +135,10 @@ class ExecutionStore:
         now = self._clock.now()
 
         def claim(session: Session):
-            due = session.execute(
-                select(_WORK.c.query_id, _WORK.c.kind, _WORK.c.passes)
-                .where(_WORK.c.due_at <= now, _lease_free(now))
-                .order_by(_WORK.c.due_at)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).all()
+            due = self.queue.claim(session, owner, limit)
             if not due:
                 return []
-            keys = [(row.query_id, row.kind) for row in due]
-            session.execute(
-                update(_WORK)
-                .where(tuple_(_WORK.c.query_id, _WORK.c.kind).in_(keys))
-                .values(lease_owner=owner, lease_expires_at=now + self._lease, passes=_WORK.c.passes + 1)
-            )
-            query_ids = sorted({row.query_id for row in due})
+            query_ids = sorted({lease.key[0] for lease in due})
             queries = {
                 row.query_id: row
                 for row in session.execute(select(QueryRow).where(QueryRow.query_id.in_(query_ids))).scalars()
@@ -139,27 +152,28 @@ class ExecutionStore:
                 answered.setdefault(query_id, set()).add(bank_code)
             claimed = []
             asked = []
-            for row in due:
-                query_row = queries.get(row.query_id)
+            for lease in due:
+                query_id, kind = lease.key
+                query_row = queries.get(query_id)
                 if query_row is None:  # no such query (cannot happen unless rows were removed by hand)
-                    session.execute(delete(_WORK).where(_WORK.c.query_id == row.query_id))
+                    session.execute(delete(_WORK).where(_WORK.c.query_id == query_id))
                     continue
                 query = query_of(query_row)
-                missing = tuple(b for b in query.bank_codes if b not in answered.get(row.query_id, set()))
+                missing = tuple(b for b in query.bank_codes if b not in answered.get(query_id, set()))
                 final = now >= query.ready_by
-                if row.kind == EXECUTE and query.status == PENDING and missing and not final:
+                if kind == EXECUTE and query.status == PENDING and missing and not final:
                     asked.append(
                         audit.AuditEvent(
                             audit.BANKS_ASKED,
-                            row.query_id,
+                            query_id,
                             query.user_id,
-                            {"banks": list(missing), "pass": row.passes + 1},
+                            {"banks": list(missing), "pass": lease.token},
                         )
                     )
                 claimed.append(
                     (
-                        row.kind,
-                        row.passes + 1,
+                        kind,
+                        lease.token,
                         query,
                         query_row.subject_sealed,
                         query_row.trace_context,
@@ -178,7 +192,7 @@ class ExecutionStore:
                 log.warning(
                     "query %s: dropping %s work for a query that is %s", query.query_id, kind, query.status
                 )
-                await self._drop(query.query_id, kind, owner)
+                await self._drop(Lease((query.query_id, kind), owner, passes))
                 continue
             try:
                 subject = self._queries.open_subject(query.query_id, sealed)
@@ -196,71 +210,35 @@ class ExecutionStore:
                     trace_context=json.loads(trace_context or "{}"),
                     missing_banks=missing if kind == EXECUTE else (),
                     final=final if kind == EXECUTE else False,
+                    owner=owner,
                 )
             )
         return claims
 
-    async def _drop(self, query_id: str, kind: str, owner: str) -> None:
+    async def _drop(self, lease: Lease) -> None:
         def drop(session: Session) -> None:
-            session.execute(
-                delete(_WORK).where(
-                    _WORK.c.query_id == query_id, _WORK.c.kind == kind, _WORK.c.lease_owner == owner
-                )
-            )
+            self.queue.hold(session, lease)
+            session.execute(delete(_WORK).where(_WORK.c.query_id == lease.key[0], _WORK.c.kind == lease.key[1]))
 
-        await self._db.write(drop)
-
-    async def renew(self, owner: str, keys: Iterable[WorkKey]) -> set[WorkKey]:
-        """Extends this worker's leases on `keys`; returns the ones it still holds."""
-        keys = list(keys)
-        if not keys:
-            return set()
-        now = self._clock.now()
-
-        def renew(session: Session) -> set[WorkKey]:
-            mine = and_(tuple_(_WORK.c.query_id, _WORK.c.kind).in_(keys), _WORK.c.lease_owner == owner)
-            session.execute(update(_WORK).where(mine).values(lease_expires_at=now + self._lease))
-            return {
-                (row.query_id, row.kind)
-                for row in session.execute(select(_WORK.c.query_id, _WORK.c.kind).where(mine))
-            }
-
-        return await self._db.write(renew)
+        with contextlib.suppress(LeaseLost):
+            await self._db.write(drop)
 
     async def release(self, owner: str) -> int:
         """Gives up every lease of this worker (it is stopping): another may claim at once."""
-
-        def release(session: Session) -> int:
-            result = session.execute(
-                update(_WORK)
-                .where(_WORK.c.lease_owner == owner)
-                .values(lease_owner=None, lease_expires_at=None)
-            )
-            return result.rowcount
-
-        return await self._db.write(release)
+        return await self.queue.release(owner)
 
     # --- running a query --------------------------------------------------------------------
 
-    def _hold(self, session: Session, query_id: str, kind: str, owner: str) -> None:
-        """Locks the work row and checks this worker still holds its lease (the fence)."""
-        lease = session.execute(
-            select(_WORK.c.lease_owner)
-            .where(_WORK.c.query_id == query_id, _WORK.c.kind == kind)
-            .with_for_update()
-        ).first()
-        if lease is None or lease.lease_owner != owner:
-            raise LeaseLost(f"{kind} {query_id}")
-
-    async def record(self, query_id: str, owner: str, outcomes: Sequence[BankOutcome]) -> Recorded | None:
+    async def record(self, claim: Claim, outcomes: Sequence[BankOutcome]) -> Recorded | None:
         """Records the banks' outcomes that just arrived, in one transaction: an answer is final,
         a failure replaces an earlier failure of that bank. When every bank has now answered,
         the query is finished in the same transaction. Returns None while it stays PENDING."""
         now = self._clock.now()
+        query_id, owner = claim.query_id, claim.owner
         outcomes = [o for o in outcomes if o.bank_code in BY_CODE]
 
         def record(session: Session) -> _Finished | None:
-            self._hold(session, query_id, EXECUTE, owner)
+            self.queue.hold(session, claim.lease)
             row = session.get(QueryRow, query_id)
             if row is None or row.status != PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
@@ -299,6 +277,7 @@ class ExecutionStore:
                 )
             row.banks_answered = sum(1 for o in stored.values() if o.kind == ANSWERED)
             session.add(row)
+            self._changed(session, query_id)
             result = None
             if banks and all(b in stored and stored[b].kind == ANSWERED for b in banks):
                 result = self._finish(session, row, list(stored.values()), owner, now, events)
@@ -308,14 +287,15 @@ class ExecutionStore:
 
         return self._recorded(await self._db.write(record))
 
-    async def end_pass(self, query_id: str, owner: str, retry_delay: timedelta) -> Recorded | None:
+    async def end_pass(self, claim: Claim, retry_delay: timedelta) -> Recorded | None:
         """After a pass over the banks: finish the query if every bank answered or ready_by has
         come; otherwise put it back for the next pass after `retry_delay` (never later than
         ready_by) and give up the lease. Returns None when the query stays PENDING."""
         now = self._clock.now()
+        query_id, owner = claim.query_id, claim.owner
 
         def end(session: Session) -> _Finished | None:
-            self._hold(session, query_id, EXECUTE, owner)
+            self.queue.hold(session, claim.lease)
             row = session.get(QueryRow, query_id)
             if row is None or row.status != PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
@@ -330,12 +310,9 @@ class ExecutionStore:
                 result = self._finish(session, row, stored, owner, now, events)
                 session.flush()
                 self._queries.audit.append(session, events, now)
+                self._changed(session, query_id)
                 return result
-            session.execute(
-                update(_WORK)
-                .where(_WORK.c.query_id == query_id, _WORK.c.kind == EXECUTE)
-                .values(due_at=min(now + retry_delay, ready_by), lease_owner=None, lease_expires_at=None)
-            )
+            self.queue.put_back(session, claim.lease, min(now + retry_delay, ready_by))
             return None
 
         return self._recorded(await self._db.write(end))
@@ -386,9 +363,8 @@ class ExecutionStore:
                 query_id=row.query_id,
                 kind=NOTIFY,
                 due_at=now,
-                lease_owner=owner,
-                lease_expires_at=now + self._lease,
                 passes=1,
+                **self.queue.granted(owner),
                 created_at=now,
             )
         )
@@ -396,7 +372,7 @@ class ExecutionStore:
             # What the report says stays in it: the trail outlives it (report_service.audit).
             audit.AuditEvent(audit.REPORT_GENERATED, row.query_id, row.user_id)
         )
-        return _Finished(READY, query_of(row), row.subject_sealed, row.trace_context)
+        return _Finished(READY, query_of(row), row.subject_sealed, row.trace_context, owner)
 
     def _recorded(self, finished: _Finished | None) -> Recorded | None:
         """The subject is opened outside the transaction that finished the query."""
@@ -406,6 +382,7 @@ class ExecutionStore:
             return Recorded(finished.status)
         query = finished.query
         notify = Claim(
+            owner=finished.owner,
             query_id=query.query_id,
             kind=NOTIFY,
             passes=1,
@@ -425,14 +402,10 @@ class ExecutionStore:
 
         await self._db.write(done)
 
-    async def notify_later(self, query_id: str, owner: str, delay: timedelta) -> None:
+    async def notify_later(self, claim: Claim, delay: timedelta) -> None:
         now = self._clock.now()
 
         def later(session: Session) -> None:
-            session.execute(
-                update(_WORK)
-                .where(_WORK.c.query_id == query_id, _WORK.c.kind == NOTIFY, _WORK.c.lease_owner == owner)
-                .values(due_at=now + delay, lease_owner=None, lease_expires_at=None)
-            )
+            self.queue.put_back(session, claim.lease, now + delay)
 
         await self._db.write(later)

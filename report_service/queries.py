@@ -4,7 +4,6 @@ Plain classes, no gRPC; time from the injected clock."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
@@ -17,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from cardcheck.banks import BY_CODE, MAX_BANK_CODES
+from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
 from cardcheck.runtime.keys import KeyedHash, Sealer
@@ -173,21 +173,6 @@ def cards_json(cards: Sequence[MaskedCard]) -> bytes:
     ).encode()
 
 
-class Changes:
-    """Wakes watchers in this process when a query changes. Watchers also poll the database,
-    so changes made by another replica reach them too."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def current(self) -> asyncio.Event:
-        return self._event
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-
 class QueryStore:
     def __init__(
         self,
@@ -245,12 +230,13 @@ class QueryStore:
         *,
         lease_to: str | None = None,
         lease: timedelta = timedelta(seconds=30),
+        work_changes: Channel | None = None,
     ) -> tuple[Query, bool]:
         """(the query, whether it is new). The same key from the same user returns its query.
         A new query, the work of running it and its audit entry are one transaction: once this
         returns, the query will be run whatever stops in between. With `lease_to`, that work
         is leased to that worker at once (its first pass, over every bank, starts now) instead
-        of waiting to be claimed."""
+        of waiting to be claimed; without, `work_changes` wakes the workers to claim it."""
         banks = QueryRules.validate_create(user_id, subject, bank_codes, agreement_version)
         key = idempotency_key or None  # no key: every request is a new one (NULLs never collide)
         # Stored as its keyed hash under the current key; found under any key's (a rotation),
@@ -324,6 +310,8 @@ class QueryStore:
                     {"agreement_version": agreement_version, "banks": list(banks)},
                 )
             ]
+            if not lease_to and work_changes is not None:
+                work_changes.announce(session)
             if lease_to:
                 events.append(
                     audit.AuditEvent(audit.BANKS_ASKED, query_id, user_id, {"banks": list(banks), "pass": 1})

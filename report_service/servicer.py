@@ -7,14 +7,18 @@ from datetime import datetime
 from google.protobuf import timestamp_pb2
 from opentelemetry import propagate
 
+from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.errors import handles_errors
 from cardcheck.runtime.waiting import wait_for_event
 from cardcheck.v1 import common_pb2, report_service_pb2, report_service_pb2_grpc
-from report_service.queries import Changes, Query, QueryStore, Subject
+from report_service.queries import Query, QueryStore, Subject
 from report_service.reports import BankOutcome, MaskedCard, Report, bank_display_name
 from report_service.worker import QueryWorker
 
-WATCH_POLL_S = 0.1  # the fallback for changes made by another replica
+# Watchers wake on the query's change notification (cardcheck.runtime.changes), from this
+# replica's worker or, through NOTIFY on PostgreSQL, another's; they read again this often in
+# case a notification was lost.
+WATCH_SAFETY_POLL_S = 5.0
 
 Progress = report_service_pb2.ReportServiceWatchQueryResponse
 
@@ -94,7 +98,7 @@ def report_pb(report: Report) -> common_pb2.Report:
 
 
 class ReportServiceServicer(report_service_pb2_grpc.ReportServiceServicer):
-    def __init__(self, store: QueryStore, worker: QueryWorker, changes: Changes) -> None:
+    def __init__(self, store: QueryStore, worker: QueryWorker, changes: Channel) -> None:
         self._store = store
         self._worker = worker
         self._changes = changes
@@ -116,11 +120,10 @@ class ReportServiceServicer(report_service_pb2_grpc.ReportServiceServicer):
             trace_context,
             lease_to=worker,
             lease=self._worker.lease,
+            work_changes=self._worker.work_changes,
         )
         if created and worker:
             self._worker.run_accepted(query, subject, trace_context)
-        elif created:
-            self._worker.wake()
         return report_service_pb2.CreateQueryResponse(query=query_pb(query))
 
     @handles_errors
@@ -142,16 +145,17 @@ class ReportServiceServicer(report_service_pb2_grpc.ReportServiceServicer):
     async def WatchQuery(self, request, context):
         """The state so far first (a late joiner learns every outcome recorded), then an event
         for each outcome that arrives or changes (a failed bank answering on a later pass), and
-        one for any other change, until the query leaves PENDING. Woken by this replica's
-        worker, and polling the database for what another replica's worker records."""
-        changed = self._changes.current()
+        one for any other change, until the query leaves PENDING. Woken by the query's change
+        notification, whichever replica's worker recorded it; idle, a watcher costs nothing but
+        its slow safety poll."""
+        changed = self._changes.current(request.query_id)
         query, outcomes = await self._store.snapshot(request.user_id, request.query_id)
         yield Progress(query=query_pb(query), outcomes=[progress_pb(o) for o in outcomes])
         seen = {o.bank_code: o for o in outcomes}
         last = query
         while query.pending:
-            await wait_for_event(changed, WATCH_POLL_S)
-            changed = self._changes.current()
+            await wait_for_event(changed, WATCH_SAFETY_POLL_S)
+            changed = self._changes.current(request.query_id)
             query, outcomes = await self._store.snapshot(request.user_id, request.query_id)
             so_far = [progress_pb(o) for o in outcomes]
             for outcome, message in zip(outcomes, so_far, strict=True):

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import os
-import socket
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
 from typing import Protocol
@@ -20,12 +18,15 @@ from typing import Protocol
 import grpc
 from opentelemetry import propagate, trace
 
+from cardcheck.runtime.backoff import Backoff
+from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.errors import from_rpc_error
 from cardcheck.runtime.waiting import wait_for_event
-from report_service.config import RetryPolicy
-from report_service.execution import Claim, ExecutionStore, LeaseLost, Recorded, WorkKey
+from cardcheck.runtime.work import Lease, LeaseLost, worker_name
+from report_service.config import DEFAULT_RETRY
+from report_service.execution import Claim, ExecutionStore, Recorded, WorkKey
 from report_service.models import EXECUTE, READY
-from report_service.queries import Changes, Query, Subject
+from report_service.queries import Query, Subject
 from report_service.reports import BankOutcome
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,6 @@ class ReportReadyNotifier(Protocol):
         ...
 
 
-def worker_name() -> str:
-    """Who holds a lease: host, process and a random part (a restarted process is a new worker)."""
-    return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-
-
 _END = object()
 
 
@@ -58,14 +54,14 @@ class QueryWorker:
         store: ExecutionStore,
         banks: BankFanOut,
         notifier: ReportReadyNotifier,
-        changes: Changes,
+        changes: Channel,
         tracer: trace.Tracer,
         *,
         sweep: Callable[[], Awaitable[list[str]]],
         audit_head: Callable[[], Awaitable[tuple[int, str] | None]] | None = None,
         owner: str | None = None,
         lease_s: float = 30.0,
-        retry: RetryPolicy | None = None,
+        retry: Backoff | None = None,
         pass_interval_s: float = 2.0,
         sweep_interval_s: float = 60.0,
         max_running: int = 64,
@@ -80,13 +76,15 @@ class QueryWorker:
         self._logged_head: tuple[int, str] | None = None
         self.owner = owner or worker_name()
         self._lease_s = lease_s
-        self._retry = retry or RetryPolicy()
+        self._retry = retry or DEFAULT_RETRY
         self._pass_interval_s = pass_interval_s
         self._sweep_interval_s = sweep_interval_s
         self._max_running = max_running
-        self._wake = asyncio.Event()
+        # Work free to claim now (accepted or given back, here or on another replica).
+        self._work = store.queue.changes or Channel("work")
         self._background: list[asyncio.Task] = []
         self._running: dict[WorkKey, asyncio.Task] = {}
+        self._leases: dict[WorkKey, Lease] = {}
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -94,16 +92,23 @@ class QueryWorker:
         if not self._background:
             self._background = [
                 asyncio.create_task(self._loop(), name="report_service.worker"),
-                asyncio.create_task(self._renew_loop(), name="report_service.leases"),
+                asyncio.create_task(
+                    self._store.queue.keep_renewed(self._leases.values, self._lost, every_s=self._lease_s / 3),
+                    name="report_service.leases",
+                ),
             ]
 
     def wake(self) -> None:
         """A query was accepted: look for work now rather than at the next pass."""
-        self._wake.set()
+        self._work.notify()
 
     @property
     def running(self) -> set[WorkKey]:
         return set(self._running)
+
+    @property
+    def work_changes(self) -> Channel:
+        return self._work
 
     @property
     def lease(self) -> timedelta:
@@ -122,9 +127,10 @@ class QueryWorker:
             subject=subject,
             trace_context=trace_context,
             missing_banks=query.bank_codes,
+            owner=self.owner,
         )
         if claim.key not in self._running:
-            self._spawn(claim.key, self._execute(claim))
+            self._spawn(claim, self._execute(claim))
 
     async def stop(self) -> None:
         """Stops working and gives the leases back, so that another worker (or this service
@@ -135,6 +141,7 @@ class QueryWorker:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._background = []
         self._running.clear()
+        self._leases.clear()
         try:
             await self._store.release(self.owner)
         except Exception:
@@ -144,7 +151,7 @@ class QueryWorker:
         loop = asyncio.get_running_loop()
         last_sweep = float("-inf")
         while True:
-            self._wake.clear()
+            changed = self._work.current()
             try:
                 await self.run_pass()
                 if loop.time() - last_sweep >= self._sweep_interval_s:
@@ -152,24 +159,14 @@ class QueryWorker:
                     await self.sweep()
             except Exception:
                 log.exception("worker pass failed; trying again at the next pass")
-            await wait_for_event(self._wake, self._pass_interval_s)
+            # The pass interval still finds work come due (a retry) or whose lease expired.
+            await wait_for_event(changed, self._pass_interval_s)
 
-    async def _renew_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._lease_s / 3)
-            keys = set(self._running)
-            if not keys:
-                continue
-            try:
-                held = await self._store.renew(self.owner, keys)
-            except Exception:
-                log.warning("renewing leases failed; trying again", exc_info=True)
-                continue
-            for key in keys - held:
-                task = self._running.get(key)
-                if task is not None:
-                    log.warning("lost the lease on %s of query %s; stopping that work", key[1], key[0])
-                    task.cancel()
+    def _lost(self, key: WorkKey) -> None:
+        task = self._running.get(key)
+        if task is not None:
+            log.warning("lost the lease on %s of query %s; stopping that work", key[1], key[0])
+            task.cancel()
 
     # --- one pass -----------------------------------------------------------------------------
 
@@ -180,20 +177,33 @@ class QueryWorker:
         started = []
         for claim in claims:
             if claim.key in self._running:
-                continue  # already ours and running (the claim just refreshed its lease)
+                # Ours and still running, though its lease expired unrenewed: the work carries
+                # on under the lease this claim gave (the old one is fenced out).
+                self._leases[claim.key] = claim.lease
+                continue
             work = self._execute(claim) if claim.kind == EXECUTE else self._notify(claim)
-            started.append(self._spawn(claim.key, work))
+            started.append(self._spawn(claim, work))
         if wait and started:
             await asyncio.gather(*started, return_exceptions=True)
         return started
 
-    def _spawn(self, key: WorkKey, work: Coroutine) -> asyncio.Task:
+    def _held(self, claim: Claim) -> Claim:
+        """The claim under the lease this worker holds for it now (a later claim of its own)."""
+        lease = self._leases.get(claim.key)
+        if lease is None or lease.token == claim.passes:
+            return claim
+        return dataclasses.replace(claim, passes=lease.token)
+
+    def _spawn(self, claim: Claim, work: Coroutine) -> asyncio.Task:
+        key = claim.key
         task = asyncio.create_task(work, name=f"{key[1]} {key[0]}")
         self._running[key] = task
+        self._leases[key] = claim.lease
 
         def done(finished: asyncio.Task) -> None:
             if self._running.get(key) is finished:
                 del self._running[key]
+                del self._leases[key]
             if not finished.cancelled() and finished.exception() is not None:
                 # Its lease runs out and the work is claimed again.
                 log.error("%s of query %s failed", key[1], key[0], exc_info=finished.exception())
@@ -238,7 +248,7 @@ class QueryWorker:
                 if claim.missing_banks and not claim.final:
                     result = await self._ask_banks(claim)
                 if result is None:
-                    result = await self._store.end_pass(query_id, self.owner, self._retry.delay(claim.passes))
+                    result = await self._store.end_pass(self._held(claim), self._retry.delay(claim.passes))
             except LeaseLost:
                 log.info("query %s: another worker holds it now", query_id)
                 return
@@ -248,8 +258,6 @@ class QueryWorker:
                     "query %s: this pass failed; it is taken up again when its lease expires", query_id
                 )
                 return
-            finally:
-                self._changes.notify()
             if result is None:
                 log.info(
                     "query %s: %d bank(s) still to answer; asking again later",
@@ -260,7 +268,7 @@ class QueryWorker:
             span.set_attribute("cardcheck.query_status", result.status)
             log.info("query %s finished %s", query_id, result.status)
         if result.status == READY and result.notify is not None:
-            self._spawn(result.notify.key, self._notify(result.notify))
+            self._spawn(result.notify, self._notify(result.notify))
 
     async def _ask_banks(self, claim: Claim) -> Recorded | None:
         """One pass over the missing banks. Outcomes are recorded as they arrive; those that
@@ -310,8 +318,7 @@ class QueryWorker:
                         )
                         arrived.update(silent)
                 if outcomes:
-                    result = await self._store.record(claim.query_id, self.owner, outcomes)
-                    self._changes.notify()
+                    result = await self._store.record(self._held(claim), outcomes)
                     if result is not None:
                         return result
             return None
@@ -343,6 +350,6 @@ class QueryWorker:
                     refusal.reason if refusal is not None else type(error).__name__,
                     delay,
                 )
-                await self._store.notify_later(query_id, self.owner, delay)
+                await self._store.notify_later(self._held(claim), delay)
                 return
             await self._store.notified(query_id)

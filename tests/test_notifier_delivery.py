@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import io
 import logging
-import random
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +22,6 @@ from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from notifier.app import NotifierParts, build_parts
 from notifier.config import Cap, NotifierConfig
-from notifier.delivery import Backoff
 from notifier.providers import ConsoleProvider, DeliveryError, OutgoingSms, SandboxProvider, SmsProvider
 from tests.test_notifier import PHONE, _code_request, _settings
 
@@ -146,16 +144,6 @@ def _seconds(stamp, clock: ManualClock) -> float:
     return (stamp.ToDatetime().replace(tzinfo=clock.now().tzinfo) - clock.now()).total_seconds()
 
 
-def test_backoff_doubles_up_to_its_cap_with_jitter_in_the_upper_half():
-    backoff = Backoff(2.0, 30.0, random.Random(7))
-    assert [backoff.ceiling(n) for n in range(1, 7)] == [2, 4, 8, 16, 30, 30]
-    for attempts in range(1, 7):
-        delays = {backoff(attempts).total_seconds() for _ in range(50)}
-        ceiling = backoff.ceiling(attempts)
-        assert all(ceiling / 2 <= d <= ceiling for d in delays)
-        assert len(delays) > 40  # jittered, not one fixed delay
-
-
 async def test_failing_provider_is_retried_with_backoff_until_delivered(start):
     clock = ManualClock()
     provider = ScriptedProvider(failures=3)
@@ -168,10 +156,12 @@ async def test_failing_provider_is_retried_with_backoff_until_delivered(start):
     assert (delivery.attempts, delivery.last_error) == (1, "HTTP_503")
     for attempt, ceiling in ((2, 10), (3, 20), (4, 40)):
         wait = _seconds(delivery.next_attempt_at, clock)
-        assert ceiling / 2 <= wait <= ceiling, (attempt, wait)  # base 10 s, doubling, jittered
-        clock.advance(timedelta(seconds=wait - 0.5))
-        assert await worker.run_once() == 0  # not due yet: nothing is tried early
-        clock.advance(timedelta(seconds=0.5))
+        assert 0 <= wait <= ceiling, (attempt, wait)  # base 10 s, doubling, fully jittered
+        early = min(0.5, wait)
+        clock.advance(timedelta(seconds=wait - early))
+        if early > 0:
+            assert await worker.run_once() == 0  # not due yet: nothing is tried early
+        clock.advance(timedelta(seconds=early))
         assert await worker.run_once() == 1
         delivery = await node.delivery(sent.message_id)
         assert delivery.attempts == attempt
@@ -258,6 +248,44 @@ async def test_a_message_held_by_a_dead_replica_is_delivered_after_restart(start
     delivery = await second.delivery(sent.message_id)
     assert (delivery.status, delivery.attempts) == (DELIVERED, 2)
     assert working.delivered[sent.message_id] == 1
+
+
+class GatedFailure(ScriptedProvider):
+    """Every attempt waits at the provider until `gate` opens, then fails (retryably)."""
+
+    def __init__(self) -> None:
+        super().__init__(failures=None)
+        self.gate = asyncio.Event()
+
+    async def deliver(self, sms: OutgoingSms) -> None:
+        self.calls[sms.message_id] += 1
+        await self.gate.wait()
+        raise self.error
+
+
+async def test_a_stale_attempt_cannot_reschedule_a_message_another_replica_took_over(
+    start, tmp_path, database_url, caplog
+):
+    clock = ManualClock()
+    config = NotifierConfig(webhook_timeout_s=0.2, retry_base_s=10, retry_max_s=80)
+    slow = GatedFailure()
+    first = await start(slow, clock=clock, start_worker=False, config=config)
+    sent = await first.stub.Send(_code_request("s1"))
+    assert sent.status == QUEUED  # attempt 1 still at the provider
+    clock.advance(first.parts.worker.lease)
+    stuck = ScriptedProvider()
+    stuck.hang = True
+    second = await start(stuck, clock=clock, start_worker=False, config=config)
+    taking = asyncio.create_task(second.parts.worker.run_once())
+    try:
+        await eventually(lambda: stuck.calls[sent.message_id] == 1)  # attempt 2, the second's
+        with caplog.at_level(logging.INFO, logger="notifier.delivery"):
+            slow.gate.set()  # attempt 1 fails now, long after its lease ran out
+            await eventually(lambda: "after its lease passed on" in caplog.text)
+        sql = "SELECT attempts, lease_owner, last_error FROM nt_messages"
+        assert _rows(tmp_path, database_url, sql) == [(2, second.parts.worker.owner, None)]  # untouched
+    finally:
+        taking.cancel()
 
 
 async def test_a_graceful_stop_frees_what_it_held_for_the_next_start(start):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import random
 import socket
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from cardcheck.runtime.backoff import Backoff
 from cardcheck.runtime.clock import ManualClock, as_utc
 from cardcheck.runtime.errors import CardCheckError, from_rpc_error
 from cardcheck.runtime.settings import Settings, SettingsError
@@ -31,8 +33,9 @@ from cardcheck.v1 import (
     report_service_pb2_grpc,
 )
 from notifier.app import build as build_notifier
+from report_service import servicer
 from report_service.app import ReportServiceParts, build_parts
-from report_service.config import ReportServiceConfig, RetryPolicy
+from report_service.config import ReportServiceConfig
 from report_service.queries import Subject
 from report_service.reports import NOTICE
 
@@ -106,9 +109,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-TEST_CONFIG = ReportServiceConfig(
-    lease_s=30.0, retry=RetryPolicy(first_s=60.0, max_s=3600.0), poll_s=0.1, sweep_s=3600.0
-)
+TEST_CONFIG = ReportServiceConfig(lease_s=30.0, retry=Backoff(60.0, 3600.0), poll_s=0.1, sweep_s=3600.0)
 
 
 class Rig:
@@ -460,21 +461,30 @@ async def test_failed_banks_are_asked_again_later_until_they_answer(rig):
     assert pending.status == common_pb2.QUERY_STATUS_PENDING and pending.banks_answered == 2
     assert rig.banks.asked == [["ICBC", "CMB", "BOC"]]
 
-    # Not inside the same fan-out, and not before the backoff: 1 minute after the first pass...
-    rig.clock.advance(timedelta(seconds=59))
+    def wait_drawn() -> timedelta:
+        [(due_at,)] = rig.rows("SELECT due_at FROM rs_work WHERE query_id = :q", q=query.query_id)
+        return instant(due_at) - rig.clock.now()
+
+    # Not inside the same fan-out, and not before the backoff: a wait drawn up to 1 minute
+    # after the first pass...
+    wait = wait_drawn()
+    assert timedelta(0) <= wait <= timedelta(minutes=1)
+    rig.clock.advance(wait - timedelta(microseconds=1))
     await rig.parts.worker.run_pass(wait=True)
     assert len(rig.banks.asked) == 1
-    rig.clock.advance(timedelta(seconds=1))
+    rig.clock.advance(timedelta(microseconds=1))
     await eventually(lambda: len(rig.banks.asked) == 2)
     await rig.between_passes(query.query_id, 2)
     assert rig.banks.asked[1] == ["BOC"]  # only the bank still missing
     assert (await rig.get(query.query_id)).status == common_pb2.QUERY_STATUS_PENDING
 
-    # ... then 2 minutes after the second.
-    rig.clock.advance(timedelta(seconds=119))
+    # ... then up to 2 minutes after the second.
+    wait = wait_drawn()
+    assert timedelta(0) <= wait <= timedelta(minutes=2)
+    rig.clock.advance(wait - timedelta(microseconds=1))
     await rig.parts.worker.run_pass(wait=True)
     assert len(rig.banks.asked) == 2
-    rig.clock.advance(timedelta(seconds=1))
+    rig.clock.advance(timedelta(microseconds=1))
     ready = await status_is(rig, query.query_id, common_pb2.QUERY_STATUS_READY)
     assert rig.banks.asked == [["ICBC", "CMB", "BOC"], ["BOC"], ["BOC"]]
     assert ready.banks_answered == 3
@@ -494,18 +504,22 @@ async def test_failed_banks_are_asked_again_later_until_they_answer(rig):
 
 
 async def test_at_ready_by_the_report_lists_the_banks_that_never_answered(rig):
+    await rig.stop_report_service()
+    await rig.start_report_service(retry=Backoff(60.0, 3600.0, random.Random(11)))
+    twin = Backoff(60.0, 3600.0, random.Random(11))  # draws the very waits the worker draws
     rig.banks.script["BOC"] = [TIMED_OUT]
     query = await rig.create()
     ready_by = query.ready_by.ToDatetime(UTC)
     passes = 1
     await rig.between_passes(query.query_id)
-    # Pass after pass, each wait longer (at most an hour), none past ready_by.
+    # Pass after pass, each wait drawn under a doubling ceiling (at most an hour), none past
+    # ready_by.
     while rig.clock.now() < ready_by:
         [(due_at,)] = rig.rows("SELECT due_at FROM rs_work WHERE query_id = :q", q=query.query_id)
         due_at = instant(due_at)
-        assert due_at == min(
-            rig.clock.now() + min(timedelta(minutes=2 ** (passes - 1)), timedelta(hours=1)), ready_by
-        )
+        wait = twin.delay(passes)
+        assert wait <= min(timedelta(minutes=2 ** min(passes - 1, 6)), timedelta(hours=1))
+        assert due_at == min(rig.clock.now() + wait, ready_by)
         assert (await rig.get(query.query_id)).status == common_pb2.QUERY_STATUS_PENDING
         rig.clock.set(due_at)
         if due_at == ready_by:
@@ -515,7 +529,7 @@ async def test_at_ready_by_the_report_lists_the_banks_that_never_answered(rig):
         await eventually(lambda n=passes: len(rig.banks.asked) == n)
         await rig.between_passes(query.query_id, passes)
     assert all(asked == ["BOC"] for asked in rig.banks.asked[1:])
-    assert 25 < len(rig.banks.asked) < 35  # about 6 doubling waits, then hourly
+    assert len(rig.banks.asked) > 24  # no wait over an hour
 
     ready = await status_is(rig, query.query_id, common_pb2.QUERY_STATUS_READY)
     assert len(rig.banks.asked) == passes  # at ready_by the report is made, nothing more asked
@@ -771,6 +785,27 @@ async def test_watch_on_another_replica_sees_what_the_first_records(rig):
     assert late_events[-1].query.status == common_pb2.QUERY_STATUS_READY
 
 
+async def test_a_watch_on_another_replica_is_woken_by_the_change_not_a_poll(rig, monkeypatch):
+    """With the safety poll an hour away, only the change notification (NOTIFY on PostgreSQL,
+    in-process on the one SQLite file) can bring what replica A records to a watcher on B."""
+    monkeypatch.setattr(servicer, "WATCH_SAFETY_POLL_S", 3600.0)
+    _, other = await rig.start_replica(max_running=0)
+    rig.banks.hold("ICBC", "CMB", "BOC")
+    query = await rig.create()  # on replica A, which runs it
+    events = []
+    watcher = asyncio.create_task(_watch(other, query.query_id, events))
+    await eventually(lambda: events)
+    loop = asyncio.get_running_loop()
+    for n, bank in enumerate(("ICBC", "CMB", "BOC"), start=2):
+        released = loop.time()
+        rig.banks.release(bank)
+        await eventually(lambda n=n: len(events) >= n, within=5)
+        assert loop.time() - released < 1.0
+        assert events[-1].outcome.bank_code == bank
+    await asyncio.wait_for(watcher, 5)
+    assert events[-1].query.status == common_pb2.QUERY_STATUS_READY
+
+
 # --- durability (in-process; the real-process crashes are in test_report_service_durability) ----
 
 
@@ -794,6 +829,26 @@ async def test_resumes_after_restart_asking_only_the_missing_banks(rig):
     await eventually(lambda: rig.rows("SELECT count(*) FROM rs_work") == [(0,)])
     await rig.parts.worker.run_pass(wait=True)
     assert len(await rig.messages()) == 1
+
+
+async def test_a_worker_that_claims_back_its_own_running_work_carries_it_on(rig):
+    """Its lease ran out unrenewed while it waited on a bank and its own next pass claimed the
+    work again: the work under way goes on under the new lease (the old one is fenced out), and
+    no bank is asked twice."""
+    rig.banks.hold("BOC")
+    query = await rig.create()
+
+    async def two_recorded():
+        return (await rig.get(query.query_id)).banks_answered == 2
+
+    await eventually(two_recorded)
+    rig.clock.advance(rig.parts.worker.lease)
+    await rig.parts.worker.run_pass()  # claims it back: passes 2, the same owner
+    sql = "SELECT lease_owner, passes FROM rs_work WHERE query_id = :q"
+    assert rig.rows(sql, q=query.query_id) == [(rig.parts.worker.owner, 2)]
+    rig.banks.release("BOC")
+    await status_is(rig, query.query_id, common_pb2.QUERY_STATUS_READY)
+    assert rig.banks.asked == [["ICBC", "CMB", "BOC"]]
 
 
 async def test_report_ready_sms_survives_a_notifier_outage(rig):
