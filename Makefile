@@ -15,7 +15,7 @@ PYTHON_NEWEST ?= $(firstword $(shell for p in python$(NEWEST) $$(pyenv root 2>/d
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-newest protos lint bench venv up constraints
+.PHONY: demo test test-newest protos lint bench venv up constraints client
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c '$(IS_SUPPORTED)' 2>/dev/null || { echo "make: needs Python 3.11, 3.12 or 3.13, found" \
@@ -40,6 +40,10 @@ test: $(STAMP)
 test-newest:
 	@test -n "$(PYTHON_NEWEST)" || { echo "make: no Python $(NEWEST) found; name it with PYTHON_NEWEST=..." >&2; exit 1; }
 	$(MAKE) test PYTHON=$(PYTHON_NEWEST) VENV=.venv-$(NEWEST)
+
+# The cardcheck-client wheel (clients/python: the client and the public stubs alone) into dist/.
+client: $(STAMP)
+	$(VENV)/bin/python -m pip wheel --quiet --no-deps --no-build-isolation --no-index -w dist clients/python
 
 protos: $(STAMP)
 	$(VENV)/bin/python -m cardcheck.protogen
