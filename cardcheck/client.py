@@ -1,4 +1,6 @@
-"""A small typed client of the public API (cardcheck.v1.CardCheck), for the CLI demo and tests.
+"""A small typed client of the public API (cardcheck.v1.CardCheck), for the CLI demo, tests and
+other services. It needs grpc and the generated stubs only: the `cardcheck-client` distribution
+(clients/python) ships it without the servers' dependencies.
 
 Refusals come back as `CardCheckError` (reason, metadata, field violations, retry_after), as the
 subclass of its reason where there is one (`except RateLimited`, `except ServiceBusy`, ...; every
@@ -14,7 +16,7 @@ from typing import TypeVar
 
 import grpc
 
-from cardcheck.runtime.errors import REASONS, CardCheckError, from_rpc_error
+from cardcheck.refusals import REASONS, CardCheckError, from_rpc_error
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 T = TypeVar("T")
@@ -66,8 +68,32 @@ def _typed(error: grpc.aio.AioRpcError) -> Exception:
     )
 
 
+def _channel_credentials(
+    credentials: grpc.ChannelCredentials | None,
+    root_certificates: bytes | None,
+    private_key: bytes | None,
+    certificate_chain: bytes | None,
+    tls: bool,
+) -> grpc.ChannelCredentials | None:
+    """None (plaintext) unless TLS was asked for in one of the two ways, never both."""
+    pem = (root_certificates, private_key, certificate_chain)
+    if credentials is not None and any(part is not None for part in pem):
+        raise ValueError("give credentials or the PEM parts, not both")
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("a client certificate needs its private key, and the key its certificate")
+    if credentials is None and (tls or any(part is not None for part in pem)):
+        return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+    return credentials
+
+
 class CardCheckClient:
     """`CardCheckClient("127.0.0.1:50051")` or `CardCheckClient(channel=...)`.
+
+    TLS: `tls=True` verifies the server against the system's roots, `root_certificates=` (PEM)
+    against those; `private_key=` with `certificate_chain=` (PEM) presents a client certificate
+    (mTLS); or pass any `credentials=` (`grpc.ChannelCredentials`). Without them the channel is
+    plaintext, as inside the mesh. `options=` are grpc channel arguments, e.g.
+    `(("grpc.ssl_target_name_override", "gateway.internal"),)`.
 
     Register and SignIn keep the session token they return; later calls send it as
     `authorization: Bearer <token>` (or pass `session_token=` to use another one)."""
@@ -79,11 +105,26 @@ class CardCheckClient:
         channel: grpc.aio.Channel | None = None,
         session_token: str | None = None,
         timeout: float | None = 30.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, str | int]] = (),
     ) -> None:
         if (address is None) == (channel is None):
             raise ValueError("give an address or a channel")
+        secure = _channel_credentials(credentials, root_certificates, private_key, certificate_chain, tls)
+        if channel is not None and (secure is not None or options):
+            raise ValueError("TLS settings and options apply to the client's own channel, not a given one")
         self._owns_channel = channel is None
-        self._channel = channel if channel is not None else grpc.aio.insecure_channel(address)
+        if channel is None:
+            assert address is not None
+            if secure is None:
+                channel = grpc.aio.insecure_channel(address, options=list(options))
+            else:
+                channel = grpc.aio.secure_channel(address, secure, options=list(options))
+        self._channel = channel
         self._stub = gateway_pb2_grpc.CardCheckStub(self._channel)
         self._timeout = timeout
         self.session_token = session_token

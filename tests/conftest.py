@@ -1,9 +1,12 @@
-"""Shared fixtures: storage on SQLite and on PostgreSQL, and a Redis that must be there in CI."""
+"""Shared fixtures: storage on SQLite and on PostgreSQL, and a Redis that must be there in CI;
+the markers each test gets from what it uses (`pytest -m "not e2e"` is the quick loop)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -100,3 +103,66 @@ def redis_url() -> str:
     finally:
         client.close()
     return REDIS_URL
+
+
+# --- markers -----------------------------------------------------------------------------------
+
+POSTGRES_FIXTURES = {"pg_schema_url", "pg_service_roles"}
+# Names a code object uses when it starts a process: subprocess.run/Popen/check_*, asyncio's.
+PROCESS_CALLS = {"Popen", "check_call", "check_output", "create_subprocess_exec", "create_subprocess_shell"}
+# Helpers that run a quick tool, not a process of ours, so their tests stay in the quick loop:
+# `kubectl kustomize` renders the manifests in about a second, once per session.
+QUICK_TOOLS = {("tests.deploy_manifests", "render")}
+
+
+def _code_objects(obj) -> Iterator[types.CodeType]:
+    if inspect.isclass(obj):
+        for cls in obj.__mro__[:-1]:  # its bases' methods too, object's aside
+            for member in vars(cls).values():
+                yield from _code_objects(getattr(member, "__func__", member))
+        return
+    code = getattr(inspect.unwrap(obj), "__code__", None)
+    stack = [code] if code is not None else []
+    while stack:
+        code = stack.pop()
+        yield code
+        stack.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
+
+
+def _starts_processes(obj, seen: set[int]) -> bool:
+    """Whether the function or class, or a helper of the tests it calls (followed through the
+    names its code uses), starts a process. tests/conftest.py's own fixtures do not count: psql
+    for the roles is a quick command, not a service."""
+    if id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    module = inspect.getmodule(obj)
+    if module is None or not module.__name__.startswith("tests.") or module.__name__ == __name__:
+        return False
+    if (module.__name__, getattr(obj, "__qualname__", None)) in QUICK_TOOLS:
+        return False
+    for code in _code_objects(obj):
+        names = set(code.co_names)
+        if names & PROCESS_CALLS or {"subprocess", "run"} <= names:
+            return True
+        for name in names & vars(module).keys():
+            helper = vars(module)[name]
+            if (inspect.isfunction(helper) or inspect.isclass(helper)) and _starts_processes(helper, seen):
+                return True
+    return False
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if not isinstance(item, pytest.Function):
+            continue
+        used = set(item.fixturenames)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if used & POSTGRES_FIXTURES or params.get("database_url") == "postgres":
+            item.add_marker(pytest.mark.postgres)
+        if "redis_url" in used:
+            item.add_marker(pytest.mark.redis)
+        seen: set[int] = set()
+        fixtures = [defs[-1].func for name, defs in item._fixtureinfo.name2fixturedefs.items() if defs]
+        if any(_starts_processes(obj, seen) for obj in [item.function, *fixtures]):
+            item.add_marker(pytest.mark.e2e)

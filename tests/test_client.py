@@ -242,3 +242,127 @@ async def test_a_watch_that_reaches_its_lifetime_is_opened_again(served):
 def test_client_needs_exactly_one_of_address_and_channel():
     with pytest.raises(ValueError):
         CardCheckClient()
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+
+def _certificate(name: str, key, issuer_name: str, issuer_key, *, ca: bool = False) -> bytes:
+    import ipaddress
+    from datetime import UTC, datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+    return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture(scope="module")
+def pki() -> dict[str, bytes]:
+    """A CA, the server's certificate for 127.0.0.1 and a client's, each with its key (PEM)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    def pem(key) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    return {
+        "ca": _certificate("test ca", ca_key, "test ca", ca_key, ca=True),
+        "server": _certificate("gateway", server_key, "test ca", ca_key),
+        "server_key": pem(server_key),
+        "client": _certificate("a service", client_key, "test ca", ca_key),
+        "client_key": pem(client_key),
+    }
+
+
+@pytest.fixture
+async def served_mtls(pki) -> AsyncIterator[tuple[FakeCardCheck, str]]:
+    """The fake over TLS, admitting only clients with a certificate of the CA."""
+    fake = FakeCardCheck()
+    server = grpc.aio.server()
+    gateway_pb2_grpc.add_CardCheckServicer_to_server(fake, server)
+    credentials = grpc.ssl_server_credentials(
+        [(pki["server_key"], pki["server"])], root_certificates=pki["ca"], require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    yield fake, f"127.0.0.1:{port}"
+    await server.stop(0)
+
+
+async def test_mtls_with_the_pem_parts(served_mtls, pki):
+    _, address = served_mtls
+    async with CardCheckClient(
+        address, root_certificates=pki["ca"], private_key=pki["client_key"], certificate_chain=pki["client"]
+    ) as client:
+        session = await client.sign_in(phone="13800000000", challenge_id="c", sms_code="1")
+        assert session.session_token == "token-1"
+
+
+async def test_mtls_with_channel_credentials(served_mtls, pki):
+    _, address = served_mtls
+    credentials = grpc.ssl_channel_credentials(pki["ca"], pki["client_key"], pki["client"])
+    async with CardCheckClient(address, credentials=credentials, timeout=5) as client:
+        assert [q.query_id for q in await client.list_queries(session_token="t")] == ["q2", "q1"]
+
+
+async def test_without_a_client_certificate_the_server_admits_no_call(served_mtls, pki):
+    _, address = served_mtls
+    async with CardCheckClient(address, root_certificates=pki["ca"], timeout=5) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.sign_in(phone="13800000000", challenge_id="c", sms_code="1")
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_server_of_another_ca_is_not_trusted(served_mtls, pki):
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other_ca = _certificate("other ca", other_key, "other ca", other_key, ca=True)
+    _, address = served_mtls
+    async with CardCheckClient(
+        address, root_certificates=other_ca, private_key=pki["client_key"], certificate_chain=pki["client"],
+        timeout=5,
+    ) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.sign_in(phone="13800000000", challenge_id="c", sms_code="1")
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_plaintext_client_does_not_reach_a_tls_server(served_mtls):
+    _, address = served_mtls
+    async with CardCheckClient(address, timeout=5) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.sign_in(phone="13800000000", challenge_id="c", sms_code="1")
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_tls_settings_that_contradict_each_other_are_refused(pki):
+    credentials = grpc.ssl_channel_credentials(pki["ca"])
+    with pytest.raises(ValueError, match="not both"):
+        CardCheckClient("127.0.0.1:1", credentials=credentials, root_certificates=pki["ca"])
+    with pytest.raises(ValueError, match="private key"):
+        CardCheckClient("127.0.0.1:1", certificate_chain=pki["client"])
+    channel = grpc.aio.insecure_channel("127.0.0.1:1")
+    with pytest.raises(ValueError, match="given one"):
+        CardCheckClient(channel=channel, tls=True)
+    await channel.close()

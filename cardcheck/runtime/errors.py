@@ -1,18 +1,15 @@
-"""One table from domain refusals to gRPC status codes, one place that builds the status
-(`abort`), and the way back from a status to a typed exception (`from_rpc_error`).
+"""How the servers refuse: one place that builds the status with its details (`to_status`,
+`refuse`, `abort`) and the servicer decorator that applies it.
 
-Every refusal is bounded, whatever the request it answers: at most MAX_VIOLATIONS field
-violations (ErrorInfo metadata `violations_omitted` then says how many more there were), and
-each field, description, metadata value and the message cut to a fixed length. A request with
-thousands of bad values gets a refusal of a few KB, and its trailers fit any client's limits."""
+The reasons, the typed exception and the way back from a status (`from_rpc_error`) live in
+`cardcheck.refusals`, which the client shares; they are imported here under their old names."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from datetime import timedelta
 
 import grpc
@@ -20,96 +17,17 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-DOMAIN = "cardcheck.v1"
+from cardcheck.refusals import (
+    DOMAIN,
+    MAX_VIOLATIONS,
+    REASONS,
+    CardCheckError,
+    FieldViolation,
+    Reason,
+    from_rpc_error,
+)
+
 log = logging.getLogger(__name__)
-
-MAX_VIOLATIONS = 10  # a form has fewer fields; more only repeat the same mistake
-MAX_FIELD_CHARS = 64  # e.g. `bank_codes[95]`, `subject.id_number`
-MAX_DESCRIPTION_CHARS = 200
-MAX_MESSAGE_CHARS = 300
-MAX_METADATA_VALUE_CHARS = 256
-OMITTED_KEY = "violations_omitted"  # ErrorInfo metadata: violations beyond MAX_VIOLATIONS
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-@dataclass(frozen=True)
-class Reason:
-    code: grpc.StatusCode
-    message_zh: str
-
-
-REASONS: dict[str, Reason] = {
-    "INVALID_ARGUMENT": Reason(grpc.StatusCode.INVALID_ARGUMENT, "请求参数有误，请检查后重试"),
-    "UNAUTHENTICATED": Reason(grpc.StatusCode.UNAUTHENTICATED, "请先登录"),
-    "NOT_FOUND": Reason(grpc.StatusCode.NOT_FOUND, "未找到相关记录"),
-    "UNKNOWN_BANK": Reason(grpc.StatusCode.INVALID_ARGUMENT, "不支持所选银行"),
-    "CONSENT_REQUIRED": Reason(grpc.StatusCode.FAILED_PRECONDITION, "请阅读并同意最新版授权协议"),
-    "VERIFICATION_FAILED": Reason(grpc.StatusCode.PERMISSION_DENIED, "身份验证未通过"),
-    "REAL_NAME_CHECK_FAILED": Reason(
-        grpc.StatusCode.FAILED_PRECONDITION, "银行卡实名信息核验未通过，请核对姓名、证件号、手机号与卡号"
-    ),
-    "ALREADY_REGISTERED": Reason(grpc.StatusCode.ALREADY_EXISTS, "该证件号或手机号已注册"),
-    "REGION_NOT_SUPPORTED": Reason(grpc.StatusCode.FAILED_PRECONDITION, "您所在地区暂未开通一键查卡服务"),
-    "QUERY_IN_PROGRESS": Reason(grpc.StatusCode.ALREADY_EXISTS, "您有正在进行中的查询，请等待结果"),
-    "COOLDOWN_ACTIVE": Reason(grpc.StatusCode.FAILED_PRECONDITION, "距上次查询报告生成未满7天，请稍后再查"),
-    "REPORT_NOT_READY": Reason(grpc.StatusCode.FAILED_PRECONDITION, "查询报告尚未生成，请耐心等待"),
-    "REPORT_EXPIRED": Reason(grpc.StatusCode.FAILED_PRECONDITION, "查询报告已超过7天保存期限，已删除"),
-    "PAYMENT_PASSWORD_INVALID": Reason(grpc.StatusCode.PERMISSION_DENIED, "支付密码错误"),
-    "PAYMENT_PASSWORD_LOCKED": Reason(grpc.StatusCode.PERMISSION_DENIED, "支付密码错误次数过多，已锁定"),
-    "SERVICE_BUSY": Reason(grpc.StatusCode.RESOURCE_EXHAUSTED, "申请人数过多，服务繁忙，请稍后再试"),
-    "RATE_LIMITED": Reason(grpc.StatusCode.RESOURCE_EXHAUSTED, "操作过于频繁，请稍后再试"),
-    # WatchQuery: the stream reached its maximum lifetime; open it again (RetryInfo says when).
-    "STREAM_EXPIRED": Reason(grpc.StatusCode.UNAVAILABLE, "查询进度推送已达最长时长，请重新打开"),
-    # Not in the public table: a dependency of the service is down.
-    "SERVICE_UNAVAILABLE": Reason(grpc.StatusCode.UNAVAILABLE, "服务暂时不可用，请稍后再试"),
-}
-
-
-@dataclass(frozen=True)
-class FieldViolation:
-    field: str
-    description: str
-
-
-@dataclass
-class CardCheckError(Exception):
-    """A refusal the caller should understand: one of REASONS, with optional details."""
-
-    reason: str
-    message: str | None = None  # English, for engineers; the zh-CN message comes from REASONS
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    violations: Sequence[FieldViolation] = ()
-    retry_after: timedelta | None = None
-
-    def __post_init__(self) -> None:
-        if self.reason not in REASONS:
-            raise ValueError(f"unknown reason {self.reason}")
-        # The bounds of every refusal (module docstring), applied once, here.
-        omitted = len(self.violations) - MAX_VIOLATIONS
-        self.violations = [
-            FieldViolation(_cut(v.field, MAX_FIELD_CHARS), _cut(v.description, MAX_DESCRIPTION_CHARS))
-            for v in self.violations[:MAX_VIOLATIONS]
-        ]
-        self.metadata = {key: _cut(value, MAX_METADATA_VALUE_CHARS) for key, value in self.metadata.items()}
-        if omitted > 0:
-            self.metadata[OMITTED_KEY] = str(omitted)
-        if self.message is not None:
-            self.message = _cut(self.message, MAX_MESSAGE_CHARS)
-        super().__init__(self.reason, self.message)
-
-    @property
-    def code(self) -> grpc.StatusCode:
-        return REASONS[self.reason].code
-
-    @property
-    def message_zh(self) -> str:
-        return REASONS[self.reason].message_zh
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.message or self.message_zh}"
 
 
 def invalid_argument(violations: Sequence[FieldViolation]) -> CardCheckError:
@@ -168,38 +86,6 @@ async def abort(context: grpc.aio.ServicerContext, error: CardCheckError) -> Non
     await context.abort_with_status(rpc_status.to_status(to_status(error)))
 
 
-def from_rpc_error(error: grpc.RpcError) -> CardCheckError | None:
-    """The typed refusal behind an RpcError, or None when it carries no ErrorInfo of ours."""
-    status = rpc_status.from_call(error)
-    if status is None:
-        return None
-    info = None
-    localized = None
-    violations: list[FieldViolation] = []
-    retry_after = None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.LocalizedMessage.DESCRIPTOR):
-            localized = error_details_pb2.LocalizedMessage()
-            detail.Unpack(localized)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            retry_after = retry.retry_delay.ToTimedelta()
-    if info is None or info.domain != DOMAIN or info.reason not in REASONS:
-        return None
-    del localized  # the zh-CN text is derived from the reason again
-    return CardCheckError(
-        info.reason, status.message, dict(info.metadata), violations, retry_after
-    )
-
-
 def downstream_error(error: grpc.aio.AioRpcError, service: str) -> CardCheckError:
     """Relays a refusal from an internal service; anything else becomes SERVICE_UNAVAILABLE."""
     typed = from_rpc_error(error)
@@ -243,6 +129,7 @@ def handles_errors(method):
 __all__ = [
     "DOMAIN",
     "REASONS",
+    "Reason",
     "abort",
     "CardCheckError",
     "FieldViolation",
