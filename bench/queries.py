@@ -249,7 +249,8 @@ async def fan_out_reference(address: str, person: dataset.Person, count: int) ->
         return latencies
 
 
-def _pg_schema() -> tuple[str, str]:
+def pg_schema() -> tuple[str, str]:
+    """A fresh PostgreSQL schema for one benchmark: its name and the SQLAlchemy URL on it."""
     import psycopg
 
     schema = f"bench_{secrets.token_hex(4)}"
@@ -259,7 +260,7 @@ def _pg_schema() -> tuple[str, str]:
     return schema, f"{url}?options=-csearch_path%3D{schema}"
 
 
-def _drop_pg_schema(schema: str) -> None:
+def drop_pg_schema(schema: str) -> None:
     import psycopg
 
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
@@ -274,7 +275,7 @@ def measure_db(db: str, work: Path, base_env: dict[str, str], person: dataset.Pe
     schema = None
     env = dict(base_env)
     if db == "postgres":
-        schema, url = _pg_schema()
+        schema, url = pg_schema()
         env["CARDCHECK_DATABASE_URL"] = url
     address = f"127.0.0.1:{free_port()}"
     env["CARDCHECK_REPORT_SERVICE_ADDR"] = address
@@ -319,7 +320,7 @@ def measure_db(db: str, work: Path, base_env: dict[str, str], person: dataset.Pe
             if code != 0:
                 print(f"report_service on {db} exited with {code}; its log: {child.log_path}")
         if schema is not None:
-            _drop_pg_schema(schema)
+            drop_pg_schema(schema)
     return figures
 
 

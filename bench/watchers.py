@@ -30,12 +30,12 @@ import grpc
 
 from bank_sim.process import ROOT, Child, clean_env, free_port, start_serving
 from bench import percentile
+from bench.queries import drop_pg_schema, pg_schema
 from cardcheck import dataset
 from cardcheck.v1 import bank_pb2, bank_pb2_grpc, common_pb2, report_service_pb2, report_service_pb2_grpc
 
 LATENCY_MS = 200
 SEED, PEOPLE = 20261124, 200
-PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 DOWN, WORKING = "BOC", "ICBC"
 PENDING, READY = common_pb2.QUERY_STATUS_PENDING, common_pb2.QUERY_STATUS_READY
 QUIET = {"OTEL_SDK_DISABLED": "true", "CARDCHECK_LOG_LEVEL": "WARNING"}
@@ -98,23 +98,6 @@ async def _latency(creator: Watched, watcher: Watched) -> float | None:
     return None
 
 
-def _pg_schema() -> tuple[str, str]:
-    import psycopg
-
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    url = PG_ADMIN_DSN.replace("postgresql://", "postgresql+psycopg://", 1)
-    return schema, f"{url}?options=-csearch_path%3D{schema}"
-
-
-def _drop_pg_schema(schema: str) -> None:
-    import psycopg
-
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
 def measure(db: str, work: Path, base_env: dict[str, str], person: dataset.Person, args) -> dict:
     data_dir = work / db
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -127,7 +110,7 @@ def measure(db: str, work: Path, base_env: dict[str, str], person: dataset.Perso
     }
     schema = None
     if db == "postgres":
-        schema, env["CARDCHECK_DATABASE_URL"] = _pg_schema()
+        schema, env["CARDCHECK_DATABASE_URL"] = pg_schema()
     children: dict[str, Child] = {}
     try:
         running = f"127.0.0.1:{free_port()}"
@@ -171,7 +154,7 @@ def measure(db: str, work: Path, base_env: dict[str, str], person: dataset.Perso
         for child in children.values():
             child.stop(timeout=60)
         if schema is not None:
-            _drop_pg_schema(schema)
+            drop_pg_schema(schema)
 
 
 def main(argv: list[str]) -> int:
