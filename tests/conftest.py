@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 # Helper modules whose asserts should explain themselves like a test's do.
-pytest.register_assert_rewrite("tests.deploy_image", "tests.deploy_manifests", "tests.e2e_mesh")
+pytest.register_assert_rewrite("tests.deploy_image", "tests.deploy_manifests", "tests.harness")
 
 PG_ADMIN_DSN = os.environ.get("CARDCHECK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("CARDCHECK_TEST_REDIS", "redis://127.0.0.1:6379/0")

@@ -23,7 +23,7 @@ from cardcheck import dataset
 from cardcheck.cli.demo import Journey, walk
 from cardcheck.v1 import common_pb2
 from tests.conftest import PG_ADMIN_DSN, _unavailable
-from tests.e2e_mesh import BIN, Mesh, start_mesh, wait_for
+from tests.harness.mesh import BIN, Mesh, start_mesh, wait_for
 
 pytestmark = pytest.mark.e2e
 

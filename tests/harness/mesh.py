@@ -1,10 +1,10 @@
-"""`cardcheck up` as real processes, for the end-to-end tests."""
+"""The mesh as `cardcheck up` runs it: all five services as real processes on free ports, for the
+end-to-end tests and the probes."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cardcheck.runtime.settings import DEFAULT_PORTS, Settings
+from tests.harness.ports import free_port
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
