@@ -55,6 +55,7 @@ from gateway.app import build
 from gateway.config import GatewayConfig
 from gateway.flows import Gateway
 from notifier.providers import DeliveryError, OutgoingSms, SandboxProvider
+from tests.harness.processes import ServiceProcess
 
 REGISTER = common_pb2.SMS_PURPOSE_REGISTER
 SIGN_IN = common_pb2.SMS_PURPOSE_SIGN_IN
@@ -1755,36 +1756,12 @@ async def test_token_bucket():
 
 
 async def test_process_serves_health_and_reflection_and_stops_on_sigterm(tmp_path: Path):
-    import signal
-    import socket
-    import time
-
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "CARDCHECK_DATA_DIR": str(tmp_path), "CARDCHECK_GATEWAY_ADDR": f"127.0.0.1:{port}"}
-    env.pop("CARDCHECK_DATABASE_URL", None)
-    stderr = (tmp_path / "gateway.stderr").open("w")
-    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", env=env, stderr=stderr)
+    process = ServiceProcess("gateway", tmp_path, health_service="cardcheck.v1.CardCheck")
+    await process.start()  # health says SERVING for cardcheck.v1.CardCheck
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    answer = await health.Check(
-                        health_pb2.HealthCheckRequest(service="cardcheck.v1.CardCheck"), timeout=1
-                    )
-                    break
-                except grpc.aio.AioRpcError:
-                    assert process.returncode is None and time.monotonic() < deadline, (
-                        "gateway did not come up"
-                    )
-                    await asyncio.sleep(0.1)
-            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(process.address) as channel:
             reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
             responses = reflection.ServerReflectionInfo(
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")])
@@ -1796,13 +1773,9 @@ async def test_process_serves_health_and_reflection_and_stops_on_sigterm(tmp_pat
                 gateway_pb2.GetAgreementRequest()
             )
             assert agreement.version == CURRENT.version
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 30) == 0
+        assert await process.terminate() == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        stderr.close()
+        await process.stop()
     assert "gateway stopped" in (tmp_path / "gateway.stderr").read_text()
 
 
