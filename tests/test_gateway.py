@@ -1776,7 +1776,7 @@ async def test_process_serves_health_and_reflection_and_stops_on_sigterm(tmp_pat
         assert await process.terminate() == 0
     finally:
         await process.stop()
-    assert "gateway stopped" in (tmp_path / "gateway.stderr").read_text()
+    assert "gateway stopped" in process.output()
 
 
 async def test_housekeeping_deletes_spent_challenges_and_expired_sessions(stack: Stack):

@@ -23,6 +23,7 @@ from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from notifier.app import NotifierParts, build_parts
 from notifier.config import Cap, NotifierConfig
 from notifier.providers import ConsoleProvider, DeliveryError, OutgoingSms, SandboxProvider, SmsProvider
+from tests.harness.waiting import eventually
 from tests.test_notifier import PHONE, _code_request, _settings
 
 QUEUED = notifier_pb2.DELIVERY_STATUS_QUEUED
@@ -115,20 +116,6 @@ async def start(tmp_path, database_url):
     yield start
     for one in reversed(running):
         await one.close()
-
-
-async def eventually(check, within: float = 20.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 def _rows(tmp_path: Path, database_url: str | None, sql: str) -> list[tuple]:

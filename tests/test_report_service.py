@@ -5,10 +5,8 @@ tests/test_report_service_*.py modules."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import random
-import socket
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +36,8 @@ from report_service.app import ReportServiceParts, build_parts
 from report_service.config import ReportServiceConfig
 from report_service.queries import Subject
 from report_service.reports import NOTICE
+from tests.harness.ports import free_port
+from tests.harness.waiting import eventually
 
 USER = "u-1"
 PHONE = "13912345678"
@@ -103,12 +103,6 @@ class FakeBankConnector(bank_connector_pb2_grpc.BankConnectorServicer):
             yield scripted
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 TEST_CONFIG = ReportServiceConfig(lease_s=30.0, retry=Backoff(60.0, 3600.0), poll_s=0.1, sweep_s=3600.0)
 
 
@@ -122,7 +116,7 @@ class Rig:
         self.clock = ManualClock(datetime(2026, 3, 2, 8, 0, tzinfo=UTC))
         self.banks = FakeBankConnector()
         self.spans = InMemorySpanExporter()
-        self.notifier_port = _free_port()
+        self.notifier_port = free_port()
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self.parts: ReportServiceParts | None = None
         self.replicas: list[ReportServiceParts] = []
@@ -258,27 +252,12 @@ def instant(value: datetime | str) -> datetime:
     return as_utc(value if isinstance(value, datetime) else datetime.fromisoformat(value))
 
 
-async def eventually(check: Callable[[], object], within: float = 15.0):
-    """Polls `check` (plain or async) until it returns something truthy, within a bounded deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
 async def status_is(rig: Rig, query_id: str, status: int, within: float = 15.0):
     async def check():
         query = await rig.get(query_id)
         return query if query.status == status else None
 
-    return await eventually(check, within)
+    return await eventually(check, within=within)
 
 
 _status_is = status_is

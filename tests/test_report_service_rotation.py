@@ -17,6 +17,7 @@ from cryptography.exceptions import InvalidTag
 from cardcheck.runtime.keys import Keyring, load_keyring, load_master_key, rotate_master_key
 from cardcheck.v1 import common_pb2
 from report_service.audit import AuditChain
+from tests.harness.waiting import eventually
 from tests.test_report_service import USER, rig, status_is  # noqa: F401
 
 NOW = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
@@ -91,7 +92,6 @@ async def test_a_rotated_key_keeps_old_reports_readable_until_rewrap_moves_them_
 
 
 async def status_is_for(rig, query_id: str, user: str) -> None:  # noqa: F811
-    from tests.test_report_service import eventually
 
     async def ready():
         return (await rig.get(query_id, user=user)).status == common_pb2.QUERY_STATUS_READY
