@@ -14,6 +14,10 @@ import pytest
 # Helper modules whose asserts should explain themselves like a test's do.
 pytest.register_assert_rewrite("tests.deploy_image", "tests.deploy_manifests", "tests.harness")
 
+# Fixtures of the harness, for every test module.
+from tests.harness.gateway import fakes, stack, start_stack  # noqa: E402, F401
+from tests.harness.report_service import rig  # noqa: E402, F401
+
 PG_ADMIN_DSN = os.environ.get("CARDCHECK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("CARDCHECK_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
@@ -105,6 +109,22 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+@pytest.fixture
+async def redis_prefix(redis_url: str):
+    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    import redis.asyncio
+
+    prefix = f"cardcheck-test-{secrets.token_hex(6)}"
+    yield prefix
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
 # --- markers -----------------------------------------------------------------------------------
 
 POSTGRES_FIXTURES = {"pg_schema_url", "pg_service_roles"}
@@ -122,11 +142,11 @@ def _code_objects(obj) -> Iterator[types.CodeType]:
                 yield from _code_objects(getattr(member, "__func__", member))
         return
     code = getattr(inspect.unwrap(obj), "__code__", None)
-    stack = [code] if code is not None else []
-    while stack:
-        code = stack.pop()
+    pending = [code] if code is not None else []
+    while pending:
+        code = pending.pop()
         yield code
-        stack.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
+        pending.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
 
 
 def _starts_processes(obj, seen: set[int]) -> bool:

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from bank_connector.app import build as build_connector
 from bank_connector.connector import UNKNOWN_ISSUER, call_timeout
 from bank_sim.app import build as build_sim
+from bank_sim.process import free_port
 from cardcheck import bins, dataset
 from cardcheck.banks import BANK_CODES, BY_CODE
 from cardcheck.numbers import luhn_check_digit
@@ -31,7 +32,6 @@ from cardcheck.v1 import (
     bank_pb2_grpc,
     common_pb2,
 )
-from tests.harness.ports import free_port
 from tests.harness.processes import ServiceProcess
 
 TODAY = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)  # noon in Beijing

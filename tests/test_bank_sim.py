@@ -15,6 +15,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from bank_sim.app import build
+from bank_sim.process import clean_env, free_port
 from cardcheck.dataset import CardRecord
 from cardcheck.numbers import luhn_check_digit
 from cardcheck.runtime.clock import ManualClock
@@ -22,8 +23,7 @@ from cardcheck.runtime.errors import from_rpc_error
 from cardcheck.runtime.settings import DEFAULT_PORTS, Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import bank_pb2, bank_pb2_grpc, common_pb2
-from tests.harness.ports import free_port
-from tests.harness.processes import ServiceProcess, service_env
+from tests.harness.processes import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "龚明凯"
@@ -213,7 +213,7 @@ def test_a_malformed_dataset_is_refused_at_start_with_its_line(tmp_path):
     bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
     result = subprocess.run(
         [sys.executable, "-m", "bank_sim", "--dataset", str(bad)],
-        cwd=ROOT, env=service_env(tmp_path / "var", CARDCHECK_BANK_SIM_ADDR=f"127.0.0.1:{free_port()}"), capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=clean_env(tmp_path / "var", CARDCHECK_BANK_SIM_ADDR=f"127.0.0.1:{free_port()}"), capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2
     assert "line 2: pan fails the Luhn check" in result.stderr

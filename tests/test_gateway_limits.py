@@ -16,6 +16,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from bank_sim.process import free_port
 from cardcheck.runtime.clock import ManualClock
 from cardcheck.runtime.errors import from_rpc_error
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, notifier_pb2, notifier_pb2_grpc
@@ -29,19 +30,8 @@ from gateway.limits import (
     RedisStore,
     TokenBucketLimiter,
 )
-from tests.harness.ports import free_port
+from tests.harness.gateway import ALICE, PASSWORD, QUERY_AUTH, SIGN_IN, Stack, bearer, refused
 from tests.harness.processes import ServiceProcess
-from tests.test_gateway import (  # noqa: F401  (fixtures)
-    ALICE,
-    PASSWORD,
-    QUERY_AUTH,
-    SIGN_IN,
-    Stack,
-    bearer,
-    fakes,
-    refused,
-    start_stack,
-)
 
 
 async def limited(call, limit: str) -> timedelta:
@@ -50,20 +40,6 @@ async def limited(call, limit: str) -> timedelta:
     assert refusal.metadata["limit"] == limit, refusal.metadata
     assert refusal.retry_after is not None
     return refusal.retry_after
-
-
-@pytest.fixture
-async def redis_prefix(redis_url: str):
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    prefix = f"cardcheck-test-{secrets.token_hex(6)}"
-    yield prefix
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
@@ -208,7 +184,7 @@ SQLITE_ONLY = pytest.mark.parametrize("database_url", [None], ids=["sqlite"])  #
 
 
 @SQLITE_ONLY
-async def test_gateway_with_redis_down_sheds_every_submission_and_keeps_users_limited(start_stack):  # noqa: F811
+async def test_gateway_with_redis_down_sheds_every_submission_and_keeps_users_limited(start_stack):
     stack = await start_stack(
         config=GatewayConfig(submit_user_burst=1, redis_timeout_s=0.5),
         redis_url=f"redis://127.0.0.1:{free_port()}/0",
@@ -232,7 +208,7 @@ async def test_gateway_with_redis_down_sheds_every_submission_and_keeps_users_li
 
 @pytest.mark.redis
 @SQLITE_ONLY
-async def test_gateway_on_redis_admits_and_sheds(start_stack, redis_url: str, redis_prefix: str):  # noqa: F811
+async def test_gateway_on_redis_admits_and_sheds(start_stack, redis_url: str, redis_prefix: str):
     stack = await start_stack(
         config=GatewayConfig(
             submit_global_rps=0.5, submit_global_burst=1, redis_key_prefix=redis_prefix, redis_timeout_s=5
@@ -301,7 +277,7 @@ async def _owner_has_its_whole_budget(stack: Stack, token: str) -> None:
 BUDGETS_OF_TWO = dict(submit_user_burst=2, sms_user_burst=2, report_user_burst=2)
 
 
-async def test_a_revoked_token_leaves_its_owner_s_budgets_whole(start_stack):  # noqa: F811
+async def test_a_revoked_token_leaves_its_owner_s_budgets_whole(start_stack):
     stack = await start_stack(config=GatewayConfig(**BUDGETS_OF_TWO))
     stolen = await stack.register(ALICE)
     await stack.gateway.SignOut(gateway_pb2.SignOutRequest(), metadata=bearer(stolen.session_token))
@@ -317,7 +293,7 @@ async def test_a_revoked_token_leaves_its_owner_s_budgets_whole(start_stack):  #
 @pytest.mark.redis
 @SQLITE_ONLY
 async def test_on_redis_a_revoked_token_leaves_its_owner_s_budgets_whole(
-    start_stack, redis_url: str, redis_prefix: str  # noqa: F811
+    start_stack, redis_url: str, redis_prefix: str
 ):
     stack = await start_stack(
         config=GatewayConfig(**BUDGETS_OF_TWO, redis_key_prefix=redis_prefix, redis_timeout_s=5),
@@ -380,7 +356,7 @@ async def test_two_gateway_processes_hold_one_global_limit(
     tmp_path: Path,
     redis_url: str,
     redis_prefix: str,
-    fakes,  # noqa: F811
+    fakes,
 ):
     limit = 20
     fake_port, bank, _ = fakes

@@ -15,6 +15,7 @@ import grpc
 import pytest
 import redis.asyncio
 
+from bank_sim.process import free_port
 from cardcheck.client import CardCheckClient, RateLimited
 from cardcheck.runtime.clock import ManualClock
 from cardcheck.runtime.settings import SettingsError
@@ -22,20 +23,8 @@ from cardcheck.v1 import common_pb2, gateway_pb2
 from gateway.config import GatewayConfig
 from gateway.limits import RedisStore
 from gateway.watches import RedisWatchSlots
-from tests.harness.ports import free_port
+from tests.harness.gateway import ALICE, BOB, SIGN_IN, Stack, bearer, refusal_of, refused
 from tests.harness.waiting import eventually
-from tests.test_gateway import (  # noqa: F401  (fixtures)
-    ALICE,
-    BOB,
-    SIGN_IN,
-    Stack,
-    bearer,
-    fakes,
-    refusal_of,
-    refused,
-    start_stack,
-)
-from tests.test_gateway_limits import redis_prefix  # noqa: F401  (fixture)
 
 SQLITE_ONLY = pytest.mark.parametrize("database_url", [None], ids=["sqlite"])  # storage is not the point
 CHECK_S = 0.1  # how often a stream reads its session again, in these tests
@@ -83,7 +72,7 @@ async def a_second_session(stack: Stack, phone: str) -> gateway_pb2.Session:
 
 
 @SQLITE_ONLY
-async def test_each_user_holds_at_most_the_cap_of_streams(start_stack):  # noqa: F811
+async def test_each_user_holds_at_most_the_cap_of_streams(start_stack):
     stack = await start_stack(config=watching())
     stack.reports.hold_watches = True
     alice, bob = await stack.register(ALICE), await stack.register(BOB)
@@ -117,7 +106,7 @@ async def test_each_user_holds_at_most_the_cap_of_streams(start_stack):  # noqa:
 
 
 @SQLITE_ONLY
-async def test_streams_that_end_or_are_refused_give_their_slot_back(start_stack):  # noqa: F811
+async def test_streams_that_end_or_are_refused_give_their_slot_back(start_stack):
     stack = await start_stack(config=watching())
     alice = await stack.register(ALICE)
     query_id = pending_query(stack, alice.user_id)
@@ -141,7 +130,7 @@ async def test_streams_that_end_or_are_refused_give_their_slot_back(start_stack)
 
 
 @SQLITE_ONLY
-async def test_a_stream_ends_at_its_maximum_lifetime_and_can_be_opened_again(start_stack):  # noqa: F811
+async def test_a_stream_ends_at_its_maximum_lifetime_and_can_be_opened_again(start_stack):
     stack = await start_stack(config=watching(watch_max_lifetime=timedelta(minutes=10)))
     stack.reports.hold_watches = True
     alice = await stack.register(ALICE)
@@ -162,7 +151,7 @@ async def test_a_stream_ends_at_its_maximum_lifetime_and_can_be_opened_again(sta
         call.cancel()
 
 
-async def test_sign_out_ends_the_sessions_open_streams_within_seconds(start_stack):  # noqa: F811
+async def test_sign_out_ends_the_sessions_open_streams_within_seconds(start_stack):
     stack = await start_stack(config=watching(watch_streams_per_user=3))
     stack.reports.hold_watches = True
     alice = await stack.register(ALICE)
@@ -187,7 +176,7 @@ async def test_sign_out_ends_the_sessions_open_streams_within_seconds(start_stac
 
 
 @SQLITE_ONLY
-async def test_an_expiring_session_ends_its_open_stream(start_stack):  # noqa: F811
+async def test_an_expiring_session_ends_its_open_stream(start_stack):
     # The session's expiry is in its token: noticed on the clock, without reading the database.
     stack = await start_stack(
         config=watching(session_ttl=timedelta(minutes=5), watch_session_check_s=0.05, watch_slot_lease=timedelta(hours=1))
@@ -206,7 +195,7 @@ async def test_an_expiring_session_ends_its_open_stream(start_stack):  # noqa: F
 
 
 @SQLITE_ONLY
-async def test_the_upstream_stream_has_a_deadline_and_ends_with_the_client(start_stack):  # noqa: F811
+async def test_the_upstream_stream_has_a_deadline_and_ends_with_the_client(start_stack):
     stack = await start_stack(config=watching(watch_max_lifetime=timedelta(minutes=3)))
     stack.reports.hold_watches = True
     alice = await stack.register(ALICE)
@@ -228,7 +217,7 @@ async def test_the_upstream_stream_has_a_deadline_and_ends_with_the_client(start
 
 @pytest.mark.redis
 @SQLITE_ONLY
-async def test_the_cap_holds_across_two_gateways_on_one_redis(start_stack, redis_url: str, redis_prefix: str):  # noqa: F811
+async def test_the_cap_holds_across_two_gateways_on_one_redis(start_stack, redis_url: str, redis_prefix: str):
     config = watching(redis_key_prefix=redis_prefix, redis_timeout_s=5)
     first = await start_stack(config=config, redis_url=redis_url)
     second = await start_stack(config=config, redis_url=redis_url)  # the same database and keys
@@ -261,7 +250,7 @@ async def test_the_cap_holds_across_two_gateways_on_one_redis(start_stack, redis
 
 
 @SQLITE_ONLY
-async def test_with_redis_down_the_cap_holds_in_process(start_stack):  # noqa: F811
+async def test_with_redis_down_the_cap_holds_in_process(start_stack):
     stack = await start_stack(config=watching(redis_timeout_s=0.5), redis_url=f"redis://127.0.0.1:{free_port()}/0")
     stack.reports.hold_watches = True
     alice = await stack.register(ALICE)
@@ -281,7 +270,7 @@ async def test_with_redis_down_the_cap_holds_in_process(start_stack):  # noqa: F
 @pytest.mark.redis
 async def test_redis_slots_are_leases_a_killed_replica_loses_after_they_run_out(
     redis_url: str,
-    redis_prefix: str,  # noqa: F811
+    redis_prefix: str,
 ):
     clock = ManualClock()
     store = RedisStore.from_url(redis_url, prefix=redis_prefix, timeout_s=5)
@@ -347,7 +336,7 @@ def test_watch_settings_are_read_from_the_environment():
 
 @pytest.mark.redis
 @SQLITE_ONLY
-async def test_a_stopping_gateway_releases_its_slots_and_the_upstream(start_stack, redis_url: str, redis_prefix: str):  # noqa: F811
+async def test_a_stopping_gateway_releases_its_slots_and_the_upstream(start_stack, redis_url: str, redis_prefix: str):
     stack = await start_stack(config=watching(redis_key_prefix=redis_prefix, redis_timeout_s=5), redis_url=redis_url)
     stack.reports.hold_watches = True
     alice = await stack.register(ALICE)
@@ -366,7 +355,7 @@ async def test_a_stopping_gateway_releases_its_slots_and_the_upstream(start_stac
 
 
 @SQLITE_ONLY
-async def test_a_stopping_gateway_ends_its_streams_at_once_for_the_clients_to_open_again(start_stack):  # noqa: F811
+async def test_a_stopping_gateway_ends_its_streams_at_once_for_the_clients_to_open_again(start_stack):
     stack = await start_stack(config=watching())
     stack.reports.hold_watches = True
     alice = await stack.register(ALICE)
@@ -385,7 +374,7 @@ async def test_a_stopping_gateway_ends_its_streams_at_once_for_the_clients_to_op
 @pytest.mark.redis
 @SQLITE_ONLY
 async def test_on_redis_live_streams_keep_their_slots_and_a_dead_replicas_run_out(
-    start_stack, redis_url: str, redis_prefix: str  # noqa: F811
+    start_stack, redis_url: str, redis_prefix: str
 ):
     lease = timedelta(seconds=0.6)  # small, so that the test waits for a few of them
     stack = await start_stack(

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from bank_connector.app import build as build_bank_connector
+from bank_sim.process import free_port
 from cardcheck.numbers import id_check_digit
 from cardcheck.runtime.clock import ManualClock
 from cardcheck.runtime.database import Database, make_engine
@@ -38,7 +39,6 @@ from report_service.reports import ReportVault
 from report_service.storage import Storage
 from tests.harness.databases import rows
 from tests.harness.fakes import CountingBanks, serve
-from tests.harness.ports import free_port
 from tests.harness.processes import ServiceProcess
 from tests.harness.waiting import eventually
 

@@ -27,8 +27,8 @@ from report_service.app import MIGRATIONS
 from report_service.models import TABLE_NAMES
 from report_service.queries import Subject
 from tests.harness.processes import ServiceProcess
+from tests.harness.report_service import PHONE, SUBJECT, USER, Rig, status_is
 from tests.harness.waiting import eventually
-from tests.test_report_service import PHONE, SUBJECT, USER, Rig, status_is
 
 SERVICE = "report_service"
 

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bank_sim.process import free_port
 from cardcheck.runtime.settings import DEFAULT_PORTS, Settings
-from tests.harness.ports import free_port
 
 BIN = Path(sys.executable).parent
 

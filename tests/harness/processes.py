@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import os
 import signal
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.harness.ports import free_port
+from bank_sim.process import clean_env, free_port
 from tests.harness.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,16 +24,6 @@ def die_with_parent() -> None:  # in the child, between fork and exec
     # A test run that dies (or is killed at its timeout) takes its service processes with it.
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def service_env(data_dir: Path, database_url: str | None = None, **env: str) -> dict[str, str]:
-    """This process's environment without any CARDCHECK_ or OTEL_ setting of the caller's,
-    then the data directory, the database and `env`."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CARDCHECK_", "OTEL_"))}
-    clean.update(PYTHONUNBUFFERED="1", CARDCHECK_DATA_DIR=str(data_dir), **env)
-    if database_url:
-        clean["CARDCHECK_DATABASE_URL"] = database_url
-    return clean
 
 
 class ServiceProcess:
@@ -58,7 +47,10 @@ class ServiceProcess:
         self.address = address or f"127.0.0.1:{free_port()}"
         self.port = int(self.address.rpartition(":")[2])
         self.health_service = health_service
-        self.env = service_env(data_dir, database_url, **{f"CARDCHECK_{module.upper()}_ADDR": self.address, **env})
+        # Nothing of the caller's CARDCHECK_ or OTEL_ settings.
+        self.env = clean_env(data_dir, **{f"CARDCHECK_{module.upper()}_ADDR": self.address, **env})
+        if database_url:
+            self.env["CARDCHECK_DATABASE_URL"] = database_url
         self.process: asyncio.subprocess.Process | None = None
         self.logs: list[Path] = []
         self.returncode: int | None = None
