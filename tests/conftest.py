@@ -3,6 +3,7 @@ the markers each test gets from what it uses (`pytest -m "not e2e"` is the quick
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import secrets
@@ -29,21 +30,30 @@ def _unavailable(what: str, error: Exception) -> None:
     pytest.skip(f"{what} unreachable: {error}")
 
 
-@pytest.fixture
-def pg_schema_url() -> Iterator[str]:
+@contextlib.contextmanager
+def pg_schema(prefix: str = "t") -> Iterator[str]:
     """A SQLAlchemy URL on a fresh PostgreSQL schema of its own, dropped afterwards."""
     import psycopg
 
-    schema = f"t_{secrets.token_hex(6)}"
+    schema = f"{prefix}_{secrets.token_hex(6)}"
     try:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f"CREATE SCHEMA {schema}")
     except psycopg.OperationalError as error:
         _unavailable("PostgreSQL", error)
     base = PG_ADMIN_DSN.replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def pg_schema_url() -> Iterator[str]:
+    """A SQLAlchemy URL on a fresh PostgreSQL schema of its own, dropped afterwards."""
+    with pg_schema() as url:
+        yield url
 
 
 STATEFUL_SERVICES = ("gateway", "report_service", "notifier")
@@ -178,7 +188,8 @@ def pytest_collection_modifyitems(items) -> None:
             continue
         used = set(item.fixturenames)
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if used & POSTGRES_FIXTURES or params.get("database_url") == "postgres":
+        # A fixture on PostgreSQL, or a parametrised one (database_url, a module's mesh) on it.
+        if used & POSTGRES_FIXTURES or "postgres" in params.values():
             item.add_marker(pytest.mark.postgres)
         if "redis_url" in used:
             item.add_marker(pytest.mark.redis)
