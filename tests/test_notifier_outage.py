@@ -15,7 +15,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from bank_connector.app import build as build_bank_connector
 from bank_sim.app import build as build_bank_sim
 from cardcheck import dataset
-from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import (
     common_pb2,
@@ -27,6 +26,7 @@ from cardcheck.v1 import (
 from report_service.app import build as build_report_service
 from tests.harness.databases import rows
 from tests.harness.processes import ServiceProcess
+from tests.harness.settings import settings_for
 from tests.harness.waiting import eventually
 
 PHONE = "13812345678"
@@ -47,8 +47,7 @@ async def mesh(tmp_path, database_url, monkeypatch):
         "notifier", tmp_path, database_url, health_service="cardcheck.v1.Notifier",
         CARDCHECK_SHUTDOWN_GRACE_S="2", CARDCHECK_SMS_POLL_INTERVAL_S="0.1",
     )
-    base = Settings.from_env({})
-    settings = base.replace(data_dir=tmp_path, database_url=database_url, per_bank_timeout_s=5.0)
+    settings = settings_for(tmp_path, database_url, per_bank_timeout_s=5.0)
     records = dataset.generate(dataset.DEFAULT_SEED, 12)
     hosts = []
 
@@ -58,13 +57,13 @@ async def mesh(tmp_path, database_url, monkeypatch):
     try:
         await notifier.start()
         sim = await build_bank_sim(
-            settings.replace(addresses={**base.addresses, "bank_sim": "127.0.0.1:0"}),
+            settings.replace(addresses={**settings.addresses, "bank_sim": "127.0.0.1:0"}),
             records=records,
             tracer_provider=tracer("bank_sim"),
         )
         sim_port = await sim.start()
         hosts.append(sim)
-        addresses = {**base.addresses, "bank_sim": f"127.0.0.1:{sim_port}", "bank_connector": "127.0.0.1:0"}
+        addresses = {**settings.addresses, "bank_sim": f"127.0.0.1:{sim_port}", "bank_connector": "127.0.0.1:0"}
         connector = await build_bank_connector(
             settings.replace(addresses=addresses), tracer_provider=tracer("bank_connector")
         )

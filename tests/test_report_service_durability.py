@@ -40,6 +40,7 @@ from report_service.storage import Storage
 from tests.harness.databases import rows
 from tests.harness.fakes import CountingBanks, serve
 from tests.harness.processes import ServiceProcess
+from tests.harness.settings import settings_for
 from tests.harness.waiting import eventually
 
 BANKS = ("ICBC", "CMB", "BOC")
@@ -95,12 +96,7 @@ class Surroundings:
         self._stop: list = []
 
     def settings(self, **addresses: str) -> Settings:
-        base = Settings.from_env({})
-        return base.replace(
-            data_dir=self.tmp_path,
-            database_url=self.database_url,
-            addresses={**base.addresses, **addresses},
-        )
+        return settings_for(self.tmp_path, self.database_url, addresses=addresses)
 
     async def start(self) -> None:
         server, port = await serve(self.banks)

@@ -31,6 +31,7 @@ from report_service.app import ReportServiceParts, build_parts
 from report_service.config import ReportServiceConfig
 from tests.harness import databases
 from tests.harness.fakes import FakeBankConnector, serve
+from tests.harness.settings import settings_for
 from tests.harness.waiting import eventually
 
 USER = "u-1"
@@ -87,12 +88,7 @@ class Rig:
         self.notifier_host = None
 
     def settings(self, **addresses: str) -> Settings:
-        base = Settings.from_env({})
-        return base.replace(
-            data_dir=self.tmp_path,
-            database_url=self.database_url,
-            addresses={**base.addresses, **addresses},
-        )
+        return settings_for(self.tmp_path, self.database_url, addresses=addresses)
 
     async def start_banks(self) -> None:
         server, self.bank_port = await serve(self.banks)
