@@ -53,16 +53,16 @@ class Watched:
         subject = report_service_pb2.Subject(
             name=self.person.name, id_number=self.person.id_number, phone=f"139{next(_PHONES):08d}"
         )
-        query = await self.stub.CreateQuery(
+        created = await self.stub.CreateQuery(
             report_service_pb2.CreateQueryRequest(
                 user_id=user, subject=subject, bank_codes=[bank], agreement_version="2026-11", idempotency_key=user
             ),
             timeout=30,
         )
-        return user, query.query_id
+        return user, created.query.query_id
 
     def watch(self, user: str, query_id: str):
-        return self.stub.WatchQuery(report_service_pb2.GetQueryRequest(user_id=user, query_id=query_id))
+        return self.stub.WatchQuery(report_service_pb2.ReportServiceWatchQueryRequest(user_id=user, query_id=query_id))
 
 
 async def _idle_watcher(client: Watched, failed: asyncio.Event, calls: list) -> None:
