@@ -1,4 +1,4 @@
-"""WatchQuery streams through a real gateway and the fake report_service of test_gateway.py over
+"""WatchQuery streams through a real gateway and the fake report_service of tests/harness over
 gRPC: each user's cap on concurrent streams (in process, on Redis across two gateways, and
 falling back when Redis is down), the maximum lifetime, sign-out and expiry ending an open
 stream, and the deadline and cancellation of the upstream stream. The slot leases on Redis are
