@@ -15,9 +15,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cardcheck.banks import BANK_CODES
-from cardcheck.v1 import bank_pb2, bank_pb2_grpc
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -159,13 +156,3 @@ def start_bank_sim(
         "bank_sim", args, clean_env(data_dir, CARDCHECK_BANK_SIM_ADDR=address, **dict(env or {})), address,
         data_dir / f"bank_sim-{port}.log",
     )
-
-
-def per_bank_addresses(control_address: str) -> dict[str, str]:
-    """Where each bank has its own port (bank_sim started with a port per bank)."""
-    with grpc.insecure_channel(control_address) as channel:
-        state = bank_pb2_grpc.BankSimControlStub(channel).GetBehaviour(bank_pb2.GetBehaviourRequest(), timeout=10)
-    addresses = {bank.bank_code: bank.address for bank in state.banks if bank.address}
-    if set(addresses) != set(BANK_CODES):
-        raise RuntimeError("bank_sim has no port per bank")
-    return addresses

@@ -30,16 +30,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import uvloop
 
-from bank_sim.process import ROOT, Child, clean_env, free_port, start_serving
+from bank_sim.process import ROOT, Child, free_port
 from bench import percentile
+from bench._processes import cpu_seconds, start
 from cardcheck import dataset
 from cardcheck.banks import BANK_CODES
 from cardcheck.v1 import bank_connector_pb2, bank_connector_pb2_grpc, bank_pb2, bank_pb2_grpc, common_pb2
@@ -191,14 +190,6 @@ class Direct(Target):
         return None
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """A process's user + system CPU time so far (0 when unknown)."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def settle(sim_address: str, connector_address: str, timeout_s: float = 30.0) -> None:
     """Waits until no bank call is in flight at bank_sim and bank_connector holds no request:
     each load run starts from idle, not from the previous run's leftovers."""
@@ -213,13 +204,6 @@ async def settle(sim_address: str, connector_address: str, timeout_s: float = 30
                 return
             await asyncio.sleep(0.05)
     raise RuntimeError(f"bank_sim and bank_connector still busy after {timeout_s:.0f} s")
-
-
-def start(module: str, args: list[str], work: Path, env: dict[str, str], address: str) -> Child:
-    return start_serving(
-        module, args, clean_env(work, CARDCHECK_LOG_LEVEL="WARNING", **env), address,
-        work / f"{module.rsplit('.', 1)[-1]}.log", timeout=120,
-    )
 
 
 def _ms(value: float) -> str:
@@ -358,20 +342,19 @@ def main(argv: list[str]) -> int:
     children: list[Child] = []
     try:
         children.append(start(
-            "bank_sim", ["--seed", str(SEED), "--people", str(PEOPLE), "--bank-latency-ms", str(LATENCY_MS)], work,
-            {"CARDCHECK_BANK_SIM_ADDR": sim_address, **TRACING["off"]}, sim_address,
+            "bank_sim", work, {"CARDCHECK_BANK_SIM_ADDR": sim_address, **TRACING["off"]}, sim_address,
+            ["--seed", str(SEED), "--people", str(PEOPLE), "--bank-latency-ms", str(LATENCY_MS)],
         ))
         children.append(start(
-            "bank_connector", [], work,
+            "bank_connector", work,
             {"CARDCHECK_BANK_SIM_ADDR": sim_address, "CARDCHECK_BANK_CONNECTOR_ADDR": connector_address,
              **TRACING[args.tracing],
              **({"CARDCHECK_BANK_CONNECTOR_MAX_ACTIVE": str(args.max_active)} if args.max_active else {})},
             connector_address,
         ))
         children.append(start(
-            "bench._fanout_reference", ["--port", reference_address.rpartition(":")[2],
-                                        "--bank-sim", sim_address],
-            work, {}, reference_address,
+            "bench._fanout_reference", work, {}, reference_address,
+            ["--port", reference_address.rpartition(":")[2], "--bank-sim", sim_address],
         ))
         print(f"bank_sim, bank_connector (tracing {args.tracing}) and the reference up in "
               f"{time.monotonic() - started_at:.1f} s; every bank at {LATENCY_MS} ms")

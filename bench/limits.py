@@ -33,7 +33,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,8 @@ from pathlib import Path
 
 import grpc
 
+from bank_sim.process import free_port
+from bench._processes import cpu_seconds, start
 from cardcheck.runtime.clock import SystemClock
 from cardcheck.runtime.errors import from_rpc_error
 from cardcheck.runtime.keys import Keyring
@@ -142,17 +143,6 @@ async def limiter_table(redis_url: str, seconds: float, rounds: int) -> list[Can
 # --- 2. shedding ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 @dataclass
 class Server:
     name: str
@@ -221,11 +211,11 @@ async def _drive(server: Server, metadata, seconds: float, in_flight: int, chann
         warm_until = time.perf_counter() + 0.5
         await asyncio.gather(*(worker(n, warm_until) for n in range(in_flight)))
         measuring = True
-        cpu_before = _cpu_seconds(server.process.pid)
+        cpu_before = cpu_seconds(server.process.pid)
         started = time.perf_counter()
         await asyncio.gather(*(worker(n, started + seconds) for n in range(in_flight)))
         elapsed = time.perf_counter() - started
-        cpu = _cpu_seconds(server.process.pid) - cpu_before
+        cpu = cpu_seconds(server.process.pid) - cpu_before
     finally:
         for channel in opened:
             await channel.close()
@@ -234,7 +224,7 @@ async def _drive(server: Server, metadata, seconds: float, in_flight: int, chann
 
 
 def _start_echo(name: str, traced_dir: Path | None) -> Server:
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", "bench.limits", "--echo-server", str(port)]
     if traced_dir is not None:
         argv.append(str(traced_dir))
@@ -243,11 +233,9 @@ def _start_echo(name: str, traced_dir: Path | None) -> Server:
 
 
 def _start_gateway(name: str, data_dir: Path, master_key: str, **extra_env: str) -> Server:
-    port = _free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("CARDCHECK_", "OTEL_"))}
-    env.update(
-        CARDCHECK_DATA_DIR=str(data_dir),
-        CARDCHECK_GATEWAY_ADDR=f"127.0.0.1:{port}",
+    address = f"127.0.0.1:{free_port()}"
+    env = dict(
+        CARDCHECK_GATEWAY_ADDR=address,
         CARDCHECK_MASTER_KEY=master_key,
         # One admission, then one per ~12 days: every request after the first is shed.
         CARDCHECK_SUBMIT_GLOBAL_RPS="0.000001",
@@ -255,15 +243,9 @@ def _start_gateway(name: str, data_dir: Path, master_key: str, **extra_env: str)
         # The user's own limit admits everything, so the global limit is what answers.
         CARDCHECK_SUBMIT_USER_PER_MINUTE="1000000000",
         CARDCHECK_SUBMIT_USER_BURST="1000000000",
-        CARDCHECK_LOG_LEVEL="WARNING",
         **extra_env,
     )
-    log = (data_dir / f"gateway-{port}.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    log.close()
-    return Server(name, process, f"127.0.0.1:{port}")
+    return Server(name, start("gateway", data_dir, env, address).process, address)
 
 
 def _token(master_key: str) -> str:

@@ -16,11 +16,11 @@ import asyncio
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
-from bank_sim.process import ROOT, Child, PeakMemory, clean_env, free_port, start_serving
+from bank_sim.process import ROOT, Child, PeakMemory, free_port
+from bench._processes import start
 from cardcheck import dataset
 from cardcheck.cli.demo import Journey
 from cardcheck.runtime.settings import DEFAULT_PORTS, Settings
@@ -43,14 +43,6 @@ class Figures:
     @property
     def growth_mb(self) -> float:
         return (self.peak_after_kb - self.peak_before_kb) / 1024
-
-
-def start(module: str, work: Path, env: dict[str, str], address: str, args: list[str] | None = None) -> Child:
-    work.mkdir(parents=True, exist_ok=True)
-    return start_serving(
-        module, args or [], clean_env(work, **QUIET, **env), address,
-        work / f"{module}-{address.rpartition(':')[2]}.log", timeout=120,
-    )
 
 
 async def measure(limit: str, gateway: Child, notifier: str, person: dataset.Person, junk: bytes,
@@ -101,18 +93,18 @@ def main(argv: list[str]) -> int:
     children: list[Child] = []
     figures = []
     try:
-        children.append(start("bank_sim", work / "bank_sim", {"CARDCHECK_BANK_SIM_ADDR": sim},
+        children.append(start("bank_sim", work / "bank_sim", {**QUIET, "CARDCHECK_BANK_SIM_ADDR": sim},
                               sim, ["--seed", str(SEED), "--people", str(PEOPLE)]))
         children.append(start("bank_connector", work / "bank_connector",
-                              {"CARDCHECK_BANK_SIM_ADDR": sim, "CARDCHECK_BANK_CONNECTOR_ADDR": connector}, connector))
-        children.append(start("notifier", work / "notifier", {"CARDCHECK_NOTIFIER_ADDR": notifier}, notifier))
+                              {**QUIET, "CARDCHECK_BANK_SIM_ADDR": sim, "CARDCHECK_BANK_CONNECTOR_ADDR": connector}, connector))
+        children.append(start("notifier", work / "notifier", {**QUIET, "CARDCHECK_NOTIFIER_ADDR": notifier}, notifier))
         for name, extra in (
             ("32 KiB (gateway/app.py)", {}),
             ("4 MiB (grpc's default)", {"CARDCHECK_GATEWAY_MAX_RECEIVE_BYTES": str(GRPC_DEFAULT)}),
         ):
             address = f"127.0.0.1:{free_port()}"
             gateway = start("gateway", work / f"gateway-{len(figures)}", {
-                "CARDCHECK_GATEWAY_ADDR": address, "CARDCHECK_NOTIFIER_ADDR": notifier,
+                **QUIET, "CARDCHECK_GATEWAY_ADDR": address, "CARDCHECK_NOTIFIER_ADDR": notifier,
                 "CARDCHECK_BANK_CONNECTOR_ADDR": connector, **extra,
             }, address)
             children.append(gateway)

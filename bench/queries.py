@@ -37,8 +37,9 @@ from pathlib import Path
 
 import grpc
 
-from bank_sim.process import ROOT, Child, clean_env, free_port, start_serving
+from bank_sim.process import ROOT, Child, free_port
 from bench import percentile
+from bench._processes import start
 from cardcheck import dataset
 from cardcheck.banks import BANK_CODES
 from cardcheck.v1 import (
@@ -74,13 +75,6 @@ class Figures:
     steady: list[dict] = field(default_factory=list)
     burst: dict = field(default_factory=dict)
     accept_only: dict = field(default_factory=dict)
-
-
-def start(module: str, args: list[str], work: Path, env: dict[str, str], address: str) -> Child:
-    return start_serving(
-        module, args, clean_env(work, CARDCHECK_LOG_LEVEL="WARNING", **env), address,
-        work / f"{module}-{address.rpartition(':')[2]}.log", timeout=120,
-    )
 
 
 _PHONES = itertools.count(1)
@@ -281,7 +275,7 @@ def measure_db(db: str, work: Path, base_env: dict[str, str], person: dataset.Pe
     env["CARDCHECK_REPORT_SERVICE_ADDR"] = address
     children: list[Child] = []
     try:
-        children.append(start("report_service", [], data_dir, env, address))
+        children.append(start("report_service", data_dir, env, address))
 
         async def run() -> None:
             client = Client(address, person)
@@ -299,7 +293,6 @@ def measure_db(db: str, work: Path, base_env: dict[str, str], person: dataset.Pe
         children.append(
             start(
                 "report_service",
-                [],
                 data_dir,
                 {**env, "CARDCHECK_REPORT_SERVICE_ADDR": accept_only, "CARDCHECK_REPORT_MAX_RUNNING": "0"},
                 accept_only,
@@ -418,16 +411,15 @@ def main(argv: list[str]) -> int:
         children.append(
             start(
                 "bank_sim",
-                ["--seed", str(SEED), "--people", str(PEOPLE), "--bank-latency-ms", str(LATENCY_MS)],
                 work,
                 {"CARDCHECK_BANK_SIM_ADDR": sim, **TRACING["off"]},
                 sim,
+                ["--seed", str(SEED), "--people", str(PEOPLE), "--bank-latency-ms", str(LATENCY_MS)],
             )
         )
         children.append(
             start(
                 "bank_connector",
-                [],
                 work,
                 {
                     "CARDCHECK_BANK_SIM_ADDR": sim,
@@ -442,7 +434,6 @@ def main(argv: list[str]) -> int:
         children.append(
             start(
                 "notifier",
-                [],
                 work / "notifier",
                 {"CARDCHECK_NOTIFIER_ADDR": notifier, **TRACING["off"]},
                 notifier,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
 import shutil
 import time
 import uuid
@@ -28,8 +27,9 @@ from pathlib import Path
 
 import grpc
 
-from bank_sim.process import ROOT, Child, clean_env, free_port, start_serving
+from bank_sim.process import ROOT, Child, free_port
 from bench import percentile
+from bench._processes import cpu_seconds, start
 from bench.queries import drop_pg_schema, pg_schema
 from cardcheck import dataset
 from cardcheck.v1 import bank_pb2, bank_pb2_grpc, common_pb2, report_service_pb2, report_service_pb2_grpc
@@ -40,18 +40,6 @@ DOWN, WORKING = "BOC", "ICBC"
 PENDING, READY = common_pb2.QUERY_STATUS_PENDING, common_pb2.QUERY_STATUS_READY
 QUIET = {"OTEL_SDK_DISABLED": "true", "CARDCHECK_LOG_LEVEL": "WARNING"}
 _PHONES = itertools.count(1)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def start(module: str, work: Path, env: dict[str, str], address: str, args: list[str] | None = None) -> Child:
-    return start_serving(
-        module, args or [], clean_env(work, **QUIET, **env), address,
-        work / f"{module}-{address.rpartition(':')[2]}.log", timeout=120,
-    )
 
 
 class Watched:
@@ -65,16 +53,16 @@ class Watched:
         subject = report_service_pb2.Subject(
             name=self.person.name, id_number=self.person.id_number, phone=f"139{next(_PHONES):08d}"
         )
-        query = await self.stub.CreateQuery(
+        created = await self.stub.CreateQuery(
             report_service_pb2.CreateQueryRequest(
                 user_id=user, subject=subject, bank_codes=[bank], agreement_version="2026-11", idempotency_key=user
             ),
             timeout=30,
         )
-        return user, query.query_id
+        return user, created.query.query_id
 
     def watch(self, user: str, query_id: str):
-        return self.stub.WatchQuery(report_service_pb2.GetQueryRequest(user_id=user, query_id=query_id))
+        return self.stub.WatchQuery(report_service_pb2.ReportServiceWatchQueryRequest(user_id=user, query_id=query_id))
 
 
 async def _idle_watcher(client: Watched, failed: asyncio.Event, calls: list) -> None:
@@ -114,14 +102,14 @@ def measure(db: str, work: Path, base_env: dict[str, str], person: dataset.Perso
     children: dict[str, Child] = {}
     try:
         running = f"127.0.0.1:{free_port()}"
-        children["running"] = start("report_service", data_dir, {**env, "CARDCHECK_REPORT_SERVICE_ADDR": running}, running)
+        children["running"] = start("report_service", data_dir, {**QUIET, **env, "CARDCHECK_REPORT_SERVICE_ADDR": running}, running)
         watched = running
         if db == "postgres":
             watched = f"127.0.0.1:{free_port()}"
             children["watched"] = start(
                 "report_service",
                 data_dir,
-                {**env, "CARDCHECK_REPORT_SERVICE_ADDR": watched, "CARDCHECK_REPORT_MAX_RUNNING": "0"},
+                {**QUIET, **env, "CARDCHECK_REPORT_SERVICE_ADDR": watched, "CARDCHECK_REPORT_MAX_RUNNING": "0"},
                 watched,
             )
 
@@ -172,7 +160,7 @@ def main(argv: list[str]) -> int:
     results = []
     try:
         children.append(
-            start("bank_sim", work, {"CARDCHECK_BANK_SIM_ADDR": sim}, sim,
+            start("bank_sim", work, {**QUIET, "CARDCHECK_BANK_SIM_ADDR": sim}, sim,
                   ["--seed", str(SEED), "--people", str(PEOPLE), "--bank-latency-ms", str(LATENCY_MS)])
         )
         with grpc.insecure_channel(sim) as channel:
@@ -181,12 +169,12 @@ def main(argv: list[str]) -> int:
                 timeout=10,
             )
         children.append(
-            start("bank_connector", work, {"CARDCHECK_BANK_SIM_ADDR": sim, "CARDCHECK_BANK_CONNECTOR_ADDR": connector},
+            start("bank_connector", work, {**QUIET, "CARDCHECK_BANK_SIM_ADDR": sim, "CARDCHECK_BANK_CONNECTOR_ADDR": connector},
                   connector)
         )
         shutil.rmtree(work / "notifier", ignore_errors=True)
         (work / "notifier").mkdir()
-        children.append(start("notifier", work / "notifier", {"CARDCHECK_NOTIFIER_ADDR": notifier}, notifier))
+        children.append(start("notifier", work / "notifier", {**QUIET, "CARDCHECK_NOTIFIER_ADDR": notifier}, notifier))
         base_env = {"CARDCHECK_BANK_CONNECTOR_ADDR": connector, "CARDCHECK_NOTIFIER_ADDR": notifier}
         for db in ["sqlite", "postgres"] if args.db == "both" else [args.db]:
             print(f"measuring report_service on {db} ...", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -68,6 +69,15 @@ BOUNDS = RequestBounds(
 MAX_ANSWER_BYTES = {"report_service": MAX_RESPONSE_BYTES, "bank_connector": 64 * KIB, "notifier": 64 * KIB}
 
 
+@dataclass(frozen=True)
+class GatewayParts:
+    """The host plus the flows behind its servicer, which tests wait on (`drain`: the sign-in
+    codes still on their way to the notifier, which no RPC tells)."""
+
+    host: ServiceHost
+    gateway: Gateway
+
+
 async def build(
     settings: Settings,
     *,
@@ -77,6 +87,27 @@ async def build(
     face_verifier: FaceVerifier | None = None,
     limiters: Limiters | None = None,
 ) -> ServiceHost:
+    """The gateway, not started (`build_parts` says more)."""
+    parts = await build_parts(
+        settings,
+        clock=clock,
+        tracer_provider=tracer_provider,
+        config=config,
+        face_verifier=face_verifier,
+        limiters=limiters,
+    )
+    return parts.host
+
+
+async def build_parts(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    tracer_provider: TracerProvider | None = None,
+    config: GatewayConfig | None = None,
+    face_verifier: FaceVerifier | None = None,
+    limiters: Limiters | None = None,
+) -> GatewayParts:
     """The gateway, not started. Raises SettingsError when it must not start (no sandbox and no
     face-verification provider, bad gateway settings). The rate limits live in this process,
     or on Redis when `settings.redis_url` is set (gateway/limits.py says what happens when
@@ -173,7 +204,7 @@ async def build(
         users.close()
         db.dispose()
 
-    return ServiceHost(
+    host = ServiceHost(
         SERVICE,
         [
             Registration(
@@ -188,6 +219,7 @@ async def build(
         on_stop=[close],
         bounds=BOUNDS.configured(settings, SERVICE),
     )
+    return GatewayParts(host, gateway)
 
 
 def _limiters(settings: Settings, config: GatewayConfig, clock: Clock, rates) -> Limiters:

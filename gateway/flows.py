@@ -293,9 +293,6 @@ class Gateway:
         log.info("user %s signed in", user.user_id)
         return await self._sessions.open(user.user_id)
 
-    async def authenticate(self, token: str | None) -> str:
-        return await self._sessions.user_of(token)
-
     async def sign_out(self, token: str | None, everywhere: bool) -> int:
         """Revokes the calling session (or all of its user's): how many live ones ended."""
         claims = self._sessions.verify(token)

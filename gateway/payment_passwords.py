@@ -146,10 +146,6 @@ class PaymentPasswordHashes:
             return Checked(False)
         return Checked(right, rehash=right and stored_key_id != self._key_id)
 
-    def under_current_key(self, stored: str) -> bool:
-        """Whether `stored` is of this scheme under the current key (nothing left to upgrade)."""
-        return stored.startswith(f"{SCHEME}${self._key_id}$")
-
 
 class BoundedExecutor:
     """A thread pool of `workers` threads with at most `queue` calls waiting: beyond that a call

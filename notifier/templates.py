@@ -97,8 +97,3 @@ def load_template_book(directory: Path = TEMPLATE_DIR) -> TemplateBook:
     if missing:
         raise RuntimeError(f"no SMS template for {', '.join(missing)} in {directory}")
     return TemplateBook(newest, named)
-
-
-def load_templates(directory: Path = TEMPLATE_DIR) -> dict[str, SmsTemplate]:
-    """Kind -> its newest template."""
-    return dict(load_template_book(directory).newest)

@@ -3,6 +3,7 @@ the markers each test gets from what it uses (`pytest -m "not e2e"` is the quick
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import secrets
@@ -12,7 +13,11 @@ from collections.abc import Iterator
 import pytest
 
 # Helper modules whose asserts should explain themselves like a test's do.
-pytest.register_assert_rewrite("tests.deploy_image", "tests.deploy_manifests", "tests.e2e_mesh")
+pytest.register_assert_rewrite("tests.deploy_image", "tests.deploy_manifests", "tests.harness")
+
+# Fixtures of the harness, for every test module.
+from tests.harness.gateway import fakes, stack, start_stack  # noqa: E402, F401
+from tests.harness.report_service import rig  # noqa: E402, F401
 
 PG_ADMIN_DSN = os.environ.get("CARDCHECK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("CARDCHECK_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -25,21 +30,30 @@ def _unavailable(what: str, error: Exception) -> None:
     pytest.skip(f"{what} unreachable: {error}")
 
 
-@pytest.fixture
-def pg_schema_url() -> Iterator[str]:
+@contextlib.contextmanager
+def pg_schema(prefix: str = "t") -> Iterator[str]:
     """A SQLAlchemy URL on a fresh PostgreSQL schema of its own, dropped afterwards."""
     import psycopg
 
-    schema = f"t_{secrets.token_hex(6)}"
+    schema = f"{prefix}_{secrets.token_hex(6)}"
     try:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f"CREATE SCHEMA {schema}")
     except psycopg.OperationalError as error:
         _unavailable("PostgreSQL", error)
     base = PG_ADMIN_DSN.replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def pg_schema_url() -> Iterator[str]:
+    """A SQLAlchemy URL on a fresh PostgreSQL schema of its own, dropped afterwards."""
+    with pg_schema() as url:
+        yield url
 
 
 STATEFUL_SERVICES = ("gateway", "report_service", "notifier")
@@ -105,6 +119,22 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+@pytest.fixture
+async def redis_prefix(redis_url: str):
+    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    import redis.asyncio
+
+    prefix = f"cardcheck-test-{secrets.token_hex(6)}"
+    yield prefix
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
 # --- markers -----------------------------------------------------------------------------------
 
 POSTGRES_FIXTURES = {"pg_schema_url", "pg_service_roles"}
@@ -122,11 +152,11 @@ def _code_objects(obj) -> Iterator[types.CodeType]:
                 yield from _code_objects(getattr(member, "__func__", member))
         return
     code = getattr(inspect.unwrap(obj), "__code__", None)
-    stack = [code] if code is not None else []
-    while stack:
-        code = stack.pop()
+    pending = [code] if code is not None else []
+    while pending:
+        code = pending.pop()
         yield code
-        stack.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
+        pending.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
 
 
 def _starts_processes(obj, seen: set[int]) -> bool:
@@ -158,7 +188,8 @@ def pytest_collection_modifyitems(items) -> None:
             continue
         used = set(item.fixturenames)
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if used & POSTGRES_FIXTURES or params.get("database_url") == "postgres":
+        # A fixture on PostgreSQL, or a parametrised one (database_url, a module's mesh) on it.
+        if used & POSTGRES_FIXTURES or "postgres" in params.values():
             item.add_marker(pytest.mark.postgres)
         if "redis_url" in used:
             item.add_marker(pytest.mark.redis)

@@ -6,24 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from bank_connector.app import build as build_connector
 from bank_connector.connector import UNKNOWN_ISSUER, call_timeout
 from bank_sim.app import build as build_sim
+from bank_sim.process import free_port
 from cardcheck import bins, dataset
 from cardcheck.banks import BANK_CODES, BY_CODE
 from cardcheck.numbers import luhn_check_digit
@@ -38,6 +32,7 @@ from cardcheck.v1 import (
     bank_pb2_grpc,
     common_pb2,
 )
+from tests.harness.processes import ServiceProcess
 
 TODAY = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)  # noon in Beijing
 RECORDS = dataset.generate(424242, 40)
@@ -68,12 +63,6 @@ def expected_cards(id_number: str, name: str, bank: str) -> list[tuple]:
 
 def people() -> list[tuple[str, str]]:
     return list(dict.fromkeys((r.id_number.upper(), r.holder_name) for r in RECORDS))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_settings(tmp_path, sim_port: int, **bank_addresses: str) -> Settings:
@@ -558,39 +547,18 @@ async def test_under_an_unsampled_trace_banks_get_no_trace_headers_and_no_span_i
         await server.stop(0)
 
 
-def test_the_process_serves_and_stops_with_exit_code_0_on_sigterm(tmp_path):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CARDCHECK_", "OTEL_"))}
-    env.update(
-        CARDCHECK_BANK_CONNECTOR_ADDR=f"127.0.0.1:{port}",
+async def test_the_process_serves_and_stops_with_exit_code_0_on_sigterm(tmp_path):
+    process = ServiceProcess(
+        "bank_connector", tmp_path / "var", health_service="cardcheck.v1.BankConnector",
         CARDCHECK_BANK_SIM_ADDR=f"127.0.0.1:{free_port()}",  # no bank there: every bank unavailable
-        CARDCHECK_DATA_DIR=str(tmp_path / "var"),
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bank_connector"], cwd=Path(__file__).resolve().parent.parent, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    await process.start()
     try:
-        deadline = time.monotonic() + 30
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                try:
-                    check = health_pb2.HealthCheckRequest(service="cardcheck.v1.BankConnector")
-                    if health.Check(check, timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert process.poll() is None, process.stderr.read().decode()
-                assert time.monotonic() < deadline, "bank_connector did not start serving"
-                time.sleep(0.1)
+        async with grpc.aio.insecure_channel(process.address) as channel:
             stub = bank_connector_pb2_grpc.BankConnectorStub(channel)
-            banks = stub.ListBanks(bank_connector_pb2.BankConnectorListBanksRequest(), timeout=5).banks
+            banks = (await stub.ListBanks(bank_connector_pb2.BankConnectorListBanksRequest(), timeout=5)).banks
             assert len(banks) == len(BANK_CODES) and not any(b.available for b in banks)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-        assert "Traceback" not in process.stderr.read().decode()
+        assert await process.terminate() == 0
+        assert "Traceback" not in process.output()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        await process.stop()

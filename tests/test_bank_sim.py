@@ -4,22 +4,18 @@ check, and the process refusing a malformed dataset and stopping cleanly on SIGT
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from bank_sim.app import build
+from bank_sim.process import clean_env, free_port
 from cardcheck.dataset import CardRecord
 from cardcheck.numbers import luhn_check_digit
 from cardcheck.runtime.clock import ManualClock
@@ -27,6 +23,7 @@ from cardcheck.runtime.errors import from_rpc_error
 from cardcheck.runtime.settings import DEFAULT_PORTS, Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import bank_pb2, bank_pb2_grpc, common_pb2
+from tests.harness.processes import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "龚明凯"
@@ -210,25 +207,13 @@ async def test_a_bank_records_spans_only_of_a_callers_sampled_trace(tmp_path):
 # --- the process ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def process_env(tmp_path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CARDCHECK_", "OTEL_"))}
-    env.update(CARDCHECK_BANK_SIM_ADDR=f"127.0.0.1:{port}", CARDCHECK_DATA_DIR=str(tmp_path / "var"))
-    return env
-
-
 def test_a_malformed_dataset_is_refused_at_start_with_its_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     lines = [json.dumps(ACTIVE.to_json(), ensure_ascii=False), json.dumps(dict(CREDIT.to_json(), pan="6253301000000001"))]
     bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
     result = subprocess.run(
         [sys.executable, "-m", "bank_sim", "--dataset", str(bad)],
-        cwd=ROOT, env=process_env(tmp_path, free_port()), capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=clean_env(tmp_path / "var", CARDCHECK_BANK_SIM_ADDR=f"127.0.0.1:{free_port()}"), capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2
     assert "line 2: pan fails the Luhn check" in result.stderr
@@ -236,36 +221,20 @@ def test_a_malformed_dataset_is_refused_at_start_with_its_line(tmp_path):
     assert "6253301000000001" not in result.stderr
 
 
-def test_sigterm_stops_the_process_with_exit_code_0(tmp_path):
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bank_sim", "--seed", "5", "--people", "10"],
-        cwd=ROOT, env=process_env(tmp_path, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+async def test_sigterm_stops_the_process_with_exit_code_0(tmp_path):
+    process = ServiceProcess(
+        "bank_sim", tmp_path / "var", args=("--seed", "5", "--people", "10"), health_service="cardcheck.v1.IssuingBank"
     )
+    await process.start()
     try:
-        deadline = time.monotonic() + 30
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                try:
-                    status = health.Check(health_pb2.HealthCheckRequest(service="cardcheck.v1.IssuingBank"), timeout=1)
-                    if status.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert process.poll() is None, process.stderr.read().decode()
-                assert time.monotonic() < deadline, "bank_sim did not start serving"
-                time.sleep(0.1)
+        async with grpc.aio.insecure_channel(process.address) as channel:
             stub = bank_pb2_grpc.IssuingBankStub(channel)
-            answer = stub.LookupCards(bank_pb2.LookupCardsRequest(bank_code="ICBC", id_number=ID, name=NAME), timeout=5)
-            assert list(answer.cards) == []
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-        assert "Traceback" not in process.stderr.read().decode()
+            request = bank_pb2.LookupCardsRequest(bank_code="ICBC", id_number=ID, name=NAME)
+            assert list((await stub.LookupCards(request, timeout=5)).cards) == []
+        assert await process.terminate() == 0
+        assert "Traceback" not in process.output()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        await process.stop()
 
 
 # --- the compact index answers as the rules say ----------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.e2e_mesh import start_mesh
+from tests.harness.mesh import start_mesh
 from tests.test_dependencies import constraints
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,10 +4,10 @@ PostgreSQL; the trace it leaves; grpcurl against the gateway; the supervisor's o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
-import secrets
 import signal
 import subprocess
 import time
@@ -16,14 +16,13 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import psycopg
 import pytest
 
 from cardcheck import dataset
 from cardcheck.cli.demo import Journey, walk
 from cardcheck.v1 import common_pb2
-from tests.conftest import PG_ADMIN_DSN, _unavailable
-from tests.e2e_mesh import BIN, Mesh, start_mesh, wait_for
+from tests.conftest import pg_schema
+from tests.harness.mesh import BIN, Mesh, start_mesh, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -58,29 +57,20 @@ def mesh(request, tmp_path_factory, records):
     dataset_file = data_dir / "cards.jsonl"
     dataset.dump(records, dataset_file)
     extra_env = {"CARDCHECK_SMS_RESEND_S": "1"}  # the demo runs twice within a minute
-    schema = None
-    if request.param == "postgres":
-        schema = f"e2e_{secrets.token_hex(5)}"
-        try:
-            with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
-                conn.execute(f"CREATE SCHEMA {schema}")
-        except psycopg.OperationalError as error:
-            _unavailable("PostgreSQL", error)
-        base = PG_ADMIN_DSN.replace("postgresql://", "postgresql+psycopg://", 1)
-        extra_env["CARDCHECK_DATABASE_URL"] = f"{base}?options=-csearch_path%3D{schema}"
-    running = start_mesh(data_dir, "--dataset", str(dataset_file), extra_env=extra_env)
-    running.backend = request.param
-    running.dataset_file = dataset_file
-    yield running
-    code = running.stop()
-    output = running.output()
-    assert code == 0, output
-    # Stopped in order: the public edge first, the banks last.
-    stopped = [line.split("|")[0].strip() for line in output.splitlines() if "|" in line and line.endswith(" stopped")]
-    assert stopped == ["gateway", "report_service", "notifier", "bank_connector", "bank_sim"], stopped
-    if schema:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with contextlib.ExitStack() as cleanup:
+        if request.param == "postgres":  # one schema for the module's mesh
+            extra_env["CARDCHECK_DATABASE_URL"] = cleanup.enter_context(pg_schema("e2e"))
+        running = start_mesh(data_dir, "--dataset", str(dataset_file), extra_env=extra_env)
+        running.dataset_file = dataset_file
+        yield running
+        code = running.stop()
+        output = running.output()
+        assert code == 0, output
+        # Stopped in order: the public edge first, the banks last.
+        stopped = [
+            line.split("|")[0].strip() for line in output.splitlines() if "|" in line and line.endswith(" stopped")
+        ]
+        assert stopped == ["gateway", "report_service", "notifier", "bank_connector", "bank_sim"], stopped
 
 
 async def test_the_journey_ends_in_the_report_the_banks_hold(mesh: Mesh, records) -> None:

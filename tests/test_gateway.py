@@ -1,449 +1,63 @@
 """The gateway against a real grpc.aio server on port 0, its storage on SQLite and PostgreSQL,
 the real notifier (its sandbox inbox gives the SMS codes), and small fakes of report_service and
-bank_connector defined here."""
+bank_connector (tests/harness/gateway.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import re
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from datetime import UTC, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import inspect, text
 
 from bank_connector.app import build as build_bank_connector
 from bank_sim.app import build as build_bank_sim
 from cardcheck import dataset
-from cardcheck.banks import BANK_CODES, BANKS
+from cardcheck.banks import BANK_CODES
 from cardcheck.client import CardCheckClient
-from cardcheck.numbers import id_check_digit, luhn_check_digit
 from cardcheck.runtime.clock import ManualClock
 from cardcheck.runtime.database import make_engine
-from cardcheck.runtime.errors import DOMAIN, CardCheckError, abort
+from cardcheck.runtime.errors import CardCheckError
 from cardcheck.runtime.keys import load_master_key
-from cardcheck.runtime.server import ServiceHost
 from cardcheck.runtime.settings import DEFAULT_PORTS, Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import (
-    bank_connector_pb2,
-    bank_connector_pb2_grpc,
     bank_pb2,
     bank_pb2_grpc,
     common_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
-    notifier_pb2,
-    notifier_pb2_grpc,
-    report_service_pb2,
-    report_service_pb2_grpc,
 )
 from gateway.agreement import CURRENT
-from gateway.app import build
 from gateway.config import GatewayConfig
-from gateway.flows import Gateway
 from notifier.providers import DeliveryError, OutgoingSms, SandboxProvider
+from tests.harness.gateway import (
+    ALICE,
+    BOB,
+    BOB_USER,
+    CAROL,
+    PASSWORD,
+    QUERY_AUTH,
+    REGISTER,
+    SIGN_IN,
+    Person,
+    Stack,
+    bearer,
+    complete_card_number,
+    complete_id_number,
+    refused,
+)
+from tests.harness.processes import ServiceProcess
 
-REGISTER = common_pb2.SMS_PURPOSE_REGISTER
-SIGN_IN = common_pb2.SMS_PURPOSE_SIGN_IN
-QUERY_AUTH = common_pb2.SMS_PURPOSE_QUERY_AUTH
-PASSWORD = "135790"
-
-
-def _id_number(first17: str) -> str:
-    return first17 + id_check_digit(first17)
-
-
-def _card(partial: str) -> str:
-    return partial + luhn_check_digit(partial)
-
-
-@dataclass(frozen=True)
-class Person:
-    name: str
-    id_number: str
-    phone: str
-    card_number: str
-    region: str = "CN-JL"
-
-
-ALICE = Person("张三", _id_number("22010219900307123"), "13812345678", _card("622202100012345678"))
-BOB = Person("李四", _id_number("11010519851231004"), "13987654321", _card("621700000011112222"))
-# Ends with the check digit X: ID numbers are compared in upper case.
-CAROL = Person("阿依古丽·买买提", "11010119800101007X", "15011112222", _card("622588000033334444"))
-assert CAROL.id_number[-1] == id_check_digit(CAROL.id_number[:17])
-BOB_USER = "00000000-0000-4000-8000-000000000000"
 BANK_RECORDS = dataset.generate(424242, 20)  # what the real bank_sim holds, where a test runs one
-
-
-# --- fakes of report_service and bank_connector ---------------------------------------------
-
-
-class FakeBankConnector(bank_connector_pb2_grpc.BankConnectorServicer):
-    def __init__(self) -> None:
-        self.enrolled: dict[tuple[str, str, str, str], str] = {}
-        self.unavailable: set[str] = {"GDRCC", "CQFMB"}
-        self.verify_calls: list[bank_connector_pb2.VerifyRealNameRequest] = []
-
-    def enrol(self, person: Person, bank: str = "ICBC") -> None:
-        self.enrolled[(person.card_number, person.name, person.id_number.upper(), person.phone)] = bank
-
-    async def VerifyRealName(self, request, context):
-        self.verify_calls.append(request)
-        bank = self.enrolled.get((request.card_number, request.name, request.id_number, request.phone))
-        return bank_connector_pb2.VerifyRealNameResponse(confirmed=bank is not None, bank_code=bank or "")
-
-    async def ListBanks(self, request, context):
-        return bank_connector_pb2.BankConnectorListBanksResponse(
-            banks=[
-                common_pb2.Bank(
-                    code=b.code, name=b.name, kind=b.kind, available=b.code not in self.unavailable
-                )
-                for b in BANKS
-            ]
-        )
-
-
-def _now_pb() -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
-
-
-class FakeReportService(report_service_pb2_grpc.ReportServiceServicer):
-    def __init__(self) -> None:
-        self.created: list = []
-        self.queries: dict[str, tuple[str, common_pb2.Query]] = {}  # query_id -> (user_id, query)
-        self.by_key: dict[tuple[str, str], str] = {}
-        self.refusal: CardCheckError | None = None
-        self.report_calls: list = []
-        # WatchQuery: with hold_watches, each stream stays open after its first event until the
-        # gateway cancels it (counted in watches_cancelled); the deadline each stream had.
-        self.hold_watches = False
-        self.watch_deadlines: list[float | None] = []
-        self.watches_open = 0
-        self.watches_cancelled = 0
-
-    async def CreateQuery(self, request, context):
-        self.created.append(request)
-        if self.refusal is not None:
-            await abort(context, self.refusal)
-        key = (request.user_id, request.idempotency_key)
-        if key in self.by_key:
-            return report_service_pb2.CreateQueryResponse(query=self.queries[self.by_key[key]][1])
-        query = common_pb2.Query(
-            query_id=uuid.uuid4().hex,
-            status=common_pb2.QUERY_STATUS_PENDING,
-            bank_codes=request.bank_codes,
-            submitted_at=_now_pb(),
-            banks_total=len(request.bank_codes),
-            agreement_version=request.agreement_version,
-        )
-        self.queries[query.query_id] = (request.user_id, query)
-        self.by_key[key] = query.query_id
-        return report_service_pb2.CreateQueryResponse(query=query)
-
-    def _own(self, user_id: str, query_id: str) -> common_pb2.Query | None:
-        owner, query = self.queries.get(query_id, (None, None))
-        return query if owner == user_id else None
-
-    async def GetQuery(self, request, context):
-        query = self._own(request.user_id, request.query_id)
-        if query is None:
-            await abort(context, CardCheckError("NOT_FOUND"))
-        return report_service_pb2.GetQueryResponse(query=query)
-
-    async def ListQueries(self, request, context):
-        mine = [q for owner, q in self.queries.values() if owner == request.user_id]
-        return report_service_pb2.ReportServiceListQueriesResponse(queries=list(reversed(mine)))
-
-    async def WatchQuery(self, request, context):
-        query = self._own(request.user_id, request.query_id)
-        if query is None:
-            await abort(context, CardCheckError("NOT_FOUND"))
-        self.watch_deadlines.append(context.time_remaining())
-        yield report_service_pb2.ReportServiceWatchQueryResponse(query=query)
-        if self.hold_watches:
-            self.watches_open += 1
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                self.watches_cancelled += 1
-                raise
-            finally:
-                self.watches_open -= 1
-        done = common_pb2.Query()
-        done.CopyFrom(query)
-        done.status = common_pb2.QUERY_STATUS_READY
-        done.banks_answered = done.banks_total
-        answered = report_service_pb2.BankProgress(bank_code="ICBC", kind=common_pb2.BANK_OUTCOME_KIND_ANSWERED)
-        yield report_service_pb2.ReportServiceWatchQueryResponse(query=done, outcome=answered, outcomes=[answered])
-
-    async def GetReport(self, request, context):
-        self.report_calls.append(request)
-        if self._own(request.user_id, request.query_id) is None:
-            await abort(context, CardCheckError("NOT_FOUND"))
-        report = common_pb2.Report(
-            query_id=request.query_id,
-            summary=[common_pb2.BankSummary(bank_code="ICBC", bank_name="中国工商银行", debit_count=1)],
-            notice="请做到不出租、出借、出售银行卡",
-        )
-        return report_service_pb2.ReportServiceGetReportResponse(report=report)
-
-
-# --- the harness ---------------------------------------------------------------------------
-
-
-@dataclass
-class Refusal:
-    reason: str
-    metadata: dict[str, str]
-    violations: dict[str, str]
-    retry_after: timedelta | None
-
-
-def refusal_of(error: grpc.aio.AioRpcError, code: grpc.StatusCode, reason: str) -> Refusal:
-    """Checks the status a refusal must carry (ErrorInfo of our domain, a zh-CN message)."""
-    assert error.code() == code, (error.code(), error.details())
-    status = rpc_status.from_call(error)
-    assert status is not None, "no google.rpc.Status details"
-    info = localized = None
-    violations: dict[str, str] = {}
-    retry_after = None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.LocalizedMessage.DESCRIPTOR):
-            localized = error_details_pb2.LocalizedMessage()
-            detail.Unpack(localized)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations = {v.field: v.description for v in bad.field_violations}
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            retry_after = retry.retry_delay.ToTimedelta()
-    assert info is not None and info.domain == DOMAIN, status
-    assert info.reason == reason, (info.reason, status.message)
-    assert (
-        localized is not None
-        and localized.locale == "zh-CN"
-        and re.search(r"[\u4e00-\u9fff]", localized.message)
-    )
-    return Refusal(info.reason, dict(info.metadata), violations, retry_after)
-
-
-async def refused(call: Awaitable, code: grpc.StatusCode, reason: str) -> Refusal:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return refusal_of(caught.value, code, reason)
-
-
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {token}"),)
-
-
-@dataclass
-class Stack:
-    gateway: gateway_pb2_grpc.CardCheckStub
-    notifier: notifier_pb2_grpc.NotifierStub
-    notifier_host: ServiceHost
-    bank: FakeBankConnector
-    reports: FakeReportService
-    clock: ManualClock
-    settings: Settings
-    spans: InMemorySpanExporter
-    client: CardCheckClient
-    channels: list = field(default_factory=list)
-    host: ServiceHost | None = None  # the gateway's
-    flows: Gateway | None = None
-
-    async def settle(self) -> None:
-        """Waits for the SIGN_IN codes the gateway is still sending after its answers."""
-        if self.flows is not None:
-            await self.flows.drain(10)
-
-    async def code_for(self, phone: str, challenge_id: str | None = None, known: set[str] | None = None) -> str:
-        """The newest code SMS in the phone's sandbox inbox; with `known` (the message ids there
-        before the request), the first that was not there, waited for a little (a SIGN_IN code
-        is sent after the answer)."""
-        await self.settle()
-        for _ in range(500):
-            inbox = await self.notifier.ListMessages(notifier_pb2.ListMessagesRequest(phone=phone))
-            codes = [m for m in inbox.messages if m.kind == "SMS_CODE" and m.message_id not in (known or ())]
-            if codes or known is None:
-                break
-            await asyncio.sleep(0.01)
-        assert codes, "no code SMS in the inbox"
-        match = re.search(r"(?<!\d)\d{6}(?!\d)", codes[0].body)
-        assert match is not None, "no 6-digit code in the SMS"
-        return match.group(0)
-
-    async def message_ids(self, phone: str) -> set[str]:
-        return {m.message_id for m in await self.inbox(phone)}
-
-    async def inbox(self, phone: str) -> list[notifier_pb2.Message]:
-        return list(
-            (await self.notifier.ListMessages(notifier_pb2.ListMessagesRequest(phone=phone))).messages
-        )
-
-    async def challenge(
-        self, purpose: int, phone: str = "", token: str | None = None, metadata: tuple = ()
-    ) -> tuple[str, str]:
-        metadata = (*metadata, *bearer(token)) if token else metadata
-        await self.settle()
-        known = await self.message_ids(phone) if phone else set()
-        challenge = await self.gateway.RequestSmsCode(
-            gateway_pb2.RequestSmsCodeRequest(phone=phone, purpose=purpose), metadata=metadata
-        )
-        assert re.fullmatch(r"[0-9a-f]{32}", challenge.challenge_id)
-        assert challenge.expires_in_seconds == 300 and challenge.resend_after_seconds >= 60
-        return challenge.challenge_id, await self.code_for(phone, known=known) if phone else ""
-
-    def register_request(
-        self, person: Person, challenge_id: str, code: str, **overrides
-    ) -> gateway_pb2.RegisterRequest:
-        values = dict(
-            name=person.name,
-            id_number=person.id_number,
-            phone=person.phone,
-            challenge_id=challenge_id,
-            sms_code=code,
-            card_number=person.card_number,
-            payment_password=PASSWORD,
-            region=person.region,
-        )
-        values.update(overrides)
-        return gateway_pb2.RegisterRequest(**values)
-
-    async def register(self, person: Person, *, enrol: bool = True) -> gateway_pb2.Session:
-        if enrol:
-            self.bank.enrol(person)
-        challenge_id, code = await self.challenge(REGISTER, person.phone)
-        return await self.gateway.Register(self.register_request(person, challenge_id, code))
-
-    async def query_auth(self, person: Person, token: str) -> tuple[str, str]:
-        await self.settle()
-        known = await self.message_ids(person.phone)
-        challenge = await self.gateway.RequestSmsCode(
-            gateway_pb2.RequestSmsCodeRequest(purpose=QUERY_AUTH), metadata=bearer(token)
-        )
-        return challenge.challenge_id, await self.code_for(person.phone, known=known)
-
-    async def submit(self, person: Person, token: str, **overrides) -> common_pb2.Query:
-        challenge_id, code = await self.query_auth(person, token)
-        values = dict(
-            agreement_version=CURRENT.version,
-            consent_given=True,
-            challenge_id=challenge_id,
-            sms_code=code,
-            face_token="sandbox:pass",
-        )
-        values.update(overrides)
-        return await self.gateway.SubmitQuery(
-            gateway_pb2.SubmitQueryRequest(**values), metadata=bearer(token)
-        )
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[tuple[int, FakeBankConnector, FakeReportService]]:
-    bank, reports = FakeBankConnector(), FakeReportService()
-    server = grpc.aio.server()
-    bank_connector_pb2_grpc.add_BankConnectorServicer_to_server(bank, server)
-    report_service_pb2_grpc.add_ReportServiceServicer_to_server(reports, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield port, bank, reports
-    await server.stop(0)
-
-
-@pytest.fixture
-async def start_stack(tmp_path: Path, database_url, fakes):
-    """A factory: starts the notifier and a gateway (settings and config overridable)."""
-    fake_port, bank, reports = fakes
-    stacks: list[Stack] = []
-    hosts: list[ServiceHost] = []
-
-    async def start(
-        *, config: GatewayConfig | None = None, bank_connector: str | None = None, sms_provider=None,
-        **settings_overrides,
-    ) -> Stack:
-        clock = ManualClock()
-        addresses = {service: f"127.0.0.1:{port}" for service, port in DEFAULT_PORTS.items()}
-        addresses.update(
-            gateway="127.0.0.1:0",
-            notifier="127.0.0.1:0",
-            report_service=f"127.0.0.1:{fake_port}",
-            bank_connector=bank_connector or f"127.0.0.1:{fake_port}",
-        )
-        settings = Settings(addresses=addresses, data_dir=tmp_path, database_url=database_url)
-        from notifier.app import build as build_notifier
-
-        notifier_host = await build_notifier(
-            settings,
-            clock=clock,
-            provider=sms_provider,
-            tracer_provider=make_tracer_provider("notifier", tmp_path, exporter=InMemorySpanExporter()),
-        )
-        notifier_port = await notifier_host.start()
-        hosts.append(notifier_host)
-        settings = settings.replace(
-            addresses={**addresses, "notifier": f"127.0.0.1:{notifier_port}"}, **settings_overrides
-        )
-        spans = InMemorySpanExporter()
-        host = await build(
-            settings,
-            clock=clock,
-            tracer_provider=make_tracer_provider("gateway", tmp_path, exporter=spans),
-            config=config or GatewayConfig(),
-        )
-        port = await host.start()
-        hosts.append(host)
-        gateway_channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        notifier_channel = grpc.aio.insecure_channel(f"127.0.0.1:{notifier_port}")
-        stack = Stack(
-            gateway=gateway_pb2_grpc.CardCheckStub(gateway_channel),
-            notifier=notifier_pb2_grpc.NotifierStub(notifier_channel),
-            notifier_host=notifier_host,
-            bank=bank,
-            reports=reports,
-            clock=clock,
-            settings=settings,
-            spans=spans,
-            client=CardCheckClient(channel=gateway_channel),
-            channels=[gateway_channel, notifier_channel],
-            host=host,
-            # The flows behind the servicer, to wait for their background sends (no RPC says).
-            flows=host._registrations[0].servicer._gateway,
-        )
-        stacks.append(stack)
-        return stack
-
-    yield start
-    for stack in stacks:
-        for channel in stack.channels:
-            await channel.close()
-    for host in reversed(hosts):
-        await host.stop(0)
-
-
-@pytest.fixture
-async def stack(start_stack) -> Stack:
-    return await start_stack()
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -506,7 +120,7 @@ def test_name_rule(name: str, valid: bool):
 
 async def test_id_number_born_in_the_future_is_invalid(stack: Stack):
     # Valid check digit, but born after the clock's today (2026-01-05).
-    future = _id_number("22010220270101123")
+    future = complete_id_number("22010220270101123")
     challenge_id, code = await stack.challenge(REGISTER, ALICE.phone)
     refusal = await refused(
         stack.gateway.Register(stack.register_request(ALICE, challenge_id, code, id_number=future)),
@@ -625,10 +239,10 @@ async def test_only_ascii_digits_and_whole_values_pass(stack: Stack):
     assert set(refusal.violations) == {"card_number"}
     # Card numbers: 16 to 19 digits with a Luhn check digit.
     for card, valid in [
-        (_card("6" * 14), False),
-        (_card("6" * 15), True),
-        (_card("6" * 18), True),
-        (_card("6" * 19), False),
+        (complete_card_number("6" * 14), False),
+        (complete_card_number("6" * 15), True),
+        (complete_card_number("6" * 18), True),
+        (complete_card_number("6" * 19), False),
     ]:
         from gateway.validation import Violations
 
@@ -1233,7 +847,7 @@ async def test_register_with_a_card_no_supported_bank_issues_is_refused_on_card_
     stack = await start_stack(bank_connector=address)
     holder = dataset.pick_demo_person(BANK_RECORDS)
     issuer = next(r.bank for r in BANK_RECORDS if r.pan == holder.card_number)
-    person = Person(holder.name, holder.id_number, holder.phone, _card("623999444444444"), holder.region)
+    person = Person(holder.name, holder.id_number, holder.phone, complete_card_number("623999444444444"), holder.region)
     before = await verify_calls(control)
     challenge_id, code = await stack.challenge(REGISTER, person.phone)
     refusal = await refused(
@@ -1755,36 +1369,12 @@ async def test_token_bucket():
 
 
 async def test_process_serves_health_and_reflection_and_stops_on_sigterm(tmp_path: Path):
-    import signal
-    import socket
-    import time
-
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "CARDCHECK_DATA_DIR": str(tmp_path), "CARDCHECK_GATEWAY_ADDR": f"127.0.0.1:{port}"}
-    env.pop("CARDCHECK_DATABASE_URL", None)
-    stderr = (tmp_path / "gateway.stderr").open("w")
-    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", env=env, stderr=stderr)
+    process = ServiceProcess("gateway", tmp_path, health_service="cardcheck.v1.CardCheck")
+    await process.start()  # health says SERVING for cardcheck.v1.CardCheck
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    answer = await health.Check(
-                        health_pb2.HealthCheckRequest(service="cardcheck.v1.CardCheck"), timeout=1
-                    )
-                    break
-                except grpc.aio.AioRpcError:
-                    assert process.returncode is None and time.monotonic() < deadline, (
-                        "gateway did not come up"
-                    )
-                    await asyncio.sleep(0.1)
-            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(process.address) as channel:
             reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
             responses = reflection.ServerReflectionInfo(
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")])
@@ -1796,14 +1386,10 @@ async def test_process_serves_health_and_reflection_and_stops_on_sigterm(tmp_pat
                 gateway_pb2.GetAgreementRequest()
             )
             assert agreement.version == CURRENT.version
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 30) == 0
+        assert await process.terminate() == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        stderr.close()
-    assert "gateway stopped" in (tmp_path / "gateway.stderr").read_text()
+        await process.stop()
+    assert "gateway stopped" in process.output()
 
 
 async def test_housekeeping_deletes_spent_challenges_and_expired_sessions(stack: Stack):

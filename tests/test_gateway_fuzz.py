@@ -27,7 +27,7 @@ from cardcheck.runtime.settings import ALL_REGIONS
 from cardcheck.v1 import gateway_pb2
 from gateway.agreement import CURRENT
 from gateway.config import GatewayConfig
-from tests.test_gateway import ALICE, BOB, CAROL, PASSWORD, Stack, fakes, start_stack  # noqa: F401
+from tests.harness.gateway import ALICE, BOB, CAROL, PASSWORD, Stack
 
 EXAMPLES_PER_RPC = 50
 RAW_EXAMPLES = 120
@@ -265,7 +265,7 @@ async def _prepare(stack: Stack) -> tuple[list[str], str]:
 
 
 @pytest.fixture
-async def fuzzer(start_stack) -> Fuzzer:  # noqa: F811
+async def fuzzer(start_stack) -> Fuzzer:
     stack = await start_stack(
         # Generous per-user and per-caller budgets, so that most examples go past the limits.
         config=GatewayConfig(

@@ -6,13 +6,8 @@ on one Redis holding one global admission limit between them."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import secrets
-import signal
-import socket
-import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,8 +15,8 @@ import grpc
 import pytest
 import redis
 import redis.asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bank_sim.process import free_port
 from cardcheck.runtime.clock import ManualClock
 from cardcheck.runtime.errors import from_rpc_error
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, notifier_pb2, notifier_pb2_grpc
@@ -35,17 +30,8 @@ from gateway.limits import (
     RedisStore,
     TokenBucketLimiter,
 )
-from tests.test_gateway import (  # noqa: F401  (fixtures)
-    ALICE,
-    PASSWORD,
-    QUERY_AUTH,
-    SIGN_IN,
-    Stack,
-    bearer,
-    fakes,
-    refused,
-    start_stack,
-)
+from tests.harness.gateway import ALICE, PASSWORD, QUERY_AUTH, SIGN_IN, Stack, bearer, refused
+from tests.harness.processes import ServiceProcess
 
 
 async def limited(call, limit: str) -> timedelta:
@@ -54,26 +40,6 @@ async def limited(call, limit: str) -> timedelta:
     assert refusal.metadata["limit"] == limit, refusal.metadata
     assert refusal.retry_after is not None
     return refusal.retry_after
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-async def redis_prefix(redis_url: str):
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    prefix = f"cardcheck-test-{secrets.token_hex(6)}"
-    yield prefix
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
@@ -159,7 +125,7 @@ async def test_a_burst_of_calls_does_not_open_a_connection_each(redis_url: str, 
 
 
 async def test_an_unreachable_redis_fails_closed_or_falls_back():
-    store = RedisStore.from_url(f"redis://127.0.0.1:{_closed_port()}/0", timeout_s=0.5)
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
     try:
         shared = RedisLimiter(store, "global", Rate(100, 100))
         with pytest.raises(LimiterUnavailable):
@@ -218,10 +184,10 @@ SQLITE_ONLY = pytest.mark.parametrize("database_url", [None], ids=["sqlite"])  #
 
 
 @SQLITE_ONLY
-async def test_gateway_with_redis_down_sheds_every_submission_and_keeps_users_limited(start_stack):  # noqa: F811
+async def test_gateway_with_redis_down_sheds_every_submission_and_keeps_users_limited(start_stack):
     stack = await start_stack(
         config=GatewayConfig(submit_user_burst=1, redis_timeout_s=0.5),
-        redis_url=f"redis://127.0.0.1:{_closed_port()}/0",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
     )
     # Registration (SMS codes per caller fall back in process) and reading go on working.
     alice = await stack.register(ALICE)
@@ -242,7 +208,7 @@ async def test_gateway_with_redis_down_sheds_every_submission_and_keeps_users_li
 
 @pytest.mark.redis
 @SQLITE_ONLY
-async def test_gateway_on_redis_admits_and_sheds(start_stack, redis_url: str, redis_prefix: str):  # noqa: F811
+async def test_gateway_on_redis_admits_and_sheds(start_stack, redis_url: str, redis_prefix: str):
     stack = await start_stack(
         config=GatewayConfig(
             submit_global_rps=0.5, submit_global_burst=1, redis_key_prefix=redis_prefix, redis_timeout_s=5
@@ -311,7 +277,7 @@ async def _owner_has_its_whole_budget(stack: Stack, token: str) -> None:
 BUDGETS_OF_TWO = dict(submit_user_burst=2, sms_user_burst=2, report_user_burst=2)
 
 
-async def test_a_revoked_token_leaves_its_owner_s_budgets_whole(start_stack):  # noqa: F811
+async def test_a_revoked_token_leaves_its_owner_s_budgets_whole(start_stack):
     stack = await start_stack(config=GatewayConfig(**BUDGETS_OF_TWO))
     stolen = await stack.register(ALICE)
     await stack.gateway.SignOut(gateway_pb2.SignOutRequest(), metadata=bearer(stolen.session_token))
@@ -327,7 +293,7 @@ async def test_a_revoked_token_leaves_its_owner_s_budgets_whole(start_stack):  #
 @pytest.mark.redis
 @SQLITE_ONLY
 async def test_on_redis_a_revoked_token_leaves_its_owner_s_budgets_whole(
-    start_stack, redis_url: str, redis_prefix: str  # noqa: F811
+    start_stack, redis_url: str, redis_prefix: str
 ):
     stack = await start_stack(
         config=GatewayConfig(**BUDGETS_OF_TWO, redis_key_prefix=redis_prefix, redis_timeout_s=5),
@@ -384,31 +350,13 @@ class CodeCatcher(notifier_pb2_grpc.NotifierServicer):
         return notifier_pb2.SendResponse()
 
 
-async def _serving(address: str, process: asyncio.subprocess.Process, deadline_s: float = 30.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    async with grpc.aio.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                answer = await health.Check(
-                    health_pb2.HealthCheckRequest(service="cardcheck.v1.CardCheck"), timeout=1
-                )
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            assert process.returncode is None, "the gateway exited"
-            assert time.monotonic() < deadline, f"gateway on {address} did not come up"
-            await asyncio.sleep(0.1)
-
-
 @pytest.mark.redis
 @pytest.mark.e2e
 async def test_two_gateway_processes_hold_one_global_limit(
     tmp_path: Path,
     redis_url: str,
     redis_prefix: str,
-    fakes,  # noqa: F811
+    fakes,
 ):
     limit = 20
     fake_port, bank, _ = fakes
@@ -418,10 +366,7 @@ async def test_two_gateway_processes_hold_one_global_limit(
     notifier_port = notifier.add_insecure_port("127.0.0.1:0")
     await notifier.start()
 
-    ports = [_closed_port(), _closed_port()]
     env = {
-        **os.environ,
-        "CARDCHECK_DATA_DIR": str(tmp_path),  # one SQLite file and one master key for both
         "CARDCHECK_REPORT_SERVICE_ADDR": f"127.0.0.1:{fake_port}",
         "CARDCHECK_BANK_CONNECTOR_ADDR": f"127.0.0.1:{fake_port}",
         "CARDCHECK_NOTIFIER_ADDR": f"127.0.0.1:{notifier_port}",
@@ -434,25 +379,13 @@ async def test_two_gateway_processes_hold_one_global_limit(
         "CARDCHECK_SUBMIT_USER_PER_MINUTE": "60000",
         "CARDCHECK_SUBMIT_USER_BURST": "10000",
     }
-    env.pop("CARDCHECK_DATABASE_URL", None)
-    processes: list[asyncio.subprocess.Process] = []
-    logs = []
+    # One data directory (one SQLite file and one master key) for both.
+    processes = [ServiceProcess("gateway", tmp_path, health_service="cardcheck.v1.CardCheck", **env) for _ in range(2)]
     channels: list[grpc.aio.Channel] = []
     try:
-        for i, port in enumerate(ports):  # one after the other: the first creates the tables
-            log = (tmp_path / f"gateway-{i}.log").open("w")
-            logs.append(log)
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gateway",
-                env={**env, "CARDCHECK_GATEWAY_ADDR": f"127.0.0.1:{port}"},
-                stdout=log,
-                stderr=log,
-            )
-            processes.append(process)
-            await _serving(f"127.0.0.1:{port}", process)
-        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+        for process in processes:  # one after the other: the first creates the tables
+            await process.start()
+        channels = [grpc.aio.insecure_channel(process.address) for process in processes]
         gateways = [gateway_pb2_grpc.CardCheckStub(channel) for channel in channels]
 
         # A user registers through the first gateway; the token works on both.
@@ -489,17 +422,7 @@ async def test_two_gateway_processes_hold_one_global_limit(
     finally:
         for channel in channels:
             await channel.close()
-        for process in processes:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        for log in logs:
-            log.close()
+        await asyncio.gather(*(process.stop() for process in processes))
         await notifier.stop(0)
 
     reasons = {reason for _, reason in answers}

@@ -27,11 +27,7 @@ from gateway.config import GatewayConfig
 from gateway.payment_passwords import PEPPER_KEY, PaymentPasswordHashes, key_id
 from gateway.rewrap import rewrap
 from gateway.users import UserRow
-from tests import test_gateway
-from tests.test_gateway import ALICE, BOB, CAROL, PASSWORD, SIGN_IN, Stack, bearer, refusal_of, refused
-
-# The gateway's fixtures (a real gateway and notifier on port 0, fakes behind them).
-fakes, start_stack, stack = test_gateway.fakes, test_gateway.start_stack, test_gateway.stack
+from tests.harness.gateway import ALICE, BOB, CAROL, PASSWORD, SIGN_IN, Stack, bearer, refusal_of, refused
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 WRONG = "000000"

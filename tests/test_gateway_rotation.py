@@ -29,18 +29,7 @@ from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.v1 import gateway_pb2
 from gateway import rewrap
 from gateway.users import ID_NUMBER_KEY, IDENTITY_KEY, PHONE_KEY, Identity, UserRow, Users, open_identity
-from tests.test_gateway import (  # noqa: F401  (fixtures)
-    ALICE,
-    BOB,
-    CAROL,
-    REGISTER,
-    SIGN_IN,
-    Stack,
-    bearer,
-    fakes,
-    refused,
-    start_stack,
-)
+from tests.harness.gateway import ALICE, BOB, CAROL, REGISTER, SIGN_IN, Stack, bearer, refused
 
 ROOT = Path(__file__).parent.parent
 
@@ -98,7 +87,7 @@ async def _queries_of(stack: Stack, token: str) -> list:
 
 
 async def test_accounts_survive_a_rotation_the_rewrap_and_the_retired_key_s_removal(
-    start_stack, database_url, tmp_path: Path  # noqa: F811
+    start_stack, database_url, tmp_path: Path
 ):
     a_raw, a = _key()
     b_raw, b = _key()

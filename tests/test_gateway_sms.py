@@ -17,19 +17,7 @@ import pytest
 from cardcheck.v1 import gateway_pb2
 from gateway.config import GatewayConfig
 from notifier.providers import OutgoingSms, SandboxProvider
-from tests.test_gateway import (  # noqa: F401  (fixtures)
-    ALICE,
-    BOB,
-    CAROL,
-    QUERY_AUTH,
-    REGISTER,
-    SIGN_IN,
-    Stack,
-    bearer,
-    fakes,
-    refused,
-    start_stack,
-)
+from tests.harness.gateway import ALICE, BOB, CAROL, QUERY_AUTH, REGISTER, SIGN_IN, Stack, bearer, refused
 
 FORWARDED = "x-forwarded-for"
 CHINA_MIDNIGHT = datetime(2026, 1, 5, 16, 0, tzinfo=UTC)  # 2026-01-06 00:00 in China
@@ -75,7 +63,7 @@ async def sign_in_from(stack: Stack, person, caller: str) -> gateway_pb2.Session
 # --- nobody locks the owner out ----------------------------------------------------------------
 
 
-async def test_anonymous_codes_for_a_phone_never_lock_its_owner_out(start_stack):  # noqa: F811
+async def test_anonymous_codes_for_a_phone_never_lock_its_owner_out(start_stack):
     stack = await start_stack(config=GatewayConfig(caller_header=FORWARDED))
     stack.clock.set(CHINA_MIDNIGHT + timedelta(hours=9))
     owner = await register_from(stack, ALICE, "198.51.100.7")  # 1 anonymous code today
@@ -120,7 +108,7 @@ def _raise(error: grpc.aio.AioRpcError):
     return again()
 
 
-async def test_the_reserve_is_bounded_and_a_caller_s_proof_of_the_phone_expires(start_stack):  # noqa: F811
+async def test_the_reserve_is_bounded_and_a_caller_s_proof_of_the_phone_expires(start_stack):
     stack = await start_stack(
         config=GatewayConfig(caller_header=FORWARDED, sms_phone_daily_cap=3, sms_phone_daily_reserve=1)
     )
@@ -141,7 +129,7 @@ async def test_the_reserve_is_bounded_and_a_caller_s_proof_of_the_phone_expires(
     await limited(ask(stack, ALICE.phone, SIGN_IN, "198.51.100.7"), "phone_daily")
 
 
-async def test_concurrent_anonymous_requests_do_not_exceed_the_daily_cap(start_stack):  # noqa: F811
+async def test_concurrent_anonymous_requests_do_not_exceed_the_daily_cap(start_stack):
     stack = await start_stack(
         config=GatewayConfig(caller_header=FORWARDED, sms_resend_after=timedelta(0), sms_caller_burst=100)
     )
@@ -164,7 +152,7 @@ async def test_concurrent_anonymous_requests_do_not_exceed_the_daily_cap(start_s
 # --- the escalating cooldown -----------------------------------------------------------------
 
 
-async def test_each_caller_waits_longer_after_each_anonymous_code_for_a_phone(start_stack):  # noqa: F811
+async def test_each_caller_waits_longer_after_each_anonymous_code_for_a_phone(start_stack):
     stack = await start_stack(
         config=GatewayConfig(caller_header=FORWARDED, sms_phone_daily_cap=30, sms_phone_daily_reserve=0)
     )
@@ -189,7 +177,7 @@ async def test_each_caller_waits_longer_after_each_anonymous_code_for_a_phone(st
     assert (await ask(stack, BOB.phone, SIGN_IN, caller)).resend_after_seconds == 60
 
 
-async def test_a_verified_code_starts_the_verifier_s_ladder_again(start_stack):  # noqa: F811
+async def test_a_verified_code_starts_the_verifier_s_ladder_again(start_stack):
     stack = await start_stack(config=GatewayConfig(caller_header=FORWARDED))
     caller = "198.51.100.7"
     await register_from(stack, ALICE, caller)
@@ -216,7 +204,7 @@ async def test_a_verified_code_starts_the_verifier_s_ladder_again(start_stack): 
     assert (await ask(stack, ALICE.phone, REGISTER, caller)).resend_after_seconds == 60
 
 
-async def test_one_code_per_phone_and_purpose_a_minute(start_stack):  # noqa: F811
+async def test_one_code_per_phone_and_purpose_a_minute(start_stack):
     stack = await start_stack()  # every call from 127.0.0.1: one caller
     owner = await stack.register(ALICE)
     stack.clock.advance(timedelta(minutes=1))
@@ -257,7 +245,7 @@ def _fields(challenge: gateway_pb2.SmsChallenge) -> dict[str, object]:
     return {field.name: value for field, value in challenge.ListFields() if field.name != "challenge_id"}
 
 
-async def test_sign_in_answers_alike_for_registered_and_unregistered_phones(start_stack):  # noqa: F811
+async def test_sign_in_answers_alike_for_registered_and_unregistered_phones(start_stack):
     inbox = HeldInbox()
     stack = await start_stack(
         config=GatewayConfig(caller_header=FORWARDED, sms_phone_daily_cap=4, sms_phone_daily_reserve=0),
@@ -313,7 +301,7 @@ async def test_sign_in_answers_alike_for_registered_and_unregistered_phones(star
     assert await both("phone") == [timedelta(seconds=30)] * 2
 
 
-async def test_register_for_a_registered_phone_answers_as_for_a_new_one(start_stack):  # noqa: F811
+async def test_register_for_a_registered_phone_answers_as_for_a_new_one(start_stack):
     stack = await start_stack(config=GatewayConfig(caller_header=FORWARDED))
     await register_from(stack, ALICE, "198.51.100.7")
     stack.clock.advance(timedelta(minutes=1))

@@ -20,7 +20,7 @@ from gateway.app import _housekeeping
 from gateway.challenges import Challenges
 from gateway.sessions import Sessions
 from gateway.submissions import IDEMPOTENCY_KEY, KEPT_FOR, Submissions
-from tests.test_gateway import ALICE, BOB, Stack, fakes, stack, start_stack  # noqa: F401
+from tests.harness.gateway import ALICE, BOB, Stack
 
 IDEMPOTENCY = "device-7f3a-retry-2026-03-02T08:00"
 
@@ -34,7 +34,7 @@ def _submissions(db: Database) -> list[tuple]:
         return [tuple(r) for r in conn.execute(text("SELECT user_id, key_hash, query_id FROM gw_submissions"))]
 
 
-async def test_an_idempotency_key_is_stored_only_as_its_keyed_hash(stack: Stack, caplog):  # noqa: F811
+async def test_an_idempotency_key_is_stored_only_as_its_keyed_hash(stack: Stack, caplog):
     caplog.set_level("DEBUG")
     session = await stack.register(ALICE)
     query = await stack.submit(ALICE, session.session_token, idempotency_key=IDEMPOTENCY)
@@ -81,7 +81,7 @@ async def test_a_submission_is_found_under_a_retired_key_and_new_ones_go_under_t
         db.dispose()
 
 
-async def test_housekeeping_purges_submissions_once_their_report_cannot_live(stack: Stack):  # noqa: F811
+async def test_housekeeping_purges_submissions_once_their_report_cannot_live(stack: Stack):
     alice = await stack.register(ALICE)
     first = await stack.submit(ALICE, alice.session_token, idempotency_key="first")
     stack.clock.advance(timedelta(days=1))

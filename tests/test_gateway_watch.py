@@ -1,4 +1,4 @@
-"""WatchQuery streams through a real gateway and the fake report_service of test_gateway.py over
+"""WatchQuery streams through a real gateway and the fake report_service of tests/harness over
 gRPC: each user's cap on concurrent streams (in process, on Redis across two gateways, and
 falling back when Redis is down), the maximum lifetime, sign-out and expiry ending an open
 stream, and the deadline and cancellation of the upstream stream. The slot leases on Redis are
@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import grpc
 import pytest
 import redis.asyncio
 
+from bank_sim.process import free_port
 from cardcheck.client import CardCheckClient, RateLimited
 from cardcheck.runtime.clock import ManualClock
 from cardcheck.runtime.settings import SettingsError
@@ -23,18 +23,8 @@ from cardcheck.v1 import common_pb2, gateway_pb2
 from gateway.config import GatewayConfig
 from gateway.limits import RedisStore
 from gateway.watches import RedisWatchSlots
-from tests.test_gateway import (  # noqa: F401  (fixtures)
-    ALICE,
-    BOB,
-    SIGN_IN,
-    Stack,
-    bearer,
-    fakes,
-    refusal_of,
-    refused,
-    start_stack,
-)
-from tests.test_gateway_limits import _closed_port, redis_prefix  # noqa: F401  (fixture)
+from tests.harness.gateway import ALICE, BOB, SIGN_IN, Stack, bearer, refusal_of, refused
+from tests.harness.waiting import eventually
 
 SQLITE_ONLY = pytest.mark.parametrize("database_url", [None], ids=["sqlite"])  # storage is not the point
 CHECK_S = 0.1  # how often a stream reads its session again, in these tests
@@ -59,13 +49,6 @@ async def open_watch(stack: Stack, token: str, query_id: str):
     return call
 
 
-async def eventually(condition: Callable[[], bool], within_s: float = 5.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < deadline, "not within the time"
-        await asyncio.sleep(0.02)
-
-
 async def ended(call, within_s: float = 5.0) -> tuple[grpc.aio.AioRpcError, float]:
     """How the stream ended (it must end with an error, no further event) and how long it took."""
     started = time.monotonic()
@@ -73,6 +56,10 @@ async def ended(call, within_s: float = 5.0) -> tuple[grpc.aio.AioRpcError, floa
         event = await asyncio.wait_for(call.read(), within_s)
         raise AssertionError(f"an event instead of the end: {event}")
     return caught.value, time.monotonic() - started
+
+
+async def _zcard_is(client, key: str, expected: int) -> bool:
+    return await client.zcard(key) == expected
 
 
 async def a_second_session(stack: Stack, phone: str) -> gateway_pb2.Session:
@@ -85,7 +72,7 @@ async def a_second_session(stack: Stack, phone: str) -> gateway_pb2.Session:
 
 
 @SQLITE_ONLY
-async def test_each_user_holds_at_most_the_cap_of_streams(start_stack):  # noqa: F811
+async def test_each_user_holds_at_most_the_cap_of_streams(start_stack):
     stack = await start_stack(config=watching())
     stack.reports.hold_watches = True
     alice, bob = await stack.register(ALICE), await stack.register(BOB)
@@ -111,15 +98,15 @@ async def test_each_user_holds_at_most_the_cap_of_streams(start_stack):  # noqa:
 
     # A cancelled stream frees its slot (and its upstream is cancelled).
     first.cancel()
-    await eventually(lambda: stack.reports.watches_cancelled == 1)
+    await eventually(lambda: stack.reports.watches_cancelled == 1, within=5)
     third = await open_watch(stack, alice.session_token, alice_query)
     for call in (second, third, *bob_calls):
         call.cancel()
-    await eventually(lambda: stack.reports.watches_open == 0)
+    await eventually(lambda: stack.reports.watches_open == 0, within=5)
 
 
 @SQLITE_ONLY
-async def test_streams_that_end_or_are_refused_give_their_slot_back(start_stack):  # noqa: F811
+async def test_streams_that_end_or_are_refused_give_their_slot_back(start_stack):
     stack = await start_stack(config=watching())
     alice = await stack.register(ALICE)
     query_id = pending_query(stack, alice.user_id)
@@ -143,7 +130,7 @@ async def test_streams_that_end_or_are_refused_give_their_slot_back(start_stack)
 
 
 @SQLITE_ONLY
-async def test_a_stream_ends_at_its_maximum_lifetime_and_can_be_opened_again(start_stack):  # noqa: F811
+async def test_a_stream_ends_at_its_maximum_lifetime_and_can_be_opened_again(start_stack):
     stack = await start_stack(config=watching(watch_max_lifetime=timedelta(minutes=10)))
     stack.reports.hold_watches = True
     alice = await stack.register(ALICE)
@@ -158,13 +145,13 @@ async def test_a_stream_ends_at_its_maximum_lifetime_and_can_be_opened_again(sta
         refusal = refusal_of(error, grpc.StatusCode.UNAVAILABLE, "STREAM_EXPIRED")
         assert refusal.retry_after == timedelta(0)  # open it again at once
         assert took < 2.0
-    await eventually(lambda: stack.reports.watches_cancelled == 2)
+    await eventually(lambda: stack.reports.watches_cancelled == 2, within=5)
     again = [await open_watch(stack, alice.session_token, query_id) for _ in range(2)]
     for call in again:
         call.cancel()
 
 
-async def test_sign_out_ends_the_sessions_open_streams_within_seconds(start_stack):  # noqa: F811
+async def test_sign_out_ends_the_sessions_open_streams_within_seconds(start_stack):
     stack = await start_stack(config=watching(watch_streams_per_user=3))
     stack.reports.hold_watches = True
     alice = await stack.register(ALICE)
@@ -178,7 +165,7 @@ async def test_sign_out_ends_the_sessions_open_streams_within_seconds(start_stac
         error, took = await ended(call)
         refusal_of(error, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
         assert took < 2.0
-    await eventually(lambda: stack.reports.watches_cancelled == 2)
+    await eventually(lambda: stack.reports.watches_cancelled == 2, within=5)
     await asyncio.sleep(3 * CHECK_S)
     assert not staying.done()  # the other session's stream goes on, and has its slot back
     more = [await open_watch(stack, other.session_token, query_id) for _ in range(2)]
@@ -189,7 +176,7 @@ async def test_sign_out_ends_the_sessions_open_streams_within_seconds(start_stac
 
 
 @SQLITE_ONLY
-async def test_an_expiring_session_ends_its_open_stream(start_stack):  # noqa: F811
+async def test_an_expiring_session_ends_its_open_stream(start_stack):
     # The session's expiry is in its token: noticed on the clock, without reading the database.
     stack = await start_stack(
         config=watching(session_ttl=timedelta(minutes=5), watch_session_check_s=0.05, watch_slot_lease=timedelta(hours=1))
@@ -201,14 +188,14 @@ async def test_an_expiring_session_ends_its_open_stream(start_stack):  # noqa: F
     error, took = await ended(call)
     refusal_of(error, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
     assert took < 1.0
-    await eventually(lambda: stack.reports.watches_cancelled == 1)
+    await eventually(lambda: stack.reports.watches_cancelled == 1, within=5)
 
 
 # --- the upstream stream ----------------------------------------------------------------------------
 
 
 @SQLITE_ONLY
-async def test_the_upstream_stream_has_a_deadline_and_ends_with_the_client(start_stack):  # noqa: F811
+async def test_the_upstream_stream_has_a_deadline_and_ends_with_the_client(start_stack):
     stack = await start_stack(config=watching(watch_max_lifetime=timedelta(minutes=3)))
     stack.reports.hold_watches = True
     alice = await stack.register(ALICE)
@@ -220,9 +207,9 @@ async def test_the_upstream_stream_has_a_deadline_and_ends_with_the_client(start
     later = await open_watch(stack, alice.session_token, query_id)
     assert stack.reports.watches_open == 2
     call.cancel()
-    await eventually(lambda: stack.reports.watches_cancelled == 1)
+    await eventually(lambda: stack.reports.watches_cancelled == 1, within=5)
     later.cancel()
-    await eventually(lambda: stack.reports.watches_cancelled == 2)
+    await eventually(lambda: stack.reports.watches_cancelled == 2, within=5)
 
 
 # --- on Redis ---------------------------------------------------------------------------------------
@@ -230,7 +217,7 @@ async def test_the_upstream_stream_has_a_deadline_and_ends_with_the_client(start
 
 @pytest.mark.redis
 @SQLITE_ONLY
-async def test_the_cap_holds_across_two_gateways_on_one_redis(start_stack, redis_url: str, redis_prefix: str):  # noqa: F811
+async def test_the_cap_holds_across_two_gateways_on_one_redis(start_stack, redis_url: str, redis_prefix: str):
     config = watching(redis_key_prefix=redis_prefix, redis_timeout_s=5)
     first = await start_stack(config=config, redis_url=redis_url)
     second = await start_stack(config=config, redis_url=redis_url)  # the same database and keys
@@ -252,26 +239,19 @@ async def test_the_cap_holds_across_two_gateways_on_one_redis(start_stack, redis
         assert await client.zcard(key) == 2
         assert 0 < await client.pttl(key) <= 30_000  # the leases
         two.cancel()
-        await eventually(lambda: first.reports.watches_cancelled == 1)
-        await eventually_async(lambda: client.zcard(key), 1)
+        await eventually(lambda: first.reports.watches_cancelled == 1, within=5)
+        await eventually(lambda: _zcard_is(client, key, 1), within=5)
         three = await open_watch(first, alice.session_token, query_id)
         for call in (one, three):
             call.cancel()
-        await eventually_async(lambda: client.zcard(key), 0)
+        await eventually(lambda: _zcard_is(client, key, 0), within=5)
     finally:
         await client.aclose()
 
 
-async def eventually_async(value: Callable[[], Awaitable[int]], expected: int, within_s: float = 5.0) -> None:
-    deadline = time.monotonic() + within_s
-    while (got := await value()) != expected:
-        assert time.monotonic() < deadline, (got, expected)
-        await asyncio.sleep(0.02)
-
-
 @SQLITE_ONLY
-async def test_with_redis_down_the_cap_holds_in_process(start_stack):  # noqa: F811
-    stack = await start_stack(config=watching(redis_timeout_s=0.5), redis_url=f"redis://127.0.0.1:{_closed_port()}/0")
+async def test_with_redis_down_the_cap_holds_in_process(start_stack):
+    stack = await start_stack(config=watching(redis_timeout_s=0.5), redis_url=f"redis://127.0.0.1:{free_port()}/0")
     stack.reports.hold_watches = True
     alice = await stack.register(ALICE)
     query_id = pending_query(stack, alice.user_id)
@@ -281,7 +261,7 @@ async def test_with_redis_down_the_cap_holds_in_process(start_stack):  # noqa: F
     )
     assert refusal.metadata["limit"] == "watch_streams"
     calls[0].cancel()
-    await eventually(lambda: stack.reports.watches_cancelled == 1)
+    await eventually(lambda: stack.reports.watches_cancelled == 1, within=5)
     calls.append(await open_watch(stack, alice.session_token, query_id))
     for call in calls:
         call.cancel()
@@ -290,7 +270,7 @@ async def test_with_redis_down_the_cap_holds_in_process(start_stack):  # noqa: F
 @pytest.mark.redis
 async def test_redis_slots_are_leases_a_killed_replica_loses_after_they_run_out(
     redis_url: str,
-    redis_prefix: str,  # noqa: F811
+    redis_prefix: str,
 ):
     clock = ManualClock()
     store = RedisStore.from_url(redis_url, prefix=redis_prefix, timeout_s=5)
@@ -356,7 +336,7 @@ def test_watch_settings_are_read_from_the_environment():
 
 @pytest.mark.redis
 @SQLITE_ONLY
-async def test_a_stopping_gateway_releases_its_slots_and_the_upstream(start_stack, redis_url: str, redis_prefix: str):  # noqa: F811
+async def test_a_stopping_gateway_releases_its_slots_and_the_upstream(start_stack, redis_url: str, redis_prefix: str):
     stack = await start_stack(config=watching(redis_key_prefix=redis_prefix, redis_timeout_s=5), redis_url=redis_url)
     stack.reports.hold_watches = True
     alice = await stack.register(ALICE)
@@ -366,7 +346,7 @@ async def test_a_stopping_gateway_releases_its_slots_and_the_upstream(start_stac
     await stack.host.stop(0)
     for call in calls:
         await ended(call)
-    await eventually(lambda: stack.reports.watches_cancelled == 2)
+    await eventually(lambda: stack.reports.watches_cancelled == 2, within=5)
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         assert await client.zcard(f"{redis_prefix}:watch:{alice.user_id}") == 0
@@ -375,7 +355,7 @@ async def test_a_stopping_gateway_releases_its_slots_and_the_upstream(start_stac
 
 
 @SQLITE_ONLY
-async def test_a_stopping_gateway_ends_its_streams_at_once_for_the_clients_to_open_again(start_stack):  # noqa: F811
+async def test_a_stopping_gateway_ends_its_streams_at_once_for_the_clients_to_open_again(start_stack):
     stack = await start_stack(config=watching())
     stack.reports.hold_watches = True
     alice = await stack.register(ALICE)
@@ -388,13 +368,13 @@ async def test_a_stopping_gateway_ends_its_streams_at_once_for_the_clients_to_op
         refusal = refusal_of((await ended(call))[0], grpc.StatusCode.UNAVAILABLE, "STREAM_EXPIRED")
         assert refusal.retry_after == timedelta(0)
     # The upstream streams were cancelled too (report_service hears it a moment later).
-    await eventually(lambda: stack.reports.watches_cancelled == 2)
+    await eventually(lambda: stack.reports.watches_cancelled == 2, within=5)
 
 
 @pytest.mark.redis
 @SQLITE_ONLY
 async def test_on_redis_live_streams_keep_their_slots_and_a_dead_replicas_run_out(
-    start_stack, redis_url: str, redis_prefix: str  # noqa: F811
+    start_stack, redis_url: str, redis_prefix: str
 ):
     lease = timedelta(seconds=0.6)  # small, so that the test waits for a few of them
     stack = await start_stack(

@@ -31,7 +31,7 @@ def markers(*modules: str) -> dict[str, set[str]]:
 def test_each_test_is_marked_by_the_processes_and_servers_it_uses() -> None:
     found = markers(
         "test_client.py", "test_notifier_outage.py", "test_report_service_durability.py", "test_cli_keys.py",
-        "test_gateway_limits.py", "test_deploy.py",
+        "test_gateway_limits.py", "test_deploy.py", "test_e2e.py", "test_report_service_migrations.py",
     )
     # In-process servers only.
     assert found["test_client.py::test_refusals_become_card_check_errors"] == set()
@@ -43,6 +43,12 @@ def test_each_test_is_marked_by_the_processes_and_servers_it_uses() -> None:
     kill = "test_report_service_durability.py::test_kill_9_bank_connector_mid_query_then_start_it_again"
     assert found[f"{kill}[sqlite]"] == {"e2e"}
     assert found["test_cli_keys.py::test_rotate_refuses_a_configured_key_and_a_missing_one"] == {"e2e"}
+    # A process of the shared harness (tests/harness/processes.py) the test makes itself.
+    migrates = "test_report_service_migrations.py::test_the_service_migrates_its_database_when_it_starts"
+    assert found[migrates] == {"e2e"}
+    # A module's fixture parametrised onto PostgreSQL.
+    assert found["test_e2e.py::test_the_journey_ends_in_the_report_the_banks_hold[postgres]"] == {"e2e", "postgres"}
+    assert found["test_e2e.py::test_the_journey_ends_in_the_report_the_banks_hold[sqlite]"] == {"e2e"}
     assert found["test_deploy.py::test_the_image_command_starts_and_stops_each_service[postgres]"] == {
         "e2e", "postgres"
     }

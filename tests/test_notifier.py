@@ -20,18 +20,13 @@ from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from notifier.app import build
 from notifier.providers import OutgoingSms, SmsProvider
 from notifier.templates import TEMPLATE_DIR, load_template_book
+from tests.harness.settings import settings_for
 
 PHONE = "13812345678"
 
 
 def _settings(tmp_path: Path, database_url: str | None, *, sandbox: bool = True) -> Settings:
-    base = Settings.from_env({})
-    return base.replace(
-        data_dir=tmp_path,
-        database_url=database_url,
-        sandbox=sandbox,
-        addresses={**base.addresses, "notifier": "127.0.0.1:0"},
-    )
+    return settings_for(tmp_path, database_url, sandbox=sandbox, addresses={"notifier": "127.0.0.1:0"})
 
 
 class RecordingProvider(SmsProvider):

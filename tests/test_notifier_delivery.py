@@ -23,6 +23,8 @@ from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from notifier.app import NotifierParts, build_parts
 from notifier.config import Cap, NotifierConfig
 from notifier.providers import ConsoleProvider, DeliveryError, OutgoingSms, SandboxProvider, SmsProvider
+from tests.harness.databases import rows
+from tests.harness.waiting import eventually
 from tests.test_notifier import PHONE, _code_request, _settings
 
 QUEUED = notifier_pb2.DELIVERY_STATUS_QUEUED
@@ -117,27 +119,8 @@ async def start(tmp_path, database_url):
         await one.close()
 
 
-async def eventually(check, within: float = 20.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
 def _rows(tmp_path: Path, database_url: str | None, sql: str) -> list[tuple]:
-    engine = sa.create_engine(database_url or f"sqlite:///{tmp_path / 'notifier.db'}")
-    try:
-        with engine.connect() as conn:
-            return [tuple(row) for row in conn.execute(sa.text(sql))]
-    finally:
-        engine.dispose()
+    return rows(database_url, tmp_path, "notifier", sql)
 
 
 def _seconds(stamp, clock: ManualClock) -> float:

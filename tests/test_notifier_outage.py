@@ -6,23 +6,15 @@ SMS arrives, once."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
-import sqlalchemy as sa
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from bank_connector.app import build as build_bank_connector
 from bank_sim.app import build as build_bank_sim
 from cardcheck import dataset
-from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.v1 import (
     common_pb2,
@@ -32,90 +24,16 @@ from cardcheck.v1 import (
     report_service_pb2_grpc,
 )
 from report_service.app import build as build_report_service
+from tests.harness.databases import rows
+from tests.harness.processes import ServiceProcess
+from tests.harness.settings import settings_for
+from tests.harness.waiting import eventually
 
-ROOT = Path(__file__).resolve().parent.parent
 PHONE = "13812345678"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def eventually(check, within: float = 30.0, what: str = "condition"):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} not reached in time")
-        await asyncio.sleep(0.05)
-
-
-class NotifierProcess:
-    """`python -m notifier` on a fixed port and data dir (so a restart finds its database)."""
-
-    def __init__(self, tmp_path: Path, port: int, database_url: str | None) -> None:
-        self.tmp_path = tmp_path
-        self.port = port
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("CARDCHECK_", "OTEL_"))},
-            "CARDCHECK_DATA_DIR": str(tmp_path),
-            "CARDCHECK_NOTIFIER_ADDR": f"127.0.0.1:{port}",
-            "CARDCHECK_SHUTDOWN_GRACE_S": "2",
-            "CARDCHECK_SMS_POLL_INTERVAL_S": "0.1",
-            "PYTHONUNBUFFERED": "1",
-        }
-        if database_url:
-            self.env["CARDCHECK_DATABASE_URL"] = database_url
-        self.process: asyncio.subprocess.Process | None = None
-        self.runs = 0
-
-    async def start(self) -> None:
-        self.runs += 1
-        with (self.tmp_path / f"notifier.{self.runs}.log").open("w") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "notifier", env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-            )
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-
-            async def serving():
-                assert self.process.returncode is None, self.output()
-                try:
-                    reply = await health.Check(
-                        health_pb2.HealthCheckRequest(service="cardcheck.v1.Notifier"), timeout=1
-                    )
-                except grpc.aio.AioRpcError:
-                    return False
-                return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-            await eventually(serving, what="the notifier serving")
-
-    async def terminate(self) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.process.wait(), 30)
-
-    def output(self) -> str:
-        return "\n".join(p.read_text() for p in sorted(self.tmp_path.glob("notifier.*.log")))
-
-    async def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await asyncio.wait_for(self.process.wait(), 10)
-
-
 def _notifier_rows(tmp_path: Path, database_url: str | None) -> list[tuple]:
-    engine = sa.create_engine(database_url or f"sqlite:///{tmp_path / 'notifier.db'}")
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(sa.text("SELECT kind, status FROM nt_messages"))]
-    finally:
-        engine.dispose()
+    return rows(database_url, tmp_path, "notifier", "SELECT kind, status FROM nt_messages")
 
 
 @pytest.fixture
@@ -124,9 +42,12 @@ async def mesh(tmp_path, database_url, monkeypatch):
     # report_service asks the notifier again after a failure, after a backoff: short here.
     monkeypatch.setenv("CARDCHECK_REPORT_RETRY_FIRST_S", "0.2")
     monkeypatch.setenv("CARDCHECK_REPORT_RETRY_MAX_S", "1")
-    notifier = NotifierProcess(tmp_path, _free_port(), database_url)
-    base = Settings.from_env({})
-    settings = base.replace(data_dir=tmp_path, database_url=database_url, per_bank_timeout_s=5.0)
+    # The same port and data directory at each start, so a restart finds its database.
+    notifier = ServiceProcess(
+        "notifier", tmp_path, database_url, health_service="cardcheck.v1.Notifier",
+        CARDCHECK_SHUTDOWN_GRACE_S="2", CARDCHECK_SMS_POLL_INTERVAL_S="0.1",
+    )
+    settings = settings_for(tmp_path, database_url, per_bank_timeout_s=5.0)
     records = dataset.generate(dataset.DEFAULT_SEED, 12)
     hosts = []
 
@@ -136,13 +57,13 @@ async def mesh(tmp_path, database_url, monkeypatch):
     try:
         await notifier.start()
         sim = await build_bank_sim(
-            settings.replace(addresses={**base.addresses, "bank_sim": "127.0.0.1:0"}),
+            settings.replace(addresses={**settings.addresses, "bank_sim": "127.0.0.1:0"}),
             records=records,
             tracer_provider=tracer("bank_sim"),
         )
         sim_port = await sim.start()
         hosts.append(sim)
-        addresses = {**base.addresses, "bank_sim": f"127.0.0.1:{sim_port}", "bank_connector": "127.0.0.1:0"}
+        addresses = {**settings.addresses, "bank_sim": f"127.0.0.1:{sim_port}", "bank_connector": "127.0.0.1:0"}
         connector = await build_bank_connector(
             settings.replace(addresses=addresses), tracer_provider=tracer("bank_connector")
         )
@@ -167,7 +88,7 @@ async def mesh(tmp_path, database_url, monkeypatch):
     finally:
         for host in reversed(hosts):
             await host.stop(0)
-        await notifier.kill()
+        await notifier.stop()
 
 
 async def test_report_ready_sms_arrives_once_after_the_notifier_process_restarts(

@@ -27,6 +27,7 @@ from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from notifier.app import build_parts
 from notifier.config import Cap, NotifierConfig
 from notifier.providers import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
+from tests.harness.waiting import eventually
 from tests.test_notifier import _code_request, _settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,18 +115,6 @@ class Vendor:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-async def eventually(check, within: float = 30.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 def _webhook_config(url: str, secret: str = SECRET) -> NotifierConfig:

@@ -21,14 +21,14 @@ from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.v1 import common_pb2
 from report_service import audit
 from report_service.app import MIGRATIONS
-from tests.test_report_service import SCRIPT, SUBJECT, TIMED_OUT, USER, rig, status_is  # noqa: F401
+from tests.harness.report_service import SCRIPT, SUBJECT, TIMED_OUT, USER, status_is
 
 AT = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 MASTER_KEY = bytes(range(32))
 CHAIN = audit.AuditChain.from_keyring(Keyring(MASTER_KEY))
 
 
-async def test_every_event_of_a_query_is_audited_without_personal_data(rig):  # noqa: F811
+async def test_every_event_of_a_query_is_audited_without_personal_data(rig):
     rig.banks.script["BOC"] = [TIMED_OUT, SCRIPT["BOC"]]
     query = await rig.create()
     await rig.between_passes(query.query_id)
@@ -59,7 +59,7 @@ async def test_every_event_of_a_query_is_audited_without_personal_data(rig):  # 
     assert verdict.ok and verdict.entries == 10
 
 
-async def test_the_worker_logs_the_audit_head_each_time_it_moves(rig, caplog):  # noqa: F811
+async def test_the_worker_logs_the_audit_head_each_time_it_moves(rig, caplog):
     caplog.set_level("INFO", logger="report_service.worker")
 
     def logged_heads() -> list[tuple[int, str]]:
@@ -83,7 +83,7 @@ async def test_the_worker_logs_the_audit_head_each_time_it_moves(rig, caplog):  
         assert rig.parts.store.audit.verify(conn, dict(heads)).ok  # every head it logged checks out
 
 
-async def test_after_the_retention_sweep_no_entry_holds_what_the_report_said(rig):  # noqa: F811
+async def test_after_the_retention_sweep_no_entry_holds_what_the_report_said(rig):
     """The trail outlives the report: once the sweep deleted it (7 days on the clock), no raw
     row of rs_audit holds a card count or the report's answered/unavailable banks, and the
     chain verifies as it stands."""
@@ -108,7 +108,7 @@ async def test_after_the_retention_sweep_no_entry_holds_what_the_report_said(rig
     assert verdict.ok and verdict.entries == len(rows) and verdict.with_report_contents == 0
 
 
-async def test_the_worker_logs_the_head_again_when_rekey_hashed_the_chain_again(rig, caplog):  # noqa: F811
+async def test_the_worker_logs_the_head_again_when_rekey_hashed_the_chain_again(rig, caplog):
     caplog.set_level("INFO", logger="report_service.worker")
     query = await rig.create()
     await status_is(rig, query.query_id, common_pb2.QUERY_STATUS_READY)

@@ -7,31 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import os
 import re
 import signal
-import socket
-import sys
-from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
-import sqlalchemy as sa
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bank_connector.app import build as build_bank_connector
-from cardcheck.numbers import id_check_digit, luhn_check_digit
+from bank_sim.process import free_port
+from cardcheck.numbers import id_check_digit
 from cardcheck.runtime.clock import ManualClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import Keyring, load_master_key
 from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.settings import Settings
 from cardcheck.v1 import (
-    bank_pb2,
-    bank_pb2_grpc,
     common_pb2,
     notifier_pb2,
     notifier_pb2_grpc,
@@ -45,20 +37,15 @@ from report_service.execution import ExecutionStore
 from report_service.queries import IDEMPOTENCY_KEY, QueryStore, Subject
 from report_service.reports import ReportVault
 from report_service.storage import Storage
+from tests.harness.databases import rows
+from tests.harness.fakes import CountingBanks, serve
+from tests.harness.processes import ServiceProcess
+from tests.harness.settings import settings_for
+from tests.harness.waiting import eventually
 
 BANKS = ("ICBC", "CMB", "BOC")
-_PR_SET_PDEATHSIG = 1
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+# Processes here stop quickly and send no spans anywhere.
+QUICK = {"CARDCHECK_SHUTDOWN_GRACE_S": "2", "OTEL_TRACES_EXPORTER": "none"}
 
 
 def person(i: int) -> report_service_pb2.Subject:
@@ -68,125 +55,8 @@ def person(i: int) -> report_service_pb2.Subject:
     )
 
 
-def _pan(i: int) -> str:
-    partial = f"622202{i:09d}"
-    return partial + luhn_check_digit(partial)
-
-
-async def eventually(check, within: float = 30.0, every: float = 0.05):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(every)
-
-
-class CountingBanks(bank_pb2_grpc.IssuingBankServicer):
-    """Every bank on one port: each answers one debit card after its latency, and counts how
-    often it was asked about whom."""
-
-    def __init__(self, latency_s: dict[str, float], default_s: float = 0.0) -> None:
-        self.latency_s = latency_s
-        self.default_s = default_s
-        self.lookups: Counter[tuple[str, str]] = Counter()  # (id_number, bank_code)
-        self.answered: Counter[tuple[str, str]] = Counter()
-
-    async def LookupCards(self, request, context):
-        self.lookups[(request.id_number, request.bank_code)] += 1
-        await asyncio.sleep(self.latency_s.get(request.bank_code, self.default_s))
-        self.answered[(request.id_number, request.bank_code)] += 1
-        return bank_pb2.LookupCardsResponse(
-            cards=[bank_pb2.BankCard(pan=_pan(len(self.answered)), card_type=common_pb2.CARD_TYPE_DEBIT)]
-        )
-
-    async def start(self) -> str:
-        self.server = grpc.aio.server()
-        bank_pb2_grpc.add_IssuingBankServicer_to_server(self, self.server)
-        port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
-        return f"127.0.0.1:{port}"
-
-
-class ServiceProcess:
-    """`python -m <service>` on a port of its own, its output in a log file."""
-
-    module = ""
-
-    def __init__(self, tmp_path: Path, database_url: str | None, **env: str) -> None:
-        self.tmp_path = tmp_path
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("CARDCHECK_", "OTEL_"))}
-        self.env.update(
-            PYTHONUNBUFFERED="1",
-            CARDCHECK_DATA_DIR=str(tmp_path),
-            CARDCHECK_SHUTDOWN_GRACE_S="2",
-            OTEL_TRACES_EXPORTER="none",
-            **env,
-        )
-        if database_url:
-            self.env["CARDCHECK_DATABASE_URL"] = database_url
-        self.process: asyncio.subprocess.Process | None = None
-        self.logs: list[Path] = []
-        self.returncode: int | None = None
-
-    async def start(self) -> None:
-        log = self.tmp_path / f"{self.module}-{self.port}-{len(self.logs)}.log"
-        self.logs.append(log)
-        with log.open("wb") as out:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                self.module,
-                env=self.env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-
-            async def serving() -> bool:
-                if self.process.returncode is not None:
-                    raise AssertionError(f"{self.module} exited: {log.read_text()}")
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    return reply.status == health_pb2.HealthCheckResponse.SERVING
-                return False
-
-            await eventually(serving, within=30, every=0.1)
-
-    def kill(self) -> None:
-        """kill -9: no shutdown hook runs, leases are left held."""
-        self.process.send_signal(signal.SIGKILL)
-
-    async def wait(self) -> int:
-        self.returncode = await self.process.wait()
-        return self.returncode
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), 20)
-            except TimeoutError:
-                self.process.kill()
-        if self.process is not None:
-            self.returncode = await self.process.wait()
-
-    def output(self) -> str:
-        return "".join(log.read_text(errors="replace") for log in self.logs)
-
-
 class ReportServiceProcess(ServiceProcess):
-    module = "report_service"
+    """`python -m report_service` with short leases and backoffs, and a stub to call it."""
 
     def __init__(
         self, tmp_path: Path, database_url: str | None, *, bank_connector: str, notifier: str, **env: str
@@ -199,8 +69,7 @@ class ReportServiceProcess(ServiceProcess):
             "CARDCHECK_REPORT_RETRY_MAX_S": "1",
             "CARDCHECK_REPORT_POLL_S": "0.2",
         }
-        super().__init__(tmp_path, database_url, **(defaults | env))
-        self.env["CARDCHECK_REPORT_SERVICE_ADDR"] = self.address
+        super().__init__("report_service", tmp_path, database_url, **QUICK, **(defaults | env))
         self.channel = grpc.aio.insecure_channel(self.address)
         self.stub = report_service_pb2_grpc.ReportServiceStub(self.channel)
 
@@ -212,16 +81,13 @@ class ReportServiceProcess(ServiceProcess):
         return re.findall(r"query ([0-9a-f]{32}) finished READY", self.output())
 
 
-class BankConnectorProcess(ServiceProcess):
-    module = "bank_connector"
-
-    def __init__(self, tmp_path: Path, *, banks: str) -> None:
-        super().__init__(tmp_path, None, CARDCHECK_BANK_SIM_ADDR=banks, CARDCHECK_BANK_CONNECTOR_ADDR="")
-        self.env["CARDCHECK_BANK_CONNECTOR_ADDR"] = self.address
+def bank_connector_process(tmp_path: Path, *, banks: str) -> ServiceProcess:
+    return ServiceProcess("bank_connector", tmp_path, CARDCHECK_BANK_SIM_ADDR=banks, **QUICK)
 
 
-class Mesh:
-    """The fake banks, the real notifier, and whatever else a test starts; all on real ports."""
+class Surroundings:
+    """What the processes a test kills talk to: the counting fake banks, the real notifier in
+    process, and a bank_connector in process where the test wants one; all on real ports."""
 
     def __init__(self, tmp_path: Path, database_url: str | None, latency_s: dict[str, float], default_s=0.0):
         self.tmp_path = tmp_path
@@ -230,17 +96,13 @@ class Mesh:
         self._stop: list = []
 
     def settings(self, **addresses: str) -> Settings:
-        base = Settings.from_env({})
-        return base.replace(
-            data_dir=self.tmp_path,
-            database_url=self.database_url,
-            addresses={**base.addresses, **addresses},
-        )
+        return settings_for(self.tmp_path, self.database_url, addresses=addresses)
 
     async def start(self) -> None:
-        self.bank_address = await self.banks.start()
-        self._stop.append(lambda: self.banks.server.stop(0))
-        self.notifier_address = f"127.0.0.1:{_free_port()}"
+        server, port = await serve(self.banks)
+        self.bank_address = f"127.0.0.1:{port}"
+        self._stop.append(lambda: server.stop(0))
+        self.notifier_address = f"127.0.0.1:{free_port()}"
         notifier = await build_notifier(self.settings(notifier=self.notifier_address), clock=ManualClock())
         await notifier.start()
         self._stop.append(lambda: notifier.stop(0))
@@ -249,7 +111,7 @@ class Mesh:
         self._stop.append(self.notifier_channel.close)
 
     async def start_bank_connector_here(self) -> str:
-        address = f"127.0.0.1:{_free_port()}"
+        address = f"127.0.0.1:{free_port()}"
         host = await build_bank_connector(self.settings(bank_connector=address, bank_sim=self.bank_address))
         await host.start()
         self._stop.append(lambda: host.stop(0))
@@ -265,12 +127,7 @@ class Mesh:
         return [m for m in reply.messages if m.kind == "REPORT_READY"]
 
     def rows(self, sql: str, **params) -> list[tuple]:
-        engine = sa.create_engine(self.database_url or f"sqlite:///{self.tmp_path / 'report_service.db'}")
-        try:
-            with engine.connect() as conn:
-                return [tuple(r) for r in conn.execute(sa.text(sql), params)]
-        finally:
-            engine.dispose()
+        return rows(self.database_url, self.tmp_path, "report_service", sql, **params)
 
     def audit_ok(self) -> audit.Verdict:
         engine = make_engine(self.database_url, self.tmp_path, "report_service")
@@ -281,24 +138,30 @@ class Mesh:
             engine.dispose()
 
 
-@pytest.fixture
-async def mesh_factory(tmp_path, database_url):
-    meshes: list[Mesh] = []
+async def _factory(tmp_path: Path, database_url: str | None):
+    """Makes Surroundings; the processes a test appends to `.processes` are stopped first."""
+    made: list[Surroundings] = []
     processes: list[ServiceProcess] = []
 
-    async def make(latency_s: dict[str, float], default_s: float = 0.0) -> Mesh:
-        mesh = Mesh(tmp_path, database_url, latency_s, default_s)
-        await mesh.start()
-        meshes.append(mesh)
-        return mesh
+    async def make(latency_s: dict[str, float], default_s: float = 0.0) -> Surroundings:
+        surroundings = Surroundings(tmp_path, database_url, latency_s, default_s)
+        await surroundings.start()
+        made.append(surroundings)
+        return surroundings
 
     make.processes = processes
     yield make
     for process in processes:
         with contextlib.suppress(Exception):
             await process.stop()
-    for mesh in meshes:
-        await mesh.close()
+    for surroundings in made:
+        await surroundings.close()
+
+
+@pytest.fixture
+async def mesh_factory(tmp_path, database_url):
+    async for make in _factory(tmp_path, database_url):
+        yield make
 
 
 async def _create(stub, i: int, banks=BANKS) -> common_pb2.Query:
@@ -322,7 +185,7 @@ async def _get(stub, query_id: str, i: int) -> common_pb2.Query:
     return response.query
 
 
-async def _exactly_one_report_and_sms(mesh: Mesh, stub, query_id: str, i: int) -> None:
+async def _exactly_one_report_and_sms(mesh: Surroundings, stub, query_id: str, i: int) -> None:
     async def ready():
         return (await _get(stub, query_id, i)).status == common_pb2.QUERY_STATUS_READY
 
@@ -372,7 +235,7 @@ async def test_kill_9_report_service_mid_query_then_start_it_again(mesh_factory,
 
 async def test_kill_9_bank_connector_mid_query_then_start_it_again(mesh_factory, tmp_path, database_url):
     mesh = await mesh_factory({"BOC": 1.5}, 0.02)
-    connector = BankConnectorProcess(tmp_path, banks=mesh.bank_address)
+    connector = bank_connector_process(tmp_path, banks=mesh.bank_address)
     mesh_factory.processes.append(connector)
     await connector.start()
     service = ReportServiceProcess(
@@ -403,22 +266,8 @@ async def test_kill_9_bank_connector_mid_query_then_start_it_again(mesh_factory,
 @pytest.fixture
 async def pg_mesh_factory(tmp_path, pg_schema_url):
     """Replicas share a PostgreSQL database (SQLite is the one-process embedded default)."""
-    meshes: list[Mesh] = []
-    processes: list[ServiceProcess] = []
-
-    async def make(latency_s: dict[str, float], default_s: float = 0.0) -> Mesh:
-        mesh = Mesh(tmp_path, pg_schema_url, latency_s, default_s)
-        await mesh.start()
-        meshes.append(mesh)
-        return mesh
-
-    make.processes = processes
-    yield make
-    for process in processes:
-        with contextlib.suppress(Exception):
-            await process.stop()
-    for mesh in meshes:
-        await mesh.close()
+    async for make in _factory(tmp_path, pg_schema_url):
+        yield make
 
 
 async def test_two_replicas_share_the_work_without_doing_any_twice(pg_mesh_factory, tmp_path, pg_schema_url):

@@ -19,7 +19,7 @@ from cardcheck.runtime.migrations import current_revision, upgrade_to_head
 from report_service.app import MIGRATIONS
 from report_service.queries import IDEMPOTENCY_KEY
 from report_service.rewrap import rewrap
-from tests.test_report_service import USER, Rig, rig  # noqa: F401
+from tests.harness.report_service import USER, Rig
 
 SERVICE = "report_service"
 KEY = "app-install-5e2c/submit/2026-03-02T08:00"
@@ -29,7 +29,7 @@ def _digest(master: bytes, value: str) -> str:
     return hmac.new(Keyring(master).subkey(IDEMPOTENCY_KEY), value.encode(), hashlib.sha256).hexdigest()
 
 
-async def test_a_new_query_holds_only_the_hash_of_its_key(rig):  # noqa: F811
+async def test_a_new_query_holds_only_the_hash_of_its_key(rig):
     first = await rig.create(key=KEY)
     again = await rig.create(key=KEY)
     assert again.query_id == first.query_id

@@ -26,7 +26,9 @@ from cardcheck.v1 import common_pb2
 from report_service.app import MIGRATIONS
 from report_service.models import TABLE_NAMES
 from report_service.queries import Subject
-from tests.test_report_service import PHONE, SUBJECT, USER, Rig, eventually, status_is
+from tests.harness.processes import ServiceProcess
+from tests.harness.report_service import PHONE, SUBJECT, USER, Rig, status_is
+from tests.harness.waiting import eventually
 
 SERVICE = "report_service"
 
@@ -225,9 +227,9 @@ async def test_a_database_made_before_migrations_is_adopted_and_its_queries_carr
 async def test_the_service_migrates_its_database_when_it_starts(tmp_path):
     """`python -m report_service` (what `cardcheck up` starts) creates and migrates the SQLite
     file under CARDCHECK_DATA_DIR before it serves."""
-    from tests.test_report_service_durability import ReportServiceProcess
-
-    process = ReportServiceProcess(tmp_path, None, bank_connector="127.0.0.1:9", notifier="127.0.0.1:9")
+    process = ServiceProcess(
+        "report_service", tmp_path, CARDCHECK_BANK_CONNECTOR_ADDR="127.0.0.1:9", CARDCHECK_NOTIFIER_ADDR="127.0.0.1:9"
+    )
     await process.start()
     try:
         engine = make_engine(None, tmp_path, SERVICE)

@@ -17,12 +17,13 @@ from cryptography.exceptions import InvalidTag
 from cardcheck.runtime.keys import Keyring, load_keyring, load_master_key, rotate_master_key
 from cardcheck.v1 import common_pb2
 from report_service.audit import AuditChain
-from tests.test_report_service import USER, rig, status_is  # noqa: F401
+from tests.harness.report_service import status_is
+from tests.harness.waiting import eventually
 
 NOW = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
 
 
-def _rewrap(rig) -> subprocess.CompletedProcess:  # noqa: F811
+def _rewrap(rig) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARDCHECK_")}
     env["CARDCHECK_DATA_DIR"] = str(rig.tmp_path)
     if rig.database_url:
@@ -32,7 +33,7 @@ def _rewrap(rig) -> subprocess.CompletedProcess:  # noqa: F811
     )
 
 
-def _sealed(rig) -> dict[str, bytes]:  # noqa: F811
+def _sealed(rig) -> dict[str, bytes]:
     values = {f"subject {q}": s for q, s in rig.rows("SELECT query_id, subject_sealed FROM rs_queries")}
     values |= {f"report {q}": k for q, k in rig.rows("SELECT query_id, wrapped_key FROM rs_reports")}
     values |= {
@@ -43,12 +44,12 @@ def _sealed(rig) -> dict[str, bytes]:  # noqa: F811
     return values
 
 
-async def _restart(rig) -> None:  # noqa: F811
+async def _restart(rig) -> None:
     await rig.stop_report_service()
     await rig.start_report_service()
 
 
-async def test_a_rotated_key_keeps_old_reports_readable_until_rewrap_moves_them_over(rig):  # noqa: F811
+async def test_a_rotated_key_keeps_old_reports_readable_until_rewrap_moves_them_over(rig):
     old = await rig.create()
     await status_is(rig, old.query_id, common_pb2.QUERY_STATUS_READY)
     old_report = await rig.report(old.query_id)
@@ -90,8 +91,7 @@ async def test_a_rotated_key_keeps_old_reports_readable_until_rewrap_moves_them_
     assert AuditChain.from_keyring(load_keyring(None, None, rig.tmp_path)).verify_engine(rig.parts.db.engine).ok
 
 
-async def status_is_for(rig, query_id: str, user: str) -> None:  # noqa: F811
-    from tests.test_report_service import eventually
+async def status_is_for(rig, query_id: str, user: str) -> None:
 
     async def ready():
         return (await rig.get(query_id, user=user)).status == common_pb2.QUERY_STATUS_READY

@@ -5,12 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -40,14 +34,7 @@ from cardcheck.runtime.server import SERVER_OPTIONS, Registration, RequestBounds
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import client_interceptors, make_tracer_provider, server_interceptors
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.harness.processes import ServiceProcess
 
 
 def test_settings_defaults_follow_the_contract() -> None:
@@ -312,45 +299,31 @@ def test_check_digits_take_ascii_digits_only() -> None:
     assert not luhn_valid("٠٠")
 
 
-def _start_notifier(tmp_path: Path, **env: str) -> subprocess.CompletedProcess | tuple[int, str]:
-    """Starts a real notifier; returns (exit code, its log) once it served and was stopped, or
-    the finished process when it refused to start."""
-    port = _free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("CARDCHECK_", "OTEL_"))}
-    environ.update(CARDCHECK_NOTIFIER_ADDR=f"127.0.0.1:{port}", CARDCHECK_DATA_DIR=str(tmp_path), **env)
-    process = subprocess.Popen([sys.executable, "-m", "notifier"], cwd=ROOT, env=environ,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+async def _run_notifier(tmp_path: Path, **env: str) -> tuple[bool, int, str]:
+    """Starts a real notifier and, once it serves, stops it: whether it served, its exit code
+    and its output."""
+    notifier = ServiceProcess("notifier", tmp_path, **env)
+    await notifier.start(wait=False)
     try:
-        deadline = time.monotonic() + 60
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while process.poll() is None:
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, "the notifier did not start serving"
-                time.sleep(0.1)
-        if process.poll() is not None:
-            return subprocess.CompletedProcess(process.args, process.returncode, process.stdout.read())
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=30)
-        return code, process.stdout.read()
+        try:
+            await notifier.serving()
+        except AssertionError:
+            if notifier.process.returncode is None:
+                raise  # still running, never serving
+            return False, await notifier.wait(), notifier.output()
+        return True, await notifier.terminate(), notifier.output()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        await notifier.stop()
 
 
-def test_services_run_on_the_event_loop_the_environment_names(tmp_path: Path) -> None:
-    code, log = _start_notifier(tmp_path / "default")
-    assert code == 0 and "(event loop: uvloop)" in log, log
-    code, log = _start_notifier(tmp_path / "asyncio", CARDCHECK_EVENT_LOOP="asyncio")
-    assert code == 0 and "(event loop: asyncio)" in log, log
-    refused = _start_notifier(tmp_path / "bogus", CARDCHECK_EVENT_LOOP="trio")
-    assert isinstance(refused, subprocess.CompletedProcess) and refused.returncode == 2
-    assert "CARDCHECK_EVENT_LOOP='trio'" in refused.stdout and "Traceback" not in refused.stdout
+async def test_services_run_on_the_event_loop_the_environment_names(tmp_path: Path) -> None:
+    served, code, log = await _run_notifier(tmp_path / "default")
+    assert served and code == 0 and "(event loop: uvloop)" in log, log
+    served, code, log = await _run_notifier(tmp_path / "asyncio", CARDCHECK_EVENT_LOOP="asyncio")
+    assert served and code == 0 and "(event loop: asyncio)" in log, log
+    served, code, log = await _run_notifier(tmp_path / "bogus", CARDCHECK_EVENT_LOOP="trio")
+    assert not served and code == 2, log
+    assert "CARDCHECK_EVENT_LOOP='trio'" in log and "Traceback" not in log
 
 
 def test_no_tracing_interceptor_when_the_sdk_is_disabled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from gateway.sessions import SessionRow
 from gateway.submissions import SubmissionRow
 from gateway.users import UserRow
 from notifier.messages import MessageRow
+from tests.harness.settings import settings_for
 
 GATEWAY_MODELS = (
     UserRow, ChallengeRow, SmsThrottleRow, SmsDailyRow, SmsEscalationRow, SessionRow, SubmissionRow
@@ -234,13 +235,7 @@ def _old_notifier_table(*, first_release: bool) -> sa.Table:
 
 
 def _settings(tmp_path: Path, database_url: str | None) -> Settings:
-    base = Settings.from_env({})
-    return base.replace(
-        data_dir=tmp_path,
-        database_url=database_url,
-        sandbox=True,
-        addresses={**base.addresses, "notifier": "127.0.0.1:0"},
-    )
+    return settings_for(tmp_path, database_url, sandbox=True, addresses={"notifier": "127.0.0.1:0"})
 
 
 @pytest.mark.parametrize("first_release", [True, False], ids=["first-release", "current"])

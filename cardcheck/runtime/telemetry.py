@@ -33,8 +33,6 @@ from cardcheck.runtime.files import private_directory, private_file
 
 log = logging.getLogger(__name__)
 
-ATTRIBUTE_PREFIX = "cardcheck."  # our own span attributes live in this namespace
-
 
 class JsonLinesSpanExporter(SpanExporter):
     """Appends each finished span as one JSON line (the SDK's own to_json, compacted)."""

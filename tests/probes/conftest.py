@@ -13,7 +13,7 @@ import pytest
 from cardcheck import dataset
 from cardcheck.cli.demo import Journey
 from cardcheck.v1 import common_pb2, gateway_pb2
-from tests.e2e_mesh import Mesh, start_mesh
+from tests.harness.mesh import Mesh, start_mesh
 
 PAYMENT_PASSWORD = "258013"
 

@@ -1,25 +1,20 @@
-"""`cardcheck up` as real processes, for the end-to-end tests."""
+"""The mesh as `cardcheck up` runs it: all five services as real processes on free ports, for the
+end-to-end tests and the probes."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bank_sim.process import free_port
 from cardcheck.runtime.settings import DEFAULT_PORTS, Settings
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
