@@ -66,7 +66,10 @@ class Journeys:
             async with asyncio.timeout(self.timeout_s):
                 await self._stages(kind, user, stage)
         except Exception as error:  # noqa: BLE001 - every failure is counted, none ends the run
-            self.recorder.error(failure_reason(error), stage[0], loop.time(), getattr(error, "retry_after", None))
+            self.recorder.error(
+                failure_reason(error), stage[0], loop.time(), getattr(error, "retry_after", None),
+                (getattr(error, "metadata", None) or {}).get("limit"),
+            )
         else:
             self.recorder.record("journey", scheduled, loop.time())
 

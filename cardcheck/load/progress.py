@@ -55,9 +55,7 @@ class Progress:
         self.stream.flush()
 
     def say(self, text: str) -> None:
-        """A line of its own (a phase begins or ends)."""
-        if self.quiet:
-            return
+        """A line of its own (a phase begins or ends), also when quiet."""
         if self.live and self._width:
             self.stream.write("\n")
             self._width = 0

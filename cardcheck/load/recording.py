@@ -59,12 +59,15 @@ class Refusals:
 
     count: int = 0
     stages: Counter[str] = field(default_factory=Counter)
+    limits: Counter[str] = field(default_factory=Counter)  # ErrorInfo's `limit`: which budget refused
     retry_min: timedelta | None = None
     retry_max: timedelta | None = None
 
-    def add(self, stage: str, retry_after: timedelta | None) -> None:
+    def add(self, stage: str, retry_after: timedelta | None, limit: str | None = None) -> None:
         self.count += 1
         self.stages[stage] += 1
+        if limit:
+            self.limits[limit] += 1
         if retry_after is not None:
             self.retry_min = retry_after if self.retry_min is None else min(self.retry_min, retry_after)
             self.retry_max = retry_after if self.retry_max is None else max(self.retry_max, retry_after)
@@ -109,8 +112,10 @@ class Recorder:
             self.completed += 1
             window.completed += 1
 
-    def error(self, reason: str, stage: str, at: float, retry_after: timedelta | None = None) -> None:
-        self.refusals.setdefault(reason, Refusals()).add(stage, retry_after)
+    def error(
+        self, reason: str, stage: str, at: float, retry_after: timedelta | None = None, limit: str | None = None
+    ) -> None:
+        self.refusals.setdefault(reason, Refusals()).add(stage, retry_after, limit)
         self._window(at).errors[reason] += 1
 
     def errors(self) -> dict[str, int]:

@@ -42,7 +42,8 @@ def stage_rows(summary: Mapping, recorder: Recorder) -> list[list[str]]:
 
 def error_rows(recorder: Recorder) -> list[list[str]]:
     return [
-        [reason, str(r.count), ", ".join(f"{s} {n}" for s, n in r.stages.most_common()), _retry(r)]
+        [reason, str(r.count), ", ".join(f"{s} {n}" for s, n in r.stages.most_common()),
+         ", ".join(f"{limit} {n}" for limit, n in r.limits.most_common()) or "–", _retry(r)]
         for reason, r in sorted(recorder.refusals.items(), key=lambda kv: -kv[1].count)
     ]
 
@@ -56,7 +57,7 @@ def table(summary: Mapping, recorder: Recorder) -> str:
         _rows_text(["stage", "count", "p50", "p90", "p99", "max"], stage_rows(summary, recorder)),
     ]
     if recorder.refusals:
-        text += ["", _rows_text(["error", "count", "at stage", "retry after"], error_rows(recorder))]
+        text += ["", _rows_text(["error", "count", "at stage", "limit", "retry after"], error_rows(recorder))]
     return "\n".join(text)
 
 
@@ -196,7 +197,7 @@ def write_html(directory: Path, summary: Mapping, recorder: Recorder, about: Map
         _html_table(["stage", "count", "p50", "p90", "p99", "max"], stage_rows(summary, recorder)),
     ]
     if recorder.refusals:
-        page += ["<h2>errors</h2>", _html_table(["error", "count", "at stage", "retry after"], error_rows(recorder))]
+        page += ["<h2>errors</h2>", _html_table(["error", "count", "at stage", "limit", "retry after"], error_rows(recorder))]
     page += ["<h2>over time</h2>", *charts, "<h2>latency per stage</h2>", *histograms,
              "<h2>summary.json</h2>", f"<pre>{html.escape(json.dumps(summary, indent=2))}</pre>", "</body></html>"]
     path = directory / "report.html"

@@ -231,7 +231,7 @@ async def _run(args, the_plan: Plan, out: Progress, rng: random.Random, loop, ta
         out.done()
         pool.ready.extend(provisioned.users)
         skipped = ", ".join(
-            f"{reason} {n}" + (f" (retry after {provisioned.retry_after[reason].total_seconds():g} s)"
+            f"{reason} {n}" + (f" (retry after {provisioned.retry_after[reason].total_seconds():.3g} s)"
                                if reason in provisioned.retry_after else "")
             for reason, n in provisioned.skipped.most_common()
         )

@@ -183,11 +183,16 @@ async def provision(
         ready.append(user)
 
     failures = 0  # in a row: past GIVE_UP_AFTER the mesh refuses everyone (a limit), stop asking
+    under_way = 0
 
     async def worker() -> None:
-        nonlocal failures
+        nonlocal failures, under_way
         while queue and len(ready) < wanted and failures < GIVE_UP_AFTER:
+            if len(ready) + under_way >= wanted:  # enough under way, unless some fail: wait and see
+                await asyncio.sleep(0.02)
+                continue
             user = queue.popleft()
+            under_way += 1
             try:
                 await one(user)
                 failures = 0
@@ -198,6 +203,8 @@ async def provision(
                 retry = getattr(error, "retry_after", None)
                 if retry is not None:
                     retry_after[reason] = max(retry, retry_after.get(reason, retry))
+            finally:
+                under_way -= 1
             if on_progress is not None:
                 on_progress(len(ready), wanted)
 
