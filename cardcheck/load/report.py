@@ -151,8 +151,8 @@ def histogram_chart(title: str, bins: Sequence[tuple[float, float, int]]) -> str
         if i % max(1, len(bins) // 8) == 0:
             parts.append(f'<text x="{x + width / 2:.1f}" y="{TOP + ph + 16}" text-anchor="middle" '
                          f'font-size="10">{fmt_ms(low)}</text>')
-    parts.append(f'<text x="{LEFT + pw / 2}" y="{H - 4}" text-anchor="middle" font-size="11">latency (bins from; '
-                 'log-spaced, empty ones left out)</text></svg>')
+    parts.append(f'<text x="{LEFT + pw / 2}" y="{H - 4}" text-anchor="middle" font-size="11">latency, log-spaced '
+                 'bins (each labelled where it starts)</text></svg>')
     return "".join(parts)
 
 
