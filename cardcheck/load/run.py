@@ -27,7 +27,15 @@ from cardcheck.load.inbox import Inbox
 from cardcheck.load.journey import Journeys, Target
 from cardcheck.load.progress import Progress, line
 from cardcheck.load.recording import ALL_STAGES, Recorder
-from cardcheck.load.users import User, UsersError, failure_reason, people_of, provision, read_users_file
+from cardcheck.load.users import (
+    Provisioned,
+    User,
+    UsersError,
+    failure_reason,
+    people_of,
+    provision,
+    read_users_file,
+)
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 
@@ -56,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--seed", type=int, help="the seed of the arrivals and the mix's draws")
     where = load.add_argument_group("where")
     where.add_argument("--target", help="the gateway, host:port (default CARDCHECK_GATEWAY_ADDR)")
-    where.add_argument("--inbox", help="notifier's sandbox inbox, host:port (default CARDCHECK_NOTIFIER_ADDR)")
+    where.add_argument("--inbox", help="notifier's sandbox inbox, host:port, plaintext (default CARDCHECK_NOTIFIER_ADDR)")
     where.add_argument("--ca", type=Path, help="TLS: the CA certificate (PEM) that verifies the gateway")
     where.add_argument("--cert", type=Path, help="mTLS: the client certificate chain (PEM), with --key")
     where.add_argument("--key", type=Path, help="mTLS: the client private key (PEM), with --cert")
@@ -68,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
                      f"(default: the generated one of `cardcheck up --load-test`, {LOAD_TEST_PEOPLE} people)")
     who.add_argument("--users-file", type=Path, help="JSON Lines of people instead of a dataset (cardcheck/load/users.py)")
     who.add_argument("--users", type=int, help="users to provision (default: enough for the schedule)")
+    who.add_argument("--skip-people", type=int, default=0, metavar="N",
+                     help="leave out the first N people (those an earlier run on the same mesh used)")
     who.add_argument("--payment-password", default="135790")
     who.add_argument("--provision-concurrency", type=int, default=8, help="registrations at once before the run")
     bounds = load.add_argument_group("bounds and output")
@@ -91,7 +101,7 @@ class Plan:
     people: list[User]
 
 
-def _positive(name: str, value: float, *, integer: bool = False) -> None:
+def _positive(name: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
         raise BadArgument(f"{name} must be above 0, not {value:g}")
 
@@ -107,6 +117,8 @@ def plan(args: argparse.Namespace) -> Plan:
             raise BadArgument(f"--{name.replace('_', '-')} must be at least 1")
     if args.users is not None and args.users < 0:
         raise BadArgument("--users must be 0 or more")
+    if args.skip_people < 0:
+        raise BadArgument("--skip-people must be 0 or more")
     if args.dataset is not None and args.users_file is not None:
         raise BadArgument("--dataset and --users-file exclude each other")
     try:
@@ -140,6 +152,9 @@ def plan(args: argparse.Namespace) -> Plan:
         raise BadArgument(str(error)) from None
     except OSError as error:
         raise BadArgument(f"{args.dataset}: {error.strerror or error}") from None
+    people = people[args.skip_people:]
+    if not people:
+        raise BadArgument(f"--skip-people {args.skip_people} leaves nobody to run as")
     for option in ("target", "inbox"):
         value = getattr(args, option)
         if value is not None and not value.rpartition(":")[2].isdigit():
@@ -205,49 +220,65 @@ async def execute(args: argparse.Namespace, the_plan: Plan) -> int:
         await inbox_channel.close()
 
 
-async def _run(args, the_plan: Plan, out: Progress, rng: random.Random, loop, target: Target, inbox: Inbox,
-               agreement_version: str) -> int:
-    offsets = schedule.arrival_offsets(args.rate, args.duration, args.ramp, rng)
-    expected = schedule.expected_arrivals(args.rate, args.duration, args.ramp)
+async def _remember(inbox: Inbox, users: list[User], concurrency: int = 16) -> None:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(user: User) -> None:
+        async with gate:
+            await inbox.remember(user.phone)
+
+    await asyncio.gather(*(one(user) for user in users))
+
+
+@dataclass
+class Cast:
+    pool: Pool
+    provisioned: Provisioned | None
+    fresh: int  # people set aside for the journeys that register
+
+
+async def _cast(args, the_plan: Plan, out: Progress, target: Target, inbox: Inbox, expected: float) -> Cast:
+    """The users of the run: people for the journeys that register (from the end of the list),
+    provisioned users for the others (from its start)."""
+    loop = asyncio.get_running_loop()
     total_weight = sum(k.weight for k in the_plan.kinds)
     registering = sum(k.weight for k in the_plan.kinds if k.registers) / total_weight
     pool = Pool()
     people = list(the_plan.people)
-    fresh_needed = min(len(people), _needed(expected * registering))
-    pool.fresh.extend(reversed(people[len(people) - fresh_needed:]))  # from the end: provisioning takes the start
-    people = people[: len(people) - fresh_needed]
+    fresh = min(len(people), _needed(expected * registering))
+    pool.fresh.extend(reversed(people[len(people) - fresh:]))
+    people = people[: len(people) - fresh]
+    await _remember(inbox, list(pool.fresh))
     wanted = args.users if args.users is not None else _needed(expected * (1 - registering))
-    out.say(f"cardcheck load: {len(offsets)} journeys due over {args.duration:g} s at {args.rate:g}/s against "
-            f"{the_plan.target}; mix {', '.join(f'{k.name}:{k.weight:g}' for k in the_plan.kinds)}")
-    for user in pool.fresh:
-        await inbox.remember(user.phone)
-    provisioned = None
-    if wanted:
-        out.say(f"provisioning {wanted} users from {len(people)} people ({args.provision_concurrency} at once)")
-        provisioned = await provision(
-            people, wanted, target.client, inbox, concurrency=args.provision_concurrency,
-            on_progress=lambda done, want: out.update(f"provisioning: {done}/{want} users", loop.time()),
-        )
-        out.done()
-        pool.ready.extend(provisioned.users)
-        skipped = ", ".join(
-            f"{reason} {n}" + (f" (retry after {provisioned.retry_after[reason].total_seconds():.3g} s)"
-                               if reason in provisioned.retry_after else "")
-            for reason, n in provisioned.skipped.most_common()
-        )
-        out.say(f"provisioned {len(provisioned.users)} users in {provisioned.seconds:.1f} s "
-                f"({provisioned.registered} registered, {provisioned.registered / max(provisioned.seconds, 1e-9):.1f}/s)"
-                + (f"; set aside: {skipped}" if skipped else ""))
-        if not provisioned.users and registering == 0:
-            print("cardcheck load: no user could be provisioned, nothing to run", file=sys.stderr)
-            return 1
-    for user in pool.ready:
-        await inbox.remember(user.phone)
+    if not wanted:
+        return Cast(pool, None, fresh)
+    out.say(f"provisioning {wanted} users from {len(people)} people ({args.provision_concurrency} at once)")
+    provisioned = await provision(
+        people, wanted, target.client, inbox, concurrency=args.provision_concurrency,
+        on_progress=lambda done, want: out.update(f"provisioning: {done}/{want} users", loop.time()),
+    )
+    out.done()
+    pool.ready.extend(provisioned.users)
+    skipped = ", ".join(
+        f"{reason} {n}" + (f" (retry after {provisioned.retry_after[reason].total_seconds():.3g} s)"
+                           if reason in provisioned.retry_after else "")
+        for reason, n in provisioned.skipped.most_common()
+    )
+    seconds = max(provisioned.seconds, 1e-9)
+    out.say(f"provisioned {len(provisioned.users)} users in {provisioned.seconds:.1f} s "
+            f"({provisioned.registered} registered, {provisioned.registered / seconds:.1f}/s)"
+            + (f"; set aside: {skipped}" if skipped else ""))
+    if provisioned.users:
+        used = args.skip_people + provisioned.tried
+        out.say(f"this run takes the people before number {used}: a next run on this mesh may pass --skip-people {used}")
+    return Cast(pool, provisioned, fresh)
 
-    window_s = max(1.0, math.ceil(args.duration / 150))
-    start = loop.time() + 0.05
-    recorder = Recorder(start, window_s)
-    journeys = Journeys(target, inbox, recorder, agreement_version, args.timeout)
+
+async def _drive(args, the_plan: Plan, out: Progress, rng: random.Random, offsets: list[float], pool: Pool,
+                 recorder: Recorder, journeys: Journeys) -> bool:
+    """Starts each journey when it is due, then waits for those under way. False when stopped
+    early (Ctrl-C, SIGTERM): the journeys under way are cancelled, the figures cover what ran."""
+    loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task] = set()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -259,14 +290,12 @@ async def _run(args, the_plan: Plan, out: Progress, rng: random.Random, loop, ta
             await asyncio.sleep(0.5)
 
     ticking = asyncio.create_task(ticker())
+    stopper = asyncio.create_task(stop.wait())
     try:
         for offset in offsets:
-            due = start + offset
+            due = recorder.start + offset
             if due > loop.time():
-                try:
-                    await asyncio.wait_for(stop.wait(), due - loop.time())
-                except TimeoutError:
-                    pass
+                await asyncio.wait({stopper}, timeout=due - loop.time())
             if stop.is_set():
                 break
             recorder.offered += 1
@@ -283,49 +312,73 @@ async def _run(args, the_plan: Plan, out: Progress, rng: random.Random, loop, ta
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         # Arrivals are over; what is under way finishes (each within its --timeout).
-        stopper = asyncio.create_task(stop.wait())
         while tasks and not stop.is_set():
             await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
     finally:
         ticking.cancel()
+        stopper.cancel()
         for task in list(tasks):
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-    ended = max(loop.time(), start + args.duration) if not stop.is_set() else loop.time()
+    return not stop.is_set()
+
+
+async def _run(args, the_plan: Plan, out: Progress, rng: random.Random, loop, target: Target, inbox: Inbox,
+               agreement_version: str) -> int:
+    offsets = schedule.arrival_offsets(args.rate, args.duration, args.ramp, rng)
+    expected = schedule.expected_arrivals(args.rate, args.duration, args.ramp)
+    out.say(f"cardcheck load: {len(offsets)} journeys due over {args.duration:g} s at {args.rate:g}/s against "
+            f"{the_plan.target}; mix {', '.join(f'{k.name}:{k.weight:g}' for k in the_plan.kinds)}")
+    cast = await _cast(args, the_plan, out, target, inbox, expected)
+    if not cast.pool.ready and not cast.pool.fresh:
+        print("cardcheck load: no user could be provisioned, nothing to run", file=sys.stderr)
+        return 1
+
+    window_s = max(1.0, math.ceil(args.duration / 150))  # at most 150 points over time
+    recorder = Recorder(loop.time() + 0.05, window_s)
+    journeys = Journeys(target, inbox, recorder, agreement_version, args.timeout)
+    finished = await _drive(args, the_plan, out, rng, offsets, cast.pool, recorder, journeys)
+    ended = loop.time()
     out.update(line(recorder, ended, args.duration, 0), ended, force=True)
     out.done()
-    if stop.is_set():
+    if finished:
+        duration = args.duration
+        elapsed = max(recorder.last_at, recorder.start + duration) - recorder.start
+    else:
         out.say("cardcheck load: stopped early; the figures cover what ran")
-    duration = args.duration if not stop.is_set() else max(ended - start, 1e-9)
-    summary = recorder.summary(duration, max(recorder.last_at, start + min(duration, args.duration)) - start)
+        duration = elapsed = max(ended - recorder.start, 1e-9)
+    summary = recorder.summary(duration, elapsed)
     print(report.table(summary, recorder))
     if args.report is not None:
-        args.report.mkdir(parents=True, exist_ok=True)
-        report.write_summary(args.report, summary)
-        about = {
-            "command": "cardcheck load " + shlex.join(args.argv),
-            "started (UTC)": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            "target": the_plan.target,
-            "schedule": f"Poisson {args.rate:g}/s for {args.duration:g} s" + (f", ramp {args.ramp:g} s" if args.ramp else ""),
-            "mix": ", ".join(f"{k.name} (weight {k.weight:g})" for k in the_plan.kinds),
-            "users": (f"{len(provisioned.users)} provisioned in {provisioned.seconds:.1f} s" if provisioned else "–")
-            + f"; {fresh_needed} set aside for registering",
-            "connections": str(args.connections),
-            "window": f"{window_s:g} s",
-        }
-        path = report.write_html(args.report, summary, recorder, about)
-        print(f"\nreport: {args.report / 'summary.json'}, {path}")
-    failed = []
+        _write_report(args, the_plan, summary, recorder, cast, window_s)
+    failed = False
     for check in the_plan.thresholds:
         ok, value = check.check(summary)
         print(f"threshold {check.text}: {'ok' if ok else 'FAILED'} ({'no samples' if value is None else f'{value:g}'})")
-        if not ok:
-            failed.append(check.text)
+        failed = failed or not ok
     return 1 if failed else 0
+
+
+def _write_report(args, the_plan: Plan, summary: dict, recorder: Recorder, cast: Cast, window_s: float) -> None:
+    args.report.mkdir(parents=True, exist_ok=True)
+    report.write_summary(args.report, summary)
+    provisioned = cast.provisioned
+    about = {
+        "command": "cardcheck load " + shlex.join(args.argv),
+        "written (UTC)": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "target": the_plan.target,
+        "schedule": f"Poisson {args.rate:g}/s for {args.duration:g} s" + (f", ramp {args.ramp:g} s" if args.ramp else ""),
+        "mix": ", ".join(f"{k.name} (weight {k.weight:g})" for k in the_plan.kinds),
+        "users": (f"{len(provisioned.users)} provisioned in {provisioned.seconds:.1f} s" if provisioned else "none provisioned")
+        + f"; {cast.fresh} people set aside for registering",
+        "connections": str(args.connections),
+        "window": f"{window_s:g} s",
+    }
+    path = report.write_html(args.report, summary, recorder, about)
+    print(f"\nreport: {args.report / 'summary.json'}, {path}")
 
 
 def main(argv: list[str]) -> int:
@@ -338,4 +391,8 @@ def main(argv: list[str]) -> int:
         return 2
     import uvloop
 
-    return uvloop.run(execute(args, the_plan))
+    try:
+        return uvloop.run(execute(args, the_plan))
+    except KeyboardInterrupt:  # before the run (provisioning); during it Ctrl-C ends it with the figures
+        print("\ncardcheck load: interrupted", file=sys.stderr)
+        return 130

@@ -135,6 +135,7 @@ class Provisioned:
     retry_after: dict[str, timedelta]  # the longest RetryInfo of each reason
     seconds: float
     registered: int
+    tried: int  # how many of `people`, from the start, were taken
 
 
 async def provision(
@@ -209,4 +210,4 @@ async def provision(
                 on_progress(len(ready), wanted)
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, wanted)))))
-    return Provisioned(ready, skipped, retry_after, loop.time() - began, registered)
+    return Provisioned(ready, skipped, retry_after, loop.time() - began, registered, len(people) - len(queue))
