@@ -18,7 +18,7 @@ import pytest
 from cardcheck import dataset
 from cardcheck.load import mix, run, schedule, thresholds
 from cardcheck.load.recording import ALL_STAGES, SUMMARY_STAGES, Recorder
-from tests.e2e_mesh import BIN, Mesh, start_mesh
+from tests.harness.mesh import BIN, Mesh, start_mesh
 
 SEED, PEOPLE = 777, 120
 SHAPE = {"journeys", "errors", "rate", "stages"}
