@@ -49,7 +49,7 @@ RateLimited = ERRORS["RATE_LIMITED"]
 ServiceUnavailable = ERRORS["SERVICE_UNAVAILABLE"]
 StreamExpired = ERRORS["STREAM_EXPIRED"]
 
-__all__ = ["ERRORS", "CardCheckClient", "CardCheckError", *(cls.__name__ for cls in ERRORS.values())]
+__all__ = ["ERRORS", "CardCheckClient", "CardCheckError", "open_channel", *(cls.__name__ for cls in ERRORS.values())]
 
 
 def _purpose(purpose: str | int) -> int:
@@ -86,6 +86,25 @@ def _channel_credentials(
     return credentials
 
 
+def open_channel(
+    address: str,
+    *,
+    tls: bool = False,
+    root_certificates: bytes | None = None,
+    private_key: bytes | None = None,
+    certificate_chain: bytes | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, str | int]] = (),
+) -> grpc.aio.Channel:
+    """The channel a CardCheckClient opens for itself, with the same TLS settings (see the
+    class), for callers that share one channel between many clients (`channel=`), e.g. one
+    client per signed-in user."""
+    secure = _channel_credentials(credentials, root_certificates, private_key, certificate_chain, tls)
+    if secure is None:
+        return grpc.aio.insecure_channel(address, options=list(options))
+    return grpc.aio.secure_channel(address, secure, options=list(options))
+
+
 class CardCheckClient:
     """`CardCheckClient("127.0.0.1:50051")` or `CardCheckClient(channel=...)`.
 
@@ -120,10 +139,7 @@ class CardCheckClient:
         self._owns_channel = channel is None
         if channel is None:
             assert address is not None
-            if secure is None:
-                channel = grpc.aio.insecure_channel(address, options=list(options))
-            else:
-                channel = grpc.aio.secure_channel(address, secure, options=list(options))
+            channel = open_channel(address, credentials=secure, options=options)
         self._channel = channel
         self._stub = gateway_pb2_grpc.CardCheckStub(self._channel)
         self._timeout = timeout
