@@ -30,7 +30,7 @@ from cardcheck.bins import BinTable, default_table
 from cardcheck.numbers import card_number_valid, id_number_valid
 from cardcheck.runtime.channels import CHANNEL_OPTIONS
 from cardcheck.runtime.clock import Clock
-from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
+from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, invalid_argument
 from cardcheck.v1 import bank_pb2, bank_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def unknown_issuer() -> CardCheckError:
     `cause: UNKNOWN_ISSUER` that tells it from a malformed number without reading the text:
     the number is well formed, but no bank the service can ask issued it."""
     return CardCheckError(
-        "INVALID_ARGUMENT", "invalid: card_number (unknown issuer)", metadata={"cause": "UNKNOWN_ISSUER"},
+        Reason.INVALID_ARGUMENT, "invalid: card_number (unknown issuer)", metadata={"cause": "UNKNOWN_ISSUER"},
         violations=[FieldViolation("card_number", UNKNOWN_ISSUER)],
     )
 
@@ -111,7 +111,7 @@ def known_banks(bank_codes: Sequence[str]) -> list[str]:
         raise invalid_argument([FieldViolation("bank_codes", "name at least one bank")])
     for code in codes:
         if code not in BY_CODE:
-            raise CardCheckError("UNKNOWN_BANK", "unknown bank code", metadata={"bank_code": code[:32]})
+            raise CardCheckError(Reason.UNKNOWN_BANK, "unknown bank code", metadata={"bank_code": code[:32]})
     return codes
 
 
@@ -448,7 +448,7 @@ class BankConnector:
             issuer, "VerifyCard", request, deadline_s, _sound_verdict, self.traced_bank_calls()
         )
         if called.value is None:
-            raise CardCheckError("SERVICE_UNAVAILABLE", f"the card's bank could not be asked ({called.detail})")
+            raise CardCheckError(Reason.SERVICE_UNAVAILABLE, f"the card's bank could not be asked ({called.detail})")
         if called.value.confirmed:
             return RealNameResult(True, issuer)
         return RealNameResult(False)

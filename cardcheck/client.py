@@ -4,8 +4,8 @@ other services. It needs grpc and the generated stubs only: the `cardcheck-clien
 
 Refusals come back as `CardCheckError` (reason, metadata, field violations, retry_after), as the
 subclass of its reason where there is one (`except RateLimited`, `except ServiceBusy`, ...; every
-one of them is still a CardCheckError with its `reason`); an RpcError that carries no ErrorInfo
-of ours is re-raised as it is."""
+one of them is still a CardCheckError with its `reason`, a `Reason`: `error.reason ==
+Reason.COOLDOWN_ACTIVE`); an RpcError that carries no ErrorInfo of ours is re-raised as it is."""
 
 from __future__ import annotations
 
@@ -16,40 +16,40 @@ from typing import TypeVar
 
 import grpc
 
-from cardcheck.refusals import REASONS, CardCheckError, from_rpc_error
+from cardcheck.refusals import REASONS, CardCheckError, Reason, from_rpc_error
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 T = TypeVar("T")
 
 
-def _reason_class(reason: str) -> type[CardCheckError]:
+def _reason_class(reason: Reason) -> type[CardCheckError]:
     name = "".join(part.title() for part in reason.split("_"))
     return type(name, (CardCheckError,), {"__doc__": f"The {reason} refusal.", "__module__": __name__})
 
 
 # One subclass per reason of docs/api.md's error table (and SERVICE_UNAVAILABLE), so a caller can catch one.
-ERRORS: dict[str, type[CardCheckError]] = {reason: _reason_class(reason) for reason in REASONS}
-InvalidArgument = ERRORS["INVALID_ARGUMENT"]
-Unauthenticated = ERRORS["UNAUTHENTICATED"]
-NotFound = ERRORS["NOT_FOUND"]
-UnknownBank = ERRORS["UNKNOWN_BANK"]
-ConsentRequired = ERRORS["CONSENT_REQUIRED"]
-VerificationFailed = ERRORS["VERIFICATION_FAILED"]
-RealNameCheckFailed = ERRORS["REAL_NAME_CHECK_FAILED"]
-AlreadyRegistered = ERRORS["ALREADY_REGISTERED"]
-RegionNotSupported = ERRORS["REGION_NOT_SUPPORTED"]
-QueryInProgress = ERRORS["QUERY_IN_PROGRESS"]
-CooldownActive = ERRORS["COOLDOWN_ACTIVE"]
-ReportNotReady = ERRORS["REPORT_NOT_READY"]
-ReportExpired = ERRORS["REPORT_EXPIRED"]
-PaymentPasswordInvalid = ERRORS["PAYMENT_PASSWORD_INVALID"]
-PaymentPasswordLocked = ERRORS["PAYMENT_PASSWORD_LOCKED"]
-ServiceBusy = ERRORS["SERVICE_BUSY"]
-RateLimited = ERRORS["RATE_LIMITED"]
-ServiceUnavailable = ERRORS["SERVICE_UNAVAILABLE"]
-StreamExpired = ERRORS["STREAM_EXPIRED"]
+ERRORS: dict[Reason, type[CardCheckError]] = {reason: _reason_class(reason) for reason in REASONS}
+InvalidArgument = ERRORS[Reason.INVALID_ARGUMENT]
+Unauthenticated = ERRORS[Reason.UNAUTHENTICATED]
+NotFound = ERRORS[Reason.NOT_FOUND]
+UnknownBank = ERRORS[Reason.UNKNOWN_BANK]
+ConsentRequired = ERRORS[Reason.CONSENT_REQUIRED]
+VerificationFailed = ERRORS[Reason.VERIFICATION_FAILED]
+RealNameCheckFailed = ERRORS[Reason.REAL_NAME_CHECK_FAILED]
+AlreadyRegistered = ERRORS[Reason.ALREADY_REGISTERED]
+RegionNotSupported = ERRORS[Reason.REGION_NOT_SUPPORTED]
+QueryInProgress = ERRORS[Reason.QUERY_IN_PROGRESS]
+CooldownActive = ERRORS[Reason.COOLDOWN_ACTIVE]
+ReportNotReady = ERRORS[Reason.REPORT_NOT_READY]
+ReportExpired = ERRORS[Reason.REPORT_EXPIRED]
+PaymentPasswordInvalid = ERRORS[Reason.PAYMENT_PASSWORD_INVALID]
+PaymentPasswordLocked = ERRORS[Reason.PAYMENT_PASSWORD_LOCKED]
+ServiceBusy = ERRORS[Reason.SERVICE_BUSY]
+RateLimited = ERRORS[Reason.RATE_LIMITED]
+ServiceUnavailable = ERRORS[Reason.SERVICE_UNAVAILABLE]
+StreamExpired = ERRORS[Reason.STREAM_EXPIRED]
 
-__all__ = ["ERRORS", "CardCheckClient", "CardCheckError", *(cls.__name__ for cls in ERRORS.values())]
+__all__ = ["ERRORS", "CardCheckClient", "CardCheckError", "Reason", *(cls.__name__ for cls in ERRORS.values())]
 
 
 def _purpose(purpose: str | int) -> int:

@@ -59,7 +59,7 @@ from typing import TypeVar
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from cardcheck.runtime.errors import CardCheckError
+from cardcheck.runtime.errors import CardCheckError, Reason
 from cardcheck.runtime.keys import Keyring
 
 T = TypeVar("T")
@@ -174,7 +174,7 @@ class BoundedExecutor:
     async def run(self, work: Callable[..., T], *args) -> T:
         if self._taken >= self._capacity:
             raise CardCheckError(
-                "SERVICE_BUSY", "too many payment password checks at once", retry_after=BUSY_RETRY_AFTER
+                Reason.SERVICE_BUSY, "too many payment password checks at once", retry_after=BUSY_RETRY_AFTER
             )
         loop = asyncio.get_running_loop()
         future = self._pool.submit(work, *args)

@@ -43,7 +43,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database
-from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
+from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, invalid_argument
 from cardcheck.runtime.keys import KeyedHash, Keyring, Sealer
 from cardcheck.runtime.work import Lease, LeaseColumns, LeaseLost, WorkQueue
 from notifier.config import Cap
@@ -378,7 +378,7 @@ class MessageStore:
         if waits:
             wait, limit, name = max(waits)
             raise CardCheckError(
-                "RATE_LIMITED",
+                Reason.RATE_LIMITED,
                 f"at most {limit} {kind} messages to one phone per {name}",
                 metadata={"kind": kind, "window": name, "limit": str(limit)},
                 retry_after=wait,

@@ -32,12 +32,10 @@ from cardcheck.runtime.work import Lease, LeaseColumns, LeaseLost, WorkQueue
 from report_service import audit
 from report_service.models import (
     EXECUTE,
-    FAILED,
     NOTIFY,
-    PENDING,
-    READY,
     BankOutcomeRow,
     QueryRow,
+    QueryStatus,
     ReportRow,
     WorkRow,
 )
@@ -79,13 +77,13 @@ class Recorded:
     """The result of recording outcomes: the query's status after it, and the SMS lease when the
     report was just generated (the worker that finished the query sends it)."""
 
-    status: str
+    status: QueryStatus
     notify: Claim | None = None
 
 
 @dataclass(frozen=True)
 class _Finished:
-    status: str
+    status: QueryStatus
     query: Query | None = None  # READY: what the SMS needs
     sealed: bytes = b""
     trace_context: str = "{}"
@@ -161,7 +159,7 @@ class ExecutionStore:
                 query = query_of(query_row)
                 missing = tuple(b for b in query.bank_codes if b not in answered.get(query_id, set()))
                 final = now >= query.ready_by
-                if kind == EXECUTE and query.status == PENDING and missing and not final:
+                if kind == EXECUTE and query.status == QueryStatus.PENDING and missing and not final:
                     asked.append(
                         audit.AuditEvent(
                             audit.BANKS_ASKED,
@@ -186,7 +184,7 @@ class ExecutionStore:
 
         claims = []
         for kind, passes, query, sealed, trace_context, missing, final in await self._db.write(claim):
-            if query.status != (PENDING if kind == EXECUTE else READY) or not sealed:
+            if query.status != (QueryStatus.PENDING if kind == EXECUTE else QueryStatus.READY) or not sealed:
                 # Nothing left to do (finishing and sweeping delete their work rows, so this is
                 # a stray): never let one row come back at every pass.
                 log.warning(
@@ -240,7 +238,7 @@ class ExecutionStore:
         def record(session: Session) -> _Finished | None:
             self.queue.hold(session, claim.lease)
             row = session.get(QueryRow, query_id)
-            if row is None or row.status != PENDING:
+            if row is None or row.status != QueryStatus.PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
             stored = {
                 o.bank_code: o
@@ -297,7 +295,7 @@ class ExecutionStore:
         def end(session: Session) -> _Finished | None:
             self.queue.hold(session, claim.lease)
             row = session.get(QueryRow, query_id)
-            if row is None or row.status != PENDING:
+            if row is None or row.status != QueryStatus.PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
             stored = list(
                 session.execute(select(BankOutcomeRow).where(BankOutcomeRow.query_id == query_id)).scalars()
@@ -334,13 +332,13 @@ class ExecutionStore:
         unanswered = [b for b in banks if not any(o.bank_code == b and o.kind == ANSWERED for o in outcomes)]
         session.execute(delete(_WORK).where(_WORK.c.query_id == row.query_id, _WORK.c.kind == EXECUTE))
         if len(unanswered) == len(banks):
-            row.status = FAILED
+            row.status = QueryStatus.FAILED
             row.subject_sealed = b""  # nothing more will be asked or sent about this person
             session.add(row)
             events.append(
                 audit.AuditEvent(audit.QUERY_FAILED, row.query_id, row.user_id, {"unanswered": unanswered})
             )
-            return _Finished(FAILED)
+            return _Finished(QueryStatus.FAILED)
         expires_at = now + self._queries.retention
         # Banks whose last outcome is a failure, or that have none, are the unavailable ones.
         content = build_report(banks, outcomes)
@@ -354,7 +352,7 @@ class ExecutionStore:
                 expires_at=expires_at,
             )
         )
-        row.status = READY
+        row.status = QueryStatus.READY
         row.ready_at = now
         row.expires_at = expires_at
         session.add(row)
@@ -372,7 +370,7 @@ class ExecutionStore:
             # What the report says stays in it: the trail outlives it (report_service.audit).
             audit.AuditEvent(audit.REPORT_GENERATED, row.query_id, row.user_id)
         )
-        return _Finished(READY, query_of(row), row.subject_sealed, row.trace_context, owner)
+        return _Finished(QueryStatus.READY, query_of(row), row.subject_sealed, row.trace_context, owner)
 
     def _recorded(self, finished: _Finished | None) -> Recorded | None:
         """The subject is opened outside the transaction that finished the query."""

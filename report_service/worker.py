@@ -25,7 +25,7 @@ from cardcheck.runtime.waiting import wait_for_event
 from cardcheck.runtime.work import Lease, LeaseLost, worker_name
 from report_service.config import DEFAULT_RETRY
 from report_service.execution import Claim, ExecutionStore, Recorded, WorkKey
-from report_service.models import EXECUTE, READY
+from report_service.models import EXECUTE, QueryStatus
 from report_service.queries import Query, Subject
 from report_service.reports import BankOutcome
 
@@ -267,7 +267,7 @@ class QueryWorker:
                 return
             span.set_attribute("cardcheck.query_status", result.status)
             log.info("query %s finished %s", query_id, result.status)
-        if result.status == READY and result.notify is not None:
+        if result.status == QueryStatus.READY and result.notify is not None:
             self._spawn(result.notify, self._notify(result.notify))
 
     async def _ask_banks(self, claim: Claim) -> Recorded | None:

@@ -24,6 +24,7 @@ from cardcheck.refusals import (
     CardCheckError,
     FieldViolation,
     Reason,
+    ReasonSpec,
     from_rpc_error,
 )
 
@@ -35,7 +36,7 @@ def invalid_argument(violations: Sequence[FieldViolation]) -> CardCheckError:
     fields = ", ".join(v.field for v in violations[:MAX_VIOLATIONS])
     more = len(violations) - MAX_VIOLATIONS
     message = f"invalid: {fields}" + (f" and {more} more" if more > 0 else "")
-    return CardCheckError("INVALID_ARGUMENT", message, violations=violations)
+    return CardCheckError(Reason.INVALID_ARGUMENT, message, violations=violations)
 
 
 def _pack(message) -> any_pb2.Any:
@@ -92,7 +93,7 @@ def downstream_error(error: grpc.aio.AioRpcError, service: str) -> CardCheckErro
     if typed is not None:
         return typed
     log.warning("call to %s failed: %s", service, error.code().name)
-    return CardCheckError("SERVICE_UNAVAILABLE", f"{service} is unavailable ({error.code().name})")
+    return CardCheckError(Reason.SERVICE_UNAVAILABLE, f"{service} is unavailable ({error.code().name})")
 
 
 def handles_errors(method):
@@ -130,6 +131,7 @@ __all__ = [
     "DOMAIN",
     "REASONS",
     "Reason",
+    "ReasonSpec",
     "abort",
     "CardCheckError",
     "FieldViolation",
