@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
+from typing import cast
 
 import grpc
 from google.rpc import error_details_pb2
@@ -143,7 +144,9 @@ class CardCheckError(Exception):
 
 def from_rpc_error(error: grpc.RpcError) -> CardCheckError | None:
     """The typed refusal behind an RpcError, or None when it carries no ErrorInfo of ours."""
-    status = rpc_status.from_call(error)
+    # An AioRpcError has the methods from_call reads (trailing_metadata, code, details) without
+    # being a grpc.Call; a sync call's RpcError is one.
+    status = rpc_status.from_call(cast(grpc.Call, error))
     if status is None:
         return None
     info = None
