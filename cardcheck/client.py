@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from cardcheck.refusals import REASONS, CardCheckError, Reason, from_rpc_error
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -52,9 +53,9 @@ StreamExpired = ERRORS[Reason.STREAM_EXPIRED]
 __all__ = ["ERRORS", "CardCheckClient", "CardCheckError", "Reason", *(cls.__name__ for cls in ERRORS.values())]
 
 
-def _purpose(purpose: str | int) -> int:
+def _purpose(purpose: str | int) -> common_pb2.SmsPurpose.ValueType:
     if isinstance(purpose, int):
-        return purpose
+        return common_pb2.SmsPurpose.ValueType(purpose)
     name = purpose.upper()
     return common_pb2.SmsPurpose.Value(name if name.startswith("SMS_PURPOSE_") else f"SMS_PURPOSE_{name}")
 
@@ -143,7 +144,7 @@ class CardCheckClient:
         token = session_token or self.session_token
         return (("authorization", f"Bearer {token}"),) if token else ()
 
-    async def _call(self, rpc: Callable[..., Awaitable[T]], request, session_token: str | None = None) -> T:
+    async def _call(self, rpc: Callable[..., Awaitable[T]], request: Message, session_token: str | None = None) -> T:
         try:
             return await rpc(request, metadata=self._metadata(session_token), timeout=self._timeout)
         except grpc.aio.AioRpcError as error:

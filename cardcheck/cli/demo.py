@@ -89,7 +89,7 @@ class Journey:
         reply = await self.inbox.ListMessages(notifier_pb2.ListMessagesRequest(phone=self.person.phone))
         return {m.message_id for m in reply.messages}
 
-    async def sms_code(self, purpose: int) -> tuple[str, str]:
+    async def sms_code(self, purpose: common_pb2.SmsPurpose.ValueType) -> tuple[str, str]:
         known = await self.inbox_ids()
         request = gateway_pb2.RequestSmsCodeRequest(phone=self.person.phone, purpose=purpose)
         try:
