@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from cardcheck.banks import BY_CODE
 from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.clock import Clock, as_utc
+from cardcheck.runtime.database import table_of
 from cardcheck.runtime.work import Lease, LeaseColumns, LeaseLost, WorkQueue
 from report_service import audit
 from report_service.models import (
@@ -90,7 +91,7 @@ class _Finished:
     owner: str = ""  # READY: whose the NOTIFY work is
 
 
-_WORK = WorkRow.__table__
+_WORK = table_of(WorkRow)
 WORK_LEASES = LeaseColumns(
     _WORK,
     key=(_WORK.c.query_id, _WORK.c.kind),
@@ -132,19 +133,19 @@ class ExecutionStore:
             return []
         now = self._clock.now()
 
-        def claim(session: Session):
+        def claim(session: Session) -> list[tuple[str, int, Query, bytes, str, tuple[str, ...], bool]]:
             due = self.queue.claim(session, owner, limit)
             if not due:
                 return []
             query_ids = sorted({lease.key[0] for lease in due})
             queries = {
                 row.query_id: row
-                for row in session.execute(select(QueryRow).where(QueryRow.query_id.in_(query_ids))).scalars()
+                for row in session.execute(select(QueryRow).where(col(QueryRow.query_id).in_(query_ids))).scalars()
             }
             answered: dict[str, set[str]] = {}
             for query_id, bank_code in session.execute(
-                select(BankOutcomeRow.query_id, BankOutcomeRow.bank_code).where(
-                    BankOutcomeRow.query_id.in_(query_ids), BankOutcomeRow.kind == ANSWERED
+                select(col(BankOutcomeRow.query_id), col(BankOutcomeRow.bank_code)).where(
+                    col(BankOutcomeRow.query_id).in_(query_ids), col(BankOutcomeRow.kind) == ANSWERED
                 )
             ):
                 answered.setdefault(query_id, set()).add(bank_code)
@@ -243,7 +244,7 @@ class ExecutionStore:
             stored = {
                 o.bank_code: o
                 for o in session.execute(
-                    select(BankOutcomeRow).where(BankOutcomeRow.query_id == query_id)
+                    select(BankOutcomeRow).where(col(BankOutcomeRow.query_id) == query_id)
                 ).scalars()
             }
             banks = set(json.loads(row.bank_codes))
@@ -298,7 +299,7 @@ class ExecutionStore:
             if row is None or row.status != QueryStatus.PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
             stored = list(
-                session.execute(select(BankOutcomeRow).where(BankOutcomeRow.query_id == query_id)).scalars()
+                session.execute(select(BankOutcomeRow).where(col(BankOutcomeRow.query_id) == query_id)).scalars()
             )
             answered = {o.bank_code for o in stored if o.kind == ANSWERED}
             banks = json.loads(row.bank_codes)

@@ -26,6 +26,8 @@ from sqlalchemy import (
 )
 from sqlmodel import Field, SQLModel
 
+from cardcheck.runtime.database import table_of
+
 
 class QueryStatus(StrEnum):
     """A query's status, stored as these strings (rs_queries.status)."""
@@ -42,7 +44,7 @@ NOTIFY = "NOTIFY"  # work: have the notifier accept the "report ready" SMS
 _ONE_PENDING = text("status = 'PENDING'")
 
 
-def _instant(nullable: bool = False) -> Column:
+def _instant(nullable: bool = False) -> Column[datetime]:
     return Column(DateTime(timezone=True), nullable=nullable)
 
 
@@ -157,5 +159,5 @@ class AuditHeadRow(SQLModel, table=True):
     hash: str = Field(sa_column=Column(String(64), nullable=False))
 
 
-TABLES = [QueryRow, BankOutcomeRow, ReportRow, WorkRow, AuditRow, AuditHeadRow]
-TABLE_NAMES = [model.__tablename__ for model in TABLES]
+TABLES: list[type[SQLModel]] = [QueryRow, BankOutcomeRow, ReportRow, WorkRow, AuditRow, AuditHeadRow]
+TABLE_NAMES = [table_of(model).name for model in TABLES]

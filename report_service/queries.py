@@ -4,6 +4,7 @@ Plain classes, no gRPC; time from the injected clock."""
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import uuid
@@ -248,8 +249,8 @@ class QueryStore:
                 select(QueryRow).where(
                     QueryRow.user_id == user_id,
                     or_(
-                        and_(QueryRow.idempotency_key_in_clear == false(), col(QueryRow.idempotency_key).in_(digests)),
-                        and_(QueryRow.idempotency_key_in_clear == true(), QueryRow.idempotency_key == key),
+                        and_(col(QueryRow.idempotency_key_in_clear) == false(), col(QueryRow.idempotency_key).in_(digests)),
+                        and_(col(QueryRow.idempotency_key_in_clear) == true(), col(QueryRow.idempotency_key) == key),
                     ),
                 )
             ).first()
@@ -349,7 +350,7 @@ class QueryStore:
 
         return [query_of(row) for row in await self._db.read(find)]
 
-    async def snapshot(self, user_id: str, query_id: str) -> tuple[Query, list[BankOutcome]]:
+    async def snapshot(self, user_id: str, query_id: str) -> tuple[Query, builtins.list[BankOutcome]]:
         """The query and each bank's latest outcome so far, in the order first recorded, read
         together."""
 
@@ -396,7 +397,7 @@ class QueryStore:
     async def audit_head(self) -> tuple[int, str] | None:
         return await self._db.read(lambda session: audit.read_head(session.connection()))
 
-    async def sweep(self, batch: int = 500) -> list[str]:
+    async def sweep(self, batch: int = 500) -> builtins.list[str]:
         """Deletes every report past its expiry (wrapped data key and ciphertext together), marks
         its query EXPIRED, erases the sealed subject and the banks' sealed cards, and drops an SMS
         not yet sent. Returns the query_ids swept."""
