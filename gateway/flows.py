@@ -149,7 +149,7 @@ class Gateway:
             lease=config.watch_slot_lease,
         )
         self.agreement = agreement
-        self._background: set[asyncio.Task] = set()  # SIGN_IN codes being sent
+        self._background: set[asyncio.Task[None]] = set()  # SIGN_IN codes being sent
 
     # --- banks and agreement ---------------------------------------------------------------
 

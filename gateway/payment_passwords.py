@@ -54,7 +54,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -171,7 +171,7 @@ class BoundedExecutor:
     def _release(self) -> None:
         self._taken -= 1
 
-    async def run(self, work: Callable[..., T], *args) -> T:
+    async def run(self, work: Callable[..., T], *args: Any) -> T:
         if self._taken >= self._capacity:
             raise CardCheckError(
                 Reason.SERVICE_BUSY, "too many payment password checks at once", retry_after=BUSY_RETRY_AFTER
@@ -180,7 +180,7 @@ class BoundedExecutor:
         future = self._pool.submit(work, *args)
         self._taken += 1
 
-        def done(_future: Future) -> None:
+        def done(_future: Future[T]) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed first: nobody is counting
                 loop.call_soon_threadsafe(self._release)
 

@@ -32,7 +32,7 @@ import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from cardcheck.runtime.clock import Clock
 from cardcheck.runtime.errors import CardCheckError, Reason
@@ -40,6 +40,8 @@ from gateway.limits import LimiterUnavailable, RedisStore
 from gateway.sessions import SessionClaims, Sessions
 
 log = logging.getLogger(__name__)
+
+Event = TypeVar("Event")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
@@ -279,8 +281,8 @@ class Watches:
         return min(self._check_s, due.total_seconds())
 
     async def guarded(
-        self, watch: Watch, claims: SessionClaims, events: AsyncGenerator
-    ) -> AsyncIterator:
+        self, watch: Watch, claims: SessionClaims, events: AsyncGenerator[Event, None]
+    ) -> AsyncGenerator[Event, None]:
         """The upstream's events, until it ends, the lifetime is over or the session is not live."""
         loop = asyncio.get_running_loop()
         checked_at = renewed_at = loop.time()
