@@ -92,7 +92,7 @@ def behaviour_message(behaviour: Behaviour) -> bank_pb2.BankBehaviour:
 
 def behaviour_changes(message: bank_pb2.BankBehaviour) -> dict[str, object]:
     """The fields set in a SetBehaviour request (unset ones keep the bank's value)."""
-    return {field.name: getattr(message, field.name) for field in message.DESCRIPTOR.fields if message.HasField(field.name)}
+    return {field.name: value for field, value in message.ListFields()}  # every field is `optional`
 
 
 class BankSimControlServicer(bank_pb2_grpc.BankSimControlServicer):
