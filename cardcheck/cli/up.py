@@ -14,6 +14,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -74,7 +75,8 @@ async def _wait_serving(name: str, address: str, deadline: float) -> None:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                # grpcio-health-checking's stubs declare HealthStub without its methods.
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)  # type: ignore[attr-defined]
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.aio.AioRpcError:
@@ -182,7 +184,8 @@ async def run_up(
     deadline = loop.time() + ready_timeout
     ready = asyncio.gather(*(_wait_serving(n, settings.addresses[n], deadline) for n in START_ORDER))
     stop_wait = asyncio.create_task(stop_requested.wait())
-    done, _ = await asyncio.wait({ready, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    waiting: set[asyncio.Future[Any]] = {ready, stop_wait}
+    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     if ready in done and ready.exception() is not None:
         _say(f"{ready.exception()}; stopping everything")
@@ -199,6 +202,7 @@ async def run_up(
             await ready
 
     for child in died:
+        assert child.process is not None  # it ran: watch() saw it exit
         _say(f"{child.name} exited unexpectedly with code {child.process.returncode}; stopping the others")
         exit_code = 1
     grace = settings.shutdown_grace_s + 5

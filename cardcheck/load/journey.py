@@ -28,7 +28,7 @@ FACE_TOKEN = "sandbox:pass"  # the sandbox identity's passing face check
 
 
 class QueryNotReady(Exception):
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: common_pb2.QueryStatus.ValueType) -> None:
         self.reason = "QUERY_" + common_pb2.QueryStatus.Name(status).removeprefix("QUERY_STATUS_")
         super().__init__(self.reason)
 

@@ -107,7 +107,8 @@ def line_chart(title: str, xs: Sequence[float], series: Mapping[str, Sequence[fl
                  f'text-anchor="middle">{html.escape(unit)}</text>')
     for n, (name, vs) in enumerate(series.items()):
         colour = COLOURS[n % len(COLOURS)]
-        runs, run = [], []
+        runs: list[list[str]] = []
+        run: list[str] = []
         for x, v in zip(xs, vs, strict=True):
             if v is None:
                 if run:

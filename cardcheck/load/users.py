@@ -86,7 +86,7 @@ def read_users_file(path: Path, payment_password: str) -> list[User]:
             raise UsersError(f"{path} line {number}: no {missing[0]}")
         users.append(
             User(
-                *(obj[f] for f in USER_FIELDS),
+                obj["name"], obj["id_number"], obj["phone"], obj["card_number"], obj["region"],
                 payment_password=str(obj.get("payment_password") or payment_password),
                 session_token=obj.get("session_token") or None,
             )
