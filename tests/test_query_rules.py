@@ -97,9 +97,9 @@ async def test_one_query_in_progress_per_user_and_a_failed_one_leaves_no_cooldow
     await _refused(stores.queries.create("u-1", SUBJECT, ["CMB"], "2026-11", "", {}), "QUERY_IN_PROGRESS")
     await _create(stores, user="u-2")  # another user's is their own
     # Nobody answers within the 24 hours: FAILED, and a new query may start at once.
-    claim = next(c for c in await stores.execution.claim("w", 2) if c.query_id == first.query_id)
-    assert not claim.final
     stores.clock.advance(timedelta(hours=24))
+    claim = next(c for c in await stores.execution.claim("w", 2) if c.query_id == first.query_id)
+    assert claim.final and claim.missing_banks == ("ICBC",)
     recorded = await stores.execution.end_pass(claim, timedelta(hours=1))
     assert recorded is not None and recorded.status == FAILED
     await _refused(stores.queries.report("u-1", first.query_id), "NOT_FOUND")
