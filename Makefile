@@ -22,7 +22,7 @@ TOOLS := node_modules/.installed
 RELEASE := v0.1.0
 PUBLIC_PROTOS := --path protos/cardcheck/v1/gateway.proto --path protos/cardcheck/v1/common.proto
 
-.PHONY: demo test test-newest protos docs lint breaking release-image bench venv tools up constraints client
+.PHONY: demo test test-newest protos docs lint typecheck breaking release-image bench venv tools up constraints client
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c '$(IS_SUPPORTED)' 2>/dev/null || { echo "make: needs Python 3.11, 3.12 or 3.13, found" \
@@ -69,6 +69,11 @@ docs: $(STAMP)
 lint: $(STAMP) $(TOOLS)
 	$(VENV)/bin/ruff check .
 	$(BUF) lint
+
+# mypy as pyproject.toml's [tool.mypy] says: every package, the shared runtime and the domain
+# modules strictly, against the stubs' own types.
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 # The public API (gateway.proto, common.proto) may grow, never break: checked on the wire and in
 # JSON against the image of the last release. The internal protos are not in it: every service

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
-from cardcheck.runtime.errors import CardCheckError
+from cardcheck.runtime.errors import CardCheckError, Reason
 
 RETRY_AFTER = timedelta(seconds=1)
 
@@ -36,7 +36,7 @@ class Admission:
         if self._slots.locked() or self.queued:
             if self.queued >= self.max_queued:
                 self.refused += 1
-                raise CardCheckError("SERVICE_BUSY", "bank_connector is at capacity", retry_after=RETRY_AFTER)
+                raise CardCheckError(Reason.SERVICE_BUSY, "bank_connector is at capacity", retry_after=RETRY_AFTER)
             self.queued += 1
             try:
                 await self._slots.acquire()

@@ -14,8 +14,10 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.propagate import inject
 from opentelemetry.sdk.trace import TracerProvider
@@ -30,8 +32,8 @@ from cardcheck.bins import BinTable, default_table
 from cardcheck.numbers import card_number_valid, id_number_valid
 from cardcheck.runtime.channels import CHANNEL_OPTIONS
 from cardcheck.runtime.clock import Clock
-from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
-from cardcheck.v1 import bank_pb2, bank_pb2_grpc
+from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, invalid_argument
+from cardcheck.v1 import bank_pb2, bank_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ def unknown_issuer() -> CardCheckError:
     `cause: UNKNOWN_ISSUER` that tells it from a malformed number without reading the text:
     the number is well formed, but no bank the service can ask issued it."""
     return CardCheckError(
-        "INVALID_ARGUMENT", "invalid: card_number (unknown issuer)", metadata={"cause": "UNKNOWN_ISSUER"},
+        Reason.INVALID_ARGUMENT, "invalid: card_number (unknown issuer)", metadata={"cause": "UNKNOWN_ISSUER"},
         violations=[FieldViolation("card_number", UNKNOWN_ISSUER)],
     )
 
@@ -84,7 +86,7 @@ def unknown_issuer() -> CardCheckError:
 class BankAvailability:
     code: str
     name: str
-    kind: int  # common_pb2.BankKind
+    kind: common_pb2.BankKind.ValueType
     available: bool
 
 
@@ -111,7 +113,7 @@ def known_banks(bank_codes: Sequence[str]) -> list[str]:
         raise invalid_argument([FieldViolation("bank_codes", "name at least one bank")])
     for code in codes:
         if code not in BY_CODE:
-            raise CardCheckError("UNKNOWN_BANK", "unknown bank code", metadata={"bank_code": code[:32]})
+            raise CardCheckError(Reason.UNKNOWN_BANK, "unknown bank code", metadata={"bank_code": code[:32]})
     return codes
 
 
@@ -129,7 +131,7 @@ def check_person(id_number: str, name: str) -> None:
         raise invalid_argument(violations)
 
 
-async def _cancel(tasks: Iterable[asyncio.Task]) -> None:
+async def _cancel(tasks: Iterable[asyncio.Task[Any]]) -> None:
     pending = [task for task in tasks if not task.done()]
     for task in pending:
         task.cancel()
@@ -148,12 +150,15 @@ ISSUING_BANK = "cardcheck.v1.IssuingBank"
 MIN_ATTEMPT_S = 0.005  # no retry that would have less than this left before the deadline
 
 
+Value = TypeVar("Value")
+
+
 @dataclass(frozen=True)
-class CallResult:
+class CallResult(Generic[Value]):
     """One bank call, retries included: `value` when answered, else why not."""
 
     kind: OutcomeKind
-    value: object = None
+    value: Value | None = None
     detail: str = ""
     attempts: int = 0
     latency_ms: int = 0
@@ -165,7 +170,7 @@ class Launched:
     every request is on its way before any per-bank bookkeeping runs. `taken` once the bank's
     own task has it; one never taken is cancelled by the fan-out."""
 
-    call: object
+    call: grpc.aio.UnaryUnaryCall[Any, Any]
     started: float
     taken: bool = False
 
@@ -242,9 +247,9 @@ class BankConnector:
 
     # -- the one place a bank is called ------------------------------------------------------
 
-    async def call_bank(self, bank_code: str, method: str, request, timeout_s: float,
-                        accept: Callable[[object], object] = lambda response: response,
-                        traced: bool = True, launched: Launched | None = None) -> CallResult:
+    async def call_bank(self, bank_code: str, method: str, request: Message, timeout_s: float,
+                        accept: Callable[[Any], Value] = lambda response: response,
+                        traced: bool = True, launched: Launched | None = None) -> CallResult[Value]:
         """One RPC at one bank, all attempts within `timeout_s`: failed fast while its breaker
         is open; each attempt waits for a bulkhead slot; UNAVAILABLE and RESOURCE_EXHAUSTED are
         retried after a jittered backoff while the retry budget and the deadline allow.
@@ -254,7 +259,7 @@ class BankConnector:
         if launched is not None:
             launched.taken = True
         line = self._lines[bank_code]
-        rpc: Callable[..., Awaitable] = getattr(line.stub, method)
+        rpc: Callable[..., Awaitable[Any]] = getattr(line.stub, method)
         loop = asyncio.get_running_loop()
         started = loop.time() if launched is None else launched.started
         deadline = started + timeout_s
@@ -262,7 +267,7 @@ class BankConnector:
         attempts = 0
         last_detail = ""
 
-        def result(kind: OutcomeKind, detail: str = "", value: object = None) -> CallResult:
+        def result(kind: OutcomeKind, detail: str = "", value: Value | None = None) -> CallResult[Value]:
             return CallResult(kind, value, detail, attempts, round((loop.time() - started) * 1000))
 
         while True:
@@ -331,7 +336,10 @@ class BankConnector:
         parent = get_current_span().get_span_context()
         return not (parent.is_valid and not parent.trace_flags.sampled)
 
-    async def _attempt(self, bank_code: str, method: str, rpc, request, timeout_s: float, traced: bool):
+    async def _attempt(
+        self, bank_code: str, method: str, rpc: Callable[..., Awaitable[Any]], request: Message, timeout_s: float,
+        traced: bool,
+    ) -> Any:
         """One attempt; when `traced`, in a client span whose context goes to the bank in the
         metadata."""
         if not traced:
@@ -359,7 +367,7 @@ class BankConnector:
 
     # -- fan-out -----------------------------------------------------------------------------
 
-    def launch(self, bank_code: str, method: str, request, timeout_s: float) -> Launched | None:
+    def launch(self, bank_code: str, method: str, request: Message, timeout_s: float) -> Launched | None:
         """Starts a bank's first attempt now, when its breaker is closed and its bulkhead has a
         free slot; None leaves the whole call to `call_bank`. For untraced calls only (a traced
         attempt runs in its own span)."""
@@ -448,7 +456,7 @@ class BankConnector:
             issuer, "VerifyCard", request, deadline_s, _sound_verdict, self.traced_bank_calls()
         )
         if called.value is None:
-            raise CardCheckError("SERVICE_UNAVAILABLE", f"the card's bank could not be asked ({called.detail})")
+            raise CardCheckError(Reason.SERVICE_UNAVAILABLE, f"the card's bank could not be asked ({called.detail})")
         if called.value.confirmed:
             return RealNameResult(True, issuer)
         return RealNameResult(False)
@@ -459,7 +467,10 @@ class BankConnector:
         code = next(code for code, at in self._addresses.items() if at == address)
         health = health_pb2_grpc.HealthStub(self._lines[code].channel)
         try:
-            answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=AVAILABILITY_TIMEOUT_S)
+            # grpcio-health-checking's stubs declare HealthStub without its methods.
+            answer: health_pb2.HealthCheckResponse = await health.Check(  # type: ignore[attr-defined]
+                health_pb2.HealthCheckRequest(), timeout=AVAILABILITY_TIMEOUT_S
+            )
         except grpc.aio.AioRpcError as error:
             return error.code() == grpc.StatusCode.UNIMPLEMENTED  # reachable, just no health service
         return answer.status == health_pb2.HealthCheckResponse.SERVING

@@ -10,6 +10,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from cardcheck.runtime.clock import Clock
 
@@ -46,16 +47,17 @@ class RetryBudget:
         self.ratio = ratio
         self.floor = floor
         self._bucket_span = window / buckets
-        self._buckets: deque[list] = deque(maxlen=buckets)  # [start, first attempts, retries]
+        self._window = self._bucket_span * buckets
+        self._buckets: deque[list[Any]] = deque(maxlen=buckets)  # [start, first attempts, retries]
 
-    def _current(self) -> list:
+    def _current(self) -> list[Any]:
         now = self._clock.now()
         if not self._buckets or now - self._buckets[-1][0] >= self._bucket_span:
             self._buckets.append([now, 0, 0])
         return self._buckets[-1]
 
     def _totals(self) -> tuple[int, int]:
-        oldest = self._clock.now() - self._bucket_span * self._buckets.maxlen
+        oldest = self._clock.now() - self._window
         calls = retries = 0
         for start, first, again in self._buckets:
             if start > oldest:
@@ -109,7 +111,8 @@ class CircuitBreaker:
 
     @property
     def state(self) -> BreakerState:
-        if self._state is BreakerState.OPEN and self._clock.now() - self._opened_at >= self.policy.open_for:
+        opened_at = self._opened_at
+        if self._state is BreakerState.OPEN and opened_at is not None and self._clock.now() - opened_at >= self.policy.open_for:
             self._state = BreakerState.HALF_OPEN
             self._probing = 0
         return self._state

@@ -137,12 +137,11 @@ async def build(
     `dataset_path` (DatasetError if it is malformed), else the default generated population.
     With `port_per_bank` set, bank i also listens on port_per_bank + i (0: any free port each)."""
     if issuers is None:
-        if records is None:
-            if dataset_path is not None:
-                issuers = Issuers.from_file(dataset_path)
-            else:
+        if records is None and dataset_path is not None:
+            issuers = Issuers.from_file(dataset_path)
+        else:
+            if records is None:
                 records = dataset.generate(dataset.DEFAULT_SEED, dataset.DEFAULT_PEOPLE)
-        if issuers is None:
             issuers = Issuers(records)
     log.info("%s holds %d cards", SERVICE, len(issuers))
     clock = clock or SystemClock()

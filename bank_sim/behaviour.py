@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 from cardcheck.banks import BANK_CODES, BY_CODE
 
@@ -66,13 +67,13 @@ class Behaviour:
         unknown = sorted(set(changes) - known)
         if unknown:
             raise BehaviourError(unknown[0], "no such behaviour")
-        typed: dict[str, object] = {}
+        typed: dict[str, Any] = {}
         for f in fields(self):
             if f.name in changes:
                 typed[f.name] = _typed(f.name, changes[f.name], type(getattr(self, f.name)))
         return replace(self, **typed)
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 

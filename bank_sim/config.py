@@ -4,7 +4,7 @@ command line's options win over them (bank_sim/app.py). docs/configuration.md li
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 
@@ -41,7 +41,7 @@ class BankSimConfig(DeclaredSettings):
 
     @field_validator("port_per_bank", mode="before")
     @classmethod
-    def _port(cls, value: object) -> object:
+    def _port(cls, value: Any) -> Any:
         if isinstance(value, str) and not value.isdigit() or value is not None and not 0 < int(value) <= HIGHEST_BASE_PORT:
             raise refuse(f"is not a port from 1 to {HIGHEST_BASE_PORT}")
         return value

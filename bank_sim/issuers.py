@@ -127,7 +127,7 @@ class Issuers:
         with Path(path).open("rb") as stream:
             return cls.from_rows(iter_rows(stream))
 
-    def _freeze(self, lines: array, *, refuse_duplicates: bool) -> None:
+    def _freeze(self, lines: array[int], *, refuse_duplicates: bool) -> None:
         self._name_index = {}
         by_id = sorted(range(len(self._id)), key=self._id.__getitem__)  # stable: dataset order kept
         self._by_id = array("I", by_id)
@@ -140,7 +140,7 @@ class Issuers:
         if refuse_duplicates:
             self._refuse_duplicates(lines)
 
-    def _refuse_duplicates(self, lines: array) -> None:
+    def _refuse_duplicates(self, lines: array[int]) -> None:
         """The first line (in file order) whose pan its bank already holds, as iter_records says."""
         first_bad: tuple[int, int] | None = None  # (line, earlier line)
         pans, order = self._pan_sorted, self._by_pan

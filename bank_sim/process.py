@@ -77,7 +77,8 @@ class Child:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:
-                    status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                    # grpcio-health-checking's stubs declare HealthStub without its methods.
+                    status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)  # type: ignore[attr-defined]
                     if status.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:

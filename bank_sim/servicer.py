@@ -12,7 +12,7 @@ from bank_sim.behaviour import BankFloor, Behaviour, BehaviourError, Plan, Refus
 from bank_sim.issuers import Issuers, bank_day
 from cardcheck.banks import BANK_CODES, BY_CODE, MAX_BANK_CODES
 from cardcheck.runtime.clock import Clock
-from cardcheck.runtime.errors import CardCheckError, FieldViolation, handles_errors, invalid_argument
+from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, handles_errors, invalid_argument
 from cardcheck.v1 import bank_pb2, bank_pb2_grpc, common_pb2
 
 CARD_TYPES = {"DEBIT": common_pb2.CARD_TYPE_DEBIT, "CREDIT": common_pb2.CARD_TYPE_CREDIT}
@@ -39,7 +39,7 @@ class IssuingBankServicer(bank_pb2_grpc.IssuingBankServicer):
         if self._only_bank is not None and code in ("", self._only_bank):
             code = self._only_bank
         elif code not in BY_CODE or self._only_bank is not None:
-            raise CardCheckError("NOT_FOUND", "no such bank here", metadata={"bank_code": code[:32]})
+            raise CardCheckError(Reason.NOT_FOUND, "no such bank here", metadata={"bank_code": code[:32]})
         trace.get_current_span().set_attribute("cardcheck.bank_code", code)
         return code
 
@@ -92,7 +92,7 @@ def behaviour_message(behaviour: Behaviour) -> bank_pb2.BankBehaviour:
 
 def behaviour_changes(message: bank_pb2.BankBehaviour) -> dict[str, object]:
     """The fields set in a SetBehaviour request (unset ones keep the bank's value)."""
-    return {field.name: getattr(message, field.name) for field in message.DESCRIPTOR.fields if message.HasField(field.name)}
+    return {field.name: value for field, value in message.ListFields()}  # every field is `optional`
 
 
 class BankSimControlServicer(bank_pb2_grpc.BankSimControlServicer):

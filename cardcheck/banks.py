@@ -11,7 +11,7 @@ from cardcheck.v1 import common_pb2
 class BankInfo:
     code: str
     name: str
-    kind: int  # common_pb2.BankKind
+    kind: common_pb2.BankKind.ValueType
 
 
 _NATIONAL = [

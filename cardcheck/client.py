@@ -4,57 +4,58 @@ other services. It needs grpc and the generated stubs only: the `cardcheck-clien
 
 Refusals come back as `CardCheckError` (reason, metadata, field violations, retry_after), as the
 subclass of its reason where there is one (`except RateLimited`, `except ServiceBusy`, ...; every
-one of them is still a CardCheckError with its `reason`); an RpcError that carries no ErrorInfo
-of ours is re-raised as it is."""
+one of them is still a CardCheckError with its `reason`, a `Reason`: `error.reason ==
+Reason.COOLDOWN_ACTIVE`); an RpcError that carries no ErrorInfo of ours is re-raised as it is."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
-from cardcheck.refusals import REASONS, CardCheckError, from_rpc_error
+from cardcheck.refusals import REASONS, CardCheckError, Reason, from_rpc_error
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 T = TypeVar("T")
 
 
-def _reason_class(reason: str) -> type[CardCheckError]:
+def _reason_class(reason: Reason) -> type[CardCheckError]:
     name = "".join(part.title() for part in reason.split("_"))
     return type(name, (CardCheckError,), {"__doc__": f"The {reason} refusal.", "__module__": __name__})
 
 
 # One subclass per reason of docs/api.md's error table (and SERVICE_UNAVAILABLE), so a caller can catch one.
-ERRORS: dict[str, type[CardCheckError]] = {reason: _reason_class(reason) for reason in REASONS}
-InvalidArgument = ERRORS["INVALID_ARGUMENT"]
-Unauthenticated = ERRORS["UNAUTHENTICATED"]
-NotFound = ERRORS["NOT_FOUND"]
-UnknownBank = ERRORS["UNKNOWN_BANK"]
-ConsentRequired = ERRORS["CONSENT_REQUIRED"]
-VerificationFailed = ERRORS["VERIFICATION_FAILED"]
-RealNameCheckFailed = ERRORS["REAL_NAME_CHECK_FAILED"]
-AlreadyRegistered = ERRORS["ALREADY_REGISTERED"]
-RegionNotSupported = ERRORS["REGION_NOT_SUPPORTED"]
-QueryInProgress = ERRORS["QUERY_IN_PROGRESS"]
-CooldownActive = ERRORS["COOLDOWN_ACTIVE"]
-ReportNotReady = ERRORS["REPORT_NOT_READY"]
-ReportExpired = ERRORS["REPORT_EXPIRED"]
-PaymentPasswordInvalid = ERRORS["PAYMENT_PASSWORD_INVALID"]
-PaymentPasswordLocked = ERRORS["PAYMENT_PASSWORD_LOCKED"]
-ServiceBusy = ERRORS["SERVICE_BUSY"]
-RateLimited = ERRORS["RATE_LIMITED"]
-ServiceUnavailable = ERRORS["SERVICE_UNAVAILABLE"]
-StreamExpired = ERRORS["STREAM_EXPIRED"]
+ERRORS: dict[Reason, type[CardCheckError]] = {reason: _reason_class(reason) for reason in REASONS}
+InvalidArgument = ERRORS[Reason.INVALID_ARGUMENT]
+Unauthenticated = ERRORS[Reason.UNAUTHENTICATED]
+NotFound = ERRORS[Reason.NOT_FOUND]
+UnknownBank = ERRORS[Reason.UNKNOWN_BANK]
+ConsentRequired = ERRORS[Reason.CONSENT_REQUIRED]
+VerificationFailed = ERRORS[Reason.VERIFICATION_FAILED]
+RealNameCheckFailed = ERRORS[Reason.REAL_NAME_CHECK_FAILED]
+AlreadyRegistered = ERRORS[Reason.ALREADY_REGISTERED]
+RegionNotSupported = ERRORS[Reason.REGION_NOT_SUPPORTED]
+QueryInProgress = ERRORS[Reason.QUERY_IN_PROGRESS]
+CooldownActive = ERRORS[Reason.COOLDOWN_ACTIVE]
+ReportNotReady = ERRORS[Reason.REPORT_NOT_READY]
+ReportExpired = ERRORS[Reason.REPORT_EXPIRED]
+PaymentPasswordInvalid = ERRORS[Reason.PAYMENT_PASSWORD_INVALID]
+PaymentPasswordLocked = ERRORS[Reason.PAYMENT_PASSWORD_LOCKED]
+ServiceBusy = ERRORS[Reason.SERVICE_BUSY]
+RateLimited = ERRORS[Reason.RATE_LIMITED]
+ServiceUnavailable = ERRORS[Reason.SERVICE_UNAVAILABLE]
+StreamExpired = ERRORS[Reason.STREAM_EXPIRED]
 
-__all__ = ["ERRORS", "CardCheckClient", "CardCheckError", *(cls.__name__ for cls in ERRORS.values())]
+__all__ = ["ERRORS", "CardCheckClient", "CardCheckError", "Reason", "open_channel", *(cls.__name__ for cls in ERRORS.values())]
 
 
-def _purpose(purpose: str | int) -> int:
+def _purpose(purpose: str | int) -> common_pb2.SmsPurpose.ValueType:
     if isinstance(purpose, int):
-        return purpose
+        return common_pb2.SmsPurpose.ValueType(purpose)
     name = purpose.upper()
     return common_pb2.SmsPurpose.Value(name if name.startswith("SMS_PURPOSE_") else f"SMS_PURPOSE_{name}")
 
@@ -84,6 +85,25 @@ def _channel_credentials(
     if credentials is None and (tls or any(part is not None for part in pem)):
         return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
     return credentials
+
+
+def open_channel(
+    address: str,
+    *,
+    tls: bool = False,
+    root_certificates: bytes | None = None,
+    private_key: bytes | None = None,
+    certificate_chain: bytes | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, str | int]] = (),
+) -> grpc.aio.Channel:
+    """The channel a CardCheckClient opens for itself, with the same TLS settings (see the
+    class), for callers that share one channel between many clients (`channel=`), e.g. one
+    client per signed-in user."""
+    secure = _channel_credentials(credentials, root_certificates, private_key, certificate_chain, tls)
+    if secure is None:
+        return grpc.aio.insecure_channel(address, options=list(options))
+    return grpc.aio.secure_channel(address, secure, options=list(options))
 
 
 class CardCheckClient:
@@ -120,10 +140,7 @@ class CardCheckClient:
         self._owns_channel = channel is None
         if channel is None:
             assert address is not None
-            if secure is None:
-                channel = grpc.aio.insecure_channel(address, options=list(options))
-            else:
-                channel = grpc.aio.secure_channel(address, secure, options=list(options))
+            channel = open_channel(address, credentials=secure, options=options)
         self._channel = channel
         self._stub = gateway_pb2_grpc.CardCheckStub(self._channel)
         self._timeout = timeout
@@ -143,7 +160,7 @@ class CardCheckClient:
         token = session_token or self.session_token
         return (("authorization", f"Bearer {token}"),) if token else ()
 
-    async def _call(self, rpc: Callable[..., Awaitable[T]], request, session_token: str | None = None) -> T:
+    async def _call(self, rpc: Callable[..., Awaitable[T]], request: Message, session_token: str | None = None) -> T:
         try:
             return await rpc(request, metadata=self._metadata(session_token), timeout=self._timeout)
         except grpc.aio.AioRpcError as error:
@@ -243,7 +260,7 @@ class CardCheckClient:
         session_token: str | None = None,
         deadline_s: float | None = None,
         reopen: bool = True,
-    ) -> AsyncIterator[gateway_pb2.QueryEvent]:
+    ) -> AsyncGenerator[gateway_pb2.QueryEvent, None]:
         """The query's events until it leaves PENDING (no overall deadline unless `deadline_s`).
 
         The gateway ends a stream at its maximum lifetime (StreamExpired); the stream is then

@@ -14,10 +14,11 @@ import json
 import random
 import re
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 from cardcheck import bins
 from cardcheck.banks import BANK_CODES, BY_CODE
@@ -100,14 +101,14 @@ class Person:
 # --- loading -------------------------------------------------------------------------------
 
 
-def _string(obj: dict, name: str, line: int) -> str:
+def _string(obj: dict[str, Any], name: str, line: int) -> str:
     value = obj[name]
     if not isinstance(value, str):
         raise DatasetError(line, f"{name} must be a string")
     return value
 
 
-def _date(obj: dict, name: str, line: int, *, nullable: bool) -> date | None:
+def _date(obj: dict[str, Any], name: str, line: int, *, nullable: bool) -> date | None:
     value = obj[name]
     if value is None and nullable:
         return None
@@ -199,7 +200,8 @@ def _objects(lines: Iterable[str | bytes]) -> Iterator[tuple[int, object]]:
 
 
 _JSON_SPACE = " \t\r\n"
-_scan = json.JSONDecoder().scan_once
+# The decoder's scanner (set in JSONDecoder.__init__, absent from the stdlib's stubs).
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def _loads(number: int, text: str) -> object:
@@ -588,7 +590,7 @@ class _Generator:
 def _ensure_every_case(population: list[tuple[_Human, list[CardRecord]]]) -> None:
     """Random draws may miss a case in a small population: force each missing one onto a card
     of someone other than the demo person (who comes first), a different card each time."""
-    cases = [
+    cases: list[tuple[Callable[[_Human, CardRecord], bool], Callable[[_Human, CardRecord], CardRecord]]] = [
         (lambda h, c: c.status == "CLOSED", lambda h, c: replace(c, status="CLOSED")),
         (lambda h, c: c.status == "DORMANT", lambda h, c: replace(c, status="DORMANT")),
         (lambda h, c: c.status == "FROZEN", lambda h, c: replace(c, status="FROZEN")),

@@ -91,7 +91,7 @@ class _Comments:
 
     def detached(self) -> list[str]:
         """Comments standing apart before a top-level declaration (a file's own remarks)."""
-        found = []
+        found: list[str] = []
         for path, location in sorted(self.by_path.items()):
             if len(path) == 2 and path[0] in (FILE_MESSAGE, FILE_ENUM, FILE_SERVICE):
                 found.extend(_clean(c) for c in location.leading_detached_comments)

@@ -1,7 +1,12 @@
-"""Generates the Python stubs (with .pyi) from protos/: `python -m cardcheck.protogen`."""
+"""Generates the Python stubs from protos/: `python -m cardcheck.protogen`.
+
+The .pyi beside them come from mypy-protobuf: typed messages, enums and stubs, where a stub made
+on a `grpc.aio.Channel` is the async one (its calls awaitable, its streams async iterators)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +16,14 @@ PROTO_DIR = ROOT / "protos"
 
 def proto_files() -> list[Path]:
     return sorted((PROTO_DIR / "cardcheck" / "v1").glob("*.proto"))
+
+
+def _plugin(name: str) -> str:
+    # mypy-protobuf's plugins are scripts beside this interpreter, whether or not it is on PATH.
+    found = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if found is None:
+        raise SystemExit(f"{name} not found: install mypy-protobuf (the dev extra)")
+    return f"--plugin={name}={found}"
 
 
 def generate(out_dir: Path) -> None:
@@ -23,9 +36,12 @@ def generate(out_dir: Path) -> None:
         "grpc_tools.protoc",
         f"-I{PROTO_DIR}",
         f"-I{well_known}",
+        _plugin("protoc-gen-mypy"),
+        _plugin("protoc-gen-mypy_grpc"),
         f"--python_out={out}",
-        f"--pyi_out={out}",
         f"--grpc_python_out={out}",
+        f"--mypy_out=quiet:{out}",
+        f"--mypy_grpc_out=quiet:{out}",
         *(str(p.relative_to(PROTO_DIR)) for p in proto_files()),
     ]
     # protoc resolves the relative proto paths against -I, so run from the proto root.

@@ -67,7 +67,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database
-from cardcheck.runtime.errors import CardCheckError
+from cardcheck.runtime.errors import CardCheckError, Reason
 from cardcheck.runtime.keys import Keyring
 
 CODE_TTL = timedelta(minutes=5)
@@ -147,7 +147,7 @@ def _next_china_midnight(instant: datetime) -> datetime:
 
 def _rate_limited(message: str, wait: timedelta, limit: str) -> CardCheckError:
     return CardCheckError(
-        "RATE_LIMITED",
+        Reason.RATE_LIMITED,
         message,
         metadata={"limit": limit, "retry_after_seconds": str(max(1, int(wait.total_seconds() + 0.999)))},
         retry_after=wait,
@@ -164,7 +164,7 @@ class IssuedChallenge:
 
 
 def _verification_failed(why: str) -> CardCheckError:
-    return CardCheckError("VERIFICATION_FAILED", f"sms code rejected: {why}")
+    return CardCheckError(Reason.VERIFICATION_FAILED, f"sms code rejected: {why}")
 
 
 class Challenges:

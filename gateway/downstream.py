@@ -6,7 +6,7 @@ in the public messages (gateway.proto, common.proto): the internal ones stop her
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import grpc
@@ -135,7 +135,7 @@ class ReportDesk:
 
     async def watch(
         self, user_id: str, query_id: str, deadline_s: float
-    ) -> AsyncIterator[gateway_pb2.QueryEvent]:
+    ) -> AsyncGenerator[gateway_pb2.QueryEvent, None]:
         """The query's events; the upstream stream ends after `deadline_s` at the latest. Progress
         only: report_service's stream has no field for a card, so none can reach a watcher."""
         call = self._stub.WatchQuery(

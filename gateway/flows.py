@@ -16,7 +16,7 @@ from opentelemetry import trace
 from cardcheck.banks import BANK_CODES, BANKS, BankInfo
 from cardcheck.runtime.clock import Clock
 from cardcheck.runtime.database import Database
-from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
+from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, invalid_argument
 from cardcheck.runtime.keys import KeyedHash
 from cardcheck.runtime.settings import Settings
 from cardcheck.v1 import common_pb2, gateway_pb2
@@ -82,7 +82,7 @@ def undeliverable(purpose: str) -> CardCheckError:
     correct it; on QUERY_AUTH it is the account's own phone, which the user cannot fix here."""
     if purpose == "REGISTER":
         return invalid_argument([FieldViolation("phone", "this number cannot receive SMS")])
-    return CardCheckError("SERVICE_UNAVAILABLE", "the code could not be sent to the account's phone")
+    return CardCheckError(Reason.SERVICE_UNAVAILABLE, "the code could not be sent to the account's phone")
 
 
 def _annotate(attributes: dict[str, str | int]) -> None:
@@ -96,7 +96,7 @@ async def _limited(limiter: RateLimiter, key: str, scope: str, message: str) -> 
     wait = await limiter.acquire(key)
     if wait is not None:
         raise CardCheckError(
-            "RATE_LIMITED",
+            Reason.RATE_LIMITED,
             message,
             metadata={"limit": scope, "retry_after_seconds": str(max(1, int(wait.total_seconds() + 0.999)))},
             retry_after=wait,
@@ -149,7 +149,7 @@ class Gateway:
             lease=config.watch_slot_lease,
         )
         self.agreement = agreement
-        self._background: set[asyncio.Task] = set()  # SIGN_IN codes being sent
+        self._background: set[asyncio.Task[None]] = set()  # SIGN_IN codes being sent
 
     # --- banks and agreement ---------------------------------------------------------------
 
@@ -272,7 +272,7 @@ class Gateway:
         await self._users.ensure_not_registered(id_number, form.phone)
         bank_code = await self._banks.verify_real_name(form.card_number, form.name, id_number, form.phone)
         if bank_code is None:
-            raise CardCheckError("REAL_NAME_CHECK_FAILED", "the card's bank did not confirm the identity")
+            raise CardCheckError(Reason.REAL_NAME_CHECK_FAILED, "the card's bank did not confirm the identity")
         user = await self._users.create(
             Identity(form.name, id_number, form.phone), form.region, form.payment_password, bank_code
         )
@@ -289,7 +289,7 @@ class Gateway:
         )
         user = await self._users.find_by_phone(phone)
         if user is None:
-            raise CardCheckError("VERIFICATION_FAILED", "no account for this phone")
+            raise CardCheckError(Reason.VERIFICATION_FAILED, "no account for this phone")
         log.info("user %s signed in", user.user_id)
         return await self._sessions.open(user.user_id)
 
@@ -322,7 +322,7 @@ class Gateway:
         if wait is not None:
             self._shedding.shed()
             _annotate({"cardcheck.admission.shed": True})
-            raise CardCheckError("SERVICE_BUSY", "too many queries submitted at once", retry_after=wait)
+            raise CardCheckError(Reason.SERVICE_BUSY, "too many queries submitted at once", retry_after=wait)
         user_id = await self._sessions.ensure_live(claims)
         await _limited(self._limits.submit_user, user_id, "user", "too many queries submitted")
         return user_id
@@ -353,13 +353,13 @@ class Gateway:
 
         if not form.consent_given or form.agreement_version != self.agreement.version:
             raise CardCheckError(
-                "CONSENT_REQUIRED",
+                Reason.CONSENT_REQUIRED,
                 "consent to the current agreement is required",
                 metadata={"agreement_version": self.agreement.version},
             )
         user = await self._users.get(user_id)
         if user is None:
-            raise CardCheckError("UNAUTHENTICATED", "the session's user no longer exists")
+            raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
         validation.check_region_enabled(user.region, self._settings.enabled_regions)
 
         identity = await self._users.identity(user_id)
@@ -370,7 +370,7 @@ class Gateway:
         )
         if not await self._face.verify(user_id, form.face_token):
             raise CardCheckError(
-                "VERIFICATION_FAILED", "face verification failed", metadata={"factor": "face"}
+                Reason.VERIFICATION_FAILED, "face verification failed", metadata={"factor": "face"}
             )
 
         bank_codes = await self._resolve_banks(requested)
@@ -455,7 +455,7 @@ class Gateway:
         )
         if not await self._face.verify(user_id, form.face_token):
             raise CardCheckError(
-                "VERIFICATION_FAILED", "face verification failed", metadata={"factor": "face"}
+                Reason.VERIFICATION_FAILED, "face verification failed", metadata={"factor": "face"}
             )
         await self._users.reset_payment_password(user_id, form.new_payment_password)
         log.info("user %s reset the payment password", user_id)

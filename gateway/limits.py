@@ -35,9 +35,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cardcheck.runtime.clock import Clock
+
+if TYPE_CHECKING:
+    import redis.asyncio
+    from redis.commands.core import AsyncScript
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +108,7 @@ class TokenBucketLimiter:
         self._buckets: OrderedDict[str, float] = OrderedDict()  # key -> full again at (µs)
 
     @classmethod
-    def of(cls, rate: Rate, clock: Clock, **kwargs) -> TokenBucketLimiter:
+    def of(cls, rate: Rate, clock: Clock, **kwargs: Any) -> TokenBucketLimiter:
         return cls(rate.per_second, rate.burst, clock, **kwargs)
 
     async def acquire(self, key: str, cost: float = 1) -> timedelta | None:
@@ -163,7 +167,7 @@ class RedisStore:
 
     def __init__(
         self,
-        client,
+        client: redis.asyncio.Redis,
         *,
         prefix: str = "cardcheck",
         retry_after_s: float = 1.0,
@@ -208,7 +212,7 @@ class RedisStore:
     def key(self, limit: str, key: str) -> str:
         return f"{self.prefix}:rl:{limit}:{key}"
 
-    def script(self, text: str):
+    def script(self, text: str) -> AsyncScript:
         """A Lua script of another user of this store (e.g. gateway/watches.py), for `run`."""
         return self.client.register_script(text)
 
@@ -221,7 +225,7 @@ class RedisStore:
         )
         return 0 if int(allowed) else int(wait)
 
-    async def run(self, script, keys: list[str], args: list):
+    async def run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """Runs one of this store's scripts behind the circuit breaker. Raises
         LimiterUnavailable when Redis cannot answer (or has not been asked: circuit open)."""
         if self._down and self._monotonic() < self._down_until:
@@ -326,9 +330,8 @@ class Limiters:
 
     @classmethod
     def in_process(cls, rates: LimitRates, clock: Clock) -> Limiters:
-        return cls(
-            **{name: TokenBucketLimiter.of(getattr(rates, name), clock) for name in _LIMITS},
-        )
+        limiters: dict[str, Any] = {name: TokenBucketLimiter.of(getattr(rates, name), clock) for name in _LIMITS}
+        return cls(**limiters)
 
     @classmethod
     def on_redis(cls, store: RedisStore, rates: LimitRates, fallback_clock: Clock) -> Limiters:

@@ -54,12 +54,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from cardcheck.runtime.errors import CardCheckError
+from cardcheck.runtime.errors import CardCheckError, Reason
 from cardcheck.runtime.keys import Keyring
 
 T = TypeVar("T")
@@ -167,16 +167,16 @@ class BoundedExecutor:
     def _release(self) -> None:
         self._taken -= 1
 
-    async def run(self, work: Callable[..., T], *args) -> T:
+    async def run(self, work: Callable[..., T], *args: Any) -> T:
         if self._taken >= self._capacity:
             raise CardCheckError(
-                "SERVICE_BUSY", "too many payment password checks at once", retry_after=BUSY_RETRY_AFTER
+                Reason.SERVICE_BUSY, "too many payment password checks at once", retry_after=BUSY_RETRY_AFTER
             )
         loop = asyncio.get_running_loop()
         future = self._pool.submit(work, *args)
         self._taken += 1
 
-        def done(_future: Future) -> None:
+        def done(_future: Future[T]) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed first: nobody is counting
                 loop.call_soon_threadsafe(self._release)
 

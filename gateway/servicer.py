@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime
+from typing import Any, cast
 from urllib.parse import unquote
 
 import grpc
@@ -60,7 +61,7 @@ def _network(host: str) -> str:
     return str(address)
 
 
-def caller_of(peer: str, metadata: Sequence[tuple[str, str | bytes]], header: str | None = None) -> str:
+def caller_of(peer: str, metadata: Iterable[tuple[str, str | bytes]], header: str | None = None) -> str:
     """Who is calling, for the per-caller SMS limits: the peer's address (`ipv4:1.2.3.4:5678`,
     `ipv6:[::1]:5678`), or, when the gateway sits behind a proxy that sets `header`, the last
     address of its last occurrence: the proxy appends its own value (or its own header) after
@@ -77,7 +78,7 @@ def caller_of(peer: str, metadata: Sequence[tuple[str, str | bytes]], header: st
     return peer or "unknown"
 
 
-def _purpose(value: int) -> str | None:
+def _purpose(value: common_pb2.SmsPurpose.ValueType) -> str | None:
     if value == common_pb2.SMS_PURPOSE_UNSPECIFIED:
         return None
     try:
@@ -208,8 +209,9 @@ class _Undecodable:
         self.type_name = type_name
 
 
-def _tolerant_deserializer(deserialize, type_name: str):
-    def parse(raw: bytes):
+def _tolerant_deserializer(deserialize: Callable[[bytes], Any] | None, type_name: str) -> Callable[[bytes], Any]:
+    assert deserialize is not None  # the generated handlers all have one
+    def parse(raw: bytes) -> Any:
         try:
             return deserialize(raw)
         except Exception:  # DecodeError, or anything else the parser may raise on garbage
@@ -222,11 +224,13 @@ def _undecodable(request: _Undecodable) -> CardCheckError:
     return invalid_argument([FieldViolation("request", f"not a valid {request.type_name} message")])
 
 
-def _tolerant(handler: grpc.RpcMethodHandler, type_name: str) -> grpc.RpcMethodHandler:
+# grpc's method handlers are namedtuples (`_replace`), and an aio servicer's behaviors are
+# coroutines and async generators; grpc's stubs declare an ABC with the sync signatures.
+def _tolerant(handler: grpc.RpcMethodHandler[Any, Any], type_name: str) -> grpc.RpcMethodHandler[Any, Any]:
     if handler.request_streaming:
         return handler  # the public API has no client streams
     if handler.response_streaming:
-        behavior = handler.unary_stream
+        behavior = cast(Callable[[Any, Any], AsyncIterator[Any]], handler.unary_stream)
 
         async def stream(request, context):
             if isinstance(request, _Undecodable):
@@ -235,19 +239,19 @@ def _tolerant(handler: grpc.RpcMethodHandler, type_name: str) -> grpc.RpcMethodH
             async for item in behavior(request, context):
                 yield item
 
-        return handler._replace(
+        return handler._replace(  # type: ignore[attr-defined]
             request_deserializer=_tolerant_deserializer(handler.request_deserializer, type_name),
             unary_stream=stream,
         )
-    behavior = handler.unary_unary
+    unary_behavior = cast(Callable[[Any, Any], Awaitable[Any]], handler.unary_unary)
 
     async def unary(request, context):
         if isinstance(request, _Undecodable):
             refuse(context, _undecodable(request))
             return None
-        return await behavior(request, context)
+        return await unary_behavior(request, context)
 
-    return handler._replace(
+    return handler._replace(  # type: ignore[attr-defined]
         request_deserializer=_tolerant_deserializer(handler.request_deserializer, type_name),
         unary_unary=unary,
     )
@@ -257,7 +261,7 @@ class _Collector:
     """Takes the method handlers the generated code builds, instead of a server."""
 
     def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         pass
@@ -269,7 +273,8 @@ class _Collector:
 def add_to_server(servicer: CardCheckServicer, server: grpc.aio.Server) -> None:
     """Like the generated add_CardCheckServicer_to_server, with tolerant request parsing."""
     collector = _Collector()
-    gateway_pb2_grpc.add_CardCheckServicer_to_server(servicer, collector)
+    # It takes the calls the generated code makes of a server.
+    gateway_pb2_grpc.add_CardCheckServicer_to_server(servicer, cast(grpc.aio.Server, collector))
     methods = gateway_pb2.DESCRIPTOR.services_by_name["CardCheck"].methods_by_name
     if set(collector.handlers) != set(methods):
         raise RuntimeError("the generated CardCheck stubs no longer register every method")

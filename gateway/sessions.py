@@ -27,7 +27,7 @@ from sqlmodel import Field, Session, SQLModel, select
 
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database
-from cardcheck.runtime.errors import CardCheckError
+from cardcheck.runtime.errors import CardCheckError, Reason
 from cardcheck.runtime.keys import Keyring
 
 MAX_TOKEN_LENGTH = 256
@@ -71,7 +71,7 @@ def _hash(session_id: str) -> str:
 
 
 def _unauthenticated(why: str) -> CardCheckError:
-    return CardCheckError("UNAUTHENTICATED", why)
+    return CardCheckError(Reason.UNAUTHENTICATED, why)
 
 
 def _b64(raw: bytes) -> str:

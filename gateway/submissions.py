@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from cardcheck.runtime.clock import Clock
-from cardcheck.runtime.database import Database
+from cardcheck.runtime.database import Database, rowcount
 from cardcheck.runtime.keys import Keyring
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,6 @@ class Submissions:
         cutoff = self._clock.now() - older_than
 
         def work(session: Session) -> int:
-            return session.execute(delete(SubmissionRow).where(col(SubmissionRow.created_at) < cutoff)).rowcount
+            return rowcount(session.execute(delete(SubmissionRow).where(col(SubmissionRow.created_at) < cutoff)))
 
         return await self._db.run(work)

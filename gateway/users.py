@@ -27,7 +27,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database
-from cardcheck.runtime.errors import CardCheckError
+from cardcheck.runtime.errors import CardCheckError, Reason
 from cardcheck.runtime.keys import Keyring, Sealer
 from gateway.payment_passwords import PaymentPasswords
 
@@ -132,7 +132,7 @@ class Users:
             return row is not None
 
         if await self._db.run(work):
-            raise CardCheckError("ALREADY_REGISTERED", "an account exists for this ID number or phone")
+            raise CardCheckError(Reason.ALREADY_REGISTERED, "an account exists for this ID number or phone")
 
     async def create(
         self, identity: Identity, region: str, payment_password: str, bound_bank_code: str
@@ -159,7 +159,7 @@ class Users:
         except IntegrityError:
             # Another registration for the same ID or phone won the race.
             raise CardCheckError(
-                "ALREADY_REGISTERED", "an account exists for this ID number or phone"
+                Reason.ALREADY_REGISTERED, "an account exists for this ID number or phone"
             ) from None
         return User(user_id, region, bound_bank_code)
 
@@ -179,7 +179,7 @@ class Users:
     async def identity(self, user_id: str) -> Identity:
         row = await self._db.run(lambda session: session.get(UserRow, user_id))
         if row is None:
-            raise CardCheckError("UNAUTHENTICATED", "the session's user no longer exists")
+            raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
         return open_identity(self._sealer, row)
 
     async def check_payment_password(self, user_id: str, password: str) -> None:
@@ -190,7 +190,7 @@ class Users:
         now = self._clock.now()
         row = await self._db.run(lambda session: session.get(UserRow, user_id))
         if row is None:
-            raise CardCheckError("UNAUTHENTICATED", "the session's user no longer exists")
+            raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
         refusal = self._lock_of(row, now)
         if refusal is not None:
             raise refusal
@@ -234,7 +234,7 @@ class Users:
             raise refusal
         if not checked.right:
             raise CardCheckError(
-                "PAYMENT_PASSWORD_INVALID",
+                Reason.PAYMENT_PASSWORD_INVALID,
                 "wrong payment password",
                 metadata={"attempts_left": str(max(self._max_attempts - count, 0))},
             )
@@ -257,7 +257,7 @@ class Users:
             return True
 
         if not await self._db.run(work):
-            raise CardCheckError("UNAUTHENTICATED", "the session's user no longer exists")
+            raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
 
     def close(self) -> None:
         self._passwords.close()
@@ -272,7 +272,7 @@ class Users:
         if row.locked_until is not None and as_utc(row.locked_until) > now:
             until = as_utc(row.locked_until)
             return CardCheckError(
-                "PAYMENT_PASSWORD_LOCKED",
+                Reason.PAYMENT_PASSWORD_LOCKED,
                 "too many wrong payment passwords",
                 metadata={
                     "locked_until": until.isoformat().replace("+00:00", "Z"),
@@ -285,4 +285,4 @@ class Users:
     @staticmethod
     def _reset_required(why: str, metadata: dict[str, str]) -> CardCheckError:
         # No RetryInfo: waiting does not help, a reset does.
-        return CardCheckError("PAYMENT_PASSWORD_LOCKED", why, metadata={"reset_required": "true", **metadata})
+        return CardCheckError(Reason.PAYMENT_PASSWORD_LOCKED, why, metadata={"reset_required": "true", **metadata})

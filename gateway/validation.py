@@ -13,7 +13,7 @@ from datetime import date, datetime, timedelta, timezone
 
 from cardcheck.banks import BY_CODE, MAX_BANK_CODES
 from cardcheck.numbers import card_number_valid, id_number_valid
-from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
+from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, invalid_argument
 from cardcheck.runtime.settings import ALL_REGIONS
 
 CHINA_TZ = timezone(timedelta(hours=8))  # birth dates on an ID are calendar days in China
@@ -144,7 +144,7 @@ def known_banks(codes: Sequence[str], field: str = "bank_codes") -> list[str]:
     if unknown:
         names = list(dict.fromkeys(code for _, code in unknown))
         raise CardCheckError(
-            "UNKNOWN_BANK",
+            Reason.UNKNOWN_BANK,
             f"unknown bank code {names[0]!r}",
             metadata={"bank_code": names[0], "bank_codes": ",".join(names)},
             violations=[FieldViolation(f"{field}[{i}]", "unknown bank code") for i, _ in unknown],
@@ -155,7 +155,7 @@ def known_banks(codes: Sequence[str], field: str = "bank_codes") -> list[str]:
 def check_region_enabled(region: str, enabled_regions: Iterable[str]) -> None:
     if region not in enabled_regions:
         raise CardCheckError(
-            "REGION_NOT_SUPPORTED", f"region {region} is not enabled", metadata={"region": region}
+            Reason.REGION_NOT_SUPPORTED, f"region {region} is not enabled", metadata={"region": region}
         )
 
 

@@ -32,14 +32,16 @@ import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from cardcheck.runtime.clock import Clock
-from cardcheck.runtime.errors import CardCheckError
+from cardcheck.runtime.errors import CardCheckError, Reason
 from gateway.limits import LimiterUnavailable, RedisStore
 from gateway.sessions import SessionClaims, Sessions
 
 log = logging.getLogger(__name__)
+
+Event = TypeVar("Event")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
@@ -215,7 +217,7 @@ class FallingBackSlots:
 
 def watch_streams_limited(wait: timedelta) -> CardCheckError:
     return CardCheckError(
-        "RATE_LIMITED",
+        Reason.RATE_LIMITED,
         "too many WatchQuery streams open",
         metadata={"limit": "watch_streams", "retry_after_seconds": str(max(1, int(wait.total_seconds() + 0.999)))},
         retry_after=wait,
@@ -223,7 +225,7 @@ def watch_streams_limited(wait: timedelta) -> CardCheckError:
 
 
 def stream_expired(why: str = "the watch reached its maximum lifetime") -> CardCheckError:
-    return CardCheckError("STREAM_EXPIRED", f"{why}; open it again", retry_after=timedelta(0))
+    return CardCheckError(Reason.STREAM_EXPIRED, f"{why}; open it again", retry_after=timedelta(0))
 
 
 class Watches:
@@ -270,7 +272,7 @@ class Watches:
         """Raises when the session expired or the lifetime is over; else the seconds to wait."""
         now = self._clock.now()
         if claims.expires_at <= now:
-            raise CardCheckError("UNAUTHENTICATED", "session expired")
+            raise CardCheckError(Reason.UNAUTHENTICATED, "session expired")
         if watch.ends_at <= now:
             raise stream_expired()
         if self._draining.is_set():
@@ -279,8 +281,8 @@ class Watches:
         return min(self._check_s, due.total_seconds())
 
     async def guarded(
-        self, watch: Watch, claims: SessionClaims, events: AsyncGenerator
-    ) -> AsyncIterator:
+        self, watch: Watch, claims: SessionClaims, events: AsyncGenerator[Event, None]
+    ) -> AsyncGenerator[Event, None]:
         """The upstream's events, until it ends, the lifetime is over or the session is not live."""
         loop = asyncio.get_running_loop()
         checked_at = renewed_at = loop.time()

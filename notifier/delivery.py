@@ -52,8 +52,8 @@ class DeliveryWorker:
         self._backoff = backoff or Backoff(config.retry_base_s, config.retry_max_s)
         # A message free to try now (given back by a replica that stopped), or a free slot here.
         self._changes = store.queue.changes or Channel("messages")
-        self._loop_task: asyncio.Task | None = None
-        self._attempts: dict[str, asyncio.Task] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._attempts: dict[str, asyncio.Task[None]] = {}
         self._leases: dict[str, Lease] = {}  # the lease each attempt runs under
 
     @property
@@ -139,7 +139,7 @@ class DeliveryWorker:
         await asyncio.gather(*(self.dispatch(row) for row in claimed))
         return len(claimed)
 
-    def dispatch(self, row: MessageRow) -> asyncio.Task:
+    def dispatch(self, row: MessageRow) -> asyncio.Task[None]:
         """Runs one attempt of a message this replica holds the lease of. The attempt belongs to
         the worker, not to the caller: a Send whose caller goes away does not cancel it."""
         self._leases[row.message_id] = lease_of(row)
@@ -151,7 +151,7 @@ class DeliveryWorker:
         task = asyncio.create_task(self._attempt(row), name=f"sms {row.message_id}")
         self._attempts[row.message_id] = task
 
-        def done(_task: asyncio.Task, message_id: str = row.message_id) -> None:
+        def done(_task: asyncio.Task[None], message_id: str = row.message_id) -> None:
             self._attempts.pop(message_id, None)
             self._leases.pop(message_id, None)
             self._changes.notify()

@@ -42,8 +42,8 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.clock import Clock, as_utc
-from cardcheck.runtime.database import Database
-from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
+from cardcheck.runtime.database import Database, table_of
+from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, invalid_argument
 from cardcheck.runtime.keys import KeyedHash, Keyring, Sealer
 from cardcheck.runtime.work import Lease, LeaseColumns, LeaseLost, WorkQueue
 from notifier.config import Cap
@@ -97,7 +97,7 @@ class MessageRow(SQLModel, table=True):
     trace_context: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
-_MESSAGES = MessageRow.__table__
+_MESSAGES = table_of(MessageRow)
 MESSAGE_LEASES = LeaseColumns(
     _MESSAGES,
     key=(_MESSAGES.c.message_id,),
@@ -378,7 +378,7 @@ class MessageStore:
         if waits:
             wait, limit, name = max(waits)
             raise CardCheckError(
-                "RATE_LIMITED",
+                Reason.RATE_LIMITED,
                 f"at most {limit} {kind} messages to one phone per {name}",
                 metadata={"kind": kind, "window": name, "limit": str(limit)},
                 retry_after=wait,
@@ -424,7 +424,7 @@ class MessageStore:
             now = self._clock.now()
             free = or_(col(MessageRow.lease_until).is_(None), col(MessageRow.lease_until) <= now)
             due = and_(
-                MessageRow.status == QUEUED,
+                col(MessageRow.status) == QUEUED,
                 or_(col(MessageRow.next_attempt_at).is_(None), col(MessageRow.next_attempt_at) <= now),
             )
             past_window = col(MessageRow.retry_until) < now - EXPIRY_SLACK
@@ -441,7 +441,7 @@ class MessageStore:
                 owner,
                 limit,
                 where=[due, or_(col(MessageRow.retry_until).is_(None), ~past_window)],
-                order_by=[col(MessageRow.next_attempt_at), col(MessageRow.seq)],
+                order_by=[_MESSAGES.c.next_attempt_at, _MESSAGES.c.seq],
             )
             ids = [lease.key[0] for lease in leases]
             rows = {r.message_id: r for r in session.exec(select(MessageRow).where(col(MessageRow.message_id).in_(ids)))}

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from opentelemetry import propagate
 
 from cardcheck.runtime.clock import Clock, as_utc
-from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
+from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, invalid_argument
 from cardcheck.runtime.logs import mask_phone
 from notifier.config import NotifierConfig
 from notifier.delivery import DeliveryWorker
@@ -152,7 +152,7 @@ class Outbox:
             raise invalid_argument([FieldViolation("message_id", "required")])
         row = await self._store.get(message_id)
         if row is None:
-            raise CardCheckError("NOT_FOUND", "no such message")
+            raise CardCheckError(Reason.NOT_FOUND, "no such message")
         return delivery_of(row)
 
     async def inbox(self, phone: str) -> list[InboxMessage]:

@@ -20,7 +20,7 @@ _STATUS = {
 }
 
 
-def _kind_name(kind: int) -> str | None:
+def _kind_name(kind: notifier_pb2.MessageKind.ValueType) -> str | None:
     """MESSAGE_KIND_SMS_CODE -> SMS_CODE; None for UNSPECIFIED or a number we do not know."""
     try:
         name = notifier_pb2.MessageKind.Name(kind).removeprefix(_KIND_PREFIX)

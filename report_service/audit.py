@@ -54,13 +54,15 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, inspect, select, update
+from sqlalchemy import Connection, Engine, Select, insert, inspect, select, update
 from sqlmodel import Session
 
 from cardcheck.runtime.clock import as_utc
+from cardcheck.runtime.database import table_of
 from cardcheck.runtime.keys import Keyring
-from cardcheck.runtime.maintenance import add_location_options, run, service_store
+from cardcheck.runtime.maintenance import Refused, add_location_options, run, service_store
 from report_service.models import AuditHeadRow, AuditRow
 
 GENESIS = "0" * 64
@@ -194,7 +196,7 @@ class AuditChain:
         if not inspect(engine).has_table(AuditHeadRow.__tablename__):
             return None
         with Session(engine) as session, session.begin():
-            head = AuditHeadRow.__table__
+            head = table_of(AuditHeadRow)
             head_row = session.execute(
                 select(head.c.seq, head.c.hash).where(head.c.id == 1).with_for_update()
             ).first()
@@ -205,7 +207,7 @@ class AuditChain:
             verdict = verify_rows(entries, tuple(head_row), self._recorded_hash(plain))
             if not verdict.ok:
                 return Rekeyed(verdict, len(plain))
-            table = AuditRow.__table__
+            table = table_of(AuditRow)
             if verdict.with_report_contents and session.get_bind().dialect.name == "sqlite":
                 # The details overwritten are zeroed rather than left in free pages (as the sweep does).
                 session.connection().exec_driver_sql("PRAGMA secure_delete = ON")
@@ -244,8 +246,10 @@ class AuditChain:
         return holds
 
 
-def _append(session: Session, events: Sequence[AuditEvent], at: datetime, entry_hash) -> None:
-    head = AuditHeadRow.__table__
+def _append(
+    session: Session, events: Sequence[AuditEvent], at: datetime, entry_hash: Callable[[str, bytes], str]
+) -> None:
+    head = table_of(AuditHeadRow)
     seq, prev = session.execute(select(head.c.seq, head.c.hash).where(head.c.id == 1).with_for_update()).one()
     rows = []
     for event in events:
@@ -266,7 +270,7 @@ def _append(session: Session, events: Sequence[AuditEvent], at: datetime, entry_
             }
         )
         prev = digest
-    session.execute(insert(AuditRow.__table__), rows)
+    session.execute(insert(table_of(AuditRow)), rows)
     session.execute(update(head).where(head.c.id == 1).values(seq=seq, hash=prev))
 
 
@@ -304,7 +308,7 @@ class Rekeyed:
 
 
 def verify_rows(
-    rows: Iterable[Sequence],
+    rows: Iterable[Sequence[Any]],
     head: tuple[int, str],
     holds: Callable[[str, bytes, str], bool],
     anchors: Mapping[int, str] | None = None,
@@ -343,8 +347,8 @@ def verify_rows(
     return Verdict(True, count, prev, with_report_contents=contents)
 
 
-def _entries_up_to(seq: int):
-    table = AuditRow.__table__
+def _entries_up_to(seq: int) -> Select[*tuple[Any, ...]]:
+    table = table_of(AuditRow)
     return (
         select(
             table.c.seq,
@@ -363,7 +367,7 @@ def _entries_up_to(seq: int):
 
 def read_head(connection: Connection) -> tuple[int, str] | None:
     """The newest entry's seq and hash, as the head row names them."""
-    head_table = AuditHeadRow.__table__
+    head_table = table_of(AuditHeadRow)
     row = connection.execute(select(head_table.c.seq, head_table.c.hash).where(head_table.c.id == 1)).first()
     return None if row is None else (row.seq, row.hash)
 
@@ -393,10 +397,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("verify", "check the hash chain; exit 1 at the first broken entry"),
         ("rekey", "once, for a trail begun before entries were keyed: hash it again under the key"),
     ):
-        command = commands.add_parser(name, help=help_text)
-        add_location_options(command)
+        subcommand = commands.add_parser(name, help=help_text)
+        add_location_options(subcommand)
         if name == "verify":
-            command.add_argument(
+            subcommand.add_argument(
                 "--head", dest="anchors", action="append", default=[], type=_anchor, metavar="SEQ:HASH",
                 help="a head recorded earlier (report_service logs it): entry SEQ must still have HASH",
             )
@@ -412,7 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 verdict, rekeyed = chain.verify_engine(engine, dict(args.anchors)), None
             else:
                 rekeyed = chain.rekey(engine)
-                verdict = rekeyed.verdict
+                verdict = rekeyed.verdict if rekeyed is not None else None
+        if verdict is None:  # service_store refuses a database without the trail's tables first
+            raise Refused("no audit trail in that database")
         if rekeyed is not None and verdict.ok:
             # A trail that verified as keyed before and now holds plain entries was rewritten by
             # someone without the key: this count is for the operator to compare with what they expect.

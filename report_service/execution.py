@@ -23,21 +23,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from cardcheck.banks import BY_CODE
 from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.clock import Clock, as_utc
+from cardcheck.runtime.database import table_of
 from cardcheck.runtime.work import Lease, LeaseColumns, LeaseLost, WorkQueue
 from report_service import audit
 from report_service.models import (
     EXECUTE,
-    FAILED,
     NOTIFY,
-    PENDING,
-    READY,
     BankOutcomeRow,
     QueryRow,
+    QueryStatus,
     ReportRow,
     WorkRow,
 )
@@ -79,20 +78,20 @@ class Recorded:
     """The result of recording outcomes: the query's status after it, and the SMS lease when the
     report was just generated (the worker that finished the query sends it)."""
 
-    status: str
+    status: QueryStatus
     notify: Claim | None = None
 
 
 @dataclass(frozen=True)
 class _Finished:
-    status: str
+    status: QueryStatus
     query: Query | None = None  # READY: what the SMS needs
     sealed: bytes = b""
     trace_context: str = "{}"
     owner: str = ""  # READY: whose the NOTIFY work is
 
 
-_WORK = WorkRow.__table__
+_WORK = table_of(WorkRow)
 WORK_LEASES = LeaseColumns(
     _WORK,
     key=(_WORK.c.query_id, _WORK.c.kind),
@@ -134,19 +133,19 @@ class ExecutionStore:
             return []
         now = self._clock.now()
 
-        def claim(session: Session):
+        def claim(session: Session) -> list[tuple[str, int, Query, bytes, str, tuple[str, ...], bool]]:
             due = self.queue.claim(session, owner, limit)
             if not due:
                 return []
             query_ids = sorted({lease.key[0] for lease in due})
             queries = {
                 row.query_id: row
-                for row in session.execute(select(QueryRow).where(QueryRow.query_id.in_(query_ids))).scalars()
+                for row in session.execute(select(QueryRow).where(col(QueryRow.query_id).in_(query_ids))).scalars()
             }
             answered: dict[str, set[str]] = {}
             for query_id, bank_code in session.execute(
-                select(BankOutcomeRow.query_id, BankOutcomeRow.bank_code).where(
-                    BankOutcomeRow.query_id.in_(query_ids), BankOutcomeRow.kind == ANSWERED
+                select(col(BankOutcomeRow.query_id), col(BankOutcomeRow.bank_code)).where(
+                    col(BankOutcomeRow.query_id).in_(query_ids), col(BankOutcomeRow.kind) == ANSWERED
                 )
             ):
                 answered.setdefault(query_id, set()).add(bank_code)
@@ -161,7 +160,7 @@ class ExecutionStore:
                 query = query_of(query_row)
                 missing = tuple(b for b in query.bank_codes if b not in answered.get(query_id, set()))
                 final = now >= query.ready_by
-                if kind == EXECUTE and query.status == PENDING and missing and not final:
+                if kind == EXECUTE and query.status == QueryStatus.PENDING and missing and not final:
                     asked.append(
                         audit.AuditEvent(
                             audit.BANKS_ASKED,
@@ -186,7 +185,7 @@ class ExecutionStore:
 
         claims = []
         for kind, passes, query, sealed, trace_context, missing, final in await self._db.write(claim):
-            if query.status != (PENDING if kind == EXECUTE else READY) or not sealed:
+            if query.status != (QueryStatus.PENDING if kind == EXECUTE else QueryStatus.READY) or not sealed:
                 # Nothing left to do (finishing and sweeping delete their work rows, so this is
                 # a stray): never let one row come back at every pass.
                 log.warning(
@@ -240,12 +239,12 @@ class ExecutionStore:
         def record(session: Session) -> _Finished | None:
             self.queue.hold(session, claim.lease)
             row = session.get(QueryRow, query_id)
-            if row is None or row.status != PENDING:
+            if row is None or row.status != QueryStatus.PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
             stored = {
                 o.bank_code: o
                 for o in session.execute(
-                    select(BankOutcomeRow).where(BankOutcomeRow.query_id == query_id)
+                    select(BankOutcomeRow).where(col(BankOutcomeRow.query_id) == query_id)
                 ).scalars()
             }
             banks = set(json.loads(row.bank_codes))
@@ -297,10 +296,10 @@ class ExecutionStore:
         def end(session: Session) -> _Finished | None:
             self.queue.hold(session, claim.lease)
             row = session.get(QueryRow, query_id)
-            if row is None or row.status != PENDING:
+            if row is None or row.status != QueryStatus.PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
             stored = list(
-                session.execute(select(BankOutcomeRow).where(BankOutcomeRow.query_id == query_id)).scalars()
+                session.execute(select(BankOutcomeRow).where(col(BankOutcomeRow.query_id) == query_id)).scalars()
             )
             answered = {o.bank_code for o in stored if o.kind == ANSWERED}
             banks = json.loads(row.bank_codes)
@@ -334,13 +333,13 @@ class ExecutionStore:
         unanswered = [b for b in banks if not any(o.bank_code == b and o.kind == ANSWERED for o in outcomes)]
         session.execute(delete(_WORK).where(_WORK.c.query_id == row.query_id, _WORK.c.kind == EXECUTE))
         if len(unanswered) == len(banks):
-            row.status = FAILED
+            row.status = QueryStatus.FAILED
             row.subject_sealed = b""  # nothing more will be asked or sent about this person
             session.add(row)
             events.append(
                 audit.AuditEvent(audit.QUERY_FAILED, row.query_id, row.user_id, {"unanswered": unanswered})
             )
-            return _Finished(FAILED)
+            return _Finished(QueryStatus.FAILED)
         expires_at = now + self._queries.retention
         # Banks whose last outcome is a failure, or that have none, are the unavailable ones.
         content = build_report(banks, outcomes)
@@ -354,7 +353,7 @@ class ExecutionStore:
                 expires_at=expires_at,
             )
         )
-        row.status = READY
+        row.status = QueryStatus.READY
         row.ready_at = now
         row.expires_at = expires_at
         session.add(row)
@@ -372,7 +371,7 @@ class ExecutionStore:
             # What the report says stays in it: the trail outlives it (report_service.audit).
             audit.AuditEvent(audit.REPORT_GENERATED, row.query_id, row.user_id)
         )
-        return _Finished(READY, query_of(row), row.subject_sealed, row.trace_context, owner)
+        return _Finished(QueryStatus.READY, query_of(row), row.subject_sealed, row.trace_context, owner)
 
     def _recorded(self, finished: _Finished | None) -> Recorded | None:
         """The subject is opened outside the transaction that finished the query."""

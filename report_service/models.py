@@ -7,6 +7,7 @@ bank codes and outcome kinds only, never what a report says (it outlives the rep
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
@@ -25,10 +26,17 @@ from sqlalchemy import (
 )
 from sqlmodel import Field, SQLModel
 
-PENDING = "PENDING"
-READY = "READY"
-FAILED = "FAILED"
-EXPIRED = "EXPIRED"
+from cardcheck.runtime.database import table_of
+
+
+class QueryStatus(StrEnum):
+    """A query's status, stored as these strings (rs_queries.status)."""
+
+    PENDING = "PENDING"  # accepted; banks still being asked
+    READY = "READY"  # the report is sealed and can be read
+    FAILED = "FAILED"  # no bank answered by ready_by: no report
+    EXPIRED = "EXPIRED"  # the report was kept its 7 days and deleted
+
 
 EXECUTE = "EXECUTE"  # work: ask the banks still missing, finish the query when it is time
 NOTIFY = "NOTIFY"  # work: have the notifier accept the "report ready" SMS
@@ -36,7 +44,7 @@ NOTIFY = "NOTIFY"  # work: have the notifier accept the "report ready" SMS
 _ONE_PENDING = text("status = 'PENDING'")
 
 
-def _instant(nullable: bool = False) -> Column:
+def _instant(nullable: bool = False) -> Column[datetime]:
     return Column(DateTime(timezone=True), nullable=nullable)
 
 
@@ -151,5 +159,5 @@ class AuditHeadRow(SQLModel, table=True):
     hash: str = Field(sa_column=Column(String(64), nullable=False))
 
 
-TABLES = [QueryRow, BankOutcomeRow, ReportRow, WorkRow, AuditRow, AuditHeadRow]
-TABLE_NAMES = [model.__tablename__ for model in TABLES]
+TABLES: list[type[SQLModel]] = [QueryRow, BankOutcomeRow, ReportRow, WorkRow, AuditRow, AuditHeadRow]
+TABLE_NAMES = [table_of(model).name for model in TABLES]

@@ -4,6 +4,7 @@ Plain classes, no gRPC; time from the injected clock."""
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import uuid
@@ -18,18 +19,15 @@ from sqlmodel import Session, col, select
 from cardcheck.banks import BY_CODE, MAX_BANK_CODES
 from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.clock import Clock, as_utc
-from cardcheck.runtime.errors import CardCheckError, FieldViolation, invalid_argument
+from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, invalid_argument
 from cardcheck.runtime.keys import KeyedHash, Sealer
 from cardcheck.v1 import report_service_pb2
 from report_service import audit
 from report_service.models import (
     EXECUTE,
-    EXPIRED,
-    FAILED,
-    PENDING,
-    READY,
     BankOutcomeRow,
     QueryRow,
+    QueryStatus,
     ReportRow,
     WorkRow,
 )
@@ -72,7 +70,7 @@ class Subject:
 class Query:
     query_id: str
     user_id: str
-    status: str
+    status: QueryStatus
     bank_codes: tuple[str, ...]
     agreement_version: str
     submitted_at: datetime
@@ -84,7 +82,7 @@ class Query:
 
     @property
     def pending(self) -> bool:
-        return self.status == PENDING
+        return self.status == QueryStatus.PENDING
 
 
 class QueryRules:
@@ -117,7 +115,7 @@ class QueryRules:
         unknown = [code for code in bank_codes if code not in BY_CODE]
         if unknown:
             raise CardCheckError(
-                "UNKNOWN_BANK",
+                Reason.UNKNOWN_BANK,
                 f"unknown bank codes: {', '.join(unknown)}",
                 violations=[FieldViolation("bank_codes", f"unknown bank {code}") for code in unknown],
             )
@@ -131,7 +129,7 @@ class QueryRules:
         if allowed_at <= now:
             return None
         return CardCheckError(
-            "COOLDOWN_ACTIVE",
+            Reason.COOLDOWN_ACTIVE,
             f"the last report was generated less than {cls.COOLDOWN.days} days ago",
             metadata={"retry_after": allowed_at.isoformat().replace("+00:00", "Z")},
             retry_after=allowed_at - now,
@@ -139,12 +137,12 @@ class QueryRules:
 
     @staticmethod
     def report_refusal(query: Query, now: datetime) -> CardCheckError | None:
-        if query.status == PENDING:
-            return CardCheckError("REPORT_NOT_READY", "the banks have not all answered yet")
-        if query.status == FAILED:
-            return CardCheckError("NOT_FOUND", "query failed: no report")
-        if query.status == EXPIRED or (query.expires_at is not None and now >= query.expires_at):
-            return CardCheckError("REPORT_EXPIRED", "the report was kept its 7 days and deleted")
+        if query.status == QueryStatus.PENDING:
+            return CardCheckError(Reason.REPORT_NOT_READY, "the banks have not all answered yet")
+        if query.status == QueryStatus.FAILED:
+            return CardCheckError(Reason.NOT_FOUND, "query failed: no report")
+        if query.status == QueryStatus.EXPIRED or (query.expires_at is not None and now >= query.expires_at):
+            return CardCheckError(Reason.REPORT_EXPIRED, "the report was kept its 7 days and deleted")
         return None
 
 
@@ -152,7 +150,7 @@ def query_of(row: QueryRow) -> Query:
     return Query(
         query_id=row.query_id,
         user_id=row.user_id,
-        status=row.status,
+        status=QueryStatus(row.status),
         bank_codes=tuple(json.loads(row.bank_codes)),
         agreement_version=row.agreement_version,
         submitted_at=as_utc(row.submitted_at),
@@ -251,8 +249,8 @@ class QueryStore:
                 select(QueryRow).where(
                     QueryRow.user_id == user_id,
                     or_(
-                        and_(QueryRow.idempotency_key_in_clear == false(), col(QueryRow.idempotency_key).in_(digests)),
-                        and_(QueryRow.idempotency_key_in_clear == true(), QueryRow.idempotency_key == key),
+                        and_(col(QueryRow.idempotency_key_in_clear) == false(), col(QueryRow.idempotency_key).in_(digests)),
+                        and_(col(QueryRow.idempotency_key_in_clear) == true(), col(QueryRow.idempotency_key) == key),
                     ),
                 )
             ).first()
@@ -262,13 +260,13 @@ class QueryStore:
             if existing is not None:
                 return query_of(existing), False
             pending = session.exec(
-                select(QueryRow.query_id).where(QueryRow.user_id == user_id, QueryRow.status == PENDING)
+                select(QueryRow.query_id).where(QueryRow.user_id == user_id, QueryRow.status == QueryStatus.PENDING)
             ).first()
             if pending is not None:
-                raise CardCheckError("QUERY_IN_PROGRESS", "another query of this user is pending")
+                raise CardCheckError(Reason.QUERY_IN_PROGRESS, "another query of this user is pending")
             last_report = session.exec(
                 select(func.max(QueryRow.ready_at)).where(
-                    QueryRow.user_id == user_id, col(QueryRow.status).in_([READY, EXPIRED])
+                    QueryRow.user_id == user_id, col(QueryRow.status).in_([QueryStatus.READY, QueryStatus.EXPIRED])
                 )
             ).first()
             refusal = QueryRules.cooldown_error(as_utc(last_report) if last_report else None, now)
@@ -278,7 +276,7 @@ class QueryStore:
             row = QueryRow(
                 query_id=query_id,
                 user_id=user_id,
-                status=PENDING,
+                status=QueryStatus.PENDING,
                 bank_codes=json.dumps(list(banks)),
                 agreement_version=agreement_version,
                 idempotency_key=digests[0] if digests else None,
@@ -327,7 +325,7 @@ class QueryStore:
             existing = await self._db.read(by_key)
             if existing is not None:
                 return query_of(existing), False
-            raise CardCheckError("QUERY_IN_PROGRESS", "another query of this user is pending") from None
+            raise CardCheckError(Reason.QUERY_IN_PROGRESS, "another query of this user is pending") from None
 
     # --- reading, for the user who owns the query -------------------------------------------
 
@@ -337,7 +335,7 @@ class QueryStore:
 
         row = await self._db.read(find) if query_id else None
         if row is None or row.user_id != user_id or not user_id:
-            raise CardCheckError("NOT_FOUND", "no such query")
+            raise CardCheckError(Reason.NOT_FOUND, "no such query")
         return query_of(row)
 
     async def list(self, user_id: str) -> list[Query]:
@@ -352,7 +350,7 @@ class QueryStore:
 
         return [query_of(row) for row in await self._db.read(find)]
 
-    async def snapshot(self, user_id: str, query_id: str) -> tuple[Query, list[BankOutcome]]:
+    async def snapshot(self, user_id: str, query_id: str) -> tuple[Query, builtins.list[BankOutcome]]:
         """The query and each bank's latest outcome so far, in the order first recorded, read
         together."""
 
@@ -369,7 +367,7 @@ class QueryStore:
 
         row, outcomes = await self._db.read(find) if query_id else (None, [])
         if row is None or row.user_id != user_id or not user_id:
-            raise CardCheckError("NOT_FOUND", "no such query")
+            raise CardCheckError(Reason.NOT_FOUND, "no such query")
         return query_of(row), [self.outcome_of(o) for o in outcomes]
 
     async def report(self, user_id: str, query_id: str) -> Report:
@@ -385,7 +383,7 @@ class QueryStore:
 
         row = await self._db.read(find)
         if row is None:  # swept between the two reads
-            raise CardCheckError("REPORT_EXPIRED", "the report was kept its 7 days and deleted")
+            raise CardCheckError(Reason.REPORT_EXPIRED, "the report was kept its 7 days and deleted")
         content = self._vault.open(query_id, row.wrapped_key, row.ciphertext)
 
         def viewed(session: Session) -> None:
@@ -399,7 +397,7 @@ class QueryStore:
     async def audit_head(self) -> tuple[int, str] | None:
         return await self._db.read(lambda session: audit.read_head(session.connection()))
 
-    async def sweep(self, batch: int = 500) -> list[str]:
+    async def sweep(self, batch: int = 500) -> builtins.list[str]:
         """Deletes every report past its expiry (wrapped data key and ciphertext together), marks
         its query EXPIRED, erases the sealed subject and the banks' sealed cards, and drops an SMS
         not yet sent. Returns the query_ids swept."""
@@ -409,7 +407,7 @@ class QueryStore:
             expired = list(
                 session.exec(
                     select(QueryRow.query_id, QueryRow.user_id)
-                    .where(QueryRow.status == READY, col(QueryRow.expires_at) <= now)
+                    .where(QueryRow.status == QueryStatus.READY, col(QueryRow.expires_at) <= now)
                     .order_by(col(QueryRow.expires_at))
                     .limit(batch)
                     .with_for_update(skip_locked=True)
@@ -428,8 +426,8 @@ class QueryStore:
             )
             session.execute(
                 update(QueryRow)
-                .where(col(QueryRow.query_id).in_(ids), col(QueryRow.status) == READY)
-                .values(status=EXPIRED, subject_sealed=b"")
+                .where(col(QueryRow.query_id).in_(ids), col(QueryRow.status) == QueryStatus.READY)
+                .values(status=QueryStatus.EXPIRED, subject_sealed=b"")
             )
             self.audit.append(
                 session,

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from sqlalchemy import Engine, select, true, update
 from sqlmodel import Session
 
+from cardcheck.runtime.database import table_of
 from cardcheck.runtime.keys import Keyring, Sealer
 from cardcheck.runtime.maintenance import command_parser, run, service_store
 from report_service.audit import AuditChain, Verdict
@@ -60,7 +61,7 @@ def _rewrap_column(engine: Engine, table, key_column, sealed_column, sealer: Sea
 
 def _hash_idempotency_keys(engine: Engine, keyring: Keyring, batch: int) -> int:
     """Replaces each idempotency key stored in clear with its keyed hash under the current key."""
-    queries = QueryRow.__table__
+    queries = table_of(QueryRow)
     hasher = keyring.hasher(IDEMPOTENCY_KEY)
     changed = 0
     while True:
@@ -88,7 +89,7 @@ def _hash_idempotency_keys(engine: Engine, keyring: Keyring, batch: int) -> int:
 
 def rewrap(engine: Engine, keyring: Keyring, batch: int = BATCH) -> tuple[int, Verdict | None]:
     """Rows changed, and the audit trail's verdict (None when there is none)."""
-    queries, outcomes, reports = QueryRow.__table__, BankOutcomeRow.__table__, ReportRow.__table__
+    queries, outcomes, reports = table_of(QueryRow), table_of(BankOutcomeRow), table_of(ReportRow)
     changed = _rewrap_column(
         engine, queries, queries.c.query_id, queries.c.subject_sealed, keyring.sealer("subject"),
         lambda row: row.query_id.encode(), batch,

@@ -11,6 +11,7 @@ from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.errors import handles_errors
 from cardcheck.runtime.waiting import wait_for_event
 from cardcheck.v1 import common_pb2, report_service_pb2, report_service_pb2_grpc
+from report_service.models import QueryStatus
 from report_service.queries import Query, QueryStore, Subject
 from report_service.reports import BankOutcome, MaskedCard, Report, bank_display_name
 from report_service.worker import QueryWorker
@@ -23,10 +24,10 @@ WATCH_SAFETY_POLL_S = 5.0
 Progress = report_service_pb2.ReportServiceWatchQueryResponse
 
 _STATUS = {
-    "PENDING": common_pb2.QUERY_STATUS_PENDING,
-    "READY": common_pb2.QUERY_STATUS_READY,
-    "FAILED": common_pb2.QUERY_STATUS_FAILED,
-    "EXPIRED": common_pb2.QUERY_STATUS_EXPIRED,
+    QueryStatus.PENDING: common_pb2.QUERY_STATUS_PENDING,
+    QueryStatus.READY: common_pb2.QUERY_STATUS_READY,
+    QueryStatus.FAILED: common_pb2.QUERY_STATUS_FAILED,
+    QueryStatus.EXPIRED: common_pb2.QUERY_STATUS_EXPIRED,
 }
 _CARD_TYPE = {"DEBIT": common_pb2.CARD_TYPE_DEBIT, "CREDIT": common_pb2.CARD_TYPE_CREDIT}
 

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from opentelemetry import propagate, trace
@@ -25,7 +25,7 @@ from cardcheck.runtime.waiting import wait_for_event
 from cardcheck.runtime.work import Lease, LeaseLost, worker_name
 from report_service.config import DEFAULT_RETRY
 from report_service.execution import Claim, ExecutionStore, Recorded, WorkKey
-from report_service.models import EXECUTE, READY
+from report_service.models import EXECUTE, QueryStatus
 from report_service.queries import Query, Subject
 from report_service.reports import BankOutcome
 
@@ -82,8 +82,8 @@ class QueryWorker:
         self._max_running = max_running
         # Work free to claim now (accepted or given back, here or on another replica).
         self._work = store.queue.changes or Channel("work")
-        self._background: list[asyncio.Task] = []
-        self._running: dict[WorkKey, asyncio.Task] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self._running: dict[WorkKey, asyncio.Task[None]] = {}
         self._leases: dict[WorkKey, Lease] = {}
 
     # --- life cycle ---------------------------------------------------------------------------
@@ -170,7 +170,7 @@ class QueryWorker:
 
     # --- one pass -----------------------------------------------------------------------------
 
-    async def run_pass(self, *, wait: bool = False) -> list[asyncio.Task]:
+    async def run_pass(self, *, wait: bool = False) -> list[asyncio.Task[None]]:
         """Claims due work up to this worker's capacity and starts it; with `wait`, returns only
         when what it started has ended (for tests)."""
         claims = await self._store.claim(self.owner, self._max_running - len(self._running))
@@ -194,13 +194,13 @@ class QueryWorker:
             return claim
         return dataclasses.replace(claim, passes=lease.token)
 
-    def _spawn(self, claim: Claim, work: Coroutine) -> asyncio.Task:
+    def _spawn(self, claim: Claim, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         key = claim.key
         task = asyncio.create_task(work, name=f"{key[1]} {key[0]}")
         self._running[key] = task
         self._leases[key] = claim.lease
 
-        def done(finished: asyncio.Task) -> None:
+        def done(finished: asyncio.Task[None]) -> None:
             if self._running.get(key) is finished:
                 del self._running[key]
                 del self._leases[key]
@@ -267,7 +267,7 @@ class QueryWorker:
                 return
             span.set_attribute("cardcheck.query_status", result.status)
             log.info("query %s finished %s", query_id, result.status)
-        if result.status == READY and result.notify is not None:
+        if result.status == QueryStatus.READY and result.notify is not None:
             self._spawn(result.notify, self._notify(result.notify))
 
     async def _ask_banks(self, claim: Claim) -> Recorded | None:
@@ -276,7 +276,7 @@ class QueryWorker:
         finished, None when banks are still missing after the pass."""
         asked = set(claim.missing_banks)
         arrived: set[str] = set()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[BankOutcome | Exception | object] = asyncio.Queue()
 
         async def pump() -> None:
             try:

@@ -3,6 +3,7 @@ with their details, the session token goes out as bearer metadata."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -15,6 +16,7 @@ from cardcheck.client import (
     InvalidArgument,
     PaymentPasswordLocked,
     RateLimited,
+    Reason,
     ServiceBusy,
     StreamExpired,
 )
@@ -366,3 +368,14 @@ async def test_tls_settings_that_contradict_each_other_are_refused(pki):
     with pytest.raises(ValueError, match="given one"):
         CardCheckClient(channel=channel, tls=True)
     await channel.close()
+
+
+def test_a_reason_is_a_string_enum_whose_value_is_the_wire_string() -> None:
+    assert set(Reason) == set(REASONS)
+    assert all(reason.value == reason.name for reason in Reason)
+    error = CardCheckError("COOLDOWN_ACTIVE")  # given as its string, kept as the Reason
+    assert error.reason is Reason.COOLDOWN_ACTIVE and error.reason == "COOLDOWN_ACTIVE"
+    assert json.dumps({"reason": error.reason}) == '{"reason": "COOLDOWN_ACTIVE"}'
+    assert str(error) == f"COOLDOWN_ACTIVE: {error.message_zh}"
+    with pytest.raises(ValueError, match="unknown reason"):
+        CardCheckError("NO_SUCH_REASON")

@@ -32,6 +32,7 @@ SHIPPED = {
     "cardcheck/v1/gateway_pb2.py",
     "cardcheck/v1/gateway_pb2.pyi",
     "cardcheck/v1/gateway_pb2_grpc.py",
+    "cardcheck/v1/gateway_pb2_grpc.pyi",
 }
 SERVER_ONLY = ["sqlmodel", "sqlalchemy", "uvloop", "psycopg", "redis", "cryptography", "opentelemetry",
                "cardcheck.runtime", "gateway"]

@@ -21,5 +21,5 @@ def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
 def test_every_proto_has_stubs() -> None:
     for proto in protogen.proto_files():
         stem = proto.stem
-        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
+        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi"):
             assert (GENERATED / f"{stem}{suffix}").is_file()

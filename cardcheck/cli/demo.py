@@ -13,7 +13,7 @@ import grpc
 
 from cardcheck import dataset
 from cardcheck.banks import BY_CODE
-from cardcheck.runtime.errors import CardCheckError, from_rpc_error
+from cardcheck.runtime.errors import CardCheckError, Reason, from_rpc_error
 from cardcheck.runtime.logs import mask_phone
 from cardcheck.runtime.settings import Settings
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, notifier_pb2, notifier_pb2_grpc
@@ -89,14 +89,14 @@ class Journey:
         reply = await self.inbox.ListMessages(notifier_pb2.ListMessagesRequest(phone=self.person.phone))
         return {m.message_id for m in reply.messages}
 
-    async def sms_code(self, purpose: int) -> tuple[str, str]:
+    async def sms_code(self, purpose: common_pb2.SmsPurpose.ValueType) -> tuple[str, str]:
         known = await self.inbox_ids()
         request = gateway_pb2.RequestSmsCodeRequest(phone=self.person.phone, purpose=purpose)
         try:
             challenge = await self.call(self.gateway.RequestSmsCode, request)
         except CardCheckError as error:
             # A client honours RetryInfo: a code went to this phone moments ago (an earlier run).
-            if error.reason != "RATE_LIMITED" or error.retry_after is None or error.retry_after > MAX_WAIT:
+            if error.reason != Reason.RATE_LIMITED or error.retry_after is None or error.retry_after > MAX_WAIT:
                 raise
             print(f"{error.message_zh}: waiting {error.retry_after.total_seconds():.0f} s as the service asks")
             await asyncio.sleep(error.retry_after.total_seconds() + 0.5)
@@ -141,7 +141,7 @@ async def walk(journey: Journey) -> common_pb2.Report:
         )
         print(f"registered: user {session.user_id}")
     except CardCheckError as error:
-        if error.reason != "ALREADY_REGISTERED":
+        if error.reason != Reason.ALREADY_REGISTERED:
             raise
         print("already registered on this mesh: signing in instead")
         challenge_id, code = await journey.sms_code(common_pb2.SMS_PURPOSE_SIGN_IN)
@@ -163,7 +163,7 @@ async def walk(journey: Journey) -> common_pb2.Report:
             ),
         )
     except CardCheckError as error:
-        if error.reason != "COOLDOWN_ACTIVE":
+        if error.reason != Reason.COOLDOWN_ACTIVE:
             raise
         print(f"{error.message_zh} (allowed again at {error.metadata.get('retry_after')}); showing the last report")
         queries = await journey.call(gw.ListQueries, gateway_pb2.ListQueriesRequest())

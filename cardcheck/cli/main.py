@@ -1,5 +1,5 @@
-"""`cardcheck up`, `cardcheck demo`, `cardcheck dataset`, `cardcheck audit`, `cardcheck keys` and
-`cardcheck config`."""
+"""`cardcheck up`, `cardcheck demo`, `cardcheck load`, `cardcheck dataset`, `cardcheck audit`,
+`cardcheck keys` and `cardcheck config`."""
 
 from __future__ import annotations
 
@@ -19,10 +19,17 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for SERVING")
     up.add_argument("--bank-latency-ms", type=float, help="a fixed latency on every simulated bank")
     up.add_argument("--bank-profile", type=Path, help="per-bank behaviour for bank_sim (JSON)")
+    up.add_argument("--load-test", action="store_true",
+                    help="sandbox only: raise the limits that stop one machine driving `cardcheck load`")
 
     demo = commands.add_parser("demo", help="run the whole user journey against a running mesh")
     demo.add_argument("--dataset", type=Path, help="the dataset bank_sim serves (default: the generated one)")
     demo.add_argument("--payment-password", default="135790")
+
+    load = commands.add_parser(
+        "load", help="load test the whole journey at an open-loop rate (`cardcheck load --help`)", add_help=False
+    )
+    load.add_argument("args", nargs=argparse.REMAINDER)
 
     audit = commands.add_parser(
         "audit", help="the audit trail: `cardcheck audit verify` checks its hash chain (`rekey`: once, to key it)", add_help=False
@@ -51,6 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         from report_service.audit import main as audit_main
 
         sys.exit(audit_main(argv[1:]))
+    if argv[:1] == ["load"]:  # its own parser: a bad argument is one line and exit code 2
+        from cardcheck.load.run import main as load_main
+
+        sys.exit(load_main(argv[1:]))
     args = _parser().parse_args(argv)
     if args.command == "up":
         from cardcheck.cli.up import run_up
@@ -60,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             bank_env["CARDCHECK_BANK_LATENCY_MS"] = f"{args.bank_latency_ms:g}"
         if args.bank_profile is not None:
             bank_env["CARDCHECK_BANK_PROFILE"] = str(args.bank_profile.resolve())
-        sys.exit(asyncio.run(run_up(args.dataset, args.data_dir, args.ready_timeout, bank_env)))
+        sys.exit(asyncio.run(run_up(args.dataset, args.data_dir, args.ready_timeout, bank_env, args.load_test)))
     if args.command == "demo":
         from cardcheck.cli.demo import run_demo
 

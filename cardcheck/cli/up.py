@@ -14,14 +14,31 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cardcheck.load import LOAD_TEST_PEOPLE
 from cardcheck.runtime.files import private_directory
 from cardcheck.runtime.settings import Settings, SettingsError
 
 START_ORDER = ("bank_sim", "bank_connector", "notifier", "report_service", "gateway")
+# `--load-test`: the limits that stop one machine from driving a load test, raised. One machine
+# is one caller to the gateway for every phone it registers, and it runs again on the same
+# phones; the limits per user and per session stay as they are (a load test runs one journey per
+# user), and so do the capacity bounds (queues, concurrency), which are what it measures.
+LOAD_TEST_ENV = {
+    "CARDCHECK_SMS_CALLER_PER_HOUR": "10000000",  # each caller's SMS codes: 60 an hour
+    "CARDCHECK_SMS_CALLER_BURST": "100000",  # and a burst of 20
+    "CARDCHECK_SMS_ESCALATION_S": "1",  # each caller's cooldowns per phone: 60 s up to 1 h
+    "CARDCHECK_SMS_RESEND_S": "1",  # a phone's next code of a purpose: 60 s (runs again on the same phones)
+    "CARDCHECK_SMS_PHONE_DAILY_CAP": "10000",  # a phone's anonymous codes a day: 8
+    "CARDCHECK_SMS_CAP_SMS_CODE": "off",  # notifier's code SMS per phone: 10/h, 20/d
+    "CARDCHECK_SUBMIT_GLOBAL_RPS": "100000",  # SubmitQuery admitted a second over all users: 50
+    "CARDCHECK_SUBMIT_GLOBAL_BURST": "100000",  # and its burst of 100
+}
+
 STOP_ORDER = tuple(reversed(START_ORDER))
 _PR_SET_PDEATHSIG = 1
 
@@ -58,7 +75,8 @@ async def _wait_serving(name: str, address: str, deadline: float) -> None:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                # grpcio-health-checking's stubs declare HealthStub without its methods.
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)  # type: ignore[attr-defined]
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.aio.AioRpcError:
@@ -88,8 +106,24 @@ async def _stop(child: Child, grace: float) -> int | None:
     return process.returncode
 
 
+def load_test_profile(env: dict[str, str]) -> list[str]:
+    """Sets LOAD_TEST_ENV in `env`, except what the environment sets already: what it did, a line each."""
+    said = []
+    for name, value in LOAD_TEST_ENV.items():
+        if env.get(name):
+            said.append(f"{name}={env[name]} (kept from the environment)")
+        else:
+            env[name] = value
+            said.append(f"{name}={value}")
+    return said
+
+
 async def run_up(
-    dataset: Path | None, data_dir: Path | None, ready_timeout: float, extra_env: dict[str, str] | None = None
+    dataset: Path | None,
+    data_dir: Path | None,
+    ready_timeout: float,
+    extra_env: dict[str, str] | None = None,
+    load_test: bool = False,
 ) -> int:
     env = dict(os.environ) | (extra_env or {})
     if data_dir is not None:
@@ -100,6 +134,13 @@ async def run_up(
     except SettingsError as error:
         _say(f"bad configuration: {error}")
         return 2
+    if load_test and not settings.sandbox:
+        _say("--load-test raises limits that protect real users: it runs in sandbox only (CARDCHECK_SANDBOX is off)")
+        return 2
+    if load_test:
+        _say("load-test profile (sandbox only): " + ", ".join(load_test_profile(env)))
+        if dataset is None:
+            _say(f"load-test profile: bank_sim generates {LOAD_TEST_PEOPLE} people (the default is 200)")
     if dataset is not None and not dataset.is_file():
         _say(f"no dataset at {dataset}")
         return 2
@@ -108,6 +149,8 @@ async def run_up(
     children = {name: Child(name, [sys.executable, "-m", name]) for name in START_ORDER}
     if dataset is not None:
         children["bank_sim"].argv += ["--dataset", str(dataset.resolve())]
+    elif load_test:
+        children["bank_sim"].argv += ["--people", str(LOAD_TEST_PEOPLE)]
     width = max(map(len, START_ORDER))
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -141,7 +184,8 @@ async def run_up(
     deadline = loop.time() + ready_timeout
     ready = asyncio.gather(*(_wait_serving(n, settings.addresses[n], deadline) for n in START_ORDER))
     stop_wait = asyncio.create_task(stop_requested.wait())
-    done, _ = await asyncio.wait({ready, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    waiting: set[asyncio.Future[Any]] = {ready, stop_wait}
+    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     if ready in done and ready.exception() is not None:
         _say(f"{ready.exception()}; stopping everything")
@@ -158,6 +202,7 @@ async def run_up(
             await ready
 
     for child in died:
+        assert child.process is not None  # it ran: watch() saw it exit
         _say(f"{child.name} exited unexpectedly with code {child.process.returncode}; stopping the others")
         exit_code = 1
     grace = settings.shutdown_grace_s + 5

@@ -25,7 +25,7 @@ class Backoff:
 
     def ceiling(self, attempts: int) -> float:
         """The longest wait after `attempts` failed attempts, in seconds."""
-        return min(self.max_s, self.base_s * 2 ** max(0, min(attempts - 1, _MAX_EXPONENT)))
+        return min(self.max_s, self.base_s * 2.0 ** max(0, min(attempts - 1, _MAX_EXPONENT)))
 
     def delay(self, attempts: int) -> timedelta:
         return timedelta(seconds=self._rng.uniform(0.0, self.ceiling(attempts)))

@@ -90,7 +90,7 @@ class ChangeHub:
         self._engine = engine
         self.postgres = engine.dialect.name == "postgresql"
         self._channels: dict[str, Channel] = {}
-        self._listener: asyncio.Task | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self.listening = False
 
@@ -137,7 +137,9 @@ class ChangeHub:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self._dsn(), autocommit=True) as conn:
-                    schema = (await (await conn.execute("SELECT current_schema()")).fetchone())[0]
+                    row = await (await conn.execute("SELECT current_schema()")).fetchone()
+                    assert row is not None  # one row, always
+                    schema = row[0]
                     names = {f"{schema}.{name}": channel for name, channel in self._channels.items()}
                     for full in names:
                         await conn.execute(f'LISTEN "{full}"')
@@ -147,9 +149,9 @@ class ChangeHub:
                     for channel in self._channels.values():
                         channel._deliver(None)  # anything may have changed while not listening
                     async for note in conn.notifies():
-                        channel = names.get(note.channel)
-                        if channel is not None:
-                            channel._deliver(note.payload or None)
+                        heard = names.get(note.channel)
+                        if heard is not None:
+                            heard._deliver(note.payload or None)
             except asyncio.CancelledError:
                 raise
             except Exception as error:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
-from cardcheck.runtime.telemetry import client_interceptors
+from cardcheck.runtime.telemetry import RequestHook, client_interceptors
 
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -28,7 +28,7 @@ def open_channel(
     *,
     max_receive_bytes: int | None = None,
     options: list[tuple[str, object]] | None = None,
-    request_hook=None,
+    request_hook: RequestHook | None = None,
 ) -> grpc.aio.Channel:
     """`options` are added to (and override) the defaults, e.g. a shorter reconnect backoff.
     `max_receive_bytes` unset keeps grpc's default."""

@@ -7,17 +7,31 @@ data directory is 0700 and each SQLite file (with its -wal and -shm) 0600."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, CursorResult, Engine, Result, Table, event, inspect
 from sqlmodel import Session, SQLModel, create_engine
 
 from cardcheck.runtime.files import private_directory, private_file, tighten_if_present
 
 T = TypeVar("T")
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """The table a `table=True` model maps to (SQLModel sets `__table__` without declaring it)."""
+    table = inspect(model).local_table
+    assert isinstance(table, Table)
+    return table
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched. SQLModel types every `session.execute` as a plain
+    Result; for these statements it is a CursorResult."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def _make_private(path: Path) -> None:
@@ -39,7 +53,7 @@ def _sqlite_engine(path: Path) -> Engine:
     )
 
     @event.listens_for(engine, "connect")
-    def _configure(dbapi_connection, _record) -> None:
+    def _configure(dbapi_connection: sqlite3.Connection, _record: object) -> None:
         # Take transactions into our own hands (pysqlite's implicit BEGIN is deferred).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -50,7 +64,7 @@ def _sqlite_engine(path: Path) -> Engine:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _begin(connection) -> None:
+    def _begin(connection: Connection) -> None:
         # One writer at a time, decided when the transaction starts: a deferred transaction
         # that later upgrades to a write can fail at once with "database is locked".
         connection.exec_driver_sql("BEGIN IMMEDIATE")
@@ -78,7 +92,7 @@ class Database:
         self.engine = engine
 
     def create_tables(self, models: Iterable[type[SQLModel]]) -> None:
-        SQLModel.metadata.create_all(self.engine, tables=[m.__table__ for m in models])
+        SQLModel.metadata.create_all(self.engine, tables=[table_of(m) for m in models])
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError, core_schema
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PREFIX = "CARDCHECK_"
+M = TypeVar("M")
 
 
 class SettingsError(ValueError):
@@ -35,6 +36,11 @@ def refuse(problem: str) -> PydanticCustomError:
     PREFIX) or says what is wrong with the value (`is not a number`), and the message becomes
     `<VARIABLE>=<value> <problem>`."""
     return PydanticCustomError("setting", "{problem}", {"problem": problem})
+
+
+def problem_of(error: PydanticCustomError) -> str:
+    """What `refuse` said was wrong."""
+    return str((error.context or {})["problem"])
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ class Family:
             try:
                 out[key] = number.check(value)
             except PydanticCustomError as error:
-                raise refuse(f"{self.variable(key)}={value!r} {error.context['problem']}") from None
+                raise refuse(f"{self.variable(key)}={value!r} {problem_of(error)}") from None
         return out
 
     def each(self, values: Mapping[str, Any], check: Callable[[str, Any], Any]) -> dict[str, Any]:
@@ -115,7 +121,7 @@ class Family:
             try:
                 out[key] = check(key, value)
             except PydanticCustomError as error:
-                raise refuse(f"{self.variable(key)}={value!r} {error.context['problem']}") from None
+                raise refuse(f"{self.variable(key)}={value!r} {problem_of(error)}") from None
         return out
 
     def read(self, env: Mapping[str, str]) -> dict[str, str]:
@@ -139,7 +145,7 @@ class Internal:
     """Marks a field code and tests set, read from no variable."""
 
 
-def marker(field: FieldInfo, kind: type) -> Any:
+def marker(field: FieldInfo, kind: type[M]) -> M | None:
     return next((m for m in field.metadata if isinstance(m, kind)), None)
 
 
@@ -149,6 +155,8 @@ _ENV: ContextVar[Mapping[str, str] | None] = ContextVar("cardcheck_settings_env"
 class _MappingSource(PydanticBaseSettingsSource):
     """The declared variables of one model, from one mapping (not necessarily os.environ); an
     empty value counts as unset."""
+
+    settings_cls: type[DeclaredSettings]
 
     def __init__(self, settings_cls: type[DeclaredSettings], env: Mapping[str, str]) -> None:
         super().__init__(settings_cls)
@@ -197,10 +205,15 @@ class DeclaredSettings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(
-        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings,
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         env = _ENV.get()
-        return (init_settings,) if env is None else (init_settings, _MappingSource(settings_cls, env))
+        return (init_settings,) if env is None else (init_settings, _MappingSource(cls, env))
 
     @classmethod
     def variable(cls, name: str) -> str:
@@ -221,7 +234,7 @@ class DeclaredSettings(BaseSettings):
             return problem
         key = str(first["loc"][0])
         name = next((n for n, f in cls.model_fields.items() if key in (n, f.validation_alias)), key)
-        shown = "***" if name in cls.model_fields and marker(cls.model_fields[name], Secret) else repr(first["input"])
+        shown = "***" if name in cls.model_fields and marker(cls.model_fields[name], Secret) is not None else repr(first["input"])
         return f"{cls.variable(name) if name in cls.model_fields else key}={shown} {problem}"
 
     def replace(self, **changes: Any) -> Self:

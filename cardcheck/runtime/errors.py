@@ -9,11 +9,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -24,10 +26,14 @@ from cardcheck.refusals import (
     CardCheckError,
     FieldViolation,
     Reason,
+    ReasonSpec,
     from_rpc_error,
 )
 
 log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Method = TypeVar("Method", bound=Callable[..., Any])
 
 
 def invalid_argument(violations: Sequence[FieldViolation]) -> CardCheckError:
@@ -35,10 +41,10 @@ def invalid_argument(violations: Sequence[FieldViolation]) -> CardCheckError:
     fields = ", ".join(v.field for v in violations[:MAX_VIOLATIONS])
     more = len(violations) - MAX_VIOLATIONS
     message = f"invalid: {fields}" + (f" and {more} more" if more > 0 else "")
-    return CardCheckError("INVALID_ARGUMENT", message, violations=violations)
+    return CardCheckError(Reason.INVALID_ARGUMENT, message, violations=violations)
 
 
-def _pack(message) -> any_pb2.Any:
+def _pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
@@ -69,7 +75,7 @@ def to_status(error: CardCheckError) -> status_pb2.Status:
     )
 
 
-def refuse(context: grpc.aio.ServicerContext, error: CardCheckError) -> None:
+def refuse(context: Context, error: CardCheckError) -> None:
     """Sets the refusal's status, with its details, on the call, which then ends with it.
 
     Set rather than raised (`context.abort` raises AbortError): the tracing interceptor records
@@ -81,7 +87,7 @@ def refuse(context: grpc.aio.ServicerContext, error: CardCheckError) -> None:
     context.set_trailing_metadata(status.trailing_metadata)
 
 
-async def abort(context: grpc.aio.ServicerContext, error: CardCheckError) -> None:
+async def abort(context: Context, error: CardCheckError) -> None:
     """Ends the call with the refusal by raising, as `context.abort` does."""
     await context.abort_with_status(rpc_status.to_status(to_status(error)))
 
@@ -92,17 +98,18 @@ def downstream_error(error: grpc.aio.AioRpcError, service: str) -> CardCheckErro
     if typed is not None:
         return typed
     log.warning("call to %s failed: %s", service, error.code().name)
-    return CardCheckError("SERVICE_UNAVAILABLE", f"{service} is unavailable ({error.code().name})")
+    return CardCheckError(Reason.SERVICE_UNAVAILABLE, f"{service} is unavailable ({error.code().name})")
 
 
-def handles_errors(method):
+def handles_errors(method: Method) -> Method:
     """Servicer decorator: a CardCheckError raised by the method, or a downstream service's
-    AioRpcError, becomes the call's status. Anything else is a bug and propagates (UNKNOWN)."""
+    AioRpcError, becomes the call's status. Anything else is a bug and propagates (UNKNOWN).
+    The method keeps its type: a refused unary call returns None, which grpc never sends."""
 
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
-        async def stream(self, request, context):
+        async def stream(self: object, request: Message, context: Context) -> AsyncIterator[Message]:
             try:
                 async for item in method(self, request, context):
                     yield item
@@ -111,10 +118,10 @@ def handles_errors(method):
             except grpc.aio.AioRpcError as error:
                 refuse(context, downstream_error(error, "a dependency"))
 
-        return stream
+        return cast(Method, stream)
 
     @functools.wraps(method)
-    async def unary(self, request, context):
+    async def unary(self: object, request: Message, context: Context) -> Any:
         try:
             return await method(self, request, context)
         except CardCheckError as error:
@@ -123,13 +130,14 @@ def handles_errors(method):
             refuse(context, downstream_error(error, "a dependency"))
         return None  # with a non-OK code set, grpc sends no message
 
-    return unary
+    return cast(Method, unary)
 
 
 __all__ = [
     "DOMAIN",
     "REASONS",
     "Reason",
+    "ReasonSpec",
     "abort",
     "CardCheckError",
     "FieldViolation",

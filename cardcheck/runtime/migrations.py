@@ -46,11 +46,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
-from alembic.runtime.migration import MigrationContext
+from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, MetaData, text
 from sqlalchemy.exc import OperationalError
@@ -128,7 +129,7 @@ def _upgrade(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_lock_key(service)}
                 )
 
-            def upgrade(revision, _context):
+            def upgrade(revision: str, _context: MigrationContext) -> list[RevisionStep]:
                 return script._upgrade_revs(target, revision)
 
             with EnvironmentContext(config, script, fn=upgrade, destination_rev=target) as environment:
@@ -149,21 +150,22 @@ def head_revision(migrations: str | Path) -> str | None:
     return _script_directory(migrations)[1].get_current_head()
 
 
-def schema_drift(engine: Engine, metadata: MetaData, tables: Iterable[str]) -> list:
+def schema_drift(engine: Engine, metadata: MetaData, tables: Iterable[str]) -> list[Any]:
     """How the migrated schema differs from `metadata` for the named tables (empty when the
     models and the migrations agree). Meant for a test that runs after upgrade_to_head."""
     names = set(tables)
 
-    def include(obj, name, kind, _reflected, _compare_to) -> bool:
+    def include(obj: Any, name: str | None, kind: str, _reflected: bool, _compare_to: Any) -> bool:
         return (
             name in names
             if kind == "table"
             else getattr(obj, "table", None) is None or obj.table.name in names
         )
 
-    include_object: Callable = include
+    include_object: Callable[..., bool] = include
     with engine.connect() as connection:
         context = MigrationContext.configure(
             connection, opts={"include_object": include_object, "compare_type": True}
         )
-        return compare_metadata(context, metadata)
+        drift: list[Any] = compare_metadata(context, metadata)
+        return drift

@@ -29,6 +29,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 import grpc
 import uvloop
@@ -41,6 +42,8 @@ from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import server_interceptors
 
 log = logging.getLogger(__name__)
+
+Servicer = TypeVar("Servicer")
 
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a port held by another process must be an error, not shared
@@ -93,11 +96,11 @@ class RequestBounds:
 
 
 @dataclass(frozen=True)
-class Registration:
+class Registration(Generic[Servicer]):
     """A servicer and the generated function that adds it to a server."""
 
-    add_to_server: Callable[[object, grpc.aio.Server], None]
-    servicer: object
+    add_to_server: Callable[[Servicer, grpc.aio.Server], None]
+    servicer: Servicer
     service_name: str  # full proto name, e.g. cardcheck.v1.CardCheck
 
 
@@ -111,7 +114,7 @@ class ServiceHost:
     def __init__(
         self,
         name: str,
-        registrations: Sequence[Registration],
+        registrations: Sequence[Registration[Any]],
         bind_address: str,
         tracer_provider: TracerProvider,
         *,

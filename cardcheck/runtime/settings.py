@@ -6,13 +6,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, overload
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from cardcheck.runtime.declared import DeclaredSettings, Family, Number, Secret, SettingsError, refuse
+from cardcheck.runtime.declared import (
+    DeclaredSettings,
+    Family,
+    Number,
+    Secret,
+    SettingsError,
+    problem_of,
+    refuse,
+)
 
 __all__ = ["Settings", "SettingsError", "env_number", "redact_url"]
 
@@ -54,13 +62,22 @@ def env_number(
     if raw is None or raw == "":
         return default
     try:
-        return Number(integer=integer, above=above, at_least=at_least, at_most=at_most).check(raw)
+        number: float = Number(integer=integer, above=above, at_least=at_least, at_most=at_most).check(raw)
+        return number
     except PydanticCustomError as error:
-        raise SettingsError(f"{var}={raw!r} {error.context['problem']}") from None
+        raise SettingsError(f"{var}={raw!r} {problem_of(error)}") from None
 
 
 REDACTED = "***"
 _SECRET_QUERY_PARAMS = ("password", "pass", "passwd", "token", "secret")
+
+
+@overload
+def redact_url(url: str) -> str: ...
+
+
+@overload
+def redact_url(url: None) -> None: ...
 
 
 def redact_url(url: str | None) -> str | None:

@@ -12,11 +12,16 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import grpc
-from opentelemetry.instrumentation.grpc import _aio_client, aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc.version import __version__ as instrumentation_version
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.propagate import inject
+from opentelemetry.propagators.textmap import Setter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -26,12 +31,35 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.sampling import Sampler
-from opentelemetry.semconv._incubating.attributes.rpc_attributes import RPC_GRPC_STATUS_CODE
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from cardcheck.runtime.files import private_directory, private_file
 
 log = logging.getLogger(__name__)
+
+# OpenTelemetry's semantic conventions for gRPC spans; still experimental, so the semconv package
+# has them only in a private module (`_incubating`): named here as the conventions name them.
+RPC_SYSTEM = "rpc.system"
+RPC_SERVICE = "rpc.service"
+RPC_METHOD = "rpc.method"
+RPC_GRPC_STATUS_CODE = "rpc.grpc.status_code"
+# The scope the instrumentation's own client spans come from, so ours read the same.
+_INSTRUMENTATION = "opentelemetry.instrumentation.grpc"
+_SCHEMA_URL = "https://opentelemetry.io/schemas/1.11.0"
+
+RequestHook = Callable[[Span, Any], None]
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+class _MetadataSetter(Setter[grpc.aio.Metadata]):
+    """Trace context into a call's metadata, its keys lower-cased as grpc requires."""
+
+    def set(self, carrier: grpc.aio.Metadata, key: str, value: str) -> None:
+        carrier[key.lower()] = value
+
+
+_METADATA_SETTER = _MetadataSetter()
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -83,7 +111,12 @@ def make_tracer_provider(
 _NOT_OUR_WORK = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
-def _not_health(details) -> bool:
+class _CallDetails(Protocol):
+    @property
+    def method(self) -> str | bytes: ...
+
+
+def _not_health(details: _CallDetails) -> bool:
     """Health probes and reflection are not the service's work: no spans for them. (The
     library's `filters` check each call against a typing Protocol, a cost paid on every call.)"""
     method = details.method
@@ -100,29 +133,56 @@ def tracing_disabled(env: Mapping[str, str] | None = None) -> bool:
 
 # With tracing disabled no interceptor is installed: even around a no-op tracer, the server
 # interceptor costs about a third of a small call's CPU (context extraction, wrappers).
-def server_interceptors(provider: TracerProvider) -> list:
+def server_interceptors(provider: TracerProvider) -> list[grpc.aio.ServerInterceptor]:
     if tracing_disabled():
         return []
     return [aio_server_interceptor(tracer_provider=provider, filter_=_not_health)]
 
 
-class CancellableUnaryUnaryInterceptor(_aio_client.UnaryUnaryAioClientInterceptor):
-    """The library's unary-unary client span, ended from the call's done callback. The library
-    awaits the call inside the interceptor, and that await swallows the caller's cancellation:
-    the RPC then runs on at the server until its deadline (opentelemetry-python-contrib#3271).
-    Returning the call at once leaves cancellation to grpc, which cancels the RPC."""
+class CancellableUnaryUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """The instrumentation's unary-unary client span (same name, kind and rpc.* attributes),
+    ended from the call's done callback. The library awaits the call inside the interceptor, and
+    that await swallows the caller's cancellation: the RPC then runs on at the server until its
+    deadline (opentelemetry-python-contrib#3271). Returning the call at once leaves cancellation
+    to grpc, which cancels the RPC."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._ending: set[asyncio.Task] = set()
+    def __init__(self, provider: TracerProvider, request_hook: RequestHook | None = None) -> None:
+        self._tracer = provider.get_tracer(_INSTRUMENTATION, instrumentation_version, schema_url=_SCHEMA_URL)
+        self._request_hook = request_hook
+        self._ending: set[asyncio.Task[None]] = set()
 
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
-        if self.tracing_skipped(client_call_details):
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Request], Awaitable[grpc.aio.UnaryUnaryCall[Request, Response]]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Request,
+    ) -> grpc.aio.UnaryUnaryCall[Request, Response]:
+        if not is_instrumentation_enabled() or not _not_health(client_call_details):
             return await continuation(client_call_details, request)
-        with self._start_interceptor_span(client_call_details.method) as span:
-            details = self.propagate_trace_in_details(client_call_details)
-            if self._request_hook:
-                self._call_request_hook(span, request)
+        method = client_call_details.method
+        if isinstance(method, bytes):  # grpc passes bytes here, whatever its stubs say
+            method = method.decode()
+        service, name = method.lstrip("/").split("/", 1)
+        attributes: dict[str, str | int] = {
+            RPC_SYSTEM: "grpc",
+            RPC_GRPC_STATUS_CODE: grpc.StatusCode.OK.value[0],
+            RPC_METHOD: name,
+            RPC_SERVICE: service,
+        }
+        with self._tracer.start_as_current_span(
+            method,
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            end_on_exit=False,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            details = _with_trace_context(client_call_details)
+            if self._request_hook is not None:
+                try:
+                    self._request_hook(span, request)
+                except Exception:
+                    log.exception("request hook failed")
             try:
                 call = await continuation(details, request)
             except BaseException:
@@ -131,13 +191,22 @@ class CancellableUnaryUnaryInterceptor(_aio_client.UnaryUnaryAioClientIntercepto
         call.add_done_callback(functools.partial(self._call_done, span))
         return call
 
-    def _call_done(self, span, call) -> None:
+    def _call_done(self, span: Span, call: grpc.aio.Call) -> None:
         task = asyncio.get_running_loop().create_task(_end_client_span(span, call))
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
 
 
-async def _end_client_span(span, call) -> None:
+def _with_trace_context(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    """The call's details with the current trace context added to its metadata."""
+    metadata = grpc.aio.Metadata(*tuple(details.metadata or ()))
+    inject(metadata, setter=_METADATA_SETTER)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+async def _end_client_span(span: Span, call: grpc.aio.Call) -> None:
     """The call is done: its status is there without waiting."""
     try:
         code = await call.code()
@@ -148,13 +217,13 @@ async def _end_client_span(span, call) -> None:
         span.end()
 
 
-def client_interceptors(provider: TracerProvider, request_hook=None) -> list:
+def client_interceptors(provider: TracerProvider, request_hook: RequestHook | None = None) -> list[grpc.aio.ClientInterceptor]:
     """`request_hook(span, request)` may add cardcheck.* attributes to each client span."""
     if tracing_disabled():
         return []
     interceptors = aio_client_interceptors(tracer_provider=provider, filter_=_not_health, request_hook=request_hook)
     return [
-        CancellableUnaryUnaryInterceptor(interceptor._tracer, filter_=_not_health, request_hook=request_hook)
-        if isinstance(interceptor, _aio_client.UnaryUnaryAioClientInterceptor) else interceptor
+        CancellableUnaryUnaryInterceptor(provider, request_hook)
+        if isinstance(interceptor, grpc.aio.UnaryUnaryClientInterceptor) else interceptor
         for interceptor in interceptors
     ]

@@ -27,19 +27,25 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Column, ColumnElement, Table, and_, or_, select, tuple_, update
 from sqlmodel import Session
 
 from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.clock import Clock
+from cardcheck.runtime.database import rowcount
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Key = tuple[Any, ...]
-Run = Callable[[Callable[[Session], T]], Awaitable[T]]
+
+
+class Run(Protocol):
+    """Runs `work(session)` in a transaction of its own (`Database.run`)."""
+
+    def __call__(self, work: Callable[[Session], T], /) -> Awaitable[T]: ...
 
 
 def worker_name() -> str:
@@ -64,11 +70,11 @@ class LeaseColumns:
     """Where a table keeps its work's lease."""
 
     table: Table
-    key: tuple[Column, ...]
-    owner: Column
-    expires: Column
-    token: Column  # counts claims (passes, attempts): the fencing token
-    due: Column | None = None
+    key: tuple[Column[Any], ...]
+    owner: Column[Any]
+    expires: Column[Any]
+    token: Column[Any]  # counts claims (passes, attempts): the fencing token
+    due: Column[Any] | None = None
 
 
 class WorkQueue:
@@ -90,14 +96,14 @@ class WorkQueue:
         self.lease = lease
         self.changes = changes
 
-    def _key(self) -> ColumnElement:
+    def _key(self) -> ColumnElement[Any]:
         key = self.columns.key
         return tuple_(*key) if len(key) > 1 else key[0]
 
-    def _keyed(self, keys: Sequence[Key]) -> ColumnElement:
+    def _keyed(self, keys: Sequence[Key]) -> ColumnElement[bool]:
         return self._key().in_([k if len(k) > 1 else k[0] for k in keys])
 
-    def _free(self, now: datetime) -> ColumnElement:
+    def _free(self, now: datetime) -> ColumnElement[bool]:
         expires = self.columns.expires
         return or_(expires.is_(None), expires <= now)
 
@@ -109,8 +115,8 @@ class WorkQueue:
         owner: str,
         limit: int,
         *,
-        where: Iterable[ColumnElement] = (),
-        order_by: Sequence[ColumnElement] = (),
+        where: Iterable[ColumnElement[bool]] = (),
+        order_by: Sequence[ColumnElement[Any]] = (),
     ) -> list[Lease]:
         """Leases up to `limit` rows that are due (when the table says), free or expired, and
         match `where`; oldest due first unless `order_by` says otherwise."""
@@ -149,7 +155,7 @@ class WorkQueue:
         """The lease columns of a row nobody holds."""
         return {self.columns.owner.name: None, self.columns.expires.name: None}
 
-    def _held(self, lease: Lease) -> ColumnElement:
+    def _held(self, lease: Lease) -> ColumnElement[bool]:
         c = self.columns
         return and_(*(col == part for col, part in zip(c.key, lease.key, strict=True)),
                     c.owner == lease.owner, c.token == lease.token)
@@ -169,7 +175,7 @@ class WorkQueue:
         changes = {**self.freed(), **values}
         if c.due is not None and due is not None:
             changes[c.due.name] = due
-        done = session.execute(update(c.table).where(self._held(lease)).values(changes)).rowcount
+        done = rowcount(session.execute(update(c.table).where(self._held(lease)).values(changes)))
         if done and self.changes is not None and (due is None or due <= self._clock.now()):
             self.changes.announce(session)
         return bool(done)
@@ -203,15 +209,15 @@ class WorkQueue:
 
         return await self._run(renew)
 
-    async def release(self, owner: str, *, where: Iterable[ColumnElement] = ()) -> int:
+    async def release(self, owner: str, *, where: Iterable[ColumnElement[bool]] = ()) -> int:
         """Gives up every lease of `owner` (it is stopping): another may claim at once."""
         c = self.columns
 
         def release(session: Session) -> int:
-            result = session.execute(update(c.table).where(c.owner == owner, *where).values(self.freed()))
-            if result.rowcount:
+            released = rowcount(session.execute(update(c.table).where(c.owner == owner, *where).values(self.freed())))
+            if released:
                 self.announce(session)
-            return result.rowcount or 0
+            return released
 
         return await self._run(release)
 
