@@ -10,7 +10,7 @@ import pytest
 
 from cardcheck.runtime.clock import ManualClock
 from cardcheck.runtime.errors import CardCheckError
-from report_service.models import EXPIRED, FAILED, PENDING, READY
+from report_service.models import QueryStatus
 from report_service.queries import Query, QueryRules, Subject
 from report_service.reports import ANSWERED, BankOutcome, MaskedCard
 from tests.harness.stores import ReportStores, report_stores
@@ -38,7 +38,7 @@ async def _ready(stores: ReportStores, user: str = "u-1") -> Query:
     query = await _create(stores, user)
     [claim] = await stores.execution.claim("w", 1)
     recorded = await stores.execution.record(claim, [BankOutcome("ICBC", ANSWERED, (ICBC_DEBIT,))])
-    assert recorded is not None and recorded.status == READY
+    assert recorded is not None and recorded.status == QueryStatus.READY
     return await stores.queries.get(user, query.query_id)
 
 
@@ -86,7 +86,7 @@ def test_banks_are_asked_once_each_in_the_order_given_and_unknown_ones_are_named
 
 async def test_a_query_is_due_24_hours_after_submission(stores: ReportStores):
     query = await _create(stores, banks=("ICBC", "CMB", "ICBC"))
-    assert query.status == PENDING
+    assert query.status == QueryStatus.PENDING
     assert query.ready_by - query.submitted_at == timedelta(hours=24)
     assert (query.bank_codes, query.banks_total, query.banks_answered) == (("ICBC", "CMB"), 2, 0)
     assert query.submitted_at == stores.clock.now()
@@ -101,7 +101,7 @@ async def test_one_query_in_progress_per_user_and_a_failed_one_leaves_no_cooldow
     claim = next(c for c in await stores.execution.claim("w", 2) if c.query_id == first.query_id)
     assert claim.final and claim.missing_banks == ("ICBC",)
     recorded = await stores.execution.end_pass(claim, timedelta(hours=1))
-    assert recorded is not None and recorded.status == FAILED
+    assert recorded is not None and recorded.status == QueryStatus.FAILED
     await _refused(stores.queries.report("u-1", first.query_id), "NOT_FOUND")
     await _create(stores)
 
@@ -122,13 +122,13 @@ async def test_at_24_hours_and_not_a_second_before_the_report_is_made_of_what_an
     stores.clock.advance(timedelta(hours=24) - SECOND)
     # A pass that ends before ready_by puts the query back, due no later than ready_by.
     assert await stores.execution.end_pass(claim, timedelta(hours=6)) is None
-    assert (await stores.queries.get("u-1", query.query_id)).status == PENDING
+    assert (await stores.queries.get("u-1", query.query_id)).status == QueryStatus.PENDING
     assert await stores.execution.claim("w", 1) == []
     stores.clock.advance(SECOND)
     [last] = await stores.execution.claim("w", 1)
     assert last.final and last.missing_banks == ("CMB",)
     recorded = await stores.execution.end_pass(last, timedelta(hours=6))
-    assert recorded is not None and recorded.status == READY
+    assert recorded is not None and recorded.status == QueryStatus.READY
     report = await stores.queries.report("u-1", query.query_id)
     assert [(s.bank_code, s.debit_count, s.credit_count) for s in report.content.summary] == [("ICBC", 1, 0)]
     assert [(u.bank_code, u.reason) for u in report.content.unavailable_banks] == [("CMB", "NO_ANSWER")]
@@ -153,7 +153,7 @@ async def test_the_cooldown_outlives_the_report(tmp_path):
         ready = await _ready(stores)
         stores.clock.advance(kept)
         assert await stores.queries.sweep() == [ready.query_id]
-        assert (await stores.queries.get("u-1", ready.query_id)).status == EXPIRED
+        assert (await stores.queries.get("u-1", ready.query_id)).status == QueryStatus.EXPIRED
         stores.clock.advance(7 * DAY - kept - SECOND)
         refusal = await _refused(
             stores.queries.create("u-1", SUBJECT, ["ICBC"], "2026-11", "", {}), "COOLDOWN_ACTIVE"
@@ -177,7 +177,7 @@ async def test_the_report_is_kept_7_days_then_deleted_by_the_sweep(stores: Repor
     assert await stores.queries.sweep() == [ready.query_id]
     assert await stores.queries.sweep() == []
     query, outcomes = await stores.queries.snapshot("u-1", ready.query_id)
-    assert query.status == EXPIRED and [o.cards for o in outcomes] == [()]  # the cards are erased too
+    assert query.status == QueryStatus.EXPIRED and [o.cards for o in outcomes] == [()]  # the cards are erased too
     await _refused(stores.queries.report("u-1", ready.query_id), "REPORT_EXPIRED")
 
 
