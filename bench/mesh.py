@@ -3,7 +3,7 @@
 SMS budget and SubmitQuery's global admission; every other rule as deployed). This process is
 the load generator, closed loop at concurrency 32.
 
-    python -m bench mesh [--quick] [--people N] [--tracing=sampled|full|off]
+    python -m bench mesh [--quick] [--people N] [--tracing=sampled|full|off] [--profile DIR]
 
 Figures:
   1. the fan-out ceiling: complete 24-bank FanOut calls a second straight at bank_connector
@@ -19,21 +19,30 @@ figure the machine's noise moves least. Each phase's window opens after a warm-u
 when its last person or user has been taken, while every worker is still busy.
 
 `--tracing` sets every service's tracing but bank_sim's (as in `bench fanout`): `sampled`
-(default; 1 % of traces), `full` (every span, to JSON-lines files) or `off`."""
+(default; 1 % of traces), `full` (every span, to JSON-lines files) or `off`. `--profile DIR`
+samples each service with py-spy while the journeys run (only threads holding the GIL: where
+Python spends CPU): DIR/<service>.txt, collapsed stacks
+(what flame graph tools read), and DIR/<service>.top, the functions with the most time of their
+own and in total. The sampling costs CPU of its own: compare the figures of runs without it."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import re
 import secrets
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import uvloop
@@ -105,6 +114,7 @@ class Phase:
     failures: Counter = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)
+    stages_ms: dict[str, list[float]] = field(default_factory=dict)  # of the journeys inside the window
 
     @property
     def per_second(self) -> float:
@@ -115,8 +125,8 @@ class Phase:
 
 
 async def closed_loop(
-    name: str, items: list, work: Callable[[object], Awaitable[None]], processes: Processes, warmup_s: float,
-    concurrency: int = CONCURRENCY,
+    name: str, items: list, work: Callable[[object], Awaitable[dict[str, float]]], processes: Processes,
+    warmup_s: float, concurrency: int = CONCURRENCY,
 ) -> Phase:
     """`work(item)` for every item, `concurrency` at a time. The window opens `warmup_s` after
     the start and closes when the last item is taken (every worker still busy then)."""
@@ -137,7 +147,7 @@ async def closed_loop(
         for item in supply:
             begun = time.perf_counter()
             try:
-                await work(item)
+                stages = await work(item)
             except Exception as error:  # noqa: BLE001 (every failure is counted by what it was)
                 phase.failures[_reason(error)] += 1
                 continue
@@ -146,6 +156,8 @@ async def closed_loop(
                 phase.completed += 1
                 if begun >= opened[0]:
                     phase.latencies_ms.append((finished - begun) * 1000)
+                    for stage, ms in stages.items():
+                        phase.stages_ms.setdefault(stage, []).append(ms)
         if not closed:  # the first worker out of items: the others are still at work
             closed.append(time.perf_counter())
             cpu["end"] = processes.sample()
@@ -166,6 +178,19 @@ def _reason(error: Exception) -> str:
         typed = from_rpc_error(error)
         return typed.reason if typed is not None else error.code().name
     return f"{type(error).__name__}: {error}"[:80]
+
+
+class Stages:
+    """How long each stage of one journey took, in ms."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.ms[stage] = (now - self._last) * 1000
+        self._last = now
 
 
 @dataclass
@@ -206,12 +231,14 @@ class Public:
             await asyncio.sleep(pause)
         raise RuntimeError("no code SMS arrived")
 
-    async def register(self, user: User) -> None:
+    async def register(self, user: User) -> dict[str, float]:
         person = user.person
+        stages = Stages()
         challenge = await self.gateway.RequestSmsCode(
             gateway_pb2.RequestSmsCodeRequest(phone=person.phone, purpose=common_pb2.SMS_PURPOSE_REGISTER), timeout=30
         )
         code = await self.code(user)
+        stages.done("sms_code")
         session = await self.gateway.Register(
             gateway_pb2.RegisterRequest(
                 name=person.name, id_number=person.id_number, phone=person.phone,
@@ -221,13 +248,17 @@ class Public:
             timeout=30,
         )
         user.token = session.session_token
+        stages.done("register")
+        return stages.ms
 
-    async def journey(self, user: User) -> None:
+    async def journey(self, user: User) -> dict[str, float]:
+        stages = Stages()
         metadata = (("authorization", f"Bearer {user.token}"),)
         challenge = await self.gateway.RequestSmsCode(
             gateway_pb2.RequestSmsCodeRequest(purpose=common_pb2.SMS_PURPOSE_QUERY_AUTH), metadata=metadata, timeout=30
         )
         code = await self.code(user)
+        stages.done("sms_code")
         query = await self.gateway.SubmitQuery(
             gateway_pb2.SubmitQueryRequest(
                 agreement_version=self.agreement, consent_given=True, challenge_id=challenge.challenge_id,
@@ -235,6 +266,7 @@ class Public:
             ),
             metadata=metadata, timeout=30,
         )
+        stages.done("submit")
         status = query.status
         if status == PENDING:
             stream = self.gateway.WatchQuery(
@@ -247,12 +279,15 @@ class Public:
             stream.cancel()
         if status != READY:
             raise RuntimeError(f"query ended {common_pb2.QueryStatus.Name(status)}")
+        stages.done("ready")
         report = await self.gateway.GetReport(
             gateway_pb2.GetReportRequest(query_id=query.query_id, payment_password=PASSWORD),
             metadata=metadata, timeout=30,
         )
         if len(report.summary) != len(BANK_CODES):
             raise RuntimeError(f"a report of {len(report.summary)} banks")
+        stages.done("report")
+        return stages.ms
 
 
 async def fan_outs(connector: Target, processes: Processes, sim_address: str, windows: int,
@@ -284,6 +319,61 @@ async def _metered(load: Awaitable, processes: Processes, warmup_s: float, secon
     return phase
 
 
+class Profiles:
+    """py-spy sampling each service process into `directory` (nothing without one)."""
+
+    def __init__(self, directory: Path | None, pids: dict[str, int]) -> None:
+        self.directory = directory
+        self.pids = pids
+        self.running: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+        if py_spy is None:
+            raise RuntimeError("--profile needs py-spy (pip install py-spy)")
+        for name, pid in self.pids.items():
+            out = self.directory / f"{name}.txt"
+            command = [py_spy, "record", "--pid", str(pid), "--rate", "50", "--gil", "--format", "raw", "--output", str(out)]
+            self.running.append((subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                                 out))
+
+    def stop(self) -> None:
+        for process, out in self.running:
+            process.send_signal(signal.SIGINT)
+            process.wait(30)
+            with contextlib.suppress(OSError):
+                _summary(out, out.with_suffix(".top"))
+        if self.running:
+            print(f"profiles in {self.directory}", flush=True)
+        self.running = []
+
+
+def _summary(collapsed: Path, top: Path) -> None:
+    """py-spy's raw stacks (`frame;frame;... count`) folded by function, heaviest first: the
+    time of its own and in total."""
+    own: Counter = Counter()
+    total: Counter = Counter()
+    samples = 0
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for frame in set(frames):
+            total[frame] += n
+    lines = [f"{samples} samples", "", "self %  function"]
+    lines += [f"{100 * n / samples:6.1f}  {f}" for f, n in own.most_common(40)]
+    lines += ["", "total %  function"]
+    lines += [f"{100 * n / samples:7.1f}  {f}" for f, n in total.most_common(80)]
+    top.write_text("\n".join(lines) + "\n")
+
+
 def _ms(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1f}"
 
@@ -299,6 +389,10 @@ def report(ceiling: Phase, later: Phase, phases: list[Phase]) -> list[str]:
         print(f"{phase.name:<16}{phase.per_second:>9.1f}{share:>12.1%}{_ms(percentile(phase.latencies_ms, 0.5)):>9}"
               f"{_ms(percentile(phase.latencies_ms, 0.99)):>9}{phase.completed:>7}{sum(phase.failures.values()):>8}"
               f"{phase.seconds:>10.1f}")
+    for phase in phases:
+        print(f"  {phase.name} stages, p50/p99 ms: " + ", ".join(
+            f"{stage} {_ms(percentile(ms, 0.5))}/{_ms(percentile(ms, 0.99))}" for stage, ms in phase.stages_ms.items()
+        ))
     for phase in (best, *phases):
         if phase.failures:
             shown = ", ".join(f"{k} x{v}" for k, v in phase.failures.most_common(5))
@@ -318,8 +412,9 @@ def report(ceiling: Phase, later: Phase, phases: list[Phase]) -> list[str]:
 
 
 async def measure(addresses: dict[str, str], pids: dict[str, int], persons: list[dataset.Person],
-                  quick: bool) -> list[str]:
+                  quick: bool, profile: Path | None = None) -> list[str]:
     processes = Processes(pids)
+    profiles = Profiles(profile, {k: v for k, v in pids.items() if k != "bank_sim"})
     windows, seconds = (1, 2.0) if quick else (3, 3.0)
     connector = Target("bank_connector", addresses["bank_connector"], persons[0], pids["bank_connector"])
     public = Public(addresses["gateway"], addresses["notifier"])
@@ -335,7 +430,11 @@ async def measure(addresses: dict[str, str], pids: dict[str, int], persons: list
         registrations.name = "registration"
         print(f"registrations: {registrations.per_second:.1f}/s", flush=True)
         registered = [u for u in users if u.token]
-        journeys = await closed_loop("journey", registered, public.journey, processes, warmup)
+        profiles.start()
+        try:
+            journeys = await closed_loop("journey", registered, public.journey, processes, warmup)
+        finally:
+            profiles.stop()
         print(f"journeys: {journeys.per_second:.1f}/s", flush=True)
         await settle(addresses["bank_sim"], addresses["bank_connector"])
         later = await fan_outs(connector, processes, addresses["bank_sim"], windows, seconds)
@@ -350,6 +449,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer people, shorter windows")
     parser.add_argument("--people", type=int, help="people in the dataset (default 1200, --quick 500)")
     parser.add_argument("--tracing", choices=sorted(TRACING), default="sampled", help="the services' tracing")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy each service during the journeys")
     args = parser.parse_args(argv)
     generated = args.people or (500 if args.quick else 1200)
     work = ROOT / "var" / "bench" / "mesh"
@@ -372,7 +472,7 @@ def main(argv: list[str]) -> int:
         print(f"the five services up in {time.monotonic() - started_at:.1f} s (tracing {args.tracing}); every bank "
               f"at {LATENCY_MS} ms; {len(persons)} people; concurrency {CONCURRENCY}; raised: "
               + ", ".join(f"{k}={v}" for k, v in RAISED_LIMITS.items()), flush=True)
-        verdicts = uvloop.run(measure(addresses, pids, persons, args.quick))
+        verdicts = uvloop.run(measure(addresses, pids, persons, args.quick, args.profile))
     finally:
         for child in reversed(children):
             child.stop()

@@ -354,23 +354,25 @@ class QueryStore:
 
     async def snapshot(self, user_id: str, query_id: str) -> tuple[Query, list[BankOutcome]]:
         """The query and each bank's latest outcome so far, in the order first recorded, read
-        together."""
+        together; without the cards (progress never shows them, so they stay sealed)."""
+        outcomes_table = BankOutcomeRow.__table__
 
-        def find(session: Session) -> tuple[QueryRow | None, list[BankOutcomeRow]]:
+        def find(session: Session) -> tuple[QueryRow | None, list[BankOutcome]]:
             row = session.get(QueryRow, query_id)
-            outcomes = list(
-                session.exec(
-                    select(BankOutcomeRow)
-                    .where(BankOutcomeRow.query_id == query_id)
-                    .order_by(col(BankOutcomeRow.id))
+            outcomes = [
+                BankOutcome(bank_code=bank_code, kind=kind, detail=detail)
+                for bank_code, kind, detail in session.execute(
+                    select(outcomes_table.c.bank_code, outcomes_table.c.kind, outcomes_table.c.detail)
+                    .where(outcomes_table.c.query_id == query_id)
+                    .order_by(outcomes_table.c.id)
                 )
-            )
+            ]
             return row, outcomes
 
         row, outcomes = await self._db.read(find) if query_id else (None, [])
         if row is None or row.user_id != user_id or not user_id:
             raise CardCheckError("NOT_FOUND", "no such query")
-        return query_of(row), [self.outcome_of(o) for o in outcomes]
+        return query_of(row), outcomes
 
     async def report(self, user_id: str, query_id: str) -> Report:
         """The report, opened; the view is in the audit trail before the report is returned."""
