@@ -176,6 +176,13 @@ class Users:
         )
         return None if row is None else User(row.user_id, row.region, row.bound_bank_code)
 
+    async def with_identity(self, user_id: str) -> tuple[User, Identity] | None:
+        """The user and their identity, opened, from one read; None for no such user."""
+        row = await self._db.run(lambda session: session.get(UserRow, user_id))
+        if row is None:
+            return None
+        return User(row.user_id, row.region, row.bound_bank_code), open_identity(self._sealer, row)
+
     async def identity(self, user_id: str) -> Identity:
         row = await self._db.run(lambda session: session.get(UserRow, user_id))
         if row is None:
