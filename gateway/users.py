@@ -209,6 +209,10 @@ class Users:
                 "the payment password was stored under a retired master key", {"cause": "key_retired"}
             )
         rehash = await self._passwords.hash(user_id, password) if checked.rehash else None
+        if checked.right and rehash is None and not (
+            row.wrong_password_count or row.locked_until is not None or row.payment_password_locks
+        ):
+            return  # right, with no count, lock or hash to change: nothing to write
 
         def record(session: Session) -> tuple[int, CardCheckError | None]:
             current = session.exec(select(UserRow).where(UserRow.user_id == user_id).with_for_update()).one()

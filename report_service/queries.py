@@ -376,17 +376,19 @@ class QueryStore:
 
     async def report(self, user_id: str, query_id: str) -> Report:
         """The report, opened; the view is in the audit trail before the report is returned."""
-        query = await self.get(user_id, query_id)
+
+        def find(session: Session) -> tuple[QueryRow | None, ReportRow | None]:
+            return session.get(QueryRow, query_id), session.get(ReportRow, query_id)
+
+        query_row, row = await self._db.read(find) if query_id else (None, None)
+        if query_row is None or query_row.user_id != user_id or not user_id:
+            raise CardCheckError("NOT_FOUND", "no such query")
+        query = query_of(query_row)
         now = self._clock.now()
         refusal = QueryRules.report_refusal(query, now)
         if refusal is not None:
             raise refusal
-
-        def find(session: Session) -> ReportRow | None:
-            return session.get(ReportRow, query_id)
-
-        row = await self._db.read(find)
-        if row is None:  # swept between the two reads
+        if row is None:  # swept: the query row says EXPIRED once the sweep commits
             raise CardCheckError("REPORT_EXPIRED", "the report was kept its 7 days and deleted")
         content = self._vault.open(query_id, row.wrapped_key, row.ciphertext)
 
