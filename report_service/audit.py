@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Connection, Engine, insert, inspect, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, inspect, select, update
 from sqlmodel import Session
 
 from cardcheck.runtime.clock import as_utc
@@ -244,9 +244,16 @@ class AuditChain:
         return holds
 
 
+# Built once: an append runs with every recorded event, and building the statements again each
+# time cost more than running them.
+_HEAD = AuditHeadRow.__table__
+_READ_HEAD = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
+_MOVE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+_INSERT_ENTRIES = insert(AuditRow.__table__)
+
+
 def _append(session: Session, events: Sequence[AuditEvent], at: datetime, entry_hash) -> None:
-    head = AuditHeadRow.__table__
-    seq, prev = session.execute(select(head.c.seq, head.c.hash).where(head.c.id == 1).with_for_update()).one()
+    seq, prev = session.execute(_READ_HEAD).one()
     rows = []
     for event in events:
         _check_no_personal_data(event.details)
@@ -266,8 +273,8 @@ def _append(session: Session, events: Sequence[AuditEvent], at: datetime, entry_
             }
         )
         prev = digest
-    session.execute(insert(AuditRow.__table__), rows)
-    session.execute(update(head).where(head.c.id == 1).values(seq=seq, hash=prev))
+    session.execute(_INSERT_ENTRIES, rows)
+    session.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
 
 
 # --- verification ---------------------------------------------------------------------------
