@@ -53,12 +53,13 @@ BOUNDS = RequestBounds(
 
 @dataclass(frozen=True)
 class NotifierParts:
-    """The host plus what tests drive directly: the delivery worker and the outbox."""
+    """The host plus what tests drive directly: the delivery worker, the outbox and its store."""
 
     host: ServiceHost
     worker: DeliveryWorker
     outbox: Outbox
     provider: SmsProvider
+    store: MessageStore
 
 
 async def build(
@@ -132,7 +133,7 @@ async def build_parts(
     await hub.start()
     if start_worker:
         worker.start()  # delivers whatever a previous run left QUEUED
-    return NotifierParts(host, worker, outbox, provider)
+    return NotifierParts(host, worker, outbox, provider, store)
 
 
 async def _build_from_env(settings: Settings) -> ServiceHost:

@@ -65,6 +65,9 @@ class DeliveryWorker:
         self._loop_task: asyncio.Task[None] | None = None
         self._attempts: dict[str, asyncio.Task[Delivery | None]] = {}
         self._leases: dict[str, Lease] = {}  # the lease each attempt runs under
+        # Messages whose attempt here is done with the provider and only records and winds up:
+        # claimed again meanwhile (the retry it recorded, come due), they get an attempt of their own.
+        self._settled: set[str] = set()
 
     @property
     def lease(self) -> timedelta:
@@ -154,17 +157,21 @@ class DeliveryWorker:
         the worker, not to the caller: a Send whose caller goes away does not cancel it."""
         self._leases[row.message_id] = lease_of(row)
         running = self._attempts.get(row.message_id)
-        if running is not None:
+        if running is not None and row.message_id not in self._settled:
             # Claimed again while its attempt still runs here (the lease ran out under a slow
             # provider): that attempt carries on under the new lease.
             return running
+        self._settled.discard(row.message_id)
         task = asyncio.create_task(self._attempt(row), name=f"sms {row.message_id}")
         self._attempts[row.message_id] = task
 
-        def done(_task: asyncio.Task[Delivery | None], message_id: str = row.message_id) -> None:
+        def done(task: asyncio.Task[Delivery | None], message_id: str = row.message_id) -> None:
             was_full = len(self._attempts) >= self._config.max_in_flight
+            if self._attempts.get(message_id) is not task:
+                return  # a later attempt of the same message runs: the entries are its own
             self._attempts.pop(message_id, None)
             self._leases.pop(message_id, None)
+            self._settled.discard(message_id)
             if was_full:
                 # A slot came free for a loop that found them all taken. Otherwise nothing
                 # waits for it: waking the loop would cost a claim that finds nothing.
@@ -221,6 +228,7 @@ class DeliveryWorker:
         except Exception as error:
             await self._failed(row, span, type(error).__name__[:40], retryable=True, masked=masked)
             return None
+        self._settled.add(row.message_id)
         delivered_at = await self._store.record_success(row.message_id)
         log.info("sms %s (%s) to %s delivered, attempt %d", row.message_id, row.kind, masked, row.attempts)
         if delivered_at is None:
@@ -233,12 +241,10 @@ class DeliveryWorker:
     ) -> None:
         span.set_attribute("cardcheck.sms.error_class", error_class)
         span.set_status(Status(StatusCode.ERROR, error_class))
-        outcome = await self._store.record_failure(
-            self._leases.get(row.message_id, lease_of(row)),
-            error_class,
-            retryable=retryable,
-            next_delay=self._backoff,
-        )
+        # The lease this attempt ends under, taken before the retry it records can be claimed.
+        lease = self._leases.get(row.message_id, lease_of(row))
+        self._settled.add(row.message_id)
+        outcome = await self._store.record_failure(lease, error_class, retryable=retryable, next_delay=self._backoff)
         if outcome is None:
             log.info(
                 "sms %s: attempt %d failed (%s) after its lease passed on",
