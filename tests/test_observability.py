@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import secrets
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,11 +19,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
 
 from bank_sim.process import free_port
-from cardcheck.runtime.logs import mask_phone
+from cardcheck.runtime.logs import JsonFormatter, mask_phone
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from gateway.config import GatewayConfig
 from notifier.app import build as build_notifier
@@ -73,6 +76,24 @@ async def test_json_log_lines_carry_the_trace_of_their_call(tmp_path: Path) -> N
     assert served["context"]["trace_id"] == f"0x{trace_id}"
     assert recorded["trace_id"] == trace_id
     assert recorded["span_id"] == served["context"]["span_id"].removeprefix("0x")
+
+
+def test_a_json_line_holds_the_exception_and_the_span_it_was_written_in() -> None:
+    formatter = JsonFormatter("gateway")
+    tracer = TracerProvider().get_tracer(__name__)
+    with tracer.start_as_current_span("call") as span:
+        try:
+            raise ValueError("bad row")
+        except ValueError:
+            record = logging.getLogger("gateway.flows").makeRecord(
+                "gateway.flows", logging.ERROR, __file__, 1, "failed for %s", ("138****5678",), sys.exc_info()
+            )
+        line = json.loads(formatter.format(record))
+    context = span.get_span_context()
+    assert line["message"] == "failed for 138****5678" and line["level"] == "ERROR"
+    assert line["logger"] == "gateway.flows" and "ValueError: bad row" in line["exception"]
+    assert (line["trace_id"], line["span_id"]) == (f"{context.trace_id:032x}", f"{context.span_id:016x}")
+    assert "\n" not in formatter.format(record)  # a traceback stays on its line
 
 
 # --- readiness ---------------------------------------------------------------------------------
