@@ -20,11 +20,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from sqlalchemy import Engine, event
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
 from bank_sim.process import free_port
 from cardcheck.runtime.logs import JsonFormatter, mask_phone
+from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from gateway.config import GatewayConfig
 from notifier.app import build as build_notifier
@@ -252,3 +255,38 @@ async def test_database_and_redis_spans_hold_no_parameters(start_stack, redis_ur
         recorded = json.dumps(json.loads(span.to_json()), ensure_ascii=False)
         for value in personal:
             assert value not in recorded, f"{span.name} records personal data"
+
+
+def test_the_standard_variable_leaves_the_statement_spans_out(tmp_path: Path, monkeypatch) -> None:
+    exporter = InMemorySpanExporter()
+    provider = make_tracer_provider("gateway", tmp_path, exporter=exporter)
+    for disabled, expected in (("redis, sqlalchemy", []), ("redis", ["SELECT"])):
+        monkeypatch.setenv("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", disabled)
+        engine = create_engine(f"sqlite:///{tmp_path}/t.db")
+        trace_engine(engine, provider)
+        with provider.get_tracer(__name__).start_as_current_span("call"), engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        engine.dispose()
+        assert [s.name.split()[0] for s in exporter.get_finished_spans() if s.name != "call"] == expected
+        exporter.clear()
+
+
+def test_a_failed_statement_span_names_the_error_not_the_values(pg_schema_url: str) -> None:
+    # PostgreSQL's message for a duplicate quotes the row's values ("DETAIL: Key (phone_hash)=...").
+    exporter = InMemorySpanExporter()
+    provider = make_tracer_provider("gateway", Path("/nonexistent"), exporter=exporter)
+    engine = create_engine(pg_schema_url, hide_parameters=True)
+    trace_engine(engine, provider)
+    value = secrets.token_hex(8)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE people (phone_hash TEXT PRIMARY KEY)"))
+        with provider.get_tracer(__name__).start_as_current_span("call"):
+            for _ in range(2):
+                with contextlib.suppress(IntegrityError), engine.begin() as connection:
+                    connection.execute(text("INSERT INTO people VALUES (:h)"), {"h": value})
+    finally:
+        engine.dispose()
+    (failed,) = [s for s in exporter.get_finished_spans() if s.name.startswith("INSERT") and not s.status.is_ok]
+    assert failed.status.description == "UniqueViolation"
+    assert value not in failed.to_json()

@@ -291,9 +291,16 @@ class _WithinTracesProvider:
         return _WithinTraces(self._provider.get_tracer(*args, **kwargs))
 
 
+def instrumentation_disabled(name: str, env: Mapping[str, str] | None = None) -> bool:
+    """OTEL_PYTHON_DISABLED_INSTRUMENTATIONS, the standard list (e.g. `sqlalchemy,redis`), names
+    it: its spans are left out, the calls' own still made."""
+    env = os.environ if env is None else env
+    return name in {n.strip() for n in env.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")}
+
+
 def trace_engine(engine: Engine, provider: TracerProvider) -> None:
     """Spans for every statement `engine` runs, from `provider`'s tracer."""
-    if tracing_disabled():
+    if tracing_disabled() or instrumentation_disabled("sqlalchemy"):
         return
     from opentelemetry.instrumentation.sqlalchemy import engine as sqlalchemy_tracing
     from opentelemetry.instrumentation.sqlalchemy.version import __version__ as sqlalchemy_tracing_version
@@ -318,7 +325,7 @@ def _statement_failed(context: ExceptionContext) -> None:
 
 def trace_redis(client: redis.asyncio.Redis, provider: TracerProvider) -> None:
     """Spans for every command `client` sends, from `provider`'s tracer."""
-    if tracing_disabled():
+    if tracing_disabled() or instrumentation_disabled("redis"):
         return
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
