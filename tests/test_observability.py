@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from bank_sim.process import free_port
 from cardcheck.runtime.logs import JsonFormatter, mask_phone
+from cardcheck.runtime.readiness import Dependency, Readiness
 from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from gateway.config import GatewayConfig
@@ -149,6 +150,34 @@ async def test_the_gateway_is_not_ready_while_its_redis_is_down(start_stack) -> 
     async with redis_server(port):
         await becomes(gateway, "cardcheck.v1.CardCheck", SERVING)
         assert await health_of(gateway, "") == SERVING
+
+
+async def test_a_check_that_hangs_counts_as_down_and_is_not_asked_again_meanwhile() -> None:
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set("cardcheck.v1.Notifier", SERVING)
+    answer, asked = asyncio.Event(), []
+
+    async def hangs_until_answered() -> None:
+        asked.append(1)
+        await answer.wait()
+
+    readiness = Readiness(
+        health_servicer, ["", "cardcheck.v1.Notifier"], [Dependency("database", hangs_until_answered)],
+        every_s=0.01, timeout_s=0.01,
+    )
+
+    async def status(name: str) -> int:
+        request = health_pb2.HealthCheckRequest(service=name)
+        return (await health_servicer.Check(request, None)).status
+
+    for _ in range(3):
+        await readiness.check_once()
+    assert await status("cardcheck.v1.Notifier") == NOT_SERVING and await status("") == SERVING
+    assert len(asked) == 1  # one worker held, not one per round
+    answer.set()
+    await readiness.check_once()
+    assert await status("cardcheck.v1.Notifier") == SERVING and readiness.ready
+    await readiness.stop()
 
 
 class TcpProxy:
