@@ -15,9 +15,10 @@ from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.migrations import upgrade_to_head
+from cardcheck.runtime.readiness import database
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
-from cardcheck.runtime.telemetry import make_tracer_provider
+from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine
 from cardcheck.v1 import notifier_pb2_grpc
 from notifier.config import NotifierConfig
 from notifier.delivery import DeliveryWorker
@@ -96,6 +97,7 @@ async def build_parts(
     keyring = load_keyring(settings.master_key, settings.retired_master_keys, settings.data_dir)
     db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
     await asyncio.to_thread(upgrade_to_head, db.engine, MIGRATIONS, SERVICE)
+    trace_engine(db.engine, tracer_provider)
     hub = ChangeHub(db.engine)
     store = MessageStore(db, clock, lease=config.lease, changes=hub.channel("nt.messages"))
     sealing = message_sealing(keyring)
@@ -129,6 +131,8 @@ async def build_parts(
         tracer_provider,
         on_stop=[close],
         bounds=BOUNDS.configured(settings, SERVICE),
+        dependencies=[database(db.engine)],
+        readiness_every_s=settings.readiness_every_s,
     )
     await hub.start()
     if start_worker:
