@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from sqlalchemy import and_, delete, false, func, insert, or_, true, update
 from sqlalchemy.exc import IntegrityError
@@ -43,6 +44,21 @@ from report_service.storage import Storage
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_KEY = "idempotency-key"  # the keyring's subkey idempotency keys are hashed under
+
+
+class OutcomeColumns(Protocol):
+    """What an outcome is opened from: a BankOutcomeRow, or a Core row of its columns."""
+
+    @property
+    def query_id(self) -> str: ...
+    @property
+    def bank_code(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def cards_sealed(self) -> bytes | None: ...
+    @property
+    def detail(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -205,7 +221,7 @@ class QueryStore:
             return None
         return self._outcomes.seal(cards_json(cards), f"{query_id}/{bank_code}".encode())
 
-    def outcome_of(self, row: BankOutcomeRow) -> BankOutcome:
+    def outcome_of(self, row: OutcomeColumns) -> BankOutcome:
         cards: tuple[MaskedCard, ...] = ()
         if row.cards_sealed:
             plain = self._outcomes.open(row.cards_sealed, f"{row.query_id}/{row.bank_code}".encode())
