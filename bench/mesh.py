@@ -465,11 +465,11 @@ def main(argv: list[str]) -> int:
     children: list[Child] = []
     try:
         children.append(start(
-            "bank_sim", ["--seed", str(SEED), "--people", str(generated), "--bank-latency-ms", str(LATENCY_MS)],
-            work, {**common, **TRACING["off"]}, addresses["bank_sim"],
+            "bank_sim", work, {**common, **TRACING["off"]}, addresses["bank_sim"],
+            ["--seed", str(SEED), "--people", str(generated), "--bank-latency-ms", str(LATENCY_MS)],
         ))
         for service in ("bank_connector", "notifier", "report_service", "gateway"):
-            children.append(start(service, [], work, {**common, **RAISED_LIMITS, **TRACING[args.tracing]},
+            children.append(start(service, work, {**common, **RAISED_LIMITS, **TRACING[args.tracing]},
                                   addresses[service]))
         pids = {child.module: child.process.pid for child in children}
         print(f"the five services up in {time.monotonic() - started_at:.1f} s (tracing {args.tracing}); every bank "

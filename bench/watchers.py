@@ -70,16 +70,18 @@ async def _idle_watcher(client: Watched, failed: asyncio.Event, calls: list) -> 
     call = client.watch(user, query_id)
     calls.append(call)
     async for event in call:
-        if event.outcomes:  # the down bank's failure: nothing more for an hour
+        if event.new_outcomes:  # the down bank's failure: nothing more for an hour
             failed.set()
 
 
 async def _latency(creator: Watched, watcher: Watched) -> float | None:
     user, query_id = await creator.create(WORKING)
+    outcomes = 0  # the state so far: each message has only what is new
     async for event in watcher.watch(user, query_id):
+        outcomes += len(event.new_outcomes)
         if event.query.status == READY:
             seen = time.time()
-            if event.query.HasField("ready_at") and len(event.outcomes) == 1:
+            if event.query.HasField("ready_at") and outcomes == 1:
                 return (seen - event.query.ready_at.ToDatetime(UTC).timestamp()) * 1000
         elif event.query.status != PENDING:
             raise RuntimeError(f"query ended {event.query.status}")

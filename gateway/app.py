@@ -65,7 +65,7 @@ BOUNDS = RequestBounds(
     max_metadata_bytes=MAX_METADATA_BYTES,
 )
 # What the gateway takes from each internal service: report_service answers with Reports (masked
-# cards) and progress (every outcome so far), as large as the edge may send; the others
+# cards) and progress (the outcomes new since its last message), as large as the edge may send; the others
 # with a bank list or a verdict, a few KB at most.
 MAX_ANSWER_BYTES = {"report_service": MAX_RESPONSE_BYTES, "bank_connector": 64 * KIB, "notifier": 64 * KIB}
 

@@ -61,12 +61,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
-from sqlalchemy import Column, DateTime, or_
+from sqlalchemy import Column, DateTime, bindparam, insert, or_, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from cardcheck.runtime.clock import Clock, as_utc
-from cardcheck.runtime.database import Database
+from cardcheck.runtime.database import Database, table_of
 from cardcheck.runtime.errors import CardCheckError, Reason
 from cardcheck.runtime.keys import Keyring
 
@@ -154,6 +155,29 @@ def _rate_limited(message: str, wait: timedelta, limit: str) -> CardCheckError:
     )
 
 
+_CHALLENGES = table_of(ChallengeRow)
+_THROTTLE = table_of(SmsThrottleRow)
+# Core statements, built once, on the path of every code: issued, then verified.
+_LAST_SENT = (
+    sa_select(_THROTTLE.c.last_sent_at)
+    .where(_THROTTLE.c.phone_hash == bindparam("phone_hash"), _THROTTLE.c.purpose == bindparam("purpose"))
+    .with_for_update()
+)
+_SENT_AGAIN = (  # an UPDATE's parameters may not be named as its columns
+    update(_THROTTLE)
+    .where(_THROTTLE.c.phone_hash == bindparam("hash_of_phone"), _THROTTLE.c.purpose == bindparam("for_purpose"))
+    .values(last_sent_at=bindparam("now"))
+)
+_CHALLENGE = (
+    sa_select(
+        _CHALLENGES.c.purpose, _CHALLENGES.c.phone_hash, _CHALLENGES.c.code_hash, _CHALLENGES.c.expires_at,
+        _CHALLENGES.c.wrong_tries, _CHALLENGES.c.used, _CHALLENGES.c.dead,
+    )
+    .where(_CHALLENGES.c.challenge_id == bindparam("challenge_id"))
+    .with_for_update()
+)
+
+
 @dataclass(frozen=True)
 class IssuedChallenge:
     challenge_id: str
@@ -212,24 +236,24 @@ class Challenges:
         anonymous = purpose in ANONYMOUS_PURPOSES
         challenge_id = secrets.token_hex(16)
         code = f"{secrets.randbelow(1_000_000):06d}"
-        row = ChallengeRow(
-            challenge_id=challenge_id,
-            phone_hash=phone_hash,
-            purpose=purpose,
-            code_hash=self._hash(challenge_id, code),
-            created_at=now,
-            expires_at=now + CODE_TTL,
-        )
+        row = {
+            "challenge_id": challenge_id,
+            "phone_hash": phone_hash,
+            "purpose": purpose,
+            "code_hash": self._hash(challenge_id, code),
+            "created_at": now,
+            "expires_at": now + CODE_TTL,
+            "wrong_tries": 0,
+            "used": False,
+            "dead": False,
+        }
+        mark = {"phone_hash": phone_hash, "purpose": purpose}
 
         def work(session: Session) -> CardCheckError | timedelta:
             # Locked in one order everywhere (throttle, escalation, daily): no deadlock.
-            throttle = session.exec(
-                select(SmsThrottleRow)
-                .where(SmsThrottleRow.phone_hash == phone_hash, SmsThrottleRow.purpose == purpose)
-                .with_for_update()
-            ).first()
-            if throttle is not None:
-                wait = as_utc(throttle.last_sent_at) + self._resend_after - now
+            last_sent_at = session.execute(_LAST_SENT, mark).scalar()
+            if last_sent_at is not None:
+                wait = as_utc(last_sent_at) + self._resend_after - now
                 if wait > timedelta(0):
                     return _rate_limited(
                         "a code was sent to this phone less than a minute ago", wait, "phone"
@@ -240,13 +264,12 @@ class Challenges:
                 if isinstance(refusal_or_wait, CardCheckError):
                     return refusal_or_wait
                 resend_after = max(resend_after, refusal_or_wait)
-            if throttle is None:
-                session.add(SmsThrottleRow(phone_hash=phone_hash, purpose=purpose, last_sent_at=now))
+            if last_sent_at is None:
+                session.execute(insert(_THROTTLE).values(**mark, last_sent_at=now))
             else:
-                throttle.last_sent_at = now
-                session.add(throttle)
-            session.add(row)
-            session.flush()
+                session.execute(_SENT_AGAIN, {"hash_of_phone": phone_hash, "for_purpose": purpose, "now": now})
+            session.execute(insert(_CHALLENGES).values(row))
+            session.flush()  # what _spend_anonymous changed, inside the IntegrityError guard
             return resend_after
 
         try:
@@ -346,9 +369,7 @@ class Challenges:
         offered = f"{challenge_id}:{code}"
 
         def work(session: Session) -> str | None:
-            row = session.exec(
-                select(ChallengeRow).where(ChallengeRow.challenge_id == challenge_id).with_for_update()
-            ).first()
+            row = session.execute(_CHALLENGE, {"challenge_id": challenge_id}).first()
             if (
                 row is None
                 or row.purpose != purpose
@@ -361,14 +382,14 @@ class Challenges:
                 return "too many wrong tries"
             if as_utc(row.expires_at) <= now:
                 return "expired"
+            this = _CHALLENGES.c.challenge_id == challenge_id
             if not self._code_hash.matches(offered, row.code_hash):
-                row.wrong_tries += 1
-                if row.wrong_tries >= MAX_WRONG_TRIES:
-                    row.dead = True
-                session.add(row)
+                wrong_tries = row.wrong_tries + 1  # the row is locked: no lost update
+                session.execute(
+                    update(_CHALLENGES).where(this).values(wrong_tries=wrong_tries, dead=wrong_tries >= MAX_WRONG_TRIES)
+                )
                 return "wrong code"
-            row.used = True
-            session.add(row)
+            session.execute(update(_CHALLENGES).where(this).values(used=True))
             return None
 
         why = await self._db.run(work)

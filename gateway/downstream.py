@@ -142,9 +142,11 @@ class ReportDesk:
             report_service_pb2.ReportServiceWatchQueryRequest(user_id=user_id, query_id=query_id),
             timeout=deadline_s,
         )
+        state = WatchState()
         try:
             async for progress in call:
-                yield query_event(progress)
+                for event in state.events(progress):
+                    yield event
         except grpc.aio.AioRpcError as error:
             raise downstream_error(error, "report_service") from None
         finally:
@@ -155,12 +157,32 @@ def _outcome(progress: report_service_pb2.BankProgress) -> common_pb2.BankOutcom
     return common_pb2.BankOutcome(bank_code=progress.bank_code, kind=progress.kind, detail=progress.detail)
 
 
-def query_event(progress: report_service_pb2.ReportServiceWatchQueryResponse) -> gateway_pb2.QueryEvent:
-    """The public event of one step of a query's progress (its `cards` stay empty)."""
-    event = gateway_pb2.QueryEvent(query=progress.query, outcomes=[_outcome(o) for o in progress.outcomes])
-    if progress.HasField("outcome"):
-        event.outcome.CopyFrom(_outcome(progress.outcome))
-    return event
+class WatchState:
+    """One watch's outcomes so far, kept here since report_service sends only what is new: each
+    of its messages becomes the public events, which carry the whole state (docs/api.md)."""
+
+    def __init__(self) -> None:
+        self._outcomes: dict[str, common_pb2.BankOutcome] = {}  # in the order first recorded
+        self._first = True
+
+    def events(self, progress: report_service_pb2.ReportServiceWatchQueryResponse) -> list[gateway_pb2.QueryEvent]:
+        """The first message: one event with the state so far; then one event per outcome that
+        arrived or changed (all with the state after the message), or one for another change.
+        Their `cards` stay empty."""
+        new = [_outcome(o) for o in progress.new_outcomes]
+        for outcome in new:
+            self._outcomes[outcome.bank_code] = outcome
+        base = gateway_pb2.QueryEvent(query=progress.query, outcomes=self._outcomes.values())
+        if self._first or not new:
+            self._first = False
+            return [base]
+        events = []
+        for outcome in new:
+            event = gateway_pb2.QueryEvent()
+            event.CopyFrom(base)
+            event.outcome.CopyFrom(outcome)
+            events.append(event)
+        return events
 
 
 class SmsSender:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import Column, DateTime, Index, delete
+from sqlalchemy import Column, DateTime, Index, bindparam, delete, insert
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlmodel import Field, Session, SQLModel, col
 
 from cardcheck.runtime.clock import Clock
-from cardcheck.runtime.database import Database, rowcount
+from cardcheck.runtime.database import Database, rowcount, table_of
 from cardcheck.runtime.keys import Keyring
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,13 @@ class SubmissionRow(SQLModel, table=True):
     created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 
 
+_SUBMISSIONS = table_of(SubmissionRow)
+# Core statements, built once: one read on every SubmitQuery, a read and a write on each new one.
+_QUERY_OF_KEY = sa_select(_SUBMISSIONS.c.query_id).where(
+    _SUBMISSIONS.c.user_id == bindparam("user_id"), _SUBMISSIONS.c.key_hash.in_(bindparam("digests", expanding=True))
+)
+
+
 class Submissions:
     def __init__(self, db: Database, keyring: Keyring, clock: Clock) -> None:
         self._db = db
@@ -49,27 +57,17 @@ class Submissions:
     async def earlier(self, user_id: str, idempotency_key: str) -> str | None:
         """The query this user's key created, if it is remembered."""
         digests = self._hash.digests(idempotency_key)
-        row = await self._db.run(
-            lambda session: session.exec(
-                select(SubmissionRow.query_id).where(
-                    SubmissionRow.user_id == user_id, col(SubmissionRow.key_hash).in_(digests)
-                )
-            ).first()
-        )
-        return row
+        found = {"user_id": user_id, "digests": list(digests)}
+        return await self._db.run(lambda session: session.execute(_QUERY_OF_KEY, found).scalar())
 
     async def remember(self, user_id: str, idempotency_key: str, query_id: str) -> None:
         digests = self._hash.digests(idempotency_key)
 
         def work(session: Session) -> None:
-            known = session.exec(
-                select(SubmissionRow.query_id).where(
-                    SubmissionRow.user_id == user_id, col(SubmissionRow.key_hash).in_(digests)
-                )
-            ).first()
+            known = session.execute(_QUERY_OF_KEY, {"user_id": user_id, "digests": list(digests)}).first()
             if known is None:
-                session.add(
-                    SubmissionRow(
+                session.execute(
+                    insert(_SUBMISSIONS).values(
                         user_id=user_id, key_hash=digests[0], query_id=query_id, created_at=self._clock.now()
                     )
                 )

@@ -20,13 +20,15 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import Column, DateTime, LargeBinary
+from sqlalchemy import Column, DateTime, LargeBinary, bindparam
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from cardcheck.runtime.clock import Clock, as_utc
-from cardcheck.runtime.database import Database
+from cardcheck.runtime.database import Database, table_of
 from cardcheck.runtime.errors import CardCheckError, Reason
 from cardcheck.runtime.keys import Keyring, Sealer
 from gateway.payment_passwords import PaymentPasswords
@@ -53,6 +55,16 @@ class UserRow(SQLModel, table=True):
     payment_password_locks: int = 0
     payment_password_reset_required: bool = False
     created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+_USERS = table_of(UserRow)
+_USER_BY_ID = sa_select(_USERS).where(_USERS.c.user_id == bindparam("user_id"))
+
+
+def _user_row(session: Session, user_id: str) -> UserRow | None:
+    """The user's row as a Core row of every column (read as the ORM object would be, without
+    its identity map and loading): SubmitQuery, QUERY_AUTH codes and GetReport each read it."""
+    return cast("UserRow | None", session.execute(_USER_BY_ID, {"user_id": user_id}).first())
 
 
 @dataclass(frozen=True)
@@ -164,7 +176,7 @@ class Users:
         return User(user_id, region, bound_bank_code)
 
     async def get(self, user_id: str) -> User | None:
-        row = await self._db.run(lambda session: session.get(UserRow, user_id))
+        row = await self._db.run(lambda session: _user_row(session, user_id))
         return None if row is None else User(row.user_id, row.region, row.bound_bank_code)
 
     async def find_by_phone(self, phone: str) -> User | None:
@@ -178,13 +190,13 @@ class Users:
 
     async def with_identity(self, user_id: str) -> tuple[User, Identity] | None:
         """The user and their identity, opened, from one read; None for no such user."""
-        row = await self._db.run(lambda session: session.get(UserRow, user_id))
+        row = await self._db.run(lambda session: _user_row(session, user_id))
         if row is None:
             return None
         return User(row.user_id, row.region, row.bound_bank_code), open_identity(self._sealer, row)
 
     async def identity(self, user_id: str) -> Identity:
-        row = await self._db.run(lambda session: session.get(UserRow, user_id))
+        row = await self._db.run(lambda session: _user_row(session, user_id))
         if row is None:
             raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
         return open_identity(self._sealer, row)
@@ -195,7 +207,7 @@ class Users:
         right password resets the count and the locks, and upgrades a hash of the old scheme or
         of a retired key."""
         now = self._clock.now()
-        row = await self._db.run(lambda session: session.get(UserRow, user_id))
+        row = await self._db.run(lambda session: _user_row(session, user_id))
         if row is None:
             raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
         refusal = self._lock_of(row, now)

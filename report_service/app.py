@@ -39,7 +39,7 @@ KIB, MIB = 1024, 1024 * 1024
 # the agreement version and an idempotency key of at most 128 characters); the others name a
 # user and a query. 16 KiB leaves room and still refuses junk before it is parsed.
 MAX_REQUEST_BYTES = 16 * KIB
-# Answers: Reports carry masked cards (some 50 bytes each), progress every outcome so far; the gateway takes
+# Answers: Reports carry masked cards (some 50 bytes each), progress the outcomes new since the last; the gateway takes
 # up to 4 MiB of them (gateway/app.py), so more is a bug to refuse here.
 MAX_RESPONSE_BYTES = 4 * MIB
 # Every gateway replica's watches (each holds one call here while its query runs) and its other

@@ -328,11 +328,14 @@ class ExecutionStore:
 
     def _outcomes(self, session: Session, query_id: str, exclude: Container[str] = ()) -> list[BankOutcome]:
         """The query's recorded outcomes (cards opened), but those of the banks in `exclude`."""
-        return [
-            self._queries.outcome_of(o)
-            for o in session.execute(select(BankOutcomeRow).where(col(BankOutcomeRow.query_id) == query_id)).scalars()
-            if o.bank_code not in exclude
-        ]
+        # Core rows, not ORM objects: outcome_of reads only these columns.
+        rows = session.execute(
+            select(
+                _OUTCOMES.c.query_id, _OUTCOMES.c.bank_code, _OUTCOMES.c.kind, _OUTCOMES.c.cards_sealed,
+                _OUTCOMES.c.detail,
+            ).where(_OUTCOMES.c.query_id == query_id)
+        )
+        return [self._queries.outcome_of(o) for o in rows if o.bank_code not in exclude]
 
     def _finish(
         self,

@@ -11,8 +11,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, Protocol
 
-from sqlalchemy import and_, delete, false, func, insert, or_, true, update
+from sqlalchemy import Row, and_, bindparam, delete, false, func, insert, or_, true, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -43,6 +45,21 @@ from report_service.storage import Storage
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_KEY = "idempotency-key"  # the keyring's subkey idempotency keys are hashed under
+
+
+class OutcomeColumns(Protocol):
+    """What an outcome is opened from: a BankOutcomeRow, or a Core row of its columns."""
+
+    @property
+    def query_id(self) -> str: ...
+    @property
+    def bank_code(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def cards_sealed(self) -> bytes | None: ...
+    @property
+    def detail(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -147,7 +164,24 @@ class QueryRules:
         return None
 
 
-def query_of(row: QueryRow) -> Query:
+_QUERIES = table_of(QueryRow)
+_OUTCOMES = table_of(BankOutcomeRow)
+# What query_of reads, and a query's progress: the reads of every watcher's wake, built once.
+_QUERY_BY_ID = sa_select(
+    *(_QUERIES.c[name] for name in (
+        "query_id", "user_id", "status", "bank_codes", "agreement_version", "submitted_at", "ready_by",
+        "ready_at", "expires_at", "banks_answered", "banks_total",
+    ))
+).where(_QUERIES.c.query_id == bindparam("query_id"))
+_PROGRESS = (
+    sa_select(_OUTCOMES.c.bank_code, _OUTCOMES.c.kind, _OUTCOMES.c.detail)
+    .where(_OUTCOMES.c.query_id == bindparam("query_id"))
+    .order_by(_OUTCOMES.c.id)
+)
+
+
+def query_of(row: QueryRow | Row[Any]) -> Query:
+    """From the ORM row or a Core row of _QUERY_BY_ID's columns."""
     return Query(
         query_id=row.query_id,
         user_id=row.user_id,
@@ -205,7 +239,7 @@ class QueryStore:
             return None
         return self._outcomes.seal(cards_json(cards), f"{query_id}/{bank_code}".encode())
 
-    def outcome_of(self, row: BankOutcomeRow) -> BankOutcome:
+    def outcome_of(self, row: OutcomeColumns) -> BankOutcome:
         cards: tuple[MaskedCard, ...] = ()
         if row.cards_sealed:
             plain = self._outcomes.open(row.cards_sealed, f"{row.query_id}/{row.bank_code}".encode())
@@ -368,18 +402,14 @@ class QueryStore:
 
     async def snapshot(self, user_id: str, query_id: str) -> tuple[Query, builtins.list[BankOutcome]]:
         """The query and each bank's latest outcome so far, in the order first recorded, read
-        together; without the cards (progress never shows them, so they stay sealed)."""
-        outcomes_table = table_of(BankOutcomeRow)
+        together; without the cards (progress never shows them, so they stay sealed). Core
+        rows: every watcher reads this on each change of its query."""
 
-        def find(session: Session) -> tuple[QueryRow | None, list[BankOutcome]]:
-            row = session.get(QueryRow, query_id)
+        def find(session: Session) -> tuple[Any, list[BankOutcome]]:
+            row = session.execute(_QUERY_BY_ID, {"query_id": query_id}).first()
             outcomes = [
                 BankOutcome(bank_code=bank_code, kind=kind, detail=detail)
-                for bank_code, kind, detail in session.execute(
-                    select(outcomes_table.c.bank_code, outcomes_table.c.kind, outcomes_table.c.detail)
-                    .where(outcomes_table.c.query_id == query_id)
-                    .order_by(outcomes_table.c.id)
-                )
+                for bank_code, kind, detail in session.execute(_PROGRESS, {"query_id": query_id})
             ]
             return row, outcomes
 

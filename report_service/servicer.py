@@ -144,26 +144,22 @@ class ReportServiceServicer(report_service_pb2_grpc.ReportServiceServicer):
 
     @handles_errors
     async def WatchQuery(self, request, context):
-        """The state so far first (a late joiner learns every outcome recorded), then an event
-        for each outcome that arrives or changes (a failed bank answering on a later pass), and
-        one for any other change, until the query leaves PENDING. Woken by the query's change
-        notification, whichever replica's worker recorded it; idle, a watcher costs nothing but
-        its slow safety poll."""
+        """The state so far first (a late joiner learns every outcome recorded), then a message
+        for each change: the outcomes it recorded or changed (a failed bank answering on a
+        later pass), or none for another change, until the query leaves PENDING. Only what is
+        new: the watcher keeps the state. Woken by the query's change notification, whichever
+        replica's worker recorded it; idle, a watcher costs nothing but its slow safety poll."""
         changed = self._changes.current(request.query_id)
         query, outcomes = await self._store.snapshot(request.user_id, request.query_id)
-        yield Progress(query=query_pb(query), outcomes=[progress_pb(o) for o in outcomes])
+        yield Progress(query=query_pb(query), new_outcomes=[progress_pb(o) for o in outcomes])
         seen = {o.bank_code: o for o in outcomes}
         last = query
         while query.pending:
             await wait_for_event(changed, WATCH_SAFETY_POLL_S)
             changed = self._changes.current(request.query_id)
             query, outcomes = await self._store.snapshot(request.user_id, request.query_id)
-            so_far = [progress_pb(o) for o in outcomes]
-            for outcome, message in zip(outcomes, so_far, strict=True):
-                if seen.get(outcome.bank_code) != outcome:
-                    seen[outcome.bank_code] = outcome
-                    last = query
-                    yield Progress(query=query_pb(query), outcome=message, outcomes=so_far)
-            if query != last:  # a change with no new outcome, e.g. the query finished
+            new = [o for o in outcomes if seen.get(o.bank_code) != o]
+            if new or query != last:
+                seen.update((o.bank_code, o) for o in new)
                 last = query
-                yield Progress(query=query_pb(query), outcomes=so_far)
+                yield Progress(query=query_pb(query), new_outcomes=[progress_pb(o) for o in new])

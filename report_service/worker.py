@@ -31,6 +31,12 @@ from report_service.reports import BankOutcome
 
 log = logging.getLogger(__name__)
 SMS_RETRY = timedelta(seconds=5)
+# How long a pass waits after a bank's outcome for others to record with it: at most this much
+# later on a watch and to READY, against a transaction (and a wake of every watcher) per batch.
+# Banks asked together at the same latency reach this process spread over tens of ms when the
+# connector is busy; 10 ms gathered a query's outcomes into one transaction for 2 % of queries
+# in `bench mesh`, 50 ms for a third, the rest in two.
+GATHER_S = 0.05
 
 
 class BankFanOut(Protocol):
@@ -65,6 +71,7 @@ class QueryWorker:
         pass_interval_s: float = 2.0,
         sweep_interval_s: float = 60.0,
         max_running: int = 64,
+        gather_s: float = GATHER_S,
     ) -> None:
         self._store = store
         self._banks = banks
@@ -80,6 +87,7 @@ class QueryWorker:
         self._pass_interval_s = pass_interval_s
         self._sweep_interval_s = sweep_interval_s
         self._max_running = max_running
+        self._gather_s = gather_s
         # Work free to claim now (accepted or given back, here or on another replica).
         self._work = store.queue.changes or Channel("work")
         self._background: list[asyncio.Task[None]] = []
@@ -272,8 +280,9 @@ class QueryWorker:
 
     async def _ask_banks(self, claim: Claim) -> Recorded | None:
         """One pass over the missing banks. Outcomes are recorded as they arrive; those that
-        arrive together are recorded in one transaction. Returns the result once the query is
-        finished, None when banks are still missing after the pass."""
+        arrive together, or within `gather_s` of the first of them, are recorded in one
+        transaction (and reach the watchers as one change). Returns the result once the query
+        is finished, None when banks are still missing after the pass."""
         asked = set(claim.missing_banks)
         arrived: set[str] = set()
         queue: asyncio.Queue[BankOutcome | Exception | object] = asyncio.Queue()
@@ -292,9 +301,7 @@ class QueryWorker:
         try:
             ended = False
             while not ended:
-                batch = [await queue.get()]
-                while not queue.empty():
-                    batch.append(queue.get_nowait())
+                batch = await self._gathered(queue, len(asked - arrived))
                 outcomes = []
                 for item in batch:
                     if isinstance(item, BankOutcome):
@@ -326,6 +333,28 @@ class QueryWorker:
             pumping.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pumping
+
+    async def _gathered(self, queue: asyncio.Queue[BankOutcome | Exception | object], expected: int) -> list[object]:
+        """The next item and whatever follows within `gather_s`, until `expected` items or the
+        stream's end: the banks asked together mostly answer together, and each transaction
+        costs about as much again as the outcomes it records."""
+        batch = [await queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._gather_s
+        while len(batch) < expected and isinstance(batch[-1], BankOutcome):
+            if queue.empty():
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), left))
+                except TimeoutError:
+                    break
+            else:
+                batch.append(queue.get_nowait())
+        while not queue.empty():
+            batch.append(queue.get_nowait())
+        return batch
 
     # --- the "report ready" SMS -----------------------------------------------------------------
 

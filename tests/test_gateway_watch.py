@@ -19,8 +19,9 @@ from bank_sim.process import free_port
 from cardcheck.client import CardCheckClient, RateLimited
 from cardcheck.runtime.clock import ManualClock
 from cardcheck.runtime.settings import SettingsError
-from cardcheck.v1 import common_pb2, gateway_pb2
+from cardcheck.v1 import common_pb2, gateway_pb2, report_service_pb2
 from gateway.config import GatewayConfig
+from gateway.downstream import WatchState
 from gateway.limits import RedisStore
 from gateway.watches import RedisWatchSlots
 from tests.harness.gateway import ALICE, BOB, SIGN_IN, Stack, bearer, refusal_of, refused
@@ -399,3 +400,38 @@ async def test_on_redis_live_streams_keep_their_slots_and_a_dead_replicas_run_ou
     assert not live.done() and not other.done()
     for call in (live, other):
         call.cancel()
+
+
+# --- report_service's messages, each with only what is new, as the public events -----------------
+
+_ANSWERED = common_pb2.BANK_OUTCOME_KIND_ANSWERED
+_TIMED_OUT = common_pb2.BANK_OUTCOME_KIND_TIMED_OUT
+
+
+def _progress(status, *outcomes) -> report_service_pb2.ReportServiceWatchQueryResponse:
+    return report_service_pb2.ReportServiceWatchQueryResponse(
+        query=common_pb2.Query(query_id="q-1", status=status),
+        new_outcomes=[report_service_pb2.BankProgress(bank_code=b, kind=k, detail=d) for b, k, d in outcomes],
+    )
+
+
+def _state(event: gateway_pb2.QueryEvent) -> list[tuple[str, int]]:
+    return [(o.bank_code, o.kind) for o in event.outcomes]
+
+
+def test_each_public_event_carries_the_whole_state_from_messages_of_what_is_new():
+    state = WatchState()
+    pending = common_pb2.QUERY_STATUS_PENDING
+    # The first message: the state so far, in one event with no `outcome`.
+    [first] = state.events(_progress(pending, ("ICBC", _ANSWERED, ""), ("BOC", _TIMED_OUT, "slow")))
+    assert not first.HasField("outcome") and _state(first) == [("ICBC", _ANSWERED), ("BOC", _TIMED_OUT)]
+    # Two outcomes recorded together: an event each, both with the state after them; a bank
+    # answering after its failure keeps its place.
+    both = state.events(_progress(pending, ("BOC", _ANSWERED, ""), ("CMB", _ANSWERED, "")))
+    assert [e.outcome.bank_code for e in both] == ["BOC", "CMB"]
+    assert all(_state(e) == [("ICBC", _ANSWERED), ("BOC", _ANSWERED), ("CMB", _ANSWERED)] for e in both)
+    assert both[0].outcome.detail == "" and first.outcomes[1].detail == "slow"
+    # A change that is not a bank's: one event, the state unchanged.
+    [done] = state.events(_progress(common_pb2.QUERY_STATUS_READY))
+    assert not done.HasField("outcome") and done.query.status == common_pb2.QUERY_STATUS_READY
+    assert _state(done) == _state(both[1])

@@ -461,25 +461,29 @@ async def _watch(stub, query_id: str, events: list) -> None:
         events.append(event)
 
 
+def _banks_in(events: list) -> list[str]:
+    return [o.bank_code for e in events for o in e.new_outcomes]
+
+
 async def test_watch_streams_each_outcome_until_the_query_leaves_pending(rig):
     rig.banks.hold("ICBC", "CMB", "BOC")
     query = await rig.create()
     events = []
     watcher = asyncio.create_task(_watch(rig.stub, query.query_id, events))
     await eventually(lambda: len(events) == 1)
-    assert events[0].query.status == common_pb2.QUERY_STATUS_PENDING and not events[0].outcomes
+    assert events[0].query.status == common_pb2.QUERY_STATUS_PENDING and not events[0].new_outcomes
     for bank in ("ICBC", "CMB", "BOC"):
         rig.banks.release(bank)
-        await eventually(lambda bank=bank: any(e.outcome.bank_code == bank for e in events))
+        await eventually(lambda bank=bank: bank in _banks_in(events))
     await asyncio.wait_for(watcher, 15)
-    with_outcome = [e for e in events if e.HasField("outcome")]
-    assert [e.outcome.bank_code for e in with_outcome] == ["ICBC", "CMB", "BOC"]
-    assert [len(e.outcomes) for e in with_outcome] == [1, 2, 3]
+    with_outcome = [e for e in events if e.new_outcomes]
+    # Each message has only what is new: the watcher keeps the state so far.
+    assert [[o.bank_code for o in e.new_outcomes] for e in with_outcome] == [["ICBC"], ["CMB"], ["BOC"]]
     assert [e.query.banks_answered for e in with_outcome] == [1, 2, 3]
     # Progress only: the stream has no field for a card; the cards are in the report.
     assert "cards" not in type(events[0]).DESCRIPTOR.fields_by_name
-    assert "cards" not in type(events[0].outcome).DESCRIPTOR.fields_by_name
-    assert [e.outcome.kind for e in with_outcome] == [ANSWERED] * 3
+    assert "cards" not in report_service_pb2.BankProgress.DESCRIPTOR.fields_by_name
+    assert [o.kind for e in with_outcome for o in e.new_outcomes] == [ANSWERED] * 3
     report = await rig.report(query.query_id)
     assert sorted(c.last4 for c in report.cards) == ["0042", "4321", "8765"]
     assert events[-1].query.status == common_pb2.QUERY_STATUS_READY
@@ -491,7 +495,7 @@ async def test_watch_streams_each_outcome_until_the_query_leaves_pending(rig):
             report_service_pb2.ReportServiceWatchQueryRequest(user_id=USER, query_id=query.query_id)
         )
     ]
-    assert len(late) == 1 and len(late[0].outcomes) == 3
+    assert len(late) == 1 and len(late[0].new_outcomes) == 3
 
 
 async def test_watch_on_another_replica_sees_what_the_first_records(rig):
@@ -505,17 +509,17 @@ async def test_watch_on_another_replica_sees_what_the_first_records(rig):
     watcher = asyncio.create_task(_watch(other, query.query_id, events))
     await eventually(lambda: events)
     rig.banks.release("CMB")
-    await eventually(lambda: any(e.outcome.bank_code == "BOC" for e in events))
+    await eventually(lambda: "BOC" in _banks_in(events))
     late_events = []
     late = asyncio.create_task(_watch(other, query.query_id, late_events))
     await eventually(lambda: late_events)
-    assert sorted(o.bank_code for o in late_events[0].outcomes) == ["BOC", "CMB"]  # the state so far
+    assert sorted(o.bank_code for o in late_events[0].new_outcomes) == ["BOC", "CMB"]  # the state so far
     rig.banks.release("ICBC")
     await rig.between_passes(query.query_id)
-    await eventually(lambda: any(e.outcome.bank_code == "ICBC" for e in events))
+    await eventually(lambda: "ICBC" in _banks_in(events))
     rig.clock.advance(timedelta(minutes=1))
     await asyncio.wait_for(asyncio.gather(watcher, late), 15)
-    changes = [(e.outcome.bank_code, e.outcome.kind) for e in events if e.HasField("outcome")]
+    changes = [(o.bank_code, o.kind) for e in events[1:] for o in e.new_outcomes]
     assert changes == [
         ("CMB", ANSWERED),
         ("BOC", common_pb2.BANK_OUTCOME_KIND_TIMED_OUT),
@@ -542,7 +546,7 @@ async def test_a_watch_on_another_replica_is_woken_by_the_change_not_a_poll(rig,
         rig.banks.release(bank)
         await eventually(lambda n=n: len(events) >= n, within=5)
         assert loop.time() - released < 1.0
-        assert events[-1].outcome.bank_code == bank
+        assert [o.bank_code for o in events[-1].new_outcomes] == [bank]
     await asyncio.wait_for(watcher, 5)
     assert events[-1].query.status == common_pb2.QUERY_STATUS_READY
 

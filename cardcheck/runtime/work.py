@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Column, ColumnElement, Table, and_, or_, select, tuple_, update
+from sqlalchemy import Column, ColumnElement, Table, and_, bindparam, or_, select, tuple_, update
 from sqlmodel import Session
 
 from cardcheck.runtime.changes import Channel
@@ -95,6 +95,13 @@ class WorkQueue:
         self._clock = clock
         self.lease = lease
         self.changes = changes
+        # Built once: the fence runs in every transaction of the work it guards.
+        c = columns
+        self._held_row = (
+            select(c.owner, c.token)
+            .where(and_(*(column == bindparam(f"key_{i}") for i, column in enumerate(c.key))))
+            .with_for_update()
+        )
 
     def _key(self) -> ColumnElement[Any]:
         key = self.columns.key
@@ -163,8 +170,10 @@ class WorkQueue:
     def hold(self, session: Session, lease: Lease) -> None:
         """The fence: locks the row and raises LeaseLost unless `lease` is still its lease."""
         c = self.columns
-        where = and_(*(col == part for col, part in zip(c.key, lease.key, strict=True)))
-        row = session.execute(select(c.owner, c.token).where(where).with_for_update()).first()
+        key = {f"key_{i}": part for i, part in enumerate(lease.key)}
+        if len(key) != len(c.key):
+            raise ValueError(f"a lease of {c.table.name} has {len(c.key)} key part(s)")
+        row = session.execute(self._held_row, key).first()
         if row is None or row[0] != lease.owner or row[1] != lease.token:
             raise LeaseLost(f"{c.table.name} {lease.key}")
 

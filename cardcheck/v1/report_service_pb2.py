@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cardcheck.v1 import common_pb2 as cardcheck_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cardcheck/v1/report_service.proto\x12\x0c\x63\x61rdcheck.v1\x1a\x19\x63\x61rdcheck/v1/common.proto\"9\n\x07Subject\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tid_number\x18\x02 \x01(\t\x12\r\n\x05phone\x18\x03 \x01(\t\"\x95\x01\n\x12\x43reateQueryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12&\n\x07subject\x18\x02 \x01(\x0b\x32\x15.cardcheck.v1.Subject\x12\x12\n\nbank_codes\x18\x03 \x03(\t\x12\x19\n\x11\x61greement_version\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"9\n\x13\x43reateQueryResponse\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.cardcheck.v1.Query\"4\n\x0fGetQueryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\t\"6\n\x10GetQueryResponse\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.cardcheck.v1.Query\"2\n\x1fReportServiceListQueriesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"H\n ReportServiceListQueriesResponse\x12$\n\x07queries\x18\x01 \x03(\x0b\x32\x13.cardcheck.v1.Query\"C\n\x1eReportServiceWatchQueryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\t\"\xa0\x01\n\x1fReportServiceWatchQueryResponse\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.cardcheck.v1.Query\x12+\n\x07outcome\x18\x02 \x01(\x0b\x32\x1a.cardcheck.v1.BankProgress\x12,\n\x08outcomes\x18\x03 \x03(\x0b\x32\x1a.cardcheck.v1.BankProgress\"^\n\x0c\x42\x61nkProgress\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.cardcheck.v1.BankOutcomeKind\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"B\n\x1dReportServiceGetReportRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\t\"F\n\x1eReportServiceGetReportResponse\x12$\n\x06report\x18\x01 \x01(\x0b\x32\x14.cardcheck.v1.Report2\xf1\x03\n\rReportService\x12R\n\x0b\x43reateQuery\x12 .cardcheck.v1.CreateQueryRequest\x1a!.cardcheck.v1.CreateQueryResponse\x12I\n\x08GetQuery\x12\x1d.cardcheck.v1.GetQueryRequest\x1a\x1e.cardcheck.v1.GetQueryResponse\x12l\n\x0bListQueries\x12-.cardcheck.v1.ReportServiceListQueriesRequest\x1a..cardcheck.v1.ReportServiceListQueriesResponse\x12k\n\nWatchQuery\x12,.cardcheck.v1.ReportServiceWatchQueryRequest\x1a-.cardcheck.v1.ReportServiceWatchQueryResponse0\x01\x12\x66\n\tGetReport\x12+.cardcheck.v1.ReportServiceGetReportRequest\x1a,.cardcheck.v1.ReportServiceGetReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cardcheck/v1/report_service.proto\x12\x0c\x63\x61rdcheck.v1\x1a\x19\x63\x61rdcheck/v1/common.proto\"9\n\x07Subject\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tid_number\x18\x02 \x01(\t\x12\r\n\x05phone\x18\x03 \x01(\t\"\x95\x01\n\x12\x43reateQueryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12&\n\x07subject\x18\x02 \x01(\x0b\x32\x15.cardcheck.v1.Subject\x12\x12\n\nbank_codes\x18\x03 \x03(\t\x12\x19\n\x11\x61greement_version\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"9\n\x13\x43reateQueryResponse\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.cardcheck.v1.Query\"4\n\x0fGetQueryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\t\"6\n\x10GetQueryResponse\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.cardcheck.v1.Query\"2\n\x1fReportServiceListQueriesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"H\n ReportServiceListQueriesResponse\x12$\n\x07queries\x18\x01 \x03(\x0b\x32\x13.cardcheck.v1.Query\"C\n\x1eReportServiceWatchQueryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\t\"\x96\x01\n\x1fReportServiceWatchQueryResponse\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.cardcheck.v1.Query\x12\x30\n\x0cnew_outcomes\x18\x04 \x03(\x0b\x32\x1a.cardcheck.v1.BankProgressJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\x07outcomeR\x08outcomes\"^\n\x0c\x42\x61nkProgress\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.cardcheck.v1.BankOutcomeKind\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"B\n\x1dReportServiceGetReportRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\t\"F\n\x1eReportServiceGetReportResponse\x12$\n\x06report\x18\x01 \x01(\x0b\x32\x14.cardcheck.v1.Report2\xf1\x03\n\rReportService\x12R\n\x0b\x43reateQuery\x12 .cardcheck.v1.CreateQueryRequest\x1a!.cardcheck.v1.CreateQueryResponse\x12I\n\x08GetQuery\x12\x1d.cardcheck.v1.GetQueryRequest\x1a\x1e.cardcheck.v1.GetQueryResponse\x12l\n\x0bListQueries\x12-.cardcheck.v1.ReportServiceListQueriesRequest\x1a..cardcheck.v1.ReportServiceListQueriesResponse\x12k\n\nWatchQuery\x12,.cardcheck.v1.ReportServiceWatchQueryRequest\x1a-.cardcheck.v1.ReportServiceWatchQueryResponse0\x01\x12\x66\n\tGetReport\x12+.cardcheck.v1.ReportServiceGetReportRequest\x1a,.cardcheck.v1.ReportServiceGetReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,13 +49,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTSERVICEWATCHQUERYREQUEST']._serialized_start=584
   _globals['_REPORTSERVICEWATCHQUERYREQUEST']._serialized_end=651
   _globals['_REPORTSERVICEWATCHQUERYRESPONSE']._serialized_start=654
-  _globals['_REPORTSERVICEWATCHQUERYRESPONSE']._serialized_end=814
-  _globals['_BANKPROGRESS']._serialized_start=816
-  _globals['_BANKPROGRESS']._serialized_end=910
-  _globals['_REPORTSERVICEGETREPORTREQUEST']._serialized_start=912
-  _globals['_REPORTSERVICEGETREPORTREQUEST']._serialized_end=978
-  _globals['_REPORTSERVICEGETREPORTRESPONSE']._serialized_start=980
-  _globals['_REPORTSERVICEGETREPORTRESPONSE']._serialized_end=1050
-  _globals['_REPORTSERVICE']._serialized_start=1053
-  _globals['_REPORTSERVICE']._serialized_end=1550
+  _globals['_REPORTSERVICEWATCHQUERYRESPONSE']._serialized_end=804
+  _globals['_BANKPROGRESS']._serialized_start=806
+  _globals['_BANKPROGRESS']._serialized_end=900
+  _globals['_REPORTSERVICEGETREPORTREQUEST']._serialized_start=902
+  _globals['_REPORTSERVICEGETREPORTREQUEST']._serialized_end=968
+  _globals['_REPORTSERVICEGETREPORTRESPONSE']._serialized_start=970
+  _globals['_REPORTSERVICEGETREPORTRESPONSE']._serialized_end=1040
+  _globals['_REPORTSERVICE']._serialized_start=1043
+  _globals['_REPORTSERVICE']._serialized_end=1540
 # @@protoc_insertion_point(module_scope)

@@ -248,32 +248,28 @@ class ReportServiceWatchQueryResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     QUERY_FIELD_NUMBER: _builtins.int
-    OUTCOME_FIELD_NUMBER: _builtins.int
-    OUTCOMES_FIELD_NUMBER: _builtins.int
+    NEW_OUTCOMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def query(self) -> _common_pb2.Query:
         """The query as it stands after this step."""
 
     @_builtins.property
-    def outcome(self) -> Global___BankProgress:
-        """The bank outcome that caused this message; unset for the first message of a watch and
-        for a change that is not a bank's (e.g. the query finished).
+    def new_outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___BankProgress]:
+        """The bank outcomes recorded or changed since the previous message, each bank's latest, in
+        the order first recorded; in the first message of a watch every one recorded so far; none
+        for a change that is not a bank's (e.g. the query finished). A bank that is here again
+        replaces its earlier outcome (a failure answered on a later pass) in the state so far.
         """
-
-    @_builtins.property
-    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___BankProgress]:
-        """Every bank outcome recorded so far, in the order of the query's banks."""
 
     def __init__(
         self,
         *,
         query: _common_pb2.Query | None = ...,
-        outcome: Global___BankProgress | None = ...,
-        outcomes: _abc.Iterable[Global___BankProgress] | None = ...,
+        new_outcomes: _abc.Iterable[Global___BankProgress] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "query", b"query"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "outcomes", b"outcomes", "query", b"query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_outcomes", b"new_outcomes", "query", b"query"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

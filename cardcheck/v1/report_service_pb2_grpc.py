@@ -98,9 +98,11 @@ class ReportServiceServicer:
 
     def WatchQuery(self, request, context):
         """The query's progress until it leaves PENDING: the first message tells the state so far,
-        then one per bank outcome that arrives or changes, and one per other change; then the
-        stream ends OK. Progress only, never a card: cards are in GetReport, which the gateway
-        serves behind the payment password. Refusals: NOT_FOUND.
+        then one per change: the bank outcomes that arrived or changed with it (those recorded
+        together come in one message), or none for another change; then the stream ends OK. Each
+        message carries only what is new, so a watch costs in proportion to its banks: the watcher
+        keeps the state so far. Progress only, never a card: cards are in GetReport, which the
+        gateway serves behind the payment password. Refusals: NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,9 +49,11 @@ class ReportServiceStub:
     """Every query of the user, newest first (none for an empty `user_id`)."""
     WatchQuery: _grpc.UnaryStreamMultiCallable[_report_service_pb2.ReportServiceWatchQueryRequest, _report_service_pb2.ReportServiceWatchQueryResponse]
     """The query's progress until it leaves PENDING: the first message tells the state so far,
-    then one per bank outcome that arrives or changes, and one per other change; then the
-    stream ends OK. Progress only, never a card: cards are in GetReport, which the gateway
-    serves behind the payment password. Refusals: NOT_FOUND.
+    then one per change: the bank outcomes that arrived or changed with it (those recorded
+    together come in one message), or none for another change; then the stream ends OK. Each
+    message carries only what is new, so a watch costs in proportion to its banks: the watcher
+    keeps the state so far. Progress only, never a card: cards are in GetReport, which the
+    gateway serves behind the payment password. Refusals: NOT_FOUND.
     """
     GetReport: _grpc.UnaryUnaryMultiCallable[_report_service_pb2.ReportServiceGetReportRequest, _report_service_pb2.ReportServiceGetReportResponse]
     """The query's report, decrypted. The gateway has checked the payment password before it
@@ -80,9 +82,11 @@ class ReportServiceAsyncStub(ReportServiceStub):
     """Every query of the user, newest first (none for an empty `user_id`)."""
     WatchQuery: _aio.UnaryStreamMultiCallable[_report_service_pb2.ReportServiceWatchQueryRequest, _report_service_pb2.ReportServiceWatchQueryResponse]  # type: ignore[assignment]
     """The query's progress until it leaves PENDING: the first message tells the state so far,
-    then one per bank outcome that arrives or changes, and one per other change; then the
-    stream ends OK. Progress only, never a card: cards are in GetReport, which the gateway
-    serves behind the payment password. Refusals: NOT_FOUND.
+    then one per change: the bank outcomes that arrived or changed with it (those recorded
+    together come in one message), or none for another change; then the stream ends OK. Each
+    message carries only what is new, so a watch costs in proportion to its banks: the watcher
+    keeps the state so far. Progress only, never a card: cards are in GetReport, which the
+    gateway serves behind the payment password. Refusals: NOT_FOUND.
     """
     GetReport: _aio.UnaryUnaryMultiCallable[_report_service_pb2.ReportServiceGetReportRequest, _report_service_pb2.ReportServiceGetReportResponse]  # type: ignore[assignment]
     """The query's report, decrypted. The gateway has checked the payment password before it
@@ -132,9 +136,11 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_report_service_pb2.ReportServiceWatchQueryResponse], _abc.AsyncIterator[_report_service_pb2.ReportServiceWatchQueryResponse]]:
         """The query's progress until it leaves PENDING: the first message tells the state so far,
-        then one per bank outcome that arrives or changes, and one per other change; then the
-        stream ends OK. Progress only, never a card: cards are in GetReport, which the gateway
-        serves behind the payment password. Refusals: NOT_FOUND.
+        then one per change: the bank outcomes that arrived or changed with it (those recorded
+        together come in one message), or none for another change; then the stream ends OK. Each
+        message carries only what is new, so a watch costs in proportion to its banks: the watcher
+        keeps the state so far. Progress only, never a card: cards are in GetReport, which the
+        gateway serves behind the payment password. Refusals: NOT_FOUND.
         """
 
     @_abc_1.abstractmethod

@@ -162,7 +162,7 @@ class FakeReportService(report_service_pb2_grpc.ReportServiceServicer):
         done.status = common_pb2.QUERY_STATUS_READY
         done.banks_answered = done.banks_total
         answered = report_service_pb2.BankProgress(bank_code="ICBC", kind=common_pb2.BANK_OUTCOME_KIND_ANSWERED)
-        yield report_service_pb2.ReportServiceWatchQueryResponse(query=done, outcome=answered, outcomes=[answered])
+        yield report_service_pb2.ReportServiceWatchQueryResponse(query=done, new_outcomes=[answered])
 
     async def GetReport(self, request, context):
         self.report_calls.append(request)
