@@ -280,3 +280,61 @@ def test_a_master_key_rotation_keeps_the_account_and_the_report(tmp_path: Path, 
                 retired.unlink()
     assert "signing in instead" in runs[1] and "signing in instead" in runs[2]
     assert _cards_shown(runs[0]) and _cards_shown(runs[1]) == _cards_shown(runs[0]) == _cards_shown(runs[2])
+
+
+@pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)  # the same code on both: once is enough
+def test_every_service_serves_metrics_after_the_journey(mesh: Mesh, records) -> None:
+    import sqlite3
+
+    from tests.harness.metrics import family_names, metrics_port, promtool_check, scrape, value
+
+    scrapes = {service: scrape(metrics_port(address)) for service, address in mesh.settings.addresses.items()}
+    for service, text in scrapes.items():
+        promtool_check(text)
+        assert value(text, "grpc_server_handled_total", grpc_code="OK") > 0, service
+        assert "grpc.health" not in text  # probes are not the service's work
+    gateway, reports = scrapes["gateway"], scrapes["report_service"]
+    connector, notifier = scrapes["bank_connector"], scrapes["notifier"]
+    assert value(gateway, "grpc_server_handled_total", grpc_method="SubmitQuery", grpc_code="OK") >= 1
+    assert value(gateway, "grpc_client_handled_total", grpc_service="cardcheck.v1.ReportService") >= 1
+    assert value(gateway, "cardcheck_gateway_limit_decisions_total", limit="submit_global", outcome="allowed") >= 1
+    assert value(gateway, "cardcheck_gateway_sessions_active") >= 1
+    assert value(reports, "cardcheck_report_queries_accepted_total") >= 1
+    assert value(reports, "cardcheck_report_queries_ready_total") >= 1
+    assert value(reports, "cardcheck_report_time_to_ready_seconds_count") >= 1
+    assert value(reports, "cardcheck_report_queries", status="READY") >= 1
+    assert value(reports, "grpc_client_handled_total", grpc_method="FanOut", grpc_code="OK") >= 1
+    # Per bank, by bank code.
+    assert value(connector, "cardcheck_bank_calls_total", bank="ICBC", outcome="ANSWERED") >= 1
+    assert value(connector, "cardcheck_bank_attempt_seconds_count", bank="ICBC") >= 1
+    assert value(connector, "cardcheck_bank_breaker_state", bank="ICBC") == 0
+    assert value(notifier, "cardcheck_sms_deliveries_total", outcome="DELIVERED") >= 2
+    assert "cardcheck_outbox_depth" in family_names(notifier)
+
+    # No label value, nor anything else in the exposition, names the person.
+    person = mesh.journey_person
+    cards = [r.pan for r in records if r.id_number.upper() == person.id_number.upper()]
+    with sqlite3.connect(mesh.data_dir / "gateway.db") as db:
+        users = [row[0] for row in db.execute("SELECT user_id FROM gw_sessions")]
+    personal = [person.phone, person.id_number, person.card_number, person.name, *cards, *users]
+    assert users and cards
+    for service, text in scrapes.items():
+        for secret in personal:
+            assert secret not in text and secret.lower() not in text.lower(), (service, secret)
+
+    # docs/metrics.md documents exactly what the services expose.
+    documented = documented_metrics()
+    for service, text in scrapes.items():
+        assert family_names(text) == documented[service], service
+
+
+def documented_metrics() -> dict[str, set[str]]:
+    """docs/metrics.md's tables: `| name | type | services | labels | meaning |`."""
+    found: dict[str, set[str]] = {}
+    text = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`"):
+            for service in cells[2].split(", "):
+                found.setdefault(service, set()).add(cells[0].strip("`"))
+    return found
