@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 from prometheus_client import Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -50,10 +51,11 @@ def counted(metrics: ServiceMetrics, limiters: Limiters) -> Limiters:
     decisions = Counter(
         "cardcheck_gateway_limit_decisions", "Rate-limit decisions, by limit and outcome "
         "(allowed, refused, unavailable).", ("limit", "outcome"), registry=metrics.registry)
-    return dataclasses.replace(limiters, **{
+    changes: dict[str, Any] = {
         field.name: CountedLimiter(getattr(limiters, field.name), decisions, field.name)
         for field in dataclasses.fields(limiters) if field.name != "store"
-    })
+    }
+    return dataclasses.replace(limiters, **changes)
 
 
 class GatewayState(Collector):

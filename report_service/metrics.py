@@ -87,7 +87,7 @@ class Backlog(Collector):
     def _read(self) -> list[Metric]:
         now = self._clock.now()
         with self._engine.connect() as connection:
-            statuses = dict(connection.execute(
+            statuses: dict[str, int] = dict(connection.execute(
                 select(_QUERIES.c.status, func.count()).group_by(_QUERIES.c.status)).all())
             work = {kind: (count, oldest) for kind, count, oldest in connection.execute(
                 select(_WORK.c.kind, func.count(), func.min(_WORK.c.created_at)).group_by(_WORK.c.kind)).all()}

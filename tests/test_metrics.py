@@ -98,6 +98,7 @@ async def test_gateway_counts_refusals_by_reason_and_limit_decisions(stack) -> N
     assert value(text, "cardcheck_refusals_total", grpc_method="SubmitQuery", reason="UNAUTHENTICATED") == 1
     assert value(text, "grpc_server_handled_total", grpc_method="Register", grpc_code="OK") == 1
     assert value(text, "grpc_client_handled_total", grpc_service="cardcheck.v1.Notifier", grpc_code="OK") >= 1
+    assert value(text, "cardcheck_gateway_sessions_active") == 1
     assert value(text, "cardcheck_gateway_redis_fallback") == 0
     for personal in (ALICE.phone, ALICE.id_number, ALICE.card_number, ALICE.name):
         assert personal not in text

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -30,7 +30,7 @@ from cardcheck.runtime.errors import refusal_reason
 log = logging.getLogger(__name__)
 
 # `_created` series double every counter's exposition and say nothing a dashboard needs.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Seconds: from a cached lookup (~1 ms) to the 60 s deadline of a long fan-out.
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -57,7 +57,8 @@ class ServiceMetrics:
     def __init__(self, service: str, address: str | None) -> None:
         self.service = service
         self.address = address
-        self.registry = CollectorRegistry(auto_describe=True)
+        # Collectors are not run to learn their names: some read the database when run.
+        self.registry = CollectorRegistry(auto_describe=False)
         labels = ("grpc_type", "grpc_service", "grpc_method")
         self.server_started = Counter(
             "grpc_server_started", "RPCs started on the server.", labels, registry=self.registry)
@@ -156,19 +157,25 @@ def _code_of(context: ServicerContext[Any, Any]) -> grpc.StatusCode:
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+
+
 class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every call the server handles. The wrapped handler is made once per
     method (generated servicers hand back the same handler each call)."""
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         self._metrics = metrics
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(_NOT_OUR_WORK):
@@ -180,7 +187,7 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: Handler, method: str) -> Handler:
         rpc = _Rpc(self._metrics, _grpc_type(handler.request_streaming, handler.response_streaming), method, True)
         refusals = self._metrics.refusals
         kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
@@ -239,7 +246,9 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
+        behavior: Callable[..., Any] | None = handler.stream_stream
+        assert behavior is not None
+        return grpc.stream_stream_rpc_method_handler(streaming(behavior), **kwargs)
 
 
 def _status_now(call: Any) -> grpc.StatusCode | None:
@@ -252,7 +261,7 @@ def _status_now(call: Any) -> grpc.StatusCode | None:
 
 
 try:
-    from grpc._cython import cygrpc
+    from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
     _CYGRPC_CODES = {getattr(cygrpc.StatusCode, code.name.lower()): code for code in grpc.StatusCode}
 except (ImportError, AttributeError):  # pragma: no cover - grpc's layout changed
