@@ -123,7 +123,7 @@ class ServiceMetrics:
 class _Rpc:
     """The children of one method's series, looked up once (labels() takes a lock)."""
 
-    __slots__ = ("_server", "handled", "labels", "metrics", "method", "seconds", "service", "started")
+    __slots__ = ("_server", "handled", "labels", "metrics", "method", "refused", "seconds", "service", "started")
 
     def __init__(self, metrics: ServiceMetrics, grpc_type: str, method: str, server: bool) -> None:
         self.metrics = metrics
@@ -134,7 +134,14 @@ class _Rpc:
         self.started = started.labels(*self.labels)
         self.seconds = seconds.labels(*self.labels)
         self.handled: dict[grpc.StatusCode, Any] = {}
+        self.refused: dict[str, Any] = {}
         self._server = server
+
+    def refusal(self, reason: str) -> None:
+        child = self.refused.get(reason)
+        if child is None:
+            child = self.refused[reason] = self.metrics.refusals.labels(self.service, self.method, reason)
+        child.inc()
 
     def done(self, code: grpc.StatusCode, started_at: float) -> None:
         self.seconds.observe(time.perf_counter() - started_at)
@@ -189,7 +196,6 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: Handler, method: str) -> Handler:
         rpc = _Rpc(self._metrics, _grpc_type(handler.request_streaming, handler.response_streaming), method, True)
-        refusals = self._metrics.refusals
         kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
         def finish(context: ServicerContext[Any, Any], started_at: float, error: BaseException | None) -> None:
@@ -205,7 +211,7 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
             rpc.done(code, started_at)
             reason = refusal_reason.get()
             if reason is not None:
-                refusals.labels(rpc.service, rpc.method, reason).inc()
+                rpc.refusal(reason)
 
         def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def measured(request: Any, context: ServicerContext[Any, Any]) -> Any:
