@@ -42,15 +42,24 @@ def value(text: str, name: str, **labels: str) -> float:
     return sum(v for got, v in samples(text).get(name, []) if labels.items() <= got.items())
 
 
-def promtool_check(text: str) -> None:
-    """`promtool check metrics` finds nothing to say (names, units, help). Without promtool the
-    test fails in CI and is skipped elsewhere."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
+def prometheus_binary(name: str = "promtool") -> str:
+    """promtool or prometheus (Debian's `prometheus` package has both). Missing, the test fails
+    in CI and is skipped elsewhere."""
+    found = shutil.which(name)
+    if found is None:
         if os.environ.get("CI"):
-            pytest.fail("promtool is missing (apt-get install prometheus)")
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
-    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+            pytest.fail(f"{name} is missing (apt-get install prometheus)")
+        pytest.skip(f"{name} is not installed (apt-get install prometheus)")
+    return found
+
+
+def promtool() -> str:
+    return prometheus_binary("promtool")
+
+
+def promtool_check(text: str) -> None:
+    """`promtool check metrics` finds nothing to say (names, units, help)."""
+    checked = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), (
         checked.stdout + checked.stderr
     )
