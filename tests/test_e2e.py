@@ -344,3 +344,71 @@ def documented_metrics() -> dict[str, dict[str, str]]:
             for service in cells[2].split(", "):
                 found.setdefault(service, {})[cells[0].strip("`")] = cells[4]
     return found
+
+
+@pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)  # the same code on both: once is enough
+def test_prometheus_evaluates_the_dashboard_and_the_rules_on_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
+    """A real Prometheus scrapes the mesh after the journey: every dashboard query and every
+    rule is valid PromQL, and the dashboard's queries find data (bar those that count what the
+    journey never did)."""
+    import urllib.parse
+    import urllib.request
+
+    import yaml
+
+    from bank_sim.process import free_port
+    from tests.harness.metrics import metrics_port, prometheus_binary
+    from tests.test_observability import RULES, alerts, dashboard_queries, rule_groups
+
+    port = free_port()
+    targets = [f"127.0.0.1:{metrics_port(address)}" for address in mesh.settings.addresses.values()]
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [{"job_name": "cardcheck", "static_configs": [{"targets": targets}]}],
+    }))
+    process = subprocess.Popen(
+        [prometheus_binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("wb"),
+    )
+
+    def query(expr: str) -> dict:
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            return json.loads(error.read())
+
+    try:
+        deadline = time.monotonic() + 60
+        ready = False
+        while time.monotonic() < deadline and not ready:
+            time.sleep(0.5)
+            with contextlib.suppress(OSError, ValueError):
+                up = query("sum(up)")["data"]["result"]
+                # three scrapes each, for rates, and the recording rules evaluated
+                samples = query("min(count_over_time(up[1m]))")["data"]["result"]
+                recorded = query("cardcheck:gateway_errors:ratio_rate5m")["data"]["result"]
+                ready = bool(up and up[0]["value"][1] == str(len(targets)) and samples
+                             and int(samples[0]["value"][1]) >= 3 and recorded)
+        assert ready, json.dumps([query("up"), query("count_over_time(up[1m])"),
+                                  query("cardcheck:gateway_errors:ratio_rate5m")])
+        # What the journey did not do has no series: no refusal, no retry-worthy limit.
+        may_be_empty = {"Rate-limit decisions refused, by limit", "Load shed and refusals by reason"}
+        for title, expr in dashboard_queries():
+            answer = query(expr)
+            assert answer["status"] == "success", (title, expr, answer)
+            assert answer["data"]["result"] or title in may_be_empty, (title, expr)
+        for rule in [r for group in rule_groups() for r in group["rules"]]:
+            answer = query(rule["expr"])
+            assert answer["status"] == "success", (rule.get("alert") or rule.get("record"), answer)
+        # No alert fires on a healthy mesh.
+        firing = query('ALERTS{alertstate="firing"}')["data"]["result"]
+        assert firing == [], firing
+        assert len(alerts()) >= 9
+    finally:
+        process.terminate()
+        process.wait(30)
