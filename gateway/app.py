@@ -127,7 +127,7 @@ async def build_parts(
     if limiters is None:
         limiters = _limiters(settings, config, clock, rates)
     metrics = ServiceMetrics(SERVICE, settings.metrics_address(SERVICE))
-    limiters = counted(metrics, limiters)
+    limiters = counted(limiters)
     keyring = load_keyring(settings.master_key, settings.retired_master_keys, settings.data_dir)
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
     # Before the server's interceptors take their tracer from the provider (gateway/tracing.py).

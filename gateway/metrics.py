@@ -11,14 +11,12 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from prometheus_client import Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, false, func, select
 
 from cardcheck.runtime.clock import Clock
 from cardcheck.runtime.database import table_of
-from cardcheck.runtime.metrics import ServiceMetrics
 from gateway.limits import Limiters, LimiterUnavailable, RateLimiter
 from gateway.sessions import SessionRow
 from gateway.tracing import Shedding
@@ -31,28 +29,29 @@ class CountedLimiter:
     """A limiter whose every decision is counted: allowed, refused (over the limit) or
     unavailable (the limit could not be asked: Redis down and no fallback)."""
 
-    def __init__(self, limiter: RateLimiter, decisions: Counter, limit: str) -> None:
+    def __init__(self, limiter: RateLimiter, limit: str) -> None:
         self._limiter = limiter
-        self._allowed = decisions.labels(limit, "allowed")
-        self._refused = decisions.labels(limit, "refused")
-        self._unavailable = decisions.labels(limit, "unavailable")
+        self.limit = limit
+        # plain counts, on the event loop's thread (read by the scrape's)
+        self.allowed = self.refused = self.unavailable = 0
 
     async def acquire(self, key: str, cost: float = 1) -> timedelta | None:
         try:
             wait = await self._limiter.acquire(key, cost)
         except LimiterUnavailable:
-            self._unavailable.inc()
+            self.unavailable += 1
             raise
-        (self._allowed if wait is None else self._refused).inc()
+        if wait is None:
+            self.allowed += 1
+        else:
+            self.refused += 1
         return wait
 
 
-def counted(metrics: ServiceMetrics, limiters: Limiters) -> Limiters:
-    decisions = Counter(
-        "cardcheck_gateway_limit_decisions", "Rate-limit decisions, by limit and outcome "
-        "(allowed, refused, unavailable).", ("limit", "outcome"), registry=metrics.registry)
+def counted(limiters: Limiters) -> Limiters:
+    """`limiters` with every decision counted (GatewayState exposes the counts)."""
     changes: dict[str, Any] = {
-        field.name: CountedLimiter(getattr(limiters, field.name), decisions, field.name)
+        field.name: CountedLimiter(getattr(limiters, field.name), field.name)
         for field in dataclasses.fields(limiters) if field.name != "store"
     }
     return dataclasses.replace(limiters, **changes)
@@ -64,10 +63,19 @@ class GatewayState(Collector):
         self._clock = clock
         self._shedding = shedding
         self._store = limiters.store
+        self._counted = [limiter for limiter in vars(limiters).values() if isinstance(limiter, CountedLimiter)]
         self._lock = threading.Lock()
         self._sessions: tuple[float, int] | None = None
 
     def collect(self) -> Iterator[Metric]:
+        decisions = CounterMetricFamily(
+            "cardcheck_gateway_limit_decisions", "Rate-limit decisions, by limit and outcome "
+            "(allowed, refused, unavailable).", labels=("limit", "outcome"))
+        for limiter in self._counted:
+            decisions.add_metric((limiter.limit, "allowed"), limiter.allowed)
+            decisions.add_metric((limiter.limit, "refused"), limiter.refused)
+            decisions.add_metric((limiter.limit, "unavailable"), limiter.unavailable)
+        yield decisions
         yield CounterMetricFamily(
             "cardcheck_gateway_load_shed", "SubmitQuery calls refused by admission (the global limit).",
             value=self._shedding.refused)

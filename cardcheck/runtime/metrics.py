@@ -16,14 +16,19 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from bisect import bisect_left
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc.aio import ServicerContext
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from cardcheck.runtime.errors import refusal_reason
 
@@ -59,26 +64,13 @@ class ServiceMetrics:
         self.address = address
         # Collectors are not run to learn their names: some read the database when run.
         self.registry = CollectorRegistry(auto_describe=False)
-        labels = ("grpc_type", "grpc_service", "grpc_method")
-        self.server_started = Counter(
-            "grpc_server_started", "RPCs started on the server.", labels, registry=self.registry)
-        self.server_handled = Counter(
-            "grpc_server_handled", "RPCs completed on the server, by status code.",
-            (*labels, "grpc_code"), registry=self.registry)
-        self.server_seconds = Histogram(
-            "grpc_server_handling_seconds", "Time the server took to handle an RPC, in seconds.",
-            labels, buckets=RPC_BUCKETS, registry=self.registry)
-        self.client_started = Counter(
-            "grpc_client_started", "RPCs started by this service's clients.", labels, registry=self.registry)
-        self.client_handled = Counter(
-            "grpc_client_handled", "RPCs this service made that completed, by status code.",
-            (*labels, "grpc_code"), registry=self.registry)
-        self.client_seconds = Histogram(
-            "grpc_client_handling_seconds", "Time an RPC this service made took, in seconds.",
-            labels, buckets=RPC_BUCKETS, registry=self.registry)
-        self.refusals = Counter(
-            "cardcheck_refusals", "Calls refused with a cardcheck.v1 ErrorInfo, by reason.",
-            ("grpc_service", "grpc_method", "reason"), registry=self.registry)
+        # Plain counts kept on the event loop's thread and read by the scrape's (a
+        # prometheus_client child takes a lock on every increment: on a refused call that
+        # answers in tens of microseconds, it showed).
+        self.server_rpcs: dict[str, _Rpc] = {}
+        self.client_rpcs: dict[str, _Rpc] = {}
+        self.refusals: dict[tuple[str, str, str], int] = {}
+        self.registry.register(_RpcCollector(self))
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         self.port: int | None = None
 
@@ -121,35 +113,77 @@ class ServiceMetrics:
 
 
 class _Rpc:
-    """The children of one method's series, looked up once (labels() takes a lock)."""
+    """One method's counts, by the labels grpc-prometheus gives them."""
 
-    __slots__ = ("_server", "handled", "labels", "metrics", "method", "refused", "seconds", "service", "started")
+    __slots__ = ("handled", "labels", "method", "metrics", "seconds", "service", "started")
 
-    def __init__(self, metrics: ServiceMetrics, grpc_type: str, method: str, server: bool) -> None:
+    def __init__(self, metrics: ServiceMetrics, grpc_type: str, method: str) -> None:
         self.metrics = metrics
         self.service, self.method = _split(method)
         self.labels = (grpc_type, self.service, self.method)
-        started = metrics.server_started if server else metrics.client_started
-        seconds = metrics.server_seconds if server else metrics.client_seconds
-        self.started = started.labels(*self.labels)
-        self.seconds = seconds.labels(*self.labels)
-        self.handled: dict[grpc.StatusCode, Any] = {}
-        self.refused: dict[str, Any] = {}
-        self._server = server
+        self.started = 0
+        self.handled: dict[str, int] = {}
+        self.seconds = Buckets(RPC_BUCKETS)
 
     def refusal(self, reason: str) -> None:
-        child = self.refused.get(reason)
-        if child is None:
-            child = self.refused[reason] = self.metrics.refusals.labels(self.service, self.method, reason)
-        child.inc()
+        key = (self.service, self.method, reason)
+        refusals = self.metrics.refusals
+        refusals[key] = refusals.get(key, 0) + 1
 
     def done(self, code: grpc.StatusCode, started_at: float) -> None:
         self.seconds.observe(time.perf_counter() - started_at)
-        child = self.handled.get(code)
-        if child is None:
-            family = self.metrics.server_handled if self._server else self.metrics.client_handled
-            child = self.handled[code] = family.labels(*self.labels, code.name)
-        child.inc()
+        name = code.name
+        self.handled[name] = self.handled.get(name, 0) + 1
+
+
+class Buckets:
+    """A histogram's counts without a lock (prometheus_client's take one per observation):
+    observed on the event loop's thread, read by the scrape's."""
+
+    __slots__ = ("bounds", "counts", "le", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.le = [*(floatToGoString(b) for b in bounds), "+Inf"]  # type: ignore[no-untyped-call]
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def add_to(self, family: HistogramMetricFamily, labels: Sequence[str]) -> None:
+        family.add_metric(labels, list(zip(self.le, accumulate(list(self.counts)), strict=True)), sum_value=self.sum)
+
+
+class _RpcCollector(Collector):
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        metrics = self._metrics
+        for side, rpcs, help_started, help_handled, help_seconds in (
+            ("server", metrics.server_rpcs, "RPCs started on the server.",
+             "RPCs completed on the server, by status code.", "Time the server took to handle an RPC, in seconds."),
+            ("client", metrics.client_rpcs, "RPCs started by this service's clients.",
+             "RPCs this service made that completed, by status code.", "Time an RPC this service made took, in seconds."),
+        ):
+            started = CounterMetricFamily(f"grpc_{side}_started", help_started, labels=labels)
+            handled = CounterMetricFamily(f"grpc_{side}_handled", help_handled, labels=[*labels, "grpc_code"])
+            seconds = HistogramMetricFamily(f"grpc_{side}_handling_seconds", help_seconds, labels=labels)
+            for rpc in list(rpcs.values()):
+                started.add_metric(rpc.labels, rpc.started)
+                for code, count in list(rpc.handled.items()):
+                    handled.add_metric([*rpc.labels, code], count)
+                rpc.seconds.add_to(seconds, rpc.labels)
+            yield from (started, handled, seconds)
+        refusals = CounterMetricFamily(
+            "cardcheck_refusals", "Calls refused with a cardcheck.v1 ErrorInfo, by reason.",
+            labels=["grpc_service", "grpc_method", "reason"])
+        for key, count in list(metrics.refusals.items()):
+            refusals.add_metric(key, count)
+        yield refusals
 
 
 def _code_of(context: ServicerContext[Any, Any]) -> grpc.StatusCode:
@@ -195,7 +229,8 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, handler: Handler, method: str) -> Handler:
-        rpc = _Rpc(self._metrics, _grpc_type(handler.request_streaming, handler.response_streaming), method, True)
+        rpc = _Rpc(self._metrics, _grpc_type(handler.request_streaming, handler.response_streaming), method)
+        self._metrics.server_rpcs[method] = rpc
         kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
         def finish(context: ServicerContext[Any, Any], started_at: float, error: BaseException | None) -> None:
@@ -215,7 +250,7 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
 
         def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def measured(request: Any, context: ServicerContext[Any, Any]) -> Any:
-                rpc.started.inc()
+                rpc.started += 1
                 refusal_reason.set(None)
                 started_at = time.perf_counter()
                 try:
@@ -233,7 +268,7 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
                 return unary(behavior)
 
             async def measured(request: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                rpc.started.inc()
+                rpc.started += 1
                 refusal_reason.set(None)
                 started_at = time.perf_counter()
                 try:
@@ -288,8 +323,9 @@ class _ClientInterceptor:
         if rpc is None:
             if method.startswith(_NOT_OUR_WORK):
                 return None
-            rpc = self._rpcs[method] = _Rpc(self._metrics, self._type, method, False)
-        rpc.started.inc()
+            rpc = self._rpcs[method] = _Rpc(self._metrics, self._type, method)
+            self._metrics.client_rpcs[method] = rpc
+        rpc.started += 1
         return rpc
 
     def _watch(self, rpc: _Rpc, started_at: float, call: Any) -> None:
