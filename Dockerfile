@@ -38,7 +38,8 @@ ENV PATH=/opt/cardcheck/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     CARDCHECK_DATA_DIR=/var/lib/cardcheck \
-    CARDCHECK_BIND_HOST=0.0.0.0
+    CARDCHECK_BIND_HOST=0.0.0.0 \
+    CARDCHECK_LOG_FORMAT=json
 WORKDIR /var/lib/cardcheck
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001

@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SettingsError as error:
         print(f"{SERVICE}: {error}", file=sys.stderr)
         sys.exit(2)
-    setup_logging(SERVICE, settings.log_level)
+    setup_logging(SERVICE, settings.log_level, settings.log_format)
     if args.dataset is not None:
         try:
             issuers = Issuers.from_file(args.dataset)

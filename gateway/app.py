@@ -15,9 +15,10 @@ from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
+from cardcheck.runtime.readiness import database, redis_server
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings, SettingsError
-from cardcheck.runtime.telemetry import make_tracer_provider
+from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine, trace_redis
 from gateway.challenges import Challenges
 from gateway.config import GatewayConfig
 from gateway.downstream import BankDirectory, ReportDesk, SmsSender
@@ -136,6 +137,12 @@ async def build_parts(
 
     db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
     await asyncio.to_thread(upgrade_to_head, db.engine, MIGRATIONS, SERVICE)
+    trace_engine(db.engine, tracer_provider)
+    # Not ready while the database, or the limits' Redis, does not answer.
+    dependencies = [database(db.engine)]
+    if limiters.store is not None:
+        trace_redis(limiters.store.client, tracer_provider)
+        dependencies.append(redis_server(limiters.store.client))
 
     metrics.register(GatewayState(db.engine, clock, shedding, limiters))
     channels = {
@@ -226,6 +233,8 @@ async def build_parts(
         on_stop=[close],
         bounds=BOUNDS.configured(settings, SERVICE),
         metrics=metrics,
+        dependencies=dependencies,
+        readiness_every_s=settings.readiness_every_s,
     )
     return GatewayParts(host, gateway)
 

@@ -357,12 +357,12 @@ class Gateway:
                 "consent to the current agreement is required",
                 metadata={"agreement_version": self.agreement.version},
             )
-        user = await self._users.get(user_id)
-        if user is None:
+        found = await self._users.with_identity(user_id)
+        if found is None:
             raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
+        user, identity = found
         validation.check_region_enabled(user.region, self._settings.enabled_regions)
 
-        identity = await self._users.identity(user_id)
         # The code was sent to the identity's phone; its challenge is bound to the phone's
         # digest under the key current then (a retired one if a rotation came in between).
         await self._challenges.verify(

@@ -22,11 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Column, DateTime
+from sqlalchemy import Column, DateTime, bindparam
 from sqlmodel import Field, Session, SQLModel, select
 
 from cardcheck.runtime.clock import Clock, as_utc
-from cardcheck.runtime.database import Database
+from cardcheck.runtime.database import Database, table_of
 from cardcheck.runtime.errors import CardCheckError, Reason
 from cardcheck.runtime.keys import Keyring
 
@@ -42,6 +42,12 @@ class SessionRow(SQLModel, table=True):
     created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     revoked: bool = False
+
+
+_SESSIONS = table_of(SessionRow)
+_LIVE = select(_SESSIONS.c.user_id, _SESSIONS.c.revoked, _SESSIONS.c.expires_at).where(
+    _SESSIONS.c.token_hash == bindparam("token_hash")
+)
 
 
 @dataclass(frozen=True)
@@ -146,14 +152,16 @@ class Sessions:
 
     async def ensure_live(self, claims: SessionClaims) -> str:
         """The session's user, if the session is still on record and not revoked."""
-        row = await self._db.run(lambda session: session.get(SessionRow, _hash(claims.session_id)))
+        # Every call with a session makes this read: the columns it needs, without an ORM object.
+        key = _hash(claims.session_id)
+        row = await self._db.run(lambda session: session.execute(_LIVE, {"token_hash": key}).first())
         if row is None or not hmac.compare_digest(row.user_id.encode(), claims.user_id.encode()):
             raise _unauthenticated("unknown session")
         if row.revoked:
             raise _unauthenticated("session revoked")
         if as_utc(row.expires_at) <= self._clock.now():
             raise _unauthenticated("session expired")
-        return row.user_id
+        return str(row.user_id)
 
     async def user_of(self, token: str | None) -> str:
         """The user a live session token belongs to; UNAUTHENTICATED otherwise."""

@@ -176,6 +176,13 @@ class Users:
         )
         return None if row is None else User(row.user_id, row.region, row.bound_bank_code)
 
+    async def with_identity(self, user_id: str) -> tuple[User, Identity] | None:
+        """The user and their identity, opened, from one read; None for no such user."""
+        row = await self._db.run(lambda session: session.get(UserRow, user_id))
+        if row is None:
+            return None
+        return User(row.user_id, row.region, row.bound_bank_code), open_identity(self._sealer, row)
+
     async def identity(self, user_id: str) -> Identity:
         row = await self._db.run(lambda session: session.get(UserRow, user_id))
         if row is None:
@@ -202,6 +209,10 @@ class Users:
                 "the payment password was stored under a retired master key", {"cause": "key_retired"}
             )
         rehash = await self._passwords.hash(user_id, password) if checked.rehash else None
+        if checked.right and rehash is None and not (
+            row.wrong_password_count or row.locked_until is not None or row.payment_password_locks
+        ):
+            return  # right, with no count, lock or hash to change: nothing to write
 
         def record(session: Session) -> tuple[int, CardCheckError | None]:
             current = session.exec(select(UserRow).where(UserRow.user_id == user_id).with_for_update()).one()

@@ -248,6 +248,7 @@ class Watches:
         self._check_s = session_check_s
         self._renew_s = lease.total_seconds() / 3
         self._open: dict[str, Watch] = {}  # slot -> watch, to release what is left at shutdown
+        self._releasing: set[asyncio.Future[None]] = set()  # releases a stop must wait for
         self._draining = asyncio.Event()
 
     @contextlib.asynccontextmanager
@@ -262,8 +263,12 @@ class Watches:
             yield watch
         finally:
             if self._open.pop(taken, None) is not None:
-                # Shielded: a second cancellation (server stop) must not leave the slot taken.
-                await asyncio.shield(self._slots.release(user_id, taken))
+                # Shielded: a second cancellation (server stop) must not leave the slot taken;
+                # and kept, so that close() waits for it before the Redis client goes.
+                release = asyncio.ensure_future(self._slots.release(user_id, taken))
+                self._releasing.add(release)
+                release.add_done_callback(self._releasing.discard)
+                await asyncio.shield(release)
 
     def remaining(self, watch: Watch) -> timedelta:
         return watch.ends_at - self._clock.now()
@@ -322,7 +327,9 @@ class Watches:
         self._draining.set()
 
     async def close(self) -> None:
-        """Releases the slots of streams still open (the server is stopping)."""
+        """Releases the slots of streams still open (the server is stopping), and waits for the
+        releases of streams that ended as it stopped."""
+        await asyncio.gather(*self._releasing, return_exceptions=True)
         for slot, watch in list(self._open.items()):
             self._open.pop(slot, None)
             try:

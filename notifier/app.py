@@ -16,9 +16,10 @@ from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
+from cardcheck.runtime.readiness import database
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
-from cardcheck.runtime.telemetry import make_tracer_provider
+from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine
 from cardcheck.v1 import notifier_pb2_grpc
 from notifier.config import NotifierConfig
 from notifier.delivery import DeliveryWorker
@@ -55,12 +56,13 @@ BOUNDS = RequestBounds(
 
 @dataclass(frozen=True)
 class NotifierParts:
-    """The host plus what tests drive directly: the delivery worker and the outbox."""
+    """The host plus what tests drive directly: the delivery worker, the outbox and its store."""
 
     host: ServiceHost
     worker: DeliveryWorker
     outbox: Outbox
     provider: SmsProvider
+    store: MessageStore
 
 
 async def build(
@@ -97,6 +99,7 @@ async def build_parts(
     keyring = load_keyring(settings.master_key, settings.retired_master_keys, settings.data_dir)
     db = Database(make_engine(settings.database_url, settings.data_dir, SERVICE))
     await asyncio.to_thread(upgrade_to_head, db.engine, MIGRATIONS, SERVICE)
+    trace_engine(db.engine, tracer_provider)
     hub = ChangeHub(db.engine)
     store = MessageStore(db, clock, lease=config.lease, changes=hub.channel("nt.messages"))
     sealing = message_sealing(keyring)
@@ -133,11 +136,13 @@ async def build_parts(
         on_stop=[close],
         bounds=BOUNDS.configured(settings, SERVICE),
         metrics=metrics,
+        dependencies=[database(db.engine)],
+        readiness_every_s=settings.readiness_every_s,
     )
     await hub.start()
     if start_worker:
         worker.start()  # delivers whatever a previous run left QUEUED
-    return NotifierParts(host, worker, outbox, provider)
+    return NotifierParts(host, worker, outbox, provider, store)
 
 
 async def _build_from_env(settings: Settings) -> ServiceHost:

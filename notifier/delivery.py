@@ -12,6 +12,7 @@ with the masked phone only, never the text."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -26,7 +27,16 @@ from cardcheck.runtime.logs import mask_phone
 from cardcheck.runtime.waiting import wait_for_event
 from cardcheck.runtime.work import Lease, worker_name
 from notifier.config import NotifierConfig
-from notifier.messages import FAILED, MessageRow, MessageSealing, MessageStore, lease_of
+from notifier.messages import (
+    DELIVERED,
+    FAILED,
+    Delivery,
+    MessageRow,
+    MessageSealing,
+    MessageStore,
+    delivery_of,
+    lease_of,
+)
 from notifier.providers import DeliveryError, SmsProvider
 
 log = logging.getLogger(__name__)
@@ -53,8 +63,11 @@ class DeliveryWorker:
         # A message free to try now (given back by a replica that stopped), or a free slot here.
         self._changes = store.queue.changes or Channel("messages")
         self._loop_task: asyncio.Task[None] | None = None
-        self._attempts: dict[str, asyncio.Task[None]] = {}
+        self._attempts: dict[str, asyncio.Task[Delivery | None]] = {}
         self._leases: dict[str, Lease] = {}  # the lease each attempt runs under
+        # Messages whose attempt here is done with the provider and only records and winds up:
+        # claimed again meanwhile (the retry it recorded, come due), they get an attempt of their own.
+        self._settled: set[str] = set()
 
     @property
     def lease(self) -> timedelta:
@@ -114,8 +127,8 @@ class DeliveryWorker:
             except Exception as error:
                 log.warning("claiming due messages failed (%s); trying again", type(error).__name__)
             if full:
-                # Every slot taken: the next free slot wakes the loop.
-                await changed.wait()
+                # Every slot taken: the next free slot wakes the loop (the poll, should it not).
+                await wait_for_event(changed, self._config.poll_interval_s)
                 continue
             # The poll still finds retries come due and leases that expired.
             await wait_for_event(changed, self._config.poll_interval_s)
@@ -139,27 +152,37 @@ class DeliveryWorker:
         await asyncio.gather(*(self.dispatch(row) for row in claimed))
         return len(claimed)
 
-    def dispatch(self, row: MessageRow) -> asyncio.Task[None]:
+    def dispatch(self, row: MessageRow) -> asyncio.Task[Delivery | None]:
         """Runs one attempt of a message this replica holds the lease of. The attempt belongs to
         the worker, not to the caller: a Send whose caller goes away does not cancel it."""
         self._leases[row.message_id] = lease_of(row)
         running = self._attempts.get(row.message_id)
-        if running is not None:
+        if running is not None and row.message_id not in self._settled:
             # Claimed again while its attempt still runs here (the lease ran out under a slow
             # provider): that attempt carries on under the new lease.
             return running
+        self._settled.discard(row.message_id)
         task = asyncio.create_task(self._attempt(row), name=f"sms {row.message_id}")
         self._attempts[row.message_id] = task
 
-        def done(_task: asyncio.Task[None], message_id: str = row.message_id) -> None:
+        def done(task: asyncio.Task[Delivery | None], message_id: str = row.message_id) -> None:
+            was_full = len(self._attempts) >= self._config.max_in_flight
+            if self._attempts.get(message_id) is not task:
+                return  # a later attempt of the same message runs: the entries are its own
             self._attempts.pop(message_id, None)
             self._leases.pop(message_id, None)
-            self._changes.notify()
+            self._settled.discard(message_id)
+            if was_full:
+                # A slot came free for a loop that found them all taken. Otherwise nothing
+                # waits for it: waking the loop would cost a claim that finds nothing.
+                self._changes.notify()
 
         task.add_done_callback(done)
         return task
 
-    async def _attempt(self, row: MessageRow) -> None:
+    async def _attempt(self, row: MessageRow) -> Delivery | None:
+        """The attempt; the message's delivery when this attempt recorded it delivered, else None
+        (what became of the message is then read from its row)."""
         parent = propagate.extract(json.loads(row.trace_context or "{}"))
         with self._tracer.start_as_current_span(
             "sms.deliver",
@@ -173,15 +196,16 @@ class DeliveryWorker:
             span.set_attribute("cardcheck.sms.attempt", row.attempts)
             span.set_attribute("cardcheck.sms.provider", self._provider.name)
             try:
-                await self._try(row, span)
+                return await self._try(row, span)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 # Storage failed after the attempt: the lease runs out and it is tried again.
                 span.set_status(Status(StatusCode.ERROR, type(error).__name__))
                 log.warning("sms %s: recording the attempt failed (%s)", row.message_id, type(error).__name__)
+                return None
 
-    async def _try(self, row: MessageRow, span: trace.Span) -> None:
+    async def _try(self, row: MessageRow, span: trace.Span) -> Delivery | None:
         try:
             sms = self._sealing.outgoing(row)
         except Exception:  # InvalidTag: sealed under another key
@@ -191,7 +215,7 @@ class DeliveryWorker:
         if sms is None:
             error_class = "UNREADABLE" if unreadable else "NO_TEXT"
             await self._failed(row, span, error_class, retryable=False, masked="?")
-            return
+            return None
         masked = mask_phone(sms.phone)
         span.set_attribute("cardcheck.sms.phone", masked)
         try:
@@ -200,24 +224,27 @@ class DeliveryWorker:
             raise
         except DeliveryError as error:
             await self._failed(row, span, error.error_class, retryable=error.retryable, masked=masked)
-            return
+            return None
         except Exception as error:
             await self._failed(row, span, type(error).__name__[:40], retryable=True, masked=masked)
-            return
-        await self._store.record_success(row.message_id)
+            return None
+        self._settled.add(row.message_id)
+        delivered_at = await self._store.record_success(row.message_id)
         log.info("sms %s (%s) to %s delivered, attempt %d", row.message_id, row.kind, masked, row.attempts)
+        if delivered_at is None:
+            return None
+        # What the row now says, without reading it again.
+        return dataclasses.replace(delivery_of(row), status=DELIVERED, delivered_at=delivered_at, next_attempt_at=None)
 
     async def _failed(
         self, row: MessageRow, span: trace.Span, error_class: str, *, retryable: bool, masked: str
     ) -> None:
         span.set_attribute("cardcheck.sms.error_class", error_class)
         span.set_status(Status(StatusCode.ERROR, error_class))
-        outcome = await self._store.record_failure(
-            self._leases.get(row.message_id, lease_of(row)),
-            error_class,
-            retryable=retryable,
-            next_delay=self._backoff,
-        )
+        # The lease this attempt ends under, taken before the retry it records can be claimed.
+        lease = self._leases.get(row.message_id, lease_of(row))
+        self._settled.add(row.message_id)
+        outcome = await self._store.record_failure(lease, error_class, retryable=retryable, next_delay=self._backoff)
         if outcome is None:
             log.info(
                 "sms %s: attempt %d failed (%s) after its lease passed on",

@@ -42,7 +42,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.clock import Clock, as_utc
-from cardcheck.runtime.database import Database, table_of
+from cardcheck.runtime.database import Database, rowcount, table_of
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, invalid_argument
 from cardcheck.runtime.keys import KeyedHash, Keyring, Sealer
 from cardcheck.runtime.work import Lease, LeaseColumns, LeaseLost, WorkQueue
@@ -468,12 +468,13 @@ class MessageStore:
         for column, value in self.queue.freed().items():
             setattr(row, column, value)
 
-    async def record_success(self, message_id: str) -> None:
-        """Delivered: whoever held it, a later failure report of a lost lease changes nothing."""
+    async def record_success(self, message_id: str) -> datetime | None:
+        """Delivered: whoever held it, a later failure report of a lost lease changes nothing.
+        Returns when it was recorded delivered; None when it was already (another attempt)."""
         now = self._clock.now()
 
-        def work(session: Session) -> None:
-            session.execute(
+        def work(session: Session) -> int:
+            return rowcount(session.execute(
                 update(MessageRow)
                 .where(col(MessageRow.message_id) == message_id, col(MessageRow.status) != DELIVERED)
                 .values(
@@ -484,9 +485,9 @@ class MessageStore:
                     lease_owner=None,
                     lease_until=None,
                 )
-            )
+            ))
 
-        await self._db.run(work)
+        return now if await self._db.run(work) else None
 
     async def record_failure(
         self,

@@ -127,9 +127,12 @@ class Outbox:
         attempt = self._worker.dispatch(recorded)
         if wait_s > 0:
             try:
-                await asyncio.wait_for(asyncio.shield(attempt), wait_s)
+                delivered = await asyncio.wait_for(asyncio.shield(attempt), wait_s)
             except TimeoutError:
                 pass  # still under way: the caller hears QUEUED
+            else:
+                if delivered is not None:
+                    return delivered
         return await self.delivery(recorded.message_id)
 
     def _check_same_message(

@@ -16,9 +16,10 @@ from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
+from cardcheck.runtime.readiness import database
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
-from cardcheck.runtime.telemetry import make_tracer_provider
+from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine
 from cardcheck.v1 import report_service_pb2_grpc
 from report_service.audit import AuditChain
 from report_service.clients import BankConnectorFanOut, NotifierReportReady
@@ -114,6 +115,7 @@ async def build_parts(
     except BaseException:
         db.dispose()
         raise
+    trace_engine(db.engine, tracer_provider)
     storage = Storage(db)
     chain = AuditChain.from_keyring(keyring)
     store = QueryStore(
@@ -182,6 +184,8 @@ async def build_parts(
         on_stop=[close],
         bounds=BOUNDS.configured(settings, SERVICE),
         metrics=metrics,
+        dependencies=[database(db.engine)],
+        readiness_every_s=settings.readiness_every_s,
     )
     await hub.start()
     worker.start()  # resumes whatever work a previous run left, once its leases are free

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, insert, inspect, select, update
+from sqlalchemy import Connection, Engine, Select, bindparam, insert, inspect, select, update
 from sqlmodel import Session
 
 from cardcheck.runtime.clock import as_utc
@@ -251,11 +251,18 @@ class AuditChain:
         return holds
 
 
+# Built once: an append runs with every recorded event, and building the statements again each
+# time cost more than running them.
+_HEAD = table_of(AuditHeadRow)
+_READ_HEAD = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
+_MOVE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+_INSERT_ENTRIES = insert(table_of(AuditRow))
+
+
 def _append(
     session: Session, events: Sequence[AuditEvent], at: datetime, entry_hash: Callable[[str, bytes], str]
 ) -> None:
-    head = table_of(AuditHeadRow)
-    seq, prev = session.execute(select(head.c.seq, head.c.hash).where(head.c.id == 1).with_for_update()).one()
+    seq, prev = session.execute(_READ_HEAD).one()
     rows = []
     for event in events:
         _check_no_personal_data(event.details)
@@ -275,8 +282,8 @@ def _append(
             }
         )
         prev = digest
-    session.execute(insert(table_of(AuditRow)), rows)
-    session.execute(update(head).where(head.c.id == 1).values(seq=seq, hash=prev))
+    session.execute(_INSERT_ENTRIES, rows)
+    session.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
 
 
 # --- verification ---------------------------------------------------------------------------

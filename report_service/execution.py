@@ -18,11 +18,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select, update
 from sqlmodel import Session, col
 
 from cardcheck.banks import BY_CODE
@@ -92,6 +92,7 @@ class _Finished:
 
 
 _WORK = table_of(WorkRow)
+_OUTCOMES = table_of(BankOutcomeRow)
 WORK_LEASES = LeaseColumns(
     _WORK,
     key=(_WORK.c.query_id, _WORK.c.kind),
@@ -241,30 +242,38 @@ class ExecutionStore:
             row = session.get(QueryRow, query_id)
             if row is None or row.status != QueryStatus.PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
+            # Core statements, not ORM objects: a batch is up to every bank's outcome at once.
             stored = {
-                o.bank_code: o
-                for o in session.execute(
-                    select(BankOutcomeRow).where(col(BankOutcomeRow.query_id) == query_id)
-                ).scalars()
+                bank_code: (outcome_id, kind)
+                for outcome_id, bank_code, kind in session.execute(
+                    select(_OUTCOMES.c.id, _OUTCOMES.c.bank_code, _OUTCOMES.c.kind).where(
+                        _OUTCOMES.c.query_id == query_id
+                    )
+                )
             }
             banks = set(json.loads(row.bank_codes))
             events = []
+            arrived: dict[str, BankOutcome] = {}  # this batch's, in clear: the report needs no opening of them
+            new_rows = []
             for outcome in outcomes:
                 if outcome.bank_code not in banks:
                     continue
                 known = stored.get(outcome.bank_code)
-                if known is not None and known.kind == ANSWERED:
+                if known is not None and known[1] == ANSWERED:
                     continue  # answered before: an answer is never replaced
+                values = {
+                    "kind": outcome.kind,
+                    "cards_sealed": self._queries.seal_cards(query_id, outcome.bank_code, outcome.cards),
+                    "detail": outcome.detail[:200],
+                    "recorded_at": now,
+                }
                 if known is None:
-                    known = BankOutcomeRow(
-                        query_id=query_id, bank_code=outcome.bank_code, recorded_at=now, kind=""
-                    )
-                    stored[outcome.bank_code] = known
-                known.kind = outcome.kind
-                known.cards_sealed = self._queries.seal_cards(query_id, outcome.bank_code, outcome.cards)
-                known.detail = outcome.detail[:200]
-                known.recorded_at = now
-                session.add(known)
+                    new_rows.append({"query_id": query_id, "bank_code": outcome.bank_code, **values})
+                    stored[outcome.bank_code] = (None, outcome.kind)
+                else:
+                    session.execute(update(_OUTCOMES).where(_OUTCOMES.c.id == known[0]).values(values))
+                    stored[outcome.bank_code] = (known[0], outcome.kind)
+                arrived[outcome.bank_code] = outcome
                 events.append(
                     audit.AuditEvent(
                         audit.BANK_OUTCOME,
@@ -274,12 +283,15 @@ class ExecutionStore:
                         {"bank": outcome.bank_code, "kind": outcome.kind},
                     )
                 )
-            row.banks_answered = sum(1 for o in stored.values() if o.kind == ANSWERED)
+            if new_rows:
+                session.execute(insert(_OUTCOMES), new_rows)
+            row.banks_answered = sum(1 for _, kind in stored.values() if kind == ANSWERED)
             session.add(row)
             self._changed(session, query_id)
             result = None
-            if banks and all(b in stored and stored[b].kind == ANSWERED for b in banks):
-                result = self._finish(session, row, list(stored.values()), owner, now, events)
+            if banks and all(b in stored and stored[b][1] == ANSWERED for b in banks):
+                earlier = self._outcomes(session, query_id, exclude=arrived)
+                result = self._finish(session, row, [*earlier, *arrived.values()], owner, now, events)
             session.flush()
             self._queries.audit.append(session, events, now)
             return result
@@ -298,9 +310,7 @@ class ExecutionStore:
             row = session.get(QueryRow, query_id)
             if row is None or row.status != QueryStatus.PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
-            stored = list(
-                session.execute(select(BankOutcomeRow).where(col(BankOutcomeRow.query_id) == query_id)).scalars()
-            )
+            stored = self._outcomes(session, query_id)
             answered = {o.bank_code for o in stored if o.kind == ANSWERED}
             banks = json.loads(row.bank_codes)
             ready_by = as_utc(row.ready_by)
@@ -316,11 +326,19 @@ class ExecutionStore:
 
         return self._recorded(await self._db.write(end))
 
+    def _outcomes(self, session: Session, query_id: str, exclude: Container[str] = ()) -> list[BankOutcome]:
+        """The query's recorded outcomes (cards opened), but those of the banks in `exclude`."""
+        return [
+            self._queries.outcome_of(o)
+            for o in session.execute(select(BankOutcomeRow).where(col(BankOutcomeRow.query_id) == query_id)).scalars()
+            if o.bank_code not in exclude
+        ]
+
     def _finish(
         self,
         session: Session,
         row: QueryRow,
-        stored: list[BankOutcomeRow],
+        outcomes: list[BankOutcome],
         owner: str,
         now: datetime,
         events: list[audit.AuditEvent],
@@ -329,7 +347,6 @@ class ExecutionStore:
         reached at ready_by). The EXECUTE work goes; a READY query gets its NOTIFY work, leased
         to this worker, in the same transaction."""
         banks = json.loads(row.bank_codes)
-        outcomes = [self._queries.outcome_of(o) for o in stored]
         unanswered = [b for b in banks if not any(o.bank_code == b and o.kind == ANSWERED for o in outcomes)]
         session.execute(delete(_WORK).where(_WORK.c.query_id == row.query_id, _WORK.c.kind == EXECUTE))
         if len(unanswered) == len(banks):
@@ -344,8 +361,8 @@ class ExecutionStore:
         # Banks whose last outcome is a failure, or that have none, are the unavailable ones.
         content = build_report(banks, outcomes)
         wrapped_key, ciphertext = self._queries.vault.seal(row.query_id, content)
-        session.add(
-            ReportRow(
+        session.execute(
+            insert(table_of(ReportRow)).values(
                 query_id=row.query_id,
                 wrapped_key=wrapped_key,
                 ciphertext=ciphertext,
@@ -357,14 +374,9 @@ class ExecutionStore:
         row.ready_at = now
         row.expires_at = expires_at
         session.add(row)
-        session.add(
-            WorkRow(
-                query_id=row.query_id,
-                kind=NOTIFY,
-                due_at=now,
-                passes=1,
-                **self.queue.granted(owner),
-                created_at=now,
+        session.execute(
+            insert(_WORK).values(
+                query_id=row.query_id, kind=NOTIFY, due_at=now, passes=1, **self.queue.granted(owner), created_at=now
             )
         )
         events.append(

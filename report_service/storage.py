@@ -52,7 +52,7 @@ class Storage:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._sqlite = db.engine.dialect.name == "sqlite"
-        self._reader = Database(_sqlite_reader(db.engine)) if self._sqlite else db
+        self._reader = Database(_sqlite_reader(db.engine), serial=False) if self._sqlite else db
         self._writer = (
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="report_service-sqlite-writer")
             if self._sqlite

@@ -136,6 +136,8 @@ def image_problems(dockerfile: str, dockerignore: str) -> list[str]:
     cmd = exec_form(final.last("CMD"))
     if cmd is not None and cmd[:1] and cmd[0] not in SERVICES:
         problems.append(f"CMD {cmd} does not name a service")
+    if image_env(final).get("CARDCHECK_LOG_FORMAT") != "json":
+        problems.append("the image does not set CARDCHECK_LOG_FORMAT=json: its logs would carry no trace ids")
     user = final.last("USER")
     uid = image_uid(final)
     if user is None:

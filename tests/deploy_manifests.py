@@ -366,6 +366,8 @@ def environment_problems(m: Manifests) -> list[str]:
                     problems.append(f"{service} refuses its environment: {error}")
                 except SystemExit:
                     problems.append(f"{service} refuses its arguments {args}")
+            if container_env(m, container).get("CARDCHECK_LOG_FORMAT") != "json":
+                problems.append(f"{service}: logs not in JSON (CARDCHECK_LOG_FORMAT): no trace ids to follow")
             for var in container_env(m, container):
                 if var.startswith("CARDCHECK_") and var not in exact and not var.startswith(prefixes):
                     problems.append(f"{service}: no code reads {var} (a misspelt setting is silently ignored)")
@@ -467,6 +469,10 @@ def probe_problems(m: Manifests) -> list[str]:
             asked = probe["grpc"].get("service", "")
             if kind == "readinessProbe" and asked not in names:
                 problems.append(f"{service}: readiness asks {asked!r}, not one of its own {sorted(names)}")
+            if kind == "livenessProbe" and asked != "":
+                # A service's own name is NOT_SERVING while its database is down: a restart
+                # would not bring the database back (cardcheck/runtime/readiness.py).
+                problems.append(f"{service}: liveness asks {asked!r}, not the server as a whole (\"\")")
             if kind != "readinessProbe" and asked not in names | {""}:
                 problems.append(f"{service}: {kind} asks {asked!r}, which it does not serve")
     return problems

@@ -162,6 +162,7 @@ BREAKAGES: dict[str, tuple[str, Callable[[Manifests], object]]] = {
     "bad notifier cap": ("environment", lambda m: _configmap(m).update(CARDCHECK_SMS_CAP_SMS_CODE="lots")),
     "webhook with no url": ("environment", lambda m: _configmap(m).update(CARDCHECK_SMS_PROVIDER="webhook")),
     "bank_sim bad latency": ("environment", lambda m: _configmap(m).update(CARDCHECK_BANK_LATENCY_MS="-5")),
+    "text logs": ("environment", lambda m: _configmap(m).update(CARDCHECK_LOG_FORMAT="text")),
     "wrong port": ("addresses", lambda m: _configmap(m).update(CARDCHECK_NOTIFIER_ADDR="notifier:50055")),
     "no such service": ("addresses", lambda m: _configmap(m).update(CARDCHECK_BANK_SIM_ADDR="banks:50060")),
     "loopback bind": ("addresses", lambda m: _configmap(m).pop("CARDCHECK_BIND_HOST")),
@@ -180,6 +181,10 @@ BREAKAGES: dict[str, tuple[str, Callable[[Manifests], object]]] = {
     "readiness on another name": (
         "probes",
         lambda m: _container(m, "notifier")["readinessProbe"]["grpc"].update(service="cardcheck.v1.Notify"),
+    ),
+    "liveness on the service's name": (
+        "probes",
+        lambda m: _container(m, "report_service")["livenessProbe"]["grpc"].update(service="cardcheck.v1.ReportService"),
     ),
     "liveness over tcp": (
         "probes", lambda m: _container(m, "bank_sim").update(livenessProbe={"tcpSocket": {"port": 50060}})
@@ -294,6 +299,7 @@ IMAGE_BREAKAGES = {
     "editable install": (r"pip install -c /src/constraints.txt /src", "pip install -c /src/constraints.txt -e /src"),
     "one stage": (r"^FROM \$\{PYTHON_IMAGE\} AS runtime$", ""),
     "wrong python": (r"^ARG PYTHON_IMAGE=.*$", "ARG PYTHON_IMAGE=python:3.12-slim"),
+    "text logs": (r"CARDCHECK_LOG_FORMAT=json", "CARDCHECK_LOG_FORMAT=text"),
     "venv not copied": (r"^COPY --from=build .*$", ""),
 }
 

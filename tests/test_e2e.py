@@ -358,7 +358,7 @@ def test_prometheus_evaluates_the_dashboard_and_the_rules_on_the_mesh(mesh: Mesh
 
     from bank_sim.process import free_port
     from tests.harness.metrics import metrics_port, prometheus_binary
-    from tests.test_observability import RULES, alerts, dashboard_queries, rule_groups
+    from tests.test_alerting import RULES, alerts, dashboard_queries, rule_groups
 
     port = free_port()
     targets = [f"127.0.0.1:{metrics_port(address)}" for address in mesh.settings.addresses.values()]

@@ -159,6 +159,33 @@ async def test_failing_provider_is_retried_with_backoff_until_delivered(start):
     assert await worker.run_once() == 0 and provider.calls[sent.message_id] == 4
 
 
+async def test_a_retry_claimed_while_the_failed_attempt_winds_up_gets_an_attempt_of_its_own(start):
+    # The claim loop may claim a retry come due between the moment a failed attempt records its
+    # failure and the moment that attempt's task ends: the retry must run, not be taken for the
+    # attempt still "running" (it would sit leased until the lease ran out, counted twice).
+    clock = ManualClock()
+    provider = ScriptedProvider(failures=1)
+    node = await start(provider, clock=clock, start_worker=False, config=NotifierConfig(retry_base_s=1, retry_max_s=1))
+    worker, store = node.parts.worker, node.parts.store
+    record_failure = store.record_failure
+    retries: list[asyncio.Task] = []
+
+    async def claim_as_it_is_recorded(*args, **kwargs):
+        outcome = await record_failure(*args, **kwargs)
+        clock.advance(timedelta(seconds=5))  # the retry is due at once
+        claimed, _ = await store.claim_due(worker.owner, 10)
+        retries.extend(worker.dispatch(row) for row in claimed)
+        return outcome
+
+    store.record_failure = claim_as_it_is_recorded
+    sent = await node.stub.Send(_code_request("race"))
+    await eventually(lambda: len(retries) == 1, within=10)
+    await asyncio.wait_for(retries[0], 10)
+    delivery = await node.delivery(sent.message_id)
+    assert (delivery.status, delivery.attempts) == (DELIVERED, 2)
+    assert provider.calls[sent.message_id] == 2 and not provider.overlaps
+
+
 async def test_background_worker_delivers_without_being_asked(start):
     provider = ScriptedProvider(failures=2)
     config = NotifierConfig(retry_base_s=0.02, retry_max_s=0.05, poll_interval_s=0.02)

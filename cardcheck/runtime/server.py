@@ -39,6 +39,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from cardcheck.runtime.logs import setup_logging
 from cardcheck.runtime.metrics import ServiceMetrics
+from cardcheck.runtime.readiness import Dependency, Readiness
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import server_interceptors
 
@@ -124,11 +125,15 @@ class ServiceHost:
         options: Sequence[tuple[str, object]] = (),
         bounds: RequestBounds | None = None,
         metrics: ServiceMetrics | None = None,
+        dependencies: Sequence[Dependency] = (),
+        readiness_every_s: float = 2.0,
     ) -> None:
         """`metrics` (cardcheck/runtime/metrics.py) count every call served, on /metrics
         from `start()` to `stop()`; None: none. `bounds` default to grpc's own limits (headers refused for certain past 8 KiB);
         `options` override both them and SERVER_OPTIONS (grpc itself takes the first of two
-        values of an option, so they are merged here, not appended)."""
+        values of an option, so they are merged here, not appended). While one of
+        `dependencies` does not answer, the services' health names are NOT_SERVING and ""
+        stays SERVING (cardcheck/runtime/readiness.py)."""
         self.name = name
         self.bounds = bounds or RequestBounds()
         self._registrations = list(registrations)
@@ -138,6 +143,9 @@ class ServiceHost:
         self._on_drain = list(on_drain)  # at the start of a stop: end long-lived calls early
         self.health = health.aio.HealthServicer()
         self.metrics = metrics
+        self.readiness = Readiness(
+            self.health, [r.service_name for r in self._registrations], dependencies, every_s=readiness_every_s
+        )
         self.server = grpc.aio.server(
             # metrics innermost: they wrap each method's own handler once, not the tracing's
             interceptors=[*server_interceptors(tracer_provider), *(metrics.server_interceptors() if metrics else ())],
@@ -174,6 +182,7 @@ class ServiceHost:
                      self.metrics.address.rpartition(":")[0] + f":{self.metrics.port}")
         for service_name in ["", *names]:
             await self.health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+        self.readiness.start()
         log.info("%s serving on %s (event loop: %s)", self.name,
                  self._bind_address.rpartition(":")[0] + f":{self.port}", event_loop_name())
         return self.port
@@ -182,6 +191,7 @@ class ServiceHost:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        await self.readiness.stop()
         await self.health.enter_graceful_shutdown()
         for hook in self._on_drain:
             try:
@@ -237,7 +247,7 @@ def serve_main(service: str, build_host: Callable[[Settings], Awaitable[ServiceH
     stderr and exit code 2, never a traceback."""
     try:
         settings = Settings.from_env()
-        setup_logging(service, settings.log_level)
+        setup_logging(service, settings.log_level, settings.log_format)
 
         async def serve() -> None:
             host = await build_host(settings)

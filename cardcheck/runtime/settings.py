@@ -40,6 +40,7 @@ ALL_REGIONS = (
 
 
 EVENT_LOOPS = ("uvloop", "asyncio")
+LOG_FORMATS = ("text", "json")
 # Beyond gRPC's own default receive limit (4 MiB) no service has a reason to go: the variables
 # that move a server's request bounds are for tuning within that, and for measuring.
 MAX_RECEIVE_BYTES_CEILING = 4 * 1024 * 1024
@@ -170,6 +171,14 @@ class Settings(DeclaredSettings):
         json_schema_extra={"shown_default": "the bind host, at the service's gRPC port + 1000"},
     )
     log_level: str = Field("INFO", description="the logging level (DEBUG, INFO, WARNING...)")
+    log_format: str = Field(
+        "text", description="text (one readable line, for a console), or json (one object a line, with the "
+        "call's trace_id and span_id; the image and the manifests set it)"
+    )
+    readiness_every_s: Annotated[float, Number(above=0, at_most=60)] = Field(
+        2.0, description="how often a service checks its database (and the gateway its Redis) to answer "
+        "readiness, in seconds"
+    )
     event_loop: str = Field("uvloop", description="uvloop, or asyncio (the standard library's loop)")
     # Overrides of a server's request bounds (cardcheck.runtime.server.RequestBounds), by service,
     # only those set. Each service's app.py holds its defaults and says why.
@@ -221,6 +230,13 @@ class Settings(DeclaredSettings):
     def _event_loop(cls, value: str) -> str:
         if value not in EVENT_LOOPS:
             raise refuse(f"is not one of {', '.join(EVENT_LOOPS)}")
+        return value
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        if value not in LOG_FORMATS:
+            raise refuse(f"is not one of {', '.join(LOG_FORMATS)}")
         return value
 
     @field_validator("max_concurrent_rpcs", mode="before")

@@ -1,8 +1,9 @@
 """Tracing configured through the standard OTEL_* variables. Without an OTLP endpoint, spans
 go to JSON-lines files under CARDCHECK_DATA_DIR/spans, one file per service.
 
-Each service gets its own TracerProvider (passed to the gRPC interceptors explicitly) so that
-several services can run in one test process and still carry their own service.name."""
+Each service gets its own TracerProvider (passed to the gRPC interceptors, its engine and its
+Redis client explicitly) so that several services can run in one test process and still carry
+their own service.name."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.instrumentation.grpc.version import __version__ as instrumentation_version
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.propagate import inject
 from opentelemetry.propagators.textmap import Setter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -31,9 +35,23 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.sampling import Sampler
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+    Tracer,
+    get_current_span,
+    use_span,
+)
 
 from cardcheck.runtime.files import private_directory, private_file
+
+if TYPE_CHECKING:
+    import redis.asyncio
+    from sqlalchemy import Engine
+    from sqlalchemy.engine import ExceptionContext
 
 log = logging.getLogger(__name__)
 
@@ -227,3 +245,88 @@ def client_interceptors(provider: TracerProvider, request_hook: RequestHook | No
         if isinstance(interceptor, grpc.aio.UnaryUnaryClientInterceptor) else interceptor
         for interceptor in interceptors
     ]
+
+
+# --- database and Redis calls -------------------------------------------------------------------
+# One client span per SQL statement and per Redis command, children of the call's span. What
+# they hold, checked against the instrumentations' code:
+# - SQL: db.statement is the statement as sent, with its placeholders (%(name)s, ?); SQLAlchemy
+#   passes the parameters beside it and the instrumentation records none of them. Nothing of the
+#   project builds SQL from values. sqlcommenter stays off (it would append a comment with the
+#   trace context to every statement sent, and defeat the server's statement caches). A failed statement's status
+#   says the error's class only: a driver's message can quote a value (PostgreSQL's "DETAIL:
+#   Key (...)=(...) already exists").
+# - Redis: db.statement is the command name with each argument a "?" (the instrumentation
+#   always sanitizes them), so no key, no script and no value; plus the server's address.
+# Only within a trace: a statement outside any call (a worker polling its queue every second,
+# housekeeping, the readiness check) would otherwise be a trace of its own, each time.
+
+
+class _WithinTraces(Tracer):
+    """A tracer whose spans exist only as children: with no current span, a non-recording one."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    def start_span(self, name: str, context: Context | None = None, *args: Any, **kwargs: Any) -> Span:
+        if not get_current_span(context).get_span_context().is_valid:
+            return INVALID_SPAN
+        return self._tracer.start_span(name, context, *args, **kwargs)
+
+    def start_as_current_span(  # type: ignore[override]
+        self, name: str, context: Context | None = None, *args: Any, **kwargs: Any
+    ) -> AbstractContextManager[Span]:
+        if not get_current_span(context).get_span_context().is_valid:
+            return use_span(INVALID_SPAN)
+        return self._tracer.start_as_current_span(name, context, *args, **kwargs)
+
+
+class _WithinTracesProvider:
+    """What the Redis instrumentation asks its tracer of (it takes a provider, not a tracer)."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self._provider = provider
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> Tracer:
+        return _WithinTraces(self._provider.get_tracer(*args, **kwargs))
+
+
+def instrumentation_disabled(name: str, env: Mapping[str, str] | None = None) -> bool:
+    """OTEL_PYTHON_DISABLED_INSTRUMENTATIONS, the standard list (e.g. `sqlalchemy,redis`), names
+    it: its spans are left out, the calls' own still made."""
+    env = os.environ if env is None else env
+    return name in {n.strip() for n in env.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")}
+
+
+def trace_engine(engine: Engine, provider: TracerProvider) -> None:
+    """Spans for every statement `engine` runs, from `provider`'s tracer."""
+    if tracing_disabled() or instrumentation_disabled("sqlalchemy"):
+        return
+    from opentelemetry.instrumentation.sqlalchemy import engine as sqlalchemy_tracing
+    from opentelemetry.instrumentation.sqlalchemy.version import __version__ as sqlalchemy_tracing_version
+    from sqlalchemy import event
+
+    tracer = _WithinTraces(provider.get_tracer("opentelemetry.instrumentation.sqlalchemy", sqlalchemy_tracing_version))
+    # The pool's connection counts are for metrics, which are not this module's: a no-op meter.
+    connections = NoOpMeterProvider().get_meter(__name__).create_up_down_counter("db.client.connections.usage")
+    sqlalchemy_tracing.EngineTracer(tracer, engine, connections, enable_commenter=False)
+    event.remove(engine, "handle_error", sqlalchemy_tracing._handle_error)
+    event.listen(engine, "handle_error", _statement_failed)
+
+
+def _statement_failed(context: ExceptionContext) -> None:
+    span = getattr(context.execution_context, "_otel_span", None)
+    if span is None:
+        return
+    if span.is_recording():
+        span.set_status(Status(StatusCode.ERROR, type(context.original_exception).__name__))
+    span.end()
+
+
+def trace_redis(client: redis.asyncio.Redis, provider: TracerProvider) -> None:
+    """Spans for every command `client` sends, from `provider`'s tracer."""
+    if tracing_disabled() or instrumentation_disabled("redis"):
+        return
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    RedisInstrumentor.instrument_client(client, tracer_provider=_WithinTracesProvider(provider))  # type: ignore[arg-type]
