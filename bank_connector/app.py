@@ -9,9 +9,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from bank_connector.admission import Admission
 from bank_connector.config import ConnectorConfig
 from bank_connector.connector import BankConnector
+from bank_connector.metrics import instrument
 from bank_connector.servicer import BankConnectorServicer
 from cardcheck.banks import BANK_CODES
 from cardcheck.runtime.clock import Clock, SystemClock
+from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
@@ -57,6 +59,8 @@ async def build(
         rng=rng,
     )
     admission = Admission(config.max_active, config.max_queued)
+    metrics = ServiceMetrics(SERVICE, settings.metrics_address(SERVICE))
+    instrument(metrics, connector, admission)
     return ServiceHost(
         SERVICE,
         [
@@ -75,6 +79,7 @@ async def build(
             # the last guard: what admission queues, plus room for health, ListBanks and GetBankHealth
             max_concurrent_rpcs=config.max_active + config.max_queued + 64,
         ).configured(settings, SERVICE),
+        metrics=metrics,
     )
 
 

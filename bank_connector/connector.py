@@ -8,6 +8,7 @@ and held to the bank's bulkhead. Card numbers in a bank's answer are masked as t
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
 import random
@@ -189,6 +190,7 @@ class BankLine:
                                   window=config.budget_window)
         self.stats = stats
         self.retries = 0
+        self.outcomes: collections.Counter[OutcomeKind] = collections.Counter()  # calls, by how they ended
 
 
 # A bank's answer lists one person's cards at that bank, 22 bytes each at least: 256 KiB is some
@@ -268,6 +270,7 @@ class BankConnector:
         last_detail = ""
 
         def result(kind: OutcomeKind, detail: str = "", value: Value | None = None) -> CallResult[Value]:
+            line.outcomes[kind] += 1
             return CallResult(kind, value, detail, attempts, round((loop.time() - started) * 1000))
 
         while True:
@@ -495,6 +498,10 @@ class BankConnector:
             )
             for bank in BANKS
         ]
+
+    def lines(self) -> Mapping[str, BankLine]:
+        """Each bank's line, by bank code (read by bank_connector/metrics.py at each scrape)."""
+        return self._lines
 
     def health(self) -> list[BankHealthReport]:
         return [

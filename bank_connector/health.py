@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 WINDOW = 256  # recent calls kept per bank
@@ -41,8 +41,11 @@ class BankCallStats:
         self.calls = 0
         self.failures = 0
         self._recent: deque[tuple[bool, float]] = deque(maxlen=window)
+        self.observe: Callable[[float], None] | None = None  # each attempt's seconds (metrics)
 
     def record(self, ok: bool, latency_ms: float) -> None:
+        if self.observe is not None:
+            self.observe(latency_ms / 1000)
         self.calls += 1
         if not ok:
             self.failures += 1

@@ -30,6 +30,7 @@ from cardcheck import dataset
 from cardcheck.banks import BANK_CODES
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.logs import setup_logging
+from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.server import (
     SERVER_OPTIONS,
     Registration,
@@ -180,6 +181,7 @@ async def build(
         tracer_provider,
         bank_ports=bank_ports,
         bounds=bounds,
+        metrics=ServiceMetrics(SERVICE, settings.metrics_address(SERVICE)),
     )
     return host
 

@@ -13,6 +13,7 @@ from cardcheck.runtime.channels import open_channel
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
+from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.readiness import database, redis_server
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
@@ -24,6 +25,7 @@ from gateway.downstream import BankDirectory, ReportDesk, SmsSender
 from gateway.face import FaceVerifier, face_verifier_for
 from gateway.flows import Gateway
 from gateway.limits import Limiters, RedisStore
+from gateway.metrics import GatewayState, counted
 from gateway.payment_passwords import PaymentPasswords
 from gateway.servicer import CardCheckServicer, add_to_server
 from gateway.sessions import Sessions
@@ -125,6 +127,8 @@ async def build_parts(
         raise SettingsError("gateway SMS limits: an escalation step, and 0 <= daily reserve < daily cap")
     if limiters is None:
         limiters = _limiters(settings, config, clock, rates)
+    metrics = ServiceMetrics(SERVICE, settings.metrics_address(SERVICE))
+    limiters = counted(limiters)
     keyring = load_keyring(settings.master_key, settings.retired_master_keys, settings.data_dir)
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
     # Before the server's interceptors take their tracer from the provider (gateway/tracing.py).
@@ -140,8 +144,11 @@ async def build_parts(
         trace_redis(limiters.store.client, tracer_provider)
         dependencies.append(redis_server(limiters.store.client))
 
+    metrics.register(GatewayState(db.engine, clock, shedding, limiters))
     channels = {
-        name: open_channel(settings.addresses[name], tracer_provider, max_receive_bytes=MAX_ANSWER_BYTES[name])
+        name: open_channel(
+            settings.addresses[name], tracer_provider, max_receive_bytes=MAX_ANSWER_BYTES[name], metrics=metrics
+        )
         for name in ("report_service", "bank_connector", "notifier")
     }
     timeout = config.downstream_timeout_s
@@ -225,6 +232,7 @@ async def build_parts(
         on_drain=[watches.drain],
         on_stop=[close],
         bounds=BOUNDS.configured(settings, SERVICE),
+        metrics=metrics,
         dependencies=dependencies,
         readiness_every_s=settings.readiness_every_s,
     )

@@ -209,6 +209,11 @@ class RedisStore:
         )
         return cls(redis.asyncio.Redis(connection_pool=pool), prefix=prefix, max_in_flight=max_connections)
 
+    @property
+    def unreachable(self) -> bool:
+        """Whether the last call failed (the limits then fail over until one succeeds)."""
+        return self._down
+
     def key(self, limit: str, key: str) -> str:
         return f"{self.prefix}:rl:{limit}:{key}"
 

@@ -26,8 +26,10 @@ class Shedding:
         self._hold_s = hold_s
         self._monotonic = monotonic
         self._until = float("-inf")
+        self.refused = 0  # calls shed since start (metrics)
 
     def shed(self) -> None:
+        self.refused += 1
         self._until = self._monotonic() + self._hold_s
 
     @property

@@ -14,6 +14,7 @@ from cardcheck.runtime.changes import ChangeHub
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
+from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.readiness import database
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
@@ -23,6 +24,7 @@ from cardcheck.v1 import notifier_pb2_grpc
 from notifier.config import NotifierConfig
 from notifier.delivery import DeliveryWorker
 from notifier.messages import MessageStore, message_sealing
+from notifier.metrics import MeasuredProvider, OutboxDepth
 from notifier.outbox import Outbox
 from notifier.providers import SmsProvider, make_provider
 from notifier.servicer import NotifierServicer
@@ -101,10 +103,12 @@ async def build_parts(
     hub = ChangeHub(db.engine)
     store = MessageStore(db, clock, lease=config.lease, changes=hub.channel("nt.messages"))
     sealing = message_sealing(keyring)
+    metrics = ServiceMetrics(SERVICE, settings.metrics_address(SERVICE))
+    metrics.register(OutboxDepth(db.engine, clock))
     worker = DeliveryWorker(
         store,
         sealing,
-        provider,
+        MeasuredProvider(provider, metrics),
         config,
         trace.get_tracer(SERVICE, tracer_provider=tracer_provider),
         backoff=backoff,
@@ -131,6 +135,7 @@ async def build_parts(
         tracer_provider,
         on_stop=[close],
         bounds=BOUNDS.configured(settings, SERVICE),
+        metrics=metrics,
         dependencies=[database(db.engine)],
         readiness_every_s=settings.readiness_every_s,
     )

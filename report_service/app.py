@@ -14,6 +14,7 @@ from cardcheck.runtime.channels import open_channel
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
+from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.readiness import database
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
@@ -24,6 +25,7 @@ from report_service.audit import AuditChain
 from report_service.clients import BankConnectorFanOut, NotifierReportReady
 from report_service.config import ReportServiceConfig
 from report_service.execution import ExecutionStore
+from report_service.metrics import instrument
 from report_service.queries import IDEMPOTENCY_KEY, QueryStore
 from report_service.reports import ReportVault
 from report_service.servicer import ReportServiceServicer
@@ -115,13 +117,14 @@ async def build_parts(
         raise
     trace_engine(db.engine, tracer_provider)
     storage = Storage(db)
+    chain = AuditChain.from_keyring(keyring)
     store = QueryStore(
         storage,
         keyring.sealer("subject"),
         ReportVault(keyring.sealer("report-kek")),
         clock,
         outcome_sealer=keyring.sealer("bank-outcome"),
-        audit_chain=AuditChain.from_keyring(keyring),
+        audit_chain=chain,
         idempotency_hash=keyring.hasher(IDEMPOTENCY_KEY),
         retention=config.retention,
     )
@@ -136,11 +139,13 @@ async def build_parts(
         work_changes=work_changes,
         query_changes=changes,
     )
+    metrics = ServiceMetrics(SERVICE, settings.metrics_address(SERVICE))
+    instrument(metrics, chain, db.engine, clock, timedelta(seconds=config.lease_s))
     bank_channel = open_channel(
-        settings.addresses["bank_connector"], tracer_provider, max_receive_bytes=MAX_OUTCOME_BYTES
+        settings.addresses["bank_connector"], tracer_provider, max_receive_bytes=MAX_OUTCOME_BYTES, metrics=metrics
     )
     notifier_channel = open_channel(
-        settings.addresses["notifier"], tracer_provider, max_receive_bytes=MAX_NOTIFIER_ANSWER_BYTES
+        settings.addresses["notifier"], tracer_provider, max_receive_bytes=MAX_NOTIFIER_ANSWER_BYTES, metrics=metrics
     )
     worker = QueryWorker(
         execution,
@@ -178,6 +183,7 @@ async def build_parts(
         tracer_provider,
         on_stop=[close],
         bounds=BOUNDS.configured(settings, SERVICE),
+        metrics=metrics,
         dependencies=[database(db.engine)],
         readiness_every_s=settings.readiness_every_s,
     )

@@ -149,6 +149,8 @@ class AuditChain:
     def __init__(self, key: bytes, retired: Sequence[bytes] = ()) -> None:
         self._key = key
         self._retired = tuple(retired)
+        # Told of each event appended, inside its transaction (report_service/metrics.py).
+        self.observers: list[Callable[[Session, AuditEvent, datetime], None]] = []
 
     def __repr__(self) -> str:  # never the chain's key
         return f"AuditChain(current, {len(self._retired)} retired)"
@@ -173,6 +175,9 @@ class AuditChain:
         the last step of that transaction so the head row stays locked as briefly as possible."""
         if events:
             _append(session, events, at, self.entry_hash)
+            for observe in self.observers:
+                for event in events:
+                    observe(session, event, at)
 
     def verify(self, connection: Connection, anchors: Mapping[int, str] | None = None) -> Verdict:
         """`anchors`: heads recorded earlier (seq → hash, as report_service logs them), which

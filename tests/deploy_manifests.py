@@ -748,6 +748,68 @@ def network_problems(m: Manifests) -> list[str]:
     return problems
 
 
+def metrics_port(m: Manifests, deployment: dict) -> int | None:
+    """Where the service serves /metrics, as its settings say (None: metrics off)."""
+    container = pod_spec(deployment)["containers"][0]
+    address = Settings.from_env(container_env(m, container)).metrics_address(service_of(container))
+    return None if address is None else int(address.rpartition(":")[2])
+
+
+def scraper_rules(m: Manifests, deployment: dict) -> list[dict]:
+    """The ingress rules of the policies selecting the pods that admit a namespace by label."""
+    return [
+        rule
+        for p in m.of_kind("NetworkPolicy")
+        if namespace_of(p) == namespace_of(deployment) and labels_match(p["spec"]["podSelector"], pod_labels(deployment))
+        for rule in p["spec"].get("ingress", [])
+        if any(peer.get("namespaceSelector", {}).get("matchLabels") for peer in rule.get("from", []))
+    ]
+
+
+def metrics_problems(m: Manifests) -> list[str]:
+    """Every service serves /metrics on a port named `metrics`, which the pod's scrape
+    annotations name and a NetworkPolicy opens to the scraper's namespace, and to nothing else."""
+    problems = []
+    for deployment in m.deployments:
+        container = pod_spec(deployment)["containers"][0]
+        service = service_of(container)
+        port = metrics_port(m, deployment)
+        if port is None:
+            problems.append(f"{service} serves no metrics (CARDCHECK_METRICS off)")
+            continue
+        named = {p.get("name"): p.get("containerPort") for p in container.get("ports", [])}
+        if named.get("metrics") != port:
+            problems.append(f"{service} serves /metrics on {port}, its container port `metrics` is {named.get('metrics')}")
+        annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
+        wanted = {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+        for key, value in wanted.items():
+            if annotations.get(key) != value:
+                problems.append(f"{service}: pod annotation {key} is {annotations.get(key)!r}, not {value!r}")
+        rules = scraper_rules(m, deployment)
+        if not any(port_admitted(rule, deployment, port) for rule in rules):
+            problems.append(f"{service}: no NetworkPolicy admits the scraper to its metrics port")
+        if any(port_admitted(rule, deployment, listen_port(m, deployment)) for rule in rules):
+            problems.append(f"{service}: the scraper's namespace may reach its gRPC port")
+        if service != "gateway" and admitted_on(m, EXTERNAL, deployment, port, ignore=rules):
+            problems.append(f"{service}: its metrics port is open to anyone")
+    return problems
+
+
+def admitted_on(m: Manifests, source: dict | str, target: dict, port: int, *, ignore: list[dict]) -> bool:
+    """Whether a rule other than `ignore` admits `source` to `port` of `target`'s pods."""
+    namespace = namespace_of(target)
+    for policy in m.of_kind("NetworkPolicy"):
+        if namespace_of(policy) != namespace or not labels_match(policy["spec"]["podSelector"], pod_labels(target)):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            if any(rule is r for r in ignore) or not port_admitted(rule, target, port):
+                continue
+            peers = rule.get("from")
+            if not peers or any(peer_admits(peer, source, namespace) for peer in peers):
+                return True
+    return False
+
+
 CHECKS: dict[str, Callable[[Manifests], list[str]]] = {
     "environment": environment_problems,
     "addresses": address_problems,
@@ -757,4 +819,5 @@ CHECKS: dict[str, Callable[[Manifests], list[str]]] = {
     "security": security_problems,
     "secrets": secret_problems,
     "network": network_problems,
+    "metrics": metrics_problems,
 }

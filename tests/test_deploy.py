@@ -260,6 +260,25 @@ BREAKAGES: dict[str, tuple[str, Callable[[Manifests], object]]] = {
     ),
     "internal made public": ("network", lambda m: _policy(m, "report-service-ingress")["ingress"][0].pop("from")),
     "gateway closed": ("network", lambda m: _policy(m, "gateway-ingress")["ingress"][0]["ports"][0].update(port=1)),
+    "metrics off": ("metrics", lambda m: _configmap(m).update(CARDCHECK_METRICS="off")),
+    "metrics port unnamed": ("metrics", lambda m: _container(m, "notifier")["ports"].pop(1)),
+    "metrics moved": ("metrics", lambda m: _configmap(m).update(CARDCHECK_BANK_SIM_METRICS_ADDR="0.0.0.0:9100")),
+    "no scrape annotation": (
+        "metrics", lambda m: m.deployment_of("gateway")["spec"]["template"]["metadata"].pop("annotations")
+    ),
+    "scrape on another port": (
+        "metrics", lambda m: m.deployment_of("report_service")["spec"]["template"]["metadata"]["annotations"].update(
+            {"prometheus.io/port": "50052"})
+    ),
+    "scraper shut out": ("metrics", lambda m: m.docs.remove(m.named("NetworkPolicy", "cardcheck-metrics-ingress"))),
+    "scraper reaches grpc": (
+        "metrics", lambda m: _policy(m, "cardcheck-metrics-ingress")["ingress"][0]["ports"].append(
+            {"port": "grpc", "protocol": "TCP"})
+    ),
+    "metrics public": (
+        "metrics", lambda m: _policy(m, "bank-sim-ingress")["ingress"].append(
+            {"ports": [{"port": "metrics", "protocol": "TCP"}]})
+    ),
 }
 
 

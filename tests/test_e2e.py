@@ -280,3 +280,135 @@ def test_a_master_key_rotation_keeps_the_account_and_the_report(tmp_path: Path, 
                 retired.unlink()
     assert "signing in instead" in runs[1] and "signing in instead" in runs[2]
     assert _cards_shown(runs[0]) and _cards_shown(runs[1]) == _cards_shown(runs[0]) == _cards_shown(runs[2])
+
+
+@pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)  # the same code on both: once is enough
+def test_every_service_serves_metrics_after_the_journey(mesh: Mesh, records) -> None:
+    import sqlite3
+
+    from tests.harness.metrics import family_names, metrics_port, promtool_check, scrape, value
+
+    scrapes = {service: scrape(metrics_port(address)) for service, address in mesh.settings.addresses.items()}
+    for service, text in scrapes.items():
+        promtool_check(text)
+        assert value(text, "grpc_server_handled_total", grpc_code="OK") > 0, service
+        assert "grpc.health" not in text  # probes are not the service's work
+    gateway, reports = scrapes["gateway"], scrapes["report_service"]
+    connector, notifier = scrapes["bank_connector"], scrapes["notifier"]
+    assert value(gateway, "grpc_server_handled_total", grpc_method="SubmitQuery", grpc_code="OK") >= 1
+    assert value(gateway, "grpc_client_handled_total", grpc_service="cardcheck.v1.ReportService") >= 1
+    assert value(gateway, "cardcheck_gateway_limit_decisions_total", limit="submit_global", outcome="allowed") >= 1
+    assert value(gateway, "cardcheck_gateway_sessions_active") >= 1
+    assert value(reports, "cardcheck_report_queries_accepted_total") >= 1
+    assert value(reports, "cardcheck_report_queries_ready_total") >= 1
+    assert value(reports, "cardcheck_report_time_to_ready_seconds_count") >= 1
+    assert value(reports, "cardcheck_report_queries", status="READY") >= 1
+    # OK, or CANCELLED when the worker had every outcome before the stream's end was read.
+    assert value(reports, "grpc_client_handled_total", grpc_method="FanOut") >= 1
+    # Per bank, by bank code.
+    assert value(connector, "cardcheck_bank_calls_total", bank="ICBC", outcome="ANSWERED") >= 1
+    assert value(connector, "cardcheck_bank_attempt_seconds_count", bank="ICBC") >= 1
+    assert value(connector, "cardcheck_bank_breaker_state", bank="ICBC") == 0
+    assert value(notifier, "cardcheck_sms_deliveries_total", outcome="DELIVERED") >= 2
+    assert "cardcheck_outbox_depth" in family_names(notifier)
+
+    # No label value, nor anything else in the exposition, names the person.
+    person = mesh.journey_person
+    cards = [r.pan for r in records if r.id_number.upper() == person.id_number.upper()]
+    with sqlite3.connect(mesh.data_dir / "gateway.db") as db:
+        users = [row[0] for row in db.execute("SELECT user_id FROM gw_sessions")]
+    personal = [person.phone, person.id_number, person.card_number, person.name, *cards, *users]
+    assert users and cards
+    for service, text in scrapes.items():
+        for secret in personal:
+            assert secret not in text and secret.lower() not in text.lower(), (service, secret)
+
+    # docs/metrics.md documents exactly what the services expose, as they describe it.
+    documented = documented_metrics()
+    for service, text in scrapes.items():
+        assert family_names(text) == documented[service].keys(), service
+        for line in text.splitlines():
+            if line.startswith("# HELP "):
+                _, _, name, meaning = line.split(" ", 3)
+                assert documented[service][name] == meaning, name
+
+
+def documented_metrics() -> dict[str, dict[str, str]]:
+    """docs/metrics.md's table, `| name | type | services | labels | meaning |`: each service's
+    metrics and their meanings."""
+    found: dict[str, dict[str, str]] = {}
+    text = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`"):
+            for service in cells[2].split(", "):
+                found.setdefault(service, {})[cells[0].strip("`")] = cells[4]
+    return found
+
+
+@pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)  # the same code on both: once is enough
+def test_prometheus_evaluates_the_dashboard_and_the_rules_on_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
+    """A real Prometheus scrapes the mesh after the journey: every dashboard query and every
+    rule is valid PromQL, and the dashboard's queries find data (bar those that count what the
+    journey never did)."""
+    import urllib.parse
+    import urllib.request
+
+    import yaml
+
+    from bank_sim.process import free_port
+    from tests.harness.metrics import metrics_port, prometheus_binary
+    from tests.test_alerting import RULES, alerts, dashboard_queries, rule_groups
+
+    port = free_port()
+    targets = [f"127.0.0.1:{metrics_port(address)}" for address in mesh.settings.addresses.values()]
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [{"job_name": "cardcheck", "static_configs": [{"targets": targets}]}],
+    }))
+    process = subprocess.Popen(
+        [prometheus_binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("wb"),
+    )
+
+    def query(expr: str) -> dict:
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            return json.loads(error.read())
+
+    try:
+        deadline = time.monotonic() + 60
+        ready = False
+        while time.monotonic() < deadline and not ready:
+            time.sleep(0.5)
+            with contextlib.suppress(OSError, ValueError):
+                up = query("sum(up)")["data"]["result"]
+                # three scrapes each, for rates, and the recording rules evaluated
+                samples = query("min(count_over_time(up[1m]))")["data"]["result"]
+                recorded = query("cardcheck:gateway_errors:ratio_rate5m")["data"]["result"]
+                ready = bool(up and up[0]["value"][1] == str(len(targets)) and samples
+                             and int(samples[0]["value"][1]) >= 3 and recorded)
+        assert ready, json.dumps([query("up"), query("count_over_time(up[1m])"),
+                                  query("cardcheck:gateway_errors:ratio_rate5m")])
+        # What the journey did not do has no series: no refusal, no retry-worthy limit.
+        may_be_empty = {"Rate-limit decisions refused, by limit", "Load shed and refusals by reason"}
+        for title, expr in dashboard_queries():
+            answer = query(expr)
+            assert answer["status"] == "success", (title, expr, answer)
+            assert answer["data"]["result"] or title in may_be_empty, (title, expr)
+        for rule in [r for group in rule_groups() for r in group["rules"]]:
+            answer = query(rule["expr"])
+            assert answer["status"] == "success", (rule.get("alert") or rule.get("record"), answer)
+        # No alert fires on a healthy mesh.
+        firing = query('ALERTS{alertstate="firing"}')["data"]["result"]
+        assert firing == [], firing
+        assert len(alerts()) >= 9
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.telemetry import RequestHook, client_interceptors
 
 CHANNEL_OPTIONS = [
@@ -29,10 +30,15 @@ def open_channel(
     max_receive_bytes: int | None = None,
     options: list[tuple[str, object]] | None = None,
     request_hook: RequestHook | None = None,
+    metrics: ServiceMetrics | None = None,
 ) -> grpc.aio.Channel:
     """`options` are added to (and override) the defaults, e.g. a shorter reconnect backoff.
-    `max_receive_bytes` unset keeps grpc's default."""
-    interceptors = client_interceptors(provider, request_hook) if provider is not None else None
+    `max_receive_bytes` unset keeps grpc's default. `metrics`: the calling service's, which
+    then count and time each call (the innermost interceptor, so it sees grpc's own call)."""
+    interceptors: list[grpc.aio.ClientInterceptor] = [
+        *(client_interceptors(provider, request_hook) if provider is not None else ()),
+        *(metrics.client_interceptors() if metrics is not None else ()),
+    ]
     limits = {} if max_receive_bytes is None else {"grpc.max_receive_message_length": max_receive_bytes}
     merged = dict(CHANNEL_OPTIONS) | limits | dict(options or ())
-    return grpc.aio.insecure_channel(address, options=list(merged.items()), interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=list(merged.items()), interceptors=interceptors or None)

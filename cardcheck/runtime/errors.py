@@ -10,6 +10,7 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any, TypeVar, cast
 
@@ -31,6 +32,10 @@ from cardcheck.refusals import (
 )
 
 log = logging.getLogger(__name__)
+
+# The reason of the refusal the current call ends with (set by `refuse` and `abort`), which
+# cardcheck/runtime/metrics.py counts once the handler returns.
+refusal_reason: ContextVar[str | None] = ContextVar("cardcheck_refusal_reason", default=None)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Method = TypeVar("Method", bound=Callable[..., Any])
@@ -81,6 +86,7 @@ def refuse(context: Context, error: CardCheckError) -> None:
     Set rather than raised (`context.abort` raises AbortError): the tracing interceptor records
     a raised error with a formatted traceback, which made each refusal cost several times a
     plain call, and refusing cheaply is what shedding load depends on."""
+    refusal_reason.set(error.reason)
     status = rpc_status.to_status(to_status(error))
     context.set_code(status.code)
     context.set_details(status.details)
@@ -89,6 +95,7 @@ def refuse(context: Context, error: CardCheckError) -> None:
 
 async def abort(context: Context, error: CardCheckError) -> None:
     """Ends the call with the refusal by raising, as `context.abort` does."""
+    refusal_reason.set(error.reason)
     await context.abort_with_status(rpc_status.to_status(to_status(error)))
 
 

@@ -38,6 +38,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from cardcheck.runtime.logs import setup_logging
+from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.readiness import Dependency, Readiness
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import server_interceptors
@@ -123,10 +124,12 @@ class ServiceHost:
         on_drain: Sequence[Callable[[], Awaitable[None]]] = (),
         options: Sequence[tuple[str, object]] = (),
         bounds: RequestBounds | None = None,
+        metrics: ServiceMetrics | None = None,
         dependencies: Sequence[Dependency] = (),
         readiness_every_s: float = 2.0,
     ) -> None:
-        """`bounds` default to grpc's own limits (headers refused for certain past 8 KiB);
+        """`metrics` (cardcheck/runtime/metrics.py) count every call served, on /metrics
+        from `start()` to `stop()`; None: none. `bounds` default to grpc's own limits (headers refused for certain past 8 KiB);
         `options` override both them and SERVER_OPTIONS (grpc itself takes the first of two
         values of an option, so they are merged here, not appended). While one of
         `dependencies` does not answer, the services' health names are NOT_SERVING and ""
@@ -139,11 +142,13 @@ class ServiceHost:
         self._on_stop = list(on_stop)
         self._on_drain = list(on_drain)  # at the start of a stop: end long-lived calls early
         self.health = health.aio.HealthServicer()
+        self.metrics = metrics
         self.readiness = Readiness(
             self.health, [r.service_name for r in self._registrations], dependencies, every_s=readiness_every_s
         )
         self.server = grpc.aio.server(
-            interceptors=server_interceptors(tracer_provider),
+            # metrics innermost: they wrap each method's own handler once, not the tracing's
+            interceptors=[*server_interceptors(tracer_provider), *(metrics.server_interceptors() if metrics else ())],
             options=list((dict(SERVER_OPTIONS) | dict(self.bounds.options()) | dict(options)).items()),
             maximum_concurrent_rpcs=self.bounds.max_concurrent_rpcs,
         )
@@ -166,6 +171,15 @@ class ServiceHost:
         if not self.port:
             raise StartupError(f"{self.name} could not bind {self._bind_address} (is the port in use?)")
         await self.server.start()
+        if self.metrics is not None and self.metrics.address is not None:
+            try:
+                self.metrics.start()
+            except OSError as error:
+                raise StartupError(
+                    f"{self.name} could not serve /metrics on {self.metrics.address} ({error.strerror or error})"
+                ) from None
+            log.info("%s: metrics on %s/metrics", self.name,
+                     self.metrics.address.rpartition(":")[0] + f":{self.metrics.port}")
         for service_name in ["", *names]:
             await self.health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
         self.readiness.start()
@@ -185,6 +199,8 @@ class ServiceHost:
             except Exception:
                 log.exception("%s: a drain hook failed", self.name)
         await self.server.stop(grace)
+        if self.metrics is not None:
+            self.metrics.stop()
         for hook in self._on_stop:
             try:
                 await hook()

@@ -122,6 +122,8 @@ ADDRESSES = Family("CARDCHECK_{}_ADDR", SERVICES)
 BANK_ADDRESSES = Family("CARDCHECK_BANK_ADDR_{}", key_text="CODE")
 MAX_CONCURRENT_RPCS = Family("CARDCHECK_{}_MAX_CONCURRENT_RPCS", SERVICES)
 MAX_RECEIVE_BYTES = Family("CARDCHECK_{}_MAX_RECEIVE_BYTES", SERVICES)
+METRICS_ADDRESSES = Family("CARDCHECK_{}_METRICS_ADDR", SERVICES)
+METRICS_PORT_OFFSET = 1000  # /metrics listens at the gRPC port + 1000 unless told otherwise
 
 
 class Settings(DeclaredSettings):
@@ -162,6 +164,12 @@ class Settings(DeclaredSettings):
     shutdown_grace_s: Annotated[float, Number(at_least=0)] = Field(
         10.0, description="how long a stopping server lets calls in flight finish, in seconds"
     )
+    metrics: bool = Field(True, description="Prometheus metrics on HTTP /metrics (docs/metrics.md); off: none served")
+    metrics_addresses: Annotated[dict[str, str], METRICS_ADDRESSES] = Field(
+        default_factory=dict,
+        description="host:port where that service serves /metrics",
+        json_schema_extra={"shown_default": "the bind host, at the service's gRPC port + 1000"},
+    )
     log_level: str = Field("INFO", description="the logging level (DEBUG, INFO, WARNING...)")
     log_format: str = Field(
         "text", description="text (one readable line, for a console), or json (one object a line, with the "
@@ -190,7 +198,12 @@ class Settings(DeclaredSettings):
     def _addresses(cls, value: Mapping[str, str]) -> dict[str, str]:
         return {s: f"127.0.0.1:{p}" for s, p in DEFAULT_PORTS.items()} | ADDRESSES.each(value, _host_port)
 
-    @field_validator("sandbox", mode="before")
+    @field_validator("metrics_addresses", mode="before")
+    @classmethod
+    def _metrics_addresses(cls, value: Mapping[str, str]) -> dict[str, str]:
+        return METRICS_ADDRESSES.each(value, _host_port)
+
+    @field_validator("sandbox", "metrics", mode="before")
     @classmethod
     def _sandbox(cls, value: Any) -> bool:
         if isinstance(value, bool):
@@ -258,3 +271,14 @@ class Settings(DeclaredSettings):
 
     def bind_address(self, service: str) -> str:
         return f"{self.bind_host}:{self.port(service)}"
+
+    def metrics_address(self, service: str) -> str | None:
+        """Where `service` serves /metrics: None when metrics are off; its gRPC port + 1000
+        unless moved; any free port when its gRPC port is (port 0, as tests bind)."""
+        if not self.metrics:
+            return None
+        if service in self.metrics_addresses:
+            return self.metrics_addresses[service]
+        port = self.port(service)
+        moved = port + METRICS_PORT_OFFSET
+        return f"{self.bind_host}:{moved if port and moved <= 65535 else 0}"

@@ -1,0 +1,388 @@
+"""Prometheus metrics: one registry per service (several services share a test process), RED
+for every RPC the service serves and makes, in grpc-prometheus's names, and the exposition on
+HTTP `/metrics` from a thread of its own, so a scrape never waits for the event loop.
+
+`grpc_server_handled_total{grpc_type,grpc_service,grpc_method,grpc_code}` and the
+`grpc_server_handling_seconds` histogram for calls served; `grpc_client_*` likewise for calls
+made on the channels `open_channel` opens. Health checks and reflection are not the service's
+work and are left out, as they are from traces. `cardcheck_refusals_total` counts refusals by
+their ErrorInfo reason. Each service adds its own metrics to `ServiceMetrics.registry`
+(docs/metrics.md lists them all). No label value ever names a person: labels are methods,
+status codes, reasons, bank codes, kinds and outcomes."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from itertools import accumulate
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc.aio import ServicerContext
+from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from cardcheck.runtime.errors import refusal_reason
+
+log = logging.getLogger(__name__)
+
+# `_created` series double every counter's exposition and say nothing a dashboard needs.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Seconds: from a cached lookup (~1 ms) to the 60 s deadline of a long fan-out.
+RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_NOT_OUR_WORK = ("/grpc.health.v1.", "/grpc.reflection.")
+_OK = grpc.StatusCode.OK
+
+
+
+def _split(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+def _grpc_type(request_streaming: bool, response_streaming: bool) -> str:
+    if request_streaming:
+        return "bidi_stream" if response_streaming else "client_stream"
+    return "server_stream" if response_streaming else "unary"
+
+
+class ServiceMetrics:
+    """One service's registry and RPC metrics, and its `/metrics` server (`address` None: no
+    exposition, no interceptors). `start()` binds the address (port 0 picks one)."""
+
+    def __init__(self, service: str, address: str | None) -> None:
+        self.service = service
+        self.address = address
+        # Collectors are not run to learn their names: some read the database when run.
+        self.registry = CollectorRegistry(auto_describe=False)
+        # Plain counts kept on the event loop's thread and read by the scrape's (a
+        # prometheus_client child takes a lock on every increment: on a refused call that
+        # answers in tens of microseconds, it showed).
+        self.server_rpcs: dict[str, _Rpc] = {}
+        self.client_rpcs: dict[str, _Rpc] = {}
+        self.refusals: dict[tuple[str, str, str], int] = {}
+        self.registry.register(_RpcCollector(self))
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
+        self.port: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [MetricsServerInterceptor(self)] if self.enabled else []
+
+    def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        if not self.enabled:
+            return []
+        return [_UnaryUnaryClient(self), _UnaryStreamClient(self)]
+
+    def register(self, collector: Any) -> None:
+        """A collector read at each scrape (values computed then, e.g. from the database)."""
+        self.registry.register(collector)
+
+    def start(self) -> int | None:
+        """Serves `/metrics` on `address`; the bound port, or None when off. OSError when the
+        address cannot be bound."""
+        if self.address is None or self._http is not None:
+            return self.port
+        host, _, port = self.address.rpartition(":")
+        httpd, thread = start_http_server(int(port), host.strip("[]") or "0.0.0.0", registry=self.registry)
+        thread.name = f"{self.service}-metrics"
+        self._http = (httpd, thread)
+        self.port = int(httpd.server_address[1])
+        return self.port
+
+    def stop(self) -> None:
+        if self._http is None:
+            return
+        httpd, thread = self._http
+        self._http = None
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+class _Rpc:
+    """One method's counts, by the labels grpc-prometheus gives them."""
+
+    __slots__ = ("handled", "labels", "method", "metrics", "seconds", "service", "started")
+
+    def __init__(self, metrics: ServiceMetrics, grpc_type: str, method: str) -> None:
+        self.metrics = metrics
+        self.service, self.method = _split(method)
+        self.labels = (grpc_type, self.service, self.method)
+        self.started = 0
+        self.handled: dict[str, int] = {}
+        self.seconds = Buckets(RPC_BUCKETS)
+
+    def refusal(self, reason: str) -> None:
+        key = (self.service, self.method, reason)
+        refusals = self.metrics.refusals
+        refusals[key] = refusals.get(key, 0) + 1
+
+    def done(self, code: grpc.StatusCode, started_at: float) -> None:
+        self.seconds.observe(time.perf_counter() - started_at)
+        name = code.name
+        self.handled[name] = self.handled.get(name, 0) + 1
+
+
+class Buckets:
+    """A histogram's counts without a lock (prometheus_client's take one per observation):
+    observed on the event loop's thread, read by the scrape's."""
+
+    __slots__ = ("bounds", "counts", "le", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.le = [*(floatToGoString(b) for b in bounds), "+Inf"]  # type: ignore[no-untyped-call]
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def add_to(self, family: HistogramMetricFamily, labels: Sequence[str]) -> None:
+        family.add_metric(labels, list(zip(self.le, accumulate(list(self.counts)), strict=True)), sum_value=self.sum)
+
+
+class _RpcCollector(Collector):
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        metrics = self._metrics
+        for side, rpcs, help_started, help_handled, help_seconds in (
+            ("server", metrics.server_rpcs, "RPCs started on the server.",
+             "RPCs completed on the server, by status code.", "Time the server took to handle an RPC, in seconds."),
+            ("client", metrics.client_rpcs, "RPCs started by this service's clients.",
+             "RPCs this service made that completed, by status code.", "Time an RPC this service made took, in seconds."),
+        ):
+            started = CounterMetricFamily(f"grpc_{side}_started", help_started, labels=labels)
+            handled = CounterMetricFamily(f"grpc_{side}_handled", help_handled, labels=[*labels, "grpc_code"])
+            seconds = HistogramMetricFamily(f"grpc_{side}_handling_seconds", help_seconds, labels=labels)
+            for rpc in list(rpcs.values()):
+                started.add_metric(rpc.labels, rpc.started)
+                for code, count in list(rpc.handled.items()):
+                    handled.add_metric([*rpc.labels, code], count)
+                rpc.seconds.add_to(seconds, rpc.labels)
+            yield from (started, handled, seconds)
+        refusals = CounterMetricFamily(
+            "cardcheck_refusals", "Calls refused with a cardcheck.v1 ErrorInfo, by reason.",
+            labels=["grpc_service", "grpc_method", "reason"])
+        for key, count in list(metrics.refusals.items()):
+            refusals.add_metric(key, count)
+        yield refusals
+
+
+def _code_of(context: ServicerContext[Any, Any]) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):  # some grpc versions hand back the number
+        return _CODES.get(code, grpc.StatusCode.UNKNOWN)
+    return _OK
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+
+
+class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every call the server handles. The wrapped handler is made once per
+    method (generated servicers hand back the same handler each call)."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._metrics = metrics
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(_NOT_OUR_WORK):
+            return handler
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: Handler, method: str) -> Handler:
+        rpc = _Rpc(self._metrics, _grpc_type(handler.request_streaming, handler.response_streaming), method)
+        self._metrics.server_rpcs[method] = rpc
+        kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+        def finish(context: ServicerContext[Any, Any], started_at: float, error: BaseException | None) -> None:
+            if error is None:
+                code = _code_of(context)
+            elif isinstance(error, grpc.aio.AbortError | grpc.RpcError):
+                code = _code_of(context)
+                code = grpc.StatusCode.UNKNOWN if code is _OK else code
+            elif isinstance(error, BaseException) and not isinstance(error, Exception):
+                code = grpc.StatusCode.CANCELLED  # CancelledError: the caller went away
+            else:
+                code = grpc.StatusCode.UNKNOWN  # a bug: grpc answers UNKNOWN
+            rpc.done(code, started_at)
+            reason = refusal_reason.get()
+            if reason is not None:
+                rpc.refusal(reason)
+
+        def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            async def measured(request: Any, context: ServicerContext[Any, Any]) -> Any:
+                rpc.started += 1
+                refusal_reason.set(None)
+                started_at = time.perf_counter()
+                try:
+                    response = await behavior(request, context)
+                except BaseException as error:
+                    finish(context, started_at, error)
+                    raise
+                finish(context, started_at, None)
+                return response
+
+            return measured
+
+        def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if not inspect.isasyncgenfunction(behavior):  # writes with context.write
+                return unary(behavior)
+
+            async def measured(request: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                rpc.started += 1
+                refusal_reason.set(None)
+                started_at = time.perf_counter()
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except BaseException as error:
+                    finish(context, started_at, error)
+                    raise
+                finish(context, started_at, None)
+
+            return measured
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
+        behavior: Callable[..., Any] | None = handler.stream_stream
+        assert behavior is not None
+        return grpc.stream_stream_rpc_method_handler(streaming(behavior), **kwargs)
+
+
+def _status_now(call: Any) -> grpc.StatusCode | None:
+    """A finished call's code without awaiting: grpc keeps the status on its cython call. None
+    where that is not there (then the code is awaited in a task)."""
+    status = getattr(getattr(call, "_cython_call", None), "_status", None)
+    if status is None:
+        return None
+    return _CYGRPC_CODES.get(status.code(), grpc.StatusCode.UNKNOWN)
+
+
+try:
+    from grpc._cython import cygrpc  # type: ignore[attr-defined]
+
+    _CYGRPC_CODES = {getattr(cygrpc.StatusCode, code.name.lower()): code for code in grpc.StatusCode}
+except (ImportError, AttributeError):  # pragma: no cover - grpc's layout changed
+    _CYGRPC_CODES = {}
+
+
+class _ClientInterceptor:
+    def __init__(self, metrics: ServiceMetrics, grpc_type: str) -> None:
+        self._metrics = metrics
+        self._type = grpc_type
+        self._rpcs: dict[str, _Rpc] = {}
+        self._pending: set[Any] = set()
+
+    def _begin(self, method: str | bytes) -> _Rpc | None:
+        if isinstance(method, bytes):  # grpc passes bytes here, whatever its stubs say
+            method = method.decode()
+        rpc = self._rpcs.get(method)
+        if rpc is None:
+            if method.startswith(_NOT_OUR_WORK):
+                return None
+            rpc = self._rpcs[method] = _Rpc(self._metrics, self._type, method)
+            self._metrics.client_rpcs[method] = rpc
+        rpc.started += 1
+        return rpc
+
+    def _watch(self, rpc: _Rpc, started_at: float, call: Any) -> None:
+        def done(finished: Any) -> None:
+            code = _status_now(finished)
+            if code is not None:
+                rpc.done(code, started_at)
+                return
+            import asyncio
+
+            async def later() -> None:
+                rpc.done(await finished.code(), started_at)
+
+            task = asyncio.get_running_loop().create_task(later())
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+        call.add_done_callback(done)
+
+
+class _UnaryUnaryClient(_ClientInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        super().__init__(metrics, "unary")
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        rpc = self._begin(client_call_details.method)
+        if rpc is None:
+            return await continuation(client_call_details, request)
+        started_at = time.perf_counter()
+        try:
+            call = await continuation(client_call_details, request)
+        except grpc.aio.AioRpcError as error:
+            rpc.done(error.code(), started_at)
+            raise
+        self._watch(rpc, started_at, call)
+        return call
+
+
+class _UnaryStreamClient(_ClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        super().__init__(metrics, "server_stream")
+
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        rpc = self._begin(client_call_details.method)
+        if rpc is None:
+            return await continuation(client_call_details, request)
+        started_at = time.perf_counter()
+        call = await continuation(client_call_details, request)
+        self._watch(rpc, started_at, call)
+        return call
+
+
+def no_metrics() -> ServiceMetrics:
+    """A registry with nothing served (code and tests that build a part alone)."""
+    return ServiceMetrics("none", None)
+
+
+def families(metrics: ServiceMetrics) -> Iterable[str]:
+    """The names of the metric families in the registry (docs/metrics.md is made from these)."""
+    return [family.name for family in metrics.registry.collect()]
