@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import inspect
 import logging
+import socket
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from grpc.aio import ServicerContext
-from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client import CollectorRegistry, disable_created_metrics, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -96,8 +97,14 @@ class ServiceMetrics:
         if self.address is None or self._http is not None:
             return self.port
         host, _, port = self.address.rpartition(":")
-        httpd, thread = start_http_server(int(port), host.strip("[]") or "0.0.0.0", registry=self.registry)
-        thread.name = f"{self.service}-metrics"
+        host = host.strip("[]") or "0.0.0.0"
+        server_class = _Ipv6Server if ":" in host else ThreadingWSGIServer
+        httpd = make_server(host, int(port), make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler)
+        # A short poll: stopping waits for the serving loop to look up (0.5 s by default).
+        thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"{self.service}-metrics", daemon=True
+        )
+        thread.start()
         self._http = (httpd, thread)
         self.port = int(httpd.server_address[1])
         return self.port
@@ -110,6 +117,17 @@ class ServiceMetrics:
         httpd.shutdown()
         httpd.server_close()
         thread.join(5)
+
+
+class _Ipv6Server(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line for each scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 class _Rpc:
