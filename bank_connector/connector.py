@@ -199,13 +199,15 @@ class BankLine:
 MAX_BANK_ANSWER_BYTES = 256 * 1024
 
 
-def open_bank_channel(address: str) -> grpc.aio.Channel:
-    """A plain channel: bank calls are traced by `BankConnector._attempt` itself. The tracing
-    interceptor is left out on purpose: it costs an extra task per call, and a fan-out under an
-    unsampled trace calls the banks with no trace headers at all (`traced_bank_calls`)."""
-    return grpc.aio.insecure_channel(
-        address, options=[*CHANNEL_OPTIONS, ("grpc.max_receive_message_length", MAX_BANK_ANSWER_BYTES)]
-    )
+def open_bank_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    """A channel with no interceptor: bank calls are traced by `BankConnector._attempt` itself.
+    The tracing interceptor is left out on purpose: it costs an extra task per call, and a
+    fan-out under an unsampled trace calls the banks with no trace headers at all
+    (`traced_bank_calls`). `credentials`: the bank's TLS (bank_connector/app.py); None: plaintext."""
+    options = [*CHANNEL_OPTIONS, ("grpc.max_receive_message_length", MAX_BANK_ANSWER_BYTES)]
+    if credentials is not None:
+        return grpc.aio.secure_channel(address, credentials, options=options)
+    return grpc.aio.insecure_channel(address, options=options)
 
 
 class BankConnector:
@@ -221,7 +223,9 @@ class BankConnector:
         config: ConnectorConfig | None = None,
         rng: random.Random | None = None,
         bins: BinTable | None = None,
+        bank_credentials: Mapping[str, grpc.ChannelCredentials] | None = None,
     ) -> None:
+        """`bank_credentials`: TLS of the banks named (the others plaintext)."""
         missing = [code for code in BANK_CODES if code not in bank_addresses]
         if missing:
             raise ValueError(f"no address for banks {missing}")
@@ -234,7 +238,7 @@ class BankConnector:
         self._health = HealthBook(BANK_CODES)
         self._lines = {
             code: BankLine(
-                code, open_bank_channel(address),
+                code, open_bank_channel(address, (bank_credentials or {}).get(code)),
                 self.config, clock, self._health.stats(code),
             )
             for code, address in self._addresses.items()

@@ -31,14 +31,19 @@ def open_channel(
     options: list[tuple[str, object]] | None = None,
     request_hook: RequestHook | None = None,
     metrics: ServiceMetrics | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> grpc.aio.Channel:
     """`options` are added to (and override) the defaults, e.g. a shorter reconnect backoff.
     `max_receive_bytes` unset keeps grpc's default. `metrics`: the calling service's, which
-    then count and time each call (the innermost interceptor, so it sees grpc's own call)."""
+    then count and time each call (the innermost interceptor, so it sees grpc's own call).
+    `credentials`: TLS (cardcheck/runtime/security.py `mesh_credentials`); None: plaintext."""
     interceptors: list[grpc.aio.ClientInterceptor] = [
         *(client_interceptors(provider, request_hook) if provider is not None else ()),
         *(metrics.client_interceptors() if metrics is not None else ()),
     ]
     limits = {} if max_receive_bytes is None else {"grpc.max_receive_message_length": max_receive_bytes}
     merged = dict(CHANNEL_OPTIONS) | limits | dict(options or ())
+    if credentials is not None:
+        return grpc.aio.secure_channel(address, credentials, options=list(merged.items()),
+                                       interceptors=interceptors or None)
     return grpc.aio.insecure_channel(address, options=list(merged.items()), interceptors=interceptors or None)
