@@ -50,7 +50,9 @@ def test_the_accepted_variables_are_the_declared_ones():
     exact, prefixes = accepted()
     assert {"CARDCHECK_GATEWAY_ADDR", "CARDCHECK_SMS_CAP_SMS_CODE", "CARDCHECK_BANK_RETRY_MAX_ATTEMPTS",
             "CARDCHECK_REPORT_RETENTION_DAYS", "CARDCHECK_BANK_SIM_PORT_PER_BANK"} <= exact
-    assert "CARDCHECK_SHUTDOWN_GRACE" not in exact and set(prefixes) == {"CARDCHECK_BANK_ADDR_", "CARDCHECK_BANK_CONCURRENCY_"}
+    assert "CARDCHECK_SHUTDOWN_GRACE" not in exact and set(prefixes) == {
+        "CARDCHECK_BANK_ADDR_", "CARDCHECK_BANK_CONCURRENCY_", "CARDCHECK_BANK_TLS_DIR_"
+    }
     assert len(exact) == len([v for m in MODELS for v in variables(m) if v.prefix is None])  # no name twice
 
 

@@ -4,6 +4,7 @@ ports the kubelet's probes use."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
@@ -40,23 +41,26 @@ async def test_the_journey_over_mutual_tls(tmp_path: Path) -> None:
 
         # The README's grpcurl: the public port with the CA alone, an internal one with a certificate.
         grpcurl = str(BIN / "grpcurl")
-        banks = subprocess.run(
-            [grpcurl, "-cacert", str(tls / "ca.pem"), "-d", "{}", settings.addresses["gateway"],
-             "cardcheck.v1.CardCheck/ListBanks"], capture_output=True, text=True, timeout=60,
+
+        def run(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([grpcurl, *args], capture_output=True, text=True, timeout=60)
+
+        banks = await asyncio.to_thread(
+            run, "-cacert", str(tls / "ca.pem"), "-d", "{}", settings.addresses["gateway"],
+            "cardcheck.v1.CardCheck/ListBanks",
         )
         assert banks.returncode == 0, banks.stderr
         assert len(json.loads(banks.stdout)["banks"]) == 24
-        health = subprocess.run(
-            [grpcurl, "-cacert", str(tls / "ca.pem"), "-cert", str(tls / "operator.pem"), "-key",
-             str(tls / "operator.key"), settings.addresses["bank_connector"], "grpc.health.v1.Health/Check"],
-            capture_output=True, text=True, timeout=60,
+        health = await asyncio.to_thread(
+            run, "-cacert", str(tls / "ca.pem"), "-cert", str(tls / "operator.pem"), "-key",
+            str(tls / "operator.key"), settings.addresses["bank_connector"], "grpc.health.v1.Health/Check",
         )
         assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
-        inbox_as_gateway_cert_missing = subprocess.run(
-            [grpcurl, "-cacert", str(tls / "ca.pem"), "-d", "{}", settings.addresses["notifier"],
-             "cardcheck.v1.Notifier/ListMessages"], capture_output=True, text=True, timeout=60,
+        without_certificate = await asyncio.to_thread(
+            run, "-cacert", str(tls / "ca.pem"), "-d", "{}", settings.addresses["notifier"],
+            "cardcheck.v1.Notifier/ListMessages",
         )
-        assert inbox_as_gateway_cert_missing.returncode != 0  # no client certificate: no handshake
+        assert without_certificate.returncode != 0  # no client certificate: no handshake
 
         # Plaintext: refused on every service port, served on each health port.
         for service in ("gateway", "report_service", "bank_connector", "notifier", "bank_sim"):

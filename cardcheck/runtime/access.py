@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc.aio import ServicerContext
@@ -54,7 +54,7 @@ _PREFIX = spiffe_id("")
 def caller_of(context: ServicerContext[Any, Any]) -> str | None:
     """The mesh identity the caller's certificate names, or None (no certificate, another
     trust domain, or not exactly one SPIFFE ID)."""
-    found = context.auth_context().get("peer_spiffe_id") or ()
+    found = list(context.auth_context().get("peer_spiffe_id") or ())
     if len(found) != 1:
         return None
     uri = found[0].decode("ascii", "replace")
@@ -83,7 +83,10 @@ class Access:
                               metadata={"caller": caller or "", "method": method})
 
 
-Handler = grpc.RpcMethodHandler
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
@@ -118,27 +121,33 @@ def _checking(handler: Handler, method: str, access: Access) -> Handler:
         if caller not in callers:
             await abort(context, access.refusal(method, caller))
 
-    def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
-        if inspect.isasyncgenfunction(behavior):
-            async def checked_stream(request: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                await check(context)
-                async for item in behavior(request, context):
-                    yield item
-
-            return checked_stream
-
+    def guard(behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         async def checked(request: Any, context: ServicerContext[Any, Any]) -> Any:
             await check(context)
-            return await behavior(request, context)
+            answer = behavior(request, context)
+            return await answer if inspect.isawaitable(answer) else answer
 
         return checked
+
+    def guard_stream(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        # Always an async generator: the tracing interceptor outside iterates what it is given.
+        async def checked_stream(request: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            await check(context)
+            answers = behavior(request, context)
+            if inspect.isasyncgen(answers):
+                async for item in answers:
+                    yield item
+            elif inspect.isawaitable(answers):  # one that writes with context.write
+                await answers
+
+        return checked_stream
 
     kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), **kwargs)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream), **kwargs)
+        return grpc.unary_stream_rpc_method_handler(guard_stream(handler.unary_stream), **kwargs)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(guard(handler.stream_unary), **kwargs)
     assert handler.stream_stream is not None
-    return grpc.stream_stream_rpc_method_handler(guard(handler.stream_stream), **kwargs)
+    return grpc.stream_stream_rpc_method_handler(guard_stream(handler.stream_stream), **kwargs)

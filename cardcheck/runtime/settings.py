@@ -200,18 +200,18 @@ class Settings(DeclaredSettings):
     )
 
     # TLS (docs/security.md): the files each service reads, reloaded when they change.
-    tls: bool = Field(False, description="on: every server serves TLS, internal ones require a client "
+    tls: bool = Field(False, json_schema_extra={"shown_default": "off"}, description="on: every server serves TLS, internal ones require a client "
                       "certificate of the mesh's CA (mTLS), and every channel presents its service's certificate")
     tls_dir: Path | None = Field(
-        None, description="the directory with ca.pem, <service>.pem and <service>.key, as `cardcheck certs` "
-        "writes them", json_schema_extra={"shown_default": "the data dir's tls/"},
+        None, description="the directory with `ca.pem`, `<service>.pem` and `<service>.key`, as `cardcheck "
+        "certs` writes them", json_schema_extra={"shown_default": "the data dir's tls/"},
     )
     tls_ca_file: Path | None = Field(None, description="the mesh's CA (PEM), instead of the TLS dir's ca.pem; "
                                      "cert-manager's secret mounts it as ca.crt")
     tls_cert_file: Path | None = Field(None, description="this service's certificate chain (PEM), instead of "
-                                       "<service>.pem; cert-manager: tls.crt")
+                                       "`<service>.pem`; cert-manager: tls.crt")
     tls_key_file: Path | None = Field(None, description="this service's private key (PEM), instead of "
-                                      "<service>.key; cert-manager: tls.key")
+                                      "`<service>.key`; cert-manager: tls.key")
     gateway_public_cert_file: Path | None = Field(
         None, description="the certificate the gateway's public port presents (server authentication only)",
         json_schema_extra={"shown_default": "the gateway's own"},
@@ -221,7 +221,7 @@ class Settings(DeclaredSettings):
     )
     bank_tls_dir: Path | None = Field(
         None, description="with TLS on, what bank channels use for banks reached at their own address "
-        "(CARDCHECK_BANK_ADDR_<CODE>): ca.pem (the bank's CA), bank_connector.pem and bank_connector.key "
+        "(`CARDCHECK_BANK_ADDR_<CODE>`): ca.pem (the bank's CA), bank_connector.pem and bank_connector.key "
         "(the client certificate the bank requires)", json_schema_extra={"shown_default": "the TLS dir's banks/"},
     )
     bank_tls_dirs: Annotated[dict[str, Path], BANK_TLS_DIRS] = Field(

@@ -90,7 +90,9 @@ class ServerTlsFiles:
         """ValueError or OSError when the files are missing or wrong at start."""
         self._stamp = self._current_stamp()
         return grpc.dynamic_ssl_server_credentials(
-            self._configuration(), self.fetch, require_client_authentication=self.require_client_auth
+            # grpc keeps the current configuration when the fetcher answers None (its stubs say otherwise)
+            self._configuration(), self.fetch,  # type: ignore[arg-type]
+            require_client_authentication=self.require_client_auth,
         )
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
