@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from bank_connector.admission import Admission
@@ -15,7 +14,7 @@ from bank_connector.servicer import BankConnectorServicer
 from cardcheck.banks import BANK_CODES
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.metrics import ServiceMetrics
-from cardcheck.runtime.security import bank_files, credentials_of, server_security
+from cardcheck.runtime.security import bank_files, server_security
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
@@ -55,7 +54,7 @@ async def build(
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
     connector = BankConnector(
         bank_addresses(settings),
-        bank_credentials=bank_credentials(settings),
+        bank_tls=bank_tls(settings),
         tracer_provider=tracer_provider,
         clock=clock or SystemClock(),
         default_timeout_s=settings.per_bank_timeout_s,
@@ -88,15 +87,14 @@ async def build(
     )
 
 
-def bank_credentials(settings: Settings) -> dict[str, grpc.ChannelCredentials]:
-    """Each bank's channel credentials with TLS on (cardcheck/runtime/security.py `bank_files`):
-    the bank's CA and the client certificate it requires; none with TLS off."""
-    made: dict[TlsFiles, grpc.ChannelCredentials] = {}
+def bank_tls(settings: Settings) -> dict[str, TlsFiles]:
+    """Each bank's TLS with TLS on (cardcheck/runtime/security.py `bank_files`): the bank's CA
+    and the client certificate it requires; none with TLS off."""
     out = {}
     for code in BANK_CODES:
         files = bank_files(settings, code)
         if files is not None:
-            out[code] = made.get(files) or made.setdefault(files, credentials_of(files))
+            out[code] = files
     return out
 
 

@@ -16,7 +16,7 @@ from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.readiness import database, redis_server
-from cardcheck.runtime.security import mesh_credentials, server_security
+from cardcheck.runtime.security import mesh_tls, server_security
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine, trace_redis
@@ -146,11 +146,11 @@ async def build_parts(
         dependencies.append(redis_server(limiters.store.client))
 
     metrics.register(GatewayState(db.engine, clock, shedding, limiters))
-    credentials = mesh_credentials(settings, SERVICE)
+    tls = mesh_tls(settings, SERVICE)
     channels = {
         name: open_channel(
             settings.addresses[name], tracer_provider, max_receive_bytes=MAX_ANSWER_BYTES[name], metrics=metrics,
-            credentials=credentials,
+            tls=tls,
         )
         for name in ("report_service", "bank_connector", "notifier")
     }

@@ -17,7 +17,7 @@ from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.readiness import database
-from cardcheck.runtime.security import mesh_credentials, server_security
+from cardcheck.runtime.security import mesh_tls, server_security
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine
@@ -142,14 +142,14 @@ async def build_parts(
     )
     metrics = ServiceMetrics(SERVICE, settings.metrics_address(SERVICE))
     instrument(metrics, chain, db.engine, clock, timedelta(seconds=config.lease_s))
-    credentials = mesh_credentials(settings, SERVICE)
+    tls = mesh_tls(settings, SERVICE)
     bank_channel = open_channel(
         settings.addresses["bank_connector"], tracer_provider, max_receive_bytes=MAX_OUTCOME_BYTES, metrics=metrics,
-        credentials=credentials,
+        tls=tls,
     )
     notifier_channel = open_channel(
         settings.addresses["notifier"], tracer_provider, max_receive_bytes=MAX_NOTIFIER_ANSWER_BYTES, metrics=metrics,
-        credentials=credentials,
+        tls=tls,
     )
     worker = QueryWorker(
         execution,

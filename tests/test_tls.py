@@ -21,12 +21,19 @@ from cardcheck.cli.main import main as cli
 from cardcheck.refusals import from_rpc_error
 from cardcheck.runtime.access import ALLOWED, OPERATOR, Access
 from cardcheck.runtime.certs import IDENTITIES, TRUST_DOMAIN, issue, spiffe_id, write_identity
-from cardcheck.runtime.security import ServerSecurity, server_security
+from cardcheck.runtime.renewing import RenewingChannel
+from cardcheck.runtime.security import ServerSecurity, credentials_of, server_security
 from cardcheck.runtime.server import Registration, ServiceHost
 from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
 from cardcheck.runtime.tls import ServerTlsFiles, TlsFiles, channel_credentials
-from cardcheck.v1 import bank_connector_pb2_grpc, bank_pb2_grpc, notifier_pb2_grpc, report_service_pb2_grpc
+from cardcheck.v1 import (
+    bank_connector_pb2_grpc,
+    bank_pb2_grpc,
+    notifier_pb2,
+    notifier_pb2_grpc,
+    report_service_pb2_grpc,
+)
 from tests.deploy_manifests import SERVICES, code_edges, health_names
 
 INTERNAL = {  # what each internal process serves, as its app.py registers it
@@ -272,6 +279,49 @@ async def test_a_server_certificate_rotated_under_a_running_server_is_presented_
                                                 datetime.now(UTC)).key_pem())
         assert await asyncio.to_thread(_presented_serial, port, own) == after
     finally:
+        await host.stop(0)
+
+
+class EchoingCaller(notifier_pb2_grpc.NotifierServicer):
+    """GetDelivery answers with the serial of the certificate the caller presented."""
+
+    async def GetDelivery(self, request, context):
+        pem = context.auth_context()["x509_pem_cert"][0]
+        return notifier_pb2.GetDeliveryResponse(message_id=str(x509.load_pem_x509_certificate(pem).serial_number))
+
+
+async def test_a_client_certificate_rotated_under_a_running_channel_is_presented_next(tmp_path: Path, tls_dir) -> None:
+    own = tmp_path / "tls"
+    own.mkdir()
+    for name in ("ca.pem", "ca.key", "notifier.pem", "notifier.key", "gateway.pem", "gateway.key"):
+        (own / name).write_bytes((tls_dir / name).read_bytes())
+    files = ServerTlsFiles(TlsFiles(own / "ca.pem", own / "notifier.pem", own / "notifier.key"), require_client_auth=True)
+    host = ServiceHost(
+        "rotation", [Registration(INTERNAL["cardcheck.v1.Notifier"], EchoingCaller(), "cardcheck.v1.Notifier")],
+        "127.0.0.1:0", make_tracer_provider("test", tmp_path), security=ServerSecurity(files, None, "127.0.0.1:0"),
+    )
+    port = await host.start()
+    now = [0.0]
+    client_files = TlsFiles(own / "ca.pem", own / "gateway.pem", own / "gateway.key")
+    channel = RenewingChannel(client_files, credentials_of,
+                              lambda c: grpc.aio.secure_channel(f"127.0.0.1:{port}", c), clock=lambda: now[0])
+    stub = notifier_pb2_grpc.NotifierStub(channel)  # made once, as the services make theirs
+    try:
+        def serial(path: Path) -> str:
+            return str(x509.load_pem_x509_certificate(path.read_bytes()).serial_number)
+
+        before = serial(own / "gateway.pem")
+        assert (await stub.GetDelivery(notifier_pb2.GetDeliveryRequest(), timeout=5)).message_id == before
+
+        from cardcheck.runtime.certs import _authority
+
+        write_identity(own, _authority(own, "unused", datetime.now(UTC)), "gateway", datetime.now(UTC))
+        assert (await stub.GetDelivery(notifier_pb2.GetDeliveryRequest(), timeout=5)).message_id == before
+        now[0] += 5  # the files are looked at again
+        reply = await stub.GetDelivery(notifier_pb2.GetDeliveryRequest(), timeout=5)
+        assert reply.message_id == serial(own / "gateway.pem") != before and channel.renewals == 1
+    finally:
+        await channel.close()
         await host.stop(0)
 
 

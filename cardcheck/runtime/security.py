@@ -5,7 +5,7 @@ With CARDCHECK_TLS off (the embedded default) everything is plaintext, as before
   by the identity in it (cardcheck/runtime/access.py);
 - the gateway's public port serves TLS with server authentication only;
 - every channel to another service checks the server against the mesh's CA and presents the
-  calling service's certificate;
+  calling service's certificate, opened again when those files change (renewing.py);
 - every server also serves grpc.health.v1 alone, in plaintext, on its health address (its gRPC
   port + 2000): the kubelet's gRPC probe speaks no TLS, and grpc Python's servers can only
   require a client certificate or not ask for one, so the probes cannot share the mTLS port."""
@@ -55,9 +55,9 @@ def credentials_of(files: TlsFiles) -> grpc.ChannelCredentials:
         raise SettingsError(f"TLS: {error}") from None
 
 
-def mesh_credentials(settings: Settings, service: str) -> grpc.ChannelCredentials | None:
-    """The credentials of `service`'s channels to the others: None with TLS off."""
-    return credentials_of(settings.tls_files(service)) if settings.tls else None
+def mesh_tls(settings: Settings, service: str) -> TlsFiles | None:
+    """What `service`'s channels to the others present and check: None with TLS off."""
+    return settings.tls_files(service) if settings.tls else None
 
 
 def bank_files(settings: Settings, bank_code: str) -> TlsFiles | None:
