@@ -339,3 +339,35 @@ def test_the_allow_list_admits_exactly_the_calls_the_code_makes() -> None:
     }
     assert allowed == code_edges()
     assert all(spiffe_id(caller) for row in ALLOWED.values() for caller in row.callers)
+
+
+async def test_a_simulated_bank_takes_only_the_client_certificate_of_its_own_ca(tls_dir: Path, tmp_path: Path) -> None:
+    """bank_sim's per-bank endpoint presents the banks' certificate and requires bank_connector's
+    client certificate of the banks' CA; the mesh's certificates open neither end."""
+    from bank_connector.connector import open_bank_channel
+    from bank_sim.app import build as build_bank_sim
+    from cardcheck import dataset
+    from cardcheck.v1 import bank_pb2
+
+    settings = _settings(tls_dir, addresses={"bank_sim": "127.0.0.1:0"},
+                         health_addresses={"bank_sim": "127.0.0.1:0"})
+    records = dataset.generate(5, 20)
+    host = await build_bank_sim(settings, records=records, tracer_provider=make_tracer_provider("test", tmp_path),
+                                port_per_bank=0)
+    await host.start()
+    person = next(r for r in records if r.bank == "ICBC" and r.status != "CLOSED" and r.reserved_phone and r.cnp_enabled)
+    request = bank_pb2.LookupCardsRequest(bank_code="ICBC", id_number=person.id_number, name=person.holder_name)
+    own = host.bank_addresses()["ICBC"]
+    try:
+        channel = open_bank_channel(own, settings.bank_tls_files("ICBC"))
+        async with channel:
+            answer = await bank_pb2_grpc.IssuingBankStub(channel).LookupCards(request, timeout=5)
+            assert answer.cards
+        for wrong in (settings.tls_files("bank_connector"),  # the mesh's CA: neither end trusts the other
+                      TlsFiles(tls_dir / "banks" / "ca.pem", tls_dir / "bank_connector.pem", tls_dir / "bank_connector.key")):
+            async with open_bank_channel(own, wrong) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await bank_pb2_grpc.IssuingBankStub(channel).LookupCards(request, timeout=5)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await host.stop(0)
