@@ -371,3 +371,21 @@ async def test_a_simulated_bank_takes_only_the_client_certificate_of_its_own_ca(
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await host.stop(0)
+
+
+async def test_unusable_tls_files_are_one_line_at_start(tmp_path: Path, tls_dir: Path) -> None:
+    from cardcheck.runtime.channels import open_channel
+    from cardcheck.runtime.server import StartupError
+    from cardcheck.runtime.settings import SettingsError
+
+    with pytest.raises(SettingsError, match=r"TLS file .*/nowhere/ca.pem unreadable"):
+        open_channel("127.0.0.1:1", tls=TlsFiles(tmp_path / "nowhere" / "ca.pem", tls_dir / "gateway.pem",
+                                                  tls_dir / "gateway.key"))
+    with pytest.raises(SettingsError, match="is not the key of"):
+        open_channel("127.0.0.1:1", tls=TlsFiles(tls_dir / "ca.pem", tls_dir / "gateway.pem", tls_dir / "notifier.key"))
+    settings = _settings(tmp_path / "nowhere", health_addresses={"notifier": "127.0.0.1:0"})
+    host = ServiceHost("notifier", [], "127.0.0.1:0", make_tracer_provider("test", tmp_path),
+                       security=server_security(settings, "notifier"))
+    with pytest.raises(StartupError, match="TLS files unusable"):
+        await host.start()
+    await host.stop(0)

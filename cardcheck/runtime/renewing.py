@@ -59,8 +59,9 @@ class RenewingChannel(grpc.aio.Channel):
         self._open = open_channel
         self._every = check_every_s
         self._clock = clock
+        credentials = make_credentials(files)  # first: it says what is wrong with the files
         self._stamp = files.stamp()
-        self._channel = open_channel(make_credentials(files))
+        self._channel = open_channel(credentials)
         self._next_check = clock() + check_every_s
         self._retiring: set[asyncio.Task[None]] = set()
         self.renewals = 0

@@ -173,6 +173,8 @@ class ServiceHost:
         )
         try:
             self.port = self._add_port(self.server, self._bind_address)
+        except StartupError:
+            raise
         except RuntimeError:
             self.port = 0
         if not self.port:
