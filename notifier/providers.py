@@ -38,9 +38,11 @@ class OutgoingSms:
     phone: str
     kind: str
     template: str
-    body: str
+    body: str  # our text (the sandbox inbox, the webhook)
+    # A vendor template's values in order (notifier/templates.py VENDOR_PARAMS); they may hold a code.
+    params: tuple[str, ...] = ()
 
-    def __repr__(self) -> str:  # never the phone or the body, wherever it ends up
+    def __repr__(self) -> str:  # never the phone, the body or the parameters, wherever it ends up
         return f"OutgoingSms({self.message_id}, {self.kind}, {mask_phone(self.phone)})"
 
 
