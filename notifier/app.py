@@ -127,7 +127,7 @@ async def build_parts(
         [
             Registration(
                 notifier_pb2_grpc.add_NotifierServicer_to_server,
-                NotifierServicer(outbox, send_wait_s=config.delivery_timeout_s + 1),
+                NotifierServicer(outbox, send_wait_s=config.delivery_timeout_s + 1, sandbox=settings.sandbox),
                 "cardcheck.v1.Notifier",
             )
         ],
