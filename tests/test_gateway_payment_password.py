@@ -153,7 +153,7 @@ def test_the_lockout_columns_come_to_rows_of_the_first_schema(tmp_path: Path, da
                 ),
                 {"i": "i" * 64, "p": "p" * 64, "s": b"\x01", "h": PasswordHasher().hash(PASSWORD)},
             )
-        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0004"
+        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0005"
         with engine.connect() as conn:
             row = conn.execute(sa.select(UserRow.__table__)).one()
         assert (row.wrong_password_count, row.payment_password_locks, row.payment_password_reset_required) == (
