@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.settings import Settings, SettingsError
-from gateway.config import GatewayConfig, faceid_endpoint
+from gateway.config import GatewayConfig
 
 if TYPE_CHECKING:
     from gateway.face_tokens import SpentFaceTokens
@@ -146,19 +146,6 @@ def face_verifier_for(
         return SandboxFaceVerifier(clock, config.face_fresh_for)
     if spent is None:
         raise ValueError("the tencent face provider needs the store of spent tokens")
-    from gateway.tencent_faceid import TencentFaceOptions, TencentFaceVerifier
+    from gateway.tencent_faceid import TencentFaceOptions, TencentFaceVerifier  # it imports this module
 
-    endpoint = faceid_endpoint(config.tencent_faceid_endpoint)
-    assert endpoint is not None  # the config's validator checked it
-    options = TencentFaceOptions(
-        secret_id=config.tencent_secret_id or "",
-        secret_key=config.tencent_secret_key or "",
-        rule_id=config.tencent_faceid_rule_id or "",
-        scheme=endpoint[0],
-        host=endpoint[1],
-        region=config.tencent_region or "",
-        redirect_url=config.tencent_faceid_redirect_url,
-        timeout_s=config.tencent_faceid_timeout_s,
-        fresh_for=config.face_fresh_for,
-    )
-    return TencentFaceVerifier(options, spent, clock or SystemClock())
+    return TencentFaceVerifier(TencentFaceOptions.from_config(config), spent, clock or SystemClock())

@@ -33,6 +33,7 @@ from tencentcloud.faceid.v20180301 import faceid_client_async, models
 
 from cardcheck.runtime.clock import Clock
 from cardcheck.runtime.errors import CardCheckError, Reason
+from gateway.config import GatewayConfig, faceid_endpoint
 from gateway.face import SANDBOX_PREFIX, FaceCheck, FaceRefusal, FaceSubject
 from gateway.face_tokens import SpentFaceTokens
 
@@ -59,6 +60,22 @@ class TencentFaceOptions:
     redirect_url: str | None = None
     timeout_s: float = 5.0
     fresh_for: timedelta = timedelta(minutes=10)
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> TencentFaceOptions:
+        endpoint = faceid_endpoint(config.tencent_faceid_endpoint)
+        assert endpoint is not None  # the config's validator checked it
+        return cls(
+            secret_id=config.tencent_secret_id or "",
+            secret_key=config.tencent_secret_key or "",
+            rule_id=config.tencent_faceid_rule_id or "",
+            scheme=endpoint[0],
+            host=endpoint[1],
+            region=config.tencent_region or "",
+            redirect_url=config.tencent_faceid_redirect_url,
+            timeout_s=config.tencent_faceid_timeout_s,
+            fresh_for=config.face_fresh_for,
+        )
 
 
 def _unavailable(message: str, *, transient: bool = True) -> CardCheckError:

@@ -46,10 +46,16 @@ SECRET_PLACEHOLDERS = {
     "CARDCHECK_REDIS_URL": "redis://redis.invalid:6379/0",
     "CARDCHECK_SMS_WEBHOOK_SECRET": "placeholder-webhook-secret-0123456789",
     "CARDCHECK_RETIRED_MASTER_KEYS": base64.b64encode(bytes(range(1, 33))).decode(),
+    "CARDCHECK_TENCENT_SECRET_ID": "placeholder-tencent-secret-id",
+    "CARDCHECK_TENCENT_SECRET_KEY": "placeholder-tencent-secret-key",
 }
 SECRET_VARS = frozenset(SECRET_PLACEHOLDERS)
-# Read only when set: the webhook provider's secret, the master keys a rotation retired.
-OPTIONAL_SECRETS = frozenset({"CARDCHECK_SMS_WEBHOOK_SECRET", "CARDCHECK_RETIRED_MASTER_KEYS"})
+# Read only when set: the webhook provider's secret, the master keys a rotation retired, the face
+# vendor's API key.
+OPTIONAL_SECRETS = frozenset({
+    "CARDCHECK_SMS_WEBHOOK_SECRET", "CARDCHECK_RETIRED_MASTER_KEYS",
+    "CARDCHECK_TENCENT_SECRET_ID", "CARDCHECK_TENCENT_SECRET_KEY",
+})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,8 +159,9 @@ async def test_a_vendor_that_fails_or_is_slow_is_unavailable_and_spends_nothing(
 
 async def test_the_sandbox_answers_its_own_token_so_clients_follow_one_flow(stack: Stack):
     session = await stack.register(ALICE)
-    check = await _start(stack, session.session_token)
+    check = await stack.client.start_face_check(session_token=session.session_token)
     assert (check.biz_token, check.url) == ("sandbox:pass", "")
+    assert check.expires_at.ToDatetime().timestamp() > stack.clock.now().timestamp()
     await stack.submit(ALICE, session.session_token, face_token=check.biz_token)
     assert len(stack.reports.created) == 1
 

@@ -297,7 +297,7 @@ async def test_wrong_passwords_lock_for_30_minutes_then_4_hours_then_until_a_res
         DENIED,
         "VERIFICATION_FAILED",
     )
-    assert refusal.metadata == {"factor": "face"}
+    assert refusal.metadata == {"factor": "face", "cause": "not_passed"}
     assert (await _locked(stack, token, qid, PASSWORD)).metadata["reset_required"] == "true"
     stack.clock.advance(timedelta(minutes=1))
     challenge_id, code = await stack.query_auth(ALICE, token)
