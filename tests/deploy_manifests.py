@@ -29,7 +29,7 @@ from cardcheck.cli.config import accepted as accepted_variables
 from cardcheck.runtime.keys import load_master_key
 from cardcheck.runtime.settings import Settings, SettingsError
 from gateway.config import GatewayConfig
-from gateway.face import face_verifier_for
+from gateway.face import face_provider_name
 from notifier.config import NotifierConfig
 from report_service.config import ReportServiceConfig
 from tests.deploy_image import ROOT, SERVICES, container_command, final_stage, image_uid
@@ -50,7 +50,7 @@ SECRET_PLACEHOLDERS = {
     "CARDCHECK_TENCENT_SECRET_KEY": "placeholder-tencent-secret-key",
 }
 SECRET_VARS = frozenset(SECRET_PLACEHOLDERS)
-# Read only when set: the SMS vendors' secrets, the master keys a rotation retired.
+# Read only when set: the SMS and face vendors' secrets, the master keys a rotation retired.
 OPTIONAL_SECRETS = frozenset(
     {"CARDCHECK_SMS_WEBHOOK_SECRET", "CARDCHECK_TENCENT_SECRET_ID", "CARDCHECK_TENCENT_SECRET_KEY",
      "CARDCHECK_RETIRED_MASTER_KEYS"}
@@ -345,7 +345,7 @@ def check_environment(service: str, env: Mapping[str, str], args: list[str]) -> 
             config.limit_rates()
         except ValueError as error:
             raise SettingsError(f"gateway rate limits: {error}") from None
-        face_verifier_for(settings)
+        face_provider_name(settings, config)
     elif service == "report_service":
         ReportServiceConfig.from_env(env)
     elif service == "bank_connector":
