@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -173,20 +174,24 @@ async def build(
     def addresses() -> dict[str, str]:
         return host.bank_addresses()
 
-    host = BankSimHost(
-        SERVICE,
-        [
-            Registration(
-                bank_pb2_grpc.add_IssuingBankServicer_to_server,
-                IssuingBankServicer(issuers, clock, floor),
-                "cardcheck.v1.IssuingBank",
-            ),
+    registrations: list[Registration[Any]] = [
+        Registration(
+            bank_pb2_grpc.add_IssuingBankServicer_to_server,
+            IssuingBankServicer(issuers, clock, floor),
+            "cardcheck.v1.IssuingBank",
+        )
+    ]
+    if settings.sandbox:  # outside sandbox, how the banks behave is not anyone's to change
+        registrations.append(
             Registration(
                 bank_pb2_grpc.add_BankSimControlServicer_to_server,
                 BankSimControlServicer(floor, addresses),
                 "cardcheck.v1.BankSimControl",
-            ),
-        ],
+            )
+        )
+    host = BankSimHost(
+        SERVICE,
+        registrations,
         settings.bind_address(SERVICE),
         tracer_provider,
         bank_ports=bank_ports,

@@ -231,6 +231,11 @@ class CardCheckClient:
             self.session_token = None
         return response.sessions_ended
 
+    async def start_face_check(self, *, session_token: str | None = None) -> gateway_pb2.StartFaceCheckResponse:
+        """A face check for the signed-in user: run the liveness check with `biz_token`, then pass
+        it as `face_token` to submit_query or reset_payment_password (`sandbox:pass` in the sandbox)."""
+        return await self._call(self._stub.StartFaceCheck, gateway_pb2.StartFaceCheckRequest(), session_token)
+
     async def submit_query(
         self,
         *,

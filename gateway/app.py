@@ -23,7 +23,8 @@ from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine, trac
 from gateway.challenges import Challenges
 from gateway.config import GatewayConfig
 from gateway.downstream import BankDirectory, ReportDesk, SmsSender
-from gateway.face import FaceVerifier, face_verifier_for
+from gateway.face import FaceVerifier, face_provider_name, face_verifier_for
+from gateway.face_tokens import SpentFaceTokens
 from gateway.flows import Gateway
 from gateway.limits import Limiters, RedisStore
 from gateway.metrics import GatewayState, counted
@@ -119,7 +120,8 @@ async def build_parts(
     the limits are (gateway/watches.py)."""
     clock = clock or SystemClock()
     config = config or GatewayConfig.from_env()
-    face = face_verifier or face_verifier_for(settings)
+    if face_verifier is None:
+        face_provider_name(settings, config)  # a provider that cannot run stops the start first
     try:
         rates = config.limit_rates()
     except ValueError as error:
@@ -186,6 +188,8 @@ async def build_parts(
         password_locks=(config.payment_password_lock, config.payment_password_second_lock),
     )
     submissions = Submissions(db, keyring, clock)
+    spent_face_tokens = SpentFaceTokens(db, keyring, clock, config.face_fresh_for)
+    face = face_verifier or face_verifier_for(settings, config, spent=spent_face_tokens, clock=clock)
     gateway = Gateway(
         settings=settings,
         config=config,
@@ -206,7 +210,7 @@ async def build_parts(
     )
 
     housekeeping = asyncio.create_task(
-        _housekeeping(challenges, sessions, submissions), name="gateway-housekeeping"
+        _housekeeping(challenges, sessions, submissions, spent_face_tokens), name="gateway-housekeeping"
     )
 
     async def close() -> None:
@@ -215,6 +219,8 @@ async def build_parts(
             await housekeeping
         await gateway.drain(timeout)  # sign-in codes still on their way to the notifier
         await watches.close()  # before the Redis client closes
+        if face_verifier is None:
+            await face.close()  # the vendor's HTTP connections
         for channel in channels.values():
             await channel.close()
         await limiters.close()
@@ -267,15 +273,20 @@ def _watch_slots(limiters: Limiters, config: GatewayConfig, clock: Clock) -> Wat
 
 
 async def _housekeeping(
-    challenges: Challenges, sessions: Sessions, submissions: Submissions, every_s: float = 3600.0
+    challenges: Challenges,
+    sessions: Sessions,
+    submissions: Submissions,
+    face_tokens: SpentFaceTokens,
+    every_s: float = 3600.0,
 ) -> None:
-    """Deletes spent challenges, expired sessions and submissions whose query can no longer have
-    a report, now and then."""
+    """Deletes spent challenges, expired sessions, submissions whose query can no longer have a
+    report and used face tokens that could no longer be fresh, now and then."""
     while True:
         try:
             await challenges.purge_expired()
             await sessions.purge_expired()
             await submissions.purge_expired()
+            await face_tokens.purge_expired()
         except Exception:
             log.exception("gateway housekeeping failed; trying again later")
         await asyncio.sleep(every_s)

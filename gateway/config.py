@@ -3,19 +3,23 @@ a bad value stops the process before it serves. docs/configuration.md lists them
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from datetime import timedelta
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from cardcheck.runtime.declared import DeclaredSettings, Number, refuse
+from cardcheck.runtime.declared import DeclaredSettings, Number, Secret, refuse
 from gateway.limits import LimitRates, Rate
 from gateway.payment_passwords import usable_cores
 
 _PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 _HEADER = re.compile(r"^[a-z0-9_.-]{1,64}\Z")
+FACE_PROVIDERS = ("sandbox", "tencent")
+TENCENT_FACEID_ENDPOINT = "faceid.tencentcloudapi.com"
 DEFAULT_RESERVE = 3
 
 Positive = Annotated[float, Number(above=0)]
@@ -28,7 +32,7 @@ Days = Annotated[timedelta, Number(above=0, unit=timedelta(days=1))]
 
 class GatewayConfig(DeclaredSettings):
     """The gateway's knobs: rate limits, SMS budgets, payment password lockout, sessions,
-    WatchQuery streams, Redis."""
+    WatchQuery streams, Redis, the face-verification provider."""
 
     # Global admission on SubmitQuery: beyond this the gateway sheds load (SERVICE_BUSY).
     submit_global_rps: Positive = Field(50.0, description="SubmitQuery calls a second the gateway admits, over all users")
@@ -131,6 +135,53 @@ class GatewayConfig(DeclaredSettings):
         "metadata key (e.g. x-forwarded-for, set by a proxy); unset: the peer address",
     )
 
+    # Face verification (gateway/face.py, gateway/tencent_faceid.py). Only these variables are
+    # read, never the SDK's own TENCENTCLOUD_SECRET_ID/KEY: credentials meant for another tool in
+    # the same environment are not taken up unasked.
+    face_provider: str | None = Field(
+        None, description="sandbox (the token sandbox:pass; needs CARDCHECK_SANDBOX on) or tencent (Tencent Cloud FaceID)",
+        json_schema_extra={"shown_default": "sandbox in sandbox mode, else required"},
+    )
+    face_fresh_for: Seconds = Field(
+        timedelta(minutes=10), validation_alias="CARDCHECK_FACE_FRESH_S",
+        description="seconds a passed liveness check stays usable in SubmitQuery or ResetPaymentPassword",
+    )
+    tencent_secret_id: Annotated[str | None, Secret()] = Field(
+        None, repr=False, description="the gateway's own Tencent Cloud API key's SecretId (a CAM sub-account allowed FaceID only); required for tencent"
+    )
+    tencent_secret_key: Annotated[str | None, Secret()] = Field(
+        None, repr=False, description="the SecretKey of the Tencent Cloud API key; required for tencent"
+    )
+    tencent_region: str | None = Field(None, description="the region the FaceID calls name (FaceID needs none)")
+    tencent_faceid_rule_id: str | None = Field(
+        None, description="the FaceID RuleId (the business flow made in the FaceID console); required for tencent"
+    )
+    tencent_faceid_endpoint: str = Field(
+        TENCENT_FACEID_ENDPOINT,
+        description="the FaceID API host (https), or http://host:port to a loopback host for tests",
+    )
+    tencent_faceid_redirect_url: str | None = Field(
+        None, description="where the vendor's H5 page returns after the check (WeChat H5 only); unset: none sent"
+    )
+    tencent_faceid_timeout_s: Annotated[float, Number(above=0, at_most=60)] = Field(
+        5.0, description="how long one FaceID call may take, in seconds; beyond, the RPC is UNAVAILABLE"
+    )
+
+    @field_validator("face_provider", mode="before")
+    @classmethod
+    def _face_provider(cls, value: str | None) -> str | None:
+        provider = (value or "").strip().lower() or None
+        if provider is not None and provider not in FACE_PROVIDERS:
+            raise refuse(f"CARDCHECK_FACE_PROVIDER={provider!r} is not one of {', '.join(FACE_PROVIDERS)}")
+        return provider
+
+    @field_validator("tencent_faceid_endpoint")
+    @classmethod
+    def _faceid_endpoint(cls, value: str) -> str:
+        if faceid_endpoint(value) is None:
+            raise refuse("is not a host, https://host[:port], or http:// to a loopback host")
+        return value
+
     @field_validator("sms_escalation", mode="before")
     @classmethod
     def _escalation(cls, value: Any) -> tuple[timedelta, ...]:
@@ -192,3 +243,32 @@ class GatewayConfig(DeclaredSettings):
             report_user=report_user,
             report_session=report_user,
         )
+
+
+def faceid_endpoint(value: str) -> tuple[str, str] | None:
+    """(scheme, host[:port]) of a FaceID endpoint setting, or None when it is not one: a bare host
+    is https; plain http only to a loopback host (the Name and ID number travel in the body)."""
+    scheme, sep, rest = value.strip().partition("://")
+    if not sep:
+        scheme, rest = "https", value.strip()
+    parts = urlsplit(f"{scheme}://{rest}")
+    try:
+        _ = parts.port  # a port that is not a number raises
+    except ValueError:
+        return None
+    if scheme not in ("https", "http") or not parts.hostname or parts.path.strip("/") or parts.query:
+        return None
+    if parts.username or parts.password:
+        return None
+    if scheme == "http" and not _loopback(parts.hostname):
+        return None
+    return scheme, parts.netloc
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -25,7 +25,7 @@ from gateway.agreement import CURRENT, Agreement
 from gateway.challenges import Challenges, IssuedChallenge
 from gateway.config import GatewayConfig
 from gateway.downstream import BankDirectory, ReportDesk, SmsSender
-from gateway.face import FaceVerifier
+from gateway.face import FaceCheck, FaceRefusal, FaceSubject, FaceVerifier
 from gateway.limits import Limiters, RateLimiter
 from gateway.sessions import IssuedSession, SessionClaims, Sessions
 from gateway.submissions import SubmissionRow, Submissions  # noqa: F401 (the model's first home)
@@ -90,6 +90,14 @@ def _annotate(attributes: dict[str, str | int]) -> None:
     span = trace.get_current_span()
     for key, value in attributes.items():
         span.set_attribute(key, value)
+
+
+def face_failed(refusal: FaceRefusal) -> CardCheckError:
+    return CardCheckError(
+        Reason.VERIFICATION_FAILED,
+        f"face verification failed ({refusal})",
+        metadata={"factor": "face", "cause": str(refusal)},
+    )
 
 
 async def _limited(limiter: RateLimiter, key: str, scope: str, message: str) -> None:
@@ -334,6 +342,28 @@ class Gateway:
         available = {b.code for b in known or () if b.available}
         return [code for code in BANK_CODES if code in available] or list(BANK_CODES)
 
+    # --- face checks -------------------------------------------------------------------------
+
+    async def start_face_check(self, token: str | None) -> FaceCheck:
+        """A face check bound to the user's name and ID number, for the next SubmitQuery or
+        ResetPaymentPassword. Each one may cost a vendor call: counted with SubmitQuery's
+        budgets, per session before the revocation check and per user after it (see `_admit`)."""
+        claims = self._sessions.verify(token)
+        message = "too many face checks started"
+        await _limited(self._limits.submit_session, claims.budget_key, "session", message)
+        user_id = await self._sessions.ensure_live(claims)
+        await _limited(self._limits.submit_user, user_id, "user", message)
+        identity = await self._users.identity(user_id)
+        check = await self._face.start(FaceSubject(user_id, identity.name, identity.id_number))
+        log.info("user %s started a face check", user_id)
+        return check
+
+    async def _verify_face(self, subject: FaceSubject, face_token: str) -> None:
+        refusal = await self._face.verify(subject, face_token)
+        if refusal is not None:
+            log.info("face check of user %s refused: %s", subject.user_id, refusal)
+            raise face_failed(refusal)
+
     async def submit_query(self, token: str | None, form: QueryRequest) -> common_pb2.Query:
         user_id = await self._admit(self._sessions.verify(token))
 
@@ -368,10 +398,7 @@ class Gateway:
         await self._challenges.verify(
             form.challenge_id, form.sms_code, self._users.phone_hashes(identity.phone), "QUERY_AUTH"
         )
-        if not await self._face.verify(user_id, form.face_token):
-            raise CardCheckError(
-                Reason.VERIFICATION_FAILED, "face verification failed", metadata={"factor": "face"}
-            )
+        await self._verify_face(FaceSubject(user_id, identity.name, identity.id_number), form.face_token)
 
         bank_codes = await self._resolve_banks(requested)
         idempotency_key = form.idempotency_key or secrets.token_hex(16)
@@ -453,9 +480,6 @@ class Gateway:
         await self._challenges.verify(
             form.challenge_id, form.sms_code, self._users.phone_hashes(identity.phone), "QUERY_AUTH"
         )
-        if not await self._face.verify(user_id, form.face_token):
-            raise CardCheckError(
-                Reason.VERIFICATION_FAILED, "face verification failed", metadata={"factor": "face"}
-            )
+        await self._verify_face(FaceSubject(user_id, identity.name, identity.id_number), form.face_token)
         await self._users.reset_payment_password(user_id, form.new_payment_password)
         log.info("user %s reset the payment password", user_id)

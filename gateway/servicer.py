@@ -158,6 +158,13 @@ class CardCheckServicer(gateway_pb2_grpc.CardCheckServicer):
         return gateway_pb2.SignOutResponse(sessions_ended=ended)
 
     @handles_errors
+    async def StartFaceCheck(self, request, context) -> gateway_pb2.StartFaceCheckResponse:
+        check = await self._gateway.start_face_check(_token(context))
+        return gateway_pb2.StartFaceCheckResponse(
+            biz_token=check.biz_token, url=check.url, expires_at=_timestamp(check.expires_at)
+        )
+
+    @handles_errors
     async def SubmitQuery(self, request, context) -> common_pb2.Query:
         return await self._gateway.submit_query(
             _token(context),

@@ -43,7 +43,7 @@ MAX_REQUEST_BYTES = 16 * KIB
 # Answers: the sandbox inbox of one phone is the largest, at most its caps' worth of messages
 # over the retention (some 2,400 of ~200 bytes); 4 MiB, what a caller with grpc's defaults takes.
 MAX_RESPONSE_BYTES = 4 * MIB
-# A Send may wait for its first delivery attempt (CARDCHECK_SMS_WEBHOOK_TIMEOUT_S + 1): room for
+# A Send may wait for its first delivery attempt (the vendor's timeout + 1): room for
 # every replica of the gateway and report_service sending at once, far beyond the SMS caps.
 MAX_CONCURRENT_RPCS = 1000
 # Streams per connection are not bounded: each caller replica carries all its calls on one
@@ -118,7 +118,7 @@ async def build_parts(
     log.info("%s delivers through the %s provider", SERVICE, provider.name)
 
     async def close() -> None:
-        await worker.stop(drain_s=min(settings.shutdown_grace_s, config.webhook_timeout_s + 1))
+        await worker.stop(drain_s=min(settings.shutdown_grace_s, config.delivery_timeout_s + 1))
         await provider.close()
         await hub.close()
         db.dispose()
@@ -128,7 +128,7 @@ async def build_parts(
         [
             Registration(
                 notifier_pb2_grpc.add_NotifierServicer_to_server,
-                NotifierServicer(outbox, send_wait_s=config.webhook_timeout_s + 1),
+                NotifierServicer(outbox, send_wait_s=config.delivery_timeout_s + 1, sandbox=settings.sandbox),
                 "cardcheck.v1.Notifier",
             )
         ],

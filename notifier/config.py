@@ -24,7 +24,7 @@ from cardcheck.runtime.declared import (
     refuse,
 )
 
-PROVIDERS = ("sandbox", "console", "webhook")
+PROVIDERS = ("sandbox", "console", "webhook", "tencent")
 KINDS = ("SMS_CODE", "REPORT_READY", "CONSENT_RECEIPT")
 MIN_SECRET_CHARS = 16
 
@@ -108,6 +108,25 @@ def check_webhook_url(url: str) -> None:
 
 
 CAPS = Family("CARDCHECK_SMS_CAP_{}", KINDS)
+TENCENT_TEMPLATES = Family("CARDCHECK_TENCENT_SMS_TEMPLATE_{}", KINDS)
+TENCENT_ENDPOINT = "sms.tencentcloudapi.com"
+_DIGITS = re.compile(r"^\d{1,20}$")
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$")
+
+
+def tencent_endpoint(raw: str) -> tuple[str, str]:
+    """(scheme, host[:port]) of CARDCHECK_TENCENT_SMS_ENDPOINT: a bare host is https; plain
+    http only to a loopback host (a local fake of the API)."""
+    var = "CARDCHECK_TENCENT_SMS_ENDPOINT"
+    scheme, sep, rest = raw.strip().partition("://")
+    if not sep:
+        scheme, rest = "https", raw.strip()
+    rest = rest.rstrip("/")
+    if scheme not in ("https", "http") or not _HOST_PORT.match(rest):
+        raise SettingsError(f"{var}={raw!r} is not a host[:port] or an http(s)://host[:port]")
+    if scheme == "http" and not _is_loopback(urlsplit(f"http://{rest}").hostname or ""):
+        raise SettingsError(f"{var} must be https (plain http only to a loopback host for tests)")
+    return scheme, rest
 
 
 class NotifierConfig(DeclaredSettings):
@@ -116,7 +135,7 @@ class NotifierConfig(DeclaredSettings):
     model_config = SettingsConfigDict(env_prefix="CARDCHECK_SMS_")
 
     provider: str | None = Field(
-        None, description="sandbox (the inbox; needs CARDCHECK_SANDBOX on), console or webhook",
+        None, description="sandbox (the inbox; needs CARDCHECK_SANDBOX on), console, webhook or tencent (Tencent Cloud SMS)",
         json_schema_extra={"shown_default": "sandbox in sandbox mode, else required"},
     )
     webhook_url: str | None = Field(
@@ -129,6 +148,39 @@ class NotifierConfig(DeclaredSettings):
     )
     webhook_timeout_s: Annotated[float, Number(above=0, at_most=60)] = Field(
         5.0, description="how long one request to the vendor may take, in seconds"
+    )
+    tencent_secret_id: Annotated[str | None, Secret()] = Field(
+        None, repr=False, validation_alias="CARDCHECK_TENCENT_SECRET_ID",
+        description="the Tencent Cloud API key's SecretId (a CAM sub-account's, allowed sms:SendSms only); required for tencent",
+    )
+    tencent_secret_key: Annotated[str | None, Secret()] = Field(
+        None, repr=False, validation_alias="CARDCHECK_TENCENT_SECRET_KEY",
+        description="that API key's SecretKey; required for tencent",
+    )
+    tencent_sms_endpoint: str = Field(
+        TENCENT_ENDPOINT, validation_alias="CARDCHECK_TENCENT_SMS_ENDPOINT",
+        description="Tencent Cloud SMS's API host (https; http://127.0.0.1:PORT only for a local fake)",
+    )
+    tencent_sms_region: str = Field(
+        "ap-guangzhou", validation_alias="CARDCHECK_TENCENT_SMS_REGION",
+        description="the region the SMS application is in (ap-guangzhou, ap-beijing or ap-nanjing)",
+    )
+    tencent_sms_sdk_app_id: str | None = Field(
+        None, validation_alias="CARDCHECK_TENCENT_SMS_SDK_APP_ID",
+        description="the SMS application's SdkAppId (digits, e.g. 1400006666); required for tencent",
+    )
+    tencent_sms_sign_name: str | None = Field(
+        None, validation_alias="CARDCHECK_TENCENT_SMS_SIGN_NAME",
+        description="the approved signature the texts are sent under (e.g. 云闪付); required for tencent",
+    )
+    tencent_sms_templates: Annotated[Mapping[str, str], TENCENT_TEMPLATES] = Field(
+        default_factory=dict,
+        description="the approved Tencent template ID of that kind of message (digits); its placeholders "
+        "{1}, {2}... take the values notifier/templates.py VENDOR_PARAMS lists; required for tencent",
+    )
+    tencent_sms_timeout_s: Annotated[float, Number(above=0, at_most=60)] = Field(
+        5.0, validation_alias="CARDCHECK_TENCENT_SMS_TIMEOUT_S",
+        description="how long one SendSms request may take, in seconds",
     )
     retry_base_s: Annotated[float, Number(above=0, at_most=3600)] = Field(
         2.0, description="the first backoff between attempts, in seconds: a ceiling doubling per attempt, each wait drawn at random up to it"
@@ -190,6 +242,19 @@ class NotifierConfig(DeclaredSettings):
                 raise refuse("CARDCHECK_SMS_PROVIDER=webhook needs CARDCHECK_SMS_WEBHOOK_SECRET")
             if len(self.webhook_secret) < MIN_SECRET_CHARS:
                 raise refuse(f"CARDCHECK_SMS_WEBHOOK_SECRET must hold at least {MIN_SECRET_CHARS} characters")
+        if self.provider == "tencent":
+            missing = self.tencent_missing()
+            if missing:
+                raise refuse(f"CARDCHECK_SMS_PROVIDER=tencent needs {', '.join(missing)}")
+        try:
+            tencent_endpoint(self.tencent_sms_endpoint)
+        except SettingsError as error:
+            raise refuse(str(error)) from None
+        if self.tencent_sms_sdk_app_id and not _DIGITS.match(self.tencent_sms_sdk_app_id):
+            raise refuse("CARDCHECK_TENCENT_SMS_SDK_APP_ID must be digits")
+        for kind, template_id in self.tencent_sms_templates.items():
+            if kind not in KINDS or not _DIGITS.match(template_id):
+                raise refuse(f"{TENCENT_TEMPLATES.variable(kind)}={template_id!r} must be digits")
         if self.retry_max_s < self.retry_base_s:
             raise refuse("CARDCHECK_SMS_RETRY_MAX_S must not be below CARDCHECK_SMS_RETRY_BASE_S")
         missing = [k for k in KINDS if k not in self.retry_windows or k not in self.caps]
@@ -202,6 +267,33 @@ class NotifierConfig(DeclaredSettings):
             )
         return self
 
+    def tencent_missing(self) -> list[str]:
+        """The variables the tencent provider needs that are unset."""
+        needed = {
+            "CARDCHECK_TENCENT_SECRET_ID": self.tencent_secret_id,
+            "CARDCHECK_TENCENT_SECRET_KEY": self.tencent_secret_key,
+            "CARDCHECK_TENCENT_SMS_SDK_APP_ID": self.tencent_sms_sdk_app_id,
+            "CARDCHECK_TENCENT_SMS_SIGN_NAME": self.tencent_sms_sign_name,
+            **{TENCENT_TEMPLATES.variable(k): self.tencent_sms_templates.get(k) for k in KINDS},
+        }
+        return [var for var, value in needed.items() if not value]
+
+    def missing_for_production(self) -> list[str]:
+        """What stands between this configuration and texts reaching phones outside sandbox
+        mode, one line each (empty: nothing). A configuration that names no vendor is valid
+        in sandbox mode; this says what production would still need."""
+        if self.provider in (None, "sandbox", "console"):
+            shown = self.provider or "unset"
+            return [f"CARDCHECK_SMS_PROVIDER is {shown}: set it to tencent (or webhook) to reach phones"]
+        if self.provider == "tencent":
+            return [f"{var} is unset" for var in self.tencent_missing()]
+        return []  # webhook: its URL and secret are checked when the configuration is read
+
+    @property
+    def delivery_timeout_s(self) -> float:
+        """How long one request to the configured vendor may take."""
+        return self.tencent_sms_timeout_s if self.provider == "tencent" else self.webhook_timeout_s
+
     @property
     def longest_kept(self) -> timedelta:
         """What retention must exceed: the longest retry window (a sender may retry its key
@@ -213,7 +305,7 @@ class NotifierConfig(DeclaredSettings):
         name = self.provider or ("sandbox" if sandbox else None)
         if name is None:
             raise SettingsError(
-                "CARDCHECK_SANDBOX is off: set CARDCHECK_SMS_PROVIDER to webhook (or console)"
+                "CARDCHECK_SANDBOX is off: set CARDCHECK_SMS_PROVIDER to tencent or webhook (or console)"
             )
         if name == "sandbox" and not sandbox:
             raise SettingsError("CARDCHECK_SMS_PROVIDER=sandbox needs CARDCHECK_SANDBOX on")
@@ -223,4 +315,4 @@ class NotifierConfig(DeclaredSettings):
     def lease(self) -> timedelta:
         """How long a replica holds a message it is delivering: well past one request's timeout,
         so a slow attempt is never taken over while still running."""
-        return timedelta(seconds=max(30.0, 3 * self.webhook_timeout_s))
+        return timedelta(seconds=max(30.0, 3 * self.delivery_timeout_s))

@@ -16,6 +16,7 @@ fencing token: each attempt is one claim."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -242,18 +243,24 @@ class MessageSealing:
     def open_phone(self, row: MessageRow) -> str:
         return self._phone_sealer.open(row.phone_sealed, row.message_id.encode()).decode()
 
-    def seal_body(self, message_id: str, body: str) -> bytes:
-        return self._body_sealer.seal(body.encode(), message_id.encode())
+    def seal_body(self, message_id: str, body: str, params: Sequence[str] = ()) -> bytes:
+        """The text and a vendor template's values, sealed together: kept and dropped as one."""
+        return self._body_sealer.seal(_envelope(body, params), message_id.encode())
+
+    def _open_body(self, row: MessageRow) -> tuple[str, tuple[str, ...]]:
+        assert row.body_sealed is not None
+        return _unwrap(self._body_sealer.open(row.body_sealed, row.message_id.encode()))
 
     def outgoing(self, row: MessageRow) -> OutgoingSms | None:
         """What an attempt sends; None when the text is no longer kept."""
+        params: tuple[str, ...] = ()
         if row.body is not None:
-            body = row.body
+            body = row.body  # the sandbox inbox: no vendor to give parameters to
         elif row.body_sealed is not None:
-            body = self._body_sealer.open(row.body_sealed, row.message_id.encode()).decode()
+            body, params = self._open_body(row)
         else:
             return None
-        return OutgoingSms(row.message_id, self.open_phone(row), row.kind, row.template, body)
+        return OutgoingSms(row.message_id, self.open_phone(row), row.kind, row.template, body, params)
 
     def rewrapped(self, row: MessageRow) -> dict[str, object]:
         """The columns of `row` to write for it to be under the current key only; empty when it
@@ -279,7 +286,7 @@ class MessageSealing:
             if body_resealed is not None:
                 changes["body_sealed"] = body_resealed
             if text is None:
-                text = self._body_sealer.open(row.body_sealed, bound).decode()
+                text, _ = self._open_body(row)
         if text is not None:
             digest = self._body_hasher.digest(text)
             if row.body_digest != digest:
@@ -287,6 +294,25 @@ class MessageSealing:
         elif row.body_digest is not None and phone_resealed is not None:
             changes["body_digest"] = None
         return changes
+
+
+_ENVELOPE_HEAD = '{"v":2,'
+
+
+def _envelope(body: str, params: Sequence[str]) -> bytes:
+    return json.dumps(
+        {"v": 2, "text": body, "params": list(params)}, ensure_ascii=False, separators=(",", ":")
+    ).encode()
+
+
+def _unwrap(plain: bytes) -> tuple[str, tuple[str, ...]]:
+    """The text and the vendor's values; a row sealed before the values were kept holds the
+    text alone (our texts start with the sender's 【name】, never with the envelope's head)."""
+    text = plain.decode()
+    if not text.startswith(_ENVELOPE_HEAD):
+        return text, ()
+    data = json.loads(text)
+    return str(data["text"]), tuple(str(p) for p in data["params"])
 
 
 def message_sealing(keyring: Keyring) -> MessageSealing:

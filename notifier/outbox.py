@@ -89,7 +89,9 @@ class Outbox:
             kind=kind,
             template=template.name,
             body=body if self.sandbox else None,
-            body_sealed=None if self.sandbox else self._sealing.seal_body(message_id, body),
+            body_sealed=None
+            if self.sandbox
+            else self._sealing.seal_body(message_id, body, template.vendor_params(params)),
             body_digest=self._sealing.body_digest(body),
             status="QUEUED",
             created_at=now,
@@ -109,10 +111,14 @@ class Outbox:
             if recorded.status != FAILED:
                 return delivery_of(recorded)
             # An earlier delivery failed for good: asking again tries again, the same message.
-            body_again = self._templates.named.get(recorded.template, template).render(params)
+            template_again = self._templates.named.get(recorded.template, template)
             recorded, rearmed = await self._store.rearm(
                 recorded.message_id,
-                None if self.sandbox else self._sealing.seal_body(recorded.message_id, body_again),
+                None
+                if self.sandbox
+                else self._sealing.seal_body(
+                    recorded.message_id, template_again.render(params), template_again.vendor_params(params)
+                ),
                 self._clock.now() + self._config.retry_windows[kind],
                 self._worker.owner,
             )

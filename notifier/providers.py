@@ -1,5 +1,5 @@
-"""What puts a text on a phone, behind one interface: the sandbox inbox, the console, or an SMS
-vendor's HTTP webhook.
+"""What puts a text on a phone, behind one interface: the sandbox inbox, the console, an SMS
+vendor's HTTP webhook, or Tencent Cloud SMS (notifier/tencent.py).
 
 A provider raises DeliveryError (with a short error class, never personal data) when the text
 was not handed over; `retryable=False` says a retry cannot help (the vendor refused the request
@@ -38,9 +38,11 @@ class OutgoingSms:
     phone: str
     kind: str
     template: str
-    body: str
+    body: str  # our text (the sandbox inbox, the webhook)
+    # A vendor template's values in order (notifier/templates.py VENDOR_PARAMS); they may hold a code.
+    params: tuple[str, ...] = ()
 
-    def __repr__(self) -> str:  # never the phone or the body, wherever it ends up
+    def __repr__(self) -> str:  # never the phone, the body or the parameters, wherever it ends up
         return f"OutgoingSms({self.message_id}, {self.kind}, {mask_phone(self.phone)})"
 
 
@@ -169,6 +171,10 @@ def make_provider(config: NotifierConfig, settings: Settings, clock: Clock) -> S
     if name == "webhook":
         assert config.webhook_url and config.webhook_secret  # checked by NotifierConfig
         return WebhookProvider(config.webhook_url, config.webhook_secret, config.webhook_timeout_s, clock)
+    if name == "tencent":
+        from notifier.tencent import tencent_provider  # the SDK is loaded only where it is used
+
+        return tencent_provider(config)
     if name == "console":
         return ConsoleProvider()
     return SandboxProvider()

@@ -53,9 +53,11 @@ def _delivery_pb(delivery: Delivery) -> notifier_pb2.GetDeliveryResponse:
 
 
 class NotifierServicer(notifier_pb2_grpc.NotifierServicer):
-    def __init__(self, outbox: Outbox, *, send_wait_s: float) -> None:
+    def __init__(self, outbox: Outbox, *, send_wait_s: float, sandbox: bool = True) -> None:
+        """`sandbox` off (production mode): the inbox is not served at all."""
         self._outbox = outbox
         self._send_wait_s = send_wait_s
+        self._sandbox = sandbox
 
     def _wait_s(self, context) -> float:
         """How long Send waits for the first attempt: a little, and never up to the caller's
@@ -82,6 +84,9 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServicer):
 
     @handles_errors
     async def ListMessages(self, request, context):
+        if not self._sandbox:
+            # Production mode: a surface that does not exist, as if the method were never there.
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
         if not self._outbox.sandbox:
             # An operator's misuse (the inbox exists only in sandbox), not a refusal a user sees.
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the inbox exists only in sandbox mode")

@@ -1,6 +1,10 @@
 """The Chinese SMS texts, one file per kind and version under notifier/templates/
 (`sms_code.v1.txt`, `report_ready.v1.txt`, ...), filled in with string.Template. The highest
-version of each kind is the one sent; the version goes on the message record."""
+version of each kind is the one sent; the version goes on the message record.
+
+An SMS vendor keeps its own approved copy of each text and takes a template ID with the values
+of its placeholders in order: `vendor_params` gives those values, the same ones our text is
+rendered with (the sandbox inbox and the webhook carry our text)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,16 @@ REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
     "REPORT_READY": (),
     "CONSENT_RECEIPT": ("agreement_version",),
 }
+
+# The values a vendor's template takes, in the order of its placeholders ({1}, {2}, ...): a
+# vendor template is approved against our text with these in its place.
+VENDOR_PARAMS: dict[str, tuple[str, ...]] = {
+    "SMS_CODE": ("code", "purpose_zh", "minutes"),
+    "REPORT_READY": ("days",),
+    "CONSENT_RECEIPT": ("agreement_version",),
+}
+CODE_VALID_MINUTES = 5  # the gateway's code lifetime, as the text tells it
+REPORT_KEPT_DAYS = 7  # report_service's retention, as the text tells it
 
 PURPOSE_ZH = {"REGISTER": "注册", "SIGN_IN": "登录", "QUERY_AUTH": "一键查卡授权"}
 _CODE = re.compile(r"^\d{4,8}$")
@@ -60,11 +74,23 @@ class SmsTemplate:
     def name(self) -> str:
         return f"{self.kind.lower()}.v{self.version}"
 
-    def render(self, params: Mapping[str, str]) -> str:
+    def values(self, params: Mapping[str, str]) -> dict[str, str]:
+        """The caller's parameters and what the text derives from them."""
         values = dict(params)
         if self.kind == "SMS_CODE":
             values["purpose_zh"] = PURPOSE_ZH[purpose_key(params["purpose"])]
-        return self.template.substitute(values)
+            values["minutes"] = str(CODE_VALID_MINUTES)
+        if self.kind == "REPORT_READY":
+            values["days"] = str(REPORT_KEPT_DAYS)
+        return values
+
+    def render(self, params: Mapping[str, str]) -> str:
+        return self.template.substitute(self.values(params))
+
+    def vendor_params(self, params: Mapping[str, str]) -> tuple[str, ...]:
+        """A vendor template's values, in order (they may hold a code: never logged)."""
+        values = self.values(params)
+        return tuple(values[name] for name in VENDOR_PARAMS[self.kind])
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from cardcheck.runtime.certs import spiffe_id
 from cardcheck.runtime.keys import load_master_key
 from cardcheck.runtime.settings import Settings, SettingsError
 from gateway.config import GatewayConfig
-from gateway.face import face_verifier_for
+from gateway.face import face_provider_name
 from notifier.config import NotifierConfig
 from report_service.config import ReportServiceConfig
 from tests.deploy_image import ROOT, SERVICES, container_command, final_stage, image_uid
@@ -53,10 +53,15 @@ SECRET_PLACEHOLDERS = {
     "CARDCHECK_REDIS_URL": "redis://redis.invalid:6379/0",
     "CARDCHECK_SMS_WEBHOOK_SECRET": "placeholder-webhook-secret-0123456789",
     "CARDCHECK_RETIRED_MASTER_KEYS": base64.b64encode(bytes(range(1, 33))).decode(),
+    "CARDCHECK_TENCENT_SECRET_ID": "AKIDplaceholder0123456789",
+    "CARDCHECK_TENCENT_SECRET_KEY": "placeholder-tencent-secret-key",
 }
 SECRET_VARS = frozenset(SECRET_PLACEHOLDERS)
-# Read only when set: the webhook provider's secret, the master keys a rotation retired.
-OPTIONAL_SECRETS = frozenset({"CARDCHECK_SMS_WEBHOOK_SECRET", "CARDCHECK_RETIRED_MASTER_KEYS"})
+# Read only when set: the SMS and face vendors' secrets, the master keys a rotation retired.
+OPTIONAL_SECRETS = frozenset(
+    {"CARDCHECK_SMS_WEBHOOK_SECRET", "CARDCHECK_TENCENT_SECRET_ID", "CARDCHECK_TENCENT_SECRET_KEY",
+     "CARDCHECK_RETIRED_MASTER_KEYS"}
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +352,7 @@ def check_environment(service: str, env: Mapping[str, str], args: list[str]) -> 
             config.limit_rates()
         except ValueError as error:
             raise SettingsError(f"gateway rate limits: {error}") from None
-        face_verifier_for(settings)
+        face_provider_name(settings, config)
     elif service == "report_service":
         ReportServiceConfig.from_env(env)
     elif service == "bank_connector":

@@ -207,6 +207,19 @@ async def test_a_bank_records_spans_only_of_a_callers_sampled_trace(tmp_path):
 # --- the process ---------------------------------------------------------------------------
 
 
+async def test_outside_sandbox_bank_sim_control_is_not_served(tmp_path):
+    host = await build(sim_settings(tmp_path).replace(sandbox=False), records=RECORDS)
+    port = await host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert await lookup(bank_pb2_grpc.IssuingBankStub(channel), "ICBC")  # the banks still answer
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await bank_pb2_grpc.BankSimControlStub(channel).GetBehaviour(bank_pb2.GetBehaviourRequest(), timeout=5)
+    finally:
+        await host.stop(0)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_a_malformed_dataset_is_refused_at_start_with_its_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     lines = [json.dumps(ACTIVE.to_json(), ensure_ascii=False), json.dumps(dict(CREDIT.to_json(), pan="6253301000000001"))]

@@ -95,7 +95,7 @@ codes = field("000000", "123456", "12345")
 
 
 def requests(rpc: str, query_id: str) -> st.SearchStrategy:
-    if rpc in ("ListBanks", "GetAgreement", "ListQueries"):
+    if rpc in ("ListBanks", "GetAgreement", "ListQueries", "StartFaceCheck"):
         return st.just(getattr(gateway_pb2, f"{rpc}Request")())
     if rpc == "RequestSmsCode":
         return st.builds(gateway_pb2.RequestSmsCodeRequest, phone=phones, purpose=enum_value)

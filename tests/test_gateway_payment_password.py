@@ -153,7 +153,7 @@ def test_the_lockout_columns_come_to_rows_of_the_first_schema(tmp_path: Path, da
                 ),
                 {"i": "i" * 64, "p": "p" * 64, "s": b"\x01", "h": PasswordHasher().hash(PASSWORD)},
             )
-        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0004"
+        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0005"
         with engine.connect() as conn:
             row = conn.execute(sa.select(UserRow.__table__)).one()
         assert (row.wrong_password_count, row.payment_password_locks, row.payment_password_reset_required) == (
@@ -297,7 +297,7 @@ async def test_wrong_passwords_lock_for_30_minutes_then_4_hours_then_until_a_res
         DENIED,
         "VERIFICATION_FAILED",
     )
-    assert refusal.metadata == {"factor": "face"}
+    assert refusal.metadata == {"factor": "face", "cause": "not_passed"}
     assert (await _locked(stack, token, qid, PASSWORD)).metadata["reset_required"] == "true"
     stack.clock.advance(timedelta(minutes=1))
     challenge_id, code = await stack.query_auth(ALICE, token)

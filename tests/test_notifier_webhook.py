@@ -305,6 +305,11 @@ def test_configuration_from_the_environment():
     [
         ({"CARDCHECK_SANDBOX": "0"}, "CARDCHECK_SANDBOX is off: set CARDCHECK_SMS_PROVIDER"),
         ({"CARDCHECK_SMS_PROVIDER": "webhook"}, "needs CARDCHECK_SMS_WEBHOOK_URL"),
+        (
+            {"CARDCHECK_SMS_PROVIDER": "tencent", "CARDCHECK_TENCENT_SMS_SDK_APP_ID": "1400000001"},
+            "CARDCHECK_SMS_PROVIDER=tencent needs CARDCHECK_TENCENT_SECRET_ID, CARDCHECK_TENCENT_SECRET_KEY, "
+            "CARDCHECK_TENCENT_SMS_SIGN_NAME",
+        ),
     ],
 )
 def test_the_process_refuses_to_start_on_bad_configuration(tmp_path, env, complaint):

@@ -28,6 +28,7 @@ from cardcheck.runtime.migrations import (
 from cardcheck.runtime.settings import Settings
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from gateway.challenges import ChallengeRow, SmsDailyRow, SmsEscalationRow, SmsThrottleRow
+from gateway.face_tokens import SpentFaceTokenRow
 from gateway.sessions import SessionRow
 from gateway.submissions import SubmissionRow
 from gateway.users import UserRow
@@ -35,7 +36,8 @@ from notifier.messages import MessageRow
 from tests.harness.settings import settings_for
 
 GATEWAY_MODELS = (
-    UserRow, ChallengeRow, SmsThrottleRow, SmsDailyRow, SmsEscalationRow, SessionRow, SubmissionRow
+    UserRow, ChallengeRow, SmsThrottleRow, SmsDailyRow, SmsEscalationRow, SessionRow, SubmissionRow,
+    SpentFaceTokenRow,
 )
 GATEWAY_TABLES = tuple(m.__tablename__ for m in GATEWAY_MODELS)
 NOTIFIER_TABLES = ("nt_messages",)
@@ -48,7 +50,7 @@ NOW = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 PHONE = "13812345678"
 
 SERVICES = {
-    "gateway": ("gateway.migrations", GATEWAY_TABLES, "0004"),
+    "gateway": ("gateway.migrations", GATEWAY_TABLES, "0005"),
     "notifier": ("notifier.migrations", NOTIFIER_TABLES, "0003"),
 }
 
@@ -149,7 +151,7 @@ def test_a_gateway_database_made_by_create_all_is_adopted_with_its_rows(
     (create_all added new tables to old databases, so 0001 creates what is missing)."""
     models = [
         m for m in GATEWAY_MODELS
-        if m not in (SmsEscalationRow, SubmissionRow) and not (before_daily_cap and m is SmsDailyRow)
+        if m not in (SmsEscalationRow, SubmissionRow, SpentFaceTokenRow) and not (before_daily_cap and m is SmsDailyRow)
     ]
     engine = _engine(tmp_path, database_url, "gateway")
     try:
@@ -159,8 +161,8 @@ def test_a_gateway_database_made_by_create_all_is_adopted_with_its_rows(
             _gateway_rows(conn, daily=not before_daily_cap)
         assert current_revision(engine, "gateway") is None
 
-        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0004"
-        assert current_revision(engine, "gateway") == "0004"
+        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0005"
+        assert current_revision(engine, "gateway") == "0005"
         assert schema_drift(engine, SQLModel.metadata, GATEWAY_TABLES) == []
         with engine.connect() as conn:
             user = conn.execute(sa.select(UserRow.__table__)).one()
@@ -209,7 +211,7 @@ async def test_a_gateway_database_at_0001_keeps_its_daily_counts_as_anonymous_on
         phone_hash = keyring.hasher("phone").digest(PHONE)
         with engine.begin() as conn:
             conn.execute(sa.insert(SmsDailyRow.__table__).values(phone_hash=phone_hash, day="2026-03-02", sent=8))
-        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0004"
+        assert upgrade_to_head(engine, "gateway.migrations", "gateway") == "0005"
         assert schema_drift(engine, SQLModel.metadata, GATEWAY_TABLES) == []
         db = Database(engine)
         challenges = Challenges(db, keyring, ManualClock(NOW))  # 16:00 in China, the same day
@@ -346,6 +348,6 @@ async def test_the_gateway_migrates_its_database_when_it_builds(tmp_path):
     await host.stop(0)
     engine = _engine(tmp_path, None, "gateway")
     try:
-        assert current_revision(engine, "gateway") == head_revision("gateway.migrations") == "0004"
+        assert current_revision(engine, "gateway") == head_revision("gateway.migrations") == "0005"
     finally:
         engine.dispose()

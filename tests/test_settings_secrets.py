@@ -13,6 +13,7 @@ from cardcheck.runtime.clock import ManualClock
 from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.settings import Settings, redact_url
 from gateway.config import GatewayConfig
+from gateway.tencent_faceid import TencentFaceOptions, TencentFaceVerifier
 from notifier.config import NotifierConfig
 from notifier.providers import make_provider
 from report_service.audit import AuditChain
@@ -23,6 +24,8 @@ RETIRED = bytes(range(32, 64))
 PG_PASSWORD = "Pg-Pass-5f3e9a"
 REDIS_PASSWORD = "Redis-Pass-7c1d22"
 WEBHOOK_SECRET = "Webhook-Secret-0b8e4f6a"
+TENCENT_SECRET_ID = "AKIDTencentSecretId93c1"
+TENCENT_SECRET_KEY = "Tencent-Secret-Key-4e7a2d"
 
 ENV = {
     "CARDCHECK_MASTER_KEY": base64.b64encode(MASTER).decode(),
@@ -33,10 +36,14 @@ ENV = {
     "CARDCHECK_SMS_PROVIDER": "webhook",
     "CARDCHECK_SMS_WEBHOOK_URL": "https://sms.example.com/send",
     "CARDCHECK_SMS_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    "CARDCHECK_FACE_PROVIDER": "tencent",
+    "CARDCHECK_TENCENT_SECRET_ID": TENCENT_SECRET_ID,
+    "CARDCHECK_TENCENT_SECRET_KEY": TENCENT_SECRET_KEY,
+    "CARDCHECK_TENCENT_FACEID_RULE_ID": "1",
 }
 
 # Every form a key could take in text: base64 as configured, hex, the bytes' repr.
-SECRETS = [PG_PASSWORD, REDIS_PASSWORD, WEBHOOK_SECRET]
+SECRETS = [PG_PASSWORD, REDIS_PASSWORD, WEBHOOK_SECRET, TENCENT_SECRET_ID, TENCENT_SECRET_KEY]
 for key in (MASTER, RETIRED):
     SECRETS += [base64.b64encode(key).decode(), key.hex(), repr(key)[2:-1][:40]]
 
@@ -51,6 +58,7 @@ def _objects() -> dict[str, object]:
     settings = Settings.from_env(ENV)
     keyring = load_keyring(settings.master_key, settings.retired_master_keys, settings.data_dir)
     notifier = NotifierConfig.from_env(ENV)
+    gateway = GatewayConfig.from_env(ENV)
     return {
         "settings": settings,
         "gateway config": GatewayConfig.from_env(ENV),
@@ -62,6 +70,8 @@ def _objects() -> dict[str, object]:
         "keyed hash": keyring.hasher("phone"),
         "audit chain": AuditChain.from_keyring(keyring),
         "webhook provider": make_provider(notifier, settings, ManualClock()),
+        "face provider options": TencentFaceOptions.from_config(gateway),
+        "face provider": TencentFaceVerifier(TencentFaceOptions.from_config(gateway), None, ManualClock()),  # type: ignore[arg-type]
     }
 
 

@@ -28,6 +28,9 @@ SERVICE_MODELS: dict[str, tuple[type[DeclaredSettings], ...]] = {
     "notifier": (Settings, NotifierConfig),
     "bank_sim": (Settings, BankSimConfig),
 }
+# Declared by more than one service on purpose: each reads a value of its own (the gateway's Tencent
+# Cloud key may call FaceID only, the notifier's only SMS), from its own Secret.
+DECLARED_PER_SERVICE = frozenset({"CARDCHECK_TENCENT_SECRET_ID", "CARDCHECK_TENCENT_SECRET_KEY"})
 DOCUMENT = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 HEADER = """# Configuration
 

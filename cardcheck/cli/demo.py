@@ -19,7 +19,6 @@ from cardcheck.runtime.security import operator_channel
 from cardcheck.runtime.settings import Settings
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, notifier_pb2, notifier_pb2_grpc
 
-FACE_TOKEN = "sandbox:pass"
 MAX_WAIT = timedelta(minutes=2)
 SMS_CODE = re.compile(r"(?<!\d)\d{6}(?!\d)")
 STATUS = {v.number: v.name.removeprefix("QUERY_STATUS_") for v in common_pb2.QueryStatus.DESCRIPTOR.values}
@@ -155,12 +154,14 @@ async def walk(journey: Journey) -> common_pb2.Report:
     step(4, "RequestSmsCode(QUERY_AUTH) and SubmitQuery (consent, SMS code, face check)")
     challenge_id, code = await journey.sms_code(common_pb2.SMS_PURPOSE_QUERY_AUTH)
     known = await journey.inbox_ids()
+    # The app would run the vendor's liveness check with this token; the sandbox's passes as it is.
+    face = await journey.call(gw.StartFaceCheck, gateway_pb2.StartFaceCheckRequest())
     try:
         query = await journey.call(
             gw.SubmitQuery,
             gateway_pb2.SubmitQueryRequest(
                 agreement_version=agreement.version, consent_given=True, challenge_id=challenge_id,
-                sms_code=code, face_token=FACE_TOKEN,
+                sms_code=code, face_token=face.biz_token,
             ),
         )
     except CardCheckError as error:

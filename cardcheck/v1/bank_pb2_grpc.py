@@ -160,7 +160,8 @@ class IssuingBank:
 class BankSimControlStub:
     """bank_sim only: how each simulated bank behaves, read and changed at runtime (chaos tests,
     demos). A real bank has no such service.
-    No call needs a session: bank_sim runs in test and demo meshes only.
+    No call needs a session: bank_sim runs in test and demo meshes only. Outside sandbox mode
+    the service is not served (UNIMPLEMENTED).
     """
 
     def __init__(self, channel):
@@ -184,7 +185,8 @@ class BankSimControlStub:
 class BankSimControlServicer:
     """bank_sim only: how each simulated bank behaves, read and changed at runtime (chaos tests,
     demos). A real bank has no such service.
-    No call needs a session: bank_sim runs in test and demo meshes only.
+    No call needs a session: bank_sim runs in test and demo meshes only. Outside sandbox mode
+    the service is not served (UNIMPLEMENTED).
     """
 
     def SetBehaviour(self, request, context):
@@ -228,7 +230,8 @@ def add_BankSimControlServicer_to_server(servicer, server):
 class BankSimControl:
     """bank_sim only: how each simulated bank behaves, read and changed at runtime (chaos tests,
     demos). A real bank has no such service.
-    No call needs a session: bank_sim runs in test and demo meshes only.
+    No call needs a session: bank_sim runs in test and demo meshes only. Outside sandbox mode
+    the service is not served (UNIMPLEMENTED).
     """
 
     @staticmethod

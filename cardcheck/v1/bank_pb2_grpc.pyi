@@ -99,7 +99,8 @@ def add_IssuingBankServicer_to_server(servicer: IssuingBankServicer, server: _ty
 class BankSimControlStub:
     """bank_sim only: how each simulated bank behaves, read and changed at runtime (chaos tests,
     demos). A real bank has no such service.
-    No call needs a session: bank_sim runs in test and demo meshes only.
+    No call needs a session: bank_sim runs in test and demo meshes only. Outside sandbox mode
+    the service is not served (UNIMPLEMENTED).
     """
 
     @_typing.overload
@@ -120,7 +121,8 @@ class BankSimControlStub:
 class BankSimControlAsyncStub(BankSimControlStub):
     """bank_sim only: how each simulated bank behaves, read and changed at runtime (chaos tests,
     demos). A real bank has no such service.
-    No call needs a session: bank_sim runs in test and demo meshes only.
+    No call needs a session: bank_sim runs in test and demo meshes only. Outside sandbox mode
+    the service is not served (UNIMPLEMENTED).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -137,7 +139,8 @@ class BankSimControlAsyncStub(BankSimControlStub):
 class BankSimControlServicer(metaclass=_abc_1.ABCMeta):
     """bank_sim only: how each simulated bank behaves, read and changed at runtime (chaos tests,
     demos). A real bank has no such service.
-    No call needs a session: bank_sim runs in test and demo meshes only.
+    No call needs a session: bank_sim runs in test and demo meshes only. Outside sandbox mode
+    the service is not served (UNIMPLEMENTED).
     """
 
     @_abc_1.abstractmethod

@@ -344,7 +344,14 @@ class SubmitQueryRequest(_message.Message):
     sms_code: _builtins.str
     """The 6-digit code sent."""
     face_token: _builtins.str
-    """The face-verification token (in the sandbox, `sandbox:pass` passes)."""
+    """The `biz_token` of a StartFaceCheck whose liveness check the user has done (in the sandbox,
+    `sandbox:pass` passes and any other fails; outside it, `sandbox:` tokens never pass). It
+    passes once: when the check passed, was of this user's name and ID number, ran within the
+    freshness window (10 minutes by default) and the token was not used before. Else
+    VERIFICATION_FAILED with `cause`: `not_passed` (the liveness or face comparison failed or
+    was not finished), `other_person`, `stale`, `spent` (used before: start a new check) or
+    `unknown_token`.
+    """
     idempotency_key: _builtins.str
     """1-128 printable ASCII characters without spaces: the same key returns the same query."""
     @_builtins.property
@@ -369,6 +376,61 @@ class SubmitQueryRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitQueryRequest: _TypeAlias = SubmitQueryRequest  # noqa: Y015
+
+@_typing.final
+class StartFaceCheckRequest(_message.Message):
+    """No parameters: the session names the user, whose name and ID number the check is bound to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartFaceCheckRequest: _TypeAlias = StartFaceCheckRequest  # noqa: Y015
+
+@_typing.final
+class StartFaceCheckResponse(_message.Message):
+    """A face check started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BIZ_TOKEN_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    biz_token: _builtins.str
+    """The check's token: the app runs the liveness check with it, then sends it as `face_token`
+    (SubmitQuery, ResetPaymentPassword). In the sandbox, `sandbox:pass`.
+    """
+    url: _builtins.str
+    """The provider's page that runs the check in a browser (WeChat H5); empty when the app runs it
+    with the provider's SDK, and in the sandbox.
+    """
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Until when the liveness check can be done with this token; SubmitQuery then takes it within
+        the freshness window of the check.
+        """
+
+    def __init__(
+        self,
+        *,
+        biz_token: _builtins.str = ...,
+        url: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["biz_token", b"biz_token", "expires_at", b"expires_at", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartFaceCheckResponse: _TypeAlias = StartFaceCheckResponse  # noqa: Y015
 
 @_typing.final
 class WatchQueryRequest(_message.Message):
@@ -510,7 +572,9 @@ class ResetPaymentPasswordRequest(_message.Message):
     sms_code: _builtins.str
     """The 6-digit code sent."""
     face_token: _builtins.str
-    """The face-verification token."""
+    """The `biz_token` of a StartFaceCheck whose liveness check the user has done; the same rules
+    as SubmitQueryRequest.face_token (each token passes once, for one call of either).
+    """
     new_payment_password: _builtins.str
     """6 digits."""
     def __init__(

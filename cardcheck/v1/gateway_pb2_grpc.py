@@ -73,6 +73,11 @@ class CardCheckStub:
                 request_serializer=cardcheck_dot_v1_dot_gateway__pb2.SignOutRequest.SerializeToString,
                 response_deserializer=cardcheck_dot_v1_dot_gateway__pb2.SignOutResponse.FromString,
                 _registered_method=True)
+        self.StartFaceCheck = channel.unary_unary(
+                '/cardcheck.v1.CardCheck/StartFaceCheck',
+                request_serializer=cardcheck_dot_v1_dot_gateway__pb2.StartFaceCheckRequest.SerializeToString,
+                response_deserializer=cardcheck_dot_v1_dot_gateway__pb2.StartFaceCheckResponse.FromString,
+                _registered_method=True)
         self.SubmitQuery = channel.unary_unary(
                 '/cardcheck.v1.CardCheck/SubmitQuery',
                 request_serializer=cardcheck_dot_v1_dot_gateway__pb2.SubmitQueryRequest.SerializeToString,
@@ -165,14 +170,31 @@ class CardCheckServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartFaceCheck(self, request, context):
+        """Starts a face check bound to the signed-in user's name and ID number, for the next
+        SubmitQuery or ResetPaymentPassword. Session. The app runs the provider's liveness check with
+        `biz_token` (Tencent Cloud FaceID: its SDK, or `url` in WeChat H5), then sends the same token
+        as `face_token`. In the sandbox the answer is the token `sandbox:pass`, with no `url`, so a
+        client's flow is the same. Refusals: UNAUTHENTICATED, RATE_LIMITED (counted with
+        SubmitQuery's session and user budgets), SERVICE_UNAVAILABLE (the provider out of reach or
+        slower than its timeout: UNAVAILABLE, ErrorInfo metadata `factor: face`, with a RetryInfo
+        when waiting helps).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubmitQuery(self, request, context):
         """Submits a query to the banks chosen. Session. Needs consent to the current agreement, a
         fresh QUERY_AUTH code and a passing face token. The same `idempotency_key` returns the same
         query. Refusals: INVALID_ARGUMENT, UNKNOWN_BANK, CONSENT_REQUIRED (metadata
         `agreement_version`: the current one), REGION_NOT_SUPPORTED, VERIFICATION_FAILED (metadata
-        `factor: face` for the face check), QUERY_IN_PROGRESS, COOLDOWN_ACTIVE (metadata
-        `retry_after`: RFC 3339 instant; 7 days after the last report), SERVICE_BUSY (load shed,
-        with RetryInfo), RATE_LIMITED, UNAUTHENTICATED.
+        `factor: face` for the face check, with `cause`: `not_passed`, `other_person`, `stale`,
+        `spent` or `unknown_token`, see SubmitQueryRequest.face_token), QUERY_IN_PROGRESS,
+        COOLDOWN_ACTIVE (metadata `retry_after`: RFC 3339 instant; 7 days after the last report),
+        SERVICE_BUSY (load shed, with RetryInfo), RATE_LIMITED, UNAUTHENTICATED,
+        SERVICE_UNAVAILABLE (the face provider out of reach, metadata `factor: face`, as for
+        StartFaceCheck).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,9 +241,10 @@ class CardCheckServicer:
     def ResetPaymentPassword(self, request, context):
         """Sets a new payment password and lifts every lock on it (the only way out of the last
         stage of the lockout, PAYMENT_PASSWORD_LOCKED with `reset_required`; also for a forgotten
-        one). Session, a fresh QUERY_AUTH SMS code and a passing face token. Refusals:
-        INVALID_ARGUMENT, VERIFICATION_FAILED, RATE_LIMITED (counted with GetReport's attempts),
-        UNAUTHENTICATED.
+        one). Session, a fresh QUERY_AUTH SMS code and a passing face token (from StartFaceCheck,
+        as for SubmitQuery). Refusals: INVALID_ARGUMENT, VERIFICATION_FAILED (metadata `factor: face`
+        and `cause` for the face check), RATE_LIMITED (counted with GetReport's attempts),
+        UNAUTHENTICATED, SERVICE_UNAVAILABLE (the face provider out of reach).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -259,6 +282,11 @@ def add_CardCheckServicer_to_server(servicer, server):
                     servicer.SignOut,
                     request_deserializer=cardcheck_dot_v1_dot_gateway__pb2.SignOutRequest.FromString,
                     response_serializer=cardcheck_dot_v1_dot_gateway__pb2.SignOutResponse.SerializeToString,
+            ),
+            'StartFaceCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartFaceCheck,
+                    request_deserializer=cardcheck_dot_v1_dot_gateway__pb2.StartFaceCheckRequest.FromString,
+                    response_serializer=cardcheck_dot_v1_dot_gateway__pb2.StartFaceCheckResponse.SerializeToString,
             ),
             'SubmitQuery': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitQuery,
@@ -456,6 +484,33 @@ class CardCheck:
             '/cardcheck.v1.CardCheck/SignOut',
             cardcheck_dot_v1_dot_gateway__pb2.SignOutRequest.SerializeToString,
             cardcheck_dot_v1_dot_gateway__pb2.SignOutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartFaceCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardcheck.v1.CardCheck/StartFaceCheck',
+            cardcheck_dot_v1_dot_gateway__pb2.StartFaceCheckRequest.SerializeToString,
+            cardcheck_dot_v1_dot_gateway__pb2.StartFaceCheckResponse.FromString,
             options,
             channel_credentials,
             insecure,

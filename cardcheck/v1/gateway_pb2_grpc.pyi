@@ -71,14 +71,27 @@ class CardCheckStub:
     """Revokes the calling session (with `everywhere`, every session of its user). Session.
     Refusals: UNAUTHENTICATED.
     """
+    StartFaceCheck: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.StartFaceCheckRequest, _gateway_pb2.StartFaceCheckResponse]
+    """Starts a face check bound to the signed-in user's name and ID number, for the next
+    SubmitQuery or ResetPaymentPassword. Session. The app runs the provider's liveness check with
+    `biz_token` (Tencent Cloud FaceID: its SDK, or `url` in WeChat H5), then sends the same token
+    as `face_token`. In the sandbox the answer is the token `sandbox:pass`, with no `url`, so a
+    client's flow is the same. Refusals: UNAUTHENTICATED, RATE_LIMITED (counted with
+    SubmitQuery's session and user budgets), SERVICE_UNAVAILABLE (the provider out of reach or
+    slower than its timeout: UNAVAILABLE, ErrorInfo metadata `factor: face`, with a RetryInfo
+    when waiting helps).
+    """
     SubmitQuery: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.SubmitQueryRequest, _common_pb2.Query]
     """Submits a query to the banks chosen. Session. Needs consent to the current agreement, a
     fresh QUERY_AUTH code and a passing face token. The same `idempotency_key` returns the same
     query. Refusals: INVALID_ARGUMENT, UNKNOWN_BANK, CONSENT_REQUIRED (metadata
     `agreement_version`: the current one), REGION_NOT_SUPPORTED, VERIFICATION_FAILED (metadata
-    `factor: face` for the face check), QUERY_IN_PROGRESS, COOLDOWN_ACTIVE (metadata
-    `retry_after`: RFC 3339 instant; 7 days after the last report), SERVICE_BUSY (load shed,
-    with RetryInfo), RATE_LIMITED, UNAUTHENTICATED.
+    `factor: face` for the face check, with `cause`: `not_passed`, `other_person`, `stale`,
+    `spent` or `unknown_token`, see SubmitQueryRequest.face_token), QUERY_IN_PROGRESS,
+    COOLDOWN_ACTIVE (metadata `retry_after`: RFC 3339 instant; 7 days after the last report),
+    SERVICE_BUSY (load shed, with RetryInfo), RATE_LIMITED, UNAUTHENTICATED,
+    SERVICE_UNAVAILABLE (the face provider out of reach, metadata `factor: face`, as for
+    StartFaceCheck).
     """
     WatchQuery: _grpc.UnaryStreamMultiCallable[_gateway_pb2.WatchQueryRequest, _gateway_pb2.QueryEvent]
     """The query's events until it leaves PENDING: the first tells the state so far, then one per
@@ -108,9 +121,10 @@ class CardCheckStub:
     ResetPaymentPassword: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ResetPaymentPasswordRequest, _gateway_pb2.ResetPaymentPasswordResponse]
     """Sets a new payment password and lifts every lock on it (the only way out of the last
     stage of the lockout, PAYMENT_PASSWORD_LOCKED with `reset_required`; also for a forgotten
-    one). Session, a fresh QUERY_AUTH SMS code and a passing face token. Refusals:
-    INVALID_ARGUMENT, VERIFICATION_FAILED, RATE_LIMITED (counted with GetReport's attempts),
-    UNAUTHENTICATED.
+    one). Session, a fresh QUERY_AUTH SMS code and a passing face token (from StartFaceCheck,
+    as for SubmitQuery). Refusals: INVALID_ARGUMENT, VERIFICATION_FAILED (metadata `factor: face`
+    and `cause` for the face check), RATE_LIMITED (counted with GetReport's attempts),
+    UNAUTHENTICATED, SERVICE_UNAVAILABLE (the face provider out of reach).
     """
 
 @_typing.type_check_only
@@ -155,14 +169,27 @@ class CardCheckAsyncStub(CardCheckStub):
     """Revokes the calling session (with `everywhere`, every session of its user). Session.
     Refusals: UNAUTHENTICATED.
     """
+    StartFaceCheck: _aio.UnaryUnaryMultiCallable[_gateway_pb2.StartFaceCheckRequest, _gateway_pb2.StartFaceCheckResponse]  # type: ignore[assignment]
+    """Starts a face check bound to the signed-in user's name and ID number, for the next
+    SubmitQuery or ResetPaymentPassword. Session. The app runs the provider's liveness check with
+    `biz_token` (Tencent Cloud FaceID: its SDK, or `url` in WeChat H5), then sends the same token
+    as `face_token`. In the sandbox the answer is the token `sandbox:pass`, with no `url`, so a
+    client's flow is the same. Refusals: UNAUTHENTICATED, RATE_LIMITED (counted with
+    SubmitQuery's session and user budgets), SERVICE_UNAVAILABLE (the provider out of reach or
+    slower than its timeout: UNAVAILABLE, ErrorInfo metadata `factor: face`, with a RetryInfo
+    when waiting helps).
+    """
     SubmitQuery: _aio.UnaryUnaryMultiCallable[_gateway_pb2.SubmitQueryRequest, _common_pb2.Query]  # type: ignore[assignment]
     """Submits a query to the banks chosen. Session. Needs consent to the current agreement, a
     fresh QUERY_AUTH code and a passing face token. The same `idempotency_key` returns the same
     query. Refusals: INVALID_ARGUMENT, UNKNOWN_BANK, CONSENT_REQUIRED (metadata
     `agreement_version`: the current one), REGION_NOT_SUPPORTED, VERIFICATION_FAILED (metadata
-    `factor: face` for the face check), QUERY_IN_PROGRESS, COOLDOWN_ACTIVE (metadata
-    `retry_after`: RFC 3339 instant; 7 days after the last report), SERVICE_BUSY (load shed,
-    with RetryInfo), RATE_LIMITED, UNAUTHENTICATED.
+    `factor: face` for the face check, with `cause`: `not_passed`, `other_person`, `stale`,
+    `spent` or `unknown_token`, see SubmitQueryRequest.face_token), QUERY_IN_PROGRESS,
+    COOLDOWN_ACTIVE (metadata `retry_after`: RFC 3339 instant; 7 days after the last report),
+    SERVICE_BUSY (load shed, with RetryInfo), RATE_LIMITED, UNAUTHENTICATED,
+    SERVICE_UNAVAILABLE (the face provider out of reach, metadata `factor: face`, as for
+    StartFaceCheck).
     """
     WatchQuery: _aio.UnaryStreamMultiCallable[_gateway_pb2.WatchQueryRequest, _gateway_pb2.QueryEvent]  # type: ignore[assignment]
     """The query's events until it leaves PENDING: the first tells the state so far, then one per
@@ -192,9 +219,10 @@ class CardCheckAsyncStub(CardCheckStub):
     ResetPaymentPassword: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ResetPaymentPasswordRequest, _gateway_pb2.ResetPaymentPasswordResponse]  # type: ignore[assignment]
     """Sets a new payment password and lifts every lock on it (the only way out of the last
     stage of the lockout, PAYMENT_PASSWORD_LOCKED with `reset_required`; also for a forgotten
-    one). Session, a fresh QUERY_AUTH SMS code and a passing face token. Refusals:
-    INVALID_ARGUMENT, VERIFICATION_FAILED, RATE_LIMITED (counted with GetReport's attempts),
-    UNAUTHENTICATED.
+    one). Session, a fresh QUERY_AUTH SMS code and a passing face token (from StartFaceCheck,
+    as for SubmitQuery). Refusals: INVALID_ARGUMENT, VERIFICATION_FAILED (metadata `factor: face`
+    and `cause` for the face check), RATE_LIMITED (counted with GetReport's attempts),
+    UNAUTHENTICATED, SERVICE_UNAVAILABLE (the face provider out of reach).
     """
 
 class CardCheckServicer(metaclass=_abc_1.ABCMeta):
@@ -274,6 +302,22 @@ class CardCheckServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def StartFaceCheck(
+        self,
+        request: _gateway_pb2.StartFaceCheckRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.StartFaceCheckResponse, _abc.Awaitable[_gateway_pb2.StartFaceCheckResponse]]:
+        """Starts a face check bound to the signed-in user's name and ID number, for the next
+        SubmitQuery or ResetPaymentPassword. Session. The app runs the provider's liveness check with
+        `biz_token` (Tencent Cloud FaceID: its SDK, or `url` in WeChat H5), then sends the same token
+        as `face_token`. In the sandbox the answer is the token `sandbox:pass`, with no `url`, so a
+        client's flow is the same. Refusals: UNAUTHENTICATED, RATE_LIMITED (counted with
+        SubmitQuery's session and user budgets), SERVICE_UNAVAILABLE (the provider out of reach or
+        slower than its timeout: UNAVAILABLE, ErrorInfo metadata `factor: face`, with a RetryInfo
+        when waiting helps).
+        """
+
+    @_abc_1.abstractmethod
     def SubmitQuery(
         self,
         request: _gateway_pb2.SubmitQueryRequest,
@@ -283,9 +327,12 @@ class CardCheckServicer(metaclass=_abc_1.ABCMeta):
         fresh QUERY_AUTH code and a passing face token. The same `idempotency_key` returns the same
         query. Refusals: INVALID_ARGUMENT, UNKNOWN_BANK, CONSENT_REQUIRED (metadata
         `agreement_version`: the current one), REGION_NOT_SUPPORTED, VERIFICATION_FAILED (metadata
-        `factor: face` for the face check), QUERY_IN_PROGRESS, COOLDOWN_ACTIVE (metadata
-        `retry_after`: RFC 3339 instant; 7 days after the last report), SERVICE_BUSY (load shed,
-        with RetryInfo), RATE_LIMITED, UNAUTHENTICATED.
+        `factor: face` for the face check, with `cause`: `not_passed`, `other_person`, `stale`,
+        `spent` or `unknown_token`, see SubmitQueryRequest.face_token), QUERY_IN_PROGRESS,
+        COOLDOWN_ACTIVE (metadata `retry_after`: RFC 3339 instant; 7 days after the last report),
+        SERVICE_BUSY (load shed, with RetryInfo), RATE_LIMITED, UNAUTHENTICATED,
+        SERVICE_UNAVAILABLE (the face provider out of reach, metadata `factor: face`, as for
+        StartFaceCheck).
         """
 
     @_abc_1.abstractmethod
@@ -339,9 +386,10 @@ class CardCheckServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gateway_pb2.ResetPaymentPasswordResponse, _abc.Awaitable[_gateway_pb2.ResetPaymentPasswordResponse]]:
         """Sets a new payment password and lifts every lock on it (the only way out of the last
         stage of the lockout, PAYMENT_PASSWORD_LOCKED with `reset_required`; also for a forgotten
-        one). Session, a fresh QUERY_AUTH SMS code and a passing face token. Refusals:
-        INVALID_ARGUMENT, VERIFICATION_FAILED, RATE_LIMITED (counted with GetReport's attempts),
-        UNAUTHENTICATED.
+        one). Session, a fresh QUERY_AUTH SMS code and a passing face token (from StartFaceCheck,
+        as for SubmitQuery). Refusals: INVALID_ARGUMENT, VERIFICATION_FAILED (metadata `factor: face`
+        and `cause` for the face check), RATE_LIMITED (counted with GetReport's attempts),
+        UNAUTHENTICATED, SERVICE_UNAVAILABLE (the face provider out of reach).
         """
 
 def add_CardCheckServicer_to_server(servicer: CardCheckServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

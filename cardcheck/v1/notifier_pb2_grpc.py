@@ -81,7 +81,8 @@ class NotifierServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListMessages(self, request, context):
-        """The sandbox inbox: what would have reached a phone. Only in sandbox mode: otherwise
+        """The sandbox inbox: what would have reached a phone. Outside sandbox mode it is not served
+        (UNIMPLEMENTED); in sandbox mode with a provider that keeps no inbox (console, a vendor):
         FAILED_PRECONDITION (an operator's misuse, with no ErrorInfo).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

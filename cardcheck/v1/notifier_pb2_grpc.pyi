@@ -49,7 +49,8 @@ class NotifierStub:
     NOT_FOUND.
     """
     ListMessages: _grpc.UnaryUnaryMultiCallable[_notifier_pb2.ListMessagesRequest, _notifier_pb2.ListMessagesResponse]
-    """The sandbox inbox: what would have reached a phone. Only in sandbox mode: otherwise
+    """The sandbox inbox: what would have reached a phone. Outside sandbox mode it is not served
+    (UNIMPLEMENTED); in sandbox mode with a provider that keeps no inbox (console, a vendor):
     FAILED_PRECONDITION (an operator's misuse, with no ErrorInfo).
     """
 
@@ -74,7 +75,8 @@ class NotifierAsyncStub(NotifierStub):
     NOT_FOUND.
     """
     ListMessages: _aio.UnaryUnaryMultiCallable[_notifier_pb2.ListMessagesRequest, _notifier_pb2.ListMessagesResponse]  # type: ignore[assignment]
-    """The sandbox inbox: what would have reached a phone. Only in sandbox mode: otherwise
+    """The sandbox inbox: what would have reached a phone. Outside sandbox mode it is not served
+    (UNIMPLEMENTED); in sandbox mode with a provider that keeps no inbox (console, a vendor):
     FAILED_PRECONDITION (an operator's misuse, with no ErrorInfo).
     """
 
@@ -114,7 +116,8 @@ class NotifierServicer(metaclass=_abc_1.ABCMeta):
         request: _notifier_pb2.ListMessagesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_notifier_pb2.ListMessagesResponse, _abc.Awaitable[_notifier_pb2.ListMessagesResponse]]:
-        """The sandbox inbox: what would have reached a phone. Only in sandbox mode: otherwise
+        """The sandbox inbox: what would have reached a phone. Outside sandbox mode it is not served
+        (UNIMPLEMENTED); in sandbox mode with a provider that keeps no inbox (console, a vendor):
         FAILED_PRECONDITION (an operator's misuse, with no ErrorInfo).
         """
 
