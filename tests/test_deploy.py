@@ -115,18 +115,9 @@ def test_the_code_opens_channels_along_the_documented_edges() -> None:
     }
 
 
-# Until a production face-verification provider is integrated, the gateway refuses
-# CARDCHECK_SANDBOX=false, and says so: the one problem production may have.
-FACE_PROVIDER_PENDING = "gateway refuses its environment: CARDCHECK_SANDBOX is off but no production face"
-
-
 @pytest.mark.parametrize("check", sorted(CHECKS))
-def test_manifests_hold(manifests: Manifests, check: str, request) -> None:
-    problems = CHECKS[check](manifests)
-    if request.node.callspec.params["manifests"] == "production" and check == "environment":
-        assert problems and all(p.startswith(FACE_PROVIDER_PENDING) for p in problems), problems
-        return
-    assert problems == []
+def test_manifests_hold(manifests: Manifests, check: str) -> None:
+    assert CHECKS[check](manifests) == []
 
 
 def test_production_runs_on_cert_manager_certificates_without_the_simulator() -> None:
@@ -142,6 +133,10 @@ def test_production_runs_on_cert_manager_certificates_without_the_simulator() ->
     assert env["CARDCHECK_TLS_CERT_FILE"] == "/var/run/cardcheck/tls/tls.crt"
     assert env["CARDCHECK_GATEWAY_PUBLIC_CERT_FILE"] == "/var/run/cardcheck/public-tls/tls.crt"
     assert issued["gateway-public-tls"] == "public-issuer"
+    assert config["CARDCHECK_FACE_PROVIDER"] == config["CARDCHECK_SMS_PROVIDER"] == "tencent"
+    tencent = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in gateway["env"] if "TENCENT" in v["name"]}
+    assert {ref["name"] for ref in tencent.values()} == {"gateway-secrets"}
+    assert not any(ref.get("optional") for ref in tencent.values())
 
 
 PRODUCTION_BREAKAGES: dict[str, tuple[str, Callable[[Manifests], object]]] = {
