@@ -19,7 +19,12 @@ the request was parsed, there is no field to name):
   RESOURCE_EXHAUSTED, "Sent message larger than max", instead of a reply no caller accepts.
 
 `CARDCHECK_<SERVICE>_MAX_CONCURRENT_RPCS` and `CARDCHECK_<SERVICE>_MAX_RECEIVE_BYTES` (read in
-cardcheck/runtime/settings.py) override a service's own numbers."""
+cardcheck/runtime/settings.py) override a service's own numbers.
+
+With `security` (cardcheck/runtime/security.py, CARDCHECK_TLS on) the port serves TLS from files
+reloaded when they change, an internal server checks each caller against the allow-list
+(cardcheck/runtime/access.py), and grpc.health.v1 is also served alone, in plaintext, on the
+health address for the kubelet's probes (docs/security.md)."""
 
 from __future__ import annotations
 
