@@ -14,9 +14,11 @@ from bank_connector.servicer import BankConnectorServicer
 from cardcheck.banks import BANK_CODES
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.metrics import ServiceMetrics
+from cardcheck.runtime.security import bank_files, server_security
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider
+from cardcheck.runtime.tls import TlsFiles
 from cardcheck.v1 import bank_connector_pb2_grpc
 
 SERVICE = "bank_connector"
@@ -52,6 +54,7 @@ async def build(
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE, settings.data_dir)
     connector = BankConnector(
         bank_addresses(settings),
+        bank_tls=bank_tls(settings),
         tracer_provider=tracer_provider,
         clock=clock or SystemClock(),
         default_timeout_s=settings.per_bank_timeout_s,
@@ -80,7 +83,19 @@ async def build(
             max_concurrent_rpcs=config.max_active + config.max_queued + 64,
         ).configured(settings, SERVICE),
         metrics=metrics,
+        security=server_security(settings, SERVICE),
     )
+
+
+def bank_tls(settings: Settings) -> dict[str, TlsFiles]:
+    """Each bank's TLS with TLS on (cardcheck/runtime/security.py `bank_files`): the bank's CA
+    and the client certificate it requires; none with TLS off."""
+    out = {}
+    for code in BANK_CODES:
+        files = bank_files(settings, code)
+        if files is not None:
+            out[code] = files
+    return out
 
 
 def main() -> None:

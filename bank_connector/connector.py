@@ -34,6 +34,9 @@ from cardcheck.numbers import card_number_valid, id_number_valid
 from cardcheck.runtime.channels import CHANNEL_OPTIONS
 from cardcheck.runtime.clock import Clock
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, invalid_argument
+from cardcheck.runtime.renewing import RenewingChannel
+from cardcheck.runtime.security import credentials_of
+from cardcheck.runtime.tls import TlsFiles
 from cardcheck.v1 import bank_pb2, bank_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -199,13 +202,18 @@ class BankLine:
 MAX_BANK_ANSWER_BYTES = 256 * 1024
 
 
-def open_bank_channel(address: str) -> grpc.aio.Channel:
-    """A plain channel: bank calls are traced by `BankConnector._attempt` itself. The tracing
-    interceptor is left out on purpose: it costs an extra task per call, and a fan-out under an
-    unsampled trace calls the banks with no trace headers at all (`traced_bank_calls`)."""
-    return grpc.aio.insecure_channel(
-        address, options=[*CHANNEL_OPTIONS, ("grpc.max_receive_message_length", MAX_BANK_ANSWER_BYTES)]
-    )
+def open_bank_channel(address: str, tls: TlsFiles | None = None) -> grpc.aio.Channel:
+    """A channel with no interceptor: bank calls are traced by `BankConnector._attempt` itself.
+    The tracing interceptor is left out on purpose: it costs an extra task per call, and a
+    fan-out under an unsampled trace calls the banks with no trace headers at all
+    (`traced_bank_calls`). `tls`: the bank's CA and the client certificate it requires, followed
+    when they change (cardcheck/runtime/renewing.py); None: plaintext."""
+    options = [*CHANNEL_OPTIONS, ("grpc.max_receive_message_length", MAX_BANK_ANSWER_BYTES)]
+    if tls is not None:
+        return RenewingChannel(
+            tls, credentials_of, lambda credentials: grpc.aio.secure_channel(address, credentials, options=options)
+        )
+    return grpc.aio.insecure_channel(address, options=options)
 
 
 class BankConnector:
@@ -221,7 +229,9 @@ class BankConnector:
         config: ConnectorConfig | None = None,
         rng: random.Random | None = None,
         bins: BinTable | None = None,
+        bank_tls: Mapping[str, TlsFiles] | None = None,
     ) -> None:
+        """`bank_tls`: the TLS of the banks named (the others plaintext)."""
         missing = [code for code in BANK_CODES if code not in bank_addresses]
         if missing:
             raise ValueError(f"no address for banks {missing}")
@@ -234,7 +244,7 @@ class BankConnector:
         self._health = HealthBook(BANK_CODES)
         self._lines = {
             code: BankLine(
-                code, open_bank_channel(address),
+                code, open_bank_channel(address, (bank_tls or {}).get(code)),
                 self.config, clock, self._health.stats(code),
             )
             for code, address in self._addresses.items()

@@ -32,6 +32,7 @@ from cardcheck.banks import BANK_CODES
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.logs import setup_logging
 from cardcheck.runtime.metrics import ServiceMetrics
+from cardcheck.runtime.security import server_security
 from cardcheck.runtime.server import (
     SERVER_OPTIONS,
     Registration,
@@ -43,6 +44,7 @@ from cardcheck.runtime.server import (
 )
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import make_tracer_provider, server_interceptors
+from cardcheck.runtime.tls import ServerTlsFiles
 from cardcheck.v1 import bank_pb2_grpc
 
 SERVICE = "bank_sim"
@@ -71,9 +73,11 @@ class BankPort:
     """One bank alone on its own port: a plain server with IssuingBank and health."""
 
     def __init__(self, bank_code: str, servicer: IssuingBankServicer, bind_address: str, provider: TracerProvider,
-                 bounds: RequestBounds = BOUNDS):
+                 bounds: RequestBounds = BOUNDS, tls: ServerTlsFiles | None = None):
+        """`tls`: the bank's own TLS, a client certificate of its CA required, as real banks do."""
         self.bank_code = bank_code
         self._bind_address = bind_address
+        self._tls = tls
         self._server = grpc.aio.server(
             interceptors=server_interceptors(provider),
             options=[*SERVER_OPTIONS, *bounds.options()],
@@ -86,7 +90,12 @@ class BankPort:
 
     async def start(self) -> None:
         try:
-            port = self._server.add_insecure_port(self._bind_address)
+            if self._tls is None:
+                port = self._server.add_insecure_port(self._bind_address)
+            else:
+                port = self._server.add_secure_port(self._bind_address, self._tls.credentials())
+        except (OSError, ValueError) as error:
+            raise StartupError(f"{SERVICE}: TLS files of {self.bank_code} unusable: {error}") from None
         except RuntimeError:
             port = 0
         if not port:
@@ -158,7 +167,8 @@ async def build(
         for index, code in enumerate(BANK_CODES):
             port = port_per_bank + index if port_per_bank else 0
             servicer = IssuingBankServicer(issuers, clock, floor, only_bank=code)
-            bank_ports.append(BankPort(code, servicer, f"{settings.bind_host}:{port}", tracer_provider, bounds))
+            tls = ServerTlsFiles(settings.bank_tls_files(code, SERVICE), require_client_auth=True) if settings.tls else None
+            bank_ports.append(BankPort(code, servicer, f"{settings.bind_host}:{port}", tracer_provider, bounds, tls))
     host: BankSimHost
 
     def addresses() -> dict[str, str]:
@@ -187,6 +197,7 @@ async def build(
         bank_ports=bank_ports,
         bounds=bounds,
         metrics=ServiceMetrics(SERVICE, settings.metrics_address(SERVICE)),
+        security=server_security(settings, SERVICE),
     )
     return host
 

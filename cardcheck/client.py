@@ -49,6 +49,7 @@ ServiceBusy = ERRORS[Reason.SERVICE_BUSY]
 RateLimited = ERRORS[Reason.RATE_LIMITED]
 ServiceUnavailable = ERRORS[Reason.SERVICE_UNAVAILABLE]
 StreamExpired = ERRORS[Reason.STREAM_EXPIRED]
+CallerNotAllowed = ERRORS[Reason.CALLER_NOT_ALLOWED]
 
 __all__ = ["ERRORS", "CardCheckClient", "CardCheckError", "Reason", "open_channel", *(cls.__name__ for cls in ERRORS.values())]
 

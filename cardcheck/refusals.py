@@ -59,6 +59,7 @@ class Reason(StrEnum):
     RATE_LIMITED = "RATE_LIMITED"
     STREAM_EXPIRED = "STREAM_EXPIRED"
     SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
+    CALLER_NOT_ALLOWED = "CALLER_NOT_ALLOWED"
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ REASONS: dict[Reason, ReasonSpec] = {
     Reason.STREAM_EXPIRED: ReasonSpec(grpc.StatusCode.UNAVAILABLE, "查询进度推送已达最长时长，请重新打开"),
     # Not in the public table: a dependency of the service is down.
     Reason.SERVICE_UNAVAILABLE: ReasonSpec(grpc.StatusCode.UNAVAILABLE, "服务暂时不可用，请稍后再试"),
+    # Not in the public table: an internal service's caller whose certificate names no identity
+    # allowed to make that call (cardcheck/runtime/access.py). ErrorInfo metadata `caller`, `method`.
+    Reason.CALLER_NOT_ALLOWED: ReasonSpec(grpc.StatusCode.PERMISSION_DENIED, "无权调用该服务"),
 }
 
 

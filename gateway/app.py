@@ -16,6 +16,7 @@ from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.readiness import database, redis_server
+from cardcheck.runtime.security import mesh_tls, server_security
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine, trace_redis
@@ -147,9 +148,11 @@ async def build_parts(
         dependencies.append(redis_server(limiters.store.client))
 
     metrics.register(GatewayState(db.engine, clock, shedding, limiters))
+    tls = mesh_tls(settings, SERVICE)
     channels = {
         name: open_channel(
-            settings.addresses[name], tracer_provider, max_receive_bytes=MAX_ANSWER_BYTES[name], metrics=metrics
+            settings.addresses[name], tracer_provider, max_receive_bytes=MAX_ANSWER_BYTES[name], metrics=metrics,
+            tls=tls,
         )
         for name in ("report_service", "bank_connector", "notifier")
     }
@@ -241,6 +244,7 @@ async def build_parts(
         metrics=metrics,
         dependencies=dependencies,
         readiness_every_s=settings.readiness_every_s,
+        security=server_security(settings, SERVICE),
     )
     return GatewayParts(host, gateway)
 

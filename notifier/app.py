@@ -17,6 +17,7 @@ from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.readiness import database
+from cardcheck.runtime.security import server_security
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine
@@ -138,6 +139,7 @@ async def build_parts(
         metrics=metrics,
         dependencies=[database(db.engine)],
         readiness_every_s=settings.readiness_every_s,
+        security=server_security(settings, SERVICE),
     )
     await hub.start()
     if start_worker:

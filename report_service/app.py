@@ -17,6 +17,7 @@ from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
 from cardcheck.runtime.readiness import database
+from cardcheck.runtime.security import mesh_tls, server_security
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
 from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine
@@ -141,11 +142,14 @@ async def build_parts(
     )
     metrics = ServiceMetrics(SERVICE, settings.metrics_address(SERVICE))
     instrument(metrics, chain, db.engine, clock, timedelta(seconds=config.lease_s))
+    tls = mesh_tls(settings, SERVICE)
     bank_channel = open_channel(
-        settings.addresses["bank_connector"], tracer_provider, max_receive_bytes=MAX_OUTCOME_BYTES, metrics=metrics
+        settings.addresses["bank_connector"], tracer_provider, max_receive_bytes=MAX_OUTCOME_BYTES, metrics=metrics,
+        tls=tls,
     )
     notifier_channel = open_channel(
-        settings.addresses["notifier"], tracer_provider, max_receive_bytes=MAX_NOTIFIER_ANSWER_BYTES, metrics=metrics
+        settings.addresses["notifier"], tracer_provider, max_receive_bytes=MAX_NOTIFIER_ANSWER_BYTES, metrics=metrics,
+        tls=tls,
     )
     worker = QueryWorker(
         execution,
@@ -186,6 +190,7 @@ async def build_parts(
         metrics=metrics,
         dependencies=[database(db.engine)],
         readiness_every_s=settings.readiness_every_s,
+        security=server_security(settings, SERVICE),
     )
     await hub.start()
     worker.start()  # resumes whatever work a previous run left, once its leases are free

@@ -24,8 +24,10 @@ import yaml
 from bank_connector.config import ConnectorConfig
 from bank_sim.app import _arguments as bank_sim_arguments
 from bank_sim.app import start_options as bank_sim_start_options
+from cardcheck.banks import BANK_CODES
 from cardcheck.cli.config import SERVICE_MODELS, variables
 from cardcheck.cli.config import accepted as accepted_variables
+from cardcheck.runtime.certs import spiffe_id
 from cardcheck.runtime.keys import load_master_key
 from cardcheck.runtime.settings import Settings, SettingsError
 from gateway.config import GatewayConfig
@@ -35,8 +37,13 @@ from report_service.config import ReportServiceConfig
 from tests.deploy_image import ROOT, SERVICES, container_command, final_stage, image_uid
 
 K8S = ROOT / "deploy" / "k8s"
-KUSTOMIZATIONS = {"base": K8S / "base", "staging": K8S / "overlays" / "staging"}
+KUSTOMIZATIONS = {
+    "base": K8S / "base",
+    "staging": K8S / "overlays" / "staging",
+    "production": K8S / "overlays" / "production",
+}
 REPLICATED = ("gateway", "report_service", "bank_connector", "notifier")
+SIMULATED = ("bank_sim",)  # not deployed in production
 
 # What a Secret reference stands for while the environment is checked: valid values of the right
 # shape, so that the services' own validation runs on everything else.
@@ -418,8 +425,14 @@ def address_problems(m: Manifests) -> list[str]:
         grpc_ports = [p["containerPort"] for p in container.get("ports", []) if p.get("name") == "grpc"]
         if grpc_ports != [listen_port(m, deployment)]:
             problems.append(f"{service} listens on {listen_port(m, deployment)}, its grpc port is {grpc_ports}")
+        deployed = {service_of(pod_spec(d)["containers"][0]) for d in m.deployments}
         for caller, callee in sorted(edges):
-            if caller == service and f"CARDCHECK_{callee.upper()}_ADDR" not in env:
+            if caller == service and callee == "bank_sim" and callee not in deployed:
+                # No simulator (production): every bank at its own address instead.
+                unset = [c for c in BANK_CODES if f"CARDCHECK_BANK_ADDR_{c}" not in env]
+                if unset:
+                    problems.append(f"{service}: no bank_sim, and no address for the banks {', '.join(unset)}")
+            elif caller == service and f"CARDCHECK_{callee.upper()}_ADDR" not in env:
                 problems.append(f"{service} calls {callee} but CARDCHECK_{callee.upper()}_ADDR is unset")
         for callee in SERVICES:
             address = env.get(f"CARDCHECK_{callee.upper()}_ADDR")
@@ -456,10 +469,19 @@ def address_problems(m: Manifests) -> list[str]:
     return problems
 
 
+def probe_port(m: Manifests, deployment: dict) -> int:
+    """Where the kubelet's gRPC probe finds health: the gRPC port, or with TLS on the plaintext
+    health port (cardcheck/runtime/security.py)."""
+    container = pod_spec(deployment)["containers"][0]
+    settings = Settings.from_env(container_env(m, container))
+    service = service_of(container)
+    return int(settings.health_address(service).rpartition(":")[2]) if settings.tls else settings.port(service)
+
+
 def probe_problems(m: Manifests) -> list[str]:
     problems = []
     for deployment, container, service in served(m):
-        port, names = listen_port(m, deployment), health_names(service)
+        port, names = probe_port(m, deployment), health_names(service)
         for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
             probe = container.get(kind)
             if probe is None:
@@ -470,7 +492,9 @@ def probe_problems(m: Manifests) -> list[str]:
                 problems.append(f"{service}: {kind} is not a gRPC health check")
                 continue
             if probe["grpc"].get("port") != port:
-                problems.append(f"{service}: {kind} asks port {probe['grpc'].get('port')}, it listens on {port}")
+                problems.append(f"{service}: {kind} asks port {probe['grpc'].get('port')}, health is on {port}")
+            if container_port(deployment, port) is None:
+                problems.append(f"{service}: its health port {port} is not a container port")
             asked = probe["grpc"].get("service", "")
             if kind == "readinessProbe" and asked not in names:
                 problems.append(f"{service}: readiness asks {asked!r}, not one of its own {sorted(names)}")
@@ -815,6 +839,52 @@ def admitted_on(m: Manifests, source: dict | str, target: dict, port: int, *, ig
     return False
 
 
+def mounted_secret(deployment: dict, container: dict, path: Path) -> str | None:
+    """The Secret whose volume is mounted where `path` is read, or None."""
+    volumes = {v["name"]: v for v in pod_spec(deployment).get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        if Path(mount["mountPath"]) == path.parent and mount["name"] in volumes:
+            return volumes[mount["name"]].get("secret", {}).get("secretName")
+    return None
+
+
+def tls_problems(m: Manifests) -> list[str]:
+    """Off the sandbox, the mesh runs on TLS with no simulator; with TLS on, every file a
+    service reads comes from a mounted Secret, and its own certificate is a cert-manager
+    Certificate naming its identity (the URI SAN the servers authorize by)."""
+    problems = []
+    certificates = {c["spec"]["secretName"]: c["spec"] for c in m.of_kind("Certificate")}
+    for deployment, container, service in served(m):
+        settings = Settings.from_env(container_env(m, container))
+        if not settings.sandbox and not settings.tls:
+            problems.append(f"{service}: CARDCHECK_SANDBOX is off and CARDCHECK_TLS too: production in plaintext")
+        if not settings.sandbox and service == "bank_sim":
+            problems.append("bank_sim runs with CARDCHECK_SANDBOX off")
+        if not settings.tls:
+            continue
+        own = settings.tls_files(service)
+        wanted = [*own.paths()]
+        if service == "gateway":
+            wanted += [settings.gateway_public_files().certificate, settings.gateway_public_files().key]
+        if service == "bank_connector":
+            wanted += [path for code in sorted(settings.bank_addresses) for path in settings.bank_tls_files(code).paths()]
+        for path in dict.fromkeys(wanted):
+            if mounted_secret(deployment, container, path) is None:
+                problems.append(f"{service} reads {path}, which no mounted Secret holds")
+        secret = mounted_secret(deployment, container, own.certificate)
+        spec = certificates.get(secret or "")
+        if spec is None:
+            problems.append(f"{service}: its certificate's Secret {secret} is no cert-manager Certificate's")
+            continue
+        if spec.get("uris") != [spiffe_id(service)]:
+            problems.append(f"{service}: its Certificate names {spec.get('uris')}, not {spiffe_id(service)}")
+        if not {"server auth", "client auth"} <= set(spec.get("usages", [])):
+            problems.append(f"{service}: its Certificate is not for both server and client auth")
+        if service.replace("_", "-") not in spec.get("dnsNames", []):
+            problems.append(f"{service}: its Certificate lacks the Service's name {service.replace('_', '-')}")
+    return problems
+
+
 CHECKS: dict[str, Callable[[Manifests], list[str]]] = {
     "environment": environment_problems,
     "addresses": address_problems,
@@ -825,4 +895,5 @@ CHECKS: dict[str, Callable[[Manifests], list[str]]] = {
     "secrets": secret_problems,
     "network": network_problems,
     "metrics": metrics_problems,
+    "tls": tls_problems,
 }

@@ -51,7 +51,9 @@ def test_the_accepted_variables_are_the_declared_ones():
     exact, prefixes = accepted()
     assert {"CARDCHECK_GATEWAY_ADDR", "CARDCHECK_SMS_CAP_SMS_CODE", "CARDCHECK_BANK_RETRY_MAX_ATTEMPTS",
             "CARDCHECK_REPORT_RETENTION_DAYS", "CARDCHECK_BANK_SIM_PORT_PER_BANK"} <= exact
-    assert "CARDCHECK_SHUTDOWN_GRACE" not in exact and set(prefixes) == {"CARDCHECK_BANK_ADDR_", "CARDCHECK_BANK_CONCURRENCY_"}
+    assert "CARDCHECK_SHUTDOWN_GRACE" not in exact and set(prefixes) == {
+        "CARDCHECK_BANK_ADDR_", "CARDCHECK_BANK_CONCURRENCY_", "CARDCHECK_BANK_TLS_DIR_"
+    }
     declared = Counter(v.name for m in MODELS for v in variables(m) if v.prefix is None)
     # No name twice, but for a value each service holds of its own (say, its own API key).
     assert {name for name, times in declared.items() if times > 1} == DECLARED_PER_SERVICE

@@ -47,6 +47,7 @@ from tests.deploy_manifests import (
     CHECKS,
     KUSTOMIZATIONS,
     SECRET_PLACEHOLDERS,
+    SIMULATED,
     Manifests,
     code_edges,
     container_env,
@@ -80,8 +81,9 @@ def base() -> Manifests:
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
 def test_kustomizations_render_the_whole_mesh(name: str) -> None:
     m = Manifests(rendered(name))
-    assert sorted(service_of(containers(d)[0]) for d in m.deployments) == sorted(SERVICES)
-    assert {s["metadata"]["name"] for s in m.of_kind("Service")} == {s.replace("_", "-") for s in SERVICES}
+    expected = [s for s in SERVICES if name != "production" or s not in SIMULATED]
+    assert sorted(service_of(containers(d)[0]) for d in m.deployments) == sorted(expected)
+    assert {s["metadata"]["name"] for s in m.of_kind("Service")} == {s.replace("_", "-") for s in expected}
     for service in m.of_kind("Service"):
         assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
         assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
@@ -116,6 +118,50 @@ def test_the_code_opens_channels_along_the_documented_edges() -> None:
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_manifests_hold(manifests: Manifests, check: str) -> None:
     assert CHECKS[check](manifests) == []
+
+
+def test_production_runs_on_cert_manager_certificates_without_the_simulator() -> None:
+    m = Manifests(rendered("production"))
+    config = _configmap(m)
+    assert config["CARDCHECK_SANDBOX"] == "false" and config["CARDCHECK_TLS"] == "on"
+    assert config["CARDCHECK_LOG_FORMAT"] == "json" and "CARDCHECK_BANK_SIM_ADDR" not in config
+    assert not [d for d in m.of_kind("NetworkPolicy") if "bank-sim" in d["metadata"]["name"]]
+    issued = {c["spec"]["secretName"]: c["spec"]["issuerRef"]["name"] for c in m.of_kind("Certificate")}
+    assert {issued[f"{s.replace('_', '-')}-tls"] for s in SERVICES if s not in SIMULATED} == {"cardcheck-mesh"}
+    gateway = _container(m, "gateway")
+    env = {v["name"]: v.get("value") for v in gateway["env"]}
+    assert env["CARDCHECK_TLS_CERT_FILE"] == "/var/run/cardcheck/tls/tls.crt"
+    assert env["CARDCHECK_GATEWAY_PUBLIC_CERT_FILE"] == "/var/run/cardcheck/public-tls/tls.crt"
+    assert issued["gateway-public-tls"] == "public-issuer"
+    assert config["CARDCHECK_FACE_PROVIDER"] == config["CARDCHECK_SMS_PROVIDER"] == "tencent"
+    tencent = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in gateway["env"] if "TENCENT" in v["name"]}
+    assert {ref["name"] for ref in tencent.values()} == {"gateway-secrets"}
+    assert not any(ref.get("optional") for ref in tencent.values())
+
+
+PRODUCTION_BREAKAGES: dict[str, tuple[str, Callable[[Manifests], object]]] = {
+    "tls off": ("tls", lambda m: _configmap(m).update(CARDCHECK_TLS="off")),
+    "certificate not mounted": (
+        "tls", lambda m: _container(m, "notifier").update(
+            volumeMounts=[v for v in _container(m, "notifier")["volumeMounts"] if v["name"] != "tls"])
+    ),
+    "another identity": (
+        "tls", lambda m: m.named("Certificate", "notifier-tls")["spec"].update(uris=["spiffe://cardcheck/gateway"])
+    ),
+    "probe on the mTLS port": (
+        "probes", lambda m: _container(m, "report_service")["readinessProbe"]["grpc"].update(port=50052)
+    ),
+    "a bank without an address": ("addresses", lambda m: _configmap(m).pop("CARDCHECK_BANK_ADDR_ICBC")),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(PRODUCTION_BREAKAGES))
+def test_each_production_check_catches_its_breakage(breakage: str) -> None:
+    check, breaks = PRODUCTION_BREAKAGES[breakage]
+    m = Manifests(rendered("production"))
+    assert CHECKS[check](m) == []
+    breaks(m)
+    assert CHECKS[check](m), f"{check} did not notice: {breakage}"
 
 
 def test_the_image_definition_holds() -> None:

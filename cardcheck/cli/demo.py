@@ -15,6 +15,7 @@ from cardcheck import dataset
 from cardcheck.banks import BY_CODE
 from cardcheck.runtime.errors import CardCheckError, Reason, from_rpc_error
 from cardcheck.runtime.logs import mask_phone
+from cardcheck.runtime.security import operator_channel
 from cardcheck.runtime.settings import Settings
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, notifier_pb2, notifier_pb2_grpc
 
@@ -52,8 +53,8 @@ class Journey:
     def __init__(self, settings: Settings, person: dataset.Person, payment_password: str) -> None:
         self.person = person
         self.payment_password = payment_password
-        self.gateway_channel = grpc.aio.insecure_channel(settings.addresses["gateway"])
-        self.notifier_channel = grpc.aio.insecure_channel(settings.addresses["notifier"])
+        self.gateway_channel = operator_channel(settings, "gateway")
+        self.notifier_channel = operator_channel(settings, "notifier")  # the sandbox's SMS inbox
         self.gateway = gateway_pb2_grpc.CardCheckStub(self.gateway_channel)
         self.inbox = notifier_pb2_grpc.NotifierStub(self.notifier_channel)
         self.metadata: tuple[tuple[str, str], ...] = ()

@@ -1,5 +1,5 @@
 """`cardcheck up`, `cardcheck demo`, `cardcheck load`, `cardcheck dataset`, `cardcheck audit`,
-`cardcheck keys` and `cardcheck config`."""
+`cardcheck keys`, `cardcheck certs` and `cardcheck config`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--bank-profile", type=Path, help="per-bank behaviour for bank_sim (JSON)")
     up.add_argument("--load-test", action="store_true",
                     help="sandbox only: raise the limits that stop one machine driving `cardcheck load`")
+    up.add_argument("--tls", action="store_true",
+                    help="the whole mesh on mutual TLS, with the development certificates (made when missing)")
 
     demo = commands.add_parser("demo", help="run the whole user journey against a running mesh")
     demo.add_argument("--dataset", type=Path, help="the dataset bank_sim serves (default: the generated one)")
@@ -40,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("action", choices=["rotate", "rewrap"],
                       help="rotate: a new master key, the old one retired; rewrap: every service's data under the new one")
     keys.add_argument("--data-dir", type=Path, help="overrides CARDCHECK_DATA_DIR (default ./var)")
+
+    certs = commands.add_parser("certs", help="write a development CA and each service's certificate and key")
+    certs.add_argument("--data-dir", type=Path, help="overrides CARDCHECK_DATA_DIR (default ./var); they go in tls/")
+    certs.add_argument("--renew", action="store_true", help="issue every certificate again (the CAs are kept)")
 
     from cardcheck.cli import config
 
@@ -71,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
             bank_env["CARDCHECK_BANK_LATENCY_MS"] = f"{args.bank_latency_ms:g}"
         if args.bank_profile is not None:
             bank_env["CARDCHECK_BANK_PROFILE"] = str(args.bank_profile.resolve())
+        if args.tls:
+            bank_env["CARDCHECK_TLS"] = "on"
         sys.exit(asyncio.run(run_up(args.dataset, args.data_dir, args.ready_timeout, bank_env, args.load_test)))
     if args.command == "demo":
         from cardcheck.cli.demo import run_demo
@@ -80,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         from cardcheck.cli.keys import rewrap_all, rotate
 
         sys.exit(rotate(args.data_dir) if args.action == "rotate" else rewrap_all(args.data_dir))
+    if args.command == "certs":
+        from cardcheck.cli.certs import run as run_certs
+
+        sys.exit(run_certs(args.data_dir, args.renew))
     if args.command == "config":
         from cardcheck.cli.config import run
 

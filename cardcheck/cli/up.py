@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cardcheck.load import LOAD_TEST_PEOPLE
+from cardcheck.runtime.access import OPERATOR
+from cardcheck.runtime.certs import missing, write_development_set
 from cardcheck.runtime.files import private_directory
+from cardcheck.runtime.security import operator_channel
 from cardcheck.runtime.settings import Settings, SettingsError
 
 START_ORDER = ("bank_sim", "bank_connector", "notifier", "report_service", "gateway")
@@ -69,9 +73,10 @@ async def _pump(child: Child, width: int) -> None:
         sys.stdout.flush()
 
 
-async def _wait_serving(name: str, address: str, deadline: float) -> None:
+async def _wait_serving(name: str, settings: Settings, deadline: float) -> None:
     loop = asyncio.get_running_loop()
-    async with grpc.aio.insecure_channel(address) as channel:
+    address = settings.addresses[name]
+    async with operator_channel(settings, name) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -104,6 +109,18 @@ async def _stop(child: Child, grace: float) -> int | None:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(child.pump, 2)
     return process.returncode
+
+
+def _development_certificates(settings: Settings) -> str | None:
+    """Makes the development certificates when missing (and no file of TLS is named by hand);
+    what is still wrong, or None."""
+    tls_dir = settings.tls_dir or settings.data_dir / "tls"
+    by_hand = settings.tls_ca_file or settings.tls_cert_file or settings.tls_key_file
+    if not by_hand and missing(tls_dir):
+        written = write_development_set(tls_dir, datetime.now(UTC))
+        _say(f"TLS: wrote the development CA and certificates to {tls_dir} ({len(written)} files)")
+    problems = [line for service in (*START_ORDER, OPERATOR) for line in settings.tls_missing(service)]
+    return f"TLS: {problems[0]}" if problems else None
 
 
 def load_test_profile(env: dict[str, str]) -> list[str]:
@@ -145,6 +162,11 @@ async def run_up(
         _say(f"no dataset at {dataset}")
         return 2
     private_directory(settings.data_dir)  # 0700: keys, SQLite files and spans live in it
+    if settings.tls:
+        problem = _development_certificates(settings)
+        if problem:
+            _say(problem)
+            return 2
 
     children = {name: Child(name, [sys.executable, "-m", name]) for name in START_ORDER}
     if dataset is not None:
@@ -182,7 +204,7 @@ async def run_up(
         watchers.append(asyncio.create_task(watch(child)))
 
     deadline = loop.time() + ready_timeout
-    ready = asyncio.gather(*(_wait_serving(n, settings.addresses[n], deadline) for n in START_ORDER))
+    ready = asyncio.gather(*(_wait_serving(n, settings, deadline) for n in START_ORDER))
     stop_wait = asyncio.create_task(stop_requested.wait())
     waiting: set[asyncio.Future[Any]] = {ready, stop_wait}
     done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -193,7 +215,8 @@ async def run_up(
     elif ready in done:
         _say(
             "all five services SERVING; gateway at "
-            f"{settings.addresses['gateway']}, data in {settings.data_dir} (Ctrl-C stops them)"
+            f"{settings.addresses['gateway']}{' (TLS)' if settings.tls else ''}, data in {settings.data_dir} "
+            "(Ctrl-C stops them)"
         )
         await stop_wait
     else:

@@ -10,7 +10,10 @@ import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from cardcheck.runtime.metrics import ServiceMetrics
+from cardcheck.runtime.renewing import RenewingChannel
+from cardcheck.runtime.security import credentials_of
 from cardcheck.runtime.telemetry import RequestHook, client_interceptors
+from cardcheck.runtime.tls import TlsFiles
 
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -31,14 +34,22 @@ def open_channel(
     options: list[tuple[str, object]] | None = None,
     request_hook: RequestHook | None = None,
     metrics: ServiceMetrics | None = None,
+    tls: TlsFiles | None = None,
 ) -> grpc.aio.Channel:
     """`options` are added to (and override) the defaults, e.g. a shorter reconnect backoff.
     `max_receive_bytes` unset keeps grpc's default. `metrics`: the calling service's, which
-    then count and time each call (the innermost interceptor, so it sees grpc's own call)."""
+    then count and time each call (the innermost interceptor, so it sees grpc's own call).
+    `tls`: the CA the server is checked against and the certificate presented (mutual TLS),
+    followed when they change (cardcheck/runtime/renewing.py); None: plaintext. SettingsError
+    when they cannot be used."""
     interceptors: list[grpc.aio.ClientInterceptor] = [
         *(client_interceptors(provider, request_hook) if provider is not None else ()),
         *(metrics.client_interceptors() if metrics is not None else ()),
     ]
     limits = {} if max_receive_bytes is None else {"grpc.max_receive_message_length": max_receive_bytes}
     merged = dict(CHANNEL_OPTIONS) | limits | dict(options or ())
+    if tls is not None:
+        return RenewingChannel(tls, credentials_of, lambda credentials: grpc.aio.secure_channel(
+            address, credentials, options=list(merged.items()), interceptors=interceptors or None
+        ))
     return grpc.aio.insecure_channel(address, options=list(merged.items()), interceptors=interceptors or None)

@@ -19,7 +19,12 @@ the request was parsed, there is no field to name):
   RESOURCE_EXHAUSTED, "Sent message larger than max", instead of a reply no caller accepts.
 
 `CARDCHECK_<SERVICE>_MAX_CONCURRENT_RPCS` and `CARDCHECK_<SERVICE>_MAX_RECEIVE_BYTES` (read in
-cardcheck/runtime/settings.py) override a service's own numbers."""
+cardcheck/runtime/settings.py) override a service's own numbers.
+
+With `security` (cardcheck/runtime/security.py, CARDCHECK_TLS on) the port serves TLS from files
+reloaded when they change, an internal server checks each caller against the allow-list
+(cardcheck/runtime/access.py), and grpc.health.v1 is also served alone, in plaintext, on the
+health address for the kubelet's probes (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from cardcheck.runtime.logs import setup_logging
 from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.readiness import Dependency, Readiness
+from cardcheck.runtime.security import ServerSecurity
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import server_interceptors
 
@@ -127,6 +133,7 @@ class ServiceHost:
         metrics: ServiceMetrics | None = None,
         dependencies: Sequence[Dependency] = (),
         readiness_every_s: float = 2.0,
+        security: ServerSecurity | None = None,
     ) -> None:
         """`metrics` (cardcheck/runtime/metrics.py) count every call served, on /metrics
         from `start()` to `stop()`; None: none. `bounds` default to grpc's own limits (headers refused for certain past 8 KiB);
@@ -146,13 +153,18 @@ class ServiceHost:
         self.readiness = Readiness(
             self.health, [r.service_name for r in self._registrations], dependencies, every_s=readiness_every_s
         )
+        self.security = security  # TLS and access checks (cardcheck/runtime/security.py); None: plaintext
         self.server = grpc.aio.server(
-            # metrics innermost: they wrap each method's own handler once, not the tracing's
-            interceptors=[*server_interceptors(tracer_provider), *(metrics.server_interceptors() if metrics else ())],
+            # metrics inside tracing: they wrap each method's own handler once, not the tracing's;
+            # the access check innermost, so a refused caller is counted and traced
+            interceptors=[*server_interceptors(tracer_provider), *(metrics.server_interceptors() if metrics else ()),
+                          *(security.interceptors() if security else ())],
             options=list((dict(SERVER_OPTIONS) | dict(self.bounds.options()) | dict(options)).items()),
             maximum_concurrent_rpcs=self.bounds.max_concurrent_rpcs,
         )
         self.port: int | None = None
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -165,12 +177,16 @@ class ServiceHost:
             self.server,
         )
         try:
-            self.port = self.server.add_insecure_port(self._bind_address)
+            self.port = self._add_port(self.server, self._bind_address)
+        except StartupError:
+            raise
         except RuntimeError:
             self.port = 0
         if not self.port:
             raise StartupError(f"{self.name} could not bind {self._bind_address} (is the port in use?)")
         await self.server.start()
+        if self.security is not None:
+            await self._serve_plain_health(self.security.health_address)
         if self.metrics is not None and self.metrics.address is not None:
             try:
                 self.metrics.start()
@@ -187,6 +203,27 @@ class ServiceHost:
                  self._bind_address.rpartition(":")[0] + f":{self.port}", event_loop_name())
         return self.port
 
+    def _add_port(self, server: grpc.aio.Server, address: str) -> int:
+        if self.security is None:
+            return server.add_insecure_port(address)
+        try:
+            credentials = self.security.tls.credentials()
+        except (OSError, ValueError) as error:
+            raise StartupError(f"{self.name}: TLS files unusable: {error}") from None
+        return server.add_secure_port(address, credentials)
+
+    async def _serve_plain_health(self, address: str) -> None:
+        """grpc.health.v1 alone, in plaintext, for the kubelet's probes (cardcheck/runtime/security.py)."""
+        self.health_server = grpc.aio.server(options=SERVER_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        try:
+            self.health_port = self.health_server.add_insecure_port(address)
+        except RuntimeError:
+            self.health_port = 0
+        if not self.health_port:
+            raise StartupError(f"{self.name} could not bind {address} for its health checks (is the port in use?)")
+        await self.health_server.start()
+
     async def stop(self, grace: float = 5.0) -> None:
         if self._stopped.is_set():
             return
@@ -199,6 +236,8 @@ class ServiceHost:
             except Exception:
                 log.exception("%s: a drain hook failed", self.name)
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self.metrics is not None:
             self.metrics.stop()
         for hook in self._on_stop:

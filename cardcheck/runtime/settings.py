@@ -4,6 +4,7 @@ config.py."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, overload
@@ -21,6 +22,7 @@ from cardcheck.runtime.declared import (
     problem_of,
     refuse,
 )
+from cardcheck.runtime.tls import TlsFiles
 
 __all__ = ["Settings", "SettingsError", "env_number", "redact_url"]
 
@@ -124,6 +126,10 @@ MAX_CONCURRENT_RPCS = Family("CARDCHECK_{}_MAX_CONCURRENT_RPCS", SERVICES)
 MAX_RECEIVE_BYTES = Family("CARDCHECK_{}_MAX_RECEIVE_BYTES", SERVICES)
 METRICS_ADDRESSES = Family("CARDCHECK_{}_METRICS_ADDR", SERVICES)
 METRICS_PORT_OFFSET = 1000  # /metrics listens at the gRPC port + 1000 unless told otherwise
+HEALTH_ADDRESSES = Family("CARDCHECK_{}_HEALTH_ADDR", SERVICES)
+HEALTH_PORT_OFFSET = 2000  # with TLS on: plaintext grpc.health.v1 alone, for the kubelet's probes
+BANK_TLS_DIRS = Family("CARDCHECK_BANK_TLS_DIR_{}", key_text="CODE")
+INTERNAL_SERVICES = ("report_service", "bank_connector", "notifier", "bank_sim")
 
 
 class Settings(DeclaredSettings):
@@ -193,6 +199,41 @@ class Settings(DeclaredSettings):
         json_schema_extra={"shown_default": "the service's own"},
     )
 
+    # TLS (docs/security.md): the files each service reads, reloaded when they change.
+    tls: bool = Field(False, json_schema_extra={"shown_default": "off"}, description="on: every server serves TLS, internal ones require a client "
+                      "certificate of the mesh's CA (mTLS), and every channel presents its service's certificate")
+    tls_dir: Path | None = Field(
+        None, description="the directory with `ca.pem`, `<service>.pem` and `<service>.key`, as `cardcheck "
+        "certs` writes them", json_schema_extra={"shown_default": "the data dir's tls/"},
+    )
+    tls_ca_file: Path | None = Field(None, description="the mesh's CA (PEM), instead of the TLS dir's ca.pem; "
+                                     "cert-manager's secret mounts it as ca.crt")
+    tls_cert_file: Path | None = Field(None, description="this service's certificate chain (PEM), instead of "
+                                       "`<service>.pem`; cert-manager: tls.crt")
+    tls_key_file: Path | None = Field(None, description="this service's private key (PEM), instead of "
+                                      "`<service>.key`; cert-manager: tls.key")
+    gateway_public_cert_file: Path | None = Field(
+        None, description="the certificate the gateway's public port presents (server authentication only)",
+        json_schema_extra={"shown_default": "the gateway's own"},
+    )
+    gateway_public_key_file: Path | None = Field(
+        None, description="its private key", json_schema_extra={"shown_default": "the gateway's own"},
+    )
+    bank_tls_dir: Path | None = Field(
+        None, description="with TLS on, what bank channels use for banks reached at their own address "
+        "(`CARDCHECK_BANK_ADDR_<CODE>`): ca.pem (the bank's CA), bank_connector.pem and bank_connector.key "
+        "(the client certificate the bank requires)", json_schema_extra={"shown_default": "the TLS dir's banks/"},
+    )
+    bank_tls_dirs: Annotated[dict[str, Path], BANK_TLS_DIRS] = Field(
+        default_factory=dict, description="that bank's own directory of the same three files"
+    )
+    health_addresses: Annotated[dict[str, str], HEALTH_ADDRESSES] = Field(
+        default_factory=dict,
+        description="with TLS on, host:port where that service also serves grpc.health.v1 alone, in "
+        "plaintext, for the kubelet's gRPC probes (which speak no TLS)",
+        json_schema_extra={"shown_default": "the bind host, at the service's gRPC port + 2000"},
+    )
+
     @field_validator("addresses", mode="before")
     @classmethod
     def _addresses(cls, value: Mapping[str, str]) -> dict[str, str]:
@@ -203,7 +244,24 @@ class Settings(DeclaredSettings):
     def _metrics_addresses(cls, value: Mapping[str, str]) -> dict[str, str]:
         return METRICS_ADDRESSES.each(value, _host_port)
 
-    @field_validator("sandbox", "metrics", mode="before")
+    @field_validator("health_addresses", mode="before")
+    @classmethod
+    def _health_addresses(cls, value: Mapping[str, str]) -> dict[str, str]:
+        return HEALTH_ADDRESSES.each(value, _host_port)
+
+    @field_validator("bank_tls_dirs", mode="before")
+    @classmethod
+    def _bank_tls_dirs(cls, value: Mapping[str, Any]) -> dict[str, Any]:
+        from cardcheck.banks import BANK_CODES
+
+        def known(code: str, path: Any) -> Any:
+            if code not in BANK_CODES:
+                raise refuse("names no bank of docs/api.md's list")
+            return path
+
+        return BANK_TLS_DIRS.each(value, known)
+
+    @field_validator("sandbox", "metrics", "tls", mode="before")
     @classmethod
     def _sandbox(cls, value: Any) -> bool:
         if isinstance(value, bool):
@@ -271,6 +329,57 @@ class Settings(DeclaredSettings):
 
     def bind_address(self, service: str) -> str:
         return f"{self.bind_host}:{self.port(service)}"
+
+    def health_address(self, service: str) -> str:
+        """Where `service` serves plaintext health with TLS on: its gRPC port + 2000 unless moved."""
+        if service in self.health_addresses:
+            return self.health_addresses[service]
+        port = self.port(service)
+        moved = port + HEALTH_PORT_OFFSET
+        return f"{self.bind_host}:{moved if port and moved <= 65535 else 0}"
+
+    def tls_files(self, service: str) -> TlsFiles:
+        """`service`'s CA, certificate and key: the TLS dir's, each file overridable."""
+        directory = self.tls_dir or self.data_dir / "tls"
+        return TlsFiles(
+            self.tls_ca_file or directory / "ca.pem",
+            self.tls_cert_file or directory / f"{service}.pem",
+            self.tls_key_file or directory / f"{service}.key",
+        )
+
+    def gateway_public_files(self) -> TlsFiles:
+        own = self.tls_files("gateway")
+        return TlsFiles(own.ca, self.gateway_public_cert_file or own.certificate,
+                        self.gateway_public_key_file or own.key)
+
+    def banks_tls_dir(self, bank_code: str | None = None) -> Path:
+        """The directory of a bank's TLS material (its own, else the shared one)."""
+        own = self.bank_tls_dirs.get(bank_code) if bank_code else None
+        return own or self.bank_tls_dir or (self.tls_dir or self.data_dir / "tls") / "banks"
+
+    def bank_tls_files(self, bank_code: str, identity: str = "bank_connector") -> TlsFiles:
+        """The bank's CA and `identity`'s certificate and key: bank_connector's client ones, or
+        bank_sim's server ones for the simulated bank."""
+        directory = self.banks_tls_dir(bank_code)
+        return TlsFiles(directory / "ca.pem", directory / f"{identity}.pem", directory / f"{identity}.key")
+
+    def tls_missing(self, service: str) -> list[str]:
+        """What `service` lacks to run on TLS, one line each (empty: nothing): TLS off, or a file
+        that is not there or cannot be read."""
+        if not self.tls:
+            return [f"{self.variable('tls')} is off: the mesh runs in plaintext"]
+        wanted = [self.tls_files(service)]
+        if service == "gateway":
+            wanted.append(self.gateway_public_files())
+        if service == "bank_connector":
+            wanted += [self.bank_tls_files(code) for code in sorted(self.bank_addresses)]
+        problems: list[str] = []
+        for files in wanted:
+            for path in files.paths():
+                line = f"{service}: no readable TLS file {path}"
+                if not os.access(path, os.R_OK) and line not in problems:
+                    problems.append(line)
+        return problems
 
     def metrics_address(self, service: str) -> str | None:
         """Where `service` serves /metrics: None when metrics are off; its gRPC port + 1000

@@ -53,10 +53,18 @@ class Mesh:
         return self.process.wait(timeout)
 
 
-def start_mesh(data_dir: Path, *args: str, extra_env: dict[str, str] | None = None, wait: bool = True) -> Mesh:
+def start_mesh(
+    data_dir: Path, *args: str, extra_env: dict[str, str] | None = None, wait: bool = True, tls: bool = False
+) -> Mesh:
+    """`tls`: `cardcheck up --tls`, and CARDCHECK_TLS=on in `env` so that the test's own
+    channels (mesh.settings) speak TLS too; each server's plaintext health port is a free one."""
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.update({f"CARDCHECK_{service.upper()}_ADDR": f"127.0.0.1:{free_port()}" for service in DEFAULT_PORTS})
+    if tls:
+        args = ("--tls", *args)
+        env["CARDCHECK_TLS"] = "on"
+        env.update({f"CARDCHECK_{service.upper()}_HEALTH_ADDR": f"127.0.0.1:{free_port()}" for service in DEFAULT_PORTS})
     env.update({"CARDCHECK_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"})
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     env.update(extra_env or {})
