@@ -14,6 +14,7 @@ from bank_connector.servicer import BankConnectorServicer
 from cardcheck.banks import BANK_CODES
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.metrics import ServiceMetrics
+from cardcheck.runtime.production import require_ready
 from cardcheck.runtime.security import bank_files, server_security
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
@@ -98,5 +99,11 @@ def bank_tls(settings: Settings) -> dict[str, TlsFiles]:
     return out
 
 
+async def _build_from_env(settings: Settings) -> ServiceHost:
+    config = ConnectorConfig.from_env()
+    require_ready(settings, SERVICE)
+    return await build(settings, config=config)
+
+
 def main() -> None:
-    serve_main(SERVICE, lambda settings: build(settings, config=ConnectorConfig.from_env()))
+    serve_main(SERVICE, _build_from_env)

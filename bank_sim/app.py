@@ -32,6 +32,7 @@ from cardcheck.banks import BANK_CODES
 from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.logs import setup_logging
 from cardcheck.runtime.metrics import ServiceMetrics
+from cardcheck.runtime.production import require_ready
 from cardcheck.runtime.security import server_security
 from cardcheck.runtime.server import (
     SERVER_OPTIONS,
@@ -255,8 +256,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = Settings.from_env()
         behaviours, port_per_bank = start_options(args, os.environ)
+        require_ready(settings, SERVICE)
     except SettingsError as error:
-        print(f"{SERVICE}: {error}", file=sys.stderr)
+        for line in str(error).splitlines():
+            print(f"{SERVICE}: {line}", file=sys.stderr)
         sys.exit(2)
     setup_logging(SERVICE, settings.log_level, settings.log_format)
     if args.dataset is not None:

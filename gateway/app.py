@@ -15,6 +15,7 @@ from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
+from cardcheck.runtime.production import require_ready
 from cardcheck.runtime.readiness import database, redis_server
 from cardcheck.runtime.security import mesh_tls, server_security
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
@@ -23,7 +24,7 @@ from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine, trac
 from gateway.challenges import Challenges
 from gateway.config import GatewayConfig
 from gateway.downstream import BankDirectory, ReportDesk, SmsSender
-from gateway.face import FaceVerifier, face_provider_name, face_verifier_for
+from gateway.face import FaceVerifier, face_provider_name, face_setup_problems, face_verifier_for
 from gateway.face_tokens import SpentFaceTokens
 from gateway.flows import Gateway
 from gateway.limits import Limiters, RedisStore
@@ -292,5 +293,11 @@ async def _housekeeping(
         await asyncio.sleep(every_s)
 
 
+async def _build_from_env(settings: Settings) -> ServiceHost:
+    config = GatewayConfig.from_env()
+    require_ready(settings, SERVICE, face_setup_problems(settings, config))
+    return await build(settings, config=config)
+
+
 def main() -> None:
-    serve_main(SERVICE, build)
+    serve_main(SERVICE, _build_from_env)

@@ -16,6 +16,7 @@ from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
+from cardcheck.runtime.production import require_ready
 from cardcheck.runtime.readiness import database
 from cardcheck.runtime.security import server_security
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
@@ -149,6 +150,7 @@ async def build_parts(
 
 async def _build_from_env(settings: Settings) -> ServiceHost:
     config = NotifierConfig.from_env()
+    require_ready(settings, SERVICE, config.missing_for_production())
     config.provider_name(settings.sandbox)  # a bad combination stops here, before serving
     return await build(settings, config=config)
 

@@ -16,6 +16,7 @@ from cardcheck.runtime.database import Database, make_engine
 from cardcheck.runtime.keys import load_keyring
 from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.migrations import upgrade_to_head
+from cardcheck.runtime.production import require_ready
 from cardcheck.runtime.readiness import database
 from cardcheck.runtime.security import mesh_tls, server_security
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
@@ -197,5 +198,11 @@ async def build_parts(
     return ReportServiceParts(host, worker, store, execution, db)
 
 
+async def _build_from_env(settings: Settings) -> ServiceHost:
+    config = ReportServiceConfig.from_env()
+    require_ready(settings, SERVICE)
+    return await build(settings, config=config)
+
+
 def main() -> None:
-    serve_main(SERVICE, lambda settings: build(settings, config=ReportServiceConfig.from_env()))
+    serve_main(SERVICE, _build_from_env)

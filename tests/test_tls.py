@@ -111,7 +111,7 @@ def test_tls_missing_names_each_missing_file(tmp_path: Path, tls_dir: Path) -> N
     assert _settings(tls_dir).tls_missing("notifier") == []
     assert Settings(data_dir=tmp_path).tls_missing("notifier") == ["CARDCHECK_TLS is off: the mesh runs in plaintext"]
     lacking = _settings(tmp_path / "nowhere").tls_missing("bank_connector")
-    assert lacking == [f"bank_connector: no readable TLS file {tmp_path / 'nowhere' / f}"
+    assert lacking == [f"no readable TLS file {tmp_path / 'nowhere' / f}"
                        for f in ("ca.pem", "bank_connector.pem", "bank_connector.key")]
 
 

@@ -119,7 +119,7 @@ def _development_certificates(settings: Settings) -> str | None:
     if not by_hand and missing(tls_dir):
         written = write_development_set(tls_dir, datetime.now(UTC))
         _say(f"TLS: wrote the development CA and certificates to {tls_dir} ({len(written)} files)")
-    problems = [line for service in (*START_ORDER, OPERATOR) for line in settings.tls_missing(service)]
+    problems = [f"{service}: {line}" for service in (*START_ORDER, OPERATOR) for line in settings.tls_missing(service)]
     return f"TLS: {problems[0]}" if problems else None
 
 

@@ -294,5 +294,6 @@ def serve_main(service: str, build_host: Callable[[Settings], Awaitable[ServiceH
 
         run_event_loop(settings, serve())
     except SettingsError as error:
-        print(f"{service}: {error}", file=sys.stderr)
+        for line in str(error).splitlines():  # several only for what production mode lacks
+            print(f"{service}: {line}", file=sys.stderr)
         sys.exit(2)

@@ -376,7 +376,7 @@ class Settings(DeclaredSettings):
         problems: list[str] = []
         for files in wanted:
             for path in files.paths():
-                line = f"{service}: no readable TLS file {path}"
+                line = f"no readable TLS file {path}"
                 if not os.access(path, os.R_OK) and line not in problems:
                     problems.append(line)
         return problems
