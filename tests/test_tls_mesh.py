@@ -1,5 +1,5 @@
 """The whole mesh on mutual TLS through real processes (`cardcheck up --tls`): the journey, the
-README's grpcurl over TLS, a caller without a certificate turned away, and the plaintext health
+README's grpcurl over TLS, `cardcheck load` over TLS, a caller without a certificate turned away, and the plaintext health
 ports the kubelet's probes use."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ async def test_the_journey_over_mutual_tls(tmp_path: Path) -> None:
     records = dataset.generate(77, 30)
     dataset_file = tmp_path / "cards.jsonl"
     dataset.dump(records, dataset_file)
-    mesh = start_mesh(tmp_path / "data", "--dataset", str(dataset_file), tls=True)
+    mesh = start_mesh(tmp_path / "data", "--load-test", "--dataset", str(dataset_file), tls=True)
     try:
         settings = mesh.settings
         tls = mesh.data_dir / "tls"
@@ -61,6 +61,20 @@ async def test_the_journey_over_mutual_tls(tmp_path: Path) -> None:
             "cardcheck.v1.Notifier/ListMessages",
         )
         assert without_certificate.returncode != 0  # no client certificate: no handshake
+
+        # `cardcheck load` over TLS: the gateway verified by the CA, the inbox as the operator.
+        others = tmp_path / "others.jsonl"
+        dataset.dump([r for r in records if r.id_number.upper() != person.id_number.upper()], others)
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [str(BIN / "cardcheck"), "load", "--rate", "2", "--duration", "2", "--seed", "3", "--dataset", str(others),
+             "--ca", str(tls / "ca.pem"), "--cert", str(tls / "operator.pem"), "--key", str(tls / "operator.key"),
+             "--report", str(tmp_path / "load"), "--quiet"],
+            env=mesh.env, capture_output=True, text=True, timeout=120,
+        )
+        summary = json.loads((tmp_path / "load" / "summary.json").read_text())
+        assert done.returncode == 0 and summary["errors"] == {}, done.stdout + done.stderr
+        assert summary["journeys"]["completed"] == summary["journeys"]["started"] > 0
 
         # Plaintext: refused on every service port, served on each health port.
         for service in ("gateway", "report_service", "bank_connector", "notifier", "bank_sim"):

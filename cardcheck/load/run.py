@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--seed", type=int, help="the seed of the arrivals and the mix's draws")
     where = load.add_argument_group("where")
     where.add_argument("--target", help="the gateway, host:port (default CARDCHECK_GATEWAY_ADDR)")
-    where.add_argument("--inbox", help="notifier's sandbox inbox, host:port, plaintext (default CARDCHECK_NOTIFIER_ADDR)")
+    where.add_argument("--inbox", help="notifier's sandbox inbox, host:port (default CARDCHECK_NOTIFIER_ADDR): "
+                       "plaintext, or mTLS with --ca, --cert and --key (the operator's, in a mesh on TLS)")
     where.add_argument("--ca", type=Path, help="TLS: the CA certificate (PEM) that verifies the gateway")
     where.add_argument("--cert", type=Path, help="mTLS: the client certificate chain (PEM), with --key")
     where.add_argument("--key", type=Path, help="mTLS: the client private key (PEM), with --cert")
@@ -202,7 +203,9 @@ async def execute(args: argparse.Namespace, the_plan: Plan) -> int:
         print(f"cardcheck load: {error}", file=sys.stderr)
         return 2
     target = Target(channels, rpc_timeout_s=min(30.0, args.timeout))
-    inbox_channel = grpc.aio.insecure_channel(the_plan.inbox)
+    # In a mesh on TLS the inbox answers the operator's identity alone: the --cert and --key given.
+    mutual = "certificate_chain" in the_plan.credentials
+    inbox_channel = open_channel(the_plan.inbox, **the_plan.credentials) if mutual else grpc.aio.insecure_channel(the_plan.inbox)
     inbox = Inbox(inbox_channel)
     try:
         problem = await _check_inbox(inbox_channel, the_plan.inbox)
