@@ -4,7 +4,7 @@ puts it in the auth context as `peer_spiffe_id`).
 
 ALLOWED is the one table. A key is a gRPC service, or one of its methods (which then wins over
 its service's row). Anyone else, and a caller with no such identity, is refused with
-PERMISSION_DENIED, reason CALLER_NOT_ALLOWED (docs/api.md). tests/test_access.py holds the table
+PERMISSION_DENIED, reason CALLER_NOT_ALLOWED (docs/api.md). tests/test_tls.py holds the table
 to the calls the code makes (tests/deploy_manifests.py `code_edges`).
 
 The gateway's public port is not here: its callers are users, authorized by their session."""
