@@ -1,16 +1,20 @@
 """The whole mesh on mutual TLS through real processes (`cardcheck up --tls`): the journey, the
-README's grpcurl over TLS, `cardcheck load` over TLS, a caller without a certificate turned away, and the plaintext health
+README's grpcurl over TLS, `cardcheck load` over TLS, certificates renewed under the running mesh, a caller without a
+certificate turned away, and the plaintext health
 ports the kubelet's probes use."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
 import subprocess
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cardcheck import dataset
@@ -18,6 +22,17 @@ from cardcheck.cli.demo import Journey, walk
 from tests.harness.mesh import BIN, start_mesh
 
 pytestmark = pytest.mark.e2e
+
+
+def presented_serial(port: int, tls: Path) -> int:
+    """The serial of the certificate a new handshake with the server at `port` is shown."""
+    context = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+    context.load_cert_chain(tls / "operator.pem", tls / "operator.key")
+    context.set_alpn_protocols(["h2"])
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost") as connection:
+        der = connection.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
 
 PASSWORD = "246810"
 
@@ -63,8 +78,10 @@ async def test_the_journey_over_mutual_tls(tmp_path: Path) -> None:
         assert without_certificate.returncode != 0  # no client certificate: no handshake
 
         # `cardcheck load` over TLS: the gateway verified by the CA, the inbox as the operator.
+        rest = [r for r in records if r.id_number.upper() != person.id_number.upper()]
+        after_rotation = dataset.pick_demo_person(rest)  # walks once the certificates are renewed
         others = tmp_path / "others.jsonl"
-        dataset.dump([r for r in records if r.id_number.upper() != person.id_number.upper()], others)
+        dataset.dump([r for r in rest if r.id_number.upper() != after_rotation.id_number.upper()], others)
         done = await asyncio.to_thread(
             subprocess.run,
             [str(BIN / "cardcheck"), "load", "--rate", "2", "--duration", "2", "--seed", "3", "--dataset", str(others),
@@ -75,6 +92,23 @@ async def test_the_journey_over_mutual_tls(tmp_path: Path) -> None:
         summary = json.loads((tmp_path / "load" / "summary.json").read_text())
         assert done.returncode == 0 and summary["errors"] == {}, done.stdout + done.stderr
         assert summary["journeys"]["completed"] == summary["journeys"]["started"] > 0
+
+        # Certificates renewed under the running mesh: each server's next handshake presents its
+        # new one, and a whole journey (every hop) still goes through.
+        renewed = await asyncio.to_thread(
+            subprocess.run, [str(BIN / "cardcheck"), "certs", "--renew"], env=mesh.env, capture_output=True, text=True,
+            timeout=60,
+        )
+        assert renewed.returncode == 0, renewed.stderr
+        for service in ("gateway", "report_service", "bank_connector", "notifier", "bank_sim"):
+            serial = x509.load_pem_x509_certificate((tls / f"{service}.pem").read_bytes()).serial_number
+            port = int(settings.addresses[service].rpartition(":")[2])
+            assert await asyncio.to_thread(presented_serial, port, tls) == serial, service
+        second = Journey(settings, after_rotation, PASSWORD)
+        try:
+            assert len((await walk(second)).summary) == 24
+        finally:
+            await second.close()
 
         # Plaintext: refused on every service port, served on each health port.
         for service in ("gateway", "report_service", "bank_connector", "notifier", "bank_sim"):
