@@ -1,7 +1,7 @@
 """The whole mesh on mutual TLS through real processes (`cardcheck up --tls`): the journey, the
-README's grpcurl over TLS, `cardcheck load` over TLS, certificates renewed under the running mesh, a caller without a
-certificate turned away, and the plaintext health
-ports the kubelet's probes use."""
+README's grpcurl over TLS, `cardcheck load` over TLS, certificates renewed under the running
+mesh, a caller without a certificate turned away, and the plaintext health ports the kubelet's
+probes use."""
 
 from __future__ import annotations
 
