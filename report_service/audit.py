@@ -127,9 +127,9 @@ def plain_hash(prev_hash: str, entry: bytes) -> str:
     return hashlib.sha256(bytes.fromhex(prev_hash) + entry).hexdigest()
 
 
-def _check_no_personal_data(details: Mapping[str, object]) -> None:
-    text = _json(details)
-    if _LONG_DIGITS.search(text):
+def _check_no_personal_data(details: Mapping[str, object], text: str | None = None) -> None:
+    """`text`: the details as _json writes them, when the caller has them already."""
+    if _LONG_DIGITS.search(_json(details) if text is None else text):
         raise ValueError("audit details must not carry long digit strings (phone, ID or card numbers)")
     contents = sorted(REPORT_CONTENTS.intersection(details))
     if contents:
@@ -265,9 +265,10 @@ def _append(
     seq, prev = session.execute(_READ_HEAD).one()
     rows = []
     for event in events:
-        _check_no_personal_data(event.details)
-        seq += 1
         details = dict(event.details)
+        details_text = _json(details)
+        _check_no_personal_data(details, details_text)
+        seq += 1
         digest = entry_hash(prev, canonical(seq, at, event.event, event.query_id, event.user_id, details))
         rows.append(
             {
@@ -276,7 +277,7 @@ def _append(
                 "event": event.event,
                 "query_id": event.query_id,
                 "user_id": event.user_id,
-                "details": _json(details),
+                "details": details_text,
                 "prev_hash": prev,
                 "hash": digest,
             }
