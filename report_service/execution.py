@@ -115,6 +115,7 @@ _INSERT_OUTCOMES = insert(_OUTCOMES)
 _REPLACE_OUTCOME = update(_OUTCOMES).where(_OUTCOMES.c.id == bindparam("outcome_id"))
 _UPDATE_QUERY = update(_QUERIES).where(_QUERIES.c.query_id == bindparam("of_query"))
 _DELETE_EXECUTE = delete(_WORK).where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == EXECUTE)
+_DELETE_NOTIFY = delete(_WORK).where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == NOTIFY)
 _INSERT_REPORT = insert(table_of(ReportRow))
 _INSERT_WORK = insert(_WORK)
 WORK_LEASES = LeaseColumns(
@@ -433,7 +434,7 @@ class ExecutionStore:
         """The notifier accepted the SMS: the work is done (whoever holds its lease)."""
 
         def done(session: Session) -> None:
-            session.execute(delete(_WORK).where(_WORK.c.query_id == query_id, _WORK.c.kind == NOTIFY))
+            session.execute(_DELETE_NOTIFY, {"query_id": query_id})
 
         await self._db.write(done)
 
