@@ -98,8 +98,12 @@ def _instant(at: datetime) -> str:
     return as_utc(at).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# json.dumps with these options makes an encoder at each call: one, made once.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _json(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 def canonical(
@@ -120,6 +124,17 @@ def canonical(
             "details": details,
         }
     ).encode("utf-8")
+
+
+def _canonical_of(
+    seq: int, instant: str, event: str, query_id: str | None, user_id: str | None, details_text: str
+) -> bytes:
+    """`canonical`, byte for byte, from the instant and the details as _json wrote them: an
+    append writes both once for all its entries (keys in sorted order, as _json sorts them)."""
+    return (
+        f'{{"at":{_json(instant)},"details":{details_text},"event":{_json(event)},'
+        f'"query_id":{_json(query_id)},"seq":{seq},"user_id":{_json(user_id)}}}'
+    ).encode()
 
 
 def plain_hash(prev_hash: str, entry: bytes) -> str:
@@ -263,13 +278,14 @@ def _append(
     session: Session, events: Sequence[AuditEvent], at: datetime, entry_hash: Callable[[str, bytes], str]
 ) -> None:
     seq, prev = session.execute(_READ_HEAD).one()
+    instant = _instant(at)
     rows = []
     for event in events:
         details = dict(event.details)
         details_text = _json(details)
         _check_no_personal_data(details, details_text)
         seq += 1
-        digest = entry_hash(prev, canonical(seq, at, event.event, event.query_id, event.user_id, details))
+        digest = entry_hash(prev, _canonical_of(seq, instant, event.event, event.query_id, event.user_id, details_text))
         rows.append(
             {
                 "seq": seq,
