@@ -197,6 +197,11 @@ class Unsampled:
             self._sampler, self._follows = sampler, _follows_parent(sampler)
         return self._follows
 
+    def dropped(self) -> bool:
+        """Whether a child of the current span would be dropped: no span, or an unsampled one."""
+        parent = get_current_span().get_span_context()
+        return not parent.is_valid or (not parent.trace_flags.sampled and self.sampler_follows())
+
     def parent(self, context: Context | None = None) -> SpanContext | None:
         """The parent's span context (the current span's, or `context`'s) when a child of it is
         dropped; None when the sampler is to decide."""
@@ -448,12 +453,29 @@ def trace_engine(engine: Engine, provider: TracerProvider) -> None:
     from opentelemetry.instrumentation.sqlalchemy.version import __version__ as sqlalchemy_tracing_version
     from sqlalchemy import event
 
+    unsampled = Unsampled(provider)
     tracer = _WithinTraces(
-        provider.get_tracer("opentelemetry.instrumentation.sqlalchemy", sqlalchemy_tracing_version), Unsampled(provider)
+        provider.get_tracer("opentelemetry.instrumentation.sqlalchemy", sqlalchemy_tracing_version), unsampled
     )
-    # The pool's connection counts are for metrics, which are not this module's: a no-op meter.
+
+    class StatementTracer(sqlalchemy_tracing.EngineTracer):
+        """Looks at the statement (its name, the server's address) only for a span that is made."""
+
+        def _before_cur_exec(self, conn: Any, cursor: Any, statement: Any, params: Any, context: Any,
+                             executemany: bool) -> Any:
+            if unsampled.dropped():
+                return statement, params
+            return super()._before_cur_exec(  # type: ignore[no-untyped-call]
+                conn, cursor, statement, params, context, executemany
+            )
+
+    # The pool's connection counts are for metrics, which are not this module's: a no-op meter,
+    # and no listeners on the pool to count them.
     connections = NoOpMeterProvider().get_meter(__name__).create_up_down_counter("db.client.connections.usage")
-    sqlalchemy_tracing.EngineTracer(tracer, engine, connections, enable_commenter=False)
+    traced = StatementTracer(tracer, engine, connections, enable_commenter=False)  # type: ignore[no-untyped-call]
+    for name, listener in (("connect", traced._pool_connect), ("close", traced._pool_close),
+                           ("checkin", traced._pool_checkin), ("checkout", traced._pool_checkout)):
+        event.remove(engine, name, listener)
     event.remove(engine, "handle_error", sqlalchemy_tracing._handle_error)
     event.listen(engine, "handle_error", _statement_failed)
 
