@@ -176,6 +176,10 @@ _CHALLENGE = (
     .where(_CHALLENGES.c.challenge_id == bindparam("challenge_id"))
     .with_for_update()
 )
+_INSERT_THROTTLE = insert(_THROTTLE)
+_INSERT_CHALLENGE = insert(_CHALLENGES)
+# An UPDATE's SET clause names the columns its parameters give (all but the bound key).
+_CHANGE_CHALLENGE = update(_CHALLENGES).where(_CHALLENGES.c.challenge_id == bindparam("of_challenge"))
 
 
 @dataclass(frozen=True)
@@ -265,10 +269,10 @@ class Challenges:
                     return refusal_or_wait
                 resend_after = max(resend_after, refusal_or_wait)
             if last_sent_at is None:
-                session.execute(insert(_THROTTLE).values(**mark, last_sent_at=now))
+                session.execute(_INSERT_THROTTLE, {**mark, "last_sent_at": now})
             else:
                 session.execute(_SENT_AGAIN, {"hash_of_phone": phone_hash, "for_purpose": purpose, "now": now})
-            session.execute(insert(_CHALLENGES).values(row))
+            session.execute(_INSERT_CHALLENGE, row)
             session.flush()  # what _spend_anonymous changed, inside the IntegrityError guard
             return resend_after
 
@@ -382,14 +386,14 @@ class Challenges:
                 return "too many wrong tries"
             if as_utc(row.expires_at) <= now:
                 return "expired"
-            this = _CHALLENGES.c.challenge_id == challenge_id
             if not self._code_hash.matches(offered, row.code_hash):
                 wrong_tries = row.wrong_tries + 1  # the row is locked: no lost update
                 session.execute(
-                    update(_CHALLENGES).where(this).values(wrong_tries=wrong_tries, dead=wrong_tries >= MAX_WRONG_TRIES)
+                    _CHANGE_CHALLENGE,
+                    {"of_challenge": challenge_id, "wrong_tries": wrong_tries, "dead": wrong_tries >= MAX_WRONG_TRIES},
                 )
                 return "wrong code"
-            session.execute(update(_CHALLENGES).where(this).values(used=True))
+            session.execute(_CHANGE_CHALLENGE, {"of_challenge": challenge_id, "used": True})
             return None
 
         why = await self._db.run(work)

@@ -46,6 +46,7 @@ _SUBMISSIONS = table_of(SubmissionRow)
 _QUERY_OF_KEY = sa_select(_SUBMISSIONS.c.query_id).where(
     _SUBMISSIONS.c.user_id == bindparam("user_id"), _SUBMISSIONS.c.key_hash.in_(bindparam("digests", expanding=True))
 )
+_INSERT = insert(_SUBMISSIONS)
 
 
 class Submissions:
@@ -67,9 +68,8 @@ class Submissions:
             known = session.execute(_QUERY_OF_KEY, {"user_id": user_id, "digests": list(digests)}).first()
             if known is None:
                 session.execute(
-                    insert(_SUBMISSIONS).values(
-                        user_id=user_id, key_hash=digests[0], query_id=query_id, created_at=self._clock.now()
-                    )
+                    _INSERT,
+                    {"user_id": user_id, "key_hash": digests[0], "query_id": query_id, "created_at": self._clock.now()},
                 )
 
         try:

@@ -30,6 +30,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    Row,
     String,
     Text,
     and_,
@@ -115,6 +116,14 @@ MESSAGE_LEASES = LeaseColumns(
 # The statements of every Send, built once (Core, on the table).
 _WRITTEN = tuple(c.name for c in _MESSAGES.columns if c.name != "seq")
 _SEQ_BY_KEY = sa_select(_MESSAGES.c.seq).where(_MESSAGES.c.idempotency_key == bindparam("key"))
+_INSERT = insert(_MESSAGES)
+# A sandbox inbox, asked again and again while a code is awaited: what `inbox` reads, as rows.
+_FOR_PHONE = (
+    sa_select(_MESSAGES.c.message_id, _MESSAGES.c.phone_sealed, _MESSAGES.c.kind, _MESSAGES.c.body,
+              _MESSAGES.c.created_at)
+    .where(_MESSAGES.c.phone_hash.in_(bindparam("hashes", expanding=True)))
+    .order_by(_MESSAGES.c.created_at.desc(), _MESSAGES.c.seq.desc())
+)
 _RECENT = (
     sa_select(_MESSAGES.c.created_at)
     .where(
@@ -240,7 +249,7 @@ class MessageSealing:
     def seal_phone(self, message_id: str, phone: str) -> bytes:
         return self._phone_sealer.seal(phone.encode(), message_id.encode())
 
-    def open_phone(self, row: MessageRow) -> str:
+    def open_phone(self, row: MessageRow | Row[Any]) -> str:
         return self._phone_sealer.open(row.phone_sealed, row.message_id.encode()).decode()
 
     def seal_body(self, message_id: str, body: str, params: Sequence[str] = ()) -> bytes:
@@ -391,7 +400,7 @@ class MessageStore:
             row.next_attempt_at = now
             self._grant(row, owner)
             values = {name: getattr(row, name) for name in _WRITTEN}
-            inserted = cast(CursorResult[Any], session.execute(insert(_MESSAGES).values(values)))
+            inserted = cast(CursorResult[Any], session.execute(_INSERT, values))
             key_of_row = inserted.inserted_primary_key
             assert key_of_row is not None  # a single-row INSERT
             row.seq = key_of_row[0]
@@ -597,16 +606,8 @@ class MessageStore:
             if done < batch:
                 return deleted
 
-    async def for_phone(self, phone_hashes: Sequence[str]) -> list[MessageRow]:
-        """A phone's messages (stored under any of its `phone_hashes`), newest first."""
-        hashes = tuple(phone_hashes)
-
-        def work(session: Session) -> list[MessageRow]:
-            query = (
-                select(MessageRow)
-                .where(col(MessageRow.phone_hash).in_(hashes))
-                .order_by(col(MessageRow.created_at).desc(), col(MessageRow.seq).desc())
-            )
-            return list(session.exec(query))
-
-        return await self._db.run(work)
+    async def for_phone(self, phone_hashes: Sequence[str]) -> list[Row[Any]]:
+        """A phone's messages (stored under any of its `phone_hashes`), newest first: message_id,
+        phone_sealed, kind, body and created_at."""
+        hashes = list(phone_hashes)
+        return await self._db.run(lambda session: list(session.execute(_FOR_PHONE, {"hashes": hashes})))

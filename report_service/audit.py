@@ -98,8 +98,12 @@ def _instant(at: datetime) -> str:
     return as_utc(at).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# json.dumps with these options makes an encoder at each call: one, made once.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _json(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 def canonical(
@@ -122,14 +126,25 @@ def canonical(
     ).encode("utf-8")
 
 
+def _canonical_of(
+    seq: int, instant: str, event: str, query_id: str | None, user_id: str | None, details_text: str
+) -> bytes:
+    """`canonical`, byte for byte, from the instant and the details as _json wrote them: an
+    append writes both once for all its entries (keys in sorted order, as _json sorts them)."""
+    return (
+        f'{{"at":{_json(instant)},"details":{details_text},"event":{_json(event)},'
+        f'"query_id":{_json(query_id)},"seq":{seq},"user_id":{_json(user_id)}}}'
+    ).encode()
+
+
 def plain_hash(prev_hash: str, entry: bytes) -> str:
     """How entries were hashed before the chain was keyed; only `rekey` still accepts it."""
     return hashlib.sha256(bytes.fromhex(prev_hash) + entry).hexdigest()
 
 
-def _check_no_personal_data(details: Mapping[str, object]) -> None:
-    text = _json(details)
-    if _LONG_DIGITS.search(text):
+def _check_no_personal_data(details: Mapping[str, object], text: str | None = None) -> None:
+    """`text`: the details as _json writes them, when the caller has them already."""
+    if _LONG_DIGITS.search(_json(details) if text is None else text):
         raise ValueError("audit details must not carry long digit strings (phone, ID or card numbers)")
     contents = sorted(REPORT_CONTENTS.intersection(details))
     if contents:
@@ -263,12 +278,14 @@ def _append(
     session: Session, events: Sequence[AuditEvent], at: datetime, entry_hash: Callable[[str, bytes], str]
 ) -> None:
     seq, prev = session.execute(_READ_HEAD).one()
+    instant = _instant(at)
     rows = []
     for event in events:
-        _check_no_personal_data(event.details)
-        seq += 1
         details = dict(event.details)
-        digest = entry_hash(prev, canonical(seq, at, event.event, event.query_id, event.user_id, details))
+        details_text = _json(details)
+        _check_no_personal_data(details, details_text)
+        seq += 1
+        digest = entry_hash(prev, _canonical_of(seq, instant, event.event, event.query_id, event.user_id, details_text))
         rows.append(
             {
                 "seq": seq,
@@ -276,7 +293,7 @@ def _append(
                 "event": event.event,
                 "query_id": event.query_id,
                 "user_id": event.user_id,
-                "details": _json(details),
+                "details": details_text,
                 "prev_hash": prev,
                 "hash": digest,
             }

@@ -16,13 +16,15 @@ answered, or at ready_by with the others in unavailable_banks; FAILED only if no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Row, bindparam, delete, insert, select, update
 from sqlmodel import Session, col
 
 from cardcheck.banks import BY_CODE
@@ -93,6 +95,29 @@ class _Finished:
 
 _WORK = table_of(WorkRow)
 _OUTCOMES = table_of(BankOutcomeRow)
+_QUERIES = table_of(QueryRow)
+# The statements of every batch of outcomes and every finish, built once: building them again
+# each time cost more than running them (as in report_service.audit).
+_RUNNING = select(
+    *(_QUERIES.c[name] for name in (
+        "query_id", "user_id", "status", "bank_codes", "agreement_version", "submitted_at", "ready_by",
+        "ready_at", "expires_at", "banks_answered", "banks_total", "subject_sealed", "trace_context",
+    ))
+).where(_QUERIES.c.query_id == bindparam("query_id"))
+_STORED = select(_OUTCOMES.c.id, _OUTCOMES.c.bank_code, _OUTCOMES.c.kind).where(
+    _OUTCOMES.c.query_id == bindparam("query_id")
+)
+_OUTCOMES_OF = select(
+    _OUTCOMES.c.query_id, _OUTCOMES.c.bank_code, _OUTCOMES.c.kind, _OUTCOMES.c.cards_sealed, _OUTCOMES.c.detail
+).where(_OUTCOMES.c.query_id == bindparam("query_id"))
+_INSERT_OUTCOMES = insert(_OUTCOMES)
+# An UPDATE's SET clause names the columns its parameters give (all but the bound key).
+_REPLACE_OUTCOME = update(_OUTCOMES).where(_OUTCOMES.c.id == bindparam("outcome_id"))
+_UPDATE_QUERY = update(_QUERIES).where(_QUERIES.c.query_id == bindparam("of_query"))
+_DELETE_EXECUTE = delete(_WORK).where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == EXECUTE)
+_DELETE_NOTIFY = delete(_WORK).where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == NOTIFY)
+_INSERT_REPORT = insert(table_of(ReportRow))
+_INSERT_WORK = insert(_WORK)
 WORK_LEASES = LeaseColumns(
     _WORK,
     key=(_WORK.c.query_id, _WORK.c.kind),
@@ -239,22 +264,19 @@ class ExecutionStore:
 
         def record(session: Session) -> _Finished | None:
             self.queue.hold(session, claim.lease)
-            row = session.get(QueryRow, query_id)
+            row = session.execute(_RUNNING, {"query_id": query_id}).first()
             if row is None or row.status != QueryStatus.PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
             # Core statements, not ORM objects: a batch is up to every bank's outcome at once.
             stored = {
                 bank_code: (outcome_id, kind)
-                for outcome_id, bank_code, kind in session.execute(
-                    select(_OUTCOMES.c.id, _OUTCOMES.c.bank_code, _OUTCOMES.c.kind).where(
-                        _OUTCOMES.c.query_id == query_id
-                    )
-                )
+                for outcome_id, bank_code, kind in session.execute(_STORED, {"query_id": query_id})
             }
             banks = set(json.loads(row.bank_codes))
             events = []
             arrived: dict[str, BankOutcome] = {}  # this batch's, in clear: the report needs no opening of them
             new_rows = []
+            replaced = []
             for outcome in outcomes:
                 if outcome.bank_code not in banks:
                     continue
@@ -271,7 +293,7 @@ class ExecutionStore:
                     new_rows.append({"query_id": query_id, "bank_code": outcome.bank_code, **values})
                     stored[outcome.bank_code] = (None, outcome.kind)
                 else:
-                    session.execute(update(_OUTCOMES).where(_OUTCOMES.c.id == known[0]).values(values))
+                    replaced.append({"outcome_id": known[0], **values})
                     stored[outcome.bank_code] = (known[0], outcome.kind)
                 arrived[outcome.bank_code] = outcome
                 events.append(
@@ -284,15 +306,17 @@ class ExecutionStore:
                     )
                 )
             if new_rows:
-                session.execute(insert(_OUTCOMES), new_rows)
-            row.banks_answered = sum(1 for _, kind in stored.values() if kind == ANSWERED)
-            session.add(row)
+                session.execute(_INSERT_OUTCOMES, new_rows)
+            if replaced:
+                session.execute(_REPLACE_OUTCOME, replaced)
+            answered = sum(1 for _, kind in stored.values() if kind == ANSWERED)
             self._changed(session, query_id)
             result = None
             if banks and all(b in stored and stored[b][1] == ANSWERED for b in banks):
                 earlier = self._outcomes(session, query_id, exclude=arrived)
-                result = self._finish(session, row, [*earlier, *arrived.values()], owner, now, events)
-            session.flush()
+                result = self._finish(session, row, [*earlier, *arrived.values()], owner, now, events, answered)
+            else:
+                session.execute(_UPDATE_QUERY, {"of_query": query_id, "banks_answered": answered})
             self._queries.audit.append(session, events, now)
             return result
 
@@ -307,7 +331,7 @@ class ExecutionStore:
 
         def end(session: Session) -> _Finished | None:
             self.queue.hold(session, claim.lease)
-            row = session.get(QueryRow, query_id)
+            row = session.execute(_RUNNING, {"query_id": query_id}).first()
             if row is None or row.status != QueryStatus.PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
             stored = self._outcomes(session, query_id)
@@ -316,8 +340,7 @@ class ExecutionStore:
             ready_by = as_utc(row.ready_by)
             if all(b in answered for b in banks) or now >= ready_by:
                 events: list[audit.AuditEvent] = []
-                result = self._finish(session, row, stored, owner, now, events)
-                session.flush()
+                result = self._finish(session, row, stored, owner, now, events, row.banks_answered)
                 self._queries.audit.append(session, events, now)
                 self._changed(session, query_id)
                 return result
@@ -329,33 +352,32 @@ class ExecutionStore:
     def _outcomes(self, session: Session, query_id: str, exclude: Container[str] = ()) -> list[BankOutcome]:
         """The query's recorded outcomes (cards opened), but those of the banks in `exclude`."""
         # Core rows, not ORM objects: outcome_of reads only these columns.
-        rows = session.execute(
-            select(
-                _OUTCOMES.c.query_id, _OUTCOMES.c.bank_code, _OUTCOMES.c.kind, _OUTCOMES.c.cards_sealed,
-                _OUTCOMES.c.detail,
-            ).where(_OUTCOMES.c.query_id == query_id)
-        )
+        rows = session.execute(_OUTCOMES_OF, {"query_id": query_id})
         return [self._queries.outcome_of(o) for o in rows if o.bank_code not in exclude]
 
     def _finish(
         self,
         session: Session,
-        row: QueryRow,
+        row: Row[Any],
         outcomes: list[BankOutcome],
         owner: str,
         now: datetime,
         events: list[audit.AuditEvent],
+        banks_answered: int,
     ) -> _Finished:
         """READY with a sealed report when at least one bank answered, else FAILED (only ever
         reached at ready_by). The EXECUTE work goes; a READY query gets its NOTIFY work, leased
-        to this worker, in the same transaction."""
+        to this worker, in the same transaction. `row`: the query as _RUNNING reads it."""
         banks = json.loads(row.bank_codes)
         unanswered = [b for b in banks if not any(o.bank_code == b and o.kind == ANSWERED for o in outcomes)]
-        session.execute(delete(_WORK).where(_WORK.c.query_id == row.query_id, _WORK.c.kind == EXECUTE))
+        session.execute(_DELETE_EXECUTE, {"query_id": row.query_id})
         if len(unanswered) == len(banks):
-            row.status = QueryStatus.FAILED
-            row.subject_sealed = b""  # nothing more will be asked or sent about this person
-            session.add(row)
+            # Nothing more will be asked or sent about this person: the subject goes.
+            session.execute(
+                _UPDATE_QUERY,
+                {"of_query": row.query_id, "status": QueryStatus.FAILED, "subject_sealed": b"",
+                 "banks_answered": banks_answered},
+            )
             events.append(
                 audit.AuditEvent(audit.QUERY_FAILED, row.query_id, row.user_id, {"unanswered": unanswered})
             )
@@ -365,28 +387,28 @@ class ExecutionStore:
         content = build_report(banks, outcomes)
         wrapped_key, ciphertext = self._queries.vault.seal(row.query_id, content)
         session.execute(
-            insert(table_of(ReportRow)).values(
-                query_id=row.query_id,
-                wrapped_key=wrapped_key,
-                ciphertext=ciphertext,
-                generated_at=now,
-                expires_at=expires_at,
-            )
+            _INSERT_REPORT,
+            {"query_id": row.query_id, "wrapped_key": wrapped_key, "ciphertext": ciphertext, "generated_at": now,
+             "expires_at": expires_at},
         )
-        row.status = QueryStatus.READY
-        row.ready_at = now
-        row.expires_at = expires_at
-        session.add(row)
         session.execute(
-            insert(_WORK).values(
-                query_id=row.query_id, kind=NOTIFY, due_at=now, passes=1, **self.queue.granted(owner), created_at=now
-            )
+            _UPDATE_QUERY,
+            {"of_query": row.query_id, "status": QueryStatus.READY, "ready_at": now, "expires_at": expires_at,
+             "banks_answered": banks_answered},
+        )
+        session.execute(
+            _INSERT_WORK,
+            {"query_id": row.query_id, "kind": NOTIFY, "due_at": now, "passes": 1, **self.queue.granted(owner),
+             "created_at": now},
         )
         events.append(
             # What the report says stays in it: the trail outlives it (report_service.audit).
             audit.AuditEvent(audit.REPORT_GENERATED, row.query_id, row.user_id)
         )
-        return _Finished(QueryStatus.READY, query_of(row), row.subject_sealed, row.trace_context, owner)
+        query = dataclasses.replace(
+            query_of(row), status=QueryStatus.READY, ready_at=now, expires_at=expires_at, banks_answered=banks_answered
+        )
+        return _Finished(QueryStatus.READY, query, row.subject_sealed, row.trace_context, owner)
 
     def _recorded(self, finished: _Finished | None) -> Recorded | None:
         """The subject is opened outside the transaction that finished the query."""
@@ -412,7 +434,7 @@ class ExecutionStore:
         """The notifier accepted the SMS: the work is done (whoever holds its lease)."""
 
         def done(session: Session) -> None:
-            session.execute(delete(_WORK).where(_WORK.c.query_id == query_id, _WORK.c.kind == NOTIFY))
+            session.execute(_DELETE_NOTIFY, {"query_id": query_id})
 
         await self._db.write(done)
 

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, bindparam, func, select
 from sqlmodel import Session
 
 from cardcheck.runtime.clock import Clock, as_utc
@@ -26,6 +26,9 @@ from report_service.models import EXECUTE, NOTIFY, QueryRow, QueryStatus, WorkRo
 READY_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600, 48 * 3600)
 SCRAPE_CACHE_S = 2.0
 _QUERIES, _WORK = table_of(QueryRow), table_of(WorkRow)
+
+
+_SUBMITTED_AT = select(table_of(QueryRow).c.submitted_at).where(table_of(QueryRow).c.query_id == bindparam("query_id"))
 
 
 class QueryLife:
@@ -53,9 +56,9 @@ class QueryLife:
             self.accepted.inc()
         elif kind == audit.REPORT_GENERATED:
             self.ready.inc()
-            row = session.get(QueryRow, event.query_id)  # in the session already: no query
-            if row is not None:
-                self.time_to_ready.observe(max((as_utc(at) - as_utc(row.submitted_at)).total_seconds(), 0.0))
+            submitted_at = session.execute(_SUBMITTED_AT, {"query_id": event.query_id}).scalar()
+            if submitted_at is not None:
+                self.time_to_ready.observe(max((as_utc(at) - as_utc(submitted_at)).total_seconds(), 0.0))
         elif kind == audit.QUERY_FAILED:
             self.failed.inc()
         elif kind == audit.REPORT_DELETED:

@@ -173,6 +173,26 @@ _QUERY_BY_ID = sa_select(
         "ready_at", "expires_at", "banks_answered", "banks_total",
     ))
 ).where(_QUERIES.c.query_id == bindparam("query_id"))
+# Accepting a query, built once: the query of the same key (as _QUERY_BY_ID reads one), the
+# user's pending query, the user's last report.
+_BY_KEY = sa_select(*_QUERY_BY_ID.selected_columns).where(
+    _QUERIES.c.user_id == bindparam("user_id"),
+    or_(
+        and_(
+            _QUERIES.c.idempotency_key_in_clear == false(),
+            _QUERIES.c.idempotency_key.in_(bindparam("digests", expanding=True)),
+        ),
+        and_(_QUERIES.c.idempotency_key_in_clear == true(), _QUERIES.c.idempotency_key == bindparam("key")),
+    ),
+)
+_PENDING_OF_USER = sa_select(_QUERIES.c.query_id).where(
+    _QUERIES.c.user_id == bindparam("user_id"), _QUERIES.c.status == QueryStatus.PENDING
+)
+_LAST_REPORT = sa_select(func.max(_QUERIES.c.ready_at)).where(
+    _QUERIES.c.user_id == bindparam("user_id"), _QUERIES.c.status.in_([QueryStatus.READY, QueryStatus.EXPIRED])
+)
+_INSERT_QUERY = insert(_QUERIES)
+_INSERT_WORK = insert(table_of(WorkRow))
 _PROGRESS = (
     sa_select(_OUTCOMES.c.bank_code, _OUTCOMES.c.kind, _OUTCOMES.c.detail)
     .where(_OUTCOMES.c.query_id == bindparam("query_id"))
@@ -277,33 +297,18 @@ class QueryStore:
         digests = self._idempotency.digests(key) if key is not None else ()
         now = self._clock.now()
 
-        def by_key(session: Session) -> QueryRow | None:
+        def by_key(session: Session) -> Row[Any] | None:
             if key is None:
                 return None
-            return session.exec(
-                select(QueryRow).where(
-                    QueryRow.user_id == user_id,
-                    or_(
-                        and_(col(QueryRow.idempotency_key_in_clear) == false(), col(QueryRow.idempotency_key).in_(digests)),
-                        and_(col(QueryRow.idempotency_key_in_clear) == true(), col(QueryRow.idempotency_key) == key),
-                    ),
-                )
-            ).first()
+            return session.execute(_BY_KEY, {"user_id": user_id, "digests": list(digests), "key": key}).first()
 
         def accept(session: Session) -> tuple[Query, bool]:
             existing = by_key(session)
             if existing is not None:
                 return query_of(existing), False
-            pending = session.exec(
-                select(QueryRow.query_id).where(QueryRow.user_id == user_id, QueryRow.status == QueryStatus.PENDING)
-            ).first()
-            if pending is not None:
+            if session.execute(_PENDING_OF_USER, {"user_id": user_id}).first() is not None:
                 raise CardCheckError(Reason.QUERY_IN_PROGRESS, "another query of this user is pending")
-            last_report = session.exec(
-                select(func.max(QueryRow.ready_at)).where(
-                    QueryRow.user_id == user_id, col(QueryRow.status).in_([QueryStatus.READY, QueryStatus.EXPIRED])
-                )
-            ).first()
+            last_report = session.execute(_LAST_REPORT, {"user_id": user_id}).scalar()
             refusal = QueryRules.cooldown_error(as_utc(last_report) if last_report else None, now)
             if refusal is not None:
                 raise refusal
@@ -324,31 +329,33 @@ class QueryStore:
             # Core inserts, not ORM objects: the same rows at a fraction of the cost. The
             # one-PENDING index speaks at the first, before the audit head is locked.
             session.execute(
-                insert(table_of(QueryRow)).values(
-                    query_id=query_id,
-                    user_id=user_id,
-                    status=QueryStatus.PENDING,
-                    bank_codes=json.dumps(list(banks)),
-                    agreement_version=agreement_version,
-                    idempotency_key=digests[0] if digests else None,
-                    submitted_at=now,
-                    ready_by=query.ready_by,
-                    banks_total=len(banks),
-                    banks_answered=0,
-                    subject_sealed=self.seal_subject(query_id, subject),
-                    trace_context=json.dumps(trace_context),
-                )
+                _INSERT_QUERY,
+                {
+                    "query_id": query_id,
+                    "user_id": user_id,
+                    "status": QueryStatus.PENDING,
+                    "bank_codes": json.dumps(list(banks)),
+                    "agreement_version": agreement_version,
+                    "idempotency_key": digests[0] if digests else None,
+                    "submitted_at": now,
+                    "ready_by": query.ready_by,
+                    "banks_total": len(banks),
+                    "banks_answered": 0,
+                    "subject_sealed": self.seal_subject(query_id, subject),
+                    "trace_context": json.dumps(trace_context),
+                },
             )
             session.execute(
-                insert(table_of(WorkRow)).values(
-                    query_id=query_id,
-                    kind=EXECUTE,
-                    due_at=now,
-                    lease_owner=lease_to,
-                    lease_expires_at=now + lease if lease_to else None,
-                    passes=1 if lease_to else 0,
-                    created_at=now,
-                )
+                _INSERT_WORK,
+                {
+                    "query_id": query_id,
+                    "kind": EXECUTE,
+                    "due_at": now,
+                    "lease_owner": lease_to,
+                    "lease_expires_at": now + lease if lease_to else None,
+                    "passes": 1 if lease_to else 0,
+                    "created_at": now,
+                },
             )
             events = [
                 audit.AuditEvent(

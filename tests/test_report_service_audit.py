@@ -457,3 +457,17 @@ def test_a_head_recorded_earlier_shows_the_newest_entries_deleted_with_the_head_
         assert bad.returncode == 2 and "SEQ:HASH" in bad.stderr
     finally:
         db.dispose()
+
+
+@pytest.mark.parametrize(
+    ("seq", "event", "query_id", "user_id", "details"),
+    [
+        (1, audit.BANK_OUTCOME, "q1", "u1", {"kind": "ANSWERED", "bank": "ICBC"}),
+        (22, audit.REPORT_GENERATED, None, None, {}),
+        (3, audit.QUERY_ACCEPTED, 'q"2', "用户", {"banks": ["B", "A"], "pass": 2, "z": None, "n": {"b": 1, "a": [1.5, True]}}),
+    ],
+)
+def test_an_append_hashes_the_canonical_form_verify_reads(seq, event, query_id, user_id, details) -> None:
+    at = datetime(2026, 12, 1, 14, 3, 4, 5678, tzinfo=UTC)
+    spliced = audit._canonical_of(seq, audit._instant(at), event, query_id, user_id, audit._json(details))
+    assert spliced == audit.canonical(seq, at, event, query_id, user_id, details)

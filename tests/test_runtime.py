@@ -667,3 +667,64 @@ async def test_a_wait_on_an_event_cancelled_as_the_event_is_set_is_cancelled():
         with pytest.raises(asyncio.CancelledError):
             await waiting
     assert await wait_for_event(asyncio.Event(), 0.01) is False
+
+
+class Relay(notifier_pb2_grpc.NotifierServicer):
+    """Send passed on downstream, on a traced channel."""
+
+    def __init__(self, downstream: notifier_pb2_grpc.NotifierStub) -> None:
+        self.downstream = downstream
+
+    async def Send(self, request, context):
+        return await self.downstream.Send(request, timeout=5)
+
+
+@pytest.mark.parametrize("sampler", ["parentbased_always_on", "always_on"])
+async def test_a_call_of_an_unsampled_trace_carries_it_on_and_makes_spans_only_if_the_sampler_says(
+    slow_notifier, tmp_path, sampler
+) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+    from cardcheck.runtime.telemetry import Unsampled
+
+    servicer, address = slow_notifier
+    spans = InMemorySpanExporter()
+    provider = make_tracer_provider(
+        "relay", tmp_path, exporter=spans, sampler=ParentBased(ALWAYS_ON) if sampler.startswith("parentbased") else ALWAYS_ON
+    )
+    downstream = open_channel(address, provider)
+    host = ServiceHost(
+        "relay",
+        [Registration(notifier_pb2_grpc.add_NotifierServicer_to_server, Relay(notifier_pb2_grpc.NotifierStub(downstream)),
+                      "cardcheck.v1.Notifier")],
+        "127.0.0.1:0",
+        provider,
+    )
+    port = await host.start()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = notifier_pb2_grpc.NotifierStub(channel)
+            for flags in ("00", "01"):
+                await stub.Send(notifier_pb2.SendRequest(phone="13800000000"), timeout=5,
+                                metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-{flags}"),))
+            for _ in range(100):  # a client span ends just after its call
+                if len(spans.get_finished_spans()) >= (2 if sampler.startswith("parentbased") else 4):
+                    break
+                await asyncio.sleep(0.01)
+    finally:
+        await host.stop(0)
+        await downstream.close()
+    sent_on = [tp.split("-") for tp in servicer.traceparents]
+    assert [(tp[1], tp[3]) for tp in sent_on] == [(trace_id, "00" if sampler.startswith("parentbased") else "01"),
+                                                  (trace_id, "01")]
+    made = spans.get_finished_spans()
+    assert all(f"{s.context.trace_id:032x}" == trace_id for s in made)
+    if sampler.startswith("parentbased"):
+        # The unsampled call: no span; the sampled one: the server's and the client's.
+        assert sorted(s.kind.name for s in made) == ["CLIENT", "SERVER"]
+        assert sent_on[0][2] == "00f067aa0ba902b7"  # the caller's span stays the parent
+        assert Unsampled(provider).sampler_follows()
+    else:
+        assert sorted(s.kind.name for s in made) == ["CLIENT", "CLIENT", "SERVER", "SERVER"]
+        assert not Unsampled(provider).sampler_follows()
