@@ -1315,20 +1315,6 @@ async def test_storage_spans_and_logs_hold_no_personal_data(stack: Stack, caplog
         assert value not in log_text
 
 
-def test_refuses_to_start_without_sandbox(tmp_path: Path):
-    env = {
-        **os.environ,
-        "CARDCHECK_SANDBOX": "false",
-        "CARDCHECK_DATA_DIR": str(tmp_path),
-        "CARDCHECK_GATEWAY_ADDR": "127.0.0.1:0",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway"], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 2
-    assert "face-verification" in result.stderr
-
-
 def test_bad_gateway_settings_fail_fast(tmp_path: Path):
     from cardcheck.runtime.settings import SettingsError
 

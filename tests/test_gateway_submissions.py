@@ -18,6 +18,7 @@ from cardcheck.runtime.keys import Keyring, load_master_key
 from cardcheck.runtime.migrations import upgrade_to_head
 from gateway.app import _housekeeping
 from gateway.challenges import Challenges
+from gateway.face_tokens import SpentFaceTokens
 from gateway.sessions import Sessions
 from gateway.submissions import IDEMPOTENCY_KEY, KEPT_FOR, Submissions
 from tests.harness.gateway import ALICE, BOB, Stack
@@ -98,7 +99,8 @@ async def test_housekeeping_purges_submissions_once_their_report_cannot_live(sta
 
         # The gateway's housekeeping does it (one round; it then sleeps for an hour).
         housekeeping = asyncio.create_task(
-            _housekeeping(Challenges(db, keyring, stack.clock), Sessions(db, keyring, stack.clock), submissions)
+            _housekeeping(Challenges(db, keyring, stack.clock), Sessions(db, keyring, stack.clock), submissions,
+                          SpentFaceTokens(db, keyring, stack.clock, timedelta(minutes=10)))
         )
         try:
             for _ in range(200):
