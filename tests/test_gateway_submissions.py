@@ -22,6 +22,7 @@ from gateway.face_tokens import SpentFaceTokens
 from gateway.sessions import Sessions
 from gateway.submissions import IDEMPOTENCY_KEY, KEPT_FOR, Submissions
 from tests.harness.gateway import ALICE, BOB, Stack
+from tests.harness.waiting import eventually
 
 IDEMPOTENCY = "device-7f3a-retry-2026-03-02T08:00"
 
@@ -82,7 +83,7 @@ async def test_a_submission_is_found_under_a_retired_key_and_new_ones_go_under_t
         db.dispose()
 
 
-async def test_housekeeping_purges_submissions_once_their_report_cannot_live(stack: Stack):
+async def test_housekeeping_purges_submissions_once_their_report_cannot_live_and_stale_face_tokens(stack: Stack):
     alice = await stack.register(ALICE)
     first = await stack.submit(ALICE, alice.session_token, idempotency_key="first")
     stack.clock.advance(timedelta(days=1))
@@ -91,23 +92,29 @@ async def test_housekeeping_purges_submissions_once_their_report_cannot_live(sta
     db = _gateway_db(stack)
     keyring = Keyring(load_master_key(None, stack.settings.data_dir))
     submissions = Submissions(db, keyring, stack.clock)
+    face_tokens = SpentFaceTokens(db, keyring, stack.clock, timedelta(minutes=10))
+    assert await face_tokens.spend("someone", "biz-token-old")
     try:
         assert KEPT_FOR == timedelta(hours=24) + timedelta(days=7)
         stack.clock.advance(KEPT_FOR - timedelta(days=1))  # the first is exactly KEPT_FOR old
         assert await submissions.purge_expired() == 0
         stack.clock.advance(timedelta(microseconds=1))
 
+        # A face token whose result could still be fresh (10 minutes, and an hour's margin) stays.
+        assert await face_tokens.spend("someone", "biz-token-new")
         # The gateway's housekeeping does it (one round; it then sleeps for an hour).
         housekeeping = asyncio.create_task(
             _housekeeping(Challenges(db, keyring, stack.clock), Sessions(db, keyring, stack.clock), submissions,
-                          SpentFaceTokens(db, keyring, stack.clock, timedelta(minutes=10)))
+                          face_tokens)
         )
         try:
-            for _ in range(200):
-                if [q for _, _, q in _submissions(db)] == [later.query_id]:
-                    break
-                await asyncio.sleep(0.02)
-            assert [q for _, _, q in _submissions(db)] == [later.query_id]
+            async def purged() -> bool:
+                return [q for _, _, q in _submissions(db)] == [later.query_id] and not await face_tokens.is_spent(
+                    "biz-token-old"
+                )
+
+            await eventually(purged, within=4, every=0.02, what="the housekeeping round")
+            assert await face_tokens.is_spent("biz-token-new")
         finally:
             housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
