@@ -147,8 +147,7 @@ class ServiceHost:
             self.health, [r.service_name for r in self._registrations], dependencies, every_s=readiness_every_s
         )
         self.server = grpc.aio.server(
-            # metrics innermost: they wrap each method's own handler once, not the tracing's
-            interceptors=[*server_interceptors(tracer_provider), *(metrics.server_interceptors() if metrics else ())],
+            interceptors=server_interceptors(tracer_provider),
             options=list((dict(SERVER_OPTIONS) | dict(self.bounds.options()) | dict(options)).items()),
             maximum_concurrent_rpcs=self.bounds.max_concurrent_rpcs,
         )
@@ -156,8 +155,10 @@ class ServiceHost:
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
+        # Metrics wrap each method's handler once, here (the tracing interceptor wraps them in turn).
+        served = self.metrics.serving(self.server) if self.metrics is not None else self.server
         for registration in self._registrations:
-            registration.add_to_server(registration.servicer, self.server)
+            registration.add_to_server(registration.servicer, served)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [r.service_name for r in self._registrations]
         reflection.enable_server_reflection(
