@@ -19,7 +19,15 @@ from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.server import Registration, ServiceHost
 from cardcheck.runtime.settings import Settings, SettingsError
 from cardcheck.runtime.telemetry import make_tracer_provider
-from cardcheck.v1 import bank_pb2, bank_pb2_grpc, gateway_pb2, report_service_pb2, report_service_pb2_grpc
+from cardcheck.v1 import (
+    bank_pb2,
+    bank_pb2_grpc,
+    gateway_pb2,
+    notifier_pb2,
+    notifier_pb2_grpc,
+    report_service_pb2,
+    report_service_pb2_grpc,
+)
 from tests.harness.gateway import ALICE
 from tests.harness.metrics import promtool_check, scrape, value
 from tests.harness.settings import settings_for
@@ -138,11 +146,32 @@ class EndsEachWay(report_service_pb2_grpc.ReportServiceServicer):
             yield report_service_pb2.ReportServiceWatchQueryResponse()
 
 
+class Answers(notifier_pb2_grpc.NotifierServicer):
+    async def Send(self, request, context):
+        return notifier_pb2.SendResponse()
+
+
+def add_generic_only(servicer: Answers, server: grpc.aio.Server) -> None:
+    """Registers the Notifier as older generated code did: a generic handler alone."""
+
+    class GenericOnly:
+        def add_generic_rpc_handlers(self, handlers) -> None:
+            server.add_generic_rpc_handlers(handlers)
+
+        def add_registered_method_handlers(self, service, handlers) -> None:
+            pass
+
+    notifier_pb2_grpc.add_NotifierServicer_to_server(servicer, GenericOnly())  # type: ignore[arg-type]
+
+
 async def test_each_way_a_call_ends_is_counted_under_its_code(tmp_path) -> None:
     servicer = EndsEachWay()
     host = ServiceHost(
         "ends",
-        [Registration(report_service_pb2_grpc.add_ReportServiceServicer_to_server, servicer, "cardcheck.v1.ReportService")],
+        [
+            Registration(report_service_pb2_grpc.add_ReportServiceServicer_to_server, servicer, "cardcheck.v1.ReportService"),
+            Registration(add_generic_only, Answers(), "cardcheck.v1.Notifier"),
+        ],
         "127.0.0.1:0",
         make_tracer_provider("ends", tmp_path, exporter=InMemorySpanExporter()),  # tracing in the path too
         metrics=ServiceMetrics("ends", "127.0.0.1:0"),
@@ -163,6 +192,8 @@ async def test_each_way_a_call_ends_is_counted_under_its_code(tmp_path) -> None:
             await servicer.held.wait()
             held.cancel()
             await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            for _ in range(2):
+                await notifier_pb2_grpc.NotifierStub(channel).Send(notifier_pb2.SendRequest())
             assert host.metrics is not None and host.metrics.port is not None
             metrics_port = host.metrics.port
 
@@ -189,5 +220,7 @@ async def test_each_way_a_call_ends_is_counted_under_its_code(tmp_path) -> None:
     assert value(text, "cardcheck_refusals_total", grpc_method="CreateQuery", reason="SERVICE_BUSY") == 1
     assert value(text, "cardcheck_refusals_total", grpc_method="GetQuery", reason="NOT_FOUND") == 1
     assert value(text, "cardcheck_refusals_total") == 2
+    notifier = dict(grpc_service="cardcheck.v1.Notifier", grpc_method="Send", grpc_type="unary")
+    assert value(text, "grpc_server_handled_total", grpc_code="OK", **notifier) == 2
     assert "grpc.health" not in text  # probes are not the service's work
     promtool_check(text)
