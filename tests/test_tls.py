@@ -8,6 +8,7 @@ import asyncio
 import os
 import ssl
 import stat
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cardcheck.cli.main import main as cli
 from cardcheck.refusals import from_rpc_error
-from cardcheck.runtime.access import ALLOWED, OPERATOR, Access
+from cardcheck.runtime.access import ALLOWED, FRAMEWORK_SERVICES, OPERATOR, Access
 from cardcheck.runtime.certs import IDENTITIES, TRUST_DOMAIN, issue, spiffe_id, write_identity
+from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.renewing import RenewingChannel
 from cardcheck.runtime.security import ServerSecurity, credentials_of, server_security
 from cardcheck.runtime.server import Registration, ServiceHost
@@ -35,6 +37,7 @@ from cardcheck.v1 import (
     report_service_pb2_grpc,
 )
 from tests.deploy_manifests import SERVICES, code_edges, health_names
+from tests.harness.metrics import samples, scrape
 
 INTERNAL = {  # what each internal process serves, as its app.py registers it
     "cardcheck.v1.ReportService": report_service_pb2_grpc.add_ReportServiceServicer_to_server,
@@ -120,7 +123,7 @@ def _channel(tls_dir: Path, port: int, identity: str) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(f"127.0.0.1:{port}", channel_credentials(files))
 
 
-async def _host(tls_dir: Path, sandbox: bool, tmp_path: Path) -> ServiceHost:
+async def _host(tls_dir: Path, sandbox: bool, tmp_path: Path, metrics: ServiceMetrics | None = None) -> ServiceHost:
     """Every internal service on one server, with the generated servicers (UNIMPLEMENTED answers
     a call the check let through)."""
     settings = _settings(tls_dir, sandbox=sandbox, health_addresses={"notifier": "127.0.0.1:0"})
@@ -128,7 +131,7 @@ async def _host(tls_dir: Path, sandbox: bool, tmp_path: Path) -> ServiceHost:
     assert security is not None
     host = ServiceHost(
         "access", [Registration(add, _servant(name), name) for name, add in INTERNAL.items()],
-        "127.0.0.1:0", make_tracer_provider("test", tmp_path), metrics=None, security=security,
+        "127.0.0.1:0", make_tracer_provider("test", tmp_path), metrics=metrics, security=security,
     )
     await host.start()
     return host
@@ -189,9 +192,11 @@ async def _call(channel: grpc.aio.Channel, path: str, client_streaming: bool, se
 
 @pytest.mark.parametrize("sandbox", [True, False], ids=["sandbox", "production"])
 async def test_each_rpc_admits_exactly_the_callers_the_table_names(tls_dir: Path, tmp_path: Path, sandbox: bool) -> None:
-    host = await _host(tls_dir, sandbox, tmp_path)
+    metrics = ServiceMetrics("access", "127.0.0.1:0")
+    host = await _host(tls_dir, sandbox, tmp_path, metrics)
     access = Access(sandbox)
     methods = _methods()
+    refused: Counter[str] = Counter()  # of our own methods (health and reflection are not counted)
     try:
         for identity in [*IDENTITIES, STRANGER]:
             async with _channel(tls_dir, host.port, identity) as channel:
@@ -199,6 +204,17 @@ async def test_each_rpc_admits_exactly_the_callers_the_table_names(tls_dir: Path
             for (path, _, _), code in zip(methods, codes, strict=True):
                 allowed = identity in access.callers(path)
                 assert (code != grpc.StatusCode.PERMISSION_DENIED) == allowed, (identity, path, code)
+                if not allowed and not path.startswith(FRAMEWORK_SERVICES):
+                    refused[path] += 1
+        # Each refusal is counted as a call ended PERMISSION_DENIED, with its reason.
+        assert metrics.port is not None
+        found = samples(await asyncio.to_thread(scrape, metrics.port))
+        handled = Counter({f"/{labels['grpc_service']}/{labels['grpc_method']}": count
+                           for labels, count in found["grpc_server_handled_total"]
+                           if labels["grpc_code"] == "PERMISSION_DENIED"})
+        assert handled == refused and refused
+        assert sum(count for labels, count in found["cardcheck_refusals_total"]
+                   if labels["reason"] == "CALLER_NOT_ALLOWED") == sum(refused.values())
         # Spot checks of the table as the issue words it.
         assert access.callers("/cardcheck.v1.Notifier/ListMessages") >= {"gateway", "report_service"}
         assert (OPERATOR in access.callers("/cardcheck.v1.Notifier/ListMessages")) == sandbox

@@ -12,9 +12,9 @@ The gateway's public port is not here: its callers are users, authorized by thei
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from grpc.aio import ServicerContext
@@ -89,8 +89,58 @@ else:
     Handler = grpc.RpcMethodHandler
 
 
+# Added to the server directly, not through `checking_server`: the interceptor checks these.
+FRAMEWORK_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def checking_server(server: grpc.aio.Server, access: Access) -> grpc.aio.Server:
+    """`server` for a generated `add_*_to_server`: each method handler it adds checks the caller
+    first, wrapped once at registration. Given the metrics' counting server, a refused call is
+    counted like any other (a refusal with its reason)."""
+    return cast(grpc.aio.Server, _CheckingServer(server, access))
+
+
+class _CheckingServer:
+    def __init__(self, server: grpc.aio.Server, access: Access) -> None:
+        self._server = server
+        self._access = access
+
+    def add_registered_method_handlers(self, service: str, method_handlers: dict[str, Handler]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: _checking(handler, f"/{service}/{name}", self._access)
+                      for name, handler in method_handlers.items()})
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_CheckingGenericHandler(handler, self._access) for handler in generic_rpc_handlers))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class _CheckingGenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, handler: grpc.GenericRpcHandler, access: Access) -> None:
+        self._handler = handler
+        self._access = access
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        handler = self._handler.service(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = _checking(handler, method, self._access)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
 class AccessInterceptor(grpc.aio.ServerInterceptor):
-    """Checks the caller before the method runs. The checking handler is made once per method."""
+    """Checks the caller of health and reflection (FRAMEWORK_SERVICES), which are added to the
+    server itself; every other method checks in its own handler (`checking_server`). The
+    checking handler is made once per method."""
 
     def __init__(self, access: Access) -> None:
         self._access = access
@@ -102,8 +152,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or not handler_call_details.method.startswith(FRAMEWORK_SERVICES):
+            return handler
         method = handler_call_details.method
         known = self._wrapped.get(method)
         if known is not None and known[0] is handler:

@@ -20,7 +20,7 @@ import time
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from itertools import accumulate
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
@@ -42,6 +42,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _NOT_OUR_WORK = ("/grpc.health.v1.", "/grpc.reflection.")
 _OK = grpc.StatusCode.OK
+_now = time.perf_counter
 
 
 
@@ -58,7 +59,7 @@ def _grpc_type(request_streaming: bool, response_streaming: bool) -> str:
 
 class ServiceMetrics:
     """One service's registry and RPC metrics, and its `/metrics` server (`address` None: no
-    exposition, no interceptors). `start()` binds the address (port 0 picks one)."""
+    exposition, nothing counted). `start()` binds the address (port 0 picks one)."""
 
     def __init__(self, service: str, address: str | None) -> None:
         self.service = service
@@ -70,7 +71,6 @@ class ServiceMetrics:
         # answers in tens of microseconds, it showed).
         self.server_rpcs: dict[str, _Rpc] = {}
         self.client_rpcs: dict[str, _Rpc] = {}
-        self.refusals: dict[tuple[str, str, str], int] = {}
         self.registry.register(_RpcCollector(self))
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         self.port: int | None = None
@@ -79,8 +79,10 @@ class ServiceMetrics:
     def enabled(self) -> bool:
         return self.address is not None
 
-    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [MetricsServerInterceptor(self)] if self.enabled else []
+    def serving(self, server: grpc.aio.Server) -> grpc.aio.Server:
+        """`server` for a generated `add_*_to_server`: the methods it adds are counted (health
+        and reflection, added to `server` itself, are not). Off: `server` itself."""
+        return cast(grpc.aio.Server, _CountingServer(server, self)) if self.enabled else server
 
     def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         if not self.enabled:
@@ -133,25 +135,37 @@ class _QuietHandler(WSGIRequestHandler):
 class _Rpc:
     """One method's counts, by the labels grpc-prometheus gives them."""
 
-    __slots__ = ("handled", "labels", "method", "metrics", "seconds", "service", "started")
+    __slots__ = ("handled", "labels", "method", "refused", "seconds", "service", "started")
 
-    def __init__(self, metrics: ServiceMetrics, grpc_type: str, method: str) -> None:
-        self.metrics = metrics
+    def __init__(self, grpc_type: str, method: str) -> None:
         self.service, self.method = _split(method)
         self.labels = (grpc_type, self.service, self.method)
         self.started = 0
-        self.handled: dict[str, int] = {}
+        # By the code as the call left it (a StatusCode; on the server, None for OK, or a
+        # number from some grpc versions): named once, at the scrape, not on every call.
+        self.handled: dict[object, int] = {}
+        self.refused: dict[str, int] = {}  # by ErrorInfo reason
         self.seconds = Buckets(RPC_BUCKETS)
 
-    def refusal(self, reason: str) -> None:
-        key = (self.service, self.method, reason)
-        refusals = self.metrics.refusals
-        refusals[key] = refusals.get(key, 0) + 1
+    def done(self, code: object, started_at: float) -> None:
+        self.seconds.observe(_now() - started_at)
+        handled = self.handled
+        handled[code] = handled.get(code, 0) + 1
 
-    def done(self, code: grpc.StatusCode, started_at: float) -> None:
-        self.seconds.observe(time.perf_counter() - started_at)
-        name = code.name
-        self.handled[name] = self.handled.get(name, 0) + 1
+    def served(self, code: object, started_at: float) -> None:
+        """A served call's end, with the refusal it ended with, if any."""
+        self.done(code, started_at)
+        reason = refusal_reason.get()
+        if reason is not None:
+            refused = self.refused
+            refused[reason] = refused.get(reason, 0) + 1
+
+    def by_code(self) -> dict[str, int]:
+        named: dict[str, int] = {}
+        for code, count in list(self.handled.items()):
+            name = _code(code).name
+            named[name] = named.get(name, 0) + count
+        return named
 
 
 class Buckets:
@@ -191,24 +205,28 @@ class _RpcCollector(Collector):
             handled = CounterMetricFamily(f"grpc_{side}_handled", help_handled, labels=[*labels, "grpc_code"])
             seconds = HistogramMetricFamily(f"grpc_{side}_handling_seconds", help_seconds, labels=labels)
             for rpc in list(rpcs.values()):
+                if not rpc.started:  # a method registered and not called yet: no series, as before a call
+                    continue
                 started.add_metric(rpc.labels, rpc.started)
-                for code, count in list(rpc.handled.items()):
+                for code, count in rpc.by_code().items():
                     handled.add_metric([*rpc.labels, code], count)
                 rpc.seconds.add_to(seconds, rpc.labels)
             yield from (started, handled, seconds)
         refusals = CounterMetricFamily(
             "cardcheck_refusals", "Calls refused with a cardcheck.v1 ErrorInfo, by reason.",
             labels=["grpc_service", "grpc_method", "reason"])
-        for key, count in list(metrics.refusals.items()):
-            refusals.add_metric(key, count)
+        for rpc in list(metrics.server_rpcs.values()):
+            for reason, count in list(rpc.refused.items()):
+                refusals.add_metric([rpc.service, rpc.method, reason], count)
         yield refusals
 
 
-def _code_of(context: ServicerContext[Any, Any]) -> grpc.StatusCode:
-    code = context.code()
+def _code(code: object) -> grpc.StatusCode:
+    """A call's code as grpc's context gives it: None before one is set (OK), a number in some
+    grpc versions."""
     if isinstance(code, grpc.StatusCode):
         return code
-    if isinstance(code, int):  # some grpc versions hand back the number
+    if isinstance(code, int):
         return _CODES.get(code, grpc.StatusCode.UNKNOWN)
     return _OK
 
@@ -222,92 +240,112 @@ else:
     Handler = grpc.RpcMethodHandler
 
 
-class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every call the server handles. The wrapped handler is made once per
-    method (generated servicers hand back the same handler each call)."""
+class _CountingServer:
+    """A server as a generated `add_*_to_server` sees it: each method handler it adds is
+    wrapped once, there, so a call pays one wrapper and no interceptor (an interceptor is a
+    hop through grpc's interceptor chain on every call). Anything else goes to the server."""
 
-    def __init__(self, metrics: ServiceMetrics) -> None:
+    def __init__(self, server: grpc.aio.Server, metrics: ServiceMetrics) -> None:
+        self._server = server
         self._metrics = metrics
+
+    def add_registered_method_handlers(self, service: str, method_handlers: dict[str, Handler]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: _counted(self._metrics, f"/{service}/{name}", handler)
+                      for name, handler in method_handlers.items()})
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_CountedGenericHandler(self._metrics, handler) for handler in generic_rpc_handlers))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class _CountedGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler's methods, counted (grpc asks it only for methods no registered
+    handler serves: generated code registers its methods both ways)."""
+
+    def __init__(self, metrics: ServiceMetrics, handler: grpc.GenericRpcHandler) -> None:
+        self._metrics = metrics
+        self._handler = handler
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        handler = self._handler.service(handler_call_details)
+        if handler is None:
+            return None
         method = handler_call_details.method
-        if handler is None or method.startswith(_NOT_OUR_WORK):
-            return handler
         known = self._wrapped.get(method)
         if known is not None and known[0] is handler:
             return known[1]
-        wrapped = self._wrap(handler, method)
+        wrapped = _counted(self._metrics, method, handler)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, handler: Handler, method: str) -> Handler:
-        rpc = _Rpc(self._metrics, _grpc_type(handler.request_streaming, handler.response_streaming), method)
-        self._metrics.server_rpcs[method] = rpc
-        kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
-        def finish(context: ServicerContext[Any, Any], started_at: float, error: BaseException | None) -> None:
-            if error is None:
-                code = _code_of(context)
-            elif isinstance(error, grpc.aio.AbortError | grpc.RpcError):
-                code = _code_of(context)
-                code = grpc.StatusCode.UNKNOWN if code is _OK else code
-            elif isinstance(error, BaseException) and not isinstance(error, Exception):
-                code = grpc.StatusCode.CANCELLED  # CancelledError: the caller went away
-            else:
-                code = grpc.StatusCode.UNKNOWN  # a bug: grpc answers UNKNOWN
-            rpc.done(code, started_at)
-            reason = refusal_reason.get()
-            if reason is not None:
-                rpc.refusal(reason)
+def _counted(metrics: ServiceMetrics, method: str, handler: Handler) -> Handler:
+    """`handler` with every call counted and timed."""
+    if method.startswith(_NOT_OUR_WORK):
+        return handler
+    grpc_type = _grpc_type(handler.request_streaming, handler.response_streaming)
+    rpc = metrics.server_rpcs.get(method)
+    if rpc is None:
+        rpc = metrics.server_rpcs[method] = _Rpc(grpc_type, method)
+    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
-        def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            async def measured(request: Any, context: ServicerContext[Any, Any]) -> Any:
-                rpc.started += 1
-                refusal_reason.set(None)
-                started_at = time.perf_counter()
-                try:
-                    response = await behavior(request, context)
-                except BaseException as error:
-                    finish(context, started_at, error)
-                    raise
-                finish(context, started_at, None)
-                return response
+    def failed(context: ServicerContext[Any, Any], started_at: float, error: BaseException) -> None:
+        if isinstance(error, grpc.aio.AbortError | grpc.RpcError):
+            code = _code(context.code())
+            code = grpc.StatusCode.UNKNOWN if code is _OK else code
+        elif not isinstance(error, Exception):
+            code = grpc.StatusCode.CANCELLED  # CancelledError: the caller went away
+        else:
+            code = grpc.StatusCode.UNKNOWN  # a bug: grpc answers UNKNOWN
+        rpc.served(code, started_at)
 
-            return measured
+    def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def measured(request: Any, context: ServicerContext[Any, Any]) -> Any:
+            rpc.started += 1
+            refusal_reason.set(None)
+            started_at = _now()
+            try:
+                response = await behavior(request, context)
+            except BaseException as error:
+                failed(context, started_at, error)
+                raise
+            rpc.served(context.code(), started_at)
+            return response
 
-        def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            if not inspect.isasyncgenfunction(behavior):  # writes with context.write
-                return unary(behavior)
+        return measured
 
-            async def measured(request: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                rpc.started += 1
-                refusal_reason.set(None)
-                started_at = time.perf_counter()
-                try:
-                    async for item in behavior(request, context):
-                        yield item
-                except BaseException as error:
-                    finish(context, started_at, error)
-                    raise
-                finish(context, started_at, None)
+    def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(behavior):  # writes with context.write
+            return unary(behavior)
 
-            return measured
+        async def measured(request: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            rpc.started += 1
+            refusal_reason.set(None)
+            started_at = _now()
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as error:
+                failed(context, started_at, error)
+                raise
+            rpc.served(context.code(), started_at)
 
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
-        behavior: Callable[..., Any] | None = handler.stream_stream
-        assert behavior is not None
-        return grpc.stream_stream_rpc_method_handler(streaming(behavior), **kwargs)
+        return measured
+
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
+    behavior: Callable[..., Any] | None = handler.stream_stream
+    assert behavior is not None
+    return grpc.stream_stream_rpc_method_handler(streaming(behavior), **kwargs)
 
 
 def _status_now(call: Any) -> grpc.StatusCode | None:
@@ -341,7 +379,7 @@ class _ClientInterceptor:
         if rpc is None:
             if method.startswith(_NOT_OUR_WORK):
                 return None
-            rpc = self._rpcs[method] = _Rpc(self._metrics, self._type, method)
+            rpc = self._rpcs[method] = _Rpc(self._type, method)
             self._metrics.client_rpcs[method] = rpc
         rpc.started += 1
         return rpc
@@ -372,7 +410,7 @@ class _UnaryUnaryClient(_ClientInterceptor, grpc.aio.UnaryUnaryClientInterceptor
         rpc = self._begin(client_call_details.method)
         if rpc is None:
             return await continuation(client_call_details, request)
-        started_at = time.perf_counter()
+        started_at = _now()
         try:
             call = await continuation(client_call_details, request)
         except grpc.aio.AioRpcError as error:
@@ -390,7 +428,7 @@ class _UnaryStreamClient(_ClientInterceptor, grpc.aio.UnaryStreamClientIntercept
         rpc = self._begin(client_call_details.method)
         if rpc is None:
             return await continuation(client_call_details, request)
-        started_at = time.perf_counter()
+        started_at = _now()
         call = await continuation(client_call_details, request)
         self._watch(rpc, started_at, call)
         return call

@@ -42,6 +42,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
+from cardcheck.runtime.access import checking_server
 from cardcheck.runtime.logs import setup_logging
 from cardcheck.runtime.metrics import ServiceMetrics
 from cardcheck.runtime.readiness import Dependency, Readiness
@@ -155,10 +156,8 @@ class ServiceHost:
         )
         self.security = security  # TLS and access checks (cardcheck/runtime/security.py); None: plaintext
         self.server = grpc.aio.server(
-            # metrics inside tracing: they wrap each method's own handler once, not the tracing's;
-            # the access check innermost, so a refused caller is counted and traced
-            interceptors=[*server_interceptors(tracer_provider), *(metrics.server_interceptors() if metrics else ()),
-                          *(security.interceptors() if security else ())],
+            # tracing outside; metrics and the access check wrap each method's handler (start())
+            interceptors=[*server_interceptors(tracer_provider), *(security.interceptors() if security else ())],
             options=list((dict(SERVER_OPTIONS) | dict(self.bounds.options()) | dict(options)).items()),
             maximum_concurrent_rpcs=self.bounds.max_concurrent_rpcs,
         )
@@ -168,8 +167,12 @@ class ServiceHost:
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
+        # Metrics wrap each method's handler once, here (the tracing interceptor wraps them in turn).
+        served = self.metrics.serving(self.server) if self.metrics is not None else self.server
+        if self.security is not None and self.security.access is not None:
+            served = checking_server(served, self.security.access)  # checked inside the counting
         for registration in self._registrations:
-            registration.add_to_server(registration.servicer, self.server)
+            registration.add_to_server(registration.servicer, served)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [r.service_name for r in self._registrations]
         reflection.enable_server_reflection(
