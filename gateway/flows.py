@@ -30,7 +30,7 @@ from gateway.limits import Limiters, RateLimiter
 from gateway.sessions import IssuedSession, SessionClaims, Sessions
 from gateway.submissions import SubmissionRow, Submissions  # noqa: F401 (the model's first home)
 from gateway.tracing import Shedding
-from gateway.users import Identity, Users
+from gateway.users import Identity, UserRow, Users
 from gateway.watches import LocalWatchSlots, Watches
 
 log = logging.getLogger(__name__)
@@ -202,9 +202,9 @@ class Gateway:
         if purpose == "QUERY_AUTH":
             claims = self._sessions.verify(token)
             await _limited(self._limits.sms_session, claims.budget_key, "session", "too many codes requested")
-            user_id = await self._sessions.ensure_live(claims)
+            user_id, row = await self._sessions.live_with(claims, self._users.read_row)
             await _limited(self._limits.sms_user, user_id, "user", "too many codes requested")
-            phone = (await self._users.identity(user_id)).phone
+            phone = self._users.identity_of(row).phone
             return await self._issue_and_send(phone, purpose, "")
         if purpose == "REGISTER":
             return await self._issue_and_send(phone, purpose, caller_key)
@@ -311,7 +311,7 @@ class Gateway:
 
     # --- queries -----------------------------------------------------------------------------
 
-    async def _admit(self, claims: SessionClaims) -> str:
+    async def _admit(self, claims: SessionClaims) -> tuple[str, UserRow | None]:
         """Admission of a SubmitQuery. Before any database work, downstream call or hashing:
         the token's signature (no I/O), the session's own budget, the global limit (shedding);
         then the session's revocation check in the database; then the user's own budget.
@@ -322,7 +322,10 @@ class Gateway:
         cannot spend it: signed out, a stolen token leaves the owner's new session its whole
         budget. (Every session is held to the user's rate anyway, and a user has only the
         sessions SMS codes opened, so the per-user budget still bounds one person.) GetReport
-        and QUERY_AUTH codes are admitted in the same order, without the global limit."""
+        and QUERY_AUTH codes are admitted in the same order, without the global limit.
+
+        Returns the user and the user's row, read with the revocation check (one transaction)
+        and looked at only once the query is admitted and its form checked."""
         await _limited(
             self._limits.submit_session, claims.budget_key, "session", "too many queries submitted"
         )
@@ -331,9 +334,9 @@ class Gateway:
             self._shedding.shed()
             _annotate({"cardcheck.admission.shed": True})
             raise CardCheckError(Reason.SERVICE_BUSY, "too many queries submitted at once", retry_after=wait)
-        user_id = await self._sessions.ensure_live(claims)
+        user_id, row = await self._sessions.live_with(claims, self._users.read_row)
         await _limited(self._limits.submit_user, user_id, "user", "too many queries submitted")
-        return user_id
+        return user_id, row
 
     async def _resolve_banks(self, requested: list[str]) -> list[str]:
         if requested:
@@ -365,7 +368,7 @@ class Gateway:
             raise face_failed(refusal)
 
     async def submit_query(self, token: str | None, form: QueryRequest) -> common_pb2.Query:
-        user_id = await self._admit(self._sessions.verify(token))
+        user_id, row = await self._admit(self._sessions.verify(token))
 
         problems = validation.Violations()
         problems.bank_codes(form.bank_codes)
@@ -387,7 +390,7 @@ class Gateway:
                 "consent to the current agreement is required",
                 metadata={"agreement_version": self.agreement.version},
             )
-        found = await self._users.with_identity(user_id)
+        found = self._users.user_and_identity(row)
         if found is None:
             raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
         user, identity = found
