@@ -341,7 +341,7 @@ class Gateway:
     async def _resolve_banks(self, requested: list[str]) -> list[str]:
         if requested:
             return requested
-        known = await self._banks.availability()
+        known = await self._banks.recent_availability()
         available = {b.code for b in known or () if b.available}
         return [code for code in BANK_CODES if code in available] or list(BANK_CODES)
 
