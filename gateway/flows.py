@@ -8,10 +8,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from typing import TypeVar
 
 from opentelemetry import trace
+from sqlmodel import Session
 
 from cardcheck.banks import BANK_CODES, BANKS, BankInfo
 from cardcheck.runtime.clock import Clock
@@ -34,6 +36,8 @@ from gateway.users import Identity, UserRow, Users
 from gateway.watches import LocalWatchSlots, Watches
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 GLOBAL_SUBMIT_KEY = "submit:global"
 WATCH_DEADLINE_MARGIN_S = 1.0
@@ -311,7 +315,7 @@ class Gateway:
 
     # --- queries -----------------------------------------------------------------------------
 
-    async def _admit(self, claims: SessionClaims) -> tuple[str, UserRow | None]:
+    async def _admit(self, claims: SessionClaims, read: Callable[[Session, str], T]) -> tuple[str, T]:
         """Admission of a SubmitQuery. Before any database work, downstream call or hashing:
         the token's signature (no I/O), the session's own budget, the global limit (shedding);
         then the session's revocation check in the database; then the user's own budget.
@@ -324,8 +328,9 @@ class Gateway:
         sessions SMS codes opened, so the per-user budget still bounds one person.) GetReport
         and QUERY_AUTH codes are admitted in the same order, without the global limit.
 
-        Returns the user and the user's row, read with the revocation check (one transaction)
-        and looked at only once the query is admitted and its form checked."""
+        Returns the user and what `read(session, user_id)` read in the revocation check's
+        transaction once the session is found live (looked at only once the query is admitted
+        and its form checked)."""
         await _limited(
             self._limits.submit_session, claims.budget_key, "session", "too many queries submitted"
         )
@@ -334,9 +339,9 @@ class Gateway:
             self._shedding.shed()
             _annotate({"cardcheck.admission.shed": True})
             raise CardCheckError(Reason.SERVICE_BUSY, "too many queries submitted at once", retry_after=wait)
-        user_id, row = await self._sessions.live_with(claims, self._users.read_row)
+        user_id, found = await self._sessions.live_with(claims, read)
         await _limited(self._limits.submit_user, user_id, "user", "too many queries submitted")
-        return user_id, row
+        return user_id, found
 
     async def _resolve_banks(self, requested: list[str]) -> list[str]:
         if requested:
@@ -368,7 +373,16 @@ class Gateway:
             raise face_failed(refusal)
 
     async def submit_query(self, token: str | None, form: QueryRequest) -> common_pb2.Query:
-        user_id, row = await self._admit(self._sessions.verify(token))
+        key = form.idempotency_key
+        remembered = bool(key) and validation.valid_idempotency_key(key)
+
+        def read(session: Session, user_id: str) -> tuple[UserRow | None, str | None]:
+            # The user's row and, for a well-formed key, the query it created: one transaction
+            # with the revocation check.
+            earlier = self._submissions.earlier_in(session, user_id, key) if remembered else None
+            return self._users.read_row(session, user_id), earlier
+
+        user_id, (row, earlier) = await self._admit(self._sessions.verify(token), read)
 
         problems = validation.Violations()
         problems.bank_codes(form.bank_codes)
@@ -379,10 +393,8 @@ class Gateway:
         problems.raise_if_any()
         requested = validation.known_banks(form.bank_codes)
 
-        if form.idempotency_key:
-            earlier = await self._submissions.earlier(user_id, form.idempotency_key)
-            if earlier is not None:
-                return await self._reports.get_query(user_id, earlier)
+        if earlier is not None:
+            return await self._reports.get_query(user_id, earlier)
 
         if not form.consent_given or form.agreement_version != self.agreement.version:
             raise CardCheckError(
