@@ -200,7 +200,7 @@ async def build_parts(
         sessions=sessions,
         challenges=challenges,
         face=face,
-        banks=BankDirectory(channels["bank_connector"], timeout),
+        banks=BankDirectory(channels["bank_connector"], timeout, clock),
         reports=ReportDesk(channels["report_service"], timeout),
         sms=SmsSender(channels["notifier"], timeout),
         limiters=limiters,

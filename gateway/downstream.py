@@ -8,9 +8,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import grpc
 
+from cardcheck.runtime.clock import Clock, SystemClock
 from cardcheck.runtime.errors import downstream_error
 from cardcheck.v1 import (
     bank_connector_pb2,
@@ -27,6 +29,10 @@ from gateway.users import Identity
 log = logging.getLogger(__name__)
 
 LIST_BANKS_TIMEOUT_S = 2.0  # ListBanks has a fallback; do not keep a client waiting for it
+# How long SubmitQuery reuses bank_connector's last answer on which banks are available: every
+# query without bank codes would otherwise cost a call, and bank_connector's own reachability
+# check is already held 3 s (bank_connector.connector.AVAILABILITY_TTL).
+AVAILABILITY_REUSE = timedelta(seconds=1)
 
 
 @dataclass(frozen=True)
@@ -38,9 +44,15 @@ class BankAvailability:
 class BankDirectory:
     """bank_connector: which banks answer now, and the real-name check of a card."""
 
-    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, timeout_s: float, clock: Clock | None = None, *,
+        reuse: timedelta = AVAILABILITY_REUSE,
+    ) -> None:
         self._stub = bank_connector_pb2_grpc.BankConnectorStub(channel)
         self._timeout = timeout_s
+        self._clock = clock or SystemClock()
+        self._reuse = reuse
+        self._last: tuple[datetime, list[BankAvailability]] | None = None
 
     async def availability(self) -> list[BankAvailability] | None:
         """None when bank_connector cannot be reached."""
@@ -52,7 +64,17 @@ class BankDirectory:
         except grpc.aio.AioRpcError as error:
             log.warning("bank_connector ListBanks failed: %s", error.code().name)
             return None
-        return [BankAvailability(bank.code, bank.available) for bank in response.banks]
+        banks = [BankAvailability(bank.code, bank.available) for bank in response.banks]
+        self._last = (self._clock.now(), banks)
+        return banks
+
+    async def recent_availability(self) -> list[BankAvailability] | None:
+        """`availability`, or its last answer while younger than `reuse` (an unreachable
+        bank_connector's None is never reused: the next call asks again)."""
+        last = self._last
+        if last is not None and self._clock.now() - last[0] < self._reuse:
+            return last[1]
+        return await self.availability()
 
     async def verify_real_name(self, card_number: str, name: str, id_number: str, phone: str) -> str | None:
         """The code of the bank that confirmed card, name, ID and phone; None if not confirmed.

@@ -8,10 +8,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from typing import TypeVar
 
 from opentelemetry import trace
+from sqlmodel import Session
 
 from cardcheck.banks import BANK_CODES, BANKS, BankInfo
 from cardcheck.runtime.clock import Clock
@@ -30,10 +32,12 @@ from gateway.limits import Limiters, RateLimiter
 from gateway.sessions import IssuedSession, SessionClaims, Sessions
 from gateway.submissions import SubmissionRow, Submissions  # noqa: F401 (the model's first home)
 from gateway.tracing import Shedding
-from gateway.users import Identity, Users
+from gateway.users import Identity, UserRow, Users
 from gateway.watches import LocalWatchSlots, Watches
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 GLOBAL_SUBMIT_KEY = "submit:global"
 WATCH_DEADLINE_MARGIN_S = 1.0
@@ -202,9 +206,9 @@ class Gateway:
         if purpose == "QUERY_AUTH":
             claims = self._sessions.verify(token)
             await _limited(self._limits.sms_session, claims.budget_key, "session", "too many codes requested")
-            user_id = await self._sessions.ensure_live(claims)
+            user_id, row = await self._sessions.live_with(claims, self._users.read_row)
             await _limited(self._limits.sms_user, user_id, "user", "too many codes requested")
-            phone = (await self._users.identity(user_id)).phone
+            phone = self._users.identity_of(row).phone
             return await self._issue_and_send(phone, purpose, "")
         if purpose == "REGISTER":
             return await self._issue_and_send(phone, purpose, caller_key)
@@ -311,7 +315,7 @@ class Gateway:
 
     # --- queries -----------------------------------------------------------------------------
 
-    async def _admit(self, claims: SessionClaims) -> str:
+    async def _admit(self, claims: SessionClaims, read: Callable[[Session, str], T]) -> tuple[str, T]:
         """Admission of a SubmitQuery. Before any database work, downstream call or hashing:
         the token's signature (no I/O), the session's own budget, the global limit (shedding);
         then the session's revocation check in the database; then the user's own budget.
@@ -322,7 +326,11 @@ class Gateway:
         cannot spend it: signed out, a stolen token leaves the owner's new session its whole
         budget. (Every session is held to the user's rate anyway, and a user has only the
         sessions SMS codes opened, so the per-user budget still bounds one person.) GetReport
-        and QUERY_AUTH codes are admitted in the same order, without the global limit."""
+        and QUERY_AUTH codes are admitted in the same order, without the global limit.
+
+        Returns the user and what `read(session, user_id)` read in the revocation check's
+        transaction once the session is found live (looked at only once the query is admitted
+        and its form checked)."""
         await _limited(
             self._limits.submit_session, claims.budget_key, "session", "too many queries submitted"
         )
@@ -331,14 +339,14 @@ class Gateway:
             self._shedding.shed()
             _annotate({"cardcheck.admission.shed": True})
             raise CardCheckError(Reason.SERVICE_BUSY, "too many queries submitted at once", retry_after=wait)
-        user_id = await self._sessions.ensure_live(claims)
+        user_id, found = await self._sessions.live_with(claims, read)
         await _limited(self._limits.submit_user, user_id, "user", "too many queries submitted")
-        return user_id
+        return user_id, found
 
     async def _resolve_banks(self, requested: list[str]) -> list[str]:
         if requested:
             return requested
-        known = await self._banks.availability()
+        known = await self._banks.recent_availability()
         available = {b.code for b in known or () if b.available}
         return [code for code in BANK_CODES if code in available] or list(BANK_CODES)
 
@@ -365,7 +373,16 @@ class Gateway:
             raise face_failed(refusal)
 
     async def submit_query(self, token: str | None, form: QueryRequest) -> common_pb2.Query:
-        user_id = await self._admit(self._sessions.verify(token))
+        key = form.idempotency_key
+        remembered = bool(key) and validation.valid_idempotency_key(key)
+
+        def read(session: Session, user_id: str) -> tuple[UserRow | None, str | None]:
+            # The user's row and, for a well-formed key, the query it created: one transaction
+            # with the revocation check.
+            earlier = self._submissions.earlier_in(session, user_id, key) if remembered else None
+            return self._users.read_row(session, user_id), earlier
+
+        user_id, (row, earlier) = await self._admit(self._sessions.verify(token), read)
 
         problems = validation.Violations()
         problems.bank_codes(form.bank_codes)
@@ -376,10 +393,8 @@ class Gateway:
         problems.raise_if_any()
         requested = validation.known_banks(form.bank_codes)
 
-        if form.idempotency_key:
-            earlier = await self._submissions.earlier(user_id, form.idempotency_key)
-            if earlier is not None:
-                return await self._reports.get_query(user_id, earlier)
+        if earlier is not None:
+            return await self._reports.get_query(user_id, earlier)
 
         if not form.consent_given or form.agreement_version != self.agreement.version:
             raise CardCheckError(
@@ -387,7 +402,7 @@ class Gateway:
                 "consent to the current agreement is required",
                 metadata={"agreement_version": self.agreement.version},
             )
-        found = await self._users.with_identity(user_id)
+        found = self._users.user_and_identity(row)
         if found is None:
             raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
         user, identity = found

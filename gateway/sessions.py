@@ -18,11 +18,12 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Column, DateTime, bindparam
+from sqlalchemy import Column, DateTime, Row, bindparam
 from sqlmodel import Field, Session, SQLModel, select
 
 from cardcheck.runtime.clock import Clock, as_utc
@@ -32,6 +33,8 @@ from cardcheck.runtime.keys import Keyring
 
 MAX_TOKEN_LENGTH = 256
 TOKEN_VERSION = "v1"
+
+T = TypeVar("T")
 
 
 class SessionRow(SQLModel, table=True):
@@ -155,11 +158,34 @@ class Sessions:
         # Every call with a session makes this read: the columns it needs, without an ORM object.
         key = _hash(claims.session_id)
         row = await self._db.run(lambda session: session.execute(_LIVE, {"token_hash": key}).first())
+        return self._live_user(row, claims, self._clock.now())
+
+    async def live_with(self, claims: SessionClaims, read: Callable[[Session, str], T]) -> tuple[str, T]:
+        """`ensure_live`, and `read(session, user_id)` in the same transaction once the session
+        is found live (never for a revoked or unknown one): one trip to the database where a
+        call reads the user's row next."""
+        key = _hash(claims.session_id)
+        now = self._clock.now()
+
+        def work(session: Session) -> tuple[Row[Any] | None, T | None]:
+            row = session.execute(_LIVE, {"token_hash": key}).first()
+            try:
+                user_id = self._live_user(row, claims, now)
+            except CardCheckError:
+                return row, None
+            return row, read(session, user_id)
+
+        row, found = await self._db.run(work)
+        user_id = self._live_user(row, claims, now)
+        return user_id, cast(T, found)
+
+    @staticmethod
+    def _live_user(row: Row[Any] | None, claims: SessionClaims, now: datetime) -> str:
         if row is None or not hmac.compare_digest(row.user_id.encode(), claims.user_id.encode()):
             raise _unauthenticated("unknown session")
         if row.revoked:
             raise _unauthenticated("session revoked")
-        if as_utc(row.expires_at) <= self._clock.now():
+        if as_utc(row.expires_at) <= now:
             raise _unauthenticated("session expired")
         return str(row.user_id)
 

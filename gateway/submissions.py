@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from typing import cast
 
 from sqlalchemy import Column, DateTime, Index, bindparam, delete, insert
 from sqlalchemy import select as sa_select
@@ -57,9 +58,12 @@ class Submissions:
 
     async def earlier(self, user_id: str, idempotency_key: str) -> str | None:
         """The query this user's key created, if it is remembered."""
-        digests = self._hash.digests(idempotency_key)
-        found = {"user_id": user_id, "digests": list(digests)}
-        return await self._db.run(lambda session: session.execute(_QUERY_OF_KEY, found).scalar())
+        return await self._db.run(lambda session: self.earlier_in(session, user_id, idempotency_key))
+
+    def earlier_in(self, session: Session, user_id: str, idempotency_key: str) -> str | None:
+        """`earlier`, read within the caller's transaction."""
+        found = {"user_id": user_id, "digests": list(self._hash.digests(idempotency_key))}
+        return cast("str | None", session.execute(_QUERY_OF_KEY, found).scalar())
 
     async def remember(self, user_id: str, idempotency_key: str, query_id: str) -> None:
         digests = self._hash.digests(idempotency_key)

@@ -188,15 +188,24 @@ class Users:
         )
         return None if row is None else User(row.user_id, row.region, row.bound_bank_code)
 
+    # The user's row read within another transaction (Sessions.live_with), opened here after.
+    read_row = staticmethod(_user_row)
+
     async def with_identity(self, user_id: str) -> tuple[User, Identity] | None:
         """The user and their identity, opened, from one read; None for no such user."""
-        row = await self._db.run(lambda session: _user_row(session, user_id))
+        return self.user_and_identity(await self._db.run(lambda session: _user_row(session, user_id)))
+
+    def user_and_identity(self, row: UserRow | None) -> tuple[User, Identity] | None:
+        """What `with_identity` gives, of a row `read_row` read."""
         if row is None:
             return None
         return User(row.user_id, row.region, row.bound_bank_code), open_identity(self._sealer, row)
 
     async def identity(self, user_id: str) -> Identity:
-        row = await self._db.run(lambda session: _user_row(session, user_id))
+        return self.identity_of(await self._db.run(lambda session: _user_row(session, user_id)))
+
+    def identity_of(self, row: UserRow | None) -> Identity:
+        """What `identity` gives, of a row `read_row` read."""
         if row is None:
             raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
         return open_identity(self._sealer, row)

@@ -37,6 +37,10 @@ SMS_PURPOSES = ("REGISTER", "SIGN_IN", "QUERY_AUTH")
 MAX_FACE_TOKEN = 4096
 
 
+def valid_idempotency_key(value: str) -> bool:
+    return _IDEMPOTENCY_KEY.fullmatch(value) is not None
+
+
 def today_in_china(now: datetime) -> date:
     return now.astimezone(CHINA_TZ).date()
 
@@ -113,7 +117,7 @@ class Violations:
             self.add(field, "not a query id")
 
     def idempotency_key(self, value: str, field: str = "idempotency_key") -> None:
-        if value and not _IDEMPOTENCY_KEY.fullmatch(value):
+        if value and not valid_idempotency_key(value):
             self.add(field, "1-128 printable ASCII characters without spaces")
 
     def face_token(self, value: str, field: str = "face_token") -> None:

@@ -473,6 +473,20 @@ async def test_without_bank_connector_banks_are_listed_unavailable_and_all_are_a
     assert list(stack.reports.created[-1].bank_codes) == list(BANK_CODES)
 
 
+async def test_queries_without_bank_codes_reuse_the_banks_available_for_a_second(stack: Stack):
+    alice, bob = await stack.register(ALICE), await stack.register(BOB)
+    await stack.submit(ALICE, alice.session_token)
+    asked = list(stack.reports.created[-1].bank_codes)
+    assert "GDRCC" not in asked and "CQFMB" not in asked and "ICBC" in asked
+    stack.bank.unavailable = {"ICBC"}
+    stack.clock.advance(timedelta(milliseconds=999))
+    await stack.submit(BOB, bob.session_token)
+    assert list(stack.reports.created[-1].bank_codes) == asked  # bank_connector's answer reused
+    stack.clock.advance(timedelta(minutes=1))  # past the phone's one code a minute
+    await stack.submit(ALICE, alice.session_token)
+    assert list(stack.reports.created[-1].bank_codes) == [code for code in BANK_CODES if code != "ICBC"]
+
+
 async def test_consent_receipt_failure_does_not_fail_the_query(stack: Stack):
     session = await stack.register(ALICE)
     challenge_id, code = await stack.query_auth(ALICE, session.session_token)
