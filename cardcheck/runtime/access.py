@@ -12,9 +12,9 @@ The gateway's public port is not here: its callers are users, authorized by thei
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import grpc
 from grpc.aio import ServicerContext
@@ -22,6 +22,7 @@ from grpc.aio import ServicerContext
 from cardcheck.refusals import CardCheckError, Reason
 from cardcheck.runtime.certs import spiffe_id
 from cardcheck.runtime.errors import abort
+from cardcheck.runtime.handlers import Handler, WrappedOnce, wrapping_server
 
 OPERATOR = "operator"  # a person at a terminal (grpcurl, `cardcheck demo`), and `cardcheck up`
 
@@ -83,12 +84,6 @@ class Access:
                               metadata={"caller": caller or "", "method": method})
 
 
-if TYPE_CHECKING:
-    Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    Handler = grpc.RpcMethodHandler
-
-
 # Added to the server directly, not through `checking_server`: the interceptor checks these.
 FRAMEWORK_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -97,54 +92,15 @@ def checking_server(server: grpc.aio.Server, access: Access) -> grpc.aio.Server:
     """`server` for a generated `add_*_to_server`: each method handler it adds checks the caller
     first, wrapped once at registration. Given the metrics' counting server, a refused call is
     counted like any other (a refusal with its reason)."""
-    return cast(grpc.aio.Server, _CheckingServer(server, access))
-
-
-class _CheckingServer:
-    def __init__(self, server: grpc.aio.Server, access: Access) -> None:
-        self._server = server
-        self._access = access
-
-    def add_registered_method_handlers(self, service: str, method_handlers: dict[str, Handler]) -> None:
-        self._server.add_registered_method_handlers(
-            service, {name: _checking(handler, f"/{service}/{name}", self._access)
-                      for name, handler in method_handlers.items()})
-
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(
-            tuple(_CheckingGenericHandler(handler, self._access) for handler in generic_rpc_handlers))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._server, name)
-
-
-class _CheckingGenericHandler(grpc.GenericRpcHandler):
-    def __init__(self, handler: grpc.GenericRpcHandler, access: Access) -> None:
-        self._handler = handler
-        self._access = access
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
-        handler = self._handler.service(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = _checking(handler, method, self._access)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+    return wrapping_server(server, lambda method, handler: _checking(handler, method, access))
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
     """Checks the caller of health and reflection (FRAMEWORK_SERVICES), which are added to the
-    server itself; every other method checks in its own handler (`checking_server`). The
-    checking handler is made once per method."""
+    server itself; every other method checks in its own handler (`checking_server`)."""
 
     def __init__(self, access: Access) -> None:
-        self._access = access
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+        self._checked = WrappedOnce(lambda method, handler: _checking(handler, method, access))
 
     async def intercept_service(
         self,
@@ -154,13 +110,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(FRAMEWORK_SERVICES):
             return handler
-        method = handler_call_details.method
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = _checking(handler, method, self._access)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._checked(handler_call_details.method, handler)
 
 
 def _checking(handler: Handler, method: str, access: Access) -> Handler:

@@ -20,7 +20,7 @@ import time
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from itertools import accumulate
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from cardcheck.runtime.errors import refusal_reason
+from cardcheck.runtime.handlers import Handler, wrapping_server
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class ServiceMetrics:
     def serving(self, server: grpc.aio.Server) -> grpc.aio.Server:
         """`server` for a generated `add_*_to_server`: the methods it adds are counted (health
         and reflection, added to `server` itself, are not). Off: `server` itself."""
-        return cast(grpc.aio.Server, _CountingServer(server, self)) if self.enabled else server
+        return wrapping_server(server, lambda method, handler: _counted(self, method, handler)) if self.enabled else server
 
     def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         if not self.enabled:
@@ -232,56 +233,6 @@ def _code(code: object) -> grpc.StatusCode:
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-
-if TYPE_CHECKING:
-    Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    Handler = grpc.RpcMethodHandler
-
-
-class _CountingServer:
-    """A server as a generated `add_*_to_server` sees it: each method handler it adds is
-    wrapped once, there, so a call pays one wrapper and no interceptor (an interceptor is a
-    hop through grpc's interceptor chain on every call). Anything else goes to the server."""
-
-    def __init__(self, server: grpc.aio.Server, metrics: ServiceMetrics) -> None:
-        self._server = server
-        self._metrics = metrics
-
-    def add_registered_method_handlers(self, service: str, method_handlers: dict[str, Handler]) -> None:
-        self._server.add_registered_method_handlers(
-            service, {name: _counted(self._metrics, f"/{service}/{name}", handler)
-                      for name, handler in method_handlers.items()})
-
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(
-            tuple(_CountedGenericHandler(self._metrics, handler) for handler in generic_rpc_handlers))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._server, name)
-
-
-class _CountedGenericHandler(grpc.GenericRpcHandler):
-    """A generic handler's methods, counted (grpc asks it only for methods no registered
-    handler serves: generated code registers its methods both ways)."""
-
-    def __init__(self, metrics: ServiceMetrics, handler: grpc.GenericRpcHandler) -> None:
-        self._metrics = metrics
-        self._handler = handler
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
-        handler = self._handler.service(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = _counted(self._metrics, method, handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
 
 def _counted(metrics: ServiceMetrics, method: str, handler: Handler) -> Handler:
