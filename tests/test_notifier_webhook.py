@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import grpc
@@ -27,6 +27,7 @@ from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from notifier.app import build_parts
 from notifier.config import Cap, NotifierConfig
 from notifier.providers import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
+from tests.harness.vendors import LoopbackVendor
 from tests.harness.waiting import eventually
 from tests.test_notifier import _code_request, _settings
 
@@ -44,7 +45,7 @@ class VendorRequest:
     answer: int
 
 
-class Vendor:
+class Vendor(LoopbackVendor):
     """An SMS vendor on 127.0.0.1: checks each request's signature and timestamp, answers each
     phone's requests by its plan ("500", "503", "429", "400", "slow": accept after the client's
     timeout), then "ok", and accepts each idempotency key once (a repeat is a duplicate)."""
@@ -57,20 +58,7 @@ class Vendor:
         self.requests: list[VendorRequest] = []
         self.accepted: dict[str, dict] = {}
         self.duplicates: Counter[str] = Counter()
-        vendor = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                vendor.handle(self)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.block_on_close = False
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/sms/send"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.url = self.serve_on_loopback() + "/sms/send"
 
     def handle(self, request: BaseHTTPRequestHandler) -> None:
         raw = request.rfile.read(int(request.headers.get("Content-Length", "0")))
@@ -108,13 +96,7 @@ class Vendor:
         with self.lock:
             return [r for r in self.requests if r.key == key]
 
-    def __enter__(self) -> Vendor:
-        self.thread.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _webhook_config(url: str, secret: str = SECRET) -> NotifierConfig:

@@ -16,8 +16,10 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.harness.vendors import LoopbackVendor
 
 SECRET_ID = "AKIDfakefaceid0000000000000000000000"
 SECRET_KEY = "fake-faceid-secret-key-0123456789ab"
@@ -44,7 +46,7 @@ class Call:
 
 
 @dataclass
-class FakeFaceId:
+class FakeFaceId(LoopbackVendor):
     secret_id: str = SECRET_ID
     secret_key: str = SECRET_KEY
     delay_s: float = 0.0
@@ -55,20 +57,7 @@ class FakeFaceId:
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
         self.released = threading.Event()  # cuts every delay short when the fake stops
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                fake._handle(self)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.block_on_close = False
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.endpoint = self.serve_on_loopback()
 
     # --- what a test says -------------------------------------------------------------------
 
@@ -126,7 +115,7 @@ class FakeFaceId:
             and hmac.compare_digest(parts.get("Signature", ""), expected)
         )
 
-    def _handle(self, request: BaseHTTPRequestHandler) -> None:
+    def handle(self, request: BaseHTTPRequestHandler) -> None:
         raw = request.rfile.read(int(request.headers.get("Content-Length", "0")))
         action = request.headers.get("X-TC-Action", "")
         body = json.loads(raw or b"{}")
@@ -182,11 +171,6 @@ class FakeFaceId:
                 }
         return {"Error": {"Code": "InvalidAction", "Message": f"no action {action}"}}
 
-    def __enter__(self) -> FakeFaceId:
-        self.thread.start()
-        return self
-
     def __exit__(self, *exc: object) -> None:
         self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().__exit__(*exc)

@@ -21,7 +21,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.harness.vendors import LoopbackVendor
 
 SERVICE = "sms"
 VERSION = "2021-01-11"
@@ -73,7 +75,7 @@ def tc3_signature(secret_key: str, timestamp: str, host: str, content_type: str,
     return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
 
 
-class FakeTencentSms:
+class FakeTencentSms(LoopbackVendor):
     def __init__(
         self,
         secret_id: str,
@@ -97,20 +99,7 @@ class FakeTencentSms:
         self.lock = threading.Lock()
         self.requests: list[SendSms] = []
         self.accepted: Counter[str] = Counter()  # SessionContext -> times a text was sent
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                fake.handle(self)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.block_on_close = False
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.endpoint = self.serve_on_loopback()
 
     # --- what a test reads ----------------------------------------------------------------
 
@@ -222,10 +211,4 @@ class FakeTencentSms:
         except OSError:
             pass  # the client left (its timeout)
 
-    def __enter__(self) -> FakeTencentSms:
-        self.thread.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
