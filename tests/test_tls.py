@@ -258,12 +258,18 @@ def _presented_serial(port: int, tls_dir: Path) -> int:
     return x509.load_der_x509_certificate(der).serial_number
 
 
-async def test_a_server_certificate_rotated_under_a_running_server_is_presented_next(tmp_path: Path, tls_dir) -> None:
+def _own_copy(tls_dir: Path, tmp_path: Path) -> tuple[Path, ServerTlsFiles]:
+    """The CA, notifier's and gateway's files copied for one test to rotate, and notifier's
+    server files read from there."""
     own = tmp_path / "tls"
     own.mkdir()
     for name in ("ca.pem", "ca.key", "notifier.pem", "notifier.key", "gateway.pem", "gateway.key"):
         (own / name).write_bytes((tls_dir / name).read_bytes())
-    files = ServerTlsFiles(TlsFiles(own / "ca.pem", own / "notifier.pem", own / "notifier.key"), require_client_auth=True)
+    return own, ServerTlsFiles(TlsFiles(own / "ca.pem", own / "notifier.pem", own / "notifier.key"), require_client_auth=True)
+
+
+async def test_a_server_certificate_rotated_under_a_running_server_is_presented_next(tmp_path: Path, tls_dir) -> None:
+    own, files = _own_copy(tls_dir, tmp_path)
     host = ServiceHost(
         "rotation", [Registration(INTERNAL["cardcheck.v1.Notifier"], _servant("cardcheck.v1.Notifier"),
                                   "cardcheck.v1.Notifier")],
@@ -307,11 +313,7 @@ class EchoingCaller(notifier_pb2_grpc.NotifierServicer):
 
 
 async def test_a_client_certificate_rotated_under_a_running_channel_is_presented_next(tmp_path: Path, tls_dir) -> None:
-    own = tmp_path / "tls"
-    own.mkdir()
-    for name in ("ca.pem", "ca.key", "notifier.pem", "notifier.key", "gateway.pem", "gateway.key"):
-        (own / name).write_bytes((tls_dir / name).read_bytes())
-    files = ServerTlsFiles(TlsFiles(own / "ca.pem", own / "notifier.pem", own / "notifier.key"), require_client_auth=True)
+    own, files = _own_copy(tls_dir, tmp_path)
     host = ServiceHost(
         "rotation", [Registration(INTERNAL["cardcheck.v1.Notifier"], EchoingCaller(), "cardcheck.v1.Notifier")],
         "127.0.0.1:0", make_tracer_provider("test", tmp_path), security=ServerSecurity(files, None, "127.0.0.1:0"),
