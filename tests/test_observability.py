@@ -228,7 +228,9 @@ async def test_the_notifier_is_not_ready_while_its_database_is_down(tmp_path: Pa
     proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
     await proxy.open()
     through_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    host = await build_notifier(settings_for(tmp_path, through_proxy, readiness_every_s=0.1))
+    host = await build_notifier(
+        settings_for(tmp_path, through_proxy, addresses={"notifier": "127.0.0.1:0"}, readiness_every_s=0.1)
+    )
     port = await host.start()
     notifier = f"127.0.0.1:{port}"
     try:
