@@ -4,6 +4,7 @@ benchmarks: started, waited for until SERVING, and stopped with SIGTERM."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,10 +19,34 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
+# Ports are drawn below Linux's ephemeral range (32768-60999 by default): a port the kernel
+# hands out for port 0 is one it may next give an outgoing connection (to PostgreSQL, say) as
+# its local port, and the service meant to bind it then fails with "Address already in use".
+# The port + 1000 (metrics) and + 2000 (plaintext health with TLS) stay below that range too.
+_PORTS = range(20_000, 30_000)
+_OFFSETS = (0, 1000, 2000)
+_handed_out: set[int] = set()
+_draw = random.Random()
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now, as are the ports 1000 and 2000 above it, and not
+    handed out before by this process."""
+    for _ in range(1000):
+        port = _draw.choice(_PORTS)
+        if port not in _handed_out and all(_bindable(port + offset) for offset in _OFFSETS):
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port found")
 
 
 def free_port_run(count: int, attempts: int = 50) -> int:
