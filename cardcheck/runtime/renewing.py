@@ -9,16 +9,13 @@ each multicallable it hands out finds the current channel at call time."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from cardcheck.runtime.tls import TlsFiles
-
-log = logging.getLogger(__name__)
+from cardcheck.runtime.tls import ChangedFiles, TlsFiles
 
 RETIRED_GRACE_S = 60.0  # calls under way on a replaced channel get this long before it closes
 
@@ -54,17 +51,17 @@ class RenewingChannel(grpc.aio.Channel):
     ) -> None:
         """`make_credentials(files)` raises (ValueError, OSError) on files it cannot use, at
         start; later such files keep the current channel until they can be used."""
-        self._files = files
-        self._make_credentials = make_credentials
+        self._credentials = ChangedFiles(files, make_credentials)  # first: it says what is wrong
         self._open = open_channel
         self._every = check_every_s
         self._clock = clock
-        credentials = make_credentials(files)  # first: it says what is wrong with the files
-        self._stamp = files.stamp()
-        self._channel = open_channel(credentials)
+        self._channel = open_channel(self._credentials.current)
         self._next_check = clock() + check_every_s
         self._retiring: set[asyncio.Task[None]] = set()
-        self.renewals = 0
+
+    @property
+    def renewals(self) -> int:
+        return self._credentials.changes
 
     def current(self) -> grpc.aio.Channel:
         now = self._clock()
@@ -74,18 +71,10 @@ class RenewingChannel(grpc.aio.Channel):
         return self._channel
 
     def _renew_if_changed(self) -> None:
-        try:
-            stamp = self._files.stamp()
-            if stamp == self._stamp:
-                return
-            credentials = self._make_credentials(self._files)
-        except (OSError, ValueError) as error:
-            log.warning("TLS files changed but cannot be used yet, keeping the channel: %s", error)
+        credentials = self._credentials.rebuilt()
+        if credentials is None:
             return
-        self._stamp = stamp
-        old, self._channel = self._channel, self._open(credentials)
-        self.renewals += 1
-        log.info("TLS certificate %s changed: calls go on a new channel", self._files.certificate)
+        old, self._channel = self._channel, self._open(credentials)  # calls go on a new channel
         task = asyncio.get_running_loop().create_task(old.close(RETIRED_GRACE_S))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 log = logging.getLogger(__name__)
+
+Built = TypeVar("Built")
 
 
 @dataclass(frozen=True)
@@ -68,48 +72,69 @@ class TlsFiles:
         return ca, certificate, key
 
 
+class ChangedFiles(Generic[Built]):
+    """What is built from TLS files, built again when they change on disk. Files that cannot be
+    used (yet: a rotation half-written) leave the last good one in place, with a warning."""
+
+    def __init__(self, files: TlsFiles, build: Callable[[TlsFiles], Built]) -> None:
+        """Builds at once: ValueError or OSError says what is wrong with the files at start."""
+        self.files = files
+        self._build = build
+        try:
+            self._stamp = files.stamp()  # before the build: a change during it is seen next time
+        except OSError:
+            build(files)  # its error names what is wrong with the files
+            raise
+        self.current = build(files)
+        self.changes = 0
+
+    def rebuilt(self) -> Built | None:
+        """The new build when the files changed since the last one, else None."""
+        try:
+            stamp = self.files.stamp()
+            if stamp == self._stamp:
+                return None
+            built = self._build(self.files)
+        except (OSError, ValueError) as error:
+            log.warning("TLS files changed but cannot be used yet, keeping the previous ones: %s", error)
+            return None
+        self._stamp, self.current = stamp, built
+        self.changes += 1
+        log.info("TLS certificate %s changed: now in use", self.files.certificate)
+        return built
+
+
 @dataclass
 class ServerTlsFiles:
     """A server's TLS from files, reloaded when they change (module docstring)."""
 
     files: TlsFiles
     require_client_auth: bool
-    _stamp: tuple[object, ...] | None = field(default=None, init=False)
-    reloads: int = field(default=0, init=False)
+    _watched: ChangedFiles[grpc.ServerCertificateConfiguration] | None = field(default=None, init=False)
 
-    def _configuration(self) -> grpc.ServerCertificateConfiguration:
-        ca, certificate, key = self.files.read()
+    @property
+    def reloads(self) -> int:
+        return self._watched.changes if self._watched is not None else 0
+
+    def _configuration(self, files: TlsFiles) -> grpc.ServerCertificateConfiguration:
+        ca, certificate, key = files.read()
         return grpc.ssl_server_certificate_configuration(
             [(key, certificate)], root_certificates=ca if self.require_client_auth else None
         )
 
-    def _current_stamp(self) -> tuple[object, ...]:
-        return self.files.stamp()
-
     def credentials(self) -> grpc.ServerCredentials:
         """ValueError or OSError when the files are missing or wrong at start."""
-        self._stamp = self._current_stamp()
+        self._watched = ChangedFiles(self.files, self._configuration)
         return grpc.dynamic_ssl_server_credentials(
             # grpc keeps the current configuration when the fetcher answers None (its stubs say otherwise)
-            self._configuration(), self.fetch,  # type: ignore[arg-type]
+            self._watched.current, self.fetch,  # type: ignore[arg-type]
             require_client_authentication=self.require_client_auth,
         )
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """grpc's certificate_configuration_fetcher: a new configuration when the files changed,
         else None (keep the current one). Never raises: grpc would fail the handshake."""
-        try:
-            stamp = self._current_stamp()
-            if stamp == self._stamp:
-                return None
-            configuration = self._configuration()
-        except (OSError, ValueError) as error:
-            log.warning("TLS files changed but cannot be used yet, keeping the previous ones: %s", error)
-            return None
-        self._stamp = stamp
-        self.reloads += 1
-        log.info("TLS certificate reloaded from %s", self.files.certificate)
-        return configuration
+        return self._watched.rebuilt() if self._watched is not None else None
 
 
 def channel_credentials(files: TlsFiles, *, present_certificate: bool = True) -> grpc.ChannelCredentials:
