@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from bench.fanout import TRACING, Target, cpu_seconds, settle, start
 from cardcheck import dataset
 from cardcheck.banks import BANK_CODES
 from cardcheck.refusals import from_rpc_error
-from cardcheck.runtime.settings import DEFAULT_PORTS
+from cardcheck.runtime.settings import DEFAULT_PORTS, METRICS_PORT_OFFSET
 from cardcheck.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, notifier_pb2, notifier_pb2_grpc
 
 LATENCY_MS = 50
@@ -319,6 +320,33 @@ async def _metered(load: Awaitable, processes: Processes, warmup_s: float, secon
     return phase
 
 
+class Calls:
+    """The gRPC calls each service served, from its /metrics (at its gRPC port + 1000)."""
+
+    LINE = re.compile(r'grpc_server_handled_total\{([^}]*)\} ([0-9.e+]+)')
+
+    def __init__(self, addresses: dict[str, str]) -> None:
+        self.addresses = {s: a for s, a in addresses.items() if s in SERVICES}
+
+    def sample(self) -> Counter:
+        served: Counter = Counter()
+        for service, address in self.addresses.items():
+            host, _, port = address.rpartition(":")
+            url = f"http://{host}:{int(port) + METRICS_PORT_OFFSET}/metrics"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as response:
+                for labels, value in self.LINE.findall(response.read().decode()):
+                    named = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+                    served[(service, named["grpc_method"])] += float(value)
+        return served
+
+    @staticmethod
+    def per_item(before: Counter, after: Counter, items: int) -> list[str]:
+        """Calls served per item between two samples, by service and method, most first."""
+        taken = after - before
+        return [f"  {service:<16}{method:<24}{n / items:>6.2f}"
+                for (service, method), n in sorted(taken.items(), key=lambda kv: -kv[1]) if n / items >= 0.01]
+
+
 class Profiles:
     """py-spy sampling each service process into `directory` (nothing without one)."""
 
@@ -421,6 +449,7 @@ async def measure(addresses: dict[str, str], pids: dict[str, int], persons: list
     windows, seconds = (1, 2.0) if quick else (3, 3.0)
     connector = Target("bank_connector", addresses["bank_connector"], persons[0], pids["bank_connector"])
     public = Public(addresses["gateway"], addresses["notifier"])
+    calls = Calls(addresses)
     try:
         await connector.sequential(list(BANK_CODES), 5)
         ceiling = await fan_outs(connector, processes, addresses["bank_sim"], windows, seconds)
@@ -434,11 +463,15 @@ async def measure(addresses: dict[str, str], pids: dict[str, int], persons: list
         print(f"registrations: {registrations.per_second:.1f}/s", flush=True)
         registered = [u for u in users if u.token]
         profiles.start()
+        served = calls.sample()
         try:
             journeys = await closed_loop("journey", registered, public.journey, processes, warmup)
         finally:
             profiles.stop()
         print(f"journeys: {journeys.per_second:.1f}/s", flush=True)
+        await settle(addresses["bank_sim"], addresses["bank_connector"])
+        print("\ncalls served per journey (all the phase's journeys, warm-up included):")
+        print("\n".join(Calls.per_item(served, calls.sample(), len(registered))), flush=True)
         await settle(addresses["bank_sim"], addresses["bank_connector"])
         later = await fan_outs(connector, processes, addresses["bank_sim"], windows, seconds)
         return report(ceiling, later, [registrations, journeys])
