@@ -30,8 +30,8 @@ from notifier.config import NotifierConfig
 from notifier.messages import (
     DELIVERED,
     FAILED,
+    AnyMessage,
     Delivery,
-    MessageRow,
     MessageSealing,
     MessageStore,
     delivery_of,
@@ -152,7 +152,7 @@ class DeliveryWorker:
         await asyncio.gather(*(self.dispatch(row) for row in claimed))
         return len(claimed)
 
-    def dispatch(self, row: MessageRow) -> asyncio.Task[Delivery | None]:
+    def dispatch(self, row: AnyMessage) -> asyncio.Task[Delivery | None]:
         """Runs one attempt of a message this replica holds the lease of. The attempt belongs to
         the worker, not to the caller: a Send whose caller goes away does not cancel it."""
         self._leases[row.message_id] = lease_of(row)
@@ -180,7 +180,7 @@ class DeliveryWorker:
         task.add_done_callback(done)
         return task
 
-    async def _attempt(self, row: MessageRow) -> Delivery | None:
+    async def _attempt(self, row: AnyMessage) -> Delivery | None:
         """The attempt; the message's delivery when this attempt recorded it delivered, else None
         (what became of the message is then read from its row)."""
         parent = propagate.extract(json.loads(row.trace_context or "{}"))
@@ -205,7 +205,7 @@ class DeliveryWorker:
                 log.warning("sms %s: recording the attempt failed (%s)", row.message_id, type(error).__name__)
                 return None
 
-    async def _try(self, row: MessageRow, span: trace.Span) -> Delivery | None:
+    async def _try(self, row: AnyMessage, span: trace.Span) -> Delivery | None:
         try:
             sms = self._sealing.outgoing(row)
         except Exception:  # InvalidTag: sealed under another key
@@ -237,7 +237,7 @@ class DeliveryWorker:
         return dataclasses.replace(delivery_of(row), status=DELIVERED, delivered_at=delivered_at, next_attempt_at=None)
 
     async def _failed(
-        self, row: MessageRow, span: trace.Span, error_class: str, *, retryable: bool, masked: str
+        self, row: AnyMessage, span: trace.Span, error_class: str, *, retryable: bool, masked: str
     ) -> None:
         span.set_attribute("cardcheck.sms.error_class", error_class)
         span.set_status(Status(StatusCode.ERROR, error_class))

@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -31,19 +31,19 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     Row,
+    Select,
     String,
     Text,
     and_,
     bindparam,
     delete,
-    insert,
     or_,
     text,
     update,
 )
 from sqlalchemy import select as sa_select
-from sqlalchemy.engine import CursorResult
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql import Executable
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from cardcheck.runtime.changes import Channel
@@ -115,21 +115,47 @@ MESSAGE_LEASES = LeaseColumns(
 
 # The statements of every Send, built once (Core, on the table).
 _WRITTEN = tuple(c.name for c in _MESSAGES.columns if c.name != "seq")
-_SEQ_BY_KEY = sa_select(_MESSAGES.c.seq).where(_MESSAGES.c.idempotency_key == bindparam("key"))
-_INSERT = insert(_MESSAGES)
+_BY_KEY = sa_select(_MESSAGES).where(_MESSAGES.c.idempotency_key == bindparam("key"))
+# A key recorded earlier inserts nothing (and, on PostgreSQL, waits for a concurrent Send of the
+# same key to commit or roll back first): one statement tells a new message from a retried one.
+_INSERT_NEW: dict[str, Executable] = {
+    name: dialect.insert(_MESSAGES)
+    .on_conflict_do_nothing(index_elements=[_MESSAGES.c.idempotency_key])
+    .returning(_MESSAGES.c.seq)
+    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
+}
+
+
+# By a phone: its one digest (the usual case, no retired key) or any of several. An expanding IN
+# is compiled again on every call; the equality is not.
+PhoneQueries = tuple[Select[Any], Select[Any]]
+
+
+def _by_phone(query: Select[Any]) -> PhoneQueries:
+    return (
+        query.where(_MESSAGES.c.phone_hash == bindparam("hash")),
+        query.where(_MESSAGES.c.phone_hash.in_(bindparam("hashes", expanding=True))),
+    )
+
+
+def _of_phone(queries: PhoneQueries, hashes: Sequence[str]) -> tuple[Select[Any], dict[str, Any]]:
+    if len(hashes) == 1:
+        return queries[0], {"hash": hashes[0]}
+    return queries[1], {"hashes": list(hashes)}
+
+
 # A sandbox inbox, asked again and again while a code is awaited: what `inbox` reads, as rows.
-_FOR_PHONE = (
-    sa_select(_MESSAGES.c.message_id, _MESSAGES.c.phone_sealed, _MESSAGES.c.kind, _MESSAGES.c.body,
-              _MESSAGES.c.created_at)
-    .where(_MESSAGES.c.phone_hash.in_(bindparam("hashes", expanding=True)))
+_FOR_PHONE = _by_phone(
+    sa_select(_MESSAGES.c.message_id, _MESSAGES.c.kind, _MESSAGES.c.body, _MESSAGES.c.created_at)
     .order_by(_MESSAGES.c.created_at.desc(), _MESSAGES.c.seq.desc())
 )
-_RECENT = (
+# The cap: the phone's other messages of a kind inside the widest window.
+_RECENT = _by_phone(
     sa_select(_MESSAGES.c.created_at)
     .where(
-        _MESSAGES.c.phone_hash.in_(bindparam("hashes", expanding=True)),
         _MESSAGES.c.kind == bindparam("kind"),
         _MESSAGES.c.created_at > bindparam("since"),
+        _MESSAGES.c.seq != bindparam("seq"),
     )
     .order_by(_MESSAGES.c.created_at)
 )
@@ -147,7 +173,40 @@ _DELIVERED = (
 )
 
 
-def lease_of(row: MessageRow) -> Lease:
+@dataclass(slots=True)
+class Message:
+    """A message's row as plain values: what a Send writes and hands to its first attempt, made
+    for every Send without the ORM's bookkeeping (MessageRow's constructor was a good part of a
+    Send's CPU)."""
+
+    message_id: str
+    idempotency_key: str
+    phone_hash: str
+    phone_sealed: bytes
+    kind: str
+    template: str
+    body: str | None
+    body_sealed: bytes | None
+    body_digest: str | None
+    status: str
+    created_at: datetime
+    retry_until: datetime | None
+    trace_context: str | None
+    attempts: int = 0
+    delivered_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    last_error: str | None = None
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+    seq: int | None = None
+
+
+# What a delivery attempt works from: a message just written, or a row read back.
+AnyMessage = Message | MessageRow
+
+
+def lease_of(row: AnyMessage) -> Lease:
     """The lease `row` was read under: its holder and attempt."""
     return Lease((row.message_id,), row.lease_owner or "", row.attempts)
 
@@ -179,7 +238,7 @@ def _utc(instant: datetime | None) -> datetime | None:
     return as_utc(instant) if instant is not None else None
 
 
-def delivery_of(row: MessageRow) -> Delivery:
+def delivery_of(row: AnyMessage) -> Delivery:
     return Delivery(
         message_id=row.message_id,
         kind=row.kind,
@@ -249,18 +308,18 @@ class MessageSealing:
     def seal_phone(self, message_id: str, phone: str) -> bytes:
         return self._phone_sealer.seal(phone.encode(), message_id.encode())
 
-    def open_phone(self, row: MessageRow | Row[Any]) -> str:
+    def open_phone(self, row: AnyMessage | Row[Any]) -> str:
         return self._phone_sealer.open(row.phone_sealed, row.message_id.encode()).decode()
 
     def seal_body(self, message_id: str, body: str, params: Sequence[str] = ()) -> bytes:
         """The text and a vendor template's values, sealed together: kept and dropped as one."""
         return self._body_sealer.seal(_envelope(body, params), message_id.encode())
 
-    def _open_body(self, row: MessageRow) -> tuple[str, tuple[str, ...]]:
+    def _open_body(self, row: AnyMessage) -> tuple[str, tuple[str, ...]]:
         assert row.body_sealed is not None
         return _unwrap(self._body_sealer.open(row.body_sealed, row.message_id.encode()))
 
-    def outgoing(self, row: MessageRow) -> OutgoingSms | None:
+    def outgoing(self, row: AnyMessage) -> OutgoingSms | None:
         """What an attempt sends; None when the text is no longer kept."""
         params: tuple[str, ...] = ()
         if row.body is not None:
@@ -360,60 +419,48 @@ class MessageStore:
             query = query.with_for_update()
         return session.exec(query).first()
 
-    async def by_key(self, key: str) -> MessageRow | None:
-        return await self._db.run(
-            lambda session: session.exec(select(MessageRow).where(MessageRow.idempotency_key == key)).first()
-        )
-
     async def get(self, message_id: str) -> MessageRow | None:
         return await self._db.run(lambda session: self._by_message_id(session, message_id))
 
     async def record(
         self,
-        row: MessageRow,
+        message: Message,
         cap: Cap,
         owner: str,
         phone_hashes: Sequence[str] = (),
-    ) -> tuple[MessageRow, bool]:
+    ) -> tuple[Message, bool]:
         """Records a new message, QUEUED and already held by `owner` for its first attempt; or
         returns the message recorded earlier under the same idempotency key (created False).
-        A new message past the phone's cap is refused with RATE_LIMITED and the wait; the cap
-        counts the phone's messages under any of `phone_hashes` (every key's digest; by
-        default the row's own)."""
-        key = row.idempotency_key
-        hashes = tuple(phone_hashes) or (row.phone_hash,)
+        A new message past the phone's cap is refused with RATE_LIMITED and the wait (nothing is
+        written); the cap counts the phone's messages under any of `phone_hashes` (every key's
+        digest; by default the message's own)."""
+        key = message.idempotency_key
+        hashes = tuple(phone_hashes) or (message.phone_hash,)
 
         # Core statements on the path of every Send: the row is written, not loaded (the ORM's
         # unit of work and its bulk UPDATE were most of the notifier's CPU per SMS).
-        def work(session: Session) -> tuple[MessageRow, bool]:
-            if session.execute(_SEQ_BY_KEY, {"key": key}).first() is not None:
-                earlier = session.exec(select(MessageRow).where(MessageRow.idempotency_key == key)).first()
-                assert earlier is not None  # in this transaction since the read above
-                return earlier, False
+        def work(session: Session) -> tuple[Message, bool]:
+            connection = session.connection()
+            dialect = connection.dialect.name
             now = self._clock.now()
-            self._serialise_phone(session, row.phone_hash)
-            self._check_cap(session, hashes, row.kind, cap, now)
-            row.created_at = now
-            row.status = QUEUED
-            row.attempts = 1
-            row.last_attempt_at = now
-            row.next_attempt_at = now
-            self._grant(row, owner)
-            values = {name: getattr(row, name) for name in _WRITTEN}
-            inserted = cast(CursorResult[Any], session.execute(_INSERT, values))
-            key_of_row = inserted.inserted_primary_key
-            assert key_of_row is not None  # a single-row INSERT
-            row.seq = key_of_row[0]
-            return row, True
+            self._serialise_phone(session, message.phone_hash)
+            message.created_at = now
+            message.status = QUEUED
+            message.attempts = 1
+            message.last_attempt_at = now
+            message.next_attempt_at = now
+            self._grant(message, owner)
+            values = {name: getattr(message, name) for name in _WRITTEN}
+            seq = connection.execute(_INSERT_NEW[dialect], values).scalar()
+            if seq is None:
+                earlier = connection.execute(_BY_KEY, {"key": key}).one()
+                return Message(**earlier._mapping), False
+            # Counted once the row is in: a refusal rolls the insert back with the transaction.
+            self._check_cap(session, hashes, message.kind, cap, now, seq)
+            message.seq = seq
+            return message, True
 
-        try:
-            return await self._db.run(work)
-        except IntegrityError:
-            # A concurrent request with the same key recorded it first: that one is the message.
-            winner = await self.by_key(key)
-            if winner is None:
-                raise
-            return winner, False
+        return await self._db.run(work)
 
     @staticmethod
     def _serialise_phone(session: Session, phone_hash: str) -> None:
@@ -423,17 +470,17 @@ class MessageStore:
             session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": int(phone_hash[:15], 16)})
 
     @staticmethod
-    def _check_cap(session: Session, phone_hashes: Sequence[str], kind: str, cap: Cap, now: datetime) -> None:
+    def _check_cap(
+        session: Session, phone_hashes: Sequence[str], kind: str, cap: Cap, now: datetime, seq: int
+    ) -> None:
+        """Refuses the message `seq` when the phone's other messages of `kind` reach the cap."""
         windows = cap.windows()
         if not windows:
             return
         widest = max(window for window, _, _ in windows)
-        recent = [
-            as_utc(t)
-            for (t,) in session.execute(
-                _RECENT, {"hashes": list(phone_hashes), "kind": kind, "since": now - widest}
-            )
-        ]
+        query, params = _of_phone(_RECENT, phone_hashes)
+        params.update(kind=kind, since=now - widest, seq=seq)
+        recent = [as_utc(t) for (t,) in session.connection().execute(query, params)]
         waits = []
         for window, limit, name in windows:
             inside = [t for t in recent if t > now - window]
@@ -449,7 +496,7 @@ class MessageStore:
                 retry_after=wait,
             )
 
-    def _grant(self, row: MessageRow, owner: str) -> None:
+    def _grant(self, row: AnyMessage, owner: str) -> None:
         for column, value in self.queue.granted(owner).items():
             setattr(row, column, value)
 
@@ -606,8 +653,8 @@ class MessageStore:
             if done < batch:
                 return deleted
 
-    async def for_phone(self, phone_hashes: Sequence[str]) -> list[Row[Any]]:
+    async def for_phone(self, phone_hashes: Sequence[str]) -> Sequence[Row[Any]]:
         """A phone's messages (stored under any of its `phone_hashes`), newest first: message_id,
-        phone_sealed, kind, body and created_at."""
-        hashes = list(phone_hashes)
-        return await self._db.run(lambda session: list(session.execute(_FOR_PHONE, {"hashes": hashes})))
+        kind, body and created_at."""
+        query, params = _of_phone(_FOR_PHONE, phone_hashes)
+        return await self._db.run(lambda session: session.connection().execute(query, params).all())

@@ -23,9 +23,10 @@ from notifier.delivery import DeliveryWorker
 from notifier.messages import (
     FAILED,
     PHONE,
+    AnyMessage,
     Delivery,
     InboxMessage,
-    MessageRow,
+    Message,
     MessageSealing,
     MessageStore,
     delivery_of,
@@ -76,15 +77,15 @@ class Outbox:
         assert kind is not None
         template = self._templates.newest[kind]
         body = template.render(params)
-        phone_hash = self._sealing.phone_hash(phone)
+        phone_hashes = self._sealing.phone_hashes(phone)  # the current key's first
         message_id = uuid.uuid4().hex
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         now = self._clock.now()
-        row = MessageRow(
+        message = Message(
             message_id=message_id,
             idempotency_key=idempotency_key,
-            phone_hash=phone_hash,
+            phone_hash=phone_hashes[0],
             phone_sealed=self._sealing.seal_phone(message_id, phone),
             kind=kind,
             template=template.name,
@@ -98,11 +99,9 @@ class Outbox:
             retry_until=now + self._config.retry_windows[kind],
             trace_context=json.dumps(carrier) if carrier else None,
         )
+        recorded: AnyMessage
         recorded, created = await self._store.record(
-            row,
-            self._config.caps[kind],
-            self._worker.owner,
-            self._sealing.phone_hashes(phone),
+            message, self._config.caps[kind], self._worker.owner, phone_hashes
         )
         if created:
             log.info("sms %s (%s) to %s recorded", recorded.message_id, kind, mask_phone(phone))
@@ -142,7 +141,7 @@ class Outbox:
         return await self.delivery(recorded.message_id)
 
     def _check_same_message(
-        self, recorded: MessageRow, phone: str, kind: str, params: Mapping[str, str]
+        self, recorded: Message, phone: str, kind: str, params: Mapping[str, str]
     ) -> None:
         """A key names one message: the same phone, kind and text (rendered with the template
         version the message was recorded with). The stored digests may be under a retired key."""
@@ -171,7 +170,7 @@ class Outbox:
         return [
             InboxMessage(
                 message_id=row.message_id,
-                phone=self._sealing.open_phone(row),
+                phone=phone,  # every row found by the phone's digest was sent to it
                 kind=row.kind,
                 body=row.body or "",
                 created_at=as_utc(row.created_at),
