@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     Column,
+    Connection,
     DateTime,
     Index,
     Integer,
@@ -48,7 +49,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.clock import Clock, as_utc
-from cardcheck.runtime.database import Database, rowcount, table_of
+from cardcheck.runtime.database import Database, table_of
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, invalid_argument
 from cardcheck.runtime.keys import KeyedHash, Keyring, Sealer
 from cardcheck.runtime.work import Lease, LeaseColumns, LeaseLost, WorkQueue
@@ -159,6 +160,7 @@ _RECENT = _by_phone(
     )
     .order_by(_MESSAGES.c.created_at)
 )
+_LOCK_PHONE = text("SELECT pg_advisory_xact_lock(:key)")
 _DELIVERED = (
     update(_MESSAGES)
     .where(_MESSAGES.c.message_id == bindparam("id"), _MESSAGES.c.status != DELIVERED)
@@ -439,11 +441,10 @@ class MessageStore:
 
         # Core statements on the path of every Send: the row is written, not loaded (the ORM's
         # unit of work and its bulk UPDATE were most of the notifier's CPU per SMS).
-        def work(session: Session) -> tuple[Message, bool]:
-            connection = session.connection()
+        def work(connection: Connection) -> tuple[Message, bool]:
             dialect = connection.dialect.name
             now = self._clock.now()
-            self._serialise_phone(session, message.phone_hash)
+            self._serialise_phone(connection, message.phone_hash)
             message.created_at = now
             message.status = QUEUED
             message.attempts = 1
@@ -456,22 +457,22 @@ class MessageStore:
                 earlier = connection.execute(_BY_KEY, {"key": key}).one()
                 return Message(**earlier._mapping), False
             # Counted once the row is in: a refusal rolls the insert back with the transaction.
-            self._check_cap(session, hashes, message.kind, cap, now, seq)
+            self._check_cap(connection, hashes, message.kind, cap, now, seq)
             message.seq = seq
             return message, True
 
-        return await self._db.run(work)
+        return await self._db.run_core(work)
 
     @staticmethod
-    def _serialise_phone(session: Session, phone_hash: str) -> None:
+    def _serialise_phone(connection: Connection, phone_hash: str) -> None:
         """Two concurrent Sends to one phone count the cap one after the other. SQLite's
         BEGIN IMMEDIATE already makes every writer wait its turn; PostgreSQL takes a lock."""
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": int(phone_hash[:15], 16)})
+        if connection.dialect.name == "postgresql":
+            connection.execute(_LOCK_PHONE, {"key": int(phone_hash[:15], 16)})
 
     @staticmethod
     def _check_cap(
-        session: Session, phone_hashes: Sequence[str], kind: str, cap: Cap, now: datetime, seq: int
+        connection: Connection, phone_hashes: Sequence[str], kind: str, cap: Cap, now: datetime, seq: int
     ) -> None:
         """Refuses the message `seq` when the phone's other messages of `kind` reach the cap."""
         windows = cap.windows()
@@ -480,7 +481,7 @@ class MessageStore:
         widest = max(window for window, _, _ in windows)
         query, params = _of_phone(_RECENT, phone_hashes)
         params.update(kind=kind, since=now - widest, seq=seq)
-        recent = [as_utc(t) for (t,) in session.connection().execute(query, params)]
+        recent = [as_utc(t) for (t,) in connection.execute(query, params)]
         waits = []
         for window, limit, name in windows:
             inside = [t for t in recent if t > now - window]
@@ -585,10 +586,10 @@ class MessageStore:
         Returns when it was recorded delivered; None when it was already (another attempt)."""
         now = self._clock.now()
 
-        def work(session: Session) -> int:
-            return rowcount(session.execute(_DELIVERED, {"id": message_id, "now": now}))
+        def work(connection: Connection) -> int:
+            return connection.execute(_DELIVERED, {"id": message_id, "now": now}).rowcount
 
-        return now if await self._db.run(work) else None
+        return now if await self._db.run_core(work) else None
 
     async def record_failure(
         self,
@@ -657,4 +658,4 @@ class MessageStore:
         """A phone's messages (stored under any of its `phone_hashes`), newest first: message_id,
         kind, body and created_at."""
         query, params = _of_phone(_FOR_PHONE, phone_hashes)
-        return await self._db.run(lambda session: session.connection().execute(query, params).all())
+        return await self._db.run_core(lambda connection: connection.execute(query, params).all())
