@@ -430,9 +430,12 @@ class MessageStore:
         cap: Cap,
         owner: str,
         phone_hashes: Sequence[str] = (),
+        *,
+        delivered: bool = False,
     ) -> tuple[Message, bool]:
-        """Records a new message, QUEUED and already held by `owner` for its first attempt; or
-        returns the message recorded earlier under the same idempotency key (created False).
+        """Records a new message, QUEUED and already held by `owner` for its first attempt (or,
+        `delivered`, DELIVERED by that attempt: the provider delivers by recording); or returns
+        the message recorded earlier under the same idempotency key (created False).
         A new message past the phone's cap is refused with RATE_LIMITED and the wait (nothing is
         written); the cap counts the phone's messages under any of `phone_hashes` (every key's
         digest; by default the message's own)."""
@@ -446,11 +449,15 @@ class MessageStore:
             now = self._clock.now()
             self._serialise_phone(connection, message.phone_hash)
             message.created_at = now
-            message.status = QUEUED
             message.attempts = 1
             message.last_attempt_at = now
-            message.next_attempt_at = now
-            self._grant(message, owner)
+            if delivered:
+                message.status = DELIVERED
+                message.delivered_at = now
+            else:
+                message.status = QUEUED
+                message.next_attempt_at = now
+                self._grant(message, owner)
             values = {name: getattr(message, name) for name in _WRITTEN}
             seq = connection.execute(_INSERT_NEW[dialect], values).scalar()
             if seq is None:

@@ -40,6 +40,10 @@ class MeasuredProvider(SmsProvider):
             "cardcheck_sms_provider_seconds", "How long the SMS provider took to take one message, in seconds.",
             ("provider",), buckets=PROVIDER_BUCKETS, registry=metrics.registry).labels(provider.name)
 
+    @property
+    def delivers_by_recording(self) -> bool:
+        return self._provider.delivers_by_recording
+
     async def deliver(self, sms: OutgoingSms) -> None:
         started = time.perf_counter()
         outcome = "PERMANENT"

@@ -60,6 +60,12 @@ class SmsProvider:
     name = "custom"
     keeps_inbox = False
 
+    @property
+    def delivers_by_recording(self) -> bool:
+        """Whether a message is delivered once it is recorded, `deliver` doing nothing that
+        could fail: its first attempt is then recorded with the message, in one transaction."""
+        return False
+
     async def deliver(self, sms: OutgoingSms) -> None:
         raise NotImplementedError
 
@@ -72,6 +78,11 @@ class SandboxProvider(SmsProvider):
 
     name = "sandbox"
     keeps_inbox = True
+
+    @property
+    def delivers_by_recording(self) -> bool:
+        # Not a subclass that does something on delivery (holds it, refuses it).
+        return type(self).deliver is SandboxProvider.deliver
 
     async def deliver(self, sms: OutgoingSms) -> None:
         return None

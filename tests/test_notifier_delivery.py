@@ -537,3 +537,51 @@ async def test_the_worker_stops_when_woken_just_as_it_is_stopped(start):
         await asyncio.sleep(0)  # the wait is over, the loop not yet back
         await asyncio.wait_for(worker.stop(drain_s=1), 5)
         worker.start()
+
+
+class Statements:
+    """The statements run on nt_messages meanwhile (any engine of this process), by verb."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def _note(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        if "nt_messages" in statement:
+            self.seen.append(statement.split(None, 1)[0].upper())
+
+    def __enter__(self) -> Statements:
+        sa.event.listen(sa.Engine, "before_cursor_execute", self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sa.event.remove(sa.Engine, "before_cursor_execute", self._note)
+
+
+async def test_a_send_costs_two_statements_in_sandbox_and_three_outside(start, tmp_path):
+    """The insert tells a new message from a retried one, the cap is counted after it; the
+    sandbox's delivery is the record itself, a vendor's is written once it is done."""
+    spans = InMemorySpanExporter()
+    sandbox = await start(SandboxProvider(), sandbox=True, start_worker=False,
+                          tracer_provider=make_tracer_provider("notifier", tmp_path, exporter=spans))
+    with Statements() as statements:
+        sent = await sandbox.stub.Send(_code_request("once"))
+    assert sent.status == DELIVERED
+    assert statements.seen == ["INSERT", "SELECT"]
+    with Statements() as statements:
+        again = await sandbox.stub.Send(_code_request("once"))
+    assert (again.message_id, again.status) == (sent.message_id, DELIVERED)
+    assert statements.seen == ["INSERT", "SELECT"]  # nothing inserted; the earlier message read
+    delivery = await sandbox.delivery(sent.message_id)
+    assert (delivery.status, delivery.attempts, delivery.delivered_at) == (DELIVERED, 1, delivery.created_at)
+    [attempt] = [s for s in spans.get_finished_spans() if s.name == "sms.deliver"]
+    assert attempt.attributes["cardcheck.message_id"] == sent.message_id
+    assert attempt.attributes["cardcheck.sms.phone"] == "138****5678"
+    [server] = [s for s in spans.get_finished_spans() if s.name.endswith("/Send") and s.context.trace_id
+                == attempt.context.trace_id]
+    assert attempt.parent.span_id == server.context.span_id  # under the Send that recorded it
+
+    vendor = await start(ScriptedProvider(), start_worker=False)
+    with Statements() as statements:
+        sent = await vendor.stub.Send(_code_request("vendor", phone="13900000000"))
+    assert sent.status == DELIVERED
+    assert statements.seen == ["INSERT", "SELECT", "UPDATE"]
