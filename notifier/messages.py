@@ -290,12 +290,9 @@ class MessageSealing:
         self._body_sealer = body_sealer
         self._body_hasher = body_hasher
 
-    def phone_hash(self, phone: str) -> str:
-        """What a new row stores: the digest under the current key."""
-        return self._phone_hasher.digest(phone)
-
     def phone_hashes(self, phone: str) -> tuple[str, ...]:
-        """What a lookup takes: the digest under the current key and each retired one."""
+        """What a lookup takes: the digest under the current key (what a new row stores) and
+        each retired one's."""
         return self._phone_hasher.digests(phone)
 
     def phone_matches(self, phone: str, stored: str) -> bool:
