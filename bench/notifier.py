@@ -110,7 +110,7 @@ def _phones(count: int, taken: set[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench notifier")
-    parser.add_argument("--phones", type=int, default=300, help="phones per round (three Sends each)")
+    parser.add_argument("--phones", type=int, default=600, help="phones per round (three Sends each)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
