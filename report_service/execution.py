@@ -313,7 +313,8 @@ class ExecutionStore:
             self._changed(session, query_id)
             result = None
             if banks and all(b in stored and stored[b][1] == ANSWERED for b in banks):
-                earlier = self._outcomes(session, query_id, exclude=arrived)
+                # Only the banks recorded before this batch are read back (and their cards opened).
+                earlier = self._outcomes(session, query_id, exclude=arrived) if stored.keys() - arrived.keys() else []
                 result = self._finish(session, row, [*earlier, *arrived.values()], owner, now, events, answered)
             else:
                 session.execute(_UPDATE_QUERY, {"of_query": query_id, "banks_answered": answered})

@@ -5,6 +5,7 @@ Plain classes, no gRPC; time from the injected clock."""
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import logging
 import uuid
@@ -193,11 +194,30 @@ _LAST_REPORT = sa_select(func.max(_QUERIES.c.ready_at)).where(
 )
 _INSERT_QUERY = insert(_QUERIES)
 _INSERT_WORK = insert(table_of(WorkRow))
+_REPORTS = table_of(ReportRow)
+# GetReport's read: the query (as _QUERY_BY_ID reads it) and its report, if any, in one statement.
+_QUERY_AND_REPORT = (
+    sa_select(
+        *_QUERY_BY_ID.selected_columns,
+        _REPORTS.c.wrapped_key,
+        _REPORTS.c.ciphertext,
+        _REPORTS.c.generated_at,
+        _REPORTS.c.expires_at.label("report_expires_at"),
+    )
+    .select_from(_QUERIES.outerjoin(_REPORTS, _REPORTS.c.query_id == _QUERIES.c.query_id))
+    .where(_QUERIES.c.query_id == bindparam("query_id"))
+)
 _PROGRESS = (
     sa_select(_OUTCOMES.c.bank_code, _OUTCOMES.c.kind, _OUTCOMES.c.detail)
     .where(_OUTCOMES.c.query_id == bindparam("query_id"))
     .order_by(_OUTCOMES.c.id)
 )
+
+
+@functools.lru_cache(maxsize=256)
+def _bank_codes(text: str) -> tuple[str, ...]:
+    # Read at every watcher's wake; most queries ask the same few lists of banks.
+    return tuple(json.loads(text))
 
 
 def query_of(row: QueryRow | Row[Any]) -> Query:
@@ -206,7 +226,7 @@ def query_of(row: QueryRow | Row[Any]) -> Query:
         query_id=row.query_id,
         user_id=row.user_id,
         status=QueryStatus(row.status),
-        bank_codes=tuple(json.loads(row.bank_codes)),
+        bank_codes=_bank_codes(row.bank_codes),
         agreement_version=row.agreement_version,
         submitted_at=as_utc(row.submitted_at),
         ready_by=as_utc(row.ready_by),
@@ -387,8 +407,8 @@ class QueryStore:
     # --- reading, for the user who owns the query -------------------------------------------
 
     async def get(self, user_id: str, query_id: str) -> Query:
-        def find(session: Session) -> QueryRow | None:
-            return session.get(QueryRow, query_id)
+        def find(session: Session) -> Row[Any] | None:
+            return session.execute(_QUERY_BY_ID, {"query_id": query_id}).first()
 
         row = await self._db.read(find) if query_id else None
         if row is None or row.user_id != user_id or not user_id:
@@ -428,18 +448,18 @@ class QueryStore:
     async def report(self, user_id: str, query_id: str) -> Report:
         """The report, opened; the view is in the audit trail before the report is returned."""
 
-        def find(session: Session) -> tuple[QueryRow | None, ReportRow | None]:
-            return session.get(QueryRow, query_id), session.get(ReportRow, query_id)
+        def find(session: Session) -> Row[Any] | None:
+            return session.execute(_QUERY_AND_REPORT, {"query_id": query_id}).first()
 
-        query_row, row = await self._db.read(find) if query_id else (None, None)
-        if query_row is None or query_row.user_id != user_id or not user_id:
+        row = await self._db.read(find) if query_id else None
+        if row is None or row.user_id != user_id or not user_id:
             raise CardCheckError(Reason.NOT_FOUND, "no such query")
-        query = query_of(query_row)
+        query = query_of(row)
         now = self._clock.now()
         refusal = QueryRules.report_refusal(query, now)
         if refusal is not None:
             raise refusal
-        if row is None:  # swept: the query row says EXPIRED once the sweep commits
+        if row.ciphertext is None:  # swept: the query row says EXPIRED once the sweep commits
             raise CardCheckError(Reason.REPORT_EXPIRED, "the report was kept its 7 days and deleted")
         content = self._vault.open(query_id, row.wrapped_key, row.ciphertext)
 
@@ -447,7 +467,7 @@ class QueryStore:
             self.audit.append(session, [audit.AuditEvent(audit.REPORT_VIEWED, query_id, user_id)], now)
 
         await self._db.write(viewed)
-        return Report(query_id, as_utc(row.generated_at), as_utc(row.expires_at), content)
+        return Report(query_id, as_utc(row.generated_at), as_utc(row.report_expires_at), content)
 
     # --- forgetting -------------------------------------------------------------------------
 
