@@ -117,7 +117,12 @@ _UPDATE_QUERY = update(_QUERIES).where(_QUERIES.c.query_id == bindparam("of_quer
 _DELETE_EXECUTE = delete(_WORK).where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == EXECUTE)
 _DELETE_NOTIFY = delete(_WORK).where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == NOTIFY)
 _INSERT_REPORT = insert(table_of(ReportRow))
-_INSERT_WORK = insert(_WORK)
+# The SET clause names the columns its parameters give, and kind from new_kind.
+_EXECUTE_TO_NOTIFY = (
+    update(_WORK)
+    .where(_WORK.c.query_id == bindparam("of_query"), _WORK.c.kind == EXECUTE)
+    .values(kind=bindparam("new_kind"))
+)
 WORK_LEASES = LeaseColumns(
     _WORK,
     key=(_WORK.c.query_id, _WORK.c.kind),
@@ -371,8 +376,8 @@ class ExecutionStore:
         to this worker, in the same transaction. `row`: the query as _RUNNING reads it."""
         banks = json.loads(row.bank_codes)
         unanswered = [b for b in banks if not any(o.bank_code == b and o.kind == ANSWERED for o in outcomes)]
-        session.execute(_DELETE_EXECUTE, {"query_id": row.query_id})
         if len(unanswered) == len(banks):
+            session.execute(_DELETE_EXECUTE, {"query_id": row.query_id})
             # Nothing more will be asked or sent about this person: the subject goes.
             session.execute(
                 _UPDATE_QUERY,
@@ -397,14 +402,18 @@ class ExecutionStore:
             {"of_query": row.query_id, "status": QueryStatus.READY, "ready_at": now, "expires_at": expires_at,
              "banks_answered": banks_answered},
         )
+        # The EXECUTE work row becomes the NOTIFY one (one statement for its delete and the
+        # other's insert): due now, its first pass leased to this worker.
         session.execute(
-            _INSERT_WORK,
-            {"query_id": row.query_id, "kind": NOTIFY, "due_at": now, "passes": 1, **self.queue.granted(owner),
+            _EXECUTE_TO_NOTIFY,
+            {"of_query": row.query_id, "new_kind": NOTIFY, "due_at": now, "passes": 1, **self.queue.granted(owner),
              "created_at": now},
         )
         events.append(
             # What the report says stays in it: the trail outlives it (report_service.audit).
-            audit.AuditEvent(audit.REPORT_GENERATED, row.query_id, row.user_id)
+            audit.AuditEvent(
+                audit.REPORT_GENERATED, row.query_id, row.user_id, facts={"submitted_at": as_utc(row.submitted_at)}
+            )
         )
         query = dataclasses.replace(
             query_of(row), status=QueryStatus.READY, ready_at=now, expires_at=expires_at, banks_answered=banks_answered

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Row, and_, bindparam, delete, false, func, insert, or_, true, update
+from sqlalchemy import Row, and_, bindparam, case, delete, false, func, insert, or_, true, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -186,12 +186,11 @@ _BY_KEY = sa_select(*_QUERY_BY_ID.selected_columns).where(
         and_(_QUERIES.c.idempotency_key_in_clear == true(), _QUERIES.c.idempotency_key == bindparam("key")),
     ),
 )
-_PENDING_OF_USER = sa_select(_QUERIES.c.query_id).where(
-    _QUERIES.c.user_id == bindparam("user_id"), _QUERIES.c.status == QueryStatus.PENDING
-)
-_LAST_REPORT = sa_select(func.max(_QUERIES.c.ready_at)).where(
-    _QUERIES.c.user_id == bindparam("user_id"), _QUERIES.c.status.in_([QueryStatus.READY, QueryStatus.EXPIRED])
-)
+# Whether the user has a pending query, and their last report's instant, in one statement.
+_PENDING_AND_LAST_REPORT = sa_select(
+    func.count(case((_QUERIES.c.status == QueryStatus.PENDING, 1))),
+    func.max(case((_QUERIES.c.status.in_([QueryStatus.READY, QueryStatus.EXPIRED]), _QUERIES.c.ready_at))),
+).where(_QUERIES.c.user_id == bindparam("user_id"))
 _INSERT_QUERY = insert(_QUERIES)
 _INSERT_WORK = insert(table_of(WorkRow))
 _REPORTS = table_of(ReportRow)
@@ -326,9 +325,9 @@ class QueryStore:
             existing = by_key(session)
             if existing is not None:
                 return query_of(existing), False
-            if session.execute(_PENDING_OF_USER, {"user_id": user_id}).first() is not None:
+            pending, last_report = session.execute(_PENDING_AND_LAST_REPORT, {"user_id": user_id}).one()
+            if pending:
                 raise CardCheckError(Reason.QUERY_IN_PROGRESS, "another query of this user is pending")
-            last_report = session.execute(_LAST_REPORT, {"user_id": user_id}).scalar()
             refusal = QueryRules.cooldown_error(as_utc(last_report) if last_report else None, now)
             if refusal is not None:
                 raise refusal
