@@ -445,28 +445,27 @@ class QueryStore:
         return query_of(row), outcomes
 
     async def report(self, user_id: str, query_id: str) -> Report:
-        """The report, opened; the view is in the audit trail before the report is returned."""
-
-        def find(session: Session) -> Row[Any] | None:
-            return session.execute(_QUERY_AND_REPORT, {"query_id": query_id}).first()
-
-        row = await self._db.read(find) if query_id else None
-        if row is None or row.user_id != user_id or not user_id:
+        """The report, opened; the view is in the audit trail before the report is returned.
+        Read and audited in one transaction: the report seen is the one whose view is recorded
+        (a sweep cannot come between), at the cost of one transaction, not two."""
+        if not query_id or not user_id:
             raise CardCheckError(Reason.NOT_FOUND, "no such query")
-        query = query_of(row)
         now = self._clock.now()
-        refusal = QueryRules.report_refusal(query, now)
-        if refusal is not None:
-            raise refusal
-        if row.ciphertext is None:  # swept: the query row says EXPIRED once the sweep commits
-            raise CardCheckError(Reason.REPORT_EXPIRED, "the report was kept its 7 days and deleted")
-        content = self._vault.open(query_id, row.wrapped_key, row.ciphertext)
 
-        def viewed(session: Session) -> None:
+        def view(session: Session) -> Report:
+            row = session.execute(_QUERY_AND_REPORT, {"query_id": query_id}).first()
+            if row is None or row.user_id != user_id:
+                raise CardCheckError(Reason.NOT_FOUND, "no such query")
+            refusal = QueryRules.report_refusal(query_of(row), now)
+            if refusal is not None:
+                raise refusal
+            if row.ciphertext is None:  # swept: the query row says EXPIRED once the sweep commits
+                raise CardCheckError(Reason.REPORT_EXPIRED, "the report was kept its 7 days and deleted")
+            content = self._vault.open(query_id, row.wrapped_key, row.ciphertext)
             self.audit.append(session, [audit.AuditEvent(audit.REPORT_VIEWED, query_id, user_id)], now)
+            return Report(query_id, as_utc(row.generated_at), as_utc(row.report_expires_at), content)
 
-        await self._db.write(viewed)
-        return Report(query_id, as_utc(row.generated_at), as_utc(row.report_expires_at), content)
+        return await self._db.write(view)
 
     # --- forgetting -------------------------------------------------------------------------
 
