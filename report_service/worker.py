@@ -353,7 +353,8 @@ class QueryWorker:
                 if left <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(queue.get(), left))
+                    async with asyncio.timeout(left):  # no task per wait, as wait_for makes
+                        batch.append(await queue.get())
                 except TimeoutError:
                     break
             else:
