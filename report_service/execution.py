@@ -88,7 +88,6 @@ class Recorded:
 class _Finished:
     status: QueryStatus
     query: Query | None = None  # READY: what the SMS needs
-    sealed: bytes = b""
     trace_context: str = "{}"
     owner: str = ""  # READY: whose the NOTIFY work is
 
@@ -101,7 +100,7 @@ _QUERIES = table_of(QueryRow)
 _RUNNING = select(
     *(_QUERIES.c[name] for name in (
         "query_id", "user_id", "status", "bank_codes", "agreement_version", "submitted_at", "ready_by",
-        "ready_at", "expires_at", "banks_answered", "banks_total", "subject_sealed", "trace_context",
+        "ready_at", "expires_at", "banks_answered", "banks_total", "trace_context",
     ))
 ).where(_QUERIES.c.query_id == bindparam("query_id"))
 _STORED = select(_OUTCOMES.c.id, _OUTCOMES.c.bank_code, _OUTCOMES.c.kind).where(
@@ -326,7 +325,7 @@ class ExecutionStore:
             self._queries.audit.append(session, events, now)
             return result
 
-        return self._recorded(await self._db.write(record))
+        return self._recorded(await self._db.write(record), claim.subject)
 
     async def end_pass(self, claim: Claim, retry_delay: timedelta) -> Recorded | None:
         """After a pass over the banks: finish the query if every bank answered or ready_by has
@@ -353,7 +352,7 @@ class ExecutionStore:
             self.queue.put_back(session, claim.lease, min(now + retry_delay, ready_by))
             return None
 
-        return self._recorded(await self._db.write(end))
+        return self._recorded(await self._db.write(end), claim.subject)
 
     def _outcomes(self, session: Session, query_id: str, exclude: Container[str] = ()) -> list[BankOutcome]:
         """The query's recorded outcomes (cards opened), but those of the banks in `exclude`."""
@@ -418,10 +417,11 @@ class ExecutionStore:
         query = dataclasses.replace(
             query_of(row), status=QueryStatus.READY, ready_at=now, expires_at=expires_at, banks_answered=banks_answered
         )
-        return _Finished(QueryStatus.READY, query, row.subject_sealed, row.trace_context, owner)
+        return _Finished(QueryStatus.READY, query, row.trace_context, owner)
 
-    def _recorded(self, finished: _Finished | None) -> Recorded | None:
-        """The subject is opened outside the transaction that finished the query."""
+    def _recorded(self, finished: _Finished | None, subject: Subject) -> Recorded | None:
+        """`subject`: the claim's, opened when it was claimed (the sealed one never changes
+        while the query runs): the SMS goes to its phone."""
         if finished is None:
             return None
         if finished.query is None:
@@ -433,7 +433,7 @@ class ExecutionStore:
             kind=NOTIFY,
             passes=1,
             query=query,
-            subject=self._queries.open_subject(query.query_id, finished.sealed),
+            subject=subject,
             trace_context=json.loads(finished.trace_context or "{}"),
         )
         return Recorded(finished.status, notify)
