@@ -374,7 +374,8 @@ class ExecutionStore:
         reached at ready_by). The EXECUTE work goes; a READY query gets its NOTIFY work, leased
         to this worker, in the same transaction. `row`: the query as _RUNNING reads it."""
         banks = json.loads(row.bank_codes)
-        unanswered = [b for b in banks if not any(o.bank_code == b and o.kind == ANSWERED for o in outcomes)]
+        answered = {o.bank_code for o in outcomes if o.kind == ANSWERED}
+        unanswered = [b for b in banks if b not in answered]
         if len(unanswered) == len(banks):
             session.execute(_DELETE_EXECUTE, {"query_id": row.query_id})
             # Nothing more will be asked or sent about this person: the subject goes.
