@@ -291,7 +291,10 @@ _INSERT_ENTRIES = insert(table_of(AuditRow))
 def _append(
     session: Session, events: Sequence[AuditEvent], at: datetime, entry_hash: Callable[[str, bytes], str]
 ) -> None:
-    seq, prev = session.execute(_READ_HEAD).one()
+    # Core statements on the transaction's connection: the session's own execute adds its ORM
+    # dispatch to each of them.
+    connection = session.connection()
+    seq, prev = connection.execute(_READ_HEAD).one()
     instant = _json(_instant(at))
     # An append's entries mostly share their event, query and user: each written once.
     written: dict[str | None, str] = {}
@@ -325,8 +328,8 @@ def _append(
             }
         )
         prev = digest
-    session.execute(_INSERT_ENTRIES, rows)
-    session.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
+    connection.execute(_INSERT_ENTRIES, rows)
+    connection.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
 
 
 # --- verification ---------------------------------------------------------------------------

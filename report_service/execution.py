@@ -268,13 +268,15 @@ class ExecutionStore:
 
         def record(session: Session) -> _Finished | None:
             self.queue.hold(session, claim.lease)
-            row = session.execute(_RUNNING, {"query_id": query_id}).first()
+            # Core statements on the transaction's connection, not ORM objects nor the session's
+            # ORM dispatch: a batch is up to every bank's outcome at once.
+            connection = session.connection()
+            row = connection.execute(_RUNNING, {"query_id": query_id}).first()
             if row is None or row.status != QueryStatus.PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
-            # Core statements, not ORM objects: a batch is up to every bank's outcome at once.
             stored = {
                 bank_code: (outcome_id, kind)
-                for outcome_id, bank_code, kind in session.execute(_STORED, {"query_id": query_id})
+                for outcome_id, bank_code, kind in connection.execute(_STORED, {"query_id": query_id})
             }
             banks = set(json.loads(row.bank_codes))
             events = []
@@ -310,9 +312,9 @@ class ExecutionStore:
                     )
                 )
             if new_rows:
-                session.execute(_INSERT_OUTCOMES, new_rows)
+                connection.execute(_INSERT_OUTCOMES, new_rows)
             if replaced:
-                session.execute(_REPLACE_OUTCOME, replaced)
+                connection.execute(_REPLACE_OUTCOME, replaced)
             answered = sum(1 for _, kind in stored.values() if kind == ANSWERED)
             self._changed(session, query_id)
             result = None
@@ -321,7 +323,7 @@ class ExecutionStore:
                 earlier = self._outcomes(session, query_id, exclude=arrived) if stored.keys() - arrived.keys() else []
                 result = self._finish(session, row, [*earlier, *arrived.values()], owner, now, events, answered)
             else:
-                session.execute(_UPDATE_QUERY, {"of_query": query_id, "banks_answered": answered})
+                connection.execute(_UPDATE_QUERY, {"of_query": query_id, "banks_answered": answered})
             self._queries.audit.append(session, events, now)
             return result
 
@@ -336,7 +338,8 @@ class ExecutionStore:
 
         def end(session: Session) -> _Finished | None:
             self.queue.hold(session, claim.lease)
-            row = session.execute(_RUNNING, {"query_id": query_id}).first()
+            connection = session.connection()
+            row = connection.execute(_RUNNING, {"query_id": query_id}).first()
             if row is None or row.status != QueryStatus.PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
             stored = self._outcomes(session, query_id)
@@ -357,7 +360,7 @@ class ExecutionStore:
     def _outcomes(self, session: Session, query_id: str, exclude: Container[str] = ()) -> list[BankOutcome]:
         """The query's recorded outcomes (cards opened), but those of the banks in `exclude`."""
         # Core rows, not ORM objects: outcome_of reads only these columns.
-        rows = session.execute(_OUTCOMES_OF, {"query_id": query_id})
+        rows = session.connection().execute(_OUTCOMES_OF, {"query_id": query_id})
         return [self._queries.outcome_of(o) for o in rows if o.bank_code not in exclude]
 
     def _finish(
@@ -373,13 +376,14 @@ class ExecutionStore:
         """READY with a sealed report when at least one bank answered, else FAILED (only ever
         reached at ready_by). The EXECUTE work goes; a READY query gets its NOTIFY work, leased
         to this worker, in the same transaction. `row`: the query as _RUNNING reads it."""
+        connection = session.connection()
         banks = json.loads(row.bank_codes)
         answered = {o.bank_code for o in outcomes if o.kind == ANSWERED}
         unanswered = [b for b in banks if b not in answered]
         if len(unanswered) == len(banks):
-            session.execute(_DELETE_EXECUTE, {"query_id": row.query_id})
+            connection.execute(_DELETE_EXECUTE, {"query_id": row.query_id})
             # Nothing more will be asked or sent about this person: the subject goes.
-            session.execute(
+            connection.execute(
                 _UPDATE_QUERY,
                 {"of_query": row.query_id, "status": QueryStatus.FAILED, "subject_sealed": b"",
                  "banks_answered": banks_answered},
@@ -392,19 +396,19 @@ class ExecutionStore:
         # Banks whose last outcome is a failure, or that have none, are the unavailable ones.
         content = build_report(banks, outcomes)
         wrapped_key, ciphertext = self._queries.vault.seal(row.query_id, content)
-        session.execute(
+        connection.execute(
             _INSERT_REPORT,
             {"query_id": row.query_id, "wrapped_key": wrapped_key, "ciphertext": ciphertext, "generated_at": now,
              "expires_at": expires_at},
         )
-        session.execute(
+        connection.execute(
             _UPDATE_QUERY,
             {"of_query": row.query_id, "status": QueryStatus.READY, "ready_at": now, "expires_at": expires_at,
              "banks_answered": banks_answered},
         )
         # The EXECUTE work row becomes the NOTIFY one (one statement for its delete and the
         # other's insert): due now, its first pass leased to this worker.
-        session.execute(
+        connection.execute(
             _EXECUTE_TO_NOTIFY,
             {"of_query": row.query_id, "new_kind": NOTIFY, "due_at": now, "passes": 1, **self.queue.granted(owner),
              "created_at": now},

@@ -322,10 +322,11 @@ class QueryStore:
             return session.execute(_BY_KEY, {"user_id": user_id, "digests": list(digests), "key": key}).first()
 
         def accept(session: Session) -> tuple[Query, bool]:
+            connection = session.connection()
             existing = by_key(session)
             if existing is not None:
                 return query_of(existing), False
-            pending, last_report = session.execute(_PENDING_AND_LAST_REPORT, {"user_id": user_id}).one()
+            pending, last_report = connection.execute(_PENDING_AND_LAST_REPORT, {"user_id": user_id}).one()
             if pending:
                 raise CardCheckError(Reason.QUERY_IN_PROGRESS, "another query of this user is pending")
             refusal = QueryRules.cooldown_error(as_utc(last_report) if last_report else None, now)
@@ -347,7 +348,7 @@ class QueryStore:
             )
             # Core inserts, not ORM objects: the same rows at a fraction of the cost. The
             # one-PENDING index speaks at the first, before the audit head is locked.
-            session.execute(
+            connection.execute(
                 _INSERT_QUERY,
                 {
                     "query_id": query_id,
@@ -364,7 +365,7 @@ class QueryStore:
                     "trace_context": json.dumps(trace_context),
                 },
             )
-            session.execute(
+            connection.execute(
                 _INSERT_WORK,
                 {
                     "query_id": query_id,
@@ -432,10 +433,11 @@ class QueryStore:
         rows: every watcher reads this on each change of its query."""
 
         def find(session: Session) -> tuple[Any, list[BankOutcome]]:
-            row = session.execute(_QUERY_BY_ID, {"query_id": query_id}).first()
+            connection = session.connection()
+            row = connection.execute(_QUERY_BY_ID, {"query_id": query_id}).first()
             outcomes = [
                 BankOutcome(bank_code=bank_code, kind=kind, detail=detail)
-                for bank_code, kind, detail in session.execute(_PROGRESS, {"query_id": query_id})
+                for bank_code, kind, detail in connection.execute(_PROGRESS, {"query_id": query_id})
             ]
             return row, outcomes
 
