@@ -1,6 +1,6 @@
 """report_service accepting and running queries, on SQLite and on PostgreSQL.
 
-    python -m bench queries [--quick] [--db=sqlite|postgres|both] [--rate=Q/S,...] [--tracing=sampled|full|off]
+    python -m bench queries [--quick] [--cpu] [--db=sqlite|postgres|both] [--rate=Q/S,...] [--tracing=sampled|full|off]
 
 Every bank at a fixed 200 ms (bank_sim), the real bank_connector and notifier, report_service as
 a real process on each database in turn; this process is the load generator. Figures:
@@ -17,6 +17,12 @@ a real process on each database in turn; this process is the load generator. Fig
      accepted before are being run by the same process (all 24 banks each, on this one machine),
      and (b) by a replica that only accepts (CARDCHECK_REPORT_MAX_RUNNING=0: the durable
      acceptance alone, gRPC + the transaction). The backlog left is not waited for.
+  4. CPU per query: report_service's CPU time (user + system, from /proc/<pid>/stat) per query
+     over whole journeys as the gateway makes them, 16 at a time, each for a new user:
+     CreateQuery, WatchQuery until READY, GetReport, and in between the run (the FanOut stream,
+     the outcomes recorded, the report sealed, the report-ready SMS handed to the notifier).
+     `--cpu` measures only this (after a short warm-up): the figure to compare before and
+     after a change to report_service, steadier than any latency on a shared machine.
 
 `--tracing` (default `sampled`: 1 % of traces, as a busy deployment would run) applies to
 bank_connector and report_service; bank_sim and the notifier run untraced."""
@@ -39,7 +45,7 @@ import grpc
 
 from bank_sim.process import ROOT, Child, free_port
 from bench import percentile
-from bench._processes import start
+from bench._processes import cpu_seconds, start
 from cardcheck import dataset
 from cardcheck.banks import BANK_CODES
 from cardcheck.v1 import (
@@ -75,6 +81,7 @@ class Figures:
     steady: list[dict] = field(default_factory=list)
     burst: dict = field(default_factory=dict)
     accept_only: dict = field(default_factory=dict)
+    cpu: dict = field(default_factory=dict)
 
 
 _PHONES = itertools.count(1)
@@ -116,6 +123,12 @@ class Client:
             report_service_pb2.GetQueryRequest(user_id=user, query_id=query_id), timeout=30
         )
         return response.query
+
+    async def report(self, user: str, query_id: str) -> common_pb2.Report:
+        response = await self.stub.GetReport(
+            report_service_pb2.ReportServiceGetReportRequest(user_id=user, query_id=query_id), timeout=30
+        )
+        return response.report
 
 
 def _server_ms(query: common_pb2.Query) -> float:
@@ -220,6 +233,29 @@ async def burst(client: Client, concurrency: int, seconds: float) -> dict:
     }
 
 
+async def cpu_per_query(client: Client, pid: int, count: int, concurrency: int = 16) -> dict:
+    """`count` journeys, `concurrency` at a time: report_service's CPU ms per query."""
+    users = iter(range(count))
+    done = 0
+
+    async def journeys() -> None:
+        nonlocal done
+        for _ in users:
+            user = f"cpu-{uuid.uuid4().hex}"
+            accepted = await client.create(user)
+            final = await client.until_finished(user, accepted.query_id)
+            if final.status != READY:
+                raise RuntimeError(f"query ended {final.status}")
+            await client.report(user, accepted.query_id)
+            done += 1
+
+    begin_cpu, begin = cpu_seconds(pid), time.perf_counter()
+    await asyncio.gather(*(journeys() for _ in range(concurrency)))
+    await asyncio.sleep(0.5)  # the last report-ready SMS handed over, its work row deleted
+    cpu, elapsed = cpu_seconds(pid) - begin_cpu, time.perf_counter() - begin
+    return {"queries": done, "cpu_ms": cpu * 1000 / done, "per_s": done / elapsed}
+
+
 async def fan_out_reference(address: str, person: dataset.Person, count: int) -> list[float]:
     """The same 24-bank fan-out asked of bank_connector directly: what report_service builds on."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -276,11 +312,17 @@ def measure_db(db: str, work: Path, base_env: dict[str, str], person: dataset.Pe
     children: list[Child] = []
     try:
         children.append(start("report_service", data_dir, env, address))
+        pid = children[0].process.pid
 
         async def run() -> None:
             client = Client(address, person)
             try:
+                if args.cpu:
+                    await low_load(client, figures, 5)
+                    figures.cpu = await cpu_per_query(client, pid, 150 if args.quick else 400)
+                    return
                 await low_load(client, figures, 12 if args.quick else 25)
+                figures.cpu = await cpu_per_query(client, pid, 150 if args.quick else 400)
                 for rate in args.rates:
                     figures.steady.append(await steady(client, rate, 4 if args.quick else 8))
                 figures.burst = await burst(client, 32, 3 if args.quick else 5)
@@ -289,6 +331,8 @@ def measure_db(db: str, work: Path, base_env: dict[str, str], person: dataset.Pe
 
         asyncio.run(run())
         children[0].stop(timeout=60)  # its backlog stays in the database, unrun
+        if args.cpu:
+            return figures
         accept_only = f"127.0.0.1:{free_port()}"
         children.append(
             start(
@@ -317,13 +361,22 @@ def measure_db(db: str, work: Path, base_env: dict[str, str], person: dataset.Pe
     return figures
 
 
-def report(all_figures: list[Figures], reference_ms: list[float]) -> list[str]:
+def report(all_figures: list[Figures], reference_ms: list[float], cpu_only: bool = False) -> list[str]:
     names = [f.db for f in all_figures]
     width = 46
     lines = [f"{'':{width}}" + "".join(f"{n:>18}" for n in names)]
 
     def row(label: str, values: list[str]) -> None:
         lines.append(f"{label:{width}}" + "".join(f"{v:>18}" for v in values))
+
+    def cpu_rows() -> None:
+        lines.append(f"{'4. report_service CPU per query, 16 at a time':{width}}")
+        row("  CPU ms per query", [f"{f.cpu['cpu_ms']:.2f}" for f in all_figures])
+        row("  queries (done /s)", [f"{f.cpu['queries']} ({f.cpu['per_s']:.0f}/s)" for f in all_figures])
+
+    if cpu_only:
+        cpu_rows()
+        return lines
 
     ref50 = percentile(reference_ms, 0.5)
     lines.append(
@@ -380,6 +433,7 @@ def report(all_figures: list[Figures], reference_ms: list[float]) -> list[str]:
             ],
         )
         row("  refused", [str(sum(r["errors"].values())) for r in runs])
+    cpu_rows()
     lines.append("")
     for f in all_figures:
         p50 = percentile(f.low_server_ms, 0.5)
@@ -397,6 +451,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both")
     parser.add_argument("--rate", default="10,25", help="steady arrival rates, queries/s, comma-separated")
     parser.add_argument("--tracing", choices=sorted(TRACING), default="sampled")
+    parser.add_argument("--cpu", action="store_true", help="only report_service's CPU per query (figure 4)")
     args = parser.parse_args(argv)
     args.rates = [float(r) for r in args.rate.split(",") if r]
     work = ROOT / "var" / "bench" / "queries"
@@ -444,7 +499,7 @@ def main(argv: list[str]) -> int:
             f"{time.monotonic() - started_at:.1f} s; tracing {args.tracing}",
             flush=True,
         )
-        reference = asyncio.run(fan_out_reference(connector, person, 12 if args.quick else 25))
+        reference = [] if args.cpu else asyncio.run(fan_out_reference(connector, person, 12 if args.quick else 25))
         base_env = {
             "CARDCHECK_BANK_CONNECTOR_ADDR": connector,
             "CARDCHECK_NOTIFIER_ADDR": notifier,
@@ -459,7 +514,7 @@ def main(argv: list[str]) -> int:
         for child in reversed(children):
             child.stop()
     print()
-    for line in report(figures, reference):
+    for line in report(figures, reference, args.cpu):
         print(line)
     print(f"\n(run took {time.monotonic() - started_at:.0f} s; logs under {work})")
     return 0

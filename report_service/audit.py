@@ -92,6 +92,9 @@ class AuditEvent:
     query_id: str | None = None
     user_id: str | None = None
     details: Mapping[str, object] = field(default_factory=dict)
+    # What the observers are told beside the event and the entry never holds (a READY query's
+    # submission instant, for the time-to-ready metric): neither hashed nor stored.
+    facts: Mapping[str, object] = field(default_factory=dict, compare=False)
 
 
 def _instant(at: datetime) -> str:
@@ -131,9 +134,14 @@ def _canonical_of(
 ) -> bytes:
     """`canonical`, byte for byte, from the instant and the details as _json wrote them: an
     append writes both once for all its entries (keys in sorted order, as _json sorts them)."""
+    return _canonical_from(seq, _json(instant), _json(event), _json(query_id), _json(user_id), details_text)
+
+
+def _canonical_from(seq: int, instant: str, event: str, query_id: str, user_id: str, details_text: str) -> bytes:
+    """`canonical` from each part as _json writes it."""
     return (
-        f'{{"at":{_json(instant)},"details":{details_text},"event":{_json(event)},'
-        f'"query_id":{_json(query_id)},"seq":{seq},"user_id":{_json(user_id)}}}'
+        f'{{"at":{instant},"details":{details_text},"event":{event},'
+        f'"query_id":{query_id},"seq":{seq},"user_id":{user_id}}}'
     ).encode()
 
 
@@ -164,6 +172,9 @@ class AuditChain:
     def __init__(self, key: bytes, retired: Sequence[bytes] = ()) -> None:
         self._key = key
         self._retired = tuple(retired)
+        # The key's inner and outer pads hashed once: each entry copies them (hmac.new per
+        # entry would hash the key again).
+        self._keyed_mac = hmac.new(key, digestmod=hashlib.sha256)
         # Told of each event appended, inside its transaction (report_service/metrics.py).
         self.observers: list[Callable[[Session, AuditEvent, datetime], None]] = []
 
@@ -175,7 +186,10 @@ class AuditChain:
         return cls(keyring.subkey(KEY_PURPOSE), keyring.retired_subkeys(KEY_PURPOSE))
 
     def entry_hash(self, prev_hash: str, entry: bytes) -> str:
-        return hmac.new(self._key, bytes.fromhex(prev_hash) + entry, hashlib.sha256).hexdigest()
+        mac = self._keyed_mac.copy()
+        mac.update(bytes.fromhex(prev_hash))
+        mac.update(entry)
+        return mac.hexdigest()
 
     def _keyed(self, prev_hash: str, entry: bytes, stored: str) -> bool:
         """Whether `stored` is the entry's hash under the current key or a retired one."""
@@ -277,15 +291,30 @@ _INSERT_ENTRIES = insert(table_of(AuditRow))
 def _append(
     session: Session, events: Sequence[AuditEvent], at: datetime, entry_hash: Callable[[str, bytes], str]
 ) -> None:
-    seq, prev = session.execute(_READ_HEAD).one()
-    instant = _instant(at)
+    # Core statements on the transaction's connection: the session's own execute adds its ORM
+    # dispatch to each of them.
+    connection = session.connection()
+    seq, prev = connection.execute(_READ_HEAD).one()
+    instant = _json(_instant(at))
+    # An append's entries mostly share their event, query and user: each written once.
+    written: dict[str | None, str] = {}
+
+    def text_of(value: str | None) -> str:
+        text = written.get(value)
+        if text is None:
+            text = written[value] = _json(value)
+        return text
+
     rows = []
     for event in events:
         details = dict(event.details)
         details_text = _json(details)
         _check_no_personal_data(details, details_text)
         seq += 1
-        digest = entry_hash(prev, _canonical_of(seq, instant, event.event, event.query_id, event.user_id, details_text))
+        entry = _canonical_from(
+            seq, instant, text_of(event.event), text_of(event.query_id), text_of(event.user_id), details_text
+        )
+        digest = entry_hash(prev, entry)
         rows.append(
             {
                 "seq": seq,
@@ -299,8 +328,8 @@ def _append(
             }
         )
         prev = digest
-    session.execute(_INSERT_ENTRIES, rows)
-    session.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
+    connection.execute(_INSERT_ENTRIES, rows)
+    connection.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
 
 
 # --- verification ---------------------------------------------------------------------------

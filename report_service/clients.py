@@ -20,13 +20,16 @@ from report_service.reports import BankOutcome, MaskedCard
 NOTIFIER_TIMEOUT_S = 10.0
 
 
+# Each outcome kind's name as recorded; UNSPECIFIED and numbers this build does not know are ERROR.
+_KINDS = {
+    number: name.removeprefix("BANK_OUTCOME_KIND_")
+    for name, number in common_pb2.BankOutcomeKind.items()
+    if number != common_pb2.BANK_OUTCOME_KIND_UNSPECIFIED
+}
+
+
 def outcome_from_pb(message: bank_connector_pb2.FanOutResponse) -> BankOutcome:
-    try:
-        kind = common_pb2.BankOutcomeKind.Name(message.kind).removeprefix("BANK_OUTCOME_KIND_")
-    except ValueError:
-        kind = "ERROR"
-    if kind == "UNSPECIFIED":
-        kind = "ERROR"
+    kind = _KINDS.get(message.kind, "ERROR")
     cards = tuple(
         MaskedCard(
             bank_code=card.bank_code or message.bank_code,

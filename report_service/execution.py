@@ -88,7 +88,6 @@ class Recorded:
 class _Finished:
     status: QueryStatus
     query: Query | None = None  # READY: what the SMS needs
-    sealed: bytes = b""
     trace_context: str = "{}"
     owner: str = ""  # READY: whose the NOTIFY work is
 
@@ -101,7 +100,7 @@ _QUERIES = table_of(QueryRow)
 _RUNNING = select(
     *(_QUERIES.c[name] for name in (
         "query_id", "user_id", "status", "bank_codes", "agreement_version", "submitted_at", "ready_by",
-        "ready_at", "expires_at", "banks_answered", "banks_total", "subject_sealed", "trace_context",
+        "ready_at", "expires_at", "banks_answered", "banks_total", "trace_context",
     ))
 ).where(_QUERIES.c.query_id == bindparam("query_id"))
 _STORED = select(_OUTCOMES.c.id, _OUTCOMES.c.bank_code, _OUTCOMES.c.kind).where(
@@ -117,7 +116,12 @@ _UPDATE_QUERY = update(_QUERIES).where(_QUERIES.c.query_id == bindparam("of_quer
 _DELETE_EXECUTE = delete(_WORK).where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == EXECUTE)
 _DELETE_NOTIFY = delete(_WORK).where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == NOTIFY)
 _INSERT_REPORT = insert(table_of(ReportRow))
-_INSERT_WORK = insert(_WORK)
+# The SET clause names the columns its parameters give, and kind from new_kind.
+_EXECUTE_TO_NOTIFY = (
+    update(_WORK)
+    .where(_WORK.c.query_id == bindparam("of_query"), _WORK.c.kind == EXECUTE)
+    .values(kind=bindparam("new_kind"))
+)
 WORK_LEASES = LeaseColumns(
     _WORK,
     key=(_WORK.c.query_id, _WORK.c.kind),
@@ -264,13 +268,15 @@ class ExecutionStore:
 
         def record(session: Session) -> _Finished | None:
             self.queue.hold(session, claim.lease)
-            row = session.execute(_RUNNING, {"query_id": query_id}).first()
+            # Core statements on the transaction's connection, not ORM objects nor the session's
+            # ORM dispatch: a batch is up to every bank's outcome at once.
+            connection = session.connection()
+            row = connection.execute(_RUNNING, {"query_id": query_id}).first()
             if row is None or row.status != QueryStatus.PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
-            # Core statements, not ORM objects: a batch is up to every bank's outcome at once.
             stored = {
                 bank_code: (outcome_id, kind)
-                for outcome_id, bank_code, kind in session.execute(_STORED, {"query_id": query_id})
+                for outcome_id, bank_code, kind in connection.execute(_STORED, {"query_id": query_id})
             }
             banks = set(json.loads(row.bank_codes))
             events = []
@@ -306,21 +312,22 @@ class ExecutionStore:
                     )
                 )
             if new_rows:
-                session.execute(_INSERT_OUTCOMES, new_rows)
+                connection.execute(_INSERT_OUTCOMES, new_rows)
             if replaced:
-                session.execute(_REPLACE_OUTCOME, replaced)
+                connection.execute(_REPLACE_OUTCOME, replaced)
             answered = sum(1 for _, kind in stored.values() if kind == ANSWERED)
             self._changed(session, query_id)
             result = None
             if banks and all(b in stored and stored[b][1] == ANSWERED for b in banks):
-                earlier = self._outcomes(session, query_id, exclude=arrived)
+                # Only the banks recorded before this batch are read back (and their cards opened).
+                earlier = self._outcomes(session, query_id, exclude=arrived) if stored.keys() - arrived.keys() else []
                 result = self._finish(session, row, [*earlier, *arrived.values()], owner, now, events, answered)
             else:
-                session.execute(_UPDATE_QUERY, {"of_query": query_id, "banks_answered": answered})
+                connection.execute(_UPDATE_QUERY, {"of_query": query_id, "banks_answered": answered})
             self._queries.audit.append(session, events, now)
             return result
 
-        return self._recorded(await self._db.write(record))
+        return self._recorded(await self._db.write(record), claim.subject)
 
     async def end_pass(self, claim: Claim, retry_delay: timedelta) -> Recorded | None:
         """After a pass over the banks: finish the query if every bank answered or ready_by has
@@ -331,7 +338,8 @@ class ExecutionStore:
 
         def end(session: Session) -> _Finished | None:
             self.queue.hold(session, claim.lease)
-            row = session.execute(_RUNNING, {"query_id": query_id}).first()
+            connection = session.connection()
+            row = connection.execute(_RUNNING, {"query_id": query_id}).first()
             if row is None or row.status != QueryStatus.PENDING:
                 raise LeaseLost(f"{EXECUTE} {query_id}")
             stored = self._outcomes(session, query_id)
@@ -347,12 +355,12 @@ class ExecutionStore:
             self.queue.put_back(session, claim.lease, min(now + retry_delay, ready_by))
             return None
 
-        return self._recorded(await self._db.write(end))
+        return self._recorded(await self._db.write(end), claim.subject)
 
     def _outcomes(self, session: Session, query_id: str, exclude: Container[str] = ()) -> list[BankOutcome]:
         """The query's recorded outcomes (cards opened), but those of the banks in `exclude`."""
         # Core rows, not ORM objects: outcome_of reads only these columns.
-        rows = session.execute(_OUTCOMES_OF, {"query_id": query_id})
+        rows = session.connection().execute(_OUTCOMES_OF, {"query_id": query_id})
         return [self._queries.outcome_of(o) for o in rows if o.bank_code not in exclude]
 
     def _finish(
@@ -368,12 +376,14 @@ class ExecutionStore:
         """READY with a sealed report when at least one bank answered, else FAILED (only ever
         reached at ready_by). The EXECUTE work goes; a READY query gets its NOTIFY work, leased
         to this worker, in the same transaction. `row`: the query as _RUNNING reads it."""
+        connection = session.connection()
         banks = json.loads(row.bank_codes)
-        unanswered = [b for b in banks if not any(o.bank_code == b and o.kind == ANSWERED for o in outcomes)]
-        session.execute(_DELETE_EXECUTE, {"query_id": row.query_id})
+        answered = {o.bank_code for o in outcomes if o.kind == ANSWERED}
+        unanswered = [b for b in banks if b not in answered]
         if len(unanswered) == len(banks):
+            connection.execute(_DELETE_EXECUTE, {"query_id": row.query_id})
             # Nothing more will be asked or sent about this person: the subject goes.
-            session.execute(
+            connection.execute(
                 _UPDATE_QUERY,
                 {"of_query": row.query_id, "status": QueryStatus.FAILED, "subject_sealed": b"",
                  "banks_answered": banks_answered},
@@ -386,32 +396,37 @@ class ExecutionStore:
         # Banks whose last outcome is a failure, or that have none, are the unavailable ones.
         content = build_report(banks, outcomes)
         wrapped_key, ciphertext = self._queries.vault.seal(row.query_id, content)
-        session.execute(
+        connection.execute(
             _INSERT_REPORT,
             {"query_id": row.query_id, "wrapped_key": wrapped_key, "ciphertext": ciphertext, "generated_at": now,
              "expires_at": expires_at},
         )
-        session.execute(
+        connection.execute(
             _UPDATE_QUERY,
             {"of_query": row.query_id, "status": QueryStatus.READY, "ready_at": now, "expires_at": expires_at,
              "banks_answered": banks_answered},
         )
-        session.execute(
-            _INSERT_WORK,
-            {"query_id": row.query_id, "kind": NOTIFY, "due_at": now, "passes": 1, **self.queue.granted(owner),
+        # The EXECUTE work row becomes the NOTIFY one (one statement for its delete and the
+        # other's insert): due now, its first pass leased to this worker.
+        connection.execute(
+            _EXECUTE_TO_NOTIFY,
+            {"of_query": row.query_id, "new_kind": NOTIFY, "due_at": now, "passes": 1, **self.queue.granted(owner),
              "created_at": now},
         )
         events.append(
             # What the report says stays in it: the trail outlives it (report_service.audit).
-            audit.AuditEvent(audit.REPORT_GENERATED, row.query_id, row.user_id)
+            audit.AuditEvent(
+                audit.REPORT_GENERATED, row.query_id, row.user_id, facts={"submitted_at": as_utc(row.submitted_at)}
+            )
         )
         query = dataclasses.replace(
             query_of(row), status=QueryStatus.READY, ready_at=now, expires_at=expires_at, banks_answered=banks_answered
         )
-        return _Finished(QueryStatus.READY, query, row.subject_sealed, row.trace_context, owner)
+        return _Finished(QueryStatus.READY, query, row.trace_context, owner)
 
-    def _recorded(self, finished: _Finished | None) -> Recorded | None:
-        """The subject is opened outside the transaction that finished the query."""
+    def _recorded(self, finished: _Finished | None, subject: Subject) -> Recorded | None:
+        """`subject`: the claim's, opened when it was claimed (the sealed one never changes
+        while the query runs): the SMS goes to its phone."""
         if finished is None:
             return None
         if finished.query is None:
@@ -423,7 +438,7 @@ class ExecutionStore:
             kind=NOTIFY,
             passes=1,
             query=query,
-            subject=self._queries.open_subject(query.query_id, finished.sealed),
+            subject=subject,
             trace_context=json.loads(finished.trace_context or "{}"),
         )
         return Recorded(finished.status, notify)

@@ -56,7 +56,9 @@ class QueryLife:
             self.accepted.inc()
         elif kind == audit.REPORT_GENERATED:
             self.ready.inc()
-            submitted_at = session.execute(_SUBMITTED_AT, {"query_id": event.query_id}).scalar()
+            submitted_at = event.facts.get("submitted_at")
+            if not isinstance(submitted_at, datetime):  # not told: read it
+                submitted_at = session.execute(_SUBMITTED_AT, {"query_id": event.query_id}).scalar()
             if submitted_at is not None:
                 self.time_to_ready.observe(max((as_utc(at) - as_utc(submitted_at)).total_seconds(), 0.0))
         elif kind == audit.QUERY_FAILED:

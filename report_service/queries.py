@@ -5,6 +5,7 @@ Plain classes, no gRPC; time from the injected clock."""
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import logging
 import uuid
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Row, and_, bindparam, delete, false, func, insert, or_, true, update
+from sqlalchemy import Row, and_, bindparam, case, delete, false, func, insert, or_, true, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -185,19 +186,37 @@ _BY_KEY = sa_select(*_QUERY_BY_ID.selected_columns).where(
         and_(_QUERIES.c.idempotency_key_in_clear == true(), _QUERIES.c.idempotency_key == bindparam("key")),
     ),
 )
-_PENDING_OF_USER = sa_select(_QUERIES.c.query_id).where(
-    _QUERIES.c.user_id == bindparam("user_id"), _QUERIES.c.status == QueryStatus.PENDING
-)
-_LAST_REPORT = sa_select(func.max(_QUERIES.c.ready_at)).where(
-    _QUERIES.c.user_id == bindparam("user_id"), _QUERIES.c.status.in_([QueryStatus.READY, QueryStatus.EXPIRED])
-)
+# Whether the user has a pending query, and their last report's instant, in one statement.
+_PENDING_AND_LAST_REPORT = sa_select(
+    func.count(case((_QUERIES.c.status == QueryStatus.PENDING, 1))),
+    func.max(case((_QUERIES.c.status.in_([QueryStatus.READY, QueryStatus.EXPIRED]), _QUERIES.c.ready_at))),
+).where(_QUERIES.c.user_id == bindparam("user_id"))
 _INSERT_QUERY = insert(_QUERIES)
 _INSERT_WORK = insert(table_of(WorkRow))
+_REPORTS = table_of(ReportRow)
+# GetReport's read: the query (as _QUERY_BY_ID reads it) and its report, if any, in one statement.
+_QUERY_AND_REPORT = (
+    sa_select(
+        *_QUERY_BY_ID.selected_columns,
+        _REPORTS.c.wrapped_key,
+        _REPORTS.c.ciphertext,
+        _REPORTS.c.generated_at,
+        _REPORTS.c.expires_at.label("report_expires_at"),
+    )
+    .select_from(_QUERIES.outerjoin(_REPORTS, _REPORTS.c.query_id == _QUERIES.c.query_id))
+    .where(_QUERIES.c.query_id == bindparam("query_id"))
+)
 _PROGRESS = (
     sa_select(_OUTCOMES.c.bank_code, _OUTCOMES.c.kind, _OUTCOMES.c.detail)
     .where(_OUTCOMES.c.query_id == bindparam("query_id"))
     .order_by(_OUTCOMES.c.id)
 )
+
+
+@functools.lru_cache(maxsize=256)
+def _bank_codes(text: str) -> tuple[str, ...]:
+    # Read at every watcher's wake; most queries ask the same few lists of banks.
+    return tuple(json.loads(text))
 
 
 def query_of(row: QueryRow | Row[Any]) -> Query:
@@ -206,7 +225,7 @@ def query_of(row: QueryRow | Row[Any]) -> Query:
         query_id=row.query_id,
         user_id=row.user_id,
         status=QueryStatus(row.status),
-        bank_codes=tuple(json.loads(row.bank_codes)),
+        bank_codes=_bank_codes(row.bank_codes),
         agreement_version=row.agreement_version,
         submitted_at=as_utc(row.submitted_at),
         ready_by=as_utc(row.ready_by),
@@ -303,12 +322,13 @@ class QueryStore:
             return session.execute(_BY_KEY, {"user_id": user_id, "digests": list(digests), "key": key}).first()
 
         def accept(session: Session) -> tuple[Query, bool]:
+            connection = session.connection()
             existing = by_key(session)
             if existing is not None:
                 return query_of(existing), False
-            if session.execute(_PENDING_OF_USER, {"user_id": user_id}).first() is not None:
+            pending, last_report = connection.execute(_PENDING_AND_LAST_REPORT, {"user_id": user_id}).one()
+            if pending:
                 raise CardCheckError(Reason.QUERY_IN_PROGRESS, "another query of this user is pending")
-            last_report = session.execute(_LAST_REPORT, {"user_id": user_id}).scalar()
             refusal = QueryRules.cooldown_error(as_utc(last_report) if last_report else None, now)
             if refusal is not None:
                 raise refusal
@@ -328,7 +348,7 @@ class QueryStore:
             )
             # Core inserts, not ORM objects: the same rows at a fraction of the cost. The
             # one-PENDING index speaks at the first, before the audit head is locked.
-            session.execute(
+            connection.execute(
                 _INSERT_QUERY,
                 {
                     "query_id": query_id,
@@ -345,7 +365,7 @@ class QueryStore:
                     "trace_context": json.dumps(trace_context),
                 },
             )
-            session.execute(
+            connection.execute(
                 _INSERT_WORK,
                 {
                     "query_id": query_id,
@@ -387,8 +407,8 @@ class QueryStore:
     # --- reading, for the user who owns the query -------------------------------------------
 
     async def get(self, user_id: str, query_id: str) -> Query:
-        def find(session: Session) -> QueryRow | None:
-            return session.get(QueryRow, query_id)
+        def find(session: Session) -> Row[Any] | None:
+            return session.execute(_QUERY_BY_ID, {"query_id": query_id}).first()
 
         row = await self._db.read(find) if query_id else None
         if row is None or row.user_id != user_id or not user_id:
@@ -413,10 +433,11 @@ class QueryStore:
         rows: every watcher reads this on each change of its query."""
 
         def find(session: Session) -> tuple[Any, list[BankOutcome]]:
-            row = session.execute(_QUERY_BY_ID, {"query_id": query_id}).first()
+            connection = session.connection()
+            row = connection.execute(_QUERY_BY_ID, {"query_id": query_id}).first()
             outcomes = [
                 BankOutcome(bank_code=bank_code, kind=kind, detail=detail)
-                for bank_code, kind, detail in session.execute(_PROGRESS, {"query_id": query_id})
+                for bank_code, kind, detail in connection.execute(_PROGRESS, {"query_id": query_id})
             ]
             return row, outcomes
 
@@ -426,28 +447,27 @@ class QueryStore:
         return query_of(row), outcomes
 
     async def report(self, user_id: str, query_id: str) -> Report:
-        """The report, opened; the view is in the audit trail before the report is returned."""
-
-        def find(session: Session) -> tuple[QueryRow | None, ReportRow | None]:
-            return session.get(QueryRow, query_id), session.get(ReportRow, query_id)
-
-        query_row, row = await self._db.read(find) if query_id else (None, None)
-        if query_row is None or query_row.user_id != user_id or not user_id:
+        """The report, opened; the view is in the audit trail before the report is returned.
+        Read and audited in one transaction: the report seen is the one whose view is recorded
+        (a sweep cannot come between), at the cost of one transaction, not two."""
+        if not query_id or not user_id:
             raise CardCheckError(Reason.NOT_FOUND, "no such query")
-        query = query_of(query_row)
         now = self._clock.now()
-        refusal = QueryRules.report_refusal(query, now)
-        if refusal is not None:
-            raise refusal
-        if row is None:  # swept: the query row says EXPIRED once the sweep commits
-            raise CardCheckError(Reason.REPORT_EXPIRED, "the report was kept its 7 days and deleted")
-        content = self._vault.open(query_id, row.wrapped_key, row.ciphertext)
 
-        def viewed(session: Session) -> None:
+        def view(session: Session) -> Report:
+            row = session.execute(_QUERY_AND_REPORT, {"query_id": query_id}).first()
+            if row is None or row.user_id != user_id:
+                raise CardCheckError(Reason.NOT_FOUND, "no such query")
+            refusal = QueryRules.report_refusal(query_of(row), now)
+            if refusal is not None:
+                raise refusal
+            if row.ciphertext is None:  # swept: the query row says EXPIRED once the sweep commits
+                raise CardCheckError(Reason.REPORT_EXPIRED, "the report was kept its 7 days and deleted")
+            content = self._vault.open(query_id, row.wrapped_key, row.ciphertext)
             self.audit.append(session, [audit.AuditEvent(audit.REPORT_VIEWED, query_id, user_id)], now)
+            return Report(query_id, as_utc(row.generated_at), as_utc(row.report_expires_at), content)
 
-        await self._db.write(viewed)
-        return Report(query_id, as_utc(row.generated_at), as_utc(row.expires_at), content)
+        return await self._db.write(view)
 
     # --- forgetting -------------------------------------------------------------------------
 

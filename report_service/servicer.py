@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 from opentelemetry import propagate
@@ -29,15 +29,22 @@ _STATUS = {
     QueryStatus.FAILED: common_pb2.QUERY_STATUS_FAILED,
     QueryStatus.EXPIRED: common_pb2.QUERY_STATUS_EXPIRED,
 }
+_OUTCOME_KIND = {
+    name.removeprefix("BANK_OUTCOME_KIND_"): number for name, number in common_pb2.BankOutcomeKind.items()
+}
 _CARD_TYPE = {"DEBIT": common_pb2.CARD_TYPE_DEBIT, "CREDIT": common_pb2.CARD_TYPE_CREDIT}
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _ts(instant: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """Timestamp.FromDatetime's value (a naive instant taken as UTC), without its calendar
+    round trip: every watcher's message carries four of them."""
     if instant is None:
         return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(instant)
-    return stamp
+    since = (instant if instant.tzinfo is not None else instant.replace(tzinfo=UTC)) - _EPOCH
+    return timestamp_pb2.Timestamp(seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000)
 
 
 def query_pb(query: Query) -> common_pb2.Query:
@@ -69,7 +76,7 @@ def progress_pb(outcome: BankOutcome) -> report_service_pb2.BankProgress:
     """How far the bank got, without its cards: WatchQuery carries no card at all."""
     return report_service_pb2.BankProgress(
         bank_code=outcome.bank_code,
-        kind=common_pb2.BankOutcomeKind.Value("BANK_OUTCOME_KIND_" + outcome.kind),
+        kind=_OUTCOME_KIND[outcome.kind],
         detail=outcome.detail,
     )
 

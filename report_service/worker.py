@@ -57,6 +57,62 @@ class ReportReadyNotifier(Protocol):
 _END = object()
 
 
+class _Arrivals:
+    """The fan-out's items as they arrive, handed over in batches: the next item and whatever
+    follows it, each within `gather_s` of the one before and all within `gather_max_s` of the
+    first, until the batch has the items expected or the stream ends (an error or _END). The
+    banks asked together mostly answer together, and each transaction costs about as much again
+    as the outcomes it records. Timers, not a wait per item: the one waiting for a batch wakes
+    once for it, however many items it gathers."""
+
+    def __init__(self, gather_s: float, gather_max_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._gather_s = gather_s
+        self._gather_max_s = gather_max_s
+        self._items: list[object] = []
+        self._expected = 0
+        self._waiting: asyncio.Future[None] | None = None
+        self._quiet: asyncio.TimerHandle | None = None  # gather_s after the latest item
+        self._last_call: asyncio.TimerHandle | None = None  # gather_max_s after the first
+
+    def put(self, item: object) -> None:
+        self._items.append(item)
+        if self._waiting is None or self._waiting.done():
+            return
+        if len(self._items) >= self._expected or not isinstance(item, BankOutcome):
+            self._hand_over()
+            return
+        if self._last_call is None:
+            self._last_call = self._loop.call_later(self._gather_max_s, self._hand_over)
+        if self._quiet is not None:
+            self._quiet.cancel()
+        self._quiet = self._loop.call_later(self._gather_s, self._hand_over)
+
+    def _hand_over(self) -> None:
+        for timer in (self._quiet, self._last_call):
+            if timer is not None:
+                timer.cancel()
+        self._quiet = self._last_call = None
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)
+
+    async def batch(self, expected: int) -> list[object]:
+        """The next batch: `expected` is how many items would complete it."""
+        self._expected = expected
+        if not self._items or (len(self._items) < expected and isinstance(self._items[-1], BankOutcome)):
+            self._waiting = self._loop.create_future()
+            if self._items:  # arrived meanwhile: gather what follows them from now on
+                self._last_call = self._loop.call_later(self._gather_max_s, self._hand_over)
+                self._quiet = self._loop.call_later(self._gather_s, self._hand_over)
+            try:
+                await self._waiting
+            finally:
+                self._hand_over()
+                self._waiting = None
+        batch, self._items = self._items, []
+        return batch
+
+
 class QueryWorker:
     def __init__(
         self,
@@ -290,23 +346,23 @@ class QueryWorker:
         is finished, None when banks are still missing after the pass."""
         asked = set(claim.missing_banks)
         arrived: set[str] = set()
-        queue: asyncio.Queue[BankOutcome | Exception | object] = asyncio.Queue()
+        arrivals = _Arrivals(self._gather_s, self._gather_max_s)
 
         async def pump() -> None:
             try:
                 async for outcome in self._banks.fan_out(claim.subject, claim.missing_banks):
-                    queue.put_nowait(outcome)
-                queue.put_nowait(_END)
+                    arrivals.put(outcome)
+                arrivals.put(_END)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                queue.put_nowait(error)
+                arrivals.put(error)
 
         pumping = asyncio.create_task(pump())
         try:
             ended = False
             while not ended:
-                batch = await self._gathered(queue, len(asked - arrived))
+                batch = await arrivals.batch(len(asked - arrived))
                 outcomes = []
                 for item in batch:
                     if isinstance(item, BankOutcome):
@@ -338,29 +394,6 @@ class QueryWorker:
             pumping.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pumping
-
-    async def _gathered(self, queue: asyncio.Queue[BankOutcome | Exception | object], expected: int) -> list[object]:
-        """The next item and whatever follows it, each within `gather_s` of the one before and
-        all within `gather_max_s` of the first, until `expected` items or the stream's end: the
-        banks asked together mostly answer together, and each transaction costs about as much
-        again as the outcomes it records."""
-        batch = [await queue.get()]
-        loop = asyncio.get_running_loop()
-        last_call = loop.time() + self._gather_max_s
-        while len(batch) < expected and isinstance(batch[-1], BankOutcome):
-            if queue.empty():
-                left = min(self._gather_s, last_call - loop.time())
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), left))
-                except TimeoutError:
-                    break
-            else:
-                batch.append(queue.get_nowait())
-        while not queue.empty():
-            batch.append(queue.get_nowait())
-        return batch
 
     # --- the "report ready" SMS -----------------------------------------------------------------
 

@@ -642,30 +642,21 @@ async def test_stray_work_is_dropped_rather_than_claimed_forever(rig):
 
 
 async def test_outcomes_arriving_in_a_burst_are_one_batch_and_a_pause_ends_it() -> None:
-    from types import SimpleNamespace
-
-    from opentelemetry.trace import NoOpTracer
-
     from report_service.reports import BankOutcome
-    from report_service.worker import QueryWorker
+    from report_service.worker import _Arrivals
 
-    async def nothing() -> list[str]:
-        return []
-
-    store = SimpleNamespace(queue=SimpleNamespace(changes=None))
-    worker = QueryWorker(store, None, None, None, NoOpTracer(), sweep=nothing, gather_s=0.05, gather_max_s=1.0)
-    queue: asyncio.Queue = asyncio.Queue()
+    arrivals = _Arrivals(gather_s=0.05, gather_max_s=1.0)
 
     async def arrive() -> None:
         for code in ("ICBC", "CCB", "ABC", "BOC"):  # 30 ms apart: past 50 ms of the first at the third
-            queue.put_nowait(BankOutcome(bank_code=code, kind="ANSWERED"))
+            arrivals.put(BankOutcome(bank_code=code, kind="ANSWERED"))
             await asyncio.sleep(0.03)
         await asyncio.sleep(0.2)  # a pause: what comes after is the next batch
-        queue.put_nowait(BankOutcome(bank_code="CMB", kind="ANSWERED"))
+        arrivals.put(BankOutcome(bank_code="CMB", kind="ANSWERED"))
 
     arriving = asyncio.create_task(arrive())
-    first = await worker._gathered(queue, 5)
-    second = await worker._gathered(queue, 1)
+    first = await arrivals.batch(5)
+    second = await arrivals.batch(1)
     await arriving
     assert [o.bank_code for o in first] == ["ICBC", "CCB", "ABC", "BOC"]
     assert [o.bank_code for o in second] == ["CMB"]
