@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, CursorResult, Engine, Result, Table, event, inspect
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, SQLModel, create_engine
 
 from cardcheck.runtime.files import private_directory, private_file, tighten_if_present
@@ -72,8 +73,13 @@ def _sqlite_engine(path: Path) -> Engine:
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
         # One writer at a time, decided when the transaction starts: a deferred transaction
-        # that later upgrades to a write can fail at once with "database is locked".
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # that later upgrades to a write can fail at once with "database is locked". Sent on
+        # the driver's connection: through SQLAlchemy's execution (events, a cursor, a result)
+        # it cost as much as a small statement, on every transaction.
+        try:
+            connection.connection.driver_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+        except sqlite3.Error as error:
+            raise DBAPIError.instance("BEGIN IMMEDIATE", None, error, sqlite3.Error) from error
 
     return engine
 
