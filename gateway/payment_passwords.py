@@ -118,7 +118,7 @@ class PaymentPasswordHashes:
 
     @staticmethod
     def _mac(key: bytes, salt: bytes, user_id: str, password: str) -> bytes:
-        return hmac.new(key, salt + user_id.encode() + b"\0" + password.encode(), hashlib.sha256).digest()
+        return hmac.digest(key, salt + user_id.encode() + b"\0" + password.encode(), "sha256")
 
     def hash(self, user_id: str, password: str) -> str:
         salt = secrets.token_bytes(SALT_BYTES)
