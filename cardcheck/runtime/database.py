@@ -111,6 +111,7 @@ class Database:
         if serial is None:
             serial = engine.dialect.name == "sqlite"
         self._serial = _SerialWorker("sqlite-unit") if serial else None
+        self._held: Connection | None = None  # the serial worker's connection
 
     def create_tables(self, models: Iterable[type[SQLModel]]) -> None:
         SQLModel.metadata.create_all(self.engine, tables=[table_of(m) for m in models])
@@ -129,11 +130,29 @@ class Database:
         """Runs `work(session)` in one transaction in a worker thread; commits if it returns."""
         if self._serial is None:
             return await asyncio.to_thread(self._run, work)
-        return await self._serial.run(self._run, work)
+        return await self._serial.run(self._run_held, work)
+
+    def _run_held(self, work: Callable[[Session], T]) -> T:
+        """`_run` on the serial worker, on the one connection it keeps: a checkout from the pool
+        and its return (with the rollback the pool resets a connection with) on every unit cost
+        a quarter of a small one. The session joins the connection's transaction, which commits
+        when `work` returns and rolls back whole when it raises."""
+        connection = self._held
+        if connection is None or connection.closed or connection.invalidated:
+            if connection is not None:
+                connection.close()
+            connection = self._held = self.engine.connect()
+        with connection.begin():
+            with Session(bind=connection, expire_on_commit=False, join_transaction_mode="rollback_only") as session:
+                with session.begin():
+                    return work(session)
 
     def dispose(self) -> None:
         if self._serial is not None:
             self._serial.shutdown()
+        if self._held is not None:
+            self._held.close()
+            self._held = None
         self.engine.dispose()
 
 
