@@ -155,3 +155,40 @@ async def test_a_call_starting_a_trace_the_sampler_keeps_has_the_instrumentation
     assert span.attributes["rpc.service"] == SERVICE and span.attributes["rpc.method"] == "Echo"
     assert span.attributes["net.peer.ip"] == "127.0.0.1"
     assert counter.spans[0] == span.context
+
+
+async def test_calls_on_an_opened_channel_carry_their_trace_and_are_counted(tmp_path: Path) -> None:
+    from cardcheck.runtime.channels import open_channel
+    from cardcheck.runtime.metrics import ServiceMetrics
+
+    counter = Counter()
+    server, port = await _serving(counter, make_tracer_provider("counter", tmp_path, exporter=InMemorySpanExporter()))
+    spans = InMemorySpanExporter()
+    provider = make_tracer_provider("caller", tmp_path, exporter=spans, sampler=ParentBased(ALWAYS_ON))
+    metrics = ServiceMetrics("caller", "127.0.0.1:0")  # counting, not served
+    channel = open_channel(f"127.0.0.1:{port}", provider, metrics=metrics)
+    unsampled = trace.NonRecordingSpan(trace.SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0xF067AA0BA902B7, False))
+    try:
+        with trace.use_span(unsampled):  # an unsampled trace: its context sent on, no span
+            assert await channel.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5) == b"hi"
+        with provider.get_tracer("test").start_as_current_span("caller"):  # a sampled one
+            assert await channel.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5) == b"hi"
+            stream = channel.unary_stream(f"/{SERVICE}/Count")(b"", timeout=5)
+            assert (await stream.read()).rstrip() == b"0"
+            stream.cancel()
+        for _ in range(100):  # a client span ends just after its call
+            if len(spans.get_finished_spans()) == 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await channel.close()
+        await server.stop(0)
+    assert counter.spans[0].trace_id == unsampled.get_span_context().trace_id and not counter.spans[0].trace_flags.sampled
+    count, echo, caller = sorted(spans.get_finished_spans(), key=lambda s: s.name)
+    assert caller.name == "caller" and echo.name == f"/{SERVICE}/Echo" and count.name == f"/{SERVICE}/Count"
+    assert echo.kind.name == count.kind.name == "CLIENT" and echo.parent == count.parent == caller.context
+    assert echo.status.status_code.name == "UNSET" and count.status.status_code.name == "ERROR"  # cancelled
+    assert counter.spans[1].trace_id == caller.context.trace_id and counter.spans[1].trace_flags.sampled
+    echoes, counts = metrics.client_rpcs[f"/{SERVICE}/Echo"], metrics.client_rpcs[f"/{SERVICE}/Count"]
+    assert (echoes.labels[0], echoes.started, counts.labels[0], counts.started) == ("unary", 2, "server_stream", 1)
+    assert echoes.by_code() == {"OK": 2} and counts.by_code() == {"CANCELLED": 1}

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import functools
 import inspect
 import json
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 import grpc
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context, attach, detach
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.grpc.version import __version__ as instrumentation_version
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.metrics import NoOpMeterProvider
@@ -407,12 +406,16 @@ def _served(
     return grpc.unary_unary_rpc_method_handler(call, **kwargs)
 
 
-class CancellableUnaryUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
-    """The instrumentation's unary-unary client span (same name, kind and rpc.* attributes),
-    ended from the call's done callback. The library awaits the call inside the interceptor, and
-    that await swallows the caller's cancellation: the RPC then runs on at the server until its
-    deadline (opentelemetry-python-contrib#3271). Returning the call at once leaves cancellation
-    to grpc, which cancels the RPC."""
+class ClientTracing:
+    """What a call this service makes carries of its trace, decided as the call starts (see
+    cardcheck/runtime/channels.py, which calls `begin` and `end`). Within an unsampled trace:
+    no span, the trace headers carry the parent's context. Otherwise the instrumentation's
+    client span (its name, kind and rpc.* attributes), whose context the headers carry, ended
+    from the call's done callback with the call's status. (The instrumentation's interceptors
+    await the call, and that await swallowed the caller's cancellation, which left the RPC
+    running at the server until its deadline: opentelemetry-python-contrib#3271.)
+
+    `request_hook(span, request)` may add cardcheck.* attributes to each client span."""
 
     def __init__(self, provider: TracerProvider, request_hook: RequestHook | None = None) -> None:
         self._tracer = provider.get_tracer(_INSTRUMENTATION, instrumentation_version, schema_url=_SCHEMA_URL)
@@ -420,61 +423,42 @@ class CancellableUnaryUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         self._unsampled = Unsampled(provider)
         self._ending: set[asyncio.Task[None]] = set()
 
-    async def intercept_unary_unary(
-        self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Request], Awaitable[grpc.aio.UnaryUnaryCall[Request, Response]]],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request: Request,
-    ) -> grpc.aio.UnaryUnaryCall[Request, Response]:
-        if not is_instrumentation_enabled() or not _not_health(client_call_details):
-            return await continuation(client_call_details, request)
-        if self._unsampled.parent() is not None:  # no span: the headers carry the parent's context
-            return await continuation(_with_trace_context(client_call_details), request)
-        method = client_call_details.method
-        if isinstance(method, bytes):  # grpc passes bytes here, whatever its stubs say
-            method = method.decode()
-        service, name = method.lstrip("/").split("/", 1)
+    def begin(self, method: str, metadata: Any, request: Any) -> tuple[Any, Span | None]:
+        """The metadata to send (the caller's, with the trace headers) and the call's span, if
+        it has one."""
+        if not is_instrumentation_enabled() or method.startswith(_NOT_OUR_WORK):
+            return metadata, None
+        if self._unsampled.parent() is not None:
+            return _with_trace_headers(metadata, None), None
+        service, _, name = method.lstrip("/").partition("/")
         attributes: dict[str, str | int] = {
             RPC_SYSTEM: "grpc",
             RPC_GRPC_STATUS_CODE: grpc.StatusCode.OK.value[0],
             RPC_METHOD: name,
             RPC_SERVICE: service,
         }
-        with self._tracer.start_as_current_span(
-            method,
-            kind=SpanKind.CLIENT,
-            attributes=attributes,
-            end_on_exit=False,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            details = _with_trace_context(client_call_details)
-            if self._request_hook is not None:
-                try:
-                    self._request_hook(span, request)
-                except Exception:
-                    log.exception("request hook failed")
+        span = self._tracer.start_span(
+            method, kind=SpanKind.CLIENT, attributes=attributes, record_exception=False, set_status_on_exception=False
+        )
+        if self._request_hook is not None:
             try:
-                call = await continuation(details, request)
-            except BaseException:
-                span.end()
-                raise
-        call.add_done_callback(functools.partial(self._call_done, span))
-        return call
+                self._request_hook(span, request)
+            except Exception:
+                log.exception("request hook failed")
+        return _with_trace_headers(metadata, set_span_in_context(span)), span
 
-    def _call_done(self, span: Span, call: grpc.aio.Call) -> None:
+    def end(self, span: Span, call: grpc.aio.Call) -> None:
+        """The call is done (its done callback): the span takes its status and ends."""
         task = asyncio.get_running_loop().create_task(_end_client_span(span, call))
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
 
 
-def _with_trace_context(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    """The call's details with the current trace context added to its metadata."""
-    metadata = grpc.aio.Metadata(*tuple(details.metadata or ()))
-    inject(metadata, setter=_METADATA_SETTER)
-    return grpc.aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-    )
+def _with_trace_headers(metadata: Any, context: Context | None) -> grpc.aio.Metadata:
+    """The call's metadata with the trace context (`context`'s, or the current one) added."""
+    with_headers = grpc.aio.Metadata(*tuple(metadata or ()))
+    inject(with_headers, context=context, setter=_METADATA_SETTER)
+    return with_headers
 
 
 async def _end_client_span(span: Span, call: grpc.aio.Call) -> None:
@@ -488,39 +472,9 @@ async def _end_client_span(span: Span, call: grpc.aio.Call) -> None:
         span.end()
 
 
-def client_interceptors(provider: TracerProvider, request_hook: RequestHook | None = None) -> list[grpc.aio.ClientInterceptor]:
-    """`request_hook(span, request)` may add cardcheck.* attributes to each client span."""
-    if tracing_disabled():
-        return []
-    interceptors = aio_client_interceptors(tracer_provider=provider, filter_=_not_health, request_hook=request_hook)
-    unsampled = Unsampled(provider)
-    return [
-        CancellableUnaryUnaryInterceptor(provider, request_hook)
-        if isinstance(interceptor, grpc.aio.UnaryUnaryClientInterceptor)
-        else _LeanUnaryStreamInterceptor(unsampled, interceptor)
-        if isinstance(interceptor, grpc.aio.UnaryStreamClientInterceptor)
-        else interceptor
-        for interceptor in interceptors
-    ]
-
-
-class _LeanUnaryStreamInterceptor(grpc.aio.UnaryStreamClientInterceptor):
-    """The instrumentation's unary-stream client interceptor (`traced`), but within an unsampled
-    trace: no span, the trace headers carry the parent's context."""
-
-    def __init__(self, unsampled: Unsampled, traced: grpc.aio.UnaryStreamClientInterceptor) -> None:
-        self._unsampled = unsampled
-        self._traced = traced
-
-    async def intercept_unary_stream(
-        self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Request], Awaitable[grpc.aio.UnaryStreamCall[Request, Response]]],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request: Request,
-    ) -> grpc.aio.UnaryStreamCall[Request, Response] | AsyncIterator[Response]:
-        if is_instrumentation_enabled() and _not_health(client_call_details) and self._unsampled.parent() is not None:
-            return await continuation(_with_trace_context(client_call_details), request)
-        return await self._traced.intercept_unary_stream(continuation, client_call_details, request)
+def client_tracing(provider: TracerProvider, request_hook: RequestHook | None = None) -> ClientTracing | None:
+    """None when the SDK is disabled: the calls carry no trace."""
+    return None if tracing_disabled() else ClientTracing(provider, request_hook)
 
 
 # --- database and Redis calls -------------------------------------------------------------------
