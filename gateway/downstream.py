@@ -157,9 +157,10 @@ class ReportDesk:
 
     async def watch(
         self, user_id: str, query_id: str, deadline_s: float
-    ) -> AsyncGenerator[gateway_pb2.QueryEvent, None]:
-        """The query's events; the upstream stream ends after `deadline_s` at the latest. Progress
-        only: report_service's stream has no field for a card, so none can reach a watcher."""
+    ) -> AsyncGenerator[list[gateway_pb2.QueryEvent], None]:
+        """The query's events, those of each upstream message together; the upstream stream
+        ends after `deadline_s` at the latest. Progress only: report_service's stream has no
+        field for a card, so none can reach a watcher."""
         call = self._stub.WatchQuery(
             report_service_pb2.ReportServiceWatchQueryRequest(user_id=user_id, query_id=query_id),
             timeout=deadline_s,
@@ -167,8 +168,7 @@ class ReportDesk:
         state = WatchState()
         try:
             async for progress in call:
-                for event in state.events(progress):
-                    yield event
+                yield state.events(progress)
         except grpc.aio.AioRpcError as error:
             raise downstream_error(error, "report_service") from None
         finally:

@@ -464,13 +464,15 @@ class Gateway:
         # Each attempt costs a payment password check: counted before anything else, per
         # session before the revocation check and per user after it (see `_admit`).
         await _limited(self._limits.report_session, claims.budget_key, "session", "too many report requests")
-        user_id = await self._sessions.ensure_live(claims)
+        # The user's row (its payment password hash, counts and locks) read with the revocation
+        # check: one transaction.
+        user_id, row = await self._sessions.live_with(claims, self._users.read_row)
         await _limited(self._limits.report_user, user_id, "user", "too many report requests")
         problems = validation.Violations()
         problems.query_id(query_id)
         problems.payment_password(payment_password)
         problems.raise_if_any()
-        await self._users.check_payment_password(user_id, payment_password)
+        await self._users.check_payment_password(user_id, payment_password, row)
         return await self._reports.get_report(user_id, query_id)
 
     # --- payment password --------------------------------------------------------------------

@@ -101,7 +101,7 @@ class SessionTokens:
 
     @staticmethod
     def _signature(key: bytes, body: str) -> str:
-        return _b64(hmac.new(key, body.encode(), hashlib.sha256).digest())
+        return _b64(hmac.digest(key, body.encode(), "sha256"))
 
     def _authentic(self, body: str, signature: str) -> bool:
         return any(

@@ -67,6 +67,13 @@ def _user_row(session: Session, user_id: str) -> UserRow | None:
     return cast("UserRow | None", session.execute(_USER_BY_ID, {"user_id": user_id}).first())
 
 
+class _Unread:
+    """No row given: the method reads it."""
+
+
+_UNREAD = _Unread()
+
+
 @dataclass(frozen=True)
 class Identity:
     name: str
@@ -210,13 +217,14 @@ class Users:
             raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
         return open_identity(self._sealer, row)
 
-    async def check_payment_password(self, user_id: str, password: str) -> None:
+    async def check_payment_password(self, user_id: str, password: str, row: UserRow | None | _Unread = _UNREAD) -> None:
         """Raises PAYMENT_PASSWORD_INVALID (counted), PAYMENT_PASSWORD_LOCKED (with the time
         left, or `reset_required`) or SERVICE_BUSY (too many checks at once, not counted); a
         right password resets the count and the locks, and upgrades a hash of the old scheme or
-        of a retired key."""
+        of a retired key. `row`: the user's row as `read_row` just read it, else it is read."""
         now = self._clock.now()
-        row = await self._db.run(lambda session: _user_row(session, user_id))
+        if isinstance(row, _Unread):
+            row = await self._db.run(lambda session: _user_row(session, user_id))
         if row is None:
             raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
         refusal = self._lock_of(row, now)

@@ -29,7 +29,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, TypeVar
@@ -286,27 +287,32 @@ class Watches:
         return min(self._check_s, due.total_seconds())
 
     async def guarded(
-        self, watch: Watch, claims: SessionClaims, events: AsyncGenerator[Event, None]
+        self, watch: Watch, claims: SessionClaims, batches: AsyncGenerator[Sequence[Event], None]
     ) -> AsyncGenerator[Event, None]:
-        """The upstream's events, until it ends, the lifetime is over or the session is not live."""
+        """The upstream's events, until it ends, the lifetime is over or the session is not live.
+        The upstream gives them in batches (those of one message); the next batch is read while
+        the events of one are given, and each is checked for as if it came alone, without a wait."""
         loop = asyncio.get_running_loop()
         checked_at = renewed_at = loop.time()
-        upstream = events
+        upstream = batches
         pending = asyncio.ensure_future(anext(upstream))
         draining = asyncio.ensure_future(self._draining.wait())
+        ready: deque[Event] = deque()
         try:
             while True:
                 wait_s = self._check_instants(watch, claims)
-                await asyncio.wait((pending, draining), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
-                if draining.done():
-                    raise stream_expired("the gateway is stopping")
-                if pending.done():
-                    try:
-                        event = pending.result()
-                    except StopAsyncIteration:
-                        return
-                    yield event
-                    pending = asyncio.ensure_future(anext(upstream))
+                if not ready:
+                    await asyncio.wait((pending, draining), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+                    if draining.done():
+                        raise stream_expired("the gateway is stopping")
+                    if pending.done():
+                        try:
+                            ready.extend(pending.result())
+                        except StopAsyncIteration:
+                            return
+                        pending = asyncio.ensure_future(anext(upstream))
+                if ready:
+                    yield ready.popleft()
                 if loop.time() - checked_at >= self._check_s:
                     await self._sessions.ensure_live(claims)
                     checked_at = loop.time()

@@ -88,6 +88,28 @@ def _reset_request(challenge_id: str, code: str, **overrides) -> gateway_pb2.Res
 # --- the stored hash -----------------------------------------------------------------------------
 
 
+async def test_a_right_password_costs_one_transaction_and_no_thread_of_its_own(stack: Stack):
+    """GetReport reads the user's row in the session's revocation check, and the keyed hash is
+    checked on the event loop: one transaction, nothing on the payment password executor."""
+    alice = await stack.register(ALICE)
+    query = await stack.submit(ALICE, alice.session_token)
+    assert stack.flows is not None
+    executor = stack.flows._users._passwords.executor
+    transactions = []
+
+    def began(connection) -> None:
+        transactions.append(connection)
+
+    sa.event.listen(sa.Engine, "begin", began)
+    try:
+        assert (await _report(stack, alice.session_token, query.query_id, PASSWORD)).query_id == query.query_id
+    finally:
+        sa.event.remove(sa.Engine, "begin", began)
+    assert len(transactions) == 1
+    assert executor.taken == 0 and not executor._pool._threads
+
+
+
 async def test_the_stored_hash_is_keyed_so_a_dump_alone_cannot_test_a_guess(stack: Stack):
     alice = await stack.register(ALICE)
     bob = await stack.register(BOB)

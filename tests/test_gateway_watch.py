@@ -435,3 +435,28 @@ def test_each_public_event_carries_the_whole_state_from_messages_of_what_is_new(
     [done] = state.events(_progress(common_pb2.QUERY_STATUS_READY))
     assert not done.HasField("outcome") and done.query.status == common_pb2.QUERY_STATUS_READY
     assert _state(done) == _state(both[1])
+
+
+async def test_the_events_of_one_upstream_message_are_given_one_by_one():
+    from datetime import UTC, datetime
+
+    from gateway.sessions import SessionClaims
+    from gateway.watches import LocalWatchSlots, Watches
+
+    clock = ManualClock()
+    watches = Watches(LocalWatchSlots(2, clock), None, clock, session_check_s=3600)  # type: ignore[arg-type]
+    claims = SessionClaims("s", "u", datetime(2100, 1, 1, tzinfo=UTC))
+    read: list[int] = []
+
+    async def upstream():
+        for batch in (["a", "b", "c"], ["d"], [], ["e", "f"]):
+            read.append(len(batch))
+            yield batch
+
+    given = []
+    async with watches.opened("u") as watch:
+        async for event in watches.guarded(watch, claims, upstream()):
+            given.append((event, len(read)))
+    # Each event on its own; at most the batch after the one being given is read ahead.
+    assert [event for event, _ in given] == ["a", "b", "c", "d", "e", "f"]
+    assert all(batches <= ahead for (_, batches), ahead in zip(given, [2, 2, 2, 3, 5, 5], strict=True))

@@ -32,7 +32,7 @@ from cardcheck.runtime.keys import (
 )
 from cardcheck.runtime.server import SERVER_OPTIONS, Registration, RequestBounds, ServiceHost
 from cardcheck.runtime.settings import Settings, SettingsError
-from cardcheck.runtime.telemetry import client_interceptors, make_tracer_provider, server_interceptors
+from cardcheck.runtime.telemetry import client_tracing, make_tracer_provider, server_interceptors
 from cardcheck.v1 import notifier_pb2, notifier_pb2_grpc
 from tests.harness.processes import ServiceProcess
 
@@ -328,9 +328,9 @@ async def test_services_run_on_the_event_loop_the_environment_names(tmp_path: Pa
 
 def test_no_tracing_interceptor_when_the_sdk_is_disabled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     provider = make_tracer_provider("test", tmp_path)
-    assert server_interceptors(provider) and client_interceptors(provider)
+    assert server_interceptors(provider) and client_tracing(provider) is not None
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
-    assert server_interceptors(provider) == [] and client_interceptors(provider) == []
+    assert server_interceptors(provider) == [] and client_tracing(provider) is None
 
 
 class SlowNotifier(notifier_pb2_grpc.NotifierServicer):

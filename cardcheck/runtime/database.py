@@ -7,21 +7,26 @@ data directory is 0700 and each SQLite file (with its -wal and -shm) 0600."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import atexit
+import contextlib
 import contextvars
 import functools
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, CursorResult, Engine, Result, Table, event, inspect
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, SQLModel, create_engine
 
 from cardcheck.runtime.files import private_directory, private_file, tighten_if_present
 
 T = TypeVar("T")
+U = TypeVar("U")  # what a unit of work is given: a Session or a Connection
 
 
 def table_of(model: type[SQLModel]) -> Table:
@@ -69,8 +74,13 @@ def _sqlite_engine(path: Path) -> Engine:
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
         # One writer at a time, decided when the transaction starts: a deferred transaction
-        # that later upgrades to a write can fail at once with "database is locked".
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # that later upgrades to a write can fail at once with "database is locked". Sent on
+        # the driver's connection: through SQLAlchemy's execution (events, a cursor, a result)
+        # it cost as much as a small statement, on every transaction.
+        try:
+            connection.connection.driver_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+        except sqlite3.Error as error:
+            raise DBAPIError.instance("BEGIN IMMEDIATE", None, error, sqlite3.Error) from error
 
     return engine
 
@@ -101,9 +111,8 @@ class Database:
         self.engine = engine
         if serial is None:
             serial = engine.dialect.name == "sqlite"
-        self._serial = (
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-unit") if serial else None
-        )
+        self._serial = _SerialWorker("sqlite-unit") if serial else None
+        self._held: Connection | None = None  # the serial worker's connection
 
     def create_tables(self, models: Iterable[type[SQLModel]]) -> None:
         SQLModel.metadata.create_all(self.engine, tables=[table_of(m) for m in models])
@@ -124,21 +133,97 @@ class Database:
 
     async def run(self, work: Callable[[Session], T]) -> T:
         """Runs `work(session)` in one transaction in a worker thread; commits if it returns."""
-        return await self._off_loop(self._run, work)
+        if self._serial is None:
+            return await asyncio.to_thread(self._run, work)
+        return await self._serial.run(self._run_held, work)
 
     async def run_core(self, work: Callable[[Connection], T]) -> T:
         """As `run`, on a Core connection: for work of Core statements alone, which then pays
         no ORM session to set up and tear down (much of a short transaction's CPU)."""
-        return await self._off_loop(self._run_core, work)
-
-    async def _off_loop(self, unit: Callable[[Callable[[Any], T]], T], work: Callable[[Any], T]) -> T:
         if self._serial is None:
-            return await asyncio.to_thread(unit, work)
-        # With the caller's context, as asyncio.to_thread would (the current span, say).
-        call = functools.partial(contextvars.copy_context().run, unit, work)
-        return await asyncio.get_running_loop().run_in_executor(self._serial, call)
+            return await asyncio.to_thread(self._run_core, work)
+        return await self._serial.run(self._run_core_held, work)
+
+    def _held_connection(self) -> Connection:
+        """The serial worker's one connection, kept from one unit to the next: a checkout from
+        the pool and its return (with the rollback the pool resets a connection with) on every
+        unit cost a quarter of a small one."""
+        connection = self._held
+        if connection is None or connection.closed or connection.invalidated:
+            if connection is not None:
+                connection.close()
+            connection = self._held = self.engine.connect()
+        return connection
+
+    def _run_held(self, work: Callable[[Session], T]) -> T:
+        """`_run` on the held connection. The session joins the connection's transaction, which
+        commits when `work` returns and rolls back whole when it raises."""
+        connection = self._held_connection()
+        with connection.begin():
+            with Session(bind=connection, expire_on_commit=False, join_transaction_mode="rollback_only") as session:
+                with session.begin():
+                    return work(session)
+
+    def _run_core_held(self, work: Callable[[Connection], T]) -> T:
+        """`_run_core` on the held connection."""
+        connection = self._held_connection()
+        with connection.begin():
+            return work(connection)
 
     def dispose(self) -> None:
         if self._serial is not None:
-            self._serial.shutdown(wait=True)
+            self._serial.shutdown()
+        if self._held is not None:
+            self._held.close()
+            self._held = None
         self.engine.dispose()
+
+
+class _SerialWorker:
+    """One thread that runs calls one after another, each with its caller's context (as
+    asyncio.to_thread would: the current span, say). What a ThreadPoolExecutor of one thread
+    and run_in_executor did, with less work per call on the event loop: no concurrent Future, no
+    lock, no chaining of two futures. A call whose caller was cancelled before it started is not
+    run; one under way runs to its end (its transaction commits or rolls back whole). Calls
+    still queued at interpreter exit are run first, as the executor's were."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]] | None]
+        self._calls = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+        atexit.register(self.shutdown)
+
+    async def run(self, function: Callable[[Callable[[U], T]], T], work: Callable[[U], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._calls.put((loop, future, functools.partial(contextvars.copy_context().run, function, work)))
+        return await future
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            loop, future, function = call
+            if future.cancelled():
+                continue
+            try:
+                result = function()
+            except BaseException as error:
+                _settle(loop, future.set_exception, future, error)
+            else:
+                _settle(loop, future.set_result, future, result)
+
+    def shutdown(self) -> None:
+        """Runs the calls queued, then ends the thread."""
+        atexit.unregister(self.shutdown)
+        if self._thread.is_alive():
+            self._calls.put(None)
+            self._thread.join()
+
+
+def _settle(loop: asyncio.AbstractEventLoop, settle: Callable[[Any], None], future: asyncio.Future[Any], value: Any) -> None:
+    def settled() -> None:
+        if not future.cancelled():
+            settle(value)
+
+    with contextlib.suppress(RuntimeError):  # the loop closed first: nobody waits for it
+        loop.call_soon_threadsafe(settled)

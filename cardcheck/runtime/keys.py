@@ -13,7 +13,6 @@ current key; after that the retired keys can be destroyed."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import os
 from collections.abc import Sequence
@@ -196,11 +195,12 @@ class KeyedHash:
         return f"KeyedHash(current, {len(self._retired)} retired)"
 
     def digest(self, value: str) -> str:
-        return hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()
+        # The one-shot hmac.digest: OpenSSL's, without hmac.new's objects (about half the cost).
+        return hmac.digest(self._key, value.encode(), "sha256").hex()
 
     def digests(self, value: str) -> tuple[str, ...]:
         return (self.digest(value),) + tuple(
-            hmac.new(key, value.encode(), hashlib.sha256).hexdigest() for key in self._retired
+            hmac.digest(key, value.encode(), "sha256").hex() for key in self._retired
         )
 
     def matches(self, value: str, stored: str) -> bool:

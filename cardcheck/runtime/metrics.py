@@ -85,10 +85,9 @@ class ServiceMetrics:
         and reflection, added to `server` itself, are not). Off: `server` itself."""
         return wrapping_server(server, lambda method, handler: _counted(self, method, handler)) if self.enabled else server
 
-    def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
-        if not self.enabled:
-            return []
-        return [_UnaryUnaryClient(self), _UnaryStreamClient(self)]
+    def client_calls(self) -> ClientCalls | None:
+        """What counts the calls of the channels `open_channel` opens; None when off."""
+        return ClientCalls(self) if self.enabled else None
 
     def register(self, collector: Any) -> None:
         """A collector read at each scrape (values computed then, e.g. from the database)."""
@@ -316,26 +315,27 @@ except (ImportError, AttributeError):  # pragma: no cover - grpc's layout change
     _CYGRPC_CODES = {}
 
 
-class _ClientInterceptor:
-    def __init__(self, metrics: ServiceMetrics, grpc_type: str) -> None:
+class ClientCalls:
+    """Counts and times the calls this service makes: cardcheck/runtime/channels.py calls
+    `begin` as a call starts and `watch` with the call, whose done callback counts it."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
         self._metrics = metrics
-        self._type = grpc_type
-        self._rpcs: dict[str, _Rpc] = {}
+        self._rpcs: dict[tuple[str, str], _Rpc] = {}
         self._pending: set[Any] = set()
 
-    def _begin(self, method: str | bytes) -> _Rpc | None:
-        if isinstance(method, bytes):  # grpc passes bytes here, whatever its stubs say
-            method = method.decode()
-        rpc = self._rpcs.get(method)
+    def begin(self, method: str, grpc_type: str) -> _Rpc | None:
+        """The method's counts, one more call started; None for health checks and reflection."""
+        rpc = self._rpcs.get((method, grpc_type))
         if rpc is None:
             if method.startswith(_NOT_OUR_WORK):
                 return None
-            rpc = self._rpcs[method] = _Rpc(self._type, method)
+            rpc = self._rpcs[(method, grpc_type)] = _Rpc(grpc_type, method)
             self._metrics.client_rpcs[method] = rpc
         rpc.started += 1
         return rpc
 
-    def _watch(self, rpc: _Rpc, started_at: float, call: Any) -> None:
+    def watch(self, rpc: _Rpc, started_at: float, call: Any) -> None:
         def done(finished: Any) -> None:
             code = _status_now(finished)
             if code is not None:
@@ -351,38 +351,6 @@ class _ClientInterceptor:
             task.add_done_callback(self._pending.discard)
 
         call.add_done_callback(done)
-
-
-class _UnaryUnaryClient(_ClientInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, metrics: ServiceMetrics) -> None:
-        super().__init__(metrics, "unary")
-
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        rpc = self._begin(client_call_details.method)
-        if rpc is None:
-            return await continuation(client_call_details, request)
-        started_at = _now()
-        try:
-            call = await continuation(client_call_details, request)
-        except grpc.aio.AioRpcError as error:
-            rpc.done(error.code(), started_at)
-            raise
-        self._watch(rpc, started_at, call)
-        return call
-
-
-class _UnaryStreamClient(_ClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, metrics: ServiceMetrics) -> None:
-        super().__init__(metrics, "server_stream")
-
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        rpc = self._begin(client_call_details.method)
-        if rpc is None:
-            return await continuation(client_call_details, request)
-        started_at = _now()
-        call = await continuation(client_call_details, request)
-        self._watch(rpc, started_at, call)
-        return call
 
 
 def no_metrics() -> ServiceMetrics:

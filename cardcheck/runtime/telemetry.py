@@ -8,19 +8,22 @@ their own service.name."""
 from __future__ import annotations
 
 import asyncio
-import functools
+import copy
+import inspect
 import json
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import grpc
+from opentelemetry import trace as trace_api
 from opentelemetry.context import Context, attach, detach
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.grpc.version import __version__ as instrumentation_version
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.metrics import NoOpMeterProvider
@@ -28,15 +31,18 @@ from opentelemetry.propagate import extract, inject
 from opentelemetry.propagators.textmap import Setter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SimpleSpanProcessor,
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.sampling import Decision, Sampler
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import (
     INVALID_SPAN,
+    Link,
     NonRecordingSpan,
     Span,
     SpanContext,
@@ -45,10 +51,12 @@ from opentelemetry.trace import (
     StatusCode,
     TraceFlags,
     Tracer,
+    TraceState,
     get_current_span,
     set_span_in_context,
     use_span,
 )
+from opentelemetry.util.types import Attributes
 
 from cardcheck.runtime.files import private_directory, private_file
 
@@ -158,7 +166,9 @@ def tracing_disabled(env: Mapping[str, str] | None = None) -> bool:
 def server_interceptors(provider: TracerProvider) -> list[grpc.aio.ServerInterceptor]:
     if tracing_disabled():
         return []
-    return [_LeanServerInterceptor(Unsampled(provider), aio_server_interceptor(tracer_provider=provider, filter_=_not_health))]
+    roots = _RootSampling(provider)
+    traced = aio_server_interceptor(tracer_provider=cast(TracerProvider, roots), filter_=_not_health)
+    return [_LeanServerInterceptor(Unsampled(provider), roots, traced)]
 
 
 # --- the calls of an unsampled trace ------------------------------------------------------------
@@ -211,12 +221,119 @@ class Unsampled:
         return None
 
 
-class _LeanServerInterceptor(grpc.aio.ServerInterceptor):
-    """The instrumentation's server interceptor (`traced`), but for a call whose trace headers
-    name an unsampled parent: that call runs under its caller's context, with no span."""
+# --- the calls that start a trace ----------------------------------------------------------------
+# The public edge's calls come with no trace headers: each would be a root span, which a ratio
+# sampler mostly drops, while the SDK still builds it and the instrumentation wraps the call
+# around it. The sampler is asked first, with a fresh trace id: dropped, the call runs under a
+# non-recording span of that trace id (in the logs and in the headers sent on, so the services
+# called drop their spans too), with no span built; kept, the instrumentation starts its span
+# as ever, with that trace id and that decision (the sampler is not asked twice: a shedding
+# sampler's budget would be spent twice).
 
-    def __init__(self, unsampled: Unsampled, traced: grpc.aio.ServerInterceptor) -> None:
+_Decision = tuple[int, SamplingResult]  # a trace id and the sampler's decision for its root span
+_DECIDED: ContextVar[_Decision | None] = ContextVar("cardcheck_root_decision", default=None)
+
+
+class _DecidedTraceIds(IdGenerator):
+    """`ids`, but the trace id of the decision made for the call's root span."""
+
+    def __init__(self, ids: IdGenerator) -> None:
+        self._ids = ids
+
+    def generate_span_id(self) -> int:
+        return self._ids.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        decided = _DECIDED.get()
+        return self._ids.generate_trace_id() if decided is None else decided[0]
+
+    def is_trace_id_random(self) -> bool:
+        return self._ids.is_trace_id_random()
+
+
+class _DecidedSampler(Sampler):
+    """`sampler`, but the decision already made for the call's root span, once."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self._sampler = sampler
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        decided = _DECIDED.get()
+        if decided is None or decided[0] != trace_id:
+            return self._sampler.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+        _DECIDED.set(None)
+        result = decided[1]
+        # The span's own attributes, as the SDK's samplers pass them on, and the sampler's.
+        merged: dict[str, Any] = dict(attributes or {})
+        merged.update(result.attributes or {})
+        return SamplingResult(result.decision, merged, result.trace_state)
+
+    def get_description(self) -> str:
+        return self._sampler.get_description()
+
+
+class _RootSampling:
+    """Decides the sampling of a root server span before it is started. Stands in for the
+    provider when the instrumentation takes its tracer: a copy of the provider's, whose sampler
+    and id generator take the decision made (the provider's tracer itself is shared)."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self._provider = provider
+        self._sampler: Sampler | None = None
+        self._ids: IdGenerator = provider.id_generator
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace_api.Tracer:
+        tracer = self._provider.get_tracer(*args, **kwargs)
+        if not isinstance(tracer, SdkTracer):  # a disabled SDK: nothing to decide
+            return tracer
+        tracer = copy.copy(tracer)
+        self._sampler, self._ids = tracer.sampler, tracer.id_generator
+        tracer.sampler, tracer.id_generator = _DecidedSampler(tracer.sampler), _DecidedTraceIds(tracer.id_generator)
+        return tracer
+
+    def decide(self, name: str, context: Context) -> _Decision | None:
+        """A fresh trace id and the sampler's decision for a server span `name` starting a
+        trace; None when there is no sampler to ask."""
+        if self._sampler is None:
+            return None
+        trace_id = self._ids.generate_trace_id()
+        return trace_id, self._sampler.should_sample(context, trace_id, name, SpanKind.SERVER)
+
+    def unsampled(self, decided: _Decision, context: Context) -> Context:
+        """`context` with a non-recording span of the trace `decided` drops, as the SDK would
+        have made it."""
+        trace_id, result = decided
+        flags = TraceFlags.DEFAULT | (TraceFlags.RANDOM_TRACE_ID if self._ids.is_trace_id_random() else 0)
+        span = SpanContext(
+            trace_id, self._ids.generate_span_id(), is_remote=False, trace_flags=TraceFlags(flags),
+            trace_state=result.trace_state,
+        )
+        return set_span_in_context(NonRecordingSpan(span), context)
+
+
+class _LeanServerInterceptor(grpc.aio.ServerInterceptor):
+    """The instrumentation's server interceptor (`traced`), but with no span for a call whose
+    trace headers name an unsampled parent (it runs under its caller's context), nor for a call
+    that starts a trace the sampler drops (under a non-recording span of a new trace id).
+
+    Every server stream is written with `context.write` from a coroutine that closes the
+    handler's generator in the RPC's own task. When a client cancels a stream grpc leaves the
+    generator suspended, and the loop's finalizer closes it later in another context, where
+    the trace context the instrumentation attached cannot be detached (an error logged with a
+    traceback for each cancelled stream: grpc/grpc#42295, opentelemetry-python-contrib#2357)."""
+
+    def __init__(self, unsampled: Unsampled, roots: _RootSampling, traced: grpc.aio.ServerInterceptor) -> None:
         self._unsampled = unsampled
+        self._roots = roots
         self._traced = traced
 
     async def intercept_service(
@@ -224,54 +341,81 @@ class _LeanServerInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if not is_instrumentation_enabled() or not _not_health(handler_call_details):
+            return await continuation(handler_call_details)
         metadata = handler_call_details.invocation_metadata
-        if metadata and is_instrumentation_enabled():
-            context = extract({key: value for key, value in metadata})
+        context = extract({key: value for key, value in metadata}) if metadata else Context()
+        if get_current_span(context).get_span_context().is_valid:
             if self._unsampled.parent(context) is not None:
-                return _under(context, await continuation(handler_call_details))
-        return await self._traced.intercept_service(continuation, handler_call_details)
+                return _served(await continuation(handler_call_details), context)
+            return _served(await self._traced.intercept_service(continuation, handler_call_details))
+        method = handler_call_details.method
+        decided = self._roots.decide(method.decode() if isinstance(method, bytes) else method, context)
+        if decided is not None and decided[1].decision is Decision.DROP:
+            return _served(await continuation(handler_call_details), self._roots.unsampled(decided, context))
+        return _served(await self._traced.intercept_service(continuation, handler_call_details), decided=decided)
 
 
-def _under(context: Context, handler: grpc.RpcMethodHandler[Any, Any] | None) -> grpc.RpcMethodHandler[Any, Any] | None:
-    """`handler` with its behaviour run under `context`."""
-    if handler is None:
-        return None
-    if handler.request_streaming or not (handler.unary_unary or handler.unary_stream):
+def _served(
+    handler: grpc.RpcMethodHandler[Any, Any] | None, context: Context | None = None, decided: _Decision | None = None
+) -> grpc.RpcMethodHandler[Any, Any] | None:
+    """`handler` with its behaviour run under `context`, or with `decided` for the root span
+    the instrumentation starts; a server stream written from a coroutine (see above)."""
+    if handler is None or handler.request_streaming:
         return handler  # the project serves no client-streaming call: left as it is
+    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
     if handler.response_streaming:
         streaming: Any = handler.unary_stream
+        writes = not inspect.isasyncgenfunction(streaming)  # a coroutine writing with context.write
 
-        async def stream(request: Any, servicer_context: Any) -> Any:
-            token = attach(context)
+        async def stream(request: Any, servicer_context: Any) -> None:
+            token = None if context is None else attach(context)
+            decision = None if decided is None else _DECIDED.set(decided)
             try:
-                async for response in streaming(request, servicer_context):
-                    yield response
+                if writes:
+                    await streaming(request, servicer_context)
+                    return
+                responses = streaming(request, servicer_context)
+                try:
+                    async for response in responses:
+                        await servicer_context.write(response)
+                finally:
+                    await responses.aclose()
             finally:
-                detach(token)
+                if decision is not None:
+                    _DECIDED.reset(decision)
+                if token is not None:
+                    detach(token)
 
-        return grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
+        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+    if context is None and decided is None:
+        return handler
     unary: Any = handler.unary_unary
 
     async def call(request: Any, servicer_context: Any) -> Any:
-        token = attach(context)
+        token = None if context is None else attach(context)
+        decision = None if decided is None else _DECIDED.set(decided)
         try:
             return await unary(request, servicer_context)
         finally:
-            detach(token)
+            if decision is not None:
+                _DECIDED.reset(decision)
+            if token is not None:
+                detach(token)
 
-    return grpc.unary_unary_rpc_method_handler(
-        call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
+    return grpc.unary_unary_rpc_method_handler(call, **kwargs)
 
 
-class CancellableUnaryUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
-    """The instrumentation's unary-unary client span (same name, kind and rpc.* attributes),
-    ended from the call's done callback. The library awaits the call inside the interceptor, and
-    that await swallows the caller's cancellation: the RPC then runs on at the server until its
-    deadline (opentelemetry-python-contrib#3271). Returning the call at once leaves cancellation
-    to grpc, which cancels the RPC."""
+class ClientTracing:
+    """What a call this service makes carries of its trace, decided as the call starts (see
+    cardcheck/runtime/channels.py, which calls `begin` and `end`). Within an unsampled trace:
+    no span, the trace headers carry the parent's context. Otherwise the instrumentation's
+    client span (its name, kind and rpc.* attributes), whose context the headers carry, ended
+    from the call's done callback with the call's status. (The instrumentation's interceptors
+    await the call, and that await swallowed the caller's cancellation, which left the RPC
+    running at the server until its deadline: opentelemetry-python-contrib#3271.)
+
+    `request_hook(span, request)` may add cardcheck.* attributes to each client span."""
 
     def __init__(self, provider: TracerProvider, request_hook: RequestHook | None = None) -> None:
         self._tracer = provider.get_tracer(_INSTRUMENTATION, instrumentation_version, schema_url=_SCHEMA_URL)
@@ -279,61 +423,42 @@ class CancellableUnaryUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         self._unsampled = Unsampled(provider)
         self._ending: set[asyncio.Task[None]] = set()
 
-    async def intercept_unary_unary(
-        self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Request], Awaitable[grpc.aio.UnaryUnaryCall[Request, Response]]],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request: Request,
-    ) -> grpc.aio.UnaryUnaryCall[Request, Response]:
-        if not is_instrumentation_enabled() or not _not_health(client_call_details):
-            return await continuation(client_call_details, request)
-        if self._unsampled.parent() is not None:  # no span: the headers carry the parent's context
-            return await continuation(_with_trace_context(client_call_details), request)
-        method = client_call_details.method
-        if isinstance(method, bytes):  # grpc passes bytes here, whatever its stubs say
-            method = method.decode()
-        service, name = method.lstrip("/").split("/", 1)
+    def begin(self, method: str, metadata: Any, request: Any) -> tuple[Any, Span | None]:
+        """The metadata to send (the caller's, with the trace headers) and the call's span, if
+        it has one."""
+        if not is_instrumentation_enabled() or method.startswith(_NOT_OUR_WORK):
+            return metadata, None
+        if self._unsampled.parent() is not None:
+            return _with_trace_headers(metadata, None), None
+        service, _, name = method.lstrip("/").partition("/")
         attributes: dict[str, str | int] = {
             RPC_SYSTEM: "grpc",
             RPC_GRPC_STATUS_CODE: grpc.StatusCode.OK.value[0],
             RPC_METHOD: name,
             RPC_SERVICE: service,
         }
-        with self._tracer.start_as_current_span(
-            method,
-            kind=SpanKind.CLIENT,
-            attributes=attributes,
-            end_on_exit=False,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            details = _with_trace_context(client_call_details)
-            if self._request_hook is not None:
-                try:
-                    self._request_hook(span, request)
-                except Exception:
-                    log.exception("request hook failed")
+        span = self._tracer.start_span(
+            method, kind=SpanKind.CLIENT, attributes=attributes, record_exception=False, set_status_on_exception=False
+        )
+        if self._request_hook is not None:
             try:
-                call = await continuation(details, request)
-            except BaseException:
-                span.end()
-                raise
-        call.add_done_callback(functools.partial(self._call_done, span))
-        return call
+                self._request_hook(span, request)
+            except Exception:
+                log.exception("request hook failed")
+        return _with_trace_headers(metadata, set_span_in_context(span)), span
 
-    def _call_done(self, span: Span, call: grpc.aio.Call) -> None:
+    def end(self, span: Span, call: grpc.aio.Call) -> None:
+        """The call is done (its done callback): the span takes its status and ends."""
         task = asyncio.get_running_loop().create_task(_end_client_span(span, call))
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
 
 
-def _with_trace_context(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    """The call's details with the current trace context added to its metadata."""
-    metadata = grpc.aio.Metadata(*tuple(details.metadata or ()))
-    inject(metadata, setter=_METADATA_SETTER)
-    return grpc.aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-    )
+def _with_trace_headers(metadata: Any, context: Context | None) -> grpc.aio.Metadata:
+    """The call's metadata with the trace context (`context`'s, or the current one) added."""
+    with_headers = grpc.aio.Metadata(*tuple(metadata or ()))
+    inject(with_headers, context=context, setter=_METADATA_SETTER)
+    return with_headers
 
 
 async def _end_client_span(span: Span, call: grpc.aio.Call) -> None:
@@ -347,39 +472,9 @@ async def _end_client_span(span: Span, call: grpc.aio.Call) -> None:
         span.end()
 
 
-def client_interceptors(provider: TracerProvider, request_hook: RequestHook | None = None) -> list[grpc.aio.ClientInterceptor]:
-    """`request_hook(span, request)` may add cardcheck.* attributes to each client span."""
-    if tracing_disabled():
-        return []
-    interceptors = aio_client_interceptors(tracer_provider=provider, filter_=_not_health, request_hook=request_hook)
-    unsampled = Unsampled(provider)
-    return [
-        CancellableUnaryUnaryInterceptor(provider, request_hook)
-        if isinstance(interceptor, grpc.aio.UnaryUnaryClientInterceptor)
-        else _LeanUnaryStreamInterceptor(unsampled, interceptor)
-        if isinstance(interceptor, grpc.aio.UnaryStreamClientInterceptor)
-        else interceptor
-        for interceptor in interceptors
-    ]
-
-
-class _LeanUnaryStreamInterceptor(grpc.aio.UnaryStreamClientInterceptor):
-    """The instrumentation's unary-stream client interceptor (`traced`), but within an unsampled
-    trace: no span, the trace headers carry the parent's context."""
-
-    def __init__(self, unsampled: Unsampled, traced: grpc.aio.UnaryStreamClientInterceptor) -> None:
-        self._unsampled = unsampled
-        self._traced = traced
-
-    async def intercept_unary_stream(
-        self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Request], Awaitable[grpc.aio.UnaryStreamCall[Request, Response]]],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request: Request,
-    ) -> grpc.aio.UnaryStreamCall[Request, Response] | AsyncIterator[Response]:
-        if is_instrumentation_enabled() and _not_health(client_call_details) and self._unsampled.parent() is not None:
-            return await continuation(_with_trace_context(client_call_details), request)
-        return await self._traced.intercept_unary_stream(continuation, client_call_details, request)
+def client_tracing(provider: TracerProvider, request_hook: RequestHook | None = None) -> ClientTracing | None:
+    """None when the SDK is disabled: the calls carry no trace."""
+    return None if tracing_disabled() else ClientTracing(provider, request_hook)
 
 
 # --- database and Redis calls -------------------------------------------------------------------
