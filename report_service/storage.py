@@ -10,12 +10,10 @@ transactions, which in WAL mode see a consistent snapshot and never wait for a w
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 from collections.abc import Callable
 from typing import TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event
 from sqlmodel import Session
 
 from cardcheck.runtime.database import Database
@@ -52,18 +50,9 @@ def _sqlite_reader(writer: Engine) -> Engine:
 
 class Storage:
     def __init__(self, db: Database) -> None:
-        self.db = db
+        self.db = db  # on SQLite, Database runs its units one after another on one thread
         self._sqlite = db.engine.dialect.name == "sqlite"
         self._reader = Database(_sqlite_reader(db.engine), serial=False) if self._sqlite else db
-        self._writer = (
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="report_service-sqlite-writer")
-            if self._sqlite
-            else None
-        )
-        # The SQLite writer's one connection, kept from one unit to the next (used on its thread
-        # only): checking it out of the pool and back in, with the pool's rollback on return,
-        # cost about a third of a small unit.
-        self._connection: Connection | None = None
 
     @property
     def engine(self) -> Engine:
@@ -71,32 +60,13 @@ class Storage:
 
     async def write(self, work: Callable[[Session], T]) -> T:
         """`work(session)` in one transaction that may write; committed if it returns."""
-        if self._writer is None:
-            return await self.db.run(work)
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self._unit, work)
-
-    def _unit(self, work: Callable[[Session], T]) -> T:
-        connection = self._connection
-        if connection is None or connection.closed or connection.invalidated:
-            if connection is not None:
-                connection.close()
-            connection = self._connection = self.db.engine.connect()
-        with Session(bind=connection, expire_on_commit=False) as session, session.begin():
-            return work(session)
-
-    def _close_connection(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        return await self.db.run(work)
 
     async def read(self, work: Callable[[Session], T]) -> T:
         """`work(session)` in one transaction that only reads (refused on SQLite if it writes)."""
         return await self._reader.run(work)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.submit(self._close_connection)
-            self._writer.shutdown(wait=True)
         if self._reader is not self.db:
             self._reader.dispose()
         self.db.dispose()

@@ -156,13 +156,12 @@ class Database:
         return connection
 
     def _run_held(self, work: Callable[[Session], T]) -> T:
-        """`_run` on the held connection. The session joins the connection's transaction, which
-        commits when `work` returns and rolls back whole when it raises."""
-        connection = self._held_connection()
-        with connection.begin():
-            with Session(bind=connection, expire_on_commit=False, join_transaction_mode="rollback_only") as session:
-                with session.begin():
-                    return work(session)
+        """`_run` on the held connection. The session begins the connection's transaction and
+        commits it itself: its after_commit hooks (change notifications) must run once the
+        commit is visible to other connections, not before."""
+        with Session(bind=self._held_connection(), expire_on_commit=False) as session:
+            with session.begin():
+                return work(session)
 
     def _run_core_held(self, work: Callable[[Connection], T]) -> T:
         """`_run_core` on the held connection."""
