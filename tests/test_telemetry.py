@@ -115,11 +115,11 @@ async def test_a_stream_the_client_cancels_is_closed_in_its_own_call_and_logs_no
         await server.stop(0)
 
 
-async def test_a_call_starting_a_trace_the_sampler_drops_runs_under_a_new_unsampled_trace_with_no_span(
-    tmp_path: Path,
-) -> None:
+async def _two_echoes(tmp_path: Path, decision: Sampler) -> tuple[Counter, CountingSampler, InMemorySpanExporter]:
+    """Two Echo calls with no trace headers, each a trace of its own, on a server that samples
+    by `decision`."""
     counter = Counter()
-    sampler = CountingSampler(ALWAYS_OFF)
+    sampler = CountingSampler(decision)
     spans = InMemorySpanExporter()
     server, port = await _serving(counter, make_tracer_provider("counter", tmp_path, exporter=spans, sampler=sampler))
     try:
@@ -128,6 +128,13 @@ async def test_a_call_starting_a_trace_the_sampler_drops_runs_under_a_new_unsamp
                 assert await channel.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5) == b"hi"
     finally:
         await server.stop(0)
+    return counter, sampler, spans
+
+
+async def test_a_call_starting_a_trace_the_sampler_drops_runs_under_a_new_unsampled_trace_with_no_span(
+    tmp_path: Path,
+) -> None:
+    counter, sampler, spans = await _two_echoes(tmp_path, ALWAYS_OFF)
     first, second = counter.spans
     assert first.is_valid and second.is_valid and first.trace_id != second.trace_id
     assert not first.trace_flags.sampled and not first.is_remote
@@ -136,16 +143,7 @@ async def test_a_call_starting_a_trace_the_sampler_drops_runs_under_a_new_unsamp
 
 
 async def test_a_call_starting_a_trace_the_sampler_keeps_has_the_instrumentations_span(tmp_path: Path) -> None:
-    counter = Counter()
-    sampler = CountingSampler(ALWAYS_ON)
-    spans = InMemorySpanExporter()
-    server, port = await _serving(counter, make_tracer_provider("counter", tmp_path, exporter=spans, sampler=sampler))
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            for _ in range(2):
-                assert await channel.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5) == b"hi"
-    finally:
-        await server.stop(0)
+    counter, sampler, spans = await _two_echoes(tmp_path, ALWAYS_ON)
     made = spans.get_finished_spans()
     assert len(made) == 2
     assert sampler.asked == [span.context.trace_id for span in made]  # asked once, about the span's trace
