@@ -15,8 +15,10 @@ Figures:
      READY, GetReport;
 and the ratio of 2 and 3 to 1 (targets: journeys >= 50 %, registrations >= 25 %), and each
 service process's CPU time per fan-out, registration and journey (from /proc/<pid>/stat), the
-figure the machine's noise moves least. Each phase's window opens after a warm-up and closes
-when its last person or user has been taken, while every worker is still busy.
+figure the machine's noise moves least; and the gRPC calls each service served per journey
+(its grpc_server_handled_total, read from /metrics before and after the journeys). Each phase's
+window opens after a warm-up and closes when its last person or user has been taken, while every
+worker is still busy.
 
 `--tracing` sets every service's tracing but bank_sim's (as in `bench fanout`): `sampled`
 (default; 1 % of traces), `full` (every span, to JSON-lines files) or `off`. `--profile DIR`
