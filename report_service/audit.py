@@ -176,7 +176,7 @@ class AuditChain:
         # entry would hash the key again).
         self._keyed_mac = hmac.new(key, digestmod=hashlib.sha256)
         # Told of each event appended, inside its transaction (report_service/metrics.py).
-        self.observers: list[Callable[[Session, AuditEvent, datetime], None]] = []
+        self.observers: list[Callable[[Session | Connection, AuditEvent, datetime], None]] = []
 
     def __repr__(self) -> str:  # never the chain's key
         return f"AuditChain(current, {len(self._retired)} retired)"
@@ -199,7 +199,7 @@ class AuditChain:
             for key in (self._key, *self._retired)
         )
 
-    def append(self, session: Session, events: Sequence[AuditEvent], at: datetime) -> None:
+    def append(self, session: Session | Connection, events: Sequence[AuditEvent], at: datetime) -> None:
         """Appends `events` in order to the chain, inside the caller's transaction; call it as
         the last step of that transaction so the head row stays locked as briefly as possible."""
         if events:
@@ -289,11 +289,11 @@ _INSERT_ENTRIES = insert(table_of(AuditRow))
 
 
 def _append(
-    session: Session, events: Sequence[AuditEvent], at: datetime, entry_hash: Callable[[str, bytes], str]
+    session: Session | Connection, events: Sequence[AuditEvent], at: datetime, entry_hash: Callable[[str, bytes], str]
 ) -> None:
     # Core statements on the transaction's connection: the session's own execute adds its ORM
     # dispatch to each of them.
-    connection = session.connection()
+    connection = session if isinstance(session, Connection) else session.connection()
     seq, prev = connection.execute(_READ_HEAD).one()
     instant = _json(_instant(at))
     # An append's entries mostly share their event, query and user: each written once.

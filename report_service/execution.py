@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, Row, bindparam, delete, insert, select, update
 from sqlmodel import Session, col
 
 from cardcheck.banks import BY_CODE
@@ -448,10 +448,10 @@ class ExecutionStore:
     async def notified(self, query_id: str) -> None:
         """The notifier accepted the SMS: the work is done (whoever holds its lease)."""
 
-        def done(session: Session) -> None:
-            session.execute(_DELETE_NOTIFY, {"query_id": query_id})
+        def done(connection: Connection) -> None:
+            connection.execute(_DELETE_NOTIFY, {"query_id": query_id})
 
-        await self._db.write(done)
+        await self._db.write_core(done)
 
     async def notify_later(self, claim: Claim, delay: timedelta) -> None:
         now = self._clock.now()

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, bindparam, func, select
+from sqlalchemy import Connection, Engine, bindparam, func, select
 from sqlmodel import Session
 
 from cardcheck.runtime.clock import Clock, as_utc
@@ -50,7 +50,7 @@ class QueryLife:
             "cardcheck_report_time_to_ready_seconds", "Time from a query's acceptance to its READY report, in seconds.",
             buckets=READY_BUCKETS, registry=registry)
 
-    def __call__(self, session: Session, event: audit.AuditEvent, at: datetime) -> None:
+    def __call__(self, session: Session | Connection, event: audit.AuditEvent, at: datetime) -> None:
         kind = event.event
         if kind == audit.QUERY_ACCEPTED:
             self.accepted.inc()

@@ -14,7 +14,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Row, and_, bindparam, case, delete, false, func, insert, or_, true, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    Select,
+    and_,
+    bindparam,
+    case,
+    delete,
+    false,
+    func,
+    insert,
+    or_,
+    true,
+    update,
+)
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -195,7 +209,7 @@ _INSERT_QUERY = insert(_QUERIES)
 _INSERT_WORK = insert(table_of(WorkRow))
 _REPORTS = table_of(ReportRow)
 # GetReport's read: the query (as _QUERY_BY_ID reads it) and its report, if any, in one statement.
-_QUERY_AND_REPORT = (
+_QUERY_AND_REPORT: Select[Any] = (
     sa_select(
         *_QUERY_BY_ID.selected_columns,
         _REPORTS.c.wrapped_key,
@@ -407,10 +421,10 @@ class QueryStore:
     # --- reading, for the user who owns the query -------------------------------------------
 
     async def get(self, user_id: str, query_id: str) -> Query:
-        def find(session: Session) -> Row[Any] | None:
-            return session.execute(_QUERY_BY_ID, {"query_id": query_id}).first()
+        def find(connection: Connection) -> Row[Any] | None:
+            return connection.execute(_QUERY_BY_ID, {"query_id": query_id}).first()
 
-        row = await self._db.read(find) if query_id else None
+        row = await self._db.read_core(find) if query_id else None
         if row is None or row.user_id != user_id or not user_id:
             raise CardCheckError(Reason.NOT_FOUND, "no such query")
         return query_of(row)
@@ -432,8 +446,7 @@ class QueryStore:
         together; without the cards (progress never shows them, so they stay sealed). Core
         rows: every watcher reads this on each change of its query."""
 
-        def find(session: Session) -> tuple[Any, list[BankOutcome]]:
-            connection = session.connection()
+        def find(connection: Connection) -> tuple[Any, list[BankOutcome]]:
             row = connection.execute(_QUERY_BY_ID, {"query_id": query_id}).first()
             outcomes = [
                 BankOutcome(bank_code=bank_code, kind=kind, detail=detail)
@@ -441,7 +454,7 @@ class QueryStore:
             ]
             return row, outcomes
 
-        row, outcomes = await self._db.read(find) if query_id else (None, [])
+        row, outcomes = await self._db.read_core(find) if query_id else (None, [])
         if row is None or row.user_id != user_id or not user_id:
             raise CardCheckError(Reason.NOT_FOUND, "no such query")
         return query_of(row), outcomes
@@ -454,8 +467,8 @@ class QueryStore:
             raise CardCheckError(Reason.NOT_FOUND, "no such query")
         now = self._clock.now()
 
-        def view(session: Session) -> Report:
-            row = session.execute(_QUERY_AND_REPORT, {"query_id": query_id}).first()
+        def view(connection: Connection) -> Report:
+            row = connection.execute(_QUERY_AND_REPORT, {"query_id": query_id}).first()
             if row is None or row.user_id != user_id:
                 raise CardCheckError(Reason.NOT_FOUND, "no such query")
             refusal = QueryRules.report_refusal(query_of(row), now)
@@ -464,10 +477,10 @@ class QueryStore:
             if row.ciphertext is None:  # swept: the query row says EXPIRED once the sweep commits
                 raise CardCheckError(Reason.REPORT_EXPIRED, "the report was kept its 7 days and deleted")
             content = self._vault.open(query_id, row.wrapped_key, row.ciphertext)
-            self.audit.append(session, [audit.AuditEvent(audit.REPORT_VIEWED, query_id, user_id)], now)
+            self.audit.append(connection, [audit.AuditEvent(audit.REPORT_VIEWED, query_id, user_id)], now)
             return Report(query_id, as_utc(row.generated_at), as_utc(row.report_expires_at), content)
 
-        return await self._db.write(view)
+        return await self._db.write_core(view)
 
     # --- forgetting -------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import json
 from collections import Counter
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event, orm, text
 
 from cardcheck.banks import BANK_CODES
 from cardcheck.runtime.clock import as_utc
@@ -34,6 +34,8 @@ EXPECTED = {
     "report": (1, 4),  # query and report; audit x3
     "notified": (1, 1),  # the NOTIFY work
 }
+# The steps whose transaction is Core statements on a connection, without an ORM session.
+SESSIONLESS = {"snapshot", "report", "notified"}
 
 
 class Counted:
@@ -43,6 +45,7 @@ class Counted:
         for engine in engines:
             event.listen(engine, "before_cursor_execute", self._statement)
             event.listen(engine, "commit", self._commit)
+        event.listen(orm.Session, "after_begin", self._session)
 
     def _statement(self, conn, cursor, statement, params, context, executemany) -> None:
         if not statement.startswith(("BEGIN", "SELECT pg_notify")):
@@ -50,6 +53,12 @@ class Counted:
 
     def _commit(self, conn) -> None:
         self.steps[(self.step, "transactions")] += 1
+
+    def _session(self, session, transaction, conn) -> None:
+        self.steps[(self.step, "sessions")] += 1
+
+    def close(self) -> None:
+        event.remove(orm.Session, "after_begin", self._session)
 
     def of(self, step: str) -> tuple[int, int]:
         return self.steps[(step, "transactions")], self.steps[(step, "statements")]
@@ -90,7 +99,9 @@ async def test_each_step_of_a_query_takes_one_transaction_and_the_statements_pin
     counted.step = "notified"
     await execution.notified(query.query_id)
 
+    counted.close()
     assert {step: counted.of(step) for step in EXPECTED} == EXPECTED
+    assert {step for step in EXPECTED if not counted.steps[(step, "sessions")]} == SESSIONLESS
     assert report.content.cards == CARDS
     assert [s.bank_code for s in report.content.summary] == list(BANK_CODES)
 
