@@ -61,7 +61,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
-from sqlalchemy import Column, DateTime, bindparam, insert, or_, update
+from sqlalchemy import Column, Connection, DateTime, bindparam, insert, or_, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -372,8 +372,8 @@ class Challenges:
         now = self._clock.now()
         offered = f"{challenge_id}:{code}"
 
-        def work(session: Session) -> str | None:
-            row = session.execute(_CHALLENGE, {"challenge_id": challenge_id}).first()
+        def work(connection: Connection) -> str | None:
+            row = connection.execute(_CHALLENGE, {"challenge_id": challenge_id}).first()
             if (
                 row is None
                 or row.purpose != purpose
@@ -388,15 +388,15 @@ class Challenges:
                 return "expired"
             if not self._code_hash.matches(offered, row.code_hash):
                 wrong_tries = row.wrong_tries + 1  # the row is locked: no lost update
-                session.execute(
+                connection.execute(
                     _CHANGE_CHALLENGE,
                     {"of_challenge": challenge_id, "wrong_tries": wrong_tries, "dead": wrong_tries >= MAX_WRONG_TRIES},
                 )
                 return "wrong code"
-            session.execute(_CHANGE_CHALLENGE, {"of_challenge": challenge_id, "used": True})
+            connection.execute(_CHANGE_CHALLENGE, {"of_challenge": challenge_id, "used": True})
             return None
 
-        why = await self._db.run(work)
+        why = await self._db.run_core(work)
         if why is not None:
             raise _verification_failed(why)
         if purpose in ANONYMOUS_PURPOSES:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Column, DateTime, Row, bindparam
+from sqlalchemy import Column, Connection, DateTime, Row, bindparam
 from sqlmodel import Field, Session, SQLModel, select
 
 from cardcheck.runtime.clock import Clock, as_utc
@@ -157,25 +157,25 @@ class Sessions:
         """The session's user, if the session is still on record and not revoked."""
         # Every call with a session makes this read: the columns it needs, without an ORM object.
         key = _hash(claims.session_id)
-        row = await self._db.run(lambda session: session.execute(_LIVE, {"token_hash": key}).first())
+        row = await self._db.run_core(lambda connection: connection.execute(_LIVE, {"token_hash": key}).first())
         return self._live_user(row, claims, self._clock.now())
 
-    async def live_with(self, claims: SessionClaims, read: Callable[[Session, str], T]) -> tuple[str, T]:
-        """`ensure_live`, and `read(session, user_id)` in the same transaction once the session
-        is found live (never for a revoked or unknown one): one trip to the database where a
-        call reads the user's row next."""
+    async def live_with(self, claims: SessionClaims, read: Callable[[Connection, str], T]) -> tuple[str, T]:
+        """`ensure_live`, and `read(connection, user_id)` (Core statements) in the same
+        transaction once the session is found live (never for a revoked or unknown one): one
+        trip to the database where a call reads the user's row next."""
         key = _hash(claims.session_id)
         now = self._clock.now()
 
-        def work(session: Session) -> tuple[Row[Any] | None, T | None]:
-            row = session.execute(_LIVE, {"token_hash": key}).first()
+        def work(connection: Connection) -> tuple[Row[Any] | None, T | None]:
+            row = connection.execute(_LIVE, {"token_hash": key}).first()
             try:
                 user_id = self._live_user(row, claims, now)
             except CardCheckError:
                 return row, None
-            return row, read(session, user_id)
+            return row, read(connection, user_id)
 
-        row, found = await self._db.run(work)
+        row, found = await self._db.run_core(work)
         user_id = self._live_user(row, claims, now)
         return user_id, cast(T, found)
 
