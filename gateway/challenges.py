@@ -253,9 +253,9 @@ class Challenges:
         }
         mark = {"phone_hash": phone_hash, "purpose": purpose}
 
-        def work(session: Session) -> CardCheckError | timedelta:
+        def work(unit: Session | Connection) -> CardCheckError | timedelta:
             # Locked in one order everywhere (throttle, escalation, daily): no deadlock.
-            last_sent_at = session.execute(_LAST_SENT, mark).scalar()
+            last_sent_at = unit.execute(_LAST_SENT, mark).scalar()
             if last_sent_at is not None:
                 wait = as_utc(last_sent_at) + self._resend_after - now
                 if wait > timedelta(0):
@@ -264,20 +264,24 @@ class Challenges:
                     )
             resend_after = self._resend_after
             if anonymous:
-                refusal_or_wait = self._spend_anonymous(session, phone_hash, caller_hash, now, today)
+                assert isinstance(unit, Session)
+                refusal_or_wait = self._spend_anonymous(unit, phone_hash, caller_hash, now, today)
                 if isinstance(refusal_or_wait, CardCheckError):
                     return refusal_or_wait
                 resend_after = max(resend_after, refusal_or_wait)
             if last_sent_at is None:
-                session.execute(_INSERT_THROTTLE, {**mark, "last_sent_at": now})
+                unit.execute(_INSERT_THROTTLE, {**mark, "last_sent_at": now})
             else:
-                session.execute(_SENT_AGAIN, {"hash_of_phone": phone_hash, "for_purpose": purpose, "now": now})
-            session.execute(_INSERT_CHALLENGE, row)
-            session.flush()  # what _spend_anonymous changed, inside the IntegrityError guard
+                unit.execute(_SENT_AGAIN, {"hash_of_phone": phone_hash, "for_purpose": purpose, "now": now})
+            unit.execute(_INSERT_CHALLENGE, row)
+            if isinstance(unit, Session):
+                unit.flush()  # what _spend_anonymous changed, inside the IntegrityError guard
             return resend_after
 
         try:
-            outcome = await self._db.run(work)
+            # Only the anonymous codes' escalation and daily count are ORM objects: the others
+            # are Core statements alone, on a connection without a session to set up.
+            outcome = await (self._db.run(work) if anonymous else self._db.run_core(work))
         except IntegrityError:
             # A concurrent request for the same phone inserted its first row first.
             outcome = _rate_limited("a code is being sent to this phone", self._resend_after, "phone")
