@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Column, Connection, DateTime, Row, bindparam
+from sqlalchemy import Column, Connection, DateTime, Row, bindparam, insert
 from sqlmodel import Field, Session, SQLModel, select
 
 from cardcheck.runtime.clock import Clock, as_utc
@@ -48,6 +48,7 @@ class SessionRow(SQLModel, table=True):
 
 
 _SESSIONS = table_of(SessionRow)
+_INSERT = insert(_SESSIONS)
 _LIVE = select(_SESSIONS.c.user_id, _SESSIONS.c.revoked, _SESSIONS.c.expires_at).where(
     _SESSIONS.c.token_hash == bindparam("token_hash")
 )
@@ -145,8 +146,11 @@ class Sessions:
         now = self._clock.now()
         # Whole seconds, as the token carries them.
         expires_at = datetime.fromtimestamp(int((now + self._ttl).timestamp()), UTC)
-        row = SessionRow(token_hash=_hash(session_id), user_id=user_id, created_at=now, expires_at=expires_at)
-        await self._db.run(lambda session: session.add(row))
+        row = {
+            "token_hash": _hash(session_id), "user_id": user_id, "created_at": now, "expires_at": expires_at,
+            "revoked": False,
+        }
+        await self._db.run_core(lambda connection: connection.execute(_INSERT, row))
         return IssuedSession(user_id, self._tokens.sign(session_id, user_id, expires_at), expires_at)
 
     def verify(self, token: str | None) -> SessionClaims:
