@@ -61,7 +61,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
-from sqlalchemy import Column, DateTime, bindparam, insert, or_, update
+from sqlalchemy import Column, Connection, DateTime, bindparam, insert, or_, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -253,9 +253,9 @@ class Challenges:
         }
         mark = {"phone_hash": phone_hash, "purpose": purpose}
 
-        def work(session: Session) -> CardCheckError | timedelta:
+        def work(unit: Session | Connection) -> CardCheckError | timedelta:
             # Locked in one order everywhere (throttle, escalation, daily): no deadlock.
-            last_sent_at = session.execute(_LAST_SENT, mark).scalar()
+            last_sent_at = unit.execute(_LAST_SENT, mark).scalar()
             if last_sent_at is not None:
                 wait = as_utc(last_sent_at) + self._resend_after - now
                 if wait > timedelta(0):
@@ -264,20 +264,24 @@ class Challenges:
                     )
             resend_after = self._resend_after
             if anonymous:
-                refusal_or_wait = self._spend_anonymous(session, phone_hash, caller_hash, now, today)
+                assert isinstance(unit, Session)
+                refusal_or_wait = self._spend_anonymous(unit, phone_hash, caller_hash, now, today)
                 if isinstance(refusal_or_wait, CardCheckError):
                     return refusal_or_wait
                 resend_after = max(resend_after, refusal_or_wait)
             if last_sent_at is None:
-                session.execute(_INSERT_THROTTLE, {**mark, "last_sent_at": now})
+                unit.execute(_INSERT_THROTTLE, {**mark, "last_sent_at": now})
             else:
-                session.execute(_SENT_AGAIN, {"hash_of_phone": phone_hash, "for_purpose": purpose, "now": now})
-            session.execute(_INSERT_CHALLENGE, row)
-            session.flush()  # what _spend_anonymous changed, inside the IntegrityError guard
+                unit.execute(_SENT_AGAIN, {"hash_of_phone": phone_hash, "for_purpose": purpose, "now": now})
+            unit.execute(_INSERT_CHALLENGE, row)
+            if isinstance(unit, Session):
+                unit.flush()  # what _spend_anonymous changed, inside the IntegrityError guard
             return resend_after
 
         try:
-            outcome = await self._db.run(work)
+            # Only the anonymous codes' escalation and daily count are ORM objects: the others
+            # are Core statements alone, on a connection without a session to set up.
+            outcome = await (self._db.run(work) if anonymous else self._db.run_core(work))
         except IntegrityError:
             # A concurrent request for the same phone inserted its first row first.
             outcome = _rate_limited("a code is being sent to this phone", self._resend_after, "phone")
@@ -372,8 +376,8 @@ class Challenges:
         now = self._clock.now()
         offered = f"{challenge_id}:{code}"
 
-        def work(session: Session) -> str | None:
-            row = session.execute(_CHALLENGE, {"challenge_id": challenge_id}).first()
+        def work(connection: Connection) -> str | None:
+            row = connection.execute(_CHALLENGE, {"challenge_id": challenge_id}).first()
             if (
                 row is None
                 or row.purpose != purpose
@@ -388,15 +392,15 @@ class Challenges:
                 return "expired"
             if not self._code_hash.matches(offered, row.code_hash):
                 wrong_tries = row.wrong_tries + 1  # the row is locked: no lost update
-                session.execute(
+                connection.execute(
                     _CHANGE_CHALLENGE,
                     {"of_challenge": challenge_id, "wrong_tries": wrong_tries, "dead": wrong_tries >= MAX_WRONG_TRIES},
                 )
                 return "wrong code"
-            session.execute(_CHANGE_CHALLENGE, {"of_challenge": challenge_id, "used": True})
+            connection.execute(_CHANGE_CHALLENGE, {"of_challenge": challenge_id, "used": True})
             return None
 
-        why = await self._db.run(work)
+        why = await self._db.run_core(work)
         if why is not None:
             raise _verification_failed(why)
         if purpose in ANONYMOUS_PURPOSES:

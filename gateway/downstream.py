@@ -194,17 +194,12 @@ class WatchState:
         new = [_outcome(o) for o in progress.new_outcomes]
         for outcome in new:
             self._outcomes[outcome.bank_code] = outcome
-        base = gateway_pb2.QueryEvent(query=progress.query, outcomes=self._outcomes.values())
         if self._first or not new:
             self._first = False
-            return [base]
-        events = []
-        for outcome in new:
-            event = gateway_pb2.QueryEvent()
-            event.CopyFrom(base)
-            event.outcome.CopyFrom(outcome)
-            events.append(event)
-        return events
+            return [gateway_pb2.QueryEvent(query=progress.query, outcomes=self._outcomes.values())]
+        # Each event built whole: a shared one copied per event would copy every outcome twice.
+        outcomes = list(self._outcomes.values())
+        return [gateway_pb2.QueryEvent(query=progress.query, outcomes=outcomes, outcome=outcome) for outcome in new]
 
 
 class SmsSender:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import Column, DateTime, Index, bindparam, delete, insert
+from sqlalchemy import Column, Connection, DateTime, Index, bindparam, delete, insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col
@@ -52,22 +52,23 @@ class SpentFaceTokens:
 
     async def is_spent(self, token: str) -> bool:
         digests = list(self._hash.digests(token))
-        return await self._db.run(lambda session: session.execute(_SPENT_BY_DIGEST, {"digests": digests}).first()) is not None
+        found = await self._db.run_core(lambda connection: connection.execute(_SPENT_BY_DIGEST, {"digests": digests}).first())
+        return found is not None
 
     async def spend(self, user_id: str, token: str) -> bool:
         """Marks the token used; False when it already was (by any replica, under any key)."""
         digests = list(self._hash.digests(token))
 
-        def work(session: Session) -> bool:
-            if session.execute(_SPENT_BY_DIGEST, {"digests": digests}).first() is not None:
+        def work(connection: Connection) -> bool:
+            if connection.execute(_SPENT_BY_DIGEST, {"digests": digests}).first() is not None:
                 return False
-            session.execute(
+            connection.execute(
                 insert(_SPENT).values(token_hash=digests[0], user_id=user_id, spent_at=self._clock.now())
             )
             return True
 
         try:
-            return await self._db.run(work)
+            return await self._db.run_core(work)
         except IntegrityError:  # two replicas spent it at once: the other one won
             return False
 

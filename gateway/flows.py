@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from opentelemetry import trace
-from sqlmodel import Session
+from sqlalchemy import Connection
 
 from cardcheck.banks import BANK_CODES, BANKS, BankInfo
 from cardcheck.runtime.clock import Clock
@@ -315,7 +315,7 @@ class Gateway:
 
     # --- queries -----------------------------------------------------------------------------
 
-    async def _admit(self, claims: SessionClaims, read: Callable[[Session, str], T]) -> tuple[str, T]:
+    async def _admit(self, claims: SessionClaims, read: Callable[[Connection, str], T]) -> tuple[str, T]:
         """Admission of a SubmitQuery. Before any database work, downstream call or hashing:
         the token's signature (no I/O), the session's own budget, the global limit (shedding);
         then the session's revocation check in the database; then the user's own budget.
@@ -328,7 +328,7 @@ class Gateway:
         sessions SMS codes opened, so the per-user budget still bounds one person.) GetReport
         and QUERY_AUTH codes are admitted in the same order, without the global limit.
 
-        Returns the user and what `read(session, user_id)` read in the revocation check's
+        Returns the user and what `read(connection, user_id)` read in the revocation check's
         transaction once the session is found live (looked at only once the query is admitted
         and its form checked)."""
         await _limited(
@@ -376,11 +376,11 @@ class Gateway:
         key = form.idempotency_key
         remembered = bool(key) and validation.valid_idempotency_key(key)
 
-        def read(session: Session, user_id: str) -> tuple[UserRow | None, str | None]:
+        def read(connection: Connection, user_id: str) -> tuple[UserRow | None, str | None]:
             # The user's row and, for a well-formed key, the query it created: one transaction
             # with the revocation check.
-            earlier = self._submissions.earlier_in(session, user_id, key) if remembered else None
-            return self._users.read_row(session, user_id), earlier
+            earlier = self._submissions.earlier_in(connection, user_id, key) if remembered else None
+            return self._users.read_row(connection, user_id), earlier
 
         user_id, (row, earlier) = await self._admit(self._sessions.verify(token), read)
 

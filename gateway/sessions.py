@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Column, DateTime, Row, bindparam
+from sqlalchemy import Column, Connection, DateTime, Row, bindparam, insert
 from sqlmodel import Field, Session, SQLModel, select
 
 from cardcheck.runtime.clock import Clock, as_utc
@@ -48,6 +48,7 @@ class SessionRow(SQLModel, table=True):
 
 
 _SESSIONS = table_of(SessionRow)
+_INSERT = insert(_SESSIONS)
 _LIVE = select(_SESSIONS.c.user_id, _SESSIONS.c.revoked, _SESSIONS.c.expires_at).where(
     _SESSIONS.c.token_hash == bindparam("token_hash")
 )
@@ -145,8 +146,11 @@ class Sessions:
         now = self._clock.now()
         # Whole seconds, as the token carries them.
         expires_at = datetime.fromtimestamp(int((now + self._ttl).timestamp()), UTC)
-        row = SessionRow(token_hash=_hash(session_id), user_id=user_id, created_at=now, expires_at=expires_at)
-        await self._db.run(lambda session: session.add(row))
+        row = {
+            "token_hash": _hash(session_id), "user_id": user_id, "created_at": now, "expires_at": expires_at,
+            "revoked": False,
+        }
+        await self._db.run_core(lambda connection: connection.execute(_INSERT, row))
         return IssuedSession(user_id, self._tokens.sign(session_id, user_id, expires_at), expires_at)
 
     def verify(self, token: str | None) -> SessionClaims:
@@ -157,25 +161,25 @@ class Sessions:
         """The session's user, if the session is still on record and not revoked."""
         # Every call with a session makes this read: the columns it needs, without an ORM object.
         key = _hash(claims.session_id)
-        row = await self._db.run(lambda session: session.execute(_LIVE, {"token_hash": key}).first())
+        row = await self._db.run_core(lambda connection: connection.execute(_LIVE, {"token_hash": key}).first())
         return self._live_user(row, claims, self._clock.now())
 
-    async def live_with(self, claims: SessionClaims, read: Callable[[Session, str], T]) -> tuple[str, T]:
-        """`ensure_live`, and `read(session, user_id)` in the same transaction once the session
-        is found live (never for a revoked or unknown one): one trip to the database where a
-        call reads the user's row next."""
+    async def live_with(self, claims: SessionClaims, read: Callable[[Connection, str], T]) -> tuple[str, T]:
+        """`ensure_live`, and `read(connection, user_id)` (Core statements) in the same
+        transaction once the session is found live (never for a revoked or unknown one): one
+        trip to the database where a call reads the user's row next."""
         key = _hash(claims.session_id)
         now = self._clock.now()
 
-        def work(session: Session) -> tuple[Row[Any] | None, T | None]:
-            row = session.execute(_LIVE, {"token_hash": key}).first()
+        def work(connection: Connection) -> tuple[Row[Any] | None, T | None]:
+            row = connection.execute(_LIVE, {"token_hash": key}).first()
             try:
                 user_id = self._live_user(row, claims, now)
             except CardCheckError:
                 return row, None
-            return row, read(session, user_id)
+            return row, read(connection, user_id)
 
-        row, found = await self._db.run(work)
+        row, found = await self._db.run_core(work)
         user_id = self._live_user(row, claims, now)
         return user_id, cast(T, found)
 

@@ -17,7 +17,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Column, DateTime, Index, bindparam, delete, insert
+from sqlalchemy import Column, Connection, DateTime, Index, bindparam, delete, insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col
@@ -58,26 +58,26 @@ class Submissions:
 
     async def earlier(self, user_id: str, idempotency_key: str) -> str | None:
         """The query this user's key created, if it is remembered."""
-        return await self._db.run(lambda session: self.earlier_in(session, user_id, idempotency_key))
+        return await self._db.run_core(lambda connection: self.earlier_in(connection, user_id, idempotency_key))
 
-    def earlier_in(self, session: Session, user_id: str, idempotency_key: str) -> str | None:
+    def earlier_in(self, connection: Connection, user_id: str, idempotency_key: str) -> str | None:
         """`earlier`, read within the caller's transaction."""
         found = {"user_id": user_id, "digests": list(self._hash.digests(idempotency_key))}
-        return cast("str | None", session.execute(_QUERY_OF_KEY, found).scalar())
+        return cast("str | None", connection.execute(_QUERY_OF_KEY, found).scalar())
 
     async def remember(self, user_id: str, idempotency_key: str, query_id: str) -> None:
         digests = self._hash.digests(idempotency_key)
 
-        def work(session: Session) -> None:
-            known = session.execute(_QUERY_OF_KEY, {"user_id": user_id, "digests": list(digests)}).first()
+        def work(connection: Connection) -> None:
+            known = connection.execute(_QUERY_OF_KEY, {"user_id": user_id, "digests": list(digests)}).first()
             if known is None:
-                session.execute(
+                connection.execute(
                     _INSERT,
                     {"user_id": user_id, "key_hash": digests[0], "query_id": query_id, "created_at": self._clock.now()},
                 )
 
         try:
-            await self._db.run(work)
+            await self._db.run_core(work)
         except IntegrityError:  # the same key raced in twice: report_service already deduplicated
             log.info("submission of query %s already remembered", query_id)
 

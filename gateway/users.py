@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Column, DateTime, LargeBinary, bindparam
+from sqlalchemy import Column, Connection, DateTime, LargeBinary, bindparam
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -61,10 +61,10 @@ _USERS = table_of(UserRow)
 _USER_BY_ID = sa_select(_USERS).where(_USERS.c.user_id == bindparam("user_id"))
 
 
-def _user_row(session: Session, user_id: str) -> UserRow | None:
+def _user_row(connection: Connection, user_id: str) -> UserRow | None:
     """The user's row as a Core row of every column (read as the ORM object would be, without
     its identity map and loading): SubmitQuery, QUERY_AUTH codes and GetReport each read it."""
-    return cast("UserRow | None", session.execute(_USER_BY_ID, {"user_id": user_id}).first())
+    return cast("UserRow | None", connection.execute(_USER_BY_ID, {"user_id": user_id}).first())
 
 
 class _Unread:
@@ -183,7 +183,7 @@ class Users:
         return User(user_id, region, bound_bank_code)
 
     async def get(self, user_id: str) -> User | None:
-        row = await self._db.run(lambda session: _user_row(session, user_id))
+        row = await self._db.run_core(lambda connection: _user_row(connection, user_id))
         return None if row is None else User(row.user_id, row.region, row.bound_bank_code)
 
     async def find_by_phone(self, phone: str) -> User | None:
@@ -200,7 +200,7 @@ class Users:
 
     async def with_identity(self, user_id: str) -> tuple[User, Identity] | None:
         """The user and their identity, opened, from one read; None for no such user."""
-        return self.user_and_identity(await self._db.run(lambda session: _user_row(session, user_id)))
+        return self.user_and_identity(await self._db.run_core(lambda connection: _user_row(connection, user_id)))
 
     def user_and_identity(self, row: UserRow | None) -> tuple[User, Identity] | None:
         """What `with_identity` gives, of a row `read_row` read."""
@@ -209,7 +209,7 @@ class Users:
         return User(row.user_id, row.region, row.bound_bank_code), open_identity(self._sealer, row)
 
     async def identity(self, user_id: str) -> Identity:
-        return self.identity_of(await self._db.run(lambda session: _user_row(session, user_id)))
+        return self.identity_of(await self._db.run_core(lambda connection: _user_row(connection, user_id)))
 
     def identity_of(self, row: UserRow | None) -> Identity:
         """What `identity` gives, of a row `read_row` read."""
@@ -224,7 +224,7 @@ class Users:
         of a retired key. `row`: the user's row as `read_row` just read it, else it is read."""
         now = self._clock.now()
         if isinstance(row, _Unread):
-            row = await self._db.run(lambda session: _user_row(session, user_id))
+            row = await self._db.run_core(lambda connection: _user_row(connection, user_id))
         if row is None:
             raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
         refusal = self._lock_of(row, now)

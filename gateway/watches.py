@@ -298,11 +298,29 @@ class Watches:
         pending = asyncio.ensure_future(anext(upstream))
         draining = asyncio.ensure_future(self._draining.wait())
         ready: deque[Event] = deque()
+        # Woken by the next batch, the stop or the check's timer, whichever comes first: one
+        # future per wait, which asyncio.wait's sets and callbacks cost several times over on
+        # every upstream message.
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        draining.add_done_callback(wake)
         try:
             while True:
                 wait_s = self._check_instants(watch, claims)
                 if not ready:
-                    await asyncio.wait((pending, draining), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+                    if not pending.done():
+                        waiter = loop.create_future()
+                        pending.add_done_callback(wake)
+                        timer = loop.call_later(wait_s, wake)
+                        try:
+                            await waiter
+                        finally:
+                            timer.cancel()
+                            pending.remove_done_callback(wake)
                     if draining.done():
                         raise stream_expired("the gateway is stopping")
                     if pending.done():

@@ -1429,3 +1429,26 @@ async def test_housekeeping_deletes_spent_challenges_and_expired_sessions(stack:
 def test_sms_resend_interval_is_configurable() -> None:
     assert GatewayConfig.from_env({}).sms_resend_after == timedelta(seconds=60)
     assert GatewayConfig.from_env({"CARDCHECK_SMS_RESEND_S": "5"}).sms_resend_after == timedelta(seconds=5)
+
+
+async def test_a_signed_in_users_query_and_report_open_no_orm_session(stack: Stack, monkeypatch):
+    """The QUERY_AUTH code, SubmitQuery and a right GetReport read and write through Core
+    statements alone: none of their units pays for an ORM Session."""
+    session = await stack.register(ALICE)
+    assert stack.flows is not None
+    db = stack.flows._db
+    with_session: list[object] = []
+    run = db.run
+
+    async def counted(work):
+        with_session.append(work)
+        return await run(work)
+
+    monkeypatch.setattr(db, "run", counted)
+    query = await stack.submit(ALICE, session.session_token)
+    report = await stack.gateway.GetReport(
+        gateway_pb2.GetReportRequest(query_id=query.query_id, payment_password=PASSWORD),
+        metadata=bearer(session.session_token),
+    )
+    assert report.query_id == query.query_id
+    assert with_session == []
