@@ -1,5 +1,6 @@
 """Database: units of work in one transaction each, off the event loop; on SQLite one after
-another on one thread and one connection kept between them."""
+another on one thread and one connection kept between them. And the change notification on
+top of it: waiters wake once a change's transaction has committed, never for one rolled back."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from cardcheck.runtime.changes import ChangeHub
 from cardcheck.runtime.database import Database, make_engine
 
 NOTES = sa.Table("notes", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True), sa.Column("text", sa.String))
@@ -92,3 +94,32 @@ async def test_a_unit_cancelled_before_it_starts_is_not_run(tmp_path):
         assert _count(db) == 0
     finally:
         db.dispose()
+
+
+async def test_a_committed_change_wakes_its_waiter_with_the_row_visible(db):
+    channel = ChangeHub(db.engine).channel("notes")  # not listening: delivered in-process
+    waiting, other = channel.current("a"), channel.current("b")
+
+    def write(session) -> None:
+        session.execute(sa.insert(NOTES))
+        channel.announce(session, "a")
+
+    await db.run(write)
+    await asyncio.wait_for(waiting.wait(), 2)
+    assert _count(db) == 1
+    assert not other.is_set()
+
+
+async def test_a_rolled_back_change_wakes_nobody_and_is_not_delivered_later(db):
+    channel = ChangeHub(db.engine).channel("notes")
+    waiting = channel.current("a")
+
+    def fail(session) -> None:
+        channel.announce(session, "a")
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        await db.run(fail)
+    await db.run(lambda session: session.execute(sa.insert(NOTES)))  # commits, announces nothing
+    await asyncio.sleep(0.05)
+    assert not waiting.is_set()
