@@ -342,6 +342,11 @@ class QueryStore:
                 return query_of(existing), False
             pending, last_report = connection.execute(_PENDING_AND_LAST_REPORT, {"user_id": user_id}).one()
             if pending:
+                # Read committed (PostgreSQL): a concurrent request with this key may have
+                # committed between the two reads, and the pending query is then this one.
+                existing = by_key(session)
+                if existing is not None:
+                    return query_of(existing), False
                 raise CardCheckError(Reason.QUERY_IN_PROGRESS, "another query of this user is pending")
             refusal = QueryRules.cooldown_error(as_utc(last_report) if last_report else None, now)
             if refusal is not None:
