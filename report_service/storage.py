@@ -16,7 +16,7 @@ from typing import TypeVar
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlmodel import Session
 
-from cardcheck.runtime.database import Database
+from cardcheck.runtime.database import Database, begin_sqlite
 
 T = TypeVar("T")
 
@@ -41,9 +41,7 @@ def _sqlite_reader(writer: Engine) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(connection) -> None:
-        # Deferred: a read snapshot, no write lock. Straight to the driver: a statement through
-        # SQLAlchemy costs several times what it does there.
-        connection.connection.dbapi_connection.execute("BEGIN")
+        begin_sqlite(connection, "BEGIN")  # deferred: a read snapshot, no write lock
 
     return engine
 

@@ -74,15 +74,21 @@ def _sqlite_engine(path: Path) -> Engine:
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
         # One writer at a time, decided when the transaction starts: a deferred transaction
-        # that later upgrades to a write can fail at once with "database is locked". Sent on
-        # the driver's connection: through SQLAlchemy's execution (events, a cursor, a result)
-        # it cost as much as a small statement, on every transaction.
-        try:
-            connection.connection.driver_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
-        except sqlite3.Error as error:
-            raise DBAPIError.instance("BEGIN IMMEDIATE", None, error, sqlite3.Error) from error
+        # that later upgrades to a write can fail at once with "database is locked".
+        begin_sqlite(connection, "BEGIN IMMEDIATE")
 
     return engine
+
+
+def begin_sqlite(connection: Connection, statement: str) -> None:
+    """A SQLite transaction begun with `statement` (BEGIN, BEGIN IMMEDIATE) sent on the driver's
+    own connection: through SQLAlchemy's execution (events, a cursor, a result) it cost as much
+    as a small statement, on every transaction. A failure is raised as SQLAlchemy's would be
+    (OperationalError for a lock that timed out)."""
+    try:
+        connection.connection.driver_connection.execute(statement)  # type: ignore[union-attr]
+    except sqlite3.Error as error:
+        raise DBAPIError.instance(statement, None, error, sqlite3.Error) from error
 
 
 def make_engine(database_url: str | None, data_dir: Path, service: str, *, private: bool = True) -> Engine:
