@@ -6,7 +6,6 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from cardcheck.runtime.backoff import Backoff
@@ -21,7 +20,7 @@ from cardcheck.runtime.readiness import database
 from cardcheck.runtime.security import server_security
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
-from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine
+from cardcheck.runtime.telemetry import make_tracer_provider, service_tracer, trace_engine
 from cardcheck.v1 import notifier_pb2_grpc
 from notifier.config import NotifierConfig
 from notifier.delivery import DeliveryWorker
@@ -112,7 +111,7 @@ async def build_parts(
         sealing,
         MeasuredProvider(provider, metrics),
         config,
-        trace.get_tracer(SERVICE, tracer_provider=tracer_provider),
+        service_tracer(tracer_provider, SERVICE),
         backoff=backoff,
     )
     outbox = Outbox(store, load_template_book(), provider, worker, sealing, clock, config)

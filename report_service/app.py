@@ -6,7 +6,6 @@ import asyncio
 from dataclasses import dataclass
 from datetime import timedelta
 
-from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from cardcheck.runtime.changes import ChangeHub
@@ -21,7 +20,7 @@ from cardcheck.runtime.readiness import database
 from cardcheck.runtime.security import mesh_tls, server_security
 from cardcheck.runtime.server import Registration, RequestBounds, ServiceHost, serve_main
 from cardcheck.runtime.settings import Settings
-from cardcheck.runtime.telemetry import make_tracer_provider, trace_engine
+from cardcheck.runtime.telemetry import make_tracer_provider, service_tracer, trace_engine
 from cardcheck.v1 import report_service_pb2_grpc
 from report_service.audit import AuditChain
 from report_service.clients import BankConnectorFanOut, NotifierReportReady
@@ -157,7 +156,7 @@ async def build_parts(
         BankConnectorFanOut(bank_channel, settings.per_bank_timeout_s),
         NotifierReportReady(notifier_channel),
         changes,
-        trace.get_tracer(SERVICE, tracer_provider=tracer_provider),
+        service_tracer(tracer_provider, SERVICE),
         sweep=store.sweep,
         audit_head=store.audit_head,
         owner=worker_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -190,3 +191,51 @@ async def test_calls_on_an_opened_channel_carry_their_trace_and_are_counted(tmp_
     echoes, counts = metrics.client_rpcs[f"/{SERVICE}/Echo"], metrics.client_rpcs[f"/{SERVICE}/Count"]
     assert (echoes.labels[0], echoes.started, counts.labels[0], counts.started) == ("unary", 2, "server_stream", 1)
     assert echoes.by_code() == {"OK": 2} and counts.by_code() == {"CANCELLED": 1}
+
+
+def test_a_service_tracer_starts_no_span_within_an_unsampled_trace(tmp_path: Path) -> None:
+    from cardcheck.runtime.telemetry import service_tracer
+
+    spans = InMemorySpanExporter()
+    sampler = CountingSampler(ParentBased(ALWAYS_ON))
+    tracer = service_tracer(make_tracer_provider("svc", tmp_path, exporter=spans, sampler=sampler), "svc")
+    unsampled = trace.NonRecordingSpan(trace.SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0xF067AA0BA902B7, True))
+    parent = trace.set_span_in_context(unsampled)
+    with tracer.start_as_current_span("query.execute", context=parent) as span:
+        # the parent's context stays current: its trace id in the logs, its headers sent on
+        assert trace.get_current_span().get_span_context() == unsampled.get_span_context()
+        assert not span.is_recording()
+    with trace.use_span(unsampled):
+        dropped = tracer.start_span("sms.deliver")
+        assert dropped.get_span_context() == unsampled.get_span_context() and not dropped.is_recording()
+        dropped.end()
+    probes = sampler.asked[:]  # whether the sampler follows parents, asked once of trace id 1
+    assert set(probes) <= {1} and spans.get_finished_spans() == ()
+    # a sampled parent has its child span; no parent at all: the sampler starts a trace
+    with tracer.start_as_current_span("caller") as caller, tracer.start_as_current_span("query.execute"):
+        pass
+    root, child = sorted(spans.get_finished_spans(), key=lambda s: s.name)
+    assert root.name == "caller" and root.parent is None and child.parent == caller.get_span_context()
+    assert sampler.asked[len(probes):] == [root.context.trace_id, root.context.trace_id]
+
+
+def test_a_service_tracer_is_the_sdks_no_op_one_with_tracing_off(tmp_path: Path, monkeypatch) -> None:
+    from cardcheck.runtime.telemetry import service_tracer
+
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert isinstance(service_tracer(TracerProvider(), "svc"), trace.NoOpTracer)
+
+
+def test_the_span_files_hold_one_compact_line_a_span_non_ascii_as_it_is(tmp_path: Path) -> None:
+    from cardcheck.runtime.telemetry import JsonLinesSpanExporter
+
+    spans = InMemorySpanExporter()
+    tracer = make_tracer_provider("svc", tmp_path, exporter=spans).get_tracer("svc")
+    for name, value in (("plain", "ICBC"), ("wide", "工商银行 \\u"), ("quote", 'a "b" \\ c')):
+        with tracer.start_as_current_span(name, attributes={"cardcheck.bank_name": value}):
+            pass
+    path = tmp_path / "out" / "svc.jsonl"
+    JsonLinesSpanExporter(path).export(spans.get_finished_spans())
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines == [json.dumps(json.loads(s.to_json()), ensure_ascii=False) for s in spans.get_finished_spans()]
+    assert "工商银行" in lines[1] and json.loads(lines[2])["attributes"]["cardcheck.bank_name"] == 'a "b" \\ c'
