@@ -61,7 +61,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
-from sqlalchemy import Column, Connection, DateTime, Insert, bindparam, insert, or_, update
+from sqlalchemy import Column, Connection, DateTime, Insert, Update, bindparam, insert, not_, or_, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -197,6 +197,32 @@ _INSERT_CHALLENGE = insert(_CHALLENGES)
 _CHANGE_CHALLENGE = update(_CHALLENGES).where(_CHALLENGES.c.challenge_id == bindparam("of_challenge"))
 
 
+def _consume(digests: int) -> Update:
+    """Marks the challenge used if it is live, of the purpose, bound to one of the phone's
+    `digests` and its code's digest is one of the offered code's (a bound parameter each:
+    one statement whose SQL is made once); RETURNING a row only then."""
+    return (
+        update(_CHALLENGES)
+        .where(
+            _CHALLENGES.c.challenge_id == bindparam("of_challenge"),
+            _CHALLENGES.c.purpose == bindparam("for_purpose"),
+            _CHALLENGES.c.phone_hash.in_([bindparam(f"phone_digest_{n}") for n in range(digests)]),
+            _CHALLENGES.c.code_hash.in_([bindparam(f"code_digest_{n}") for n in range(digests)]),
+            not_(_CHALLENGES.c.used),
+            not_(_CHALLENGES.c.dead),
+            _CHALLENGES.c.expires_at > bindparam("at"),
+        )
+        .values(used=True)
+        .returning(_CHALLENGES.c.challenge_id)
+    )
+
+
+def _digests(name: str, digests: Sequence[str], count: int) -> dict[str, str]:
+    """`count` parameters of `_consume`: the digests given, the last repeated (more than
+    `count` are not looked at here; the row-by-row check that follows a miss looks at all)."""
+    return {f"{name}_{n}": digests[min(n, len(digests) - 1)] for n in range(count)}
+
+
 @dataclass(frozen=True)
 class IssuedChallenge:
     challenge_id: str
@@ -236,6 +262,8 @@ class Challenges:
         self._escalation_reset = escalation_reset
         self._trust_for = trust_for
         self._mark_sent = _mark_sent(db.engine.dialect.name)
+        self._digest_count = 1 + keyring.retired
+        self._consume = _consume(self._digest_count)
 
     def _hash(self, challenge_id: str, code: str) -> str:
         return self._code_hash.digest(f"{challenge_id}:{code}")
@@ -396,8 +424,15 @@ class Challenges:
         the phone's daily reserve for `trust_for`."""
         now = self._clock.now()
         offered = f"{challenge_id}:{code}"
+        # The right code of a live challenge is consumed by one statement; anything else is
+        # looked at row by row to say why (and count a wrong code).
+        right = {"of_challenge": challenge_id, "for_purpose": purpose, "at": now}
+        right.update(_digests("phone_digest", phone_hashes, self._digest_count))
+        right.update(_digests("code_digest", self._code_hash.digests(offered), self._digest_count))
 
         def work(connection: Connection) -> str | None:
+            if connection.execute(self._consume, right).first() is not None:
+                return None
             row = connection.execute(_CHALLENGE, {"challenge_id": challenge_id}).first()
             if (
                 row is None
