@@ -8,12 +8,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
-from sqlalchemy import Row, Select
+from sqlalchemy import Row
 
 from cardcheck.banks import BANK_CODES, BANKS, BankInfo
 from cardcheck.runtime.clock import Clock
@@ -314,9 +314,7 @@ class Gateway:
 
     # --- queries -----------------------------------------------------------------------------
 
-    async def _admit(
-        self, claims: SessionClaims, statement: Select[Any], parameters: Mapping[str, Any]
-    ) -> tuple[str, Row[Any]]:
+    async def _admit(self, claims: SessionClaims, key: str | None) -> tuple[str, Row[Any]]:
         """Admission of a SubmitQuery. Before any database work, downstream call or hashing:
         the token's signature (no I/O), the session's own budget, the global limit (shedding);
         then the session's revocation check in the database; then the user's own budget.
@@ -329,9 +327,10 @@ class Gateway:
         sessions SMS codes opened, so the per-user budget still bounds one person.) GetReport
         and QUERY_AUTH codes are admitted in the same order, without the global limit.
 
-        Returns the user and the row `statement` (gateway/users.py, live_user) read with the
-        revocation check, once the session is found live (looked at only once the query is
-        admitted and its form checked)."""
+        Returns the user and what was read with the revocation check, in the same statement,
+        once the session is found live (looked at only once the query is admitted and its form
+        checked): the user's row and, for a well-formed idempotency `key`, the query it created
+        (`earlier_query_id`; the claims' user is the session's once it is found live)."""
         await _limited(
             self._limits.submit_session, claims.budget_key, "session", "too many queries submitted"
         )
@@ -340,7 +339,11 @@ class Gateway:
             self._shedding.shed()
             _annotate({"cardcheck.admission.shed": True})
             raise CardCheckError(Reason.SERVICE_BUSY, "too many queries submitted at once", retry_after=wait)
-        user_id, joined = await self._sessions.live_row(claims, statement, parameters)
+        if key is None:
+            user_id, joined = await self._sessions.live_row(claims, LIVE_USER)
+        else:
+            parameters = self._submissions.parameters(claims.user_id, key)
+            user_id, joined = await self._sessions.live_row(claims, self._live_user_and_earlier, parameters)
         await _limited(self._limits.submit_user, user_id, "user", "too many queries submitted")
         return user_id, joined
 
@@ -376,14 +379,7 @@ class Gateway:
     async def submit_query(self, token: str | None, form: QueryRequest) -> common_pb2.Query:
         key = form.idempotency_key
         remembered = bool(key) and validation.valid_idempotency_key(key)
-        claims = self._sessions.verify(token)
-        # The user's row and, for a well-formed key, the query it created: one statement with
-        # the revocation check (the claims' user is the session's once it is found live).
-        if remembered:
-            statement, parameters = self._live_user_and_earlier, self._submissions.parameters(claims.user_id, key)
-        else:
-            statement, parameters = LIVE_USER, {}
-        user_id, joined = await self._admit(claims, statement, parameters)
+        user_id, joined = await self._admit(self._sessions.verify(token), key if remembered else None)
 
         problems = validation.Violations()
         problems.bank_codes(form.bank_codes)
