@@ -61,8 +61,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
-from sqlalchemy import Column, Connection, DateTime, bindparam, insert, or_, update
+from sqlalchemy import Column, Connection, DateTime, Insert, Update, bindparam, insert, not_, or_, update
 from sqlalchemy import select as sa_select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
@@ -177,9 +179,48 @@ _CHALLENGE = (
     .with_for_update()
 )
 _INSERT_THROTTLE = insert(_THROTTLE)
+
+
+def _mark_sent(dialect: str) -> Insert:
+    """The phone's resend mark for a purpose, made or moved to now unless it is after
+    `resend_from` (an upsert of the dialect: no row written nor returned then)."""
+    statement = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(_THROTTLE).values(
+        phone_hash=bindparam("mark_phone"), purpose=bindparam("mark_purpose"), last_sent_at=bindparam("mark_now")
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[_THROTTLE.c.phone_hash, _THROTTLE.c.purpose],
+        set_={"last_sent_at": statement.excluded.last_sent_at},
+        where=_THROTTLE.c.last_sent_at <= bindparam("resend_from"),
+    ).returning(_THROTTLE.c.purpose)  # psycopg's rowcount of an upsert is -1
 _INSERT_CHALLENGE = insert(_CHALLENGES)
 # An UPDATE's SET clause names the columns its parameters give (all but the bound key).
 _CHANGE_CHALLENGE = update(_CHALLENGES).where(_CHALLENGES.c.challenge_id == bindparam("of_challenge"))
+
+
+def _consume(digests: int) -> Update:
+    """Marks the challenge used if it is live, of the purpose, bound to one of the phone's
+    `digests` and its code's digest is one of the offered code's (a bound parameter each:
+    one statement whose SQL is made once); RETURNING a row only then."""
+    return (
+        update(_CHALLENGES)
+        .where(
+            _CHALLENGES.c.challenge_id == bindparam("of_challenge"),
+            _CHALLENGES.c.purpose == bindparam("for_purpose"),
+            _CHALLENGES.c.phone_hash.in_([bindparam(f"phone_digest_{n}") for n in range(digests)]),
+            _CHALLENGES.c.code_hash.in_([bindparam(f"code_digest_{n}") for n in range(digests)]),
+            not_(_CHALLENGES.c.used),
+            not_(_CHALLENGES.c.dead),
+            _CHALLENGES.c.expires_at > bindparam("at"),
+        )
+        .values(used=True)
+        .returning(_CHALLENGES.c.challenge_id)
+    )
+
+
+def _digests(name: str, digests: Sequence[str], count: int) -> dict[str, str]:
+    """`count` parameters of `_consume`: the digests given, the last repeated (more than
+    `count` are not looked at here; the row-by-row check that follows a miss looks at all)."""
+    return {f"{name}_{n}": digests[min(n, len(digests) - 1)] for n in range(count)}
 
 
 @dataclass(frozen=True)
@@ -220,6 +261,9 @@ class Challenges:
         self._escalation = tuple(escalation)
         self._escalation_reset = escalation_reset
         self._trust_for = trust_for
+        self._mark_sent = _mark_sent(db.engine.dialect.name)
+        self._digest_count = 1 + keyring.retired
+        self._consume = _consume(self._digest_count)
 
     def _hash(self, challenge_id: str, code: str) -> str:
         return self._code_hash.digest(f"{challenge_id}:{code}")
@@ -253,35 +297,40 @@ class Challenges:
         }
         mark = {"phone_hash": phone_hash, "purpose": purpose}
 
-        def work(unit: Session | Connection) -> CardCheckError | timedelta:
+        def refused(last_sent_at: datetime) -> CardCheckError:
+            wait = as_utc(last_sent_at) + self._resend_after - now
+            return _rate_limited("a code was sent to this phone less than a minute ago", wait, "phone")
+
+        def work(session: Session) -> CardCheckError | timedelta:
             # Locked in one order everywhere (throttle, escalation, daily): no deadlock.
-            last_sent_at = unit.execute(_LAST_SENT, mark).scalar()
-            if last_sent_at is not None:
-                wait = as_utc(last_sent_at) + self._resend_after - now
-                if wait > timedelta(0):
-                    return _rate_limited(
-                        "a code was sent to this phone less than a minute ago", wait, "phone"
-                    )
-            resend_after = self._resend_after
-            if anonymous:
-                assert isinstance(unit, Session)
-                refusal_or_wait = self._spend_anonymous(unit, phone_hash, caller_hash, now, today)
-                if isinstance(refusal_or_wait, CardCheckError):
-                    return refusal_or_wait
-                resend_after = max(resend_after, refusal_or_wait)
+            last_sent_at = session.execute(_LAST_SENT, mark).scalar()
+            if last_sent_at is not None and as_utc(last_sent_at) + self._resend_after > now:
+                return refused(last_sent_at)
+            refusal_or_wait = self._spend_anonymous(session, phone_hash, caller_hash, now, today)
+            if isinstance(refusal_or_wait, CardCheckError):
+                return refusal_or_wait
             if last_sent_at is None:
-                unit.execute(_INSERT_THROTTLE, {**mark, "last_sent_at": now})
+                session.execute(_INSERT_THROTTLE, {**mark, "last_sent_at": now})
             else:
-                unit.execute(_SENT_AGAIN, {"hash_of_phone": phone_hash, "for_purpose": purpose, "now": now})
-            unit.execute(_INSERT_CHALLENGE, row)
-            if isinstance(unit, Session):
-                unit.flush()  # what _spend_anonymous changed, inside the IntegrityError guard
-            return resend_after
+                session.execute(_SENT_AGAIN, {"hash_of_phone": phone_hash, "for_purpose": purpose, "now": now})
+            session.execute(_INSERT_CHALLENGE, row)
+            session.flush()  # what _spend_anonymous changed, inside the IntegrityError guard
+            return max(self._resend_after, refusal_or_wait)
+
+        def owners(connection: Connection) -> CardCheckError | timedelta:
+            # The resend rule alone: the phone's mark written unless it is recent, in one
+            # statement (the row locked as the read of `work` locks it).
+            marked = {"mark_phone": phone_hash, "mark_purpose": purpose, "mark_now": now,
+                      "resend_from": now - self._resend_after}
+            if connection.execute(self._mark_sent, marked).first() is None:
+                return refused(connection.execute(_LAST_SENT, mark).scalar_one())
+            connection.execute(_INSERT_CHALLENGE, row)
+            return self._resend_after
 
         try:
             # Only the anonymous codes' escalation and daily count are ORM objects: the others
             # are Core statements alone, on a connection without a session to set up.
-            outcome = await (self._db.run(work) if anonymous else self._db.run_core(work))
+            outcome = await (self._db.run(work) if anonymous else self._db.run_core(owners))
         except IntegrityError:
             # A concurrent request for the same phone inserted its first row first.
             outcome = _rate_limited("a code is being sent to this phone", self._resend_after, "phone")
@@ -375,8 +424,15 @@ class Challenges:
         the phone's daily reserve for `trust_for`."""
         now = self._clock.now()
         offered = f"{challenge_id}:{code}"
+        # The right code of a live challenge is consumed by one statement; anything else is
+        # looked at row by row to say why (and count a wrong code).
+        right = {"of_challenge": challenge_id, "for_purpose": purpose, "at": now}
+        right.update(_digests("phone_digest", phone_hashes, self._digest_count))
+        right.update(_digests("code_digest", self._code_hash.digests(offered), self._digest_count))
 
         def work(connection: Connection) -> str | None:
+            if connection.execute(self._consume, right).first() is not None:
+                return None
             row = connection.execute(_CHALLENGE, {"challenge_id": challenge_id}).first()
             if (
                 row is None

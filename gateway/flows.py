@@ -8,12 +8,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any
 
 from opentelemetry import trace
-from sqlalchemy import Connection
+from sqlalchemy import Row
 
 from cardcheck.banks import BANK_CODES, BANKS, BankInfo
 from cardcheck.runtime.clock import Clock
@@ -32,12 +32,10 @@ from gateway.limits import Limiters, RateLimiter
 from gateway.sessions import IssuedSession, SessionClaims, Sessions
 from gateway.submissions import SubmissionRow, Submissions  # noqa: F401 (the model's first home)
 from gateway.tracing import Shedding
-from gateway.users import Identity, UserRow, Users
+from gateway.users import LIVE_USER, Identity, Users, live_user
 from gateway.watches import LocalWatchSlots, Watches
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 GLOBAL_SUBMIT_KEY = "submit:global"
 WATCH_DEADLINE_MARGIN_S = 1.0
@@ -151,6 +149,7 @@ class Gateway:
         self._limits = limiters
         self._callers = callers
         self._submissions = submissions
+        self._live_user_and_earlier = live_user(submissions.earlier_column)
         self._shedding = shedding or Shedding()
         self._watches = watches or Watches(
             LocalWatchSlots(config.watch_streams_per_user, clock),
@@ -206,9 +205,9 @@ class Gateway:
         if purpose == "QUERY_AUTH":
             claims = self._sessions.verify(token)
             await _limited(self._limits.sms_session, claims.budget_key, "session", "too many codes requested")
-            user_id, row = await self._sessions.live_with(claims, self._users.read_row)
+            user_id, joined = await self._sessions.live_row(claims, LIVE_USER)
             await _limited(self._limits.sms_user, user_id, "user", "too many codes requested")
-            phone = self._users.identity_of(row).phone
+            phone = self._users.identity_of(self._users.row_of(joined)).phone
             return await self._issue_and_send(phone, purpose, "")
         if purpose == "REGISTER":
             return await self._issue_and_send(phone, purpose, caller_key)
@@ -315,7 +314,7 @@ class Gateway:
 
     # --- queries -----------------------------------------------------------------------------
 
-    async def _admit(self, claims: SessionClaims, read: Callable[[Connection, str], T]) -> tuple[str, T]:
+    async def _admit(self, claims: SessionClaims, key: str | None) -> tuple[str, Row[Any]]:
         """Admission of a SubmitQuery. Before any database work, downstream call or hashing:
         the token's signature (no I/O), the session's own budget, the global limit (shedding);
         then the session's revocation check in the database; then the user's own budget.
@@ -328,9 +327,10 @@ class Gateway:
         sessions SMS codes opened, so the per-user budget still bounds one person.) GetReport
         and QUERY_AUTH codes are admitted in the same order, without the global limit.
 
-        Returns the user and what `read(connection, user_id)` read in the revocation check's
-        transaction once the session is found live (looked at only once the query is admitted
-        and its form checked)."""
+        Returns the user and what was read with the revocation check, in the same statement,
+        once the session is found live (looked at only once the query is admitted and its form
+        checked): the user's row and, for a well-formed idempotency `key`, the query it created
+        (`earlier_query_id`; the claims' user is the session's once it is found live)."""
         await _limited(
             self._limits.submit_session, claims.budget_key, "session", "too many queries submitted"
         )
@@ -339,9 +339,13 @@ class Gateway:
             self._shedding.shed()
             _annotate({"cardcheck.admission.shed": True})
             raise CardCheckError(Reason.SERVICE_BUSY, "too many queries submitted at once", retry_after=wait)
-        user_id, found = await self._sessions.live_with(claims, read)
+        if key is None:
+            user_id, joined = await self._sessions.live_row(claims, LIVE_USER)
+        else:
+            parameters = self._submissions.parameters(claims.user_id, key)
+            user_id, joined = await self._sessions.live_row(claims, self._live_user_and_earlier, parameters)
         await _limited(self._limits.submit_user, user_id, "user", "too many queries submitted")
-        return user_id, found
+        return user_id, joined
 
     async def _resolve_banks(self, requested: list[str]) -> list[str]:
         if requested:
@@ -375,14 +379,7 @@ class Gateway:
     async def submit_query(self, token: str | None, form: QueryRequest) -> common_pb2.Query:
         key = form.idempotency_key
         remembered = bool(key) and validation.valid_idempotency_key(key)
-
-        def read(connection: Connection, user_id: str) -> tuple[UserRow | None, str | None]:
-            # The user's row and, for a well-formed key, the query it created: one transaction
-            # with the revocation check.
-            earlier = self._submissions.earlier_in(connection, user_id, key) if remembered else None
-            return self._users.read_row(connection, user_id), earlier
-
-        user_id, (row, earlier) = await self._admit(self._sessions.verify(token), read)
+        user_id, joined = await self._admit(self._sessions.verify(token), key if remembered else None)
 
         problems = validation.Violations()
         problems.bank_codes(form.bank_codes)
@@ -393,6 +390,7 @@ class Gateway:
         problems.raise_if_any()
         requested = validation.known_banks(form.bank_codes)
 
+        earlier = joined.earlier_query_id if remembered else None
         if earlier is not None:
             return await self._reports.get_query(user_id, earlier)
 
@@ -402,7 +400,7 @@ class Gateway:
                 "consent to the current agreement is required",
                 metadata={"agreement_version": self.agreement.version},
             )
-        found = self._users.user_and_identity(row)
+        found = self._users.user_and_identity(self._users.row_of(joined))
         if found is None:
             raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
         user, identity = found
@@ -425,7 +423,7 @@ class Gateway:
             self.agreement.version,
             idempotency_key,
         )
-        await self._submissions.remember(user_id, idempotency_key, query.query_id)
+        await self._submissions.remember_new(user_id, idempotency_key, query.query_id)
         log.info("user %s submitted query %s to %d banks", user_id, query.query_id, len(bank_codes))
         try:
             await self._sms.send_consent_receipt(
@@ -465,14 +463,14 @@ class Gateway:
         # session before the revocation check and per user after it (see `_admit`).
         await _limited(self._limits.report_session, claims.budget_key, "session", "too many report requests")
         # The user's row (its payment password hash, counts and locks) read with the revocation
-        # check: one transaction.
-        user_id, row = await self._sessions.live_with(claims, self._users.read_row)
+        # check: one statement.
+        user_id, joined = await self._sessions.live_row(claims, LIVE_USER)
         await _limited(self._limits.report_user, user_id, "user", "too many report requests")
         problems = validation.Violations()
         problems.query_id(query_id)
         problems.payment_password(payment_password)
         problems.raise_if_any()
-        await self._users.check_payment_password(user_id, payment_password, row)
+        await self._users.check_payment_password(user_id, payment_password, self._users.row_of(joined))
         return await self._reports.get_report(user_id, query_id)
 
     # --- payment password --------------------------------------------------------------------

@@ -18,12 +18,13 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
-from sqlalchemy import Column, Connection, DateTime, Row, bindparam, insert
+from sqlalchemy import Column, ColumnElement, DateTime, Row, Select, Table, bindparam, insert
+from sqlalchemy import select as sa_select
 from sqlmodel import Field, Session, SQLModel, select
 
 from cardcheck.runtime.clock import Clock, as_utc
@@ -33,8 +34,6 @@ from cardcheck.runtime.keys import Keyring
 
 MAX_TOKEN_LENGTH = 256
 TOKEN_VERSION = "v1"
-
-T = TypeVar("T")
 
 
 class SessionRow(SQLModel, table=True):
@@ -49,9 +48,24 @@ class SessionRow(SQLModel, table=True):
 
 _SESSIONS = table_of(SessionRow)
 _INSERT = insert(_SESSIONS)
-_LIVE = select(_SESSIONS.c.user_id, _SESSIONS.c.revoked, _SESSIONS.c.expires_at).where(
-    _SESSIONS.c.token_hash == bindparam("token_hash")
+# What the revocation check reads, named apart from the columns of a row read with it.
+_CHECKED = (
+    _SESSIONS.c.user_id.label("session_user_id"),
+    _SESSIONS.c.revoked.label("session_revoked"),
+    _SESSIONS.c.expires_at.label("session_expires_at"),
 )
+_LIVE: Select[Any] = sa_select(*_CHECKED).where(_SESSIONS.c.token_hash == bindparam("token_hash"))
+
+
+def live_joined(table: Table, *columns: ColumnElement[Any]) -> Select[Any]:
+    """The revocation check and, in the same statement, the row of `table` (keyed by `user_id`)
+    of the session's user, then `columns` (a scalar subquery, say; their bound parameters are
+    given to `Sessions.live_row`). Where that user has no such row its columns are None."""
+    return (
+        sa_select(*_CHECKED, table, *columns)
+        .select_from(_SESSIONS.outerjoin(table, table.c.user_id == _SESSIONS.c.user_id))
+        .where(_SESSIONS.c.token_hash == bindparam("token_hash"))
+    )
 
 
 @dataclass(frozen=True)
@@ -164,34 +178,26 @@ class Sessions:
         row = await self._db.run_core(lambda connection: connection.execute(_LIVE, {"token_hash": key}).first())
         return self._live_user(row, claims, self._clock.now())
 
-    async def live_with(self, claims: SessionClaims, read: Callable[[Connection, str], T]) -> tuple[str, T]:
-        """`ensure_live`, and `read(connection, user_id)` (Core statements) in the same
-        transaction once the session is found live (never for a revoked or unknown one): one
-        trip to the database where a call reads the user's row next."""
-        key = _hash(claims.session_id)
+    async def live_row(
+        self, claims: SessionClaims, statement: Select[Any], parameters: Mapping[str, Any] | None = None
+    ) -> tuple[str, Row[Any]]:
+        """`ensure_live`, and the row a `live_joined` statement read with it: one statement where
+        a call reads the user's row next. The row is looked at only once the session is found
+        live (a revoked or unknown one raises as `ensure_live` does)."""
+        found = {"token_hash": _hash(claims.session_id), **(parameters or {})}
         now = self._clock.now()
-
-        def work(connection: Connection) -> tuple[Row[Any] | None, T | None]:
-            row = connection.execute(_LIVE, {"token_hash": key}).first()
-            try:
-                user_id = self._live_user(row, claims, now)
-            except CardCheckError:
-                return row, None
-            return row, read(connection, user_id)
-
-        row, found = await self._db.run_core(work)
-        user_id = self._live_user(row, claims, now)
-        return user_id, cast(T, found)
+        row = await self._db.run_core(lambda connection: connection.execute(statement, found).first())
+        return self._live_user(row, claims, now), cast("Row[Any]", row)
 
     @staticmethod
     def _live_user(row: Row[Any] | None, claims: SessionClaims, now: datetime) -> str:
-        if row is None or not hmac.compare_digest(row.user_id.encode(), claims.user_id.encode()):
+        if row is None or not hmac.compare_digest(row.session_user_id.encode(), claims.user_id.encode()):
             raise _unauthenticated("unknown session")
-        if row.revoked:
+        if row.session_revoked:
             raise _unauthenticated("session revoked")
-        if as_utc(row.expires_at) <= now:
+        if as_utc(row.session_expires_at) <= now:
             raise _unauthenticated("session expired")
-        return str(row.user_id)
+        return str(row.session_user_id)
 
     async def user_of(self, token: str | None) -> str:
         """The user a live session token belongs to; UNAUTHENTICATED otherwise."""

@@ -14,10 +14,11 @@ within 24 h of submission, a report is kept 7 days (KEPT_FOR)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Column, Connection, DateTime, Index, bindparam, delete, insert
+from sqlalchemy import Column, Connection, DateTime, Index, Select, bindparam, delete, insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col
@@ -43,11 +44,20 @@ class SubmissionRow(SQLModel, table=True):
 
 
 _SUBMISSIONS = table_of(SubmissionRow)
-# Core statements, built once: one read on every SubmitQuery, a read and a write on each new one.
-_QUERY_OF_KEY = sa_select(_SUBMISSIONS.c.query_id).where(
-    _SUBMISSIONS.c.user_id == bindparam("user_id"), _SUBMISSIONS.c.key_hash.in_(bindparam("digests", expanding=True))
-)
 _INSERT = insert(_SUBMISSIONS)
+
+
+def _query_of_key(digests: int) -> Select[tuple[str]]:
+    """The query of a user's key, by any of its `digests` (one a key of the keyring): a bound
+    parameter each, not an expanding IN, whose SQL is made again on every execution."""
+    return (
+        sa_select(_SUBMISSIONS.c.query_id)
+        .where(
+            _SUBMISSIONS.c.user_id == bindparam("submission_user"),
+            _SUBMISSIONS.c.key_hash.in_([bindparam(f"key_digest_{n}") for n in range(digests)]),
+        )
+        .limit(1)
+    )
 
 
 class Submissions:
@@ -55,6 +65,15 @@ class Submissions:
         self._db = db
         self._hash = keyring.hasher(IDEMPOTENCY_KEY)
         self._clock = clock
+        self._query_of_key = _query_of_key(1 + keyring.retired)
+        # The query of a key as a column of another statement (SubmitQuery's first read:
+        # gateway/sessions.py, live_joined), with `parameters` bound.
+        self.earlier_column = self._query_of_key.scalar_subquery().label("earlier_query_id")
+
+    def parameters(self, user_id: str, idempotency_key: str) -> dict[str, str]:
+        """The bound parameters of the lookup of `earlier_column`."""
+        digests = self._hash.digests(idempotency_key)
+        return {"submission_user": user_id, **{f"key_digest_{n}": digest for n, digest in enumerate(digests)}}
 
     async def earlier(self, user_id: str, idempotency_key: str) -> str | None:
         """The query this user's key created, if it is remembered."""
@@ -62,20 +81,32 @@ class Submissions:
 
     def earlier_in(self, connection: Connection, user_id: str, idempotency_key: str) -> str | None:
         """`earlier`, read within the caller's transaction."""
-        found = {"user_id": user_id, "digests": list(self._hash.digests(idempotency_key))}
-        return cast("str | None", connection.execute(_QUERY_OF_KEY, found).scalar())
+        found = self.parameters(user_id, idempotency_key)
+        return cast("str | None", connection.execute(self._query_of_key, found).scalar())
 
     async def remember(self, user_id: str, idempotency_key: str, query_id: str) -> None:
-        digests = self._hash.digests(idempotency_key)
+        """Remembers the key's query unless the key is known already (under any key)."""
+        found = self.parameters(user_id, idempotency_key)
 
         def work(connection: Connection) -> None:
-            known = connection.execute(_QUERY_OF_KEY, {"user_id": user_id, "digests": list(digests)}).first()
-            if known is None:
-                connection.execute(
-                    _INSERT,
-                    {"user_id": user_id, "key_hash": digests[0], "query_id": query_id, "created_at": self._clock.now()},
-                )
+            if connection.execute(self._query_of_key, found).first() is None:
+                self._insert(connection, user_id, found["key_digest_0"], query_id)
 
+        await self._remembering(work, query_id)
+
+    async def remember_new(self, user_id: str, idempotency_key: str, query_id: str) -> None:
+        """`remember` for a key this call found unknown (`earlier_column`, `earlier_in`): the
+        insert alone. Between the two only a concurrent call with the same key can have
+        remembered it, and under the current key, the one a new row takes: that insert conflicts."""
+        digest = self._hash.digest(idempotency_key)
+        await self._remembering(lambda connection: self._insert(connection, user_id, digest, query_id), query_id)
+
+    def _insert(self, connection: Connection, user_id: str, digest: str, query_id: str) -> None:
+        connection.execute(
+            _INSERT, {"user_id": user_id, "key_hash": digest, "query_id": query_id, "created_at": self._clock.now()}
+        )
+
+    async def _remembering(self, work: Callable[[Connection], None], query_id: str) -> None:
         try:
             await self._db.run_core(work)
         except IntegrityError:  # the same key raced in twice: report_service already deduplicated

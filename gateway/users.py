@@ -20,9 +20,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Column, Connection, DateTime, LargeBinary, bindparam
+from sqlalchemy import Column, ColumnElement, Connection, DateTime, LargeBinary, Row, Select, bindparam
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -32,6 +32,7 @@ from cardcheck.runtime.database import Database, table_of
 from cardcheck.runtime.errors import CardCheckError, Reason
 from cardcheck.runtime.keys import Keyring, Sealer
 from gateway.payment_passwords import PaymentPasswords
+from gateway.sessions import live_joined
 
 # What each key of the keyring is for (the subkeys derived from the master key).
 ID_NUMBER_KEY = "id-number"
@@ -63,8 +64,18 @@ _USER_BY_ID = sa_select(_USERS).where(_USERS.c.user_id == bindparam("user_id"))
 
 def _user_row(connection: Connection, user_id: str) -> UserRow | None:
     """The user's row as a Core row of every column (read as the ORM object would be, without
-    its identity map and loading): SubmitQuery, QUERY_AUTH codes and GetReport each read it."""
+    its identity map and loading)."""
     return cast("UserRow | None", connection.execute(_USER_BY_ID, {"user_id": user_id}).first())
+
+
+def live_user(*columns: ColumnElement[Any]) -> Select[Any]:
+    """The revocation check and the user's row (of every column, then `columns`) in one
+    statement (Sessions.live_row): the first read of a QUERY_AUTH code, a SubmitQuery (with its
+    key's earlier query) and a GetReport."""
+    return live_joined(_USERS, *columns)
+
+
+LIVE_USER = live_user()
 
 
 class _Unread:
@@ -195,15 +206,17 @@ class Users:
         )
         return None if row is None else User(row.user_id, row.region, row.bound_bank_code)
 
-    # The user's row read within another transaction (Sessions.live_with), opened here after.
-    read_row = staticmethod(_user_row)
+    @staticmethod
+    def row_of(joined: Row[Any]) -> UserRow | None:
+        """The user's row of a `live_user` statement's row (None: the session's user is gone)."""
+        return None if joined.user_id is None else cast(UserRow, joined)
 
     async def with_identity(self, user_id: str) -> tuple[User, Identity] | None:
         """The user and their identity, opened, from one read; None for no such user."""
         return self.user_and_identity(await self._db.run_core(lambda connection: _user_row(connection, user_id)))
 
     def user_and_identity(self, row: UserRow | None) -> tuple[User, Identity] | None:
-        """What `with_identity` gives, of a row `read_row` read."""
+        """What `with_identity` gives, of a row read with the session (`row_of`)."""
         if row is None:
             return None
         return User(row.user_id, row.region, row.bound_bank_code), open_identity(self._sealer, row)
@@ -212,7 +225,7 @@ class Users:
         return self.identity_of(await self._db.run_core(lambda connection: _user_row(connection, user_id)))
 
     def identity_of(self, row: UserRow | None) -> Identity:
-        """What `identity` gives, of a row `read_row` read."""
+        """What `identity` gives, of a row read with the session (`row_of`)."""
         if row is None:
             raise CardCheckError(Reason.UNAUTHENTICATED, "the session's user no longer exists")
         return open_identity(self._sealer, row)
@@ -221,7 +234,7 @@ class Users:
         """Raises PAYMENT_PASSWORD_INVALID (counted), PAYMENT_PASSWORD_LOCKED (with the time
         left, or `reset_required`) or SERVICE_BUSY (too many checks at once, not counted); a
         right password resets the count and the locks, and upgrades a hash of the old scheme or
-        of a retired key. `row`: the user's row as `read_row` just read it, else it is read."""
+        of a retired key. `row`: the user's row as the call just read it (`row_of`), else it is read."""
         now = self._clock.now()
         if isinstance(row, _Unread):
             row = await self._db.run_core(lambda connection: _user_row(connection, user_id))

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import inspect, text
+from sqlalchemy import event, inspect, text
 
 from bank_connector.app import build as build_bank_connector
 from bank_sim.app import build as build_bank_sim
@@ -1452,3 +1452,61 @@ async def test_a_signed_in_users_query_and_report_open_no_orm_session(stack: Sta
     )
     assert report.query_id == query.query_id
     assert with_session == []
+
+
+async def test_the_statements_and_transactions_of_a_signed_in_users_journey(stack: Stack):
+    """What each call of a journey asks of the gateway's database, pinned: the revocation check
+    reads the user's row (and a SubmitQuery's earlier query of its key) in the same statement,
+    a QUERY_AUTH code's resend mark is one upsert, its right code is consumed by one update and
+    a new submission is one insert."""
+    session = await stack.register(ALICE)
+    assert stack.flows is not None
+    engine = stack.flows._db.engine
+    statements: list[str] = []
+    transactions: list[object] = []
+
+    def statement(conn, cursor, sql, params, context, executemany) -> None:
+        statements.append(sql.split()[0])
+
+    def begun(conn) -> None:
+        transactions.append(conn)
+
+    def asked(call: str) -> tuple[str, str, int]:
+        """The call's statements (their first word) and how many transactions they ran in."""
+        seen = (call, " ".join(statements), len(transactions))
+        statements.clear()
+        transactions.clear()
+        return seen
+
+    event.listen(engine, "before_cursor_execute", statement)
+    event.listen(engine, "begin", begun)
+    try:
+        known = await stack.message_ids(ALICE.phone)
+        challenge = await stack.gateway.RequestSmsCode(
+            gateway_pb2.RequestSmsCodeRequest(purpose=QUERY_AUTH), metadata=bearer(session.session_token)
+        )
+        sms = asked("RequestSmsCode")
+        code = await stack.code_for(ALICE.phone, known=known)
+        request = gateway_pb2.SubmitQueryRequest(
+            agreement_version=CURRENT.version, consent_given=True, challenge_id=challenge.challenge_id,
+            sms_code=code, face_token="sandbox:pass", idempotency_key="journey-1",
+        )
+        query = await stack.gateway.SubmitQuery(request, metadata=bearer(session.session_token))
+        submit = asked("SubmitQuery")
+        again = await stack.gateway.SubmitQuery(request, metadata=bearer(session.session_token))
+        retry = asked("SubmitQuery again")
+        report = await stack.gateway.GetReport(
+            gateway_pb2.GetReportRequest(query_id=query.query_id, payment_password=PASSWORD),
+            metadata=bearer(session.session_token),
+        )
+        view = asked("GetReport")
+    finally:
+        event.remove(engine, "before_cursor_execute", statement)
+        event.remove(engine, "begin", begun)
+    assert again.query_id == query.query_id and report.query_id == query.query_id
+    assert [sms, submit, retry, view] == [
+        ("RequestSmsCode", "SELECT INSERT INSERT", 2),
+        ("SubmitQuery", "SELECT UPDATE INSERT", 3),
+        ("SubmitQuery again", "SELECT", 1),
+        ("GetReport", "SELECT", 1),
+    ]

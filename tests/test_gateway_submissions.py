@@ -83,6 +83,23 @@ async def test_a_submission_is_found_under_a_retired_key_and_new_ones_go_under_t
         db.dispose()
 
 
+async def test_a_new_submission_is_one_insert_under_the_current_key_and_a_race_keeps_the_first(
+    tmp_path, database_url
+):
+    old, new = bytes(range(32)), bytes(range(1, 33))
+    db = Database(make_engine(database_url, tmp_path, "gateway"))
+    upgrade_to_head(db.engine, "gateway.migrations", "gateway")
+    clock = ManualClock()
+    try:
+        rotated = Submissions(db, Keyring(new, [old]), clock)
+        await rotated.remember_new("u-1", IDEMPOTENCY, "q-1")
+        await rotated.remember_new("u-1", IDEMPOTENCY, "q-2")  # the same key raced in twice
+        assert _submissions(db) == [("u-1", Keyring(new).hasher(IDEMPOTENCY_KEY).digest(IDEMPOTENCY), "q-1")]
+        assert await rotated.earlier("u-1", IDEMPOTENCY) == "q-1"
+    finally:
+        db.dispose()
+
+
 async def test_housekeeping_purges_submissions_once_their_report_cannot_live_and_stale_face_tokens(stack: Stack):
     alice = await stack.register(ALICE)
     first = await stack.submit(ALICE, alice.session_token, idempotency_key="first")
