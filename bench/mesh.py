@@ -275,11 +275,10 @@ class Public:
             stream = self.gateway.WatchQuery(
                 gateway_pb2.WatchQueryRequest(query_id=query.query_id), metadata=metadata, timeout=60
             )
+            # Read to its end, which follows the event out of PENDING at once: a cancelled
+            # stream costs the gateway and report_service more than its end does.
             async for event in stream:
                 status = event.query.status
-                if status != PENDING:
-                    break
-            stream.cancel()
         if status != READY:
             raise RuntimeError(f"query ended {common_pb2.QueryStatus.Name(status)}")
         stages.done("ready")

@@ -157,10 +157,10 @@ class ReportDesk:
 
     async def watch(
         self, user_id: str, query_id: str, deadline_s: float
-    ) -> AsyncGenerator[list[gateway_pb2.QueryEvent], None]:
-        """The query's events, those of each upstream message together; the upstream stream
-        ends after `deadline_s` at the latest. Progress only: report_service's stream has no
-        field for a card, so none can reach a watcher."""
+    ) -> AsyncGenerator[gateway_pb2.QueryEvent, None]:
+        """The query's events, one per upstream message; the upstream stream ends after
+        `deadline_s` at the latest. Progress only: report_service's stream has no field for a
+        card, so none can reach a watcher."""
         call = self._stub.WatchQuery(
             report_service_pb2.ReportServiceWatchQueryRequest(user_id=user_id, query_id=query_id),
             timeout=deadline_s,
@@ -168,38 +168,37 @@ class ReportDesk:
         state = WatchState()
         try:
             async for progress in call:
-                yield state.events(progress)
+                yield state.event(progress)
         except grpc.aio.AioRpcError as error:
             raise downstream_error(error, "report_service") from None
         finally:
             call.cancel()  # the watcher went away: stop the upstream stream too
 
 
-def _outcome(progress: report_service_pb2.BankProgress) -> common_pb2.BankOutcome:
-    return common_pb2.BankOutcome(bank_code=progress.bank_code, kind=progress.kind, detail=progress.detail)
-
-
 class WatchState:
     """One watch's outcomes so far, kept here since report_service sends only what is new: each
-    of its messages becomes the public events, which carry the whole state (docs/api.md)."""
+    of its messages becomes one public event, which carries the whole state (docs/api.md)."""
 
     def __init__(self) -> None:
         self._outcomes: dict[str, common_pb2.BankOutcome] = {}  # in the order first recorded
         self._first = True
 
-    def events(self, progress: report_service_pb2.ReportServiceWatchQueryResponse) -> list[gateway_pb2.QueryEvent]:
-        """The first message: one event with the state so far; then one event per outcome that
-        arrived or changed (all with the state after the message), or one for another change.
-        Their `cards` stay empty."""
-        new = [_outcome(o) for o in progress.new_outcomes]
+    def event(self, progress: report_service_pb2.ReportServiceWatchQueryResponse) -> gateway_pb2.QueryEvent:
+        """The first message: the state so far, with no `new_outcomes`; then the outcomes each
+        message brings (recorded or changed since the one before) in `new_outcomes`, the last of
+        them in `outcome`, with the state after them. Their `cards` stay empty."""
+        outcomes = self._outcomes
+        new = [
+            common_pb2.BankOutcome(bank_code=o.bank_code, kind=o.kind, detail=o.detail) for o in progress.new_outcomes
+        ]
         for outcome in new:
-            self._outcomes[outcome.bank_code] = outcome
+            outcomes[outcome.bank_code] = outcome
         if self._first or not new:
             self._first = False
-            return [gateway_pb2.QueryEvent(query=progress.query, outcomes=self._outcomes.values())]
-        # Each event built whole: a shared one copied per event would copy every outcome twice.
-        outcomes = list(self._outcomes.values())
-        return [gateway_pb2.QueryEvent(query=progress.query, outcomes=outcomes, outcome=outcome) for outcome in new]
+            return gateway_pb2.QueryEvent(query=progress.query, outcomes=outcomes.values())
+        return gateway_pb2.QueryEvent(
+            query=progress.query, outcomes=outcomes.values(), new_outcomes=new, outcome=new[-1]
+        )
 
 
 class SmsSender:

@@ -29,8 +29,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, TypeVar
@@ -287,18 +286,15 @@ class Watches:
         return min(self._check_s, due.total_seconds())
 
     async def guarded(
-        self, watch: Watch, claims: SessionClaims, batches: AsyncGenerator[Sequence[Event], None]
+        self, watch: Watch, claims: SessionClaims, upstream: AsyncGenerator[Event, None]
     ) -> AsyncGenerator[Event, None]:
         """The upstream's events, until it ends, the lifetime is over or the session is not live.
-        The upstream gives them in batches (those of one message); the next batch is read while
-        the events of one are given, and each is checked for as if it came alone, without a wait."""
+        The next event is read while one is given."""
         loop = asyncio.get_running_loop()
         checked_at = renewed_at = loop.time()
-        upstream = batches
         pending = asyncio.ensure_future(anext(upstream))
         draining = asyncio.ensure_future(self._draining.wait())
-        ready: deque[Event] = deque()
-        # Woken by the next batch, the stop or the check's timer, whichever comes first: one
+        # Woken by the next event, the stop or the check's timer, whichever comes first: one
         # future per wait, which asyncio.wait's sets and callbacks cost several times over on
         # every upstream message.
         waiter: asyncio.Future[None] = loop.create_future()
@@ -311,26 +307,24 @@ class Watches:
         try:
             while True:
                 wait_s = self._check_instants(watch, claims)
-                if not ready:
-                    if not pending.done():
-                        waiter = loop.create_future()
-                        pending.add_done_callback(wake)
-                        timer = loop.call_later(wait_s, wake)
-                        try:
-                            await waiter
-                        finally:
-                            timer.cancel()
-                            pending.remove_done_callback(wake)
-                    if draining.done():
-                        raise stream_expired("the gateway is stopping")
-                    if pending.done():
-                        try:
-                            ready.extend(pending.result())
-                        except StopAsyncIteration:
-                            return
-                        pending = asyncio.ensure_future(anext(upstream))
-                if ready:
-                    yield ready.popleft()
+                if not pending.done():
+                    waiter = loop.create_future()
+                    pending.add_done_callback(wake)
+                    timer = loop.call_later(wait_s, wake)
+                    try:
+                        await waiter
+                    finally:
+                        timer.cancel()
+                        pending.remove_done_callback(wake)
+                if draining.done():
+                    raise stream_expired("the gateway is stopping")
+                if pending.done():
+                    try:
+                        event = pending.result()
+                    except StopAsyncIteration:
+                        return
+                    pending = asyncio.ensure_future(anext(upstream))
+                    yield event
                 if loop.time() - checked_at >= self._check_s:
                     await self._sessions.ensure_live(claims)
                     checked_at = loop.time()

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from cardcheck import dataset
+from cardcheck.banks import BANK_CODES
 from cardcheck.cli.demo import Journey, walk
 from cardcheck.v1 import common_pb2
 from tests.conftest import pg_schema
@@ -73,13 +74,16 @@ def mesh(request, tmp_path_factory, records):
         assert stopped == ["gateway", "report_service", "notifier", "bank_connector", "bank_sim"], stopped
 
 
-async def test_the_journey_ends_in_the_report_the_banks_hold(mesh: Mesh, records) -> None:
+async def test_the_journey_ends_in_the_report_the_banks_hold(mesh: Mesh, records, capsys) -> None:
     person = dataset.pick_demo_person(records)
     journey = Journey(mesh.settings, person, PASSWORD)
     try:
         report = await walk(journey)
     finally:
         await journey.close()
+    # The watch showed each bank once, however many of them each event brought.
+    watched = [line.split()[0] for line in capsys.readouterr().out.splitlines() if re.search(r"\[\d+/24\]$", line)]
+    assert sorted(watched) == sorted(BANK_CODES), watched
 
     got = sorted((c.bank_code, CARD_TYPE[c.card_type], c.first4, c.last4) for c in report.cards)
     assert got == expected_cards(records, person)

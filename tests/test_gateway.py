@@ -440,7 +440,8 @@ async def test_register_sign_in_submit_watch_and_read_the_report(stack: Stack):
     ]
     # Progress only: the cards are shown by GetReport, behind the payment password.
     assert events[1].outcome.bank_code == "ICBC" and events[1].outcome.kind == common_pb2.BANK_OUTCOME_KIND_ANSWERED
-    assert not events[1].outcome.cards and not any(o.cards for o in events[1].outcomes)
+    assert list(events[1].new_outcomes) == [events[1].outcome]
+    assert not any(o.cards for o in (events[1].outcome, *events[1].outcomes, *events[1].new_outcomes))
     assert [q.query_id for q in await client.list_queries()] == [query.query_id]
 
     report = await client.get_report(query.query_id, PASSWORD)

@@ -404,40 +404,67 @@ async def test_on_redis_live_streams_keep_their_slots_and_a_dead_replicas_run_ou
 
 # --- report_service's messages, each with only what is new, as the public events -----------------
 
+_PENDING = common_pb2.QUERY_STATUS_PENDING
 _ANSWERED = common_pb2.BANK_OUTCOME_KIND_ANSWERED
 _TIMED_OUT = common_pb2.BANK_OUTCOME_KIND_TIMED_OUT
 
 
-def _progress(status, *outcomes) -> report_service_pb2.ReportServiceWatchQueryResponse:
+def _progress(status, *outcomes, query_id="q-1") -> report_service_pb2.ReportServiceWatchQueryResponse:
     return report_service_pb2.ReportServiceWatchQueryResponse(
-        query=common_pb2.Query(query_id="q-1", status=status),
+        query=common_pb2.Query(query_id=query_id, status=status),
         new_outcomes=[report_service_pb2.BankProgress(bank_code=b, kind=k, detail=d) for b, k, d in outcomes],
     )
 
 
-def _state(event: gateway_pb2.QueryEvent) -> list[tuple[str, int]]:
-    return [(o.bank_code, o.kind) for o in event.outcomes]
+def _kinds(outcomes) -> list[tuple[str, int]]:
+    return [(o.bank_code, o.kind) for o in outcomes]
 
 
 def test_each_public_event_carries_the_whole_state_from_messages_of_what_is_new():
     state = WatchState()
-    pending = common_pb2.QUERY_STATUS_PENDING
-    # The first message: the state so far, in one event with no `outcome`.
-    [first] = state.events(_progress(pending, ("ICBC", _ANSWERED, ""), ("BOC", _TIMED_OUT, "slow")))
-    assert not first.HasField("outcome") and _state(first) == [("ICBC", _ANSWERED), ("BOC", _TIMED_OUT)]
-    # Two outcomes recorded together: an event each, both with the state after them; a bank
-    # answering after its failure keeps its place.
-    both = state.events(_progress(pending, ("BOC", _ANSWERED, ""), ("CMB", _ANSWERED, "")))
-    assert [e.outcome.bank_code for e in both] == ["BOC", "CMB"]
-    assert all(_state(e) == [("ICBC", _ANSWERED), ("BOC", _ANSWERED), ("CMB", _ANSWERED)] for e in both)
-    assert both[0].outcome.detail == "" and first.outcomes[1].detail == "slow"
-    # A change that is not a bank's: one event, the state unchanged.
-    [done] = state.events(_progress(common_pb2.QUERY_STATUS_READY))
-    assert not done.HasField("outcome") and done.query.status == common_pb2.QUERY_STATUS_READY
-    assert _state(done) == _state(both[1])
+    # The first message: the state so far, with nothing new and no `outcome`.
+    first = state.event(_progress(_PENDING, ("ICBC", _ANSWERED, ""), ("BOC", _TIMED_OUT, "slow")))
+    assert not first.HasField("outcome") and not first.new_outcomes
+    assert _kinds(first.outcomes) == [("ICBC", _ANSWERED), ("BOC", _TIMED_OUT)]
+    # Two outcomes recorded together: one event with both, the last in `outcome`, and the state
+    # after them; a bank answering after its failure keeps its place.
+    both = state.event(_progress(_PENDING, ("BOC", _ANSWERED, ""), ("CMB", _ANSWERED, "")))
+    assert _kinds(both.new_outcomes) == [("BOC", _ANSWERED), ("CMB", _ANSWERED)]
+    assert both.outcome == both.new_outcomes[1]
+    assert _kinds(both.outcomes) == [("ICBC", _ANSWERED), ("BOC", _ANSWERED), ("CMB", _ANSWERED)]
+    assert both.outcomes[1].detail == "" and first.outcomes[1].detail == "slow"
+    # A change that is not a bank's: one event, nothing new, the state unchanged.
+    done = state.event(_progress(common_pb2.QUERY_STATUS_READY))
+    assert not done.HasField("outcome") and not done.new_outcomes
+    assert done.query.status == common_pb2.QUERY_STATUS_READY and _kinds(done.outcomes) == _kinds(both.outcomes)
 
 
-async def test_the_events_of_one_upstream_message_are_given_one_by_one():
+@SQLITE_ONLY
+async def test_outcomes_recorded_together_reach_the_watcher_in_one_event(start_stack):
+    stack = await start_stack(config=watching())
+    alice = await stack.register(ALICE)
+    query_id = pending_query(stack, alice.user_id)
+    stack.reports.progress[query_id] = [
+        _progress(_PENDING, ("ICBC", _TIMED_OUT, "slow"), query_id=query_id),
+        _progress(_PENDING, ("CMB", _ANSWERED, ""), ("ICBC", _ANSWERED, ""), ("BOC", _ANSWERED, ""),
+                  query_id=query_id),
+        _progress(_PENDING, ("CCB", _TIMED_OUT, "slow"), query_id=query_id),
+        _progress(common_pb2.QUERY_STATUS_READY, query_id=query_id),
+    ]
+    call = stack.gateway.WatchQuery(gateway_pb2.WatchQueryRequest(query_id=query_id), metadata=bearer(alice.session_token))
+    first, together, alone, done = [event async for event in call]
+    assert not first.new_outcomes and _kinds(first.outcomes) == [("ICBC", _TIMED_OUT)]
+    assert _kinds(together.new_outcomes) == [("CMB", _ANSWERED), ("ICBC", _ANSWERED), ("BOC", _ANSWERED)]
+    assert together.outcome.bank_code == "BOC"
+    assert _kinds(together.outcomes) == [("ICBC", _ANSWERED), ("CMB", _ANSWERED), ("BOC", _ANSWERED)]
+    assert _kinds(alone.new_outcomes) == [("CCB", _TIMED_OUT)] and alone.outcome.detail == "slow"
+    assert _kinds(alone.outcomes) == [*_kinds(together.outcomes), ("CCB", _TIMED_OUT)]
+    assert done.query.status == common_pb2.QUERY_STATUS_READY and not done.new_outcomes
+    assert not done.HasField("outcome") and _kinds(done.outcomes) == _kinds(alone.outcomes)
+    assert not any(o.cards for e in (first, together, alone, done) for o in (*e.outcomes, *e.new_outcomes))
+
+
+async def test_the_next_upstream_event_is_read_while_one_is_given():
     from datetime import UTC, datetime
 
     from gateway.sessions import SessionClaims
@@ -446,17 +473,17 @@ async def test_the_events_of_one_upstream_message_are_given_one_by_one():
     clock = ManualClock()
     watches = Watches(LocalWatchSlots(2, clock), None, clock, session_check_s=3600)  # type: ignore[arg-type]
     claims = SessionClaims("s", "u", datetime(2100, 1, 1, tzinfo=UTC))
-    read: list[int] = []
+    read: list[str] = []
 
     async def upstream():
-        for batch in (["a", "b", "c"], ["d"], [], ["e", "f"]):
-            read.append(len(batch))
-            yield batch
+        for event in "abcd":
+            read.append(event)
+            yield event
 
     given = []
     async with watches.opened("u") as watch:
         async for event in watches.guarded(watch, claims, upstream()):
+            await asyncio.sleep(0)  # the read ahead runs meanwhile
             given.append((event, len(read)))
-    # Each event on its own; at most the batch after the one being given is read ahead.
-    assert [event for event, _ in given] == ["a", "b", "c", "d", "e", "f"]
-    assert all(batches <= ahead for (_, batches), ahead in zip(given, [2, 2, 2, 3, 5, 5], strict=True))
+    # Each event as it comes, the next one read while it is given, never more.
+    assert given == [("a", 2), ("b", 3), ("c", 4), ("d", 4)]

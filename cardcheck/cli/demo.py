@@ -180,12 +180,14 @@ async def walk(journey: Journey) -> common_pb2.Report:
     stream = gw.WatchQuery(gateway_pb2.WatchQueryRequest(query_id=query.query_id), metadata=journey.metadata,
                            timeout=120)
     try:
+        first = True
         async for event in stream:
-            if event.HasField("outcome"):
-                o = event.outcome
+            # The first event tells the state so far; each later one the outcomes recorded together.
+            for o in event.outcomes if first else event.new_outcomes:
                 name = BY_CODE[o.bank_code].name
                 print(f"  {o.bank_code:<8} {name}{' ' * (18 - _width(name))}{OUTCOME[o.kind]:<9} "
                       f"[{event.query.banks_answered}/{event.query.banks_total}]")
+            first = False
             final = event.query
     except grpc.aio.AioRpcError as error:
         raise (from_rpc_error(error) or JourneyFailed(error.details())) from None

@@ -456,24 +456,37 @@ Global___WatchQueryRequest: _TypeAlias = WatchQueryRequest  # noqa: Y015
 
 @_typing.final
 class QueryEvent(_message.Message):
-    """One step of a query's progress."""
+    """One step of a query's progress: one change, with every bank outcome recorded with it."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     QUERY_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     OUTCOMES_FIELD_NUMBER: _builtins.int
+    NEW_OUTCOMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def query(self) -> _common_pb2.Query:
         """The query as it stands after this event."""
 
     @_builtins.property
     def outcome(self) -> _common_pb2.BankOutcome:
-        """The bank outcome that caused this event; unset for the first event of a watch."""
+        """The last of `new_outcomes`; unset when that is empty. (Before `new_outcomes`, an event
+        came for each outcome: a client that reads only this field misses those recorded together.)
+        """
 
     @_builtins.property
     def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.BankOutcome]:
-        """Every outcome recorded so far (the first event of a watch tells a late joiner the state so far)."""
+        """Every outcome recorded so far, each bank's latest, in the order first recorded (the first
+        event of a watch tells a late joiner the state so far).
+        """
+
+    @_builtins.property
+    def new_outcomes(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.BankOutcome]:
+        """The outcomes that arrived or changed since the event before, in the order first recorded
+        (a bank here again replaces its earlier outcome, e.g. a failure answered on a later pass);
+        empty in the first event of a watch, whose `outcomes` tell the state so far, and in an
+        event for another change alone (e.g. the query finished).
+        """
 
     def __init__(
         self,
@@ -481,10 +494,11 @@ class QueryEvent(_message.Message):
         query: _common_pb2.Query | None = ...,
         outcome: _common_pb2.BankOutcome | None = ...,
         outcomes: _abc.Iterable[_common_pb2.BankOutcome] | None = ...,
+        new_outcomes: _abc.Iterable[_common_pb2.BankOutcome] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "query", b"query"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "outcomes", b"outcomes", "query", b"query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_outcomes", b"new_outcomes", "outcome", b"outcome", "outcomes", b"outcomes", "query", b"query"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

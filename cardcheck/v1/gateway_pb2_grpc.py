@@ -202,9 +202,11 @@ class CardCheckServicer:
 
     def WatchQuery(self, request, context):
         """The query's events until it leaves PENDING: the first tells the state so far, then one per
-        bank outcome or other change; the stream then ends OK. Session. Progress only: no event
-        carries a card. Refusals: INVALID_ARGUMENT (`query_id`), NOT_FOUND (also another user's
-        query), UNAUTHENTICATED. Besides:
+        change: the bank outcomes recorded since the event before come together in one event (its
+        `new_outcomes`), with the query as it then stands (another change, such as the query
+        finishing, comes with them or alone); the stream then ends OK. Session. Progress only: no
+        event carries a card. Refusals: INVALID_ARGUMENT (`query_id`), NOT_FOUND
+        (also another user's query), UNAUTHENTICATED. Besides:
         - Each user may hold a few streams at once (4 by default, over every gateway replica);
         one more is refused RESOURCE_EXHAUSTED, reason RATE_LIMITED, ErrorInfo metadata
         `limit: watch_streams`, with a RetryInfo of when a slot frees at the latest (the first of

@@ -108,6 +108,8 @@ class FakeReportService(report_service_pb2_grpc.ReportServiceServicer):
         self.watch_deadlines: list[float | None] = []
         self.watches_open = 0
         self.watches_cancelled = 0
+        # What a watch of a query named here sends instead, message by message, then ends.
+        self.progress: dict[str, list[report_service_pb2.ReportServiceWatchQueryResponse]] = {}
 
     async def CreateQuery(self, request, context):
         self.created.append(request)
@@ -147,6 +149,10 @@ class FakeReportService(report_service_pb2_grpc.ReportServiceServicer):
         if query is None:
             await abort(context, CardCheckError("NOT_FOUND"))
         self.watch_deadlines.append(context.time_remaining())
+        if request.query_id in self.progress:
+            for message in self.progress[request.query_id]:
+                yield message
+            return
         yield report_service_pb2.ReportServiceWatchQueryResponse(query=query)
         if self.hold_watches:
             self.watches_open += 1
