@@ -14,6 +14,13 @@ as it moves ("audit head N:H"), so logs kept elsewhere hold earlier heads, and
 last step of the transaction that records the event, so the chain never forks and an event is
 audited exactly when it is committed.
 
+The events: query.accepted (the banks, the consent version), banks.asked (the banks of a pass and
+its number), bank.outcomes (each batch of outcomes recorded together, in one transaction: every
+bank of it with the kind of its outcome, as [bank, kind] pairs in the order recorded),
+report.generated or query.failed (the banks unanswered), report.viewed and report.deleted.
+Trails recorded before outcomes were batched hold a bank.outcome entry ({"bank", "kind"}) per
+bank instead; they verify and rekey as any other entry.
+
 No personal data in clear: user ids are the gateway's opaque ids; details hold bank codes,
 outcome kinds, pass numbers and the consent version, never a name, ID or phone number or card
 digits. Nor anything a report says (how many cards a bank holds, which banks answered at its
@@ -70,7 +77,8 @@ KEY_PURPOSE = "audit-chain"
 
 QUERY_ACCEPTED = "query.accepted"
 BANKS_ASKED = "banks.asked"
-BANK_OUTCOME = "bank.outcome"
+BANK_OUTCOMES = "bank.outcomes"
+BANK_OUTCOME = "bank.outcome"  # one bank's, in trails recorded before outcomes were batched
 REPORT_GENERATED = "report.generated"
 QUERY_FAILED = "query.failed"
 REPORT_VIEWED = "report.viewed"

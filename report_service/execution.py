@@ -284,7 +284,6 @@ class ExecutionStore:
                 for outcome_id, bank_code, kind in connection.execute(_STORED, {"query_id": query_id})
             }
             banks = set(json.loads(row.bank_codes))
-            events = []
             arrived: dict[str, BankOutcome] = {}  # this batch's, in clear: the report needs no opening of them
             new_rows = []
             replaced = []
@@ -307,15 +306,16 @@ class ExecutionStore:
                     replaced.append({"outcome_id": known[0], **values})
                     stored[outcome.bank_code] = (known[0], outcome.kind)
                 arrived[outcome.bank_code] = outcome
-                events.append(
-                    audit.AuditEvent(
-                        audit.BANK_OUTCOME,
-                        query_id,
-                        row.user_id,
-                        # Never the card count: the trail outlives the report (report_service.audit).
-                        {"bank": outcome.bank_code, "kind": outcome.kind},
-                    )
+            # One entry for the batch, never the card counts: the trail outlives the report
+            # (report_service.audit).
+            events = [
+                audit.AuditEvent(
+                    audit.BANK_OUTCOMES,
+                    query_id,
+                    row.user_id,
+                    {"outcomes": [[bank_code, outcome.kind] for bank_code, outcome in arrived.items()]},
                 )
+            ] if arrived else []
             if new_rows:
                 connection.execute(_INSERT_OUTCOMES, new_rows)
             if replaced:

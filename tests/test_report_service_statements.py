@@ -104,6 +104,15 @@ async def test_each_step_of_a_query_takes_one_transaction_and_the_statements_pin
     assert {step for step in EXPECTED if not counted.steps[(step, "sessions")]} == SESSIONLESS
     assert report.content.cards == CARDS
     assert [s.bank_code for s in report.content.summary] == list(BANK_CODES)
+    # One audit entry per step's event, the 24 outcomes recorded together in one of them.
+    with parts.db.engine.connect() as connection:
+        entries = connection.execute(
+            text("SELECT event, details FROM rs_audit WHERE query_id = :q ORDER BY seq"), {"q": query.query_id}
+        ).all()
+    assert [event for event, _ in entries] == [
+        "query.accepted", "banks.asked", "bank.outcomes", "report.generated", "report.viewed"
+    ]
+    assert json.loads(entries[2].details) == {"outcomes": [[code, "ANSWERED"] for code in BANK_CODES]}
 
 
 def test_a_report_is_sealed_as_the_json_of_its_dataclasses():
