@@ -449,6 +449,41 @@ async def test_concurrent_appends_never_fork_the_chain(tmp_path, database_url):
         db.dispose()
 
 
+def test_an_append_after_another_writers_reads_the_head_and_chains_after_it(tmp_path, database_url, monkeypatch):
+    """Each chain moves the head row on from the head its last append left; when another
+    writer (a replica, a sweep elsewhere) appended since, that row no longer names it, and the
+    append reads the head and chains after what it names instead (and so do its next ones, for
+    a while: here one)."""
+    monkeypatch.setattr(audit, "_READS_AFTER_A_MISS", 1)
+    db = _trail(tmp_path, database_url, entries=0)
+    try:
+        mine, other = (audit.AuditChain.from_keyring(Keyring(MASTER_KEY)) for _ in range(2))
+        statements: list[str] = []
+        sa.event.listen(db.engine, "before_cursor_execute", lambda *a: statements.append(a[2].split()[0]))
+        moved_on = []
+        for i, chain in enumerate([mine, mine, other, mine, mine, other, other, mine, mine, mine]):
+            statements.clear()
+            with db.session() as session:
+                chain.append(session, [_event(i), _event(i + 1)], AT + timedelta(seconds=i))
+            assert statements in (["UPDATE", "INSERT"], ["SELECT", "INSERT", "UPDATE"],
+                                  ["UPDATE", "SELECT", "INSERT", "UPDATE"]), (i, statements)
+            if statements == ["UPDATE", "INSERT"]:
+                moved_on.append(i)
+        assert moved_on == [1, 9]  # the others followed another's append, or a guess gone wrong
+        with sa.orm.Session(db.engine) as session:  # rolled back: the head it left was never committed
+            session.begin()
+            mine.append(session, [_event(10)], AT)
+            session.rollback()
+        statements.clear()
+        with db.session() as session:
+            mine.append(session, [_event(11)], AT)
+        assert statements == ["UPDATE", "SELECT", "INSERT", "UPDATE"]
+        verdict = CHAIN.verify_engine(db.engine)
+        assert verdict.ok and verdict.entries == 21, verdict
+    finally:
+        db.dispose()
+
+
 def test_a_head_recorded_earlier_shows_the_newest_entries_deleted_with_the_head_moved_back(tmp_path, database_url):
     db = _trail(tmp_path, database_url)
     try:
