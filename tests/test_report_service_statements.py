@@ -30,7 +30,7 @@ CARDS = (MaskedCard("ICBC", "DEBIT", "6222", "4321"), MaskedCard("ICBC", "CREDIT
 EXPECTED = {
     "create": (1, 6),  # by key; pending and last report; query, work; audit head moved, entries
     "snapshot": (1, 2),  # the query; its outcomes
-    "record": (1, 9),  # lease; query; outcomes stored; outcomes; report, query, work; audit x2
+    "record": (1, 7),  # lease, query and outcomes stored; outcomes; report, query, work; audit x2
     "report": (1, 3),  # query and report; audit x2
     "notified": (1, 1),  # the NOTIFY work
 }
