@@ -210,7 +210,7 @@ class ExecutionStore:
         self.queue = WorkQueue(WORK_LEASES, db.write, clock, lease=lease, changes=work_changes)
         self._query_changes = query_changes
 
-    def _changed(self, session: Session, query_id: str) -> None:
+    def _changed(self, session: Session | Connection, query_id: str) -> None:
         if self._query_changes is not None:
             self._query_changes.announce(session, query_id)
 
@@ -319,10 +319,9 @@ class ExecutionStore:
         query_id, owner = claim.query_id, claim.owner
         outcomes = [o for o in outcomes if o.bank_code in BY_CODE]
 
-        def record(session: Session) -> _Finished | None:
-            # Core statements on the transaction's connection, not ORM objects nor the session's
-            # ORM dispatch: a batch is up to every bank's outcome at once.
-            connection = session.connection()
+        def record(connection: Connection) -> _Finished | None:
+            # Core statements on a connection, without an ORM session: a batch is up to every
+            # bank's outcome at once, and a query's outcomes come in one to three of them.
             row = self._held(connection, claim, _HELD_AND_STORED)
             stored: dict[str, tuple[int | None, str]] = {}
             for outcome in row.stored.split(";") if row.stored else ():
@@ -366,18 +365,20 @@ class ExecutionStore:
             if replaced:
                 connection.execute(_REPLACE_OUTCOME, replaced)
             answered = sum(1 for _, kind in stored.values() if kind == ANSWERED)
-            self._changed(session, query_id)
+            self._changed(connection, query_id)
             result = None
             if banks and all(b in stored and stored[b][1] == ANSWERED for b in banks):
                 # Only the banks recorded before this batch are read back (and their cards opened).
-                earlier = self._outcomes(session, query_id, exclude=arrived) if stored.keys() - arrived.keys() else []
-                result = self._finish(session, row, [*earlier, *arrived.values()], owner, now, events, answered)
+                earlier = (
+                    self._outcomes(connection, query_id, exclude=arrived) if stored.keys() - arrived.keys() else []
+                )
+                result = self._finish(connection, row, [*earlier, *arrived.values()], owner, now, events, answered)
             else:
                 connection.execute(_UPDATE_QUERY, {"of_query": query_id, "banks_answered": answered})
-            self._queries.audit.append(session, events, now)
+            self._queries.audit.append(connection, events, now)
             return result
 
-        return self._recorded(await self._db.write(record), claim.subject)
+        return self._recorded(await self._db.write_core(record), claim.subject)
 
     async def end_pass(self, claim: Claim, retry_delay: timedelta) -> Recorded | None:
         """After a pass over the banks: finish the query if every bank answered or ready_by has
@@ -388,13 +389,13 @@ class ExecutionStore:
 
         def end(session: Session) -> _Finished | None:
             row = self._held(session.connection(), claim, _HELD)
-            stored = self._outcomes(session, query_id)
+            stored = self._outcomes(session.connection(), query_id)
             answered = {o.bank_code for o in stored if o.kind == ANSWERED}
             banks = json.loads(row.bank_codes)
             ready_by = as_utc(row.ready_by)
             if all(b in answered for b in banks) or now >= ready_by:
                 events: list[audit.AuditEvent] = []
-                result = self._finish(session, row, stored, owner, now, events, row.banks_answered)
+                result = self._finish(session.connection(), row, stored, owner, now, events, row.banks_answered)
                 self._queries.audit.append(session, events, now)
                 self._changed(session, query_id)
                 return result
@@ -413,15 +414,15 @@ class ExecutionStore:
             raise LeaseLost(f"{EXECUTE} {claim.query_id}")
         return row
 
-    def _outcomes(self, session: Session, query_id: str, exclude: Container[str] = ()) -> list[BankOutcome]:
+    def _outcomes(self, connection: Connection, query_id: str, exclude: Container[str] = ()) -> list[BankOutcome]:
         """The query's recorded outcomes (cards opened), but those of the banks in `exclude`."""
         # Core rows, not ORM objects: outcome_of reads only these columns.
-        rows = session.connection().execute(_OUTCOMES_OF, {"query_id": query_id})
+        rows = connection.execute(_OUTCOMES_OF, {"query_id": query_id})
         return [self._queries.outcome_of(o) for o in rows if o.bank_code not in exclude]
 
     def _finish(
         self,
-        session: Session,
+        connection: Connection,
         row: Row[Any],
         outcomes: list[BankOutcome],
         owner: str,
@@ -432,7 +433,6 @@ class ExecutionStore:
         """READY with a sealed report when at least one bank answered, else FAILED (only ever
         reached at ready_by). The EXECUTE work goes; a READY query gets its NOTIFY work, leased
         to this worker, in the same transaction. `row`: the query as _HELD reads it."""
-        connection = session.connection()
         banks = json.loads(row.bank_codes)
         answered = {o.bank_code for o in outcomes if o.kind == ANSWERED}
         unanswered = [b for b in banks if b not in answered]
