@@ -10,9 +10,18 @@ matches rs_audit_head, the one row that names the newest entry. Deleting the las
 moving the head back with them is what a key alone cannot show: report_service logs the head
 as it moves ("audit head N:H"), so logs kept elsewhere hold earlier heads, and
 `verify --head N:H` checks that entry N is still the one they named. Appends lock that row
-(SELECT ... FOR UPDATE on PostgreSQL; on SQLite every write transaction is exclusive), as the
-last step of the transaction that records the event, so the chain never forks and an event is
-audited exactly when it is committed.
+(on SQLite every write transaction is exclusive), as the last step of the transaction that
+records the event, so the chain never forks and an event is audited exactly when it is
+committed: an UPDATE that moves it on from the head this process's last append left, when it
+still names that one (two statements with the entries' insert), else SELECT ... FOR UPDATE and
+the entries made after what it names (three).
+
+The events: query.accepted (the banks, the consent version), banks.asked (the banks of a pass and
+its number), bank.outcomes (each batch of outcomes recorded together, in one transaction: every
+bank of it with the kind of its outcome, as [bank, kind] pairs in the order recorded),
+report.generated or query.failed (the banks unanswered), report.viewed and report.deleted.
+Trails recorded before outcomes were batched hold a bank.outcome entry ({"bank", "kind"}) per
+bank instead; they verify and rekey as any other entry.
 
 No personal data in clear: user ids are the gateway's opaque ids; details hold bank codes,
 outcome kinds, pass numbers and the consent version, never a name, ID or phone number or card
@@ -60,17 +69,19 @@ from sqlalchemy import Connection, Engine, Select, bindparam, insert, inspect, s
 from sqlmodel import Session
 
 from cardcheck.runtime.clock import as_utc
-from cardcheck.runtime.database import table_of
+from cardcheck.runtime.database import rowcount, table_of
 from cardcheck.runtime.keys import Keyring
 from cardcheck.runtime.maintenance import Refused, add_location_options, run, service_store
 from report_service.models import AuditHeadRow, AuditRow
 
 GENESIS = "0" * 64
+_READS_AFTER_A_MISS = 16  # appends that read the head first once guessing it went wrong
 KEY_PURPOSE = "audit-chain"
 
 QUERY_ACCEPTED = "query.accepted"
 BANKS_ASKED = "banks.asked"
-BANK_OUTCOME = "bank.outcome"
+BANK_OUTCOMES = "bank.outcomes"
+BANK_OUTCOME = "bank.outcome"  # one bank's, in trails recorded before outcomes were batched
 REPORT_GENERATED = "report.generated"
 QUERY_FAILED = "query.failed"
 REPORT_VIEWED = "report.viewed"
@@ -175,6 +186,10 @@ class AuditChain:
         # The key's inner and outer pads hashed once: each entry copies them (hmac.new per
         # entry would hash the key again).
         self._keyed_mac = hmac.new(key, digestmod=hashlib.sha256)
+        # The head as this chain's last append left it: the next one moves the head row on
+        # from there without reading it first, while nobody else appended (_append).
+        self._head: tuple[int, str] | None = None
+        self._misses_left = 0
         # Told of each event appended, inside its transaction (report_service/metrics.py).
         self.observers: list[Callable[[Session | Connection, AuditEvent, datetime], None]] = []
 
@@ -203,7 +218,17 @@ class AuditChain:
         """Appends `events` in order to the chain, inside the caller's transaction; call it as
         the last step of that transaction so the head row stays locked as briefly as possible."""
         if events:
-            _append(session, events, at, self.entry_hash)
+            head = self._head if self._misses_left == 0 else None
+            if self._misses_left:
+                self._misses_left -= 1
+            moved = _append(session, events, at, self.entry_hash, head)
+            if head is not None and moved is not None and moved[0] != head[0] + len(events):
+                # Another writer appended since this one's last: with several replicas
+                # appending, the head is read first for a while rather than guessed.
+                self._misses_left = _READS_AFTER_A_MISS
+            # Kept even if the transaction rolls back: the head row then names another, and
+            # the next append reads it.
+            self._head = moved
             for observe in self.observers:
                 for event in events:
                     observe(session, event, at)
@@ -285,16 +310,53 @@ class AuditChain:
 _HEAD = table_of(AuditHeadRow)
 _READ_HEAD = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
 _MOVE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+_MOVE_HEAD_FROM = _MOVE_HEAD.where(_HEAD.c.seq == bindparam("old_seq"), _HEAD.c.hash == bindparam("old_hash"))
 _INSERT_ENTRIES = insert(table_of(AuditRow))
 
 
 def _append(
-    session: Session | Connection, events: Sequence[AuditEvent], at: datetime, entry_hash: Callable[[str, bytes], str]
-) -> None:
+    session: Session | Connection,
+    events: Sequence[AuditEvent],
+    at: datetime,
+    entry_hash: Callable[[str, bytes], str],
+    head: tuple[int, str] | None = None,
+) -> tuple[int, str] | None:
+    """Appends `events` after the head. `head`: the head as this process last left it; when the
+    head row still names it, that row is moved on and the entries inserted, without a read
+    first. Otherwise (another writer appended since) the row is read, locked, and the entries
+    made after what it names. Returns the new head, None when there was nothing to append."""
+    if not events:
+        return None
     # Core statements on the transaction's connection: the session's own execute adds its ORM
     # dispatch to each of them.
     connection = session if isinstance(session, Connection) else session.connection()
-    seq, prev = connection.execute(_READ_HEAD).one()
+    if head is not None:
+        rows, moved = _entries(events, head, at, entry_hash)
+        # Compare-and-set: the UPDATE locks the row as SELECT ... FOR UPDATE would, and moves it
+        # only from the head the entries were made after (PostgreSQL checks the row again once
+        # a concurrent writer's lock is gone).
+        if rowcount(connection.execute(_MOVE_HEAD_FROM, _moved(moved, head))) == 1:
+            connection.execute(_INSERT_ENTRIES, rows)
+            return moved
+    read = connection.execute(_READ_HEAD).one()
+    rows, moved = _entries(events, (read[0], read[1]), at, entry_hash)
+    connection.execute(_INSERT_ENTRIES, rows)
+    connection.execute(_MOVE_HEAD, _moved(moved))
+    return moved
+
+
+def _moved(to: tuple[int, str], since: tuple[int, str] | None = None) -> dict[str, object]:
+    values: dict[str, object] = {"new_seq": to[0], "new_hash": to[1]}
+    if since is not None:
+        values.update(old_seq=since[0], old_hash=since[1])
+    return values
+
+
+def _entries(
+    events: Sequence[AuditEvent], head: tuple[int, str], at: datetime, entry_hash: Callable[[str, bytes], str]
+) -> tuple[list[dict[str, object]], tuple[int, str]]:
+    """The rows of `events` chained after `head`, and the head they make."""
+    seq, prev = head
     instant = _json(_instant(at))
     # An append's entries mostly share their event, query and user: each written once.
     written: dict[str | None, str] = {}
@@ -328,8 +390,7 @@ def _append(
             }
         )
         prev = digest
-    connection.execute(_INSERT_ENTRIES, rows)
-    connection.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
+    return rows, (seq, prev)
 
 
 # --- verification ---------------------------------------------------------------------------

@@ -24,7 +24,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, delete, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    Select,
+    String,
+    bindparam,
+    cast,
+    delete,
+    insert,
+    literal_column,
+    select,
+    update,
+)
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 from sqlmodel import Session
 
 from cardcheck.banks import BY_CODE
@@ -97,12 +112,48 @@ _OUTCOMES = table_of(BankOutcomeRow)
 _QUERIES = table_of(QueryRow)
 # The statements of every batch of outcomes and every finish, built once: building them again
 # each time cost more than running them (as in report_service.audit).
-_RUNNING = select(
-    *(_QUERIES.c[name] for name in (
+_RUNNING_COLUMNS = [
+    _QUERIES.c[name] for name in (
         "query_id", "user_id", "status", "bank_codes", "agreement_version", "submitted_at", "ready_by",
         "ready_at", "expires_at", "banks_answered", "banks_total", "trace_context",
-    ))
-).where(_QUERIES.c.query_id == bindparam("query_id"))
+    )
+]
+
+
+class _joined(FunctionElement[str]):
+    """The strings aggregated, ';' between them (group_concat, string_agg)."""
+
+    type = String()
+    name = "joined"
+    inherit_cache = True
+
+
+@compiles(_joined, "sqlite")
+def _joined_sqlite(element: _joined, compiler: Any, **kw: Any) -> str:
+    return f"group_concat({compiler.process(element.clauses, **kw)}, ';')"
+
+
+@compiles(_joined, "postgresql")
+def _joined_postgresql(element: _joined, compiler: Any, **kw: Any) -> str:
+    return f"string_agg({compiler.process(element.clauses, **kw)}, ';')"
+
+
+_COMMA: ColumnElement[str] = literal_column("','", String())
+# A running query under its EXECUTE lease in one statement, the work row locked as
+# WorkQueue.hold locks it: its owner and token (the fence), the query (as _RUNNING_COLUMNS),
+# and for a batch of outcomes the outcomes stored so far, as "id,bank,kind;...".
+_HELD = (
+    select(_WORK.c.lease_owner, _WORK.c.passes, *_RUNNING_COLUMNS)
+    .select_from(_WORK.join(_QUERIES, _QUERIES.c.query_id == _WORK.c.query_id))
+    .where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == EXECUTE)
+    .with_for_update(of=_WORK)
+)
+_HELD_AND_STORED = _HELD.add_columns(
+    select(_joined(cast(_OUTCOMES.c.id, String) + _COMMA + _OUTCOMES.c.bank_code + _COMMA + _OUTCOMES.c.kind))
+    .where(_OUTCOMES.c.query_id == _QUERIES.c.query_id)
+    .scalar_subquery()
+    .label("stored")
+)
 # A claim's queries and the banks that answered them, as Core rows: ORM objects cost a claim
 # most of its CPU and are never changed.
 _CLAIMED = select(
@@ -113,9 +164,6 @@ _CLAIMED = select(
 ).where(_QUERIES.c.query_id.in_(bindparam("query_ids", expanding=True)))
 _ANSWERED_OF = select(_OUTCOMES.c.query_id, _OUTCOMES.c.bank_code).where(
     _OUTCOMES.c.query_id.in_(bindparam("query_ids", expanding=True)), _OUTCOMES.c.kind == ANSWERED
-)
-_STORED = select(_OUTCOMES.c.id, _OUTCOMES.c.bank_code, _OUTCOMES.c.kind).where(
-    _OUTCOMES.c.query_id == bindparam("query_id")
 )
 _OUTCOMES_OF = select(
     _OUTCOMES.c.query_id, _OUTCOMES.c.bank_code, _OUTCOMES.c.kind, _OUTCOMES.c.cards_sealed, _OUTCOMES.c.detail
@@ -162,7 +210,7 @@ class ExecutionStore:
         self.queue = WorkQueue(WORK_LEASES, db.write, clock, lease=lease, changes=work_changes)
         self._query_changes = query_changes
 
-    def _changed(self, session: Session, query_id: str) -> None:
+    def _changed(self, session: Session | Connection, query_id: str) -> None:
         if self._query_changes is not None:
             self._query_changes.announce(session, query_id)
 
@@ -271,20 +319,15 @@ class ExecutionStore:
         query_id, owner = claim.query_id, claim.owner
         outcomes = [o for o in outcomes if o.bank_code in BY_CODE]
 
-        def record(session: Session) -> _Finished | None:
-            self.queue.hold(session, claim.lease)
-            # Core statements on the transaction's connection, not ORM objects nor the session's
-            # ORM dispatch: a batch is up to every bank's outcome at once.
-            connection = session.connection()
-            row = connection.execute(_RUNNING, {"query_id": query_id}).first()
-            if row is None or row.status != QueryStatus.PENDING:
-                raise LeaseLost(f"{EXECUTE} {query_id}")
-            stored = {
-                bank_code: (outcome_id, kind)
-                for outcome_id, bank_code, kind in connection.execute(_STORED, {"query_id": query_id})
-            }
+        def record(connection: Connection) -> _Finished | None:
+            # Core statements on a connection, without an ORM session: a batch is up to every
+            # bank's outcome at once, and a query's outcomes come in one to three of them.
+            row = self._held(connection, claim, _HELD_AND_STORED)
+            stored: dict[str, tuple[int | None, str]] = {}
+            for outcome in row.stored.split(";") if row.stored else ():
+                outcome_id, bank_code, kind = outcome.split(",")
+                stored[bank_code] = (int(outcome_id), kind)
             banks = set(json.loads(row.bank_codes))
-            events = []
             arrived: dict[str, BankOutcome] = {}  # this batch's, in clear: the report needs no opening of them
             new_rows = []
             replaced = []
@@ -307,32 +350,35 @@ class ExecutionStore:
                     replaced.append({"outcome_id": known[0], **values})
                     stored[outcome.bank_code] = (known[0], outcome.kind)
                 arrived[outcome.bank_code] = outcome
-                events.append(
-                    audit.AuditEvent(
-                        audit.BANK_OUTCOME,
-                        query_id,
-                        row.user_id,
-                        # Never the card count: the trail outlives the report (report_service.audit).
-                        {"bank": outcome.bank_code, "kind": outcome.kind},
-                    )
+            # One entry for the batch, never the card counts: the trail outlives the report
+            # (report_service.audit).
+            events = [
+                audit.AuditEvent(
+                    audit.BANK_OUTCOMES,
+                    query_id,
+                    row.user_id,
+                    {"outcomes": [[bank_code, outcome.kind] for bank_code, outcome in arrived.items()]},
                 )
+            ] if arrived else []
             if new_rows:
                 connection.execute(_INSERT_OUTCOMES, new_rows)
             if replaced:
                 connection.execute(_REPLACE_OUTCOME, replaced)
             answered = sum(1 for _, kind in stored.values() if kind == ANSWERED)
-            self._changed(session, query_id)
+            self._changed(connection, query_id)
             result = None
             if banks and all(b in stored and stored[b][1] == ANSWERED for b in banks):
                 # Only the banks recorded before this batch are read back (and their cards opened).
-                earlier = self._outcomes(session, query_id, exclude=arrived) if stored.keys() - arrived.keys() else []
-                result = self._finish(session, row, [*earlier, *arrived.values()], owner, now, events, answered)
+                earlier = (
+                    self._outcomes(connection, query_id, exclude=arrived) if stored.keys() - arrived.keys() else []
+                )
+                result = self._finish(connection, row, [*earlier, *arrived.values()], owner, now, events, answered)
             else:
                 connection.execute(_UPDATE_QUERY, {"of_query": query_id, "banks_answered": answered})
-            self._queries.audit.append(session, events, now)
+            self._queries.audit.append(connection, events, now)
             return result
 
-        return self._recorded(await self._db.write(record), claim.subject)
+        return self._recorded(await self._db.write_core(record), claim.subject)
 
     async def end_pass(self, claim: Claim, retry_delay: timedelta) -> Recorded | None:
         """After a pass over the banks: finish the query if every bank answered or ready_by has
@@ -342,18 +388,14 @@ class ExecutionStore:
         query_id, owner = claim.query_id, claim.owner
 
         def end(session: Session) -> _Finished | None:
-            self.queue.hold(session, claim.lease)
-            connection = session.connection()
-            row = connection.execute(_RUNNING, {"query_id": query_id}).first()
-            if row is None or row.status != QueryStatus.PENDING:
-                raise LeaseLost(f"{EXECUTE} {query_id}")
-            stored = self._outcomes(session, query_id)
+            row = self._held(session.connection(), claim, _HELD)
+            stored = self._outcomes(session.connection(), query_id)
             answered = {o.bank_code for o in stored if o.kind == ANSWERED}
             banks = json.loads(row.bank_codes)
             ready_by = as_utc(row.ready_by)
             if all(b in answered for b in banks) or now >= ready_by:
                 events: list[audit.AuditEvent] = []
-                result = self._finish(session, row, stored, owner, now, events, row.banks_answered)
+                result = self._finish(session.connection(), row, stored, owner, now, events, row.banks_answered)
                 self._queries.audit.append(session, events, now)
                 self._changed(session, query_id)
                 return result
@@ -362,15 +404,25 @@ class ExecutionStore:
 
         return self._recorded(await self._db.write(end), claim.subject)
 
-    def _outcomes(self, session: Session, query_id: str, exclude: Container[str] = ()) -> list[BankOutcome]:
+    def _held(self, connection: Connection, claim: Claim, statement: Select[Any]) -> Row[Any]:
+        """The running query of `claim`, read as `statement` reads it with the lease's fence:
+        LeaseLost unless the EXECUTE lease is still the claim's and the query PENDING."""
+        row = connection.execute(statement, {"query_id": claim.query_id}).first()
+        self.queue.fence(claim.lease, *((row.lease_owner, row.passes) if row is not None else (None, None)))
+        assert row is not None  # the fence passed
+        if row.status != QueryStatus.PENDING:
+            raise LeaseLost(f"{EXECUTE} {claim.query_id}")
+        return row
+
+    def _outcomes(self, connection: Connection, query_id: str, exclude: Container[str] = ()) -> list[BankOutcome]:
         """The query's recorded outcomes (cards opened), but those of the banks in `exclude`."""
         # Core rows, not ORM objects: outcome_of reads only these columns.
-        rows = session.connection().execute(_OUTCOMES_OF, {"query_id": query_id})
+        rows = connection.execute(_OUTCOMES_OF, {"query_id": query_id})
         return [self._queries.outcome_of(o) for o in rows if o.bank_code not in exclude]
 
     def _finish(
         self,
-        session: Session,
+        connection: Connection,
         row: Row[Any],
         outcomes: list[BankOutcome],
         owner: str,
@@ -380,8 +432,7 @@ class ExecutionStore:
     ) -> _Finished:
         """READY with a sealed report when at least one bank answered, else FAILED (only ever
         reached at ready_by). The EXECUTE work goes; a READY query gets its NOTIFY work, leased
-        to this worker, in the same transaction. `row`: the query as _RUNNING reads it."""
-        connection = session.connection()
+        to this worker, in the same transaction. `row`: the query as _HELD reads it."""
         banks = json.loads(row.bank_codes)
         answered = {o.bank_code for o in outcomes if o.kind == ANSWERED}
         unanswered = [b for b in banks if b not in answered]

@@ -330,21 +330,22 @@ class QueryStore:
         digests = self._idempotency.digests(key) if key is not None else ()
         now = self._clock.now()
 
-        def by_key(session: Session) -> Row[Any] | None:
+        def by_key(connection: Connection) -> Row[Any] | None:
             if key is None:
                 return None
-            return session.execute(_BY_KEY, {"user_id": user_id, "digests": list(digests), "key": key}).first()
+            return connection.execute(_BY_KEY, {"user_id": user_id, "digests": list(digests), "key": key}).first()
 
-        def accept(session: Session) -> tuple[Query, bool]:
-            connection = session.connection()
-            existing = by_key(session)
+        # Core statements on a connection, without an ORM session (its set-up and tear-down
+        # were a good part of the transaction's CPU).
+        def accept(connection: Connection) -> tuple[Query, bool]:
+            existing = by_key(connection)
             if existing is not None:
                 return query_of(existing), False
             pending, last_report = connection.execute(_PENDING_AND_LAST_REPORT, {"user_id": user_id}).one()
             if pending:
                 # Read committed (PostgreSQL): a concurrent request with this key may have
                 # committed between the two reads, and the pending query is then this one.
-                existing = by_key(session)
+                existing = by_key(connection)
                 if existing is not None:
                     return query_of(existing), False
                 raise CardCheckError(Reason.QUERY_IN_PROGRESS, "another query of this user is pending")
@@ -405,20 +406,20 @@ class QueryStore:
                 )
             ]
             if not lease_to and work_changes is not None:
-                work_changes.announce(session)
+                work_changes.announce(connection)
             if lease_to:
                 events.append(
                     audit.AuditEvent(audit.BANKS_ASKED, query_id, user_id, {"banks": list(banks), "pass": 1})
                 )
-            self.audit.append(session, events, now)
+            self.audit.append(connection, events, now)
             return query, True
 
         try:
-            return await self._db.write(accept)
+            return await self._db.write_core(accept)
         except IntegrityError:
             # A concurrent request won the race: the same key returns its query, anything else
             # is the one-PENDING-query-per-user rule, enforced by the unique index.
-            existing = await self._db.read(by_key)
+            existing = await self._db.read_core(by_key)
             if existing is not None:
                 return query_of(existing), False
             raise CardCheckError(Reason.QUERY_IN_PROGRESS, "another query of this user is pending") from None

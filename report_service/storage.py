@@ -64,8 +64,8 @@ class Storage:
         """`work(session)` in one transaction that only reads (refused on SQLite if it writes)."""
         return await self._reader.run(work)
 
-    # Units of Core statements alone, which announce no change (that rides on the session's
-    # commit): no ORM session to set up and tear down, much of a short transaction's CPU.
+    # Units of Core statements alone (changes announced on their connection are delivered once
+    # they commit): no ORM session to set up and tear down, much of a short transaction's CPU.
 
     async def write_core(self, work: Callable[[Connection], T]) -> T:
         """As `write`, `work(connection)`."""

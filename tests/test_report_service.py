@@ -234,7 +234,9 @@ async def test_failed_banks_are_asked_again_later_until_they_answer(rig):
     assert [s.bank_code for s in report.summary] == ["ICBC", "CMB", "BOC"]
     assert [m.kind for m in await eventually(rig.messages)] == ["REPORT_READY"]
 
-    outcomes = [(d["bank"], d["kind"]) for e, d in rig.audit_events(query.query_id) if e == "bank.outcome"]
+    outcomes = [
+        tuple(pair) for e, d in rig.audit_events(query.query_id) if e == "bank.outcomes" for pair in d["outcomes"]
+    ]
     assert outcomes == [
         ("ICBC", "ANSWERED"),
         ("CMB", "ANSWERED"),

@@ -28,14 +28,14 @@ CARDS = (MaskedCard("ICBC", "DEBIT", "6222", "4321"), MaskedCard("ICBC", "CREDIT
 # Per step: (transactions, statements), BEGIN and pg_notify (PostgreSQL's change
 # announcement) not counted.
 EXPECTED = {
-    "create": (1, 7),  # by key; pending and last report; query, work; audit head, entries, head
+    "create": (1, 6),  # by key; pending and last report; query, work; audit head moved, entries
     "snapshot": (1, 2),  # the query; its outcomes
-    "record": (1, 10),  # lease; query; outcomes stored; outcomes; report, query, work; audit x3
-    "report": (1, 4),  # query and report; audit x3
+    "record": (1, 7),  # lease, query and outcomes stored; outcomes; report, query, work; audit x2
+    "report": (1, 3),  # query and report; audit x2
     "notified": (1, 1),  # the NOTIFY work
 }
 # The steps whose transaction is Core statements on a connection, without an ORM session.
-SESSIONLESS = {"snapshot", "report", "notified"}
+SESSIONLESS = {"create", "snapshot", "record", "report", "notified"}
 
 
 class Counted:
@@ -80,6 +80,9 @@ async def test_each_step_of_a_query_takes_one_transaction_and_the_statements_pin
     store, execution = parts.store, parts.execution
     storage = store._db
     engines = {storage.db.engine, storage._reader.engine}
+    # Another user's query first: the chain's first append reads the head row, the next ones
+    # move it on from the head they left (report_service.audit).
+    await store.create("u-0", SUBJECT, ["ICBC"], "2026-11", "k-0", {})
     counted = Counted(engines)
     outcomes = [BankOutcome(code, "ANSWERED", CARDS if code == "ICBC" else ()) for code in BANK_CODES]
 
@@ -104,6 +107,15 @@ async def test_each_step_of_a_query_takes_one_transaction_and_the_statements_pin
     assert {step for step in EXPECTED if not counted.steps[(step, "sessions")]} == SESSIONLESS
     assert report.content.cards == CARDS
     assert [s.bank_code for s in report.content.summary] == list(BANK_CODES)
+    # One audit entry per step's event, the 24 outcomes recorded together in one of them.
+    with parts.db.engine.connect() as connection:
+        entries = connection.execute(
+            text("SELECT event, details FROM rs_audit WHERE query_id = :q ORDER BY seq"), {"q": query.query_id}
+        ).all()
+    assert [event for event, _ in entries] == [
+        "query.accepted", "banks.asked", "bank.outcomes", "report.generated", "report.viewed"
+    ]
+    assert json.loads(entries[2].details) == {"outcomes": [[code, "ANSWERED"] for code in BANK_CODES]}
 
 
 def test_a_report_is_sealed_as_the_json_of_its_dataclasses():

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from cardcheck.runtime.changes import ChangeHub
-from cardcheck.runtime.database import Database, make_engine
+from cardcheck.runtime.database import Database, after_commit, make_engine
 
 NOTES = sa.Table("notes", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True), sa.Column("text", sa.String))
 
@@ -56,6 +56,29 @@ async def test_after_commit_hooks_run_once_the_commit_is_visible(db):
         assert seen_at_commit[-1] == expected
 
 
+async def test_a_core_units_after_commit_callbacks_run_once_the_commit_is_visible(db):
+    seen_at_commit: list[int] = []
+
+    def write(connection) -> None:
+        after_commit(connection, lambda: seen_at_commit.append(_count(db)))
+        connection.execute(sa.insert(NOTES), {"text": "one"})
+
+    def fail(connection) -> None:
+        after_commit(connection, lambda: seen_at_commit.append(-1))
+        raise ValueError("no")
+
+    for expected in (1, 2):  # the second on the connection the first left behind (SQLite)
+        await db.run_core(write)
+        assert seen_at_commit == list(range(1, expected + 1))
+    with pytest.raises(ValueError):
+        await db.run_core(fail)
+    await db.run_core(lambda connection: None)
+    assert seen_at_commit == [1, 2]  # rolled back: never run, nor left for the next unit
+    with pytest.raises(RuntimeError, match="outside a unit"):
+        with db.engine.connect() as connection:
+            after_commit(connection, lambda: None)
+
+
 async def test_a_unit_that_raises_leaves_nothing_and_the_next_one_runs(db):
     def half_then_fail(session) -> None:
         session.execute(sa.insert(NOTES), {"text": "half"})
@@ -96,21 +119,37 @@ async def test_a_unit_cancelled_before_it_starts_is_not_run(tmp_path):
         db.dispose()
 
 
-async def test_a_committed_change_wakes_its_waiter_with_the_row_visible(db):
+# A change is announced in an ORM session's transaction or on a Core unit's connection.
+UNITS = pytest.mark.parametrize("unit", ["session", "core"])
+
+
+def _run(db: Database, unit: str):
+    return db.run if unit == "session" else db.run_core
+
+
+@UNITS
+async def test_a_committed_change_wakes_its_waiter_with_the_row_visible(db, unit):
     channel = ChangeHub(db.engine).channel("notes")  # not listening: delivered in-process
     waiting, other = channel.current("a"), channel.current("b")
+    seen_when_woken: list[int] = []
 
     def write(session) -> None:
         session.execute(sa.insert(NOTES))
         channel.announce(session, "a")
 
-    await db.run(write)
-    await asyncio.wait_for(waiting.wait(), 2)
-    assert _count(db) == 1
+    async def wake() -> None:
+        await waiting.wait()
+        seen_when_woken.append(_count(db))
+
+    woken = asyncio.create_task(wake())
+    await _run(db, unit)(write)
+    await asyncio.wait_for(woken, 2)
+    assert seen_when_woken == [1]
     assert not other.is_set()
 
 
-async def test_a_rolled_back_change_wakes_nobody_and_is_not_delivered_later(db):
+@UNITS
+async def test_a_rolled_back_change_wakes_nobody_and_is_not_delivered_later(db, unit):
     channel = ChangeHub(db.engine).channel("notes")
     waiting = channel.current("a")
 
@@ -119,7 +158,7 @@ async def test_a_rolled_back_change_wakes_nobody_and_is_not_delivered_later(db):
         raise ValueError("no")
 
     with pytest.raises(ValueError):
-        await db.run(fail)
-    await db.run(lambda session: session.execute(sa.insert(NOTES)))  # commits, announces nothing
+        await _run(db, unit)(fail)
+    await _run(db, unit)(lambda session: session.execute(sa.insert(NOTES)))  # commits, announces nothing
     await asyncio.sleep(0.05)
     assert not waiting.is_set()

@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import weakref
 
-from sqlalchemy import Engine, event, orm, text
+from sqlalchemy import Connection, Engine, event, orm, text
 from sqlmodel import Session
+
+from cardcheck.runtime.database import after_commit
 
 log = logging.getLogger(__name__)
 
 _PENDING = "cardcheck.changes"  # session.info: what to deliver in-process after the commit
 _RECONNECT_S = (0.1, 5.0)  # first and longest wait before the listener connects again
 _MAX_KEY = 200  # pg_notify's payload is limited to 8000 bytes: keys are short ids anyway
+_NOTIFY = text("SELECT pg_notify(current_schema() || '.' || :channel, :key)")
 _LOCAL: weakref.WeakValueDictionary[tuple[str, str, int], Channel] = weakref.WeakValueDictionary()
 
 
@@ -53,18 +57,23 @@ class Channel:
             self._keys[key] = waiting
         return waiting
 
-    def announce(self, session: Session, key: str | None = None) -> None:
-        """Announces a change made in `session`'s transaction, delivered when it commits."""
+    def announce(self, session: Session | Connection, key: str | None = None) -> None:
+        """Announces a change made in `session`'s transaction, delivered when it commits: an
+        ORM session's, or a Core unit's connection (cardcheck.runtime.database.Database.run_core)."""
         if key is not None and len(key) > _MAX_KEY:
             key = None
         if self.hub is not None and self.hub.postgres:
-            session.execute(
-                text("SELECT pg_notify(current_schema() || '.' || :channel, :key)"),
-                {"channel": self.name, "key": key or ""},
-            )
+            session.execute(_NOTIFY, {"channel": self.name, "key": key or ""})
             if self.hub.listening:
                 return  # this process hears it through its own LISTEN
-        _after_commit(session, self, key)
+        if isinstance(session, Connection):
+            after_commit(session, functools.partial(self._deliver_soon, key))
+        else:
+            _after_commit(session, self, key)
+
+    def _deliver_soon(self, key: str | None) -> None:
+        """From a writer's thread: the waiters are woken on their event loop."""
+        self._loop.call_soon_threadsafe(self._deliver, key)
 
     def notify(self, key: str | None = None) -> None:
         """Wakes this process's waiters now (a change made outside a transaction here)."""

@@ -42,6 +42,32 @@ def rowcount(result: Result[Any]) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
+_AFTER_COMMIT = "cardcheck.after_commit"  # Connection.info: what a Core unit runs once committed
+
+
+def after_commit(connection: Connection, callback: Callable[[], None]) -> None:
+    """Runs `callback` (on the unit's thread) once the transaction of the Core unit
+    (`Database.run_core`) that `connection` belongs to has committed; never if it rolls back."""
+    callbacks = connection.info.get(_AFTER_COMMIT)
+    if callbacks is None:
+        raise RuntimeError("after_commit outside a unit of Database.run_core")
+    callbacks.append(callback)
+
+
+@contextmanager
+def _committing(connection: Connection) -> Iterator[None]:
+    """A Core unit's transaction on `connection`, its after_commit callbacks run once it committed."""
+    callbacks: list[Callable[[], None]] = []
+    with connection.begin():
+        connection.info[_AFTER_COMMIT] = callbacks
+        try:
+            yield
+        finally:
+            del connection.info[_AFTER_COMMIT]
+    for callback in callbacks:
+        callback()
+
+
 def _make_private(path: Path) -> None:
     """The file made 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
     database file's mode. Ones made looser earlier are tightened (cardcheck.runtime.files)."""
@@ -134,7 +160,7 @@ class Database:
             return work(session)
 
     def _run_core(self, work: Callable[[Connection], T]) -> T:
-        with self.engine.begin() as connection:
+        with self.engine.connect() as connection, _committing(connection):
             return work(connection)
 
     async def run(self, work: Callable[[Session], T]) -> T:
@@ -172,7 +198,7 @@ class Database:
     def _run_core_held(self, work: Callable[[Connection], T]) -> T:
         """`_run_core` on the held connection."""
         connection = self._held_connection()
-        with connection.begin():
+        with _committing(connection):
             return work(connection)
 
     def dispose(self) -> None:

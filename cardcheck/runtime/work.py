@@ -174,8 +174,14 @@ class WorkQueue:
         if len(key) != len(c.key):
             raise ValueError(f"a lease of {c.table.name} has {len(c.key)} key part(s)")
         row = session.execute(self._held_row, key).first()
-        if row is None or row[0] != lease.owner or row[1] != lease.token:
-            raise LeaseLost(f"{c.table.name} {lease.key}")
+        self.fence(lease, *(row or (None, None)))
+
+    def fence(self, lease: Lease, owner: object, token: object) -> None:
+        """`hold`'s check, for a caller that read the row's owner and token itself (in a
+        statement of its own, the row locked as `hold` locks it: SELECT ... FOR UPDATE OF the
+        table); None for both when there was no row."""
+        if owner is None or owner != lease.owner or token != lease.token:
+            raise LeaseLost(f"{self.columns.table.name} {lease.key}")
 
     def put_back(self, session: Session, lease: Lease, due: datetime | None = None, **values: Any) -> bool:
         """Frees the row for a later claim (at `due`, when the table has a due time), fenced:
