@@ -247,14 +247,16 @@ def test_backoff_draws_from_its_rng_and_times_from_the_clock():
 # --- change notification -------------------------------------------------------------------------
 
 
-async def _woken_within(event: asyncio.Event, start: float, limit_s: float = 0.1) -> float:
+async def _woken_within(event: asyncio.Event, start: float, limit_s: float = 1.0) -> float:
+    # Nothing here polls: only the notification sets the event. The bound is loose on purpose
+    # (a loaded CI machine); how soon a change arrives is measured by `bench watchers`.
     await asyncio.wait_for(event.wait(), 2)
     elapsed = time.perf_counter() - start
     assert elapsed < limit_s, elapsed
     return elapsed
 
 
-async def test_a_committed_change_wakes_its_waiter_within_100_ms(rig):
+async def test_a_committed_change_wakes_its_waiter(rig):
     [job, other] = await rig.add(2)
     hub = await rig.hub()
     channel = hub.channel("jobs")
@@ -304,7 +306,7 @@ async def test_releasing_work_wakes_the_workers_of_its_queue(rig):
     await _woken_within(waiting, start)
 
 
-async def test_a_change_reaches_another_replica_within_100_ms(pg_schema_url, tmp_path):
+async def test_a_change_reaches_another_replica(pg_schema_url, tmp_path):
     """Two engines on one PostgreSQL database, standing for two replicas: NOTIFY carries it."""
     db = Database(make_engine(pg_schema_url, tmp_path, "work"))
     other = Database(make_engine(pg_schema_url, tmp_path, "work"))
