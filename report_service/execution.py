@@ -156,12 +156,9 @@ _HELD_AND_STORED = _HELD.add_columns(
 )
 # A claim's queries and the banks that answered them, as Core rows: ORM objects cost a claim
 # most of its CPU and are never changed.
-_CLAIMED = select(
-    *(_QUERIES.c[name] for name in (
-        "query_id", "user_id", "status", "bank_codes", "agreement_version", "submitted_at", "ready_by",
-        "ready_at", "expires_at", "banks_answered", "banks_total", "subject_sealed", "trace_context",
-    ))
-).where(_QUERIES.c.query_id.in_(bindparam("query_ids", expanding=True)))
+_CLAIMED: Select[Any] = select(*_RUNNING_COLUMNS, _QUERIES.c.subject_sealed).where(
+    _QUERIES.c.query_id.in_(bindparam("query_ids", expanding=True))
+)
 _ANSWERED_OF = select(_OUTCOMES.c.query_id, _OUTCOMES.c.bank_code).where(
     _OUTCOMES.c.query_id.in_(bindparam("query_ids", expanding=True)), _OUTCOMES.c.kind == ANSWERED
 )
@@ -388,14 +385,15 @@ class ExecutionStore:
         query_id, owner = claim.query_id, claim.owner
 
         def end(session: Session) -> _Finished | None:
-            row = self._held(session.connection(), claim, _HELD)
-            stored = self._outcomes(session.connection(), query_id)
+            connection = session.connection()
+            row = self._held(connection, claim, _HELD)
+            stored = self._outcomes(connection, query_id)
             answered = {o.bank_code for o in stored if o.kind == ANSWERED}
             banks = json.loads(row.bank_codes)
             ready_by = as_utc(row.ready_by)
             if all(b in answered for b in banks) or now >= ready_by:
                 events: list[audit.AuditEvent] = []
-                result = self._finish(session.connection(), row, stored, owner, now, events, row.banks_answered)
+                result = self._finish(connection, row, stored, owner, now, events, row.banks_answered)
                 self._queries.audit.append(session, events, now)
                 self._changed(session, query_id)
                 return result
