@@ -72,6 +72,7 @@ from cardcheck.runtime.clock import as_utc
 from cardcheck.runtime.database import rowcount, table_of
 from cardcheck.runtime.keys import Keyring
 from cardcheck.runtime.maintenance import Refused, add_location_options, run, service_store
+from cardcheck.runtime.statements import Statement
 from report_service.models import AuditHeadRow, AuditRow
 
 GENESIS = "0" * 64
@@ -308,10 +309,14 @@ class AuditChain:
 # Built once: an append runs with every recorded event, and building the statements again each
 # time cost more than running them.
 _HEAD = table_of(AuditHeadRow)
-_READ_HEAD = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
-_MOVE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
-_MOVE_HEAD_FROM = _MOVE_HEAD.where(_HEAD.c.seq == bindparam("old_seq"), _HEAD.c.hash == bindparam("old_hash"))
-_INSERT_ENTRIES = insert(table_of(AuditRow))
+_READ_HEAD = Statement(select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update())
+_MOVE_HEAD = Statement(
+    update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+)
+_MOVE_HEAD_FROM = Statement(
+    _MOVE_HEAD.statement.where(_HEAD.c.seq == bindparam("old_seq"), _HEAD.c.hash == bindparam("old_hash"))
+)
+_INSERT_ENTRIES = Statement(insert(table_of(AuditRow)))
 
 
 def _append(
@@ -335,13 +340,13 @@ def _append(
         # Compare-and-set: the UPDATE locks the row as SELECT ... FOR UPDATE would, and moves it
         # only from the head the entries were made after (PostgreSQL checks the row again once
         # a concurrent writer's lock is gone).
-        if rowcount(connection.execute(_MOVE_HEAD_FROM, _moved(moved, head))) == 1:
-            connection.execute(_INSERT_ENTRIES, rows)
+        if rowcount(_MOVE_HEAD_FROM.run(connection, _moved(moved, head))) == 1:
+            _INSERT_ENTRIES.run(connection, rows)
             return moved
-    read = connection.execute(_READ_HEAD).one()
+    read = _READ_HEAD.run(connection).one()
     rows, moved = _entries(events, (read[0], read[1]), at, entry_hash)
-    connection.execute(_INSERT_ENTRIES, rows)
-    connection.execute(_MOVE_HEAD, _moved(moved))
+    _INSERT_ENTRIES.run(connection, rows)
+    _MOVE_HEAD.run(connection, _moved(moved))
     return moved
 
 

@@ -28,7 +28,6 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Row,
-    Select,
     String,
     bindparam,
     cast,
@@ -46,6 +45,7 @@ from cardcheck.banks import BY_CODE
 from cardcheck.runtime.changes import Channel
 from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import table_of
+from cardcheck.runtime.statements import Statement
 from cardcheck.runtime.work import Lease, LeaseColumns, LeaseLost, WorkQueue
 from report_service import audit
 from report_service.models import (
@@ -148,32 +148,33 @@ _HELD = (
     .where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == EXECUTE)
     .with_for_update(of=_WORK)
 )
-_HELD_AND_STORED = _HELD.add_columns(
+_HELD_AND_STORED = Statement(_HELD.add_columns(
     select(_joined(cast(_OUTCOMES.c.id, String) + _COMMA + _OUTCOMES.c.bank_code + _COMMA + _OUTCOMES.c.kind))
     .where(_OUTCOMES.c.query_id == _QUERIES.c.query_id)
     .scalar_subquery()
     .label("stored")
-)
+))
+_HELD_ONLY = Statement(_HELD)
 # A claim's queries and the banks that answered them, as Core rows: ORM objects cost a claim
 # most of its CPU and are never changed.
-_CLAIMED: Select[Any] = select(*_RUNNING_COLUMNS, _QUERIES.c.subject_sealed).where(
+_CLAIMED = Statement(select(*_RUNNING_COLUMNS, _QUERIES.c.subject_sealed).where(
     _QUERIES.c.query_id.in_(bindparam("query_ids", expanding=True))
-)
-_ANSWERED_OF = select(_OUTCOMES.c.query_id, _OUTCOMES.c.bank_code).where(
+))
+_ANSWERED_OF = Statement(select(_OUTCOMES.c.query_id, _OUTCOMES.c.bank_code).where(
     _OUTCOMES.c.query_id.in_(bindparam("query_ids", expanding=True)), _OUTCOMES.c.kind == ANSWERED
-)
-_OUTCOMES_OF = select(
+))
+_OUTCOMES_OF = Statement(select(
     _OUTCOMES.c.query_id, _OUTCOMES.c.bank_code, _OUTCOMES.c.kind, _OUTCOMES.c.cards_sealed, _OUTCOMES.c.detail
-).where(_OUTCOMES.c.query_id == bindparam("query_id"))
-_INSERT_OUTCOMES = insert(_OUTCOMES)
+).where(_OUTCOMES.c.query_id == bindparam("query_id")))
+_INSERT_OUTCOMES = Statement(insert(_OUTCOMES))
 # An UPDATE's SET clause names the columns its parameters give (all but the bound key).
-_REPLACE_OUTCOME = update(_OUTCOMES).where(_OUTCOMES.c.id == bindparam("outcome_id"))
-_UPDATE_QUERY = update(_QUERIES).where(_QUERIES.c.query_id == bindparam("of_query"))
-_DELETE_EXECUTE = delete(_WORK).where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == EXECUTE)
-_DELETE_NOTIFY = delete(_WORK).where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == NOTIFY)
-_INSERT_REPORT = insert(table_of(ReportRow))
+_REPLACE_OUTCOME = Statement(update(_OUTCOMES).where(_OUTCOMES.c.id == bindparam("outcome_id")))
+_UPDATE_QUERY = Statement(update(_QUERIES).where(_QUERIES.c.query_id == bindparam("of_query")))
+_DELETE_EXECUTE = Statement(delete(_WORK).where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == EXECUTE))
+_DELETE_NOTIFY = Statement(delete(_WORK).where(_WORK.c.query_id == bindparam("query_id"), _WORK.c.kind == NOTIFY))
+_INSERT_REPORT = Statement(insert(table_of(ReportRow)))
 # The SET clause names the columns its parameters give, and kind from new_kind.
-_EXECUTE_TO_NOTIFY = (
+_EXECUTE_TO_NOTIFY = Statement(
     update(_WORK)
     .where(_WORK.c.query_id == bindparam("of_query"), _WORK.c.kind == EXECUTE)
     .values(kind=bindparam("new_kind"))
@@ -225,9 +226,9 @@ class ExecutionStore:
                 return []
             query_ids = sorted({lease.key[0] for lease in due})
             connection = session.connection()
-            queries = {row.query_id: row for row in connection.execute(_CLAIMED, {"query_ids": query_ids})}
+            queries = {row.query_id: row for row in _CLAIMED.run(connection, {"query_ids": query_ids})}
             answered: dict[str, set[str]] = {}
-            for query_id, bank_code in connection.execute(_ANSWERED_OF, {"query_ids": query_ids}):
+            for query_id, bank_code in _ANSWERED_OF.run(connection, {"query_ids": query_ids}):
                 answered.setdefault(query_id, set()).add(bank_code)
             claimed = []
             asked = []
@@ -358,9 +359,9 @@ class ExecutionStore:
                 )
             ] if arrived else []
             if new_rows:
-                connection.execute(_INSERT_OUTCOMES, new_rows)
+                _INSERT_OUTCOMES.run(connection, new_rows)
             if replaced:
-                connection.execute(_REPLACE_OUTCOME, replaced)
+                _REPLACE_OUTCOME.run(connection, replaced)
             answered = sum(1 for _, kind in stored.values() if kind == ANSWERED)
             self._changed(connection, query_id)
             result = None
@@ -371,7 +372,7 @@ class ExecutionStore:
                 )
                 result = self._finish(connection, row, [*earlier, *arrived.values()], owner, now, events, answered)
             else:
-                connection.execute(_UPDATE_QUERY, {"of_query": query_id, "banks_answered": answered})
+                _UPDATE_QUERY.run(connection, {"of_query": query_id, "banks_answered": answered})
             self._queries.audit.append(connection, events, now)
             return result
 
@@ -386,7 +387,7 @@ class ExecutionStore:
 
         def end(session: Session) -> _Finished | None:
             connection = session.connection()
-            row = self._held(connection, claim, _HELD)
+            row = self._held(connection, claim, _HELD_ONLY)
             stored = self._outcomes(connection, query_id)
             answered = {o.bank_code for o in stored if o.kind == ANSWERED}
             banks = json.loads(row.bank_codes)
@@ -402,10 +403,10 @@ class ExecutionStore:
 
         return self._recorded(await self._db.write(end), claim.subject)
 
-    def _held(self, connection: Connection, claim: Claim, statement: Select[Any]) -> Row[Any]:
+    def _held(self, connection: Connection, claim: Claim, statement: Statement[Any]) -> Any:
         """The running query of `claim`, read as `statement` reads it with the lease's fence:
         LeaseLost unless the EXECUTE lease is still the claim's and the query PENDING."""
-        row = connection.execute(statement, {"query_id": claim.query_id}).first()
+        row = statement.run(connection, {"query_id": claim.query_id}).first()
         self.queue.fence(claim.lease, *((row.lease_owner, row.passes) if row is not None else (None, None)))
         assert row is not None  # the fence passed
         if row.status != QueryStatus.PENDING:
@@ -415,7 +416,7 @@ class ExecutionStore:
     def _outcomes(self, connection: Connection, query_id: str, exclude: Container[str] = ()) -> list[BankOutcome]:
         """The query's recorded outcomes (cards opened), but those of the banks in `exclude`."""
         # Core rows, not ORM objects: outcome_of reads only these columns.
-        rows = connection.execute(_OUTCOMES_OF, {"query_id": query_id})
+        rows = _OUTCOMES_OF.run(connection, {"query_id": query_id})
         return [self._queries.outcome_of(o) for o in rows if o.bank_code not in exclude]
 
     def _finish(
@@ -435,11 +436,9 @@ class ExecutionStore:
         answered = {o.bank_code for o in outcomes if o.kind == ANSWERED}
         unanswered = [b for b in banks if b not in answered]
         if len(unanswered) == len(banks):
-            connection.execute(_DELETE_EXECUTE, {"query_id": row.query_id})
+            _DELETE_EXECUTE.run(connection, {"query_id": row.query_id})
             # Nothing more will be asked or sent about this person: the subject goes.
-            connection.execute(
-                _UPDATE_QUERY,
-                {"of_query": row.query_id, "status": QueryStatus.FAILED, "subject_sealed": b"",
+            _UPDATE_QUERY.run(connection, {"of_query": row.query_id, "status": QueryStatus.FAILED, "subject_sealed": b"",
                  "banks_answered": banks_answered},
             )
             events.append(
@@ -450,21 +449,15 @@ class ExecutionStore:
         # Banks whose last outcome is a failure, or that have none, are the unavailable ones.
         content = build_report(banks, outcomes)
         wrapped_key, ciphertext = self._queries.vault.seal(row.query_id, content)
-        connection.execute(
-            _INSERT_REPORT,
-            {"query_id": row.query_id, "wrapped_key": wrapped_key, "ciphertext": ciphertext, "generated_at": now,
+        _INSERT_REPORT.run(connection, {"query_id": row.query_id, "wrapped_key": wrapped_key, "ciphertext": ciphertext, "generated_at": now,
              "expires_at": expires_at},
         )
-        connection.execute(
-            _UPDATE_QUERY,
-            {"of_query": row.query_id, "status": QueryStatus.READY, "ready_at": now, "expires_at": expires_at,
+        _UPDATE_QUERY.run(connection, {"of_query": row.query_id, "status": QueryStatus.READY, "ready_at": now, "expires_at": expires_at,
              "banks_answered": banks_answered},
         )
         # The EXECUTE work row becomes the NOTIFY one (one statement for its delete and the
         # other's insert): due now, its first pass leased to this worker.
-        connection.execute(
-            _EXECUTE_TO_NOTIFY,
-            {"of_query": row.query_id, "new_kind": NOTIFY, "due_at": now, "passes": 1, **self.queue.granted(owner),
+        _EXECUTE_TO_NOTIFY.run(connection, {"of_query": row.query_id, "new_kind": NOTIFY, "due_at": now, "passes": 1, **self.queue.granted(owner),
              "created_at": now},
         )
         events.append(
@@ -503,7 +496,7 @@ class ExecutionStore:
         """The notifier accepted the SMS: the work is done (whoever holds its lease)."""
 
         def done(connection: Connection) -> None:
-            connection.execute(_DELETE_NOTIFY, {"query_id": query_id})
+            _DELETE_NOTIFY.run(connection, {"query_id": query_id})
 
         await self._db.write_core(done)
 

@@ -17,7 +17,6 @@ from typing import Any, Protocol
 from sqlalchemy import (
     Connection,
     Row,
-    Select,
     and_,
     bindparam,
     case,
@@ -39,6 +38,7 @@ from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import table_of
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, invalid_argument
 from cardcheck.runtime.keys import KeyedHash, Sealer
+from cardcheck.runtime.statements import Statement
 from cardcheck.v1 import report_service_pb2
 from report_service import audit
 from report_service.models import (
@@ -182,15 +182,15 @@ class QueryRules:
 _QUERIES = table_of(QueryRow)
 _OUTCOMES = table_of(BankOutcomeRow)
 # What query_of reads, and a query's progress: the reads of every watcher's wake, built once.
-_QUERY_BY_ID = sa_select(
+_QUERY_BY_ID = Statement(sa_select(
     *(_QUERIES.c[name] for name in (
         "query_id", "user_id", "status", "bank_codes", "agreement_version", "submitted_at", "ready_by",
         "ready_at", "expires_at", "banks_answered", "banks_total",
     ))
-).where(_QUERIES.c.query_id == bindparam("query_id"))
+).where(_QUERIES.c.query_id == bindparam("query_id")))
 # Accepting a query, built once: the query of the same key (as _QUERY_BY_ID reads one), the
 # user's pending query, the user's last report.
-_BY_KEY = sa_select(*_QUERY_BY_ID.selected_columns).where(
+_BY_KEY = Statement(sa_select(*_QUERY_BY_ID.statement.selected_columns).where(
     _QUERIES.c.user_id == bindparam("user_id"),
     or_(
         and_(
@@ -199,19 +199,19 @@ _BY_KEY = sa_select(*_QUERY_BY_ID.selected_columns).where(
         ),
         and_(_QUERIES.c.idempotency_key_in_clear == true(), _QUERIES.c.idempotency_key == bindparam("key")),
     ),
-)
+))
 # Whether the user has a pending query, and their last report's instant, in one statement.
-_PENDING_AND_LAST_REPORT = sa_select(
+_PENDING_AND_LAST_REPORT = Statement(sa_select(
     func.count(case((_QUERIES.c.status == QueryStatus.PENDING, 1))),
     func.max(case((_QUERIES.c.status.in_([QueryStatus.READY, QueryStatus.EXPIRED]), _QUERIES.c.ready_at))),
-).where(_QUERIES.c.user_id == bindparam("user_id"))
-_INSERT_QUERY = insert(_QUERIES)
-_INSERT_WORK = insert(table_of(WorkRow))
+).where(_QUERIES.c.user_id == bindparam("user_id")))
+_INSERT_QUERY = Statement(insert(_QUERIES))
+_INSERT_WORK = Statement(insert(table_of(WorkRow)))
 _REPORTS = table_of(ReportRow)
 # GetReport's read: the query (as _QUERY_BY_ID reads it) and its report, if any, in one statement.
-_QUERY_AND_REPORT: Select[Any] = (
+_QUERY_AND_REPORT = Statement(
     sa_select(
-        *_QUERY_BY_ID.selected_columns,
+        *_QUERY_BY_ID.statement.selected_columns,
         _REPORTS.c.wrapped_key,
         _REPORTS.c.ciphertext,
         _REPORTS.c.generated_at,
@@ -220,7 +220,7 @@ _QUERY_AND_REPORT: Select[Any] = (
     .select_from(_QUERIES.outerjoin(_REPORTS, _REPORTS.c.query_id == _QUERIES.c.query_id))
     .where(_QUERIES.c.query_id == bindparam("query_id"))
 )
-_PROGRESS = (
+_PROGRESS = Statement(
     sa_select(_OUTCOMES.c.bank_code, _OUTCOMES.c.kind, _OUTCOMES.c.detail)
     .where(_OUTCOMES.c.query_id == bindparam("query_id"))
     .order_by(_OUTCOMES.c.id)
@@ -330,10 +330,10 @@ class QueryStore:
         digests = self._idempotency.digests(key) if key is not None else ()
         now = self._clock.now()
 
-        def by_key(connection: Connection) -> Row[Any] | None:
+        def by_key(connection: Connection) -> Any:
             if key is None:
                 return None
-            return connection.execute(_BY_KEY, {"user_id": user_id, "digests": list(digests), "key": key}).first()
+            return _BY_KEY.run(connection, {"user_id": user_id, "digests": list(digests), "key": key}).first()
 
         # Core statements on a connection, without an ORM session (its set-up and tear-down
         # were a good part of the transaction's CPU).
@@ -341,7 +341,7 @@ class QueryStore:
             existing = by_key(connection)
             if existing is not None:
                 return query_of(existing), False
-            pending, last_report = connection.execute(_PENDING_AND_LAST_REPORT, {"user_id": user_id}).one()
+            pending, last_report = _PENDING_AND_LAST_REPORT.run(connection, {"user_id": user_id}).one()
             if pending:
                 # Read committed (PostgreSQL): a concurrent request with this key may have
                 # committed between the two reads, and the pending query is then this one.
@@ -368,9 +368,7 @@ class QueryStore:
             )
             # Core inserts, not ORM objects: the same rows at a fraction of the cost. The
             # one-PENDING index speaks at the first, before the audit head is locked.
-            connection.execute(
-                _INSERT_QUERY,
-                {
+            _INSERT_QUERY.run(connection, {
                     "query_id": query_id,
                     "user_id": user_id,
                     "status": QueryStatus.PENDING,
@@ -385,9 +383,7 @@ class QueryStore:
                     "trace_context": json.dumps(trace_context),
                 },
             )
-            connection.execute(
-                _INSERT_WORK,
-                {
+            _INSERT_WORK.run(connection, {
                     "query_id": query_id,
                     "kind": EXECUTE,
                     "due_at": now,
@@ -427,8 +423,8 @@ class QueryStore:
     # --- reading, for the user who owns the query -------------------------------------------
 
     async def get(self, user_id: str, query_id: str) -> Query:
-        def find(connection: Connection) -> Row[Any] | None:
-            return connection.execute(_QUERY_BY_ID, {"query_id": query_id}).first()
+        def find(connection: Connection) -> Any:
+            return _QUERY_BY_ID.run(connection, {"query_id": query_id}).first()
 
         row = await self._db.read_core(find) if query_id else None
         if row is None or row.user_id != user_id or not user_id:
@@ -453,10 +449,10 @@ class QueryStore:
         rows: every watcher reads this on each change of its query."""
 
         def find(connection: Connection) -> tuple[Any, list[BankOutcome]]:
-            row = connection.execute(_QUERY_BY_ID, {"query_id": query_id}).first()
+            row = _QUERY_BY_ID.run(connection, {"query_id": query_id}).first()
             outcomes = [
                 BankOutcome(bank_code=bank_code, kind=kind, detail=detail)
-                for bank_code, kind, detail in connection.execute(_PROGRESS, {"query_id": query_id})
+                for bank_code, kind, detail in _PROGRESS.run(connection, {"query_id": query_id})
             ]
             return row, outcomes
 
@@ -474,7 +470,7 @@ class QueryStore:
         now = self._clock.now()
 
         def view(connection: Connection) -> Report:
-            row = connection.execute(_QUERY_AND_REPORT, {"query_id": query_id}).first()
+            row = _QUERY_AND_REPORT.run(connection, {"query_id": query_id}).first()
             if row is None or row.user_id != user_id:
                 raise CardCheckError(Reason.NOT_FOUND, "no such query")
             refusal = QueryRules.report_refusal(query_of(row), now)

@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, SQLModel, create_engine
 
 from cardcheck.runtime.files import private_directory, private_file, tighten_if_present
+from cardcheck.runtime.statements import Rows
 
 T = TypeVar("T")
 U = TypeVar("U")  # what a unit of work is given: a Session or a Connection
@@ -36,9 +37,11 @@ def table_of(model: type[SQLModel]) -> Table:
     return table
 
 
-def rowcount(result: Result[Any]) -> int:
+def rowcount(result: Result[Any] | Rows) -> int:
     """The rows an UPDATE or DELETE matched. SQLModel types every `session.execute` as a plain
     Result; for these statements it is a CursorResult."""
+    if isinstance(result, Rows):
+        return result.rowcount
     return cast(CursorResult[Any], result).rowcount
 
 

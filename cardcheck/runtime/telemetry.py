@@ -58,6 +58,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import Attributes
 
+from cardcheck.runtime import statements
 from cardcheck.runtime.files import private_directory, private_file
 
 if TYPE_CHECKING:
@@ -595,6 +596,7 @@ def trace_engine(engine: Engine, provider: TracerProvider) -> None:
         event.remove(engine, name, listener)
     event.remove(engine, "handle_error", sqlalchemy_tracing._handle_error)
     event.listen(engine, "handle_error", _statement_failed)
+    statements.traced_by(engine, frozenset(engine.dispatch.before_cursor_execute), lambda: not unsampled.dropped())
 
 
 def _statement_failed(context: ExceptionContext) -> None:
