@@ -44,7 +44,6 @@ from sqlalchemy import (
 )
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.sql import Executable
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from cardcheck.runtime.changes import Channel
@@ -52,6 +51,7 @@ from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database, table_of
 from cardcheck.runtime.errors import CardCheckError, FieldViolation, Reason, invalid_argument
 from cardcheck.runtime.keys import KeyedHash, Keyring, Sealer
+from cardcheck.runtime.statements import Statement
 from cardcheck.runtime.work import Lease, LeaseColumns, LeaseLost, WorkQueue
 from notifier.config import Cap
 from notifier.providers import OutgoingSms
@@ -116,30 +116,32 @@ MESSAGE_LEASES = LeaseColumns(
 
 # The statements of every Send, built once (Core, on the table).
 _WRITTEN = tuple(c.name for c in _MESSAGES.columns if c.name != "seq")
-_BY_KEY = sa_select(_MESSAGES).where(_MESSAGES.c.idempotency_key == bindparam("key"))
+_BY_KEY = Statement(sa_select(_MESSAGES).where(_MESSAGES.c.idempotency_key == bindparam("key")))
 # A key recorded earlier inserts nothing (and, on PostgreSQL, waits for a concurrent Send of the
 # same key to commit or roll back first): one statement tells a new message from a retried one.
-_INSERT_NEW: dict[str, Executable] = {
-    name: dialect.insert(_MESSAGES)
-    .on_conflict_do_nothing(index_elements=[_MESSAGES.c.idempotency_key])
-    .returning(_MESSAGES.c.seq)
+_INSERT_NEW: dict[str, Statement[Any]] = {
+    name: Statement(
+        dialect.insert(_MESSAGES)
+        .on_conflict_do_nothing(index_elements=[_MESSAGES.c.idempotency_key])
+        .returning(_MESSAGES.c.seq)
+    )
     for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
 }
 
 
 # By a phone: its one digest (the usual case, no retired key) or any of several. An expanding IN
 # is compiled again on every call; the equality is not.
-PhoneQueries = tuple[Select[Any], Select[Any]]
+PhoneQueries = tuple[Statement[Select[Any]], Statement[Select[Any]]]
 
 
 def _by_phone(query: Select[Any]) -> PhoneQueries:
     return (
-        query.where(_MESSAGES.c.phone_hash == bindparam("hash")),
-        query.where(_MESSAGES.c.phone_hash.in_(bindparam("hashes", expanding=True))),
+        Statement(query.where(_MESSAGES.c.phone_hash == bindparam("hash"))),
+        Statement(query.where(_MESSAGES.c.phone_hash.in_(bindparam("hashes", expanding=True)))),
     )
 
 
-def _of_phone(queries: PhoneQueries, hashes: Sequence[str]) -> tuple[Select[Any], dict[str, Any]]:
+def _of_phone(queries: PhoneQueries, hashes: Sequence[str]) -> tuple[Statement[Select[Any]], dict[str, Any]]:
     if len(hashes) == 1:
         return queries[0], {"hash": hashes[0]}
     return queries[1], {"hashes": list(hashes)}
@@ -161,7 +163,7 @@ _RECENT = _by_phone(
     .order_by(_MESSAGES.c.created_at)
 )
 _LOCK_PHONE = text("SELECT pg_advisory_xact_lock(:key)")
-_DELIVERED = (
+_DELIVERED = Statement(
     update(_MESSAGES)
     .where(_MESSAGES.c.message_id == bindparam("id"), _MESSAGES.c.status != DELIVERED)
     .values(
@@ -456,10 +458,10 @@ class MessageStore:
                 message.next_attempt_at = now
                 self._grant(message, owner)
             values = {name: getattr(message, name) for name in _WRITTEN}
-            seq = connection.execute(_INSERT_NEW[dialect], values).scalar()
+            seq = _INSERT_NEW[dialect].run(connection, values).scalar()
             if seq is None:
-                earlier = connection.execute(_BY_KEY, {"key": key}).one()
-                return Message(**earlier._mapping), False
+                earlier = _BY_KEY.run(connection, {"key": key}).one()
+                return Message(**earlier._asdict()), False
             # Counted once the row is in: a refusal rolls the insert back with the transaction.
             self._check_cap(connection, hashes, message.kind, cap, now, seq)
             message.seq = seq
@@ -485,7 +487,7 @@ class MessageStore:
         widest = max(window for window, _, _ in windows)
         query, params = _of_phone(_RECENT, phone_hashes)
         params.update(kind=kind, since=now - widest, seq=seq)
-        recent = [as_utc(t) for (t,) in connection.execute(query, params)]
+        recent = [as_utc(t) for (t,) in query.run(connection, params)]
         waits = []
         for window, limit, name in windows:
             inside = [t for t in recent if t > now - window]
@@ -591,7 +593,7 @@ class MessageStore:
         now = self._clock.now()
 
         def work(connection: Connection) -> int:
-            return connection.execute(_DELIVERED, {"id": message_id, "now": now}).rowcount
+            return _DELIVERED.run(connection, {"id": message_id, "now": now}).rowcount
 
         return now if await self._db.run_core(work) else None
 
@@ -658,8 +660,8 @@ class MessageStore:
             if done < batch:
                 return deleted
 
-    async def for_phone(self, phone_hashes: Sequence[str]) -> Sequence[Row[Any]]:
+    async def for_phone(self, phone_hashes: Sequence[str]) -> Sequence[Any]:
         """A phone's messages (stored under any of its `phone_hashes`), newest first: message_id,
         kind, body and created_at."""
         query, params = _of_phone(_FOR_PHONE, phone_hashes)
-        return await self._db.run_core(lambda connection: connection.execute(query, params).all())
+        return await self._db.run_core(lambda connection: query.run(connection, params).all())
