@@ -72,6 +72,7 @@ from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database, table_of
 from cardcheck.runtime.errors import CardCheckError, Reason
 from cardcheck.runtime.keys import Keyring
+from cardcheck.runtime.statements import Statement
 
 CODE_TTL = timedelta(minutes=5)
 RESEND_AFTER = timedelta(seconds=60)
@@ -170,7 +171,7 @@ _SENT_AGAIN = (  # an UPDATE's parameters may not be named as its columns
     .where(_THROTTLE.c.phone_hash == bindparam("hash_of_phone"), _THROTTLE.c.purpose == bindparam("for_purpose"))
     .values(last_sent_at=bindparam("now"))
 )
-_CHALLENGE = (
+_CHALLENGE = Statement(
     sa_select(
         _CHALLENGES.c.purpose, _CHALLENGES.c.phone_hash, _CHALLENGES.c.code_hash, _CHALLENGES.c.expires_at,
         _CHALLENGES.c.wrong_tries, _CHALLENGES.c.used, _CHALLENGES.c.dead,
@@ -181,27 +182,27 @@ _CHALLENGE = (
 _INSERT_THROTTLE = insert(_THROTTLE)
 
 
-def _mark_sent(dialect: str) -> Insert:
+def _mark_sent(dialect: str) -> Statement[Insert]:
     """The phone's resend mark for a purpose, made or moved to now unless it is after
     `resend_from` (an upsert of the dialect: no row written nor returned then)."""
     statement = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(_THROTTLE).values(
         phone_hash=bindparam("mark_phone"), purpose=bindparam("mark_purpose"), last_sent_at=bindparam("mark_now")
     )
-    return statement.on_conflict_do_update(
+    return Statement(statement.on_conflict_do_update(
         index_elements=[_THROTTLE.c.phone_hash, _THROTTLE.c.purpose],
         set_={"last_sent_at": statement.excluded.last_sent_at},
         where=_THROTTLE.c.last_sent_at <= bindparam("resend_from"),
-    ).returning(_THROTTLE.c.purpose)  # psycopg's rowcount of an upsert is -1
-_INSERT_CHALLENGE = insert(_CHALLENGES)
+    ).returning(_THROTTLE.c.purpose))  # psycopg's rowcount of an upsert is -1
+_INSERT_CHALLENGE = Statement(insert(_CHALLENGES))
 # An UPDATE's SET clause names the columns its parameters give (all but the bound key).
-_CHANGE_CHALLENGE = update(_CHALLENGES).where(_CHALLENGES.c.challenge_id == bindparam("of_challenge"))
+_CHANGE_CHALLENGE = Statement(update(_CHALLENGES).where(_CHALLENGES.c.challenge_id == bindparam("of_challenge")))
 
 
-def _consume(digests: int) -> Update:
+def _consume(digests: int) -> Statement[Update]:
     """Marks the challenge used if it is live, of the purpose, bound to one of the phone's
     `digests` and its code's digest is one of the offered code's (a bound parameter each:
     one statement whose SQL is made once); RETURNING a row only then."""
-    return (
+    return Statement(
         update(_CHALLENGES)
         .where(
             _CHALLENGES.c.challenge_id == bindparam("of_challenge"),
@@ -313,7 +314,7 @@ class Challenges:
                 session.execute(_INSERT_THROTTLE, {**mark, "last_sent_at": now})
             else:
                 session.execute(_SENT_AGAIN, {"hash_of_phone": phone_hash, "for_purpose": purpose, "now": now})
-            session.execute(_INSERT_CHALLENGE, row)
+            _INSERT_CHALLENGE.run(session.connection(), row)
             session.flush()  # what _spend_anonymous changed, inside the IntegrityError guard
             return max(self._resend_after, refusal_or_wait)
 
@@ -322,9 +323,9 @@ class Challenges:
             # statement (the row locked as the read of `work` locks it).
             marked = {"mark_phone": phone_hash, "mark_purpose": purpose, "mark_now": now,
                       "resend_from": now - self._resend_after}
-            if connection.execute(self._mark_sent, marked).first() is None:
+            if self._mark_sent.run(connection, marked).first() is None:
                 return refused(connection.execute(_LAST_SENT, mark).scalar_one())
-            connection.execute(_INSERT_CHALLENGE, row)
+            _INSERT_CHALLENGE.run(connection, row)
             return self._resend_after
 
         try:
@@ -431,9 +432,9 @@ class Challenges:
         right.update(_digests("code_digest", self._code_hash.digests(offered), self._digest_count))
 
         def work(connection: Connection) -> str | None:
-            if connection.execute(self._consume, right).first() is not None:
+            if self._consume.run(connection, right).first() is not None:
                 return None
-            row = connection.execute(_CHALLENGE, {"challenge_id": challenge_id}).first()
+            row = _CHALLENGE.run(connection, {"challenge_id": challenge_id}).first()
             if (
                 row is None
                 or row.purpose != purpose
@@ -448,12 +449,12 @@ class Challenges:
                 return "expired"
             if not self._code_hash.matches(offered, row.code_hash):
                 wrong_tries = row.wrong_tries + 1  # the row is locked: no lost update
-                connection.execute(
-                    _CHANGE_CHALLENGE,
+                _CHANGE_CHALLENGE.run(
+                    connection,
                     {"of_challenge": challenge_id, "wrong_tries": wrong_tries, "dead": wrong_tries >= MAX_WRONG_TRIES},
                 )
                 return "wrong code"
-            connection.execute(_CHANGE_CHALLENGE, {"of_challenge": challenge_id, "used": True})
+            _CHANGE_CHALLENGE.run(connection, {"of_challenge": challenge_id, "used": True})
             return None
 
         why = await self._db.run_core(work)

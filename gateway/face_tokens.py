@@ -19,6 +19,7 @@ from sqlmodel import Field, Session, SQLModel, col
 from cardcheck.runtime.clock import Clock
 from cardcheck.runtime.database import Database, rowcount, table_of
 from cardcheck.runtime.keys import Keyring
+from cardcheck.runtime.statements import Statement
 
 FACE_TOKEN_KEY = "face-token"  # the keyring's subkey the tokens are hashed under
 # Beyond the freshness window, for a clock that differs a little from the vendor's.
@@ -35,9 +36,10 @@ class SpentFaceTokenRow(SQLModel, table=True):
 
 
 _SPENT = table_of(SpentFaceTokenRow)
-_SPENT_BY_DIGEST = sa_select(_SPENT.c.token_hash).where(
+_SPENT_BY_DIGEST = Statement(sa_select(_SPENT.c.token_hash).where(
     _SPENT.c.token_hash.in_(bindparam("digests", expanding=True))
-)
+))
+_INSERT_SPENT = Statement(insert(_SPENT))
 
 
 class SpentFaceTokens:
@@ -52,7 +54,7 @@ class SpentFaceTokens:
 
     async def is_spent(self, token: str) -> bool:
         digests = list(self._hash.digests(token))
-        found = await self._db.run_core(lambda connection: connection.execute(_SPENT_BY_DIGEST, {"digests": digests}).first())
+        found = await self._db.run_core(lambda connection: _SPENT_BY_DIGEST.run(connection, {"digests": digests}).first())
         return found is not None
 
     async def spend(self, user_id: str, token: str) -> bool:
@@ -60,11 +62,9 @@ class SpentFaceTokens:
         digests = list(self._hash.digests(token))
 
         def work(connection: Connection) -> bool:
-            if connection.execute(_SPENT_BY_DIGEST, {"digests": digests}).first() is not None:
+            if _SPENT_BY_DIGEST.run(connection, {"digests": digests}).first() is not None:
                 return False
-            connection.execute(
-                insert(_SPENT).values(token_hash=digests[0], user_id=user_id, spent_at=self._clock.now())
-            )
+            _INSERT_SPENT.run(connection, {"token_hash": digests[0], "user_id": user_id, "spent_at": self._clock.now()})
             return True
 
         try:

@@ -21,7 +21,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import Column, ColumnElement, DateTime, Row, Select, Table, bindparam, insert
 from sqlalchemy import select as sa_select
@@ -31,6 +31,7 @@ from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database, table_of
 from cardcheck.runtime.errors import CardCheckError, Reason
 from cardcheck.runtime.keys import Keyring
+from cardcheck.runtime.statements import Statement
 
 MAX_TOKEN_LENGTH = 256
 TOKEN_VERSION = "v1"
@@ -47,21 +48,21 @@ class SessionRow(SQLModel, table=True):
 
 
 _SESSIONS = table_of(SessionRow)
-_INSERT = insert(_SESSIONS)
+_INSERT = Statement(insert(_SESSIONS))
 # What the revocation check reads, named apart from the columns of a row read with it.
 _CHECKED = (
     _SESSIONS.c.user_id.label("session_user_id"),
     _SESSIONS.c.revoked.label("session_revoked"),
     _SESSIONS.c.expires_at.label("session_expires_at"),
 )
-_LIVE: Select[Any] = sa_select(*_CHECKED).where(_SESSIONS.c.token_hash == bindparam("token_hash"))
+_LIVE = Statement(sa_select(*_CHECKED).where(_SESSIONS.c.token_hash == bindparam("token_hash")))
 
 
-def live_joined(table: Table, *columns: ColumnElement[Any]) -> Select[Any]:
+def live_joined(table: Table, *columns: ColumnElement[Any]) -> Statement[Select[Any]]:
     """The revocation check and, in the same statement, the row of `table` (keyed by `user_id`)
     of the session's user, then `columns` (a scalar subquery, say; their bound parameters are
     given to `Sessions.live_row`). Where that user has no such row its columns are None."""
-    return (
+    return Statement(
         sa_select(*_CHECKED, table, *columns)
         .select_from(_SESSIONS.outerjoin(table, table.c.user_id == _SESSIONS.c.user_id))
         .where(_SESSIONS.c.token_hash == bindparam("token_hash"))
@@ -164,7 +165,7 @@ class Sessions:
             "token_hash": _hash(session_id), "user_id": user_id, "created_at": now, "expires_at": expires_at,
             "revoked": False,
         }
-        await self._db.run_core(lambda connection: connection.execute(_INSERT, row))
+        await self._db.run_core(lambda connection: _INSERT.run(connection, row))
         return IssuedSession(user_id, self._tokens.sign(session_id, user_id, expires_at), expires_at)
 
     def verify(self, token: str | None) -> SessionClaims:
@@ -175,19 +176,19 @@ class Sessions:
         """The session's user, if the session is still on record and not revoked."""
         # Every call with a session makes this read: the columns it needs, without an ORM object.
         key = _hash(claims.session_id)
-        row = await self._db.run_core(lambda connection: connection.execute(_LIVE, {"token_hash": key}).first())
+        row = await self._db.run_core(lambda connection: _LIVE.run(connection, {"token_hash": key}).first())
         return self._live_user(row, claims, self._clock.now())
 
     async def live_row(
-        self, claims: SessionClaims, statement: Select[Any], parameters: Mapping[str, Any] | None = None
-    ) -> tuple[str, Row[Any]]:
+        self, claims: SessionClaims, statement: Statement[Select[Any]], parameters: Mapping[str, Any] | None = None
+    ) -> tuple[str, Any]:
         """`ensure_live`, and the row a `live_joined` statement read with it: one statement where
         a call reads the user's row next. The row is looked at only once the session is found
         live (a revoked or unknown one raises as `ensure_live` does)."""
         found = {"token_hash": _hash(claims.session_id), **(parameters or {})}
         now = self._clock.now()
-        row = await self._db.run_core(lambda connection: connection.execute(statement, found).first())
-        return self._live_user(row, claims, now), cast("Row[Any]", row)
+        row = await self._db.run_core(lambda connection: statement.run(connection, found).first())
+        return self._live_user(row, claims, now), row
 
     @staticmethod
     def _live_user(row: Row[Any] | None, claims: SessionClaims, now: datetime) -> str:

@@ -26,6 +26,7 @@ from sqlmodel import Field, Session, SQLModel, col
 from cardcheck.runtime.clock import Clock
 from cardcheck.runtime.database import Database, rowcount, table_of
 from cardcheck.runtime.keys import Keyring
+from cardcheck.runtime.statements import Statement
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class SubmissionRow(SQLModel, table=True):
 
 
 _SUBMISSIONS = table_of(SubmissionRow)
-_INSERT = insert(_SUBMISSIONS)
+_INSERT = Statement(insert(_SUBMISSIONS))
 
 
 def _query_of_key(digests: int) -> Select[tuple[str]]:
@@ -102,8 +103,8 @@ class Submissions:
         await self._remembering(lambda connection: self._insert(connection, user_id, digest, query_id), query_id)
 
     def _insert(self, connection: Connection, user_id: str, digest: str, query_id: str) -> None:
-        connection.execute(
-            _INSERT, {"user_id": user_id, "key_hash": digest, "query_id": query_id, "created_at": self._clock.now()}
+        _INSERT.run(
+            connection, {"user_id": user_id, "key_hash": digest, "query_id": query_id, "created_at": self._clock.now()}
         )
 
     async def _remembering(self, work: Callable[[Connection], None], query_id: str) -> None:

@@ -31,6 +31,7 @@ from cardcheck.runtime.clock import Clock, as_utc
 from cardcheck.runtime.database import Database, table_of
 from cardcheck.runtime.errors import CardCheckError, Reason
 from cardcheck.runtime.keys import Keyring, Sealer
+from cardcheck.runtime.statements import Statement
 from gateway.payment_passwords import PaymentPasswords
 from gateway.sessions import live_joined
 
@@ -59,16 +60,16 @@ class UserRow(SQLModel, table=True):
 
 
 _USERS = table_of(UserRow)
-_USER_BY_ID = sa_select(_USERS).where(_USERS.c.user_id == bindparam("user_id"))
+_USER_BY_ID = Statement(sa_select(_USERS).where(_USERS.c.user_id == bindparam("user_id")))
 
 
 def _user_row(connection: Connection, user_id: str) -> UserRow | None:
     """The user's row as a Core row of every column (read as the ORM object would be, without
     its identity map and loading)."""
-    return cast("UserRow | None", connection.execute(_USER_BY_ID, {"user_id": user_id}).first())
+    return cast("UserRow | None", _USER_BY_ID.run(connection, {"user_id": user_id}).first())
 
 
-def live_user(*columns: ColumnElement[Any]) -> Select[Any]:
+def live_user(*columns: ColumnElement[Any]) -> Statement[Select[Any]]:
     """The revocation check and the user's row (of every column, then `columns`) in one
     statement (Sessions.live_row): the first read of a QUERY_AUTH code, a SubmitQuery (with its
     key's earlier query) and a GetReport."""
