@@ -90,11 +90,14 @@ async def test_rows_rowcounts_and_types_are_sqlalchemys(db):
     assert missing is None
     assert (renoted, unknown) == (1, 0)
     assert after.remark == "second"
+    name = db.engine.dialect.name
+    for statement in (INSERT, INSERT_RETURNING, BY_NAME, URGENT_SINCE, RENOTE):
+        plans = [plan for key, plan in statement._plans.items() if key[0] == name]
+        assert plans and all(plans), "run on the driver's cursor"
 
 
+@pytest.mark.parametrize("database_url", [None])  # SQLite's trace shows what reaches the driver
 async def test_the_driver_runs_each_statement_once_and_nothing_else(db):
-    if db.engine.dialect.name != "sqlite":
-        pytest.skip("SQLite's trace callback shows what reaches the driver")
     seen = _driver_statements(db)
 
     def work(connection):
@@ -121,6 +124,11 @@ async def test_expanding_lists_of_any_length_and_defaults_sqlalchemy_computes(db
         return kinds, none, two, one
 
     assert await db.run_core(work) == (["PLAIN"] * 3, 0, 2, 1)
+    name = db.engine.dialect.name
+    planned = {key[2]: plan is not None for key, plan in FORGET._plans.items() if key[0] == name}
+    assert planned == {(0,): False, (3,): True, (1,): True}
+    defaulted = [plan for key, plan in INSERT._plans.items() if key[0] == name and "kind" not in key[1]]
+    assert defaulted == [None], "a default SQLAlchemy computes is left to SQLAlchemy"
 
 
 async def test_a_driver_error_is_sqlalchemys_with_its_parameters_hidden(db):

@@ -85,7 +85,6 @@ class _Item(int):
     """A bind's default that stands for item `self` of its expanding list's value."""
 
 
-
 class Statement(Generic[S]):
     """A Core statement (SELECT, INSERT, UPDATE, DELETE, with RETURNING or not) to run often."""
 
