@@ -39,7 +39,9 @@ BY_NAME = Statement(
     .where(LETTERS.c.to_whom == bindparam("who"))
 )
 URGENT_SINCE = Statement(
-    sa.select(func.count(), func.max(LETTERS.c.sent_at)).where(LETTERS.c.urgent == True, LETTERS.c.sent_at >= bindparam("since"))  # noqa: E712
+    sa.select(func.count(), func.max(LETTERS.c.sent_at)).where(
+        LETTERS.c.urgent == True, LETTERS.c.sent_at >= bindparam("since"), LETTERS.c.kind.in_(["PLAIN", "SEALED"])  # noqa: E712
+    )
 )
 RENOTE = Statement(sa.update(LETTERS).where(LETTERS.c.id == bindparam("of")).values(note=bindparam("new_note")))
 FORGET = Statement(sa.delete(LETTERS).where(LETTERS.c.to_whom.in_(bindparam("whom", expanding=True))))

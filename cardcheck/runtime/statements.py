@@ -29,13 +29,13 @@ S = TypeVar("S", bound=Executable)
 
 # What the tracing of an engine registered (its listeners; whether a statement run now would be
 # spanned): statements skip those listeners while no span would be made.
-_TRACED: weakref.WeakKeyDictionary[Engine, tuple[frozenset[Any], Callable[[], bool]]] = weakref.WeakKeyDictionary()
+_TRACED: weakref.WeakKeyDictionary[Engine, tuple[int, Callable[[], bool]]] = weakref.WeakKeyDictionary()
 
 
-def traced_by(engine: Engine, listeners: frozenset[Any], spanned: Callable[[], bool]) -> None:
-    """`listeners` (of before_cursor_execute) are a tracer's: they make a span only when
-    `spanned()`, so a statement run when it is False may leave them out."""
-    _TRACED[engine] = (listeners, spanned)
+def traced_by(engine: Engine, spanned: Callable[[], bool]) -> None:
+    """The engine's before_cursor_execute listeners so far are a tracer's: they make a span only
+    when `spanned()`, so a statement run when it is False may leave them out."""
+    _TRACED[engine] = (len(engine.dispatch.before_cursor_execute), spanned)
 
 
 class Rows:
@@ -81,8 +81,12 @@ class _Plan(NamedTuple):
 _REQUIRED = object()
 
 
-class _Item(int):
-    """A bind's default that stands for item `self` of its expanding list's value."""
+class _Item(NamedTuple):
+    """A bind's default that stands for item `at` of its expanding list's value: the one
+    given, else the bind's own (`in_([...])` of literal values)."""
+
+    at: int
+    own: Sequence[Any] | None
 
 
 class Statement(Generic[S]):
@@ -91,9 +95,11 @@ class Statement(Generic[S]):
     def __init__(self, statement: S) -> None:
         self.statement: S = statement
         self._keyed = isinstance(statement, (Insert, Update))
-        self._expanding = tuple(sorted(
-            {b.key for b in visitors.iterate(statement) if isinstance(b, BindParameter) and b.expanding}  # type: ignore[arg-type]
-        ))
+        expanding = {
+            b.key: b.value for b in visitors.iterate(statement)  # type: ignore[arg-type]
+            if isinstance(b, BindParameter) and b.expanding
+        }
+        self._expanding = tuple(sorted(expanding.items()))
         self._plans: dict[tuple[str, frozenset[str] | None, tuple[int, ...]], _Plan | None] = {}
 
     def run(self, connection: Connection, parameters: Parameters | Sequence[Parameters] | None = None) -> Rows:
@@ -135,20 +141,21 @@ class Statement(Generic[S]):
         if not listeners:
             return True
         traced = _TRACED.get(engine)
-        if traced is None:
+        # A listener more than the tracer's: something else hears the statements.
+        if traced is None or len(listeners) != traced[0]:
             return False
-        known, spanned = traced
-        return all(listener in known for listener in listeners) and not spanned()
+        return not traced[1]()
 
     def _plan(self, dialect: Dialect, parameters: Parameters) -> _Plan | None:
         keys = frozenset(parameters) if self._keyed else None
         # An expanding IN list is compiled for its length (SQLAlchemy renders it per execution).
-        lengths = tuple(len(parameters.get(name) or ()) for name in self._expanding)
+        lengths = tuple(len(parameters.get(name, own) or ()) for name, own in self._expanding)
         key = (dialect.name, keys, lengths)
         try:
             return self._plans[key]
         except KeyError:
-            plan = self._plans[key] = None if 0 in lengths else _compile(self.statement, dialect, keys, dict(zip(self._expanding, lengths, strict=True)))
+            by_name = {name: length for (name, _), length in zip(self._expanding, lengths, strict=True)}
+            plan = self._plans[key] = None if 0 in lengths else _compile(self.statement, dialect, keys, by_name)
             return plan
 
 
@@ -174,7 +181,8 @@ def _compile(statement: Any, dialect: Dialect, keys: frozenset[str] | None, leng
             parts = [f"{name}_{i + 1}" for i in range(lengths[bind.key])]
             placeholders = ", ".join("?" if compiled.positional else f"%({part})s" for part in parts)
             sql = sql.replace(f"__[POSTCOMPILE_{name}]", placeholders)
-            binds.extend((part, bind.key, _Item(i), process) for i, part in enumerate(parts))
+            own = None if bind.required else bind.value
+            binds.extend((part, bind.key, _Item(i, own), process) for i, part in enumerate(parts))
             continue
         value = _REQUIRED if bind.required else bind.value
         binds.append((name, bind.key, value, process))
@@ -198,7 +206,10 @@ def _bound(plan: _Plan, parameters: Parameters) -> Any:
     values = []
     for _name, key, default, process in plan.binds:
         if type(default) is _Item:
-            value = parameters[key][default]
+            items = parameters.get(key, default.own)
+            if items is None:
+                raise KeyError(f"no value for the statement's parameter {key!r}")
+            value = items[default.at]
         else:
             value = parameters.get(key, default)
             if value is _REQUIRED:

@@ -596,7 +596,7 @@ def trace_engine(engine: Engine, provider: TracerProvider) -> None:
         event.remove(engine, name, listener)
     event.remove(engine, "handle_error", sqlalchemy_tracing._handle_error)
     event.listen(engine, "handle_error", _statement_failed)
-    statements.traced_by(engine, frozenset(engine.dispatch.before_cursor_execute), lambda: not unsampled.dropped())
+    statements.traced_by(engine, lambda: not unsampled.dropped())
 
 
 def _statement_failed(context: ExceptionContext) -> None:
