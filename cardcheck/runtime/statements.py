@@ -4,12 +4,12 @@ results converted by the statement's own column types. SQLAlchemy's execution of
 cached statement costs 60-150 us of Python (cache key, execution context, parameter and result
 processing, events); the driver's own execute 5-15 us, and a query's life runs about 40.
 
-The long way is taken, with the same statement and parameters, whenever it is needed for what
-it gives beyond the rows: a statement a trace records (its span is the SQLAlchemy
+The long way, SQLAlchemy's execution of the same statement and parameters, is taken whenever
+it gives more than the rows: a statement a trace records (its span is the SQLAlchemy
 instrumentation's), an engine something else listens to (before_cursor_execute: the tests that
-count statements), and what the short way does not do (expanding IN lists, Python-side column
-defaults not given). Driver errors are raised as SQLAlchemy's (IntegrityError, OperationalError),
-their parameters hidden."""
+count statements), and what the short way does not do (an empty IN list, a column default
+computed in Python). Driver errors are raised as SQLAlchemy's (IntegrityError, OperationalError),
+parameters hidden; a connection lost is invalidated."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from sqlalchemy.sql.elements import BindParameter
 Parameters = Mapping[str, Any]
 S = TypeVar("S", bound=Executable)
 
-# What the tracing of an engine registered (its listeners; whether a statement run now would be
-# spanned): statements skip those listeners while no span would be made.
+# What the tracing of an engine registered: how many before_cursor_execute listeners it has
+# with the tracer's, and whether a statement run now would be spanned.
 _TRACED: weakref.WeakKeyDictionary[Engine, tuple[int, Callable[[], bool]]] = weakref.WeakKeyDictionary()
 
 
