@@ -438,7 +438,9 @@ class ExecutionStore:
         if len(unanswered) == len(banks):
             _DELETE_EXECUTE.run(connection, {"query_id": row.query_id})
             # Nothing more will be asked or sent about this person: the subject goes.
-            _UPDATE_QUERY.run(connection, {"of_query": row.query_id, "status": QueryStatus.FAILED, "subject_sealed": b"",
+            _UPDATE_QUERY.run(
+                connection,
+                {"of_query": row.query_id, "status": QueryStatus.FAILED, "subject_sealed": b"",
                  "banks_answered": banks_answered},
             )
             events.append(
@@ -449,15 +451,21 @@ class ExecutionStore:
         # Banks whose last outcome is a failure, or that have none, are the unavailable ones.
         content = build_report(banks, outcomes)
         wrapped_key, ciphertext = self._queries.vault.seal(row.query_id, content)
-        _INSERT_REPORT.run(connection, {"query_id": row.query_id, "wrapped_key": wrapped_key, "ciphertext": ciphertext, "generated_at": now,
+        _INSERT_REPORT.run(
+            connection,
+            {"query_id": row.query_id, "wrapped_key": wrapped_key, "ciphertext": ciphertext, "generated_at": now,
              "expires_at": expires_at},
         )
-        _UPDATE_QUERY.run(connection, {"of_query": row.query_id, "status": QueryStatus.READY, "ready_at": now, "expires_at": expires_at,
+        _UPDATE_QUERY.run(
+            connection,
+            {"of_query": row.query_id, "status": QueryStatus.READY, "ready_at": now, "expires_at": expires_at,
              "banks_answered": banks_answered},
         )
         # The EXECUTE work row becomes the NOTIFY one (one statement for its delete and the
         # other's insert): due now, its first pass leased to this worker.
-        _EXECUTE_TO_NOTIFY.run(connection, {"of_query": row.query_id, "new_kind": NOTIFY, "due_at": now, "passes": 1, **self.queue.granted(owner),
+        _EXECUTE_TO_NOTIFY.run(
+            connection,
+            {"of_query": row.query_id, "new_kind": NOTIFY, "due_at": now, "passes": 1, **self.queue.granted(owner),
              "created_at": now},
         )
         events.append(

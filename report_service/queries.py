@@ -368,7 +368,9 @@ class QueryStore:
             )
             # Core inserts, not ORM objects: the same rows at a fraction of the cost. The
             # one-PENDING index speaks at the first, before the audit head is locked.
-            _INSERT_QUERY.run(connection, {
+            _INSERT_QUERY.run(
+                connection,
+                {
                     "query_id": query_id,
                     "user_id": user_id,
                     "status": QueryStatus.PENDING,
@@ -383,7 +385,9 @@ class QueryStore:
                     "trace_context": json.dumps(trace_context),
                 },
             )
-            _INSERT_WORK.run(connection, {
+            _INSERT_WORK.run(
+                connection,
+                {
                     "query_id": query_id,
                     "kind": EXECUTE,
                     "due_at": now,
